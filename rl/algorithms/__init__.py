@@ -1,0 +1,57 @@
+"""Algorithm math as pure tensor functions, registered by name (see ``registry``).
+
+Importing this package registers every built-in variant:
+
+- advantage: "grpo" (GRPO / Dr.GRPO), "contrastive_pair" (2-GRPO)
+- policy_loss: "clipped" (PPO/GRPO clip, DAPO clip-higher, dual-clip, truncated IS)
+- kl: "k1", "k2", "k3"
+- aggregation: "token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"
+- preference_loss: "sigmoid" (DPO, conservative DPO), "ipo"
+
+Axes everywhere: B prompts, G group size, N = B*G sequences, L response tokens, V vocabulary.
+"""
+
+from rl.algorithms.registry import KINDS, get, names, register
+from rl.algorithms.advantages import contrastive_pair_advantages, grpo_advantages, tied_groups
+from rl.algorithms.losses import (
+    aggregate_loss,
+    clipped_policy_loss,
+    entropy_from_logits,
+    kl_estimate,
+    kl_k1,
+    kl_k2,
+    kl_k3,
+    logprobs_from_logits,
+    masked_mean,
+    seq_mean_token_mean,
+    seq_mean_token_sum_norm,
+    token_mean,
+    truncated_is_weights,
+)
+from rl.algorithms.dpo import dpo_loss, ipo_preference_loss, sigmoid_preference_loss
+
+__all__ = [
+    "KINDS",
+    "aggregate_loss",
+    "clipped_policy_loss",
+    "contrastive_pair_advantages",
+    "dpo_loss",
+    "entropy_from_logits",
+    "get",
+    "grpo_advantages",
+    "ipo_preference_loss",
+    "kl_estimate",
+    "kl_k1",
+    "kl_k2",
+    "kl_k3",
+    "logprobs_from_logits",
+    "masked_mean",
+    "names",
+    "register",
+    "seq_mean_token_mean",
+    "seq_mean_token_sum_norm",
+    "sigmoid_preference_loss",
+    "tied_groups",
+    "token_mean",
+    "truncated_is_weights",
+]

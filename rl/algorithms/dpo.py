@@ -1,0 +1,116 @@
+"""Preference losses on (chosen, rejected) pairs: DPO (sigmoid, optionally label-smoothed) and IPO.
+
+Axis: P preference pairs. Inputs are sequence log-probabilities, i.e. per-token logprobs summed
+over each response's tokens (``logprobs_from_logits`` then a masked sum), [P] each.
+Implicit rewards are ``beta * (log pi(y) - log pi_ref(y))``, returned detached for logging.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from rl.algorithms.registry import get, register
+
+
+def _margins(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    beta: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(h [P], chosen_rewards [P], rejected_rewards [P]); h = (pc - rc) - (pr - rr)."""
+    shapes = {
+        tuple(t.shape)
+        for t in (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    }
+    if len(shapes) != 1:
+        raise ValueError(f"all four log-prob tensors must have one shape [P], got {sorted(shapes)}")
+    if beta <= 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    chosen_log_ratio = policy_chosen_logps - ref_chosen_logps.detach()  # [P]
+    rejected_log_ratio = policy_rejected_logps - ref_rejected_logps.detach()  # [P]
+    h = chosen_log_ratio - rejected_log_ratio  # [P]
+    return h, (beta * chosen_log_ratio).detach(), (beta * rejected_log_ratio).detach()
+
+
+@register("preference_loss", "sigmoid")
+def sigmoid_preference_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    *,
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """DPO loss -(1-eps) logsigmoid(beta h) - eps logsigmoid(-beta h): [P] x 4 -> 3 x [P].
+
+    DPO (https://arxiv.org/abs/2305.18290, eq. 7) when ``label_smoothing`` eps = 0. With eps > 0
+    this is conservative DPO (Mitchell 2023, "A note on DPO with noisy preferences"): each label is
+    assumed flipped with probability eps, which keeps the loss from driving h to infinity.
+    eps must be in [0, 0.5).
+    """
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+    h, chosen_rewards, rejected_rewards = _margins(
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta
+    )
+    losses = -(1.0 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(
+        -beta * h
+    )
+    return losses, chosen_rewards, rejected_rewards
+
+
+@register("preference_loss", "ipo")
+def ipo_preference_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    *,
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """IPO loss (h - 1/(2 beta))**2: [P] x 4 -> 3 x [P].
+
+    IPO (https://arxiv.org/abs/2310.12036, with beta as the paper's tau) regresses the
+    margin h to a finite target instead of pushing it up without bound as DPO does on
+    deterministic preferences. h uses sequence-summed log-probs, as in the paper (some
+    implementations average over tokens instead). IPO has no label smoothing: a nonzero
+    ``label_smoothing`` raises ValueError rather than being silently ignored.
+    """
+    if label_smoothing != 0.0:
+        raise ValueError("label_smoothing is not defined for IPO; set it to 0")
+    h, chosen_rewards, rejected_rewards = _margins(
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta
+    )
+    losses = (h - 1.0 / (2.0 * beta)) ** 2
+    return losses, chosen_rewards, rejected_rewards
+
+
+def dpo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    *,
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-pair preference loss: 4 x [P] -> (losses, chosen_rewards, rejected_rewards), each [P].
+
+    ``loss_type`` names a registered ``preference_loss``: "sigmoid" (DPO / conservative DPO) or
+    "ipo". Rewards are beta * (policy - ref) log-probs, detached. Reduce ``losses`` with
+    ``.mean()``.
+    """
+    return get("preference_loss", loss_type)(
+        policy_chosen_logps,
+        policy_rejected_logps,
+        ref_chosen_logps,
+        ref_rejected_logps,
+        beta=beta,
+        label_smoothing=label_smoothing,
+    )

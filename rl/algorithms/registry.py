@@ -1,0 +1,80 @@
+"""Name -> function registries for the algorithm math.
+
+Every variant the recipe can name (an advantage estimator, a policy loss, a KL estimator, a loss
+aggregation, a preference loss) is a pure tensor function registered here under ``(kind, name)``.
+The public entry points (``aggregate_loss(mode=...)``, ``kl_estimate(estimator=...)``,
+``dpo_loss(loss_type=...)``) look their variant up here on every call, the default included, so
+there is exactly one code path per piece of math.
+
+Calling contract of each kind (shapes use B prompts, G group size, N = B*G sequences, L tokens,
+P preference pairs):
+
+- ``advantage``: ``fn(rewards [B, G], **options) -> advantages [B, G]``
+- ``policy_loss``: ``fn(logprobs, old_logprobs, advantages, mask, **options) -> (scalar, metrics)``
+- ``kl``: ``fn(logprobs [N, L], ref_logprobs [N, L]) -> per-token estimate [N, L]``
+- ``aggregation``: ``fn(values [N, L], mask [N, L], *, num_sequences, num_tokens,
+  max_response_len) -> scalar``
+- ``preference_loss``: ``fn(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+  ref_rejected_logps, *, beta, label_smoothing) -> (losses [P], chosen_rewards [P],
+  rejected_rewards [P])``
+
+Each registered variant has the signature of its public entry point minus the selector argument,
+so ``get("kl", "k3")(lp, ref)`` equals ``kl_estimate(lp, ref, "k3")``.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Callable, TypeVar
+
+F = TypeVar("F", bound=Callable)
+
+KINDS = ("advantage", "policy_loss", "kl", "aggregation", "preference_loss")
+
+_REGISTRY: dict[str, dict[str, Callable]] = {kind: {} for kind in KINDS}
+
+
+def _table(kind: str) -> dict[str, Callable]:
+    if kind not in _REGISTRY:
+        raise ValueError(f"unknown kind {kind!r}; kinds are {list(KINDS)}")
+    return _REGISTRY[kind]
+
+
+def register(kind: str, name: str) -> Callable[[F], F]:
+    """Decorator registering ``fn`` under ``(kind, name)``; returns ``fn`` unchanged.
+
+    Raises ValueError for an unknown ``kind`` or a ``name`` already taken for that kind (a silent
+    overwrite would let a plugin replace the default math without anyone noticing).
+    """
+    table = _table(kind)
+
+    def decorator(fn: F) -> F:
+        if name in table:
+            raise ValueError(
+                f"{kind} {name!r} is already registered (by {table[name].__module__}."
+                f"{table[name].__qualname__})"
+            )
+        table[name] = fn
+        return fn
+
+    return decorator
+
+
+def get(kind: str, name: str) -> Callable:
+    """The function registered under ``(kind, name)``.
+
+    Raises KeyError naming the available names for ``kind`` and the closest one to ``name``;
+    ValueError for an unknown ``kind``.
+    """
+    table = _table(kind)
+    if name not in table:
+        available = sorted(table)
+        close = difflib.get_close_matches(str(name), available, n=1, cutoff=0.0)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise KeyError(f"unknown {kind} {name!r}; available: {available}{hint}")
+    return table[name]
+
+
+def names(kind: str) -> list[str]:
+    """Sorted names registered for ``kind`` (ValueError for an unknown kind)."""
+    return sorted(_table(kind))

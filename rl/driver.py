@@ -1,0 +1,310 @@
+"""The training loop. A light driver over heavy workers; one GRPO step reads top to bottom:
+
+    prompts  = sampler.next_batch()                      B prompts
+    groups   = rollout.generate(prompts, n=G)            B x G completions + logprobs (vLLM actors)
+    rewards  = scorer.score(...)                         [B, G]
+    adv      = advantage_fn(rewards)                     [B, G]
+    stats    = trainer.train_step(batch)                 DeepSpeed ranks
+    rollout.load_weights(trainer.publish_weights())      in place, no engine restart
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from rl import algorithms
+from rl.config import BUILTIN_PREFIX, Recipe, RecipeError
+from rl.data import PromptSampler, PromptSet, load_prompt_sets
+from rl.metrics import MetricsLogger
+from rl.types import SamplingSpec, TrainBatch
+from rewards import RewardScorer, RewardSpec
+
+log = logging.getLogger("rl")
+
+
+@dataclass
+class ResolvedPaths:
+    model: str
+    train: str
+    test: Optional[str]
+
+
+def resolve_builtins(recipe: Recipe, log_fn=print) -> ResolvedPaths:
+    """Build (or reuse from cache) the embedded tiny model and task when the recipe asks for them."""
+    model, train, test = recipe.model.path, recipe.data.train, recipe.data.test
+    uses_builtin = any(v and v.startswith(BUILTIN_PREFIX) for v in (model, train, test))
+    if uses_builtin:
+        from rl.tasks.tiny_model import TinyModelSpec, build_tiny_model
+
+        known_models, known_data = {"builtin:tiny-arithmetic"}, {"builtin:arithmetic"}
+        if model.startswith(BUILTIN_PREFIX) and model not in known_models:
+            raise RecipeError(f"recipe field 'model.path': unknown builtin '{model}' (known: {sorted(known_models)})")
+        for field, v in (("data.train", train), ("data.test", test)):
+            if v and v.startswith(BUILTIN_PREFIX) and v not in known_data:
+                raise RecipeError(f"recipe field '{field}': unknown builtin '{v}' (known: {sorted(known_data)})")
+        root = Path(build_tiny_model(TinyModelSpec(), log=log_fn))
+        if model.startswith(BUILTIN_PREFIX):
+            model = str(root / "model")
+        if train.startswith(BUILTIN_PREFIX):
+            train = str(root / "data" / "train.jsonl")
+            if test is None:
+                test = str(root / "data" / "test.jsonl")
+        if test and test.startswith(BUILTIN_PREFIX):
+            test = str(root / "data" / "test.jsonl")
+    return ResolvedPaths(model=model, train=train, test=test)
+
+
+def _advantage_fn(recipe: Recipe):
+    """The registered advantage estimator with the recipe's options bound (only those it takes)."""
+    fn = algorithms.get("advantage", recipe.algorithm.advantage)
+    options = {"normalize_std": recipe.algorithm.normalize_std, "std_eps": recipe.algorithm.std_eps}
+    accepted = inspect.signature(fn).parameters
+    bound = {k: v for k, v in options.items() if k in accepted}
+    return lambda rewards: fn(rewards, **bound)
+
+
+class Trainer:
+    """Owns one run: the prompt sets, the reward scorer, the rollout and trainer groups."""
+
+    def __init__(self, recipe: Recipe):
+        self.recipe = recipe
+        self.started = time.time()
+        self.run_dir = recipe.run_dir(time.strftime("%Y%m%d-%H%M%S", time.localtime(self.started)))
+        # Everything that can fail on bad input happens here, before Ray starts.
+        self.scorer = RewardScorer([RewardSpec(fn=r.fn, weight=r.weight) for r in recipe.rewards.functions], fallback=recipe.rewards.fallback)
+        self.advantages = _advantage_fn(recipe)
+        algorithms.get("policy_loss", recipe.algorithm.policy_loss)
+        self.paths = resolve_builtins(recipe, log_fn=lambda s: print(f"[rl] {s}", flush=True))
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(self.paths.model, trust_remote_code=recipe.model.trust_remote_code)
+        max_prompt = recipe.rollout.max_model_len - recipe.rollout.max_new_tokens
+        self.train_set, self.test_set = load_prompt_sets(
+            recipe.data, self.paths.train, self.paths.test, self.tokenizer, recipe.seed, max_prompt
+        )
+        self.sampler = PromptSampler(len(self.train_set), recipe.data.prompts_per_step, recipe.seed, recipe.data.shuffle)
+        self.step = 0
+        self.rollout = None
+        self.trainer = None
+
+    # ------------------------------------------------------------------ workers
+
+    def start_workers(self) -> None:
+        from rl.workers import RolloutGroup, TrainerGroup, init_ray
+        from rollout.vllm_worker import EngineSpec
+        from trainer.policy_trainer import TrainerSetup
+
+        r = self.recipe
+        if r.use_ray:
+            init_ray(r.rollout.num_actors * r.rollout.num_cpus_per_actor + r.trainer.num_ranks * r.trainer.num_cpus_per_rank)
+        engine = EngineSpec(
+            model_path=self.paths.model,
+            dtype=r.model.dtype,
+            max_model_len=r.rollout.max_model_len,
+            gpu_memory_utilization=r.rollout.gpu_memory_utilization,
+            cpu_kvcache_gib=r.rollout.cpu_kvcache_gib,
+            enforce_eager=r.rollout.enforce_eager,
+            tensor_parallel_size=r.rollout.tensor_parallel_size,
+            engine_in_process=r.rollout.engine_in_process,
+            seed=r.seed,
+            trust_remote_code=r.model.trust_remote_code,
+        )
+        setup = TrainerSetup(
+            model_path=self.paths.model,
+            dtype=r.model.dtype,
+            trainer=r.trainer,
+            algorithm=r.algorithm,
+            max_response_len=r.rollout.max_new_tokens,
+            seed=r.seed,
+            master_port=0,
+            trust_remote_code=r.model.trust_remote_code,
+        )
+        self.trainer = TrainerGroup.create(setup, r.trainer.num_ranks, r.use_ray, r.trainer.num_cpus_per_rank, r.trainer.num_gpus_per_rank)
+        self.rollout = RolloutGroup.create(engine, r.rollout.num_actors, r.use_ray, r.rollout.num_cpus_per_actor, r.rollout.num_gpus_per_actor)
+
+    def stop_workers(self) -> None:
+        if self.trainer is not None:
+            self.trainer.close()
+            self.trainer.shutdown()
+        if self.rollout is not None:
+            self.rollout.shutdown()
+        self.trainer = self.rollout = None
+
+    # ------------------------------------------------------------------ pieces of a step
+
+    def _sampling(self, step: int, n: int, greedy: bool = False) -> SamplingSpec:
+        ro = self.recipe.rollout
+        return SamplingSpec(
+            n=n,
+            max_new_tokens=(self.recipe.eval.max_new_tokens or ro.max_new_tokens) if greedy else ro.max_new_tokens,
+            temperature=0.0 if greedy else ro.temperature,
+            top_p=1.0 if greedy else ro.top_p,
+            top_k=-1 if greedy else ro.top_k,
+            seed=(self.recipe.seed * 1_000_003 + step) * 65_536,
+        )
+
+    def _score(self, prompts: PromptSet, indices: list[int], completions: list[str]):
+        cols = prompts.columns(indices)
+        texts = cols.pop("_prompt_text")
+        return self.scorer.score(texts, completions, cols)
+
+    def evaluate(self, tag: str) -> dict[str, float]:
+        """Greedy decoding on the held-out set through vLLM; accuracy = mean of the accuracy reward."""
+        t0 = time.perf_counter()
+        indices = list(range(len(self.test_set)))
+        groups = self.rollout.generate([self.test_set.prompt_token_ids[i] for i in indices], self._sampling(0, 1, greedy=True))
+        texts = [g[0].text for g in groups]
+        result = self._score(self.test_set, indices, texts)
+        acc = result.per_reward[self.recipe.accuracy_reward]
+        return {
+            "accuracy": sum(acc) / len(acc),
+            "reward_mean": sum(result.total) / len(result.total),
+            "num_examples": float(len(indices)),
+            "seconds": time.perf_counter() - t0,
+        }
+
+    def train_one_step(self) -> dict[str, float]:
+        r = self.recipe
+        G = r.algorithm.group_size
+        t_start = time.perf_counter()
+        indices = self.sampler.next_batch()
+        groups = self.rollout.generate([self.train_set.prompt_token_ids[i] for i in indices], self._sampling(self.step + 1, G))
+        t_gen = time.perf_counter()
+
+        flat = [c for g in groups for c in g]  # N = B*G, prompt-major
+        flat_idx = [indices[c.prompt_index] for c in flat]
+        result = self._score(self.train_set, flat_idx, [c.text for c in flat])
+        rewards = torch.tensor(result.total, dtype=torch.float32).view(len(indices), G)  # [B, G]
+        advantages = self.advantages(rewards)  # [B, G]
+        t_reward = time.perf_counter()
+
+        batch = TrainBatch(
+            prompt_token_ids=[c.prompt_token_ids for c in flat],
+            response_token_ids=[c.token_ids for c in flat],
+            advantages=advantages.flatten().tolist(),
+            rollout_logprobs=[c.logprobs for c in flat],
+            num_sequences=len(flat),
+            num_tokens=sum(len(c.token_ids) for c in flat),
+        )
+        stats = self.trainer.train_step(batch, r.trainer.micro_batch_size)
+        t_train = time.perf_counter()
+
+        handle = self.trainer.publish_weights()
+        self.rollout.load_weights(handle)
+        t_sync = time.perf_counter()
+        self.step += 1
+
+        acc = result.per_reward[r.accuracy_reward]
+        lengths = [len(c.token_ids) for c in flat]
+        metrics = {
+            "reward_mean": rewards.mean().item(),
+            "reward_std": rewards.std().item() if rewards.numel() > 1 else 0.0,
+            "accuracy": sum(acc) / len(acc),
+            "zero_variance_groups": float((rewards.std(dim=1) == 0).float().mean()),
+            "response_length": sum(lengths) / len(lengths),
+            "truncated_fraction": sum(c.finish_reason == "length" for c in flat) / len(flat),
+            "tokens_per_second": sum(lengths) / max(t_gen - t_start, 1e-9),
+            "time_generate": t_gen - t_start,
+            "time_reward": t_reward - t_gen,
+            "time_train": t_train - t_reward,
+            "time_weight_sync": t_sync - t_train,
+            "time_step": t_sync - t_start,
+            "weight_sync_bytes": float(handle.num_bytes),
+            "policy_version": float(handle.version),
+            **{f"reward_failures_{k}": float(v) for k, v in result.failures.items()},
+            **stats,
+        }
+        for name, scores in result.per_reward.items():
+            metrics[f"reward/{name}"] = sum(scores) / len(scores)
+        return metrics
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save_checkpoint(self) -> str:
+        ckpt_dir = self.run_dir / "checkpoints"
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        path = self.trainer.save_pretrained(str(ckpt_dir / f"step_{self.step:06d}"))
+        kept = sorted(p for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith("step_") and not p.name.endswith(".tmp"))
+        for old in kept[: -self.recipe.checkpoint.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+        return path
+
+    # ------------------------------------------------------------------ the loop
+
+    def fit(self) -> dict:
+        r = self.recipe
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "recipe.resolved.yaml").write_text(_dump_yaml(r))
+        logger = MetricsLogger(self.run_dir, r.steps, tensorboard=r.logging.tensorboard, progress=r.logging.progress)
+        logger.print(
+            f"[rl] {r.name}: B={r.data.prompts_per_step} prompts x G={r.algorithm.group_size} = {r.rollouts_per_step} rollouts/step, "
+            f"{r.steps} steps, {r.rollout.num_actors} rollout actor(s), {r.trainer.num_ranks} trainer rank(s), ZeRO-{r.trainer.zero_stage}; "
+            f"train {len(self.train_set)} / held-out {len(self.test_set)} prompts; model {self.paths.model}; run dir {self.run_dir}"
+        )
+        summary: dict = {"name": r.name, "run_dir": str(self.run_dir), "model": self.paths.model}
+        try:
+            t0 = time.perf_counter()
+            self.start_workers()
+            summary["startup_seconds"] = time.perf_counter() - t0
+            if r.eval.before:
+                ev = self.evaluate("before")
+                logger.log(0, ev, kind="eval")
+                summary["accuracy_before"] = ev["accuracy"]
+                logger.print(f"[rl] held-out accuracy before RL: {ev['accuracy']:.3f} ({int(ev['num_examples'])} prompts, greedy)")
+            t_train = time.perf_counter()
+            last_ckpt = None
+            while self.step < r.steps:
+                metrics = self.train_one_step()
+                logger.log(self.step, metrics)
+                if r.eval.every and self.step % r.eval.every == 0 and self.step < r.steps:
+                    logger.log(self.step, self.evaluate(f"step {self.step}"), kind="eval")
+                if r.checkpoint.every and self.step % r.checkpoint.every == 0:
+                    last_ckpt = self.save_checkpoint()
+            summary["train_seconds"] = time.perf_counter() - t_train
+            if r.eval.after:
+                ev = self.evaluate("after")
+                logger.log(self.step, ev, kind="eval")
+                summary["accuracy_after"] = ev["accuracy"]
+            if r.checkpoint.save_final and (last_ckpt is None or not last_ckpt.endswith(f"{self.step:06d}")):
+                last_ckpt = self.save_checkpoint()
+            summary["checkpoint"] = last_ckpt
+            summary["steps"] = self.step
+            summary["total_seconds"] = time.time() - self.started
+            summary["reward_failures"] = dict(self.scorer.total_failures)
+        finally:
+            logger.close()
+            self.stop_workers()
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        _print_summary(summary)
+        return summary
+
+
+def _dump_yaml(recipe: Recipe) -> str:
+    from rl.config import recipe_to_yaml
+
+    return recipe_to_yaml(recipe)
+
+
+def _print_summary(s: dict) -> None:
+    lines = [f"[rl] done: {s['name']} ({s['steps']} steps in {s.get('train_seconds', 0):.0f} s of training, {s['total_seconds']:.0f} s in all)"]
+    if "accuracy_before" in s and "accuracy_after" in s:
+        lines.append(
+            f"[rl] held-out accuracy: {s['accuracy_before']:.3f} -> {s['accuracy_after']:.3f} "
+            f"({100 * (s['accuracy_after'] - s['accuracy_before']):+.1f} points)"
+        )
+    lines.append(f"[rl] checkpoint: {s.get('checkpoint')}   metrics: {s['run_dir']}/metrics.jsonl   summary: {s['run_dir']}/summary.json")
+    print("\n".join(lines), flush=True)
+
+
+def train(recipe: Recipe) -> dict:
+    return Trainer(recipe).fit()

@@ -1,0 +1,6 @@
+"""The embedded default: a synthetic verifiable task and a tiny model built and cached locally."""
+
+from rl.tasks.arithmetic import make_problems
+from rl.tasks.tiny_model import TinyModelSpec, build_tiny_model, default_cache_dir
+
+__all__ = ["TinyModelSpec", "build_tiny_model", "default_cache_dir", "make_problems"]

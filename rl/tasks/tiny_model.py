@@ -1,0 +1,416 @@
+"""The embedded default model: a character-level tiny Llama, built and SFT-ed locally, cached.
+
+There is no model hub on the target machine, so the framework builds its own starting point:
+a ``tokenizers`` WordLevel tokenizer with one token per character, a randomly initialised
+``LlamaForCausalLM``, and a short supervised fine-tune on the synthetic task of
+:mod:`rl.tasks.arithmetic`. The SFT is stopped early on purpose, leaving the model partly
+right (see :class:`TinyModelSpec` for the measured numbers): that is the headroom RL has to
+show it can raise held-out accuracy.
+
+Layout of a build (``build_tiny_model`` returns the directory)::
+
+    <cache>/tiny/<name>-<hash12>/
+        model/            LlamaForCausalLM.save_pretrained + PreTrainedTokenizerFast.save_pretrained
+                          (float32; loads with AutoModelForCausalLM/AutoTokenizer and with vLLM)
+        data/train.jsonl  RL prompts: {"prompt": "12+34=", "answer": "46"} (train split)
+        data/test.jsonl   held-out problems (test split, disjoint from train by problem identity)
+        build_info.json   spec, SFT held-out greedy accuracy, build seconds, versions
+
+Tokenization contract: ``tokenizer(prompt)`` gives exactly one id per character and adds no
+special token (no BOS, with or without ``add_special_tokens``), so the ids vLLM or any HF
+caller computes for a prompt are the ids SFT trained on. A completion is the answer's
+characters followed by ``<eos>``; ``tokenizer.decode(ids, skip_special_tokens=True)`` joins
+characters with no spaces and gives the answer string back exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from rl.tasks import arithmetic
+
+# Bump when a code change alters what a given spec builds: it is part of the cache key.
+BUILD_FORMAT = 1
+
+PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
+SPECIAL_TOKENS = (PAD, BOS, EOS, UNK)
+
+TASKS = ("arithmetic",)
+
+
+@dataclass(frozen=True)
+class TinyModelSpec:
+    """Every setting that changes the built model; its hash keys the cache.
+
+    Defaults: see the measured numbers below (filled in by the headroom study).
+    """
+
+    # -- task --------------------------------------------------------------------------------
+    task: str = "arithmetic"
+    digits: int = 2  # operands in [0, 10**digits)
+    test_fraction: float = 0.1  # share of the problem space held out (split by identity)
+    n_train_rows: int = 8192  # rows written to data/train.jsonl (the RL prompt pool)
+    n_test_rows: int = 512  # rows written to data/test.jsonl; SFT accuracy is measured on them
+    # -- model (LlamaForCausalLM) -------------------------------------------------------------
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    intermediate_size: int = 512
+    max_position_embeddings: int = 64
+    # -- SFT ----------------------------------------------------------------------------------
+    sft_steps: int = 450
+    sft_batch_size: int = 64
+    sft_lr: float = 1e-3
+    sft_warmup_steps: int = 20  # linear warm-up, then constant
+    sft_weight_decay: float = 0.0
+    sft_subset: int = 0  # SFT draws from only this many train problems (0: the whole split)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"unknown task {self.task!r}; known: {TASKS}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError("hidden_size must be a multiple of num_heads")
+        longest = 2 * self.digits + 2 + self.digits + 2  # "a+b=" + answer + <eos>
+        if self.max_position_embeddings < longest:
+            raise ValueError(f"max_position_embeddings must be >= {longest} for {self.digits} digits")
+
+    @property
+    def name(self) -> str:
+        """A short human-readable directory name (the hash disambiguates the rest)."""
+        return f"{self.task}{self.digits}-h{self.hidden_size}-l{self.num_layers}-sft{self.sft_steps}"
+
+    @property
+    def hash12(self) -> str:
+        """First 12 hex digits of a hash of every field (and of ``BUILD_FORMAT``)."""
+        blob = json.dumps({"format": BUILD_FORMAT, **dataclasses.asdict(self)}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+    @property
+    def max_new_tokens(self) -> int:
+        """Longest completion in tokens: the sum's digits plus ``<eos>``."""
+        return self.digits + 2
+
+    def task_kwargs(self) -> dict:
+        return {"digits": self.digits, "test_fraction": self.test_fraction}
+
+
+def default_cache_dir() -> Path:
+    """``$RL_CACHE_DIR`` if set, else ``~/.cache/rl-post-train``."""
+    env = os.environ.get("RL_CACHE_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "rl-post-train"
+
+
+# ------------------------------------------------------------------------------------------
+# tokenizer and model
+# ------------------------------------------------------------------------------------------
+
+
+def build_tokenizer(alphabet: str = arithmetic.ALPHABET, model_max_length: int = 64):
+    """A character-level ``PreTrainedTokenizerFast``: one token per character, no BOS added."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    for ch in alphabet:
+        vocab.setdefault(ch, len(vocab))
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    # Every character is its own pre-token ("(?m)." in Oniguruma: "." matching newlines too).
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"(?m)."), behavior="isolated")
+    backend.decoder = decoders.Fuse()  # join tokens with no separator
+    backend.add_special_tokens(list(SPECIAL_TOKENS))
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        unk_token=UNK,
+        padding_side="left",  # decoder-only generation pads on the left
+        clean_up_tokenization_spaces=False,
+        model_max_length=model_max_length,
+    )
+
+
+def build_model(spec: TinyModelSpec, tokenizer):
+    """A randomly initialised float32 ``LlamaForCausalLM`` (seeded by ``spec.seed``)."""
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_heads,
+        num_key_value_heads=spec.num_heads,
+        max_position_embeddings=spec.max_position_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+        dtype="float32",
+    )
+    torch.manual_seed(spec.seed)
+    model = LlamaForCausalLM(config).float()
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return model
+
+
+# ------------------------------------------------------------------------------------------
+# SFT and greedy evaluation (plain PyTorch; used by the build and by tests/prototypes)
+# ------------------------------------------------------------------------------------------
+
+
+def encode_sft_batch(tokenizer, problems: list[dict]) -> dict[str, torch.Tensor]:
+    """Right-padded ``prompt + answer + <eos>`` rows; labels are -100 except answer and EOS.
+
+    Returns ``input_ids``, ``attention_mask``, ``labels``, each ``[N, L]``.
+    """
+    prompts = tokenizer([p["prompt"] for p in problems], add_special_tokens=False)["input_ids"]
+    answers = tokenizer([p["answer"] for p in problems], add_special_tokens=False)["input_ids"]
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    rows = [(pr, an + [eos]) for pr, an in zip(prompts, answers)]
+    width = max(len(pr) + len(an) for pr, an in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (pr, an) in enumerate(rows):
+        seq = pr + an
+        ids[i, : len(seq)] = torch.tensor(seq)
+        labels[i, len(pr) : len(seq)] = torch.tensor(an)
+        mask[i, : len(seq)] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def sft_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean cross-entropy over the labelled (answer + EOS) tokens."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    # Position t predicts token t+1.
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.size(-1)),  # [N*(L-1), V]
+        batch["labels"][:, 1:].reshape(-1),  # [N*(L-1)]
+        ignore_index=-100,
+    )
+
+
+def run_sft(model, tokenizer, spec: TinyModelSpec, log: Callable[[str], None] = print) -> list[float]:
+    """Train ``model`` in place on the task's train split; returns the per-step losses."""
+    n_pool = spec.sft_subset if spec.sft_subset > 0 else None
+    if n_pool:
+        pool = arithmetic.make_problems(n_pool, spec.seed, "train", **spec.task_kwargs())
+        rng = random.Random(f"sft/{spec.seed}")
+        stream = [rng.choice(pool) for _ in range(spec.sft_steps * spec.sft_batch_size)]
+    else:
+        stream = arithmetic.make_problems(
+            spec.sft_steps * spec.sft_batch_size, spec.seed + 1, "train", **spec.task_kwargs()
+        )
+    torch.manual_seed(spec.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=spec.sft_lr, weight_decay=spec.sft_weight_decay)
+    warm = max(1, spec.sft_warmup_steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
+    model.train()
+    losses = []
+    for step in range(spec.sft_steps):
+        chunk = stream[step * spec.sft_batch_size : (step + 1) * spec.sft_batch_size]
+        loss = sft_loss(model, encode_sft_batch(tokenizer, chunk))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        if (step + 1) % 100 == 0 or step + 1 == spec.sft_steps:
+            log(f"  sft step {step + 1}/{spec.sft_steps}  loss {sum(losses[-100:]) / len(losses[-100:]):.4f}")
+    model.eval()
+    return losses
+
+
+@torch.no_grad()
+def generate(
+    model,
+    tokenizer,
+    prompts: list[str],
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    generator: torch.Generator | None = None,
+    batch_size: int = 1024,
+) -> list[str]:
+    """Decode completions (greedy at ``temperature == 0``), stopping at ``<eos>``.
+
+    Prompts are batched by length, so no padding is involved; sequences are short, so each
+    step reruns the whole prefix (no KV cache).
+    """
+    eos = tokenizer.eos_token_id
+    ids_list = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    out: list[str] = [""] * len(prompts)
+    by_len: dict[int, list[int]] = {}
+    for i, ids in enumerate(ids_list):
+        by_len.setdefault(len(ids), []).append(i)
+    was_training = model.training
+    model.eval()
+    for _, idx_all in sorted(by_len.items()):
+        for start in range(0, len(idx_all), batch_size):
+            idx = idx_all[start : start + batch_size]
+            seq = torch.tensor([ids_list[i] for i in idx])  # [n, P]
+            done = torch.zeros(len(idx), dtype=torch.bool)
+            new = []
+            for _ in range(max_new_tokens):
+                logits = model(input_ids=seq).logits[:, -1].float()  # [n, V]
+                if temperature > 0:
+                    probs = torch.softmax(logits / temperature, dim=-1)
+                    nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+                else:
+                    nxt = logits.argmax(-1)
+                nxt = torch.where(done, torch.full_like(nxt, eos), nxt)
+                new.append(nxt)
+                done |= nxt == eos
+                seq = torch.cat([seq, nxt[:, None]], dim=1)
+                if done.all():
+                    break
+            gen = torch.stack(new, dim=1).tolist()  # [n, T]
+            for row, i in zip(gen, idx):
+                if eos in row:
+                    row = row[: row.index(eos)]
+                out[i] = tokenizer.decode(row, skip_special_tokens=True)
+    model.train(was_training)
+    return out
+
+
+def greedy_accuracy(model, tokenizer, problems: list[dict], max_new_tokens: int) -> float:
+    """Share of problems whose greedy completion exactly matches the answer."""
+    comps = generate(model, tokenizer, [p["prompt"] for p in problems], max_new_tokens)
+    return sum(arithmetic.is_correct(c, p["answer"]) for c, p in zip(comps, problems)) / len(problems)
+
+
+# ------------------------------------------------------------------------------------------
+# the cached build
+# ------------------------------------------------------------------------------------------
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    with open(path, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+
+def _remove_stale_temps(parent: Path, name: str) -> None:
+    """Delete temp build dirs of ``name`` left by processes that no longer run."""
+    for tmp in parent.glob(f".tmp-{name}-*"):
+        try:
+            pid = int(tmp.name.rsplit("-", 2)[-2])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(tmp, ignore_errors=True)
+        except (ValueError, IndexError, PermissionError):
+            pass
+
+
+def build_tiny_model(
+    spec: TinyModelSpec = TinyModelSpec(),
+    cache_dir: Path | None = None,
+    log: Callable[[str], None] = print,
+) -> Path:
+    """Build (or reuse) the tiny model of ``spec``; returns ``<cache>/tiny/<name>-<hash12>/``.
+
+    A build is complete when its ``build_info.json`` exists. Everything is written into a
+    temporary sibling directory first and renamed into place, so a killed build never leaves a
+    half-written cache; when two processes build the same spec at once, the first rename wins
+    and the other discards its copy.
+    """
+    parent = Path(cache_dir if cache_dir is not None else default_cache_dir()).expanduser() / "tiny"
+    dirname = f"{spec.name}-{spec.hash12}"
+    final = parent / dirname
+    if (final / "build_info.json").is_file():
+        log(f"tiny model: reusing {final}")
+        return final
+    parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(parent, dirname)
+    t0 = time.time()
+    log(f"tiny model: building {dirname} (once; cached in {parent})")
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{dirname}-{os.getpid()}-", dir=parent))
+    try:
+        info = _build_into(spec, tmp, log)
+        info["build_seconds"] = round(time.time() - t0, 1)
+        (tmp / "build_info.json").write_text(json.dumps(info, indent=2) + "\n")
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if (final / "build_info.json").is_file():  # another process won the race
+                log("tiny model: another process finished the same build first; using it")
+                shutil.rmtree(tmp, ignore_errors=True)
+                return final
+            # A directory without build_info.json is not a build (e.g. made by hand): replace it.
+            shutil.rmtree(final, ignore_errors=True)
+            os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(
+        f"tiny model: SFT held-out greedy accuracy {info['sft_test_accuracy']:.1%} "
+        f"({info['build_seconds']:.0f} s) -> {final}"
+    )
+    return final
+
+
+def _build_into(spec: TinyModelSpec, out: Path, log: Callable[[str], None]) -> dict:
+    """Tokenizer + model + SFT + data files into ``out``; returns the build info."""
+    import transformers
+
+    kw = spec.task_kwargs()
+    train_rows = arithmetic.make_problems(spec.n_train_rows, spec.seed, "train", **kw)
+    test_rows = arithmetic.make_problems(spec.n_test_rows, spec.seed, "test", **kw)
+    (out / "data").mkdir()
+    _write_jsonl(out / "data" / "train.jsonl", train_rows)
+    _write_jsonl(out / "data" / "test.jsonl", test_rows)
+
+    tokenizer = build_tokenizer(model_max_length=spec.max_position_embeddings)
+    model = build_model(spec, tokenizer)
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"  {n_params / 1e6:.2f}M parameters, vocab {len(tokenizer)}, SFT {spec.sft_steps} steps")
+    t_sft = time.time()
+    losses = run_sft(model, tokenizer, spec, log)
+    sft_seconds = time.time() - t_sft
+    acc = greedy_accuracy(model, tokenizer, test_rows, spec.max_new_tokens)
+
+    model.save_pretrained(out / "model", safe_serialization=True)
+    tokenizer.save_pretrained(out / "model")
+    return {
+        "spec": dataclasses.asdict(spec),
+        "spec_hash": spec.hash12,
+        "build_format": BUILD_FORMAT,
+        "num_parameters": n_params,
+        "sft_final_loss": round(sum(losses[-20:]) / max(1, len(losses[-20:])), 5),
+        "sft_test_accuracy": acc,
+        "sft_test_problems": len(test_rows),
+        "sft_seconds": round(sft_seconds, 1),
+        "max_new_tokens": spec.max_new_tokens,
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+    }
+
+
+def load_build_info(build_dir: Path) -> dict:
+    """The ``build_info.json`` of a build directory."""
+    return json.loads((Path(build_dir) / "build_info.json").read_text())
+
+
+def _main() -> None:  # pragma: no cover - manual use: python -m rl.tasks.tiny_model
+    path = build_tiny_model()
+    print(json.dumps(load_build_info(path), indent=2))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    _main()

@@ -1,0 +1,69 @@
+"""Data that crosses the rollout/trainer boundary. Plain dataclasses of lists, so they pickle
+cheaply through Ray and read the same in local mode."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+@dataclass
+class SamplingSpec:
+    """How to sample. ``n`` is G (completions per prompt); temperature 0 is greedy."""
+
+    n: int = 1
+    max_new_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    logprobs: bool = True
+    seed: Optional[int] = None  # per-request seeds are derived from it: seed + prompt index
+
+
+@dataclass
+class Completion:
+    """One sampled completion of one prompt."""
+
+    prompt_index: int  # index into the request's prompt list
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    logprobs: list[float]  # the sampler's logprob of each token in ``token_ids``
+    finish_reason: str  # "stop" (EOS) or "length"
+
+
+@dataclass
+class TrainBatch:
+    """N = B*G sequences for one policy update, in group order (sequence i belongs to prompt i // G)."""
+
+    prompt_token_ids: list[list[int]]
+    response_token_ids: list[list[int]]
+    advantages: list[float]  # [N] one per sequence, broadcast to its tokens
+    rollout_logprobs: list[list[float]]  # [N][len(response)] from vLLM
+    # Counts over the *whole* batch (all ranks), so the loss does not depend on how it is split.
+    num_sequences: int = 0
+    num_tokens: int = 0
+
+    def __len__(self) -> int:
+        return len(self.prompt_token_ids)
+
+    def select(self, indices: list[int]) -> "TrainBatch":
+        return TrainBatch(
+            prompt_token_ids=[self.prompt_token_ids[i] for i in indices],
+            response_token_ids=[self.response_token_ids[i] for i in indices],
+            advantages=[self.advantages[i] for i in indices],
+            rollout_logprobs=[self.rollout_logprobs[i] for i in indices],
+            num_sequences=self.num_sequences,
+            num_tokens=self.num_tokens,
+        )
+
+
+@dataclass
+class WeightHandle:
+    """Where a published policy version can be read from. Opaque to the driver."""
+
+    version: int
+    transport: str
+    location: str  # a file path, a shared-memory name, ...
+    num_bytes: int = 0
+    names: list[str] = field(default_factory=list)

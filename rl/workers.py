@@ -1,0 +1,168 @@
+"""All Ray wrapping lives here, kept thin: the same worker classes run as Ray actors or,
+with ``use_ray: false``, as plain objects in this process (easy to debug and step through).
+
+- ``RolloutGroup``: N vLLM rollout actors; a batch of prompts is split across them.
+- ``TrainerGroup``: N DeepSpeed ranks; a TrainBatch is sharded across them.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+from typing import Any, Optional
+
+from rl.types import Completion, SamplingSpec, TrainBatch, WeightHandle
+from rollout.vllm_worker import EngineSpec, RolloutWorker
+from trainer.policy_trainer import PolicyTrainer, TrainerSetup
+
+
+def init_ray(num_cpus_needed: float) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    ray.init(
+        num_cpus=max(int(math.ceil(num_cpus_needed)), os.cpu_count() or 1),
+        include_dashboard=False,
+        log_to_driver=True,
+        configure_logging=False,
+        runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "RAY_DEDUP_LOGS": "1"}},
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _Group:
+    """A list of workers called alike, remote (Ray actors) or local."""
+
+    def __init__(self, workers: list, remote: bool):
+        self.workers, self.remote = workers, remote
+
+    def _gather(self, calls: list[tuple[Any, str, tuple]]) -> list:
+        if not self.remote:
+            return [getattr(w, m)(*a) for w, m, a in calls]
+        import ray
+
+        return ray.get([getattr(w, m).remote(*a) for w, m, a in calls])
+
+    def call_all(self, method: str, *args) -> list:
+        return self._gather([(w, method, args) for w in self.workers])
+
+    def call_each(self, method: str, args_per_worker: list[tuple]) -> list:
+        return self._gather([(w, method, a) for w, a in zip(self.workers, args_per_worker)])
+
+    def shutdown(self) -> None:
+        if self.remote:
+            import ray
+
+            for w in self.workers:
+                ray.kill(w)
+        self.workers = []
+
+
+def _chunks(n: int, parts: int) -> list[range]:
+    size, extra = divmod(n, parts)
+    out, start = [], 0
+    for k in range(parts):
+        end = start + size + (1 if k < extra else 0)
+        out.append(range(start, end))
+        start = end
+    return out
+
+
+class RolloutGroup(_Group):
+    @classmethod
+    def create(cls, spec: EngineSpec, num_actors: int, use_ray: bool, num_cpus: float = 1.0, num_gpus: float = 0.0):
+        if not use_ray:
+            return cls([RolloutWorker(spec) for _ in range(num_actors)], remote=False)
+        import ray
+
+        actor_cls = ray.remote(RolloutWorker)
+        workers = [
+            actor_cls.options(
+                num_cpus=num_cpus, num_gpus=num_gpus, runtime_env={"env_vars": spec.env()}, name=None
+            ).remote(spec)
+            for _ in range(num_actors)
+        ]
+        group = cls(workers, remote=True)
+        group.call_all("ready")  # surface start-up errors here, not at the first step
+        return group
+
+    def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingSpec) -> list[list[Completion]]:
+        """Split B prompts across actors; returns B groups in the original order."""
+        parts = [r for r in _chunks(len(prompt_token_ids), len(self.workers)) if len(r)]
+        calls = []
+        for w, r in zip(self.workers, parts):
+            s = SamplingSpec(**{**sampling.__dict__, "seed": None if sampling.seed is None else sampling.seed + r.start})
+            calls.append((w, "generate", ([prompt_token_ids[i] for i in r], s)))
+        out: list[list[Completion]] = []
+        for r, groups in zip(parts, self._gather(calls)):
+            for g in groups:
+                for c in g:
+                    c.prompt_index += r.start
+            out.extend(groups)
+        return out
+
+    def load_weights(self, handle: WeightHandle) -> float:
+        return max(self.call_all("load_weights", handle))
+
+    def score(self, prompt_token_ids, completion_token_ids) -> list[list[float]]:
+        return self.call_each("score", [(prompt_token_ids, completion_token_ids)])[0]
+
+
+class TrainerGroup(_Group):
+    @classmethod
+    def create(cls, setup: TrainerSetup, num_ranks: int, use_ray: bool, num_cpus: float = 1.0, num_gpus: float = 0.0):
+        setups = [
+            TrainerSetup(**{**setup.__dict__, "rank": r, "world_size": num_ranks, "master_port": setup.master_port or free_port()})
+            for r in range(num_ranks)
+        ]
+        if not use_ray:
+            if num_ranks != 1:
+                raise ValueError("trainer.num_ranks > 1 needs use_ray: true")
+            return cls([PolicyTrainer(setups[0])], remote=False)
+        import ray
+
+        actor_cls = ray.remote(PolicyTrainer)
+        workers = [actor_cls.options(num_cpus=num_cpus, num_gpus=num_gpus).remote(s) for s in setups]
+        return cls(workers, remote=True)
+
+    def train_step(self, batch: TrainBatch, micro_batch_size: int) -> dict[str, float]:
+        parts = _chunks(len(batch), len(self.workers))
+        num_micro = max(1, math.ceil(max(len(p) for p in parts) / micro_batch_size))
+        results = self.call_each("train_step", [(batch.select(list(p)), num_micro) for p in parts])
+        return _reduce_stats(results)
+
+    def publish_weights(self) -> WeightHandle:
+        return self.call_all("publish_weights")[0]
+
+    def save_pretrained(self, path: str) -> Optional[str]:
+        return self.call_all("save_pretrained", path)[0]
+
+    def compute_logprobs(self, batch: TrainBatch) -> list[list[float]]:
+        return self.call_each("compute_logprobs", [(batch,)])[0]
+
+    def close(self) -> None:
+        self.call_all("close")
+
+
+_MAX_KEYS = ("ratio_max", "logprob_mismatch_max", "grad_norm", "lr", "train_seconds")
+
+
+def _reduce_stats(per_rank: list[dict[str, float]]) -> dict[str, float]:
+    """Sum the per-rank sums; take the max of the maxima; turn sums into means."""
+    total: dict[str, float] = {}
+    for stats in per_rank:
+        for k, v in stats.items():
+            total[k] = max(total.get(k, v), v) if k in _MAX_KEYS else total.get(k, 0.0) + v
+    tokens = max(total.pop("tokens", 0.0), 1.0)
+    out = {k: v for k, v in total.items() if not k.endswith("_sum")}
+    for k, v in total.items():
+        if k.endswith("_sum"):
+            out[k[: -len("_sum")]] = v / tokens
+    return out

@@ -1,0 +1,127 @@
+"""A rollout worker owns one vLLM engine: it samples completions with per-token logprobs,
+scores fixed completions, and loads new policy weights in place.
+
+It is a plain class; ``rl/workers.py`` turns it into a Ray actor (or keeps it in-process).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+from rl.types import Completion, SamplingSpec, WeightHandle
+
+
+@dataclass
+class EngineSpec:
+    model_path: str
+    dtype: str = "float32"
+    max_model_len: int = 256
+    gpu_memory_utilization: float = 0.3
+    cpu_kvcache_gib: int = 1
+    enforce_eager: bool = True
+    tensor_parallel_size: int = 1
+    engine_in_process: bool = True
+    seed: int = 0
+    trust_remote_code: bool = False
+
+    def env(self) -> dict[str, str]:
+        """Environment the engine needs; must be set before vLLM is imported."""
+        env = {"VLLM_CPU_KVCACHE_SPACE": str(self.cpu_kvcache_gib), "TOKENIZERS_PARALLELISM": "false"}
+        if self.engine_in_process:
+            env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        return env
+
+
+class RolloutWorker:
+    def __init__(self, spec: EngineSpec):
+        for k, v in spec.env().items():
+            os.environ.setdefault(k, v)
+        from vllm import LLM  # imported late: the environment above must be in place first
+
+        self.spec = spec
+        t0 = time.perf_counter()
+        self.llm = LLM(
+            model=spec.model_path,
+            dtype=spec.dtype,
+            max_model_len=spec.max_model_len,
+            gpu_memory_utilization=spec.gpu_memory_utilization,
+            enforce_eager=spec.enforce_eager,
+            tensor_parallel_size=spec.tensor_parallel_size,
+            seed=spec.seed,
+            trust_remote_code=spec.trust_remote_code,
+            worker_extension_cls="rollout.vllm_extension.WeightSyncExtension",
+        )
+        self.startup_seconds = time.perf_counter() - t0
+        self.weight_version = 0
+
+    def ready(self) -> dict:
+        return {"startup_seconds": self.startup_seconds, "pid": os.getpid()}
+
+    def _sampling_params(self, sampling: SamplingSpec, seed: Optional[int], **extra):
+        from vllm import SamplingParams
+
+        return SamplingParams(
+            n=sampling.n,
+            max_tokens=sampling.max_new_tokens,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=sampling.top_k if sampling.top_k > 0 else 0,
+            logprobs=0 if sampling.logprobs else None,
+            seed=seed,
+            **extra,
+        )
+
+    def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingSpec) -> list[list[Completion]]:
+        """B prompts (token ids) -> B lists of ``sampling.n`` completions with per-token logprobs."""
+        from vllm.inputs import TokensPrompt
+
+        prompts = [TokensPrompt(prompt_token_ids=ids) for ids in prompt_token_ids]
+        # One seed per prompt, derived from the step's seed, so a step's samples are reproducible.
+        params = [
+            self._sampling_params(sampling, None if sampling.seed is None else sampling.seed + i)
+            for i in range(len(prompts))
+        ]
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        result = []
+        for i, out in enumerate(outputs):
+            group = []
+            for c in out.outputs:
+                ids = list(c.token_ids)
+                lps = [float(step[tok].logprob) for tok, step in zip(ids, c.logprobs)] if c.logprobs else []
+                group.append(
+                    Completion(
+                        prompt_index=i,
+                        prompt_token_ids=list(out.prompt_token_ids),
+                        token_ids=ids,
+                        text=c.text,
+                        logprobs=lps,
+                        finish_reason=str(c.finish_reason),
+                    )
+                )
+            result.append(group)
+        return result
+
+    def score(self, prompt_token_ids: list[list[int]], completion_token_ids: list[list[int]]) -> list[list[float]]:
+        """Logprob the engine gives each token of fixed completions (for checking weight sync)."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        prompts = [TokensPrompt(prompt_token_ids=p + c) for p, c in zip(prompt_token_ids, completion_token_ids)]
+        params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0)
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        result = []
+        for p, c, out in zip(prompt_token_ids, completion_token_ids, outputs):
+            # prompt_logprobs[j] is the distribution at position j (None for the first token).
+            entries = out.prompt_logprobs[len(p) :]
+            result.append([float(e[tok].logprob) for tok, e in zip(c, entries)])
+        return result
+
+    def load_weights(self, handle: WeightHandle) -> float:
+        """Load a published policy version in place; returns seconds spent (max over TP workers)."""
+        seconds = self.llm.collective_rpc("rl_load_weights", args=(dataclasses.asdict(handle),))
+        self.weight_version = handle.version
+        return max(seconds)

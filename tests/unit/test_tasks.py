@@ -1,0 +1,190 @@
+"""The embedded default: synthetic arithmetic task and the cached tiny-model build (CPU, fast)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import pytest
+import torch
+
+from rl.tasks import arithmetic
+from rl.tasks.tiny_model import (
+    TinyModelSpec,
+    build_tiny_model,
+    build_tokenizer,
+    default_cache_dir,
+    encode_sft_batch,
+    load_build_info,
+)
+
+# A spec small enough to build in a second or two.
+TINY = TinyModelSpec(
+    hidden_size=32,
+    num_layers=2,
+    num_heads=2,
+    intermediate_size=64,
+    sft_steps=20,
+    sft_batch_size=16,
+    n_train_rows=200,
+    n_test_rows=50,
+)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cache")
+    logs: list[str] = []
+    path = build_tiny_model(TINY, cache_dir=cache, log=logs.append)
+    return cache, path, logs
+
+
+# -- task --------------------------------------------------------------------------------------
+
+
+def test_problem_format_and_answers():
+    for p in arithmetic.make_problems(200, seed=0, split="train"):
+        a, b = p["prompt"].removesuffix("=").split("+")
+        assert p["prompt"].endswith("=")
+        assert int(p["answer"]) == int(a) + int(b)
+        assert 0 <= int(a) < 100 and 0 <= int(b) < 100
+
+
+def test_problems_deterministic_by_seed():
+    a = arithmetic.make_problems(100, seed=3, split="train")
+    assert a == arithmetic.make_problems(100, seed=3, split="train")
+    assert a != arithmetic.make_problems(100, seed=4, split="train")
+
+
+def test_train_test_disjoint_by_identity():
+    sizes = arithmetic.split_size(digits=2, test_fraction=0.1)
+    assert sizes["train"] + sizes["test"] == 100 * 100
+    assert 0.05 < sizes["test"] / 10_000 < 0.15
+    test = {p["prompt"] for p in arithmetic.make_problems(sizes["test"], seed=0, split="test")}
+    assert len(test) == sizes["test"]  # distinct while the split has enough problems
+    for seed in (0, 1):  # whatever seed each side was drawn with
+        train = {p["prompt"] for p in arithmetic.make_problems(5000, seed=seed, split="train")}
+        assert not train & test
+
+
+def test_make_problems_past_split_size_and_large_digits():
+    sizes = arithmetic.split_size(digits=1, test_fraction=0.2)
+    rows = arithmetic.make_problems(sizes["test"] * 2 + 1, seed=0, split="test", digits=1, test_fraction=0.2)
+    assert len(rows) == sizes["test"] * 2 + 1
+    big = arithmetic.make_problems(50, seed=0, split="test", digits=6)  # rejection-sampled
+    assert len({p["prompt"] for p in big}) == 50
+    assert all(arithmetic.in_test_split(p["prompt"], 0.1) for p in big)
+    with pytest.raises(ValueError):
+        arithmetic.make_problems(1, seed=0, split="valid")
+
+
+def test_is_correct():
+    assert arithmetic.is_correct("46", "46")
+    assert arithmetic.is_correct(" 46 ", "46")
+    assert not arithmetic.is_correct("4 6", "46")
+    assert not arithmetic.is_correct("", "46")
+
+
+# -- tokenizer ---------------------------------------------------------------------------------
+
+
+def test_tokenizer_one_token_per_char_and_no_specials_added():
+    tok = build_tokenizer()
+    for prompt in ["12+34=", "0+0=", "99+99="]:
+        ids = tok(prompt)["input_ids"]
+        assert ids == tok(prompt, add_special_tokens=False)["input_ids"]
+        assert tok.convert_ids_to_tokens(ids) == list(prompt)
+    assert tok.bos_token == "<bos>" and tok.eos_token == "<eos>" and tok.pad_token == "<pad>"
+
+
+def test_tokenizer_round_trip():
+    tok = build_tokenizer()
+    for text in ["46", "198", "0", "12+34=46", "1 2"]:
+        ids = tok(text)["input_ids"]
+        assert tok.decode(ids, skip_special_tokens=True) == text
+        assert tok.decode(ids + [tok.eos_token_id], skip_special_tokens=True) == text
+
+
+def test_sft_batch_labels_cover_answer_and_eos_only():
+    tok = build_tokenizer()
+    batch = encode_sft_batch(tok, [{"prompt": "1+2=", "answer": "3"}, {"prompt": "12+34=", "answer": "46"}])
+    labels = batch["labels"]
+    assert labels[0].tolist() == [-100] * 4 + [tok.convert_tokens_to_ids("3"), tok.eos_token_id] + [-100] * 3
+    assert (labels[1] != -100).sum() == 3  # "4", "6", <eos>
+    assert batch["attention_mask"][0].tolist() == [1] * 6 + [0] * 3
+
+
+# -- the cached build --------------------------------------------------------------------------
+
+
+def test_build_layout(built):
+    _, path, _ = built
+    assert path.name == f"{TINY.name}-{TINY.hash12}"
+    for rel in ["model/config.json", "model/tokenizer.json", "data/train.jsonl", "data/test.jsonl", "build_info.json"]:
+        assert (path / rel).is_file(), rel
+    info = load_build_info(path)
+    assert info["spec"] == dataclasses.asdict(TINY)
+    assert 0.0 <= info["sft_test_accuracy"] <= 1.0
+    assert info["build_seconds"] >= 0
+    train = [json.loads(line) for line in open(path / "data/train.jsonl")]
+    test = [json.loads(line) for line in open(path / "data/test.jsonl")]
+    assert len(train) == TINY.n_train_rows and len(test) == TINY.n_test_rows
+    assert set(train[0]) == {"prompt", "answer"}
+    assert not {r["prompt"] for r in train} & {r["prompt"] for r in test}
+    # No temp dirs are left behind.
+    assert [p.name for p in path.parent.iterdir()] == [path.name]
+
+
+def test_build_is_reused(built):
+    cache, path, logs = built
+    assert any("building" in line for line in logs)
+    stamp = os.stat(path / "build_info.json").st_mtime_ns
+    logs2: list[str] = []
+    again = build_tiny_model(TINY, cache_dir=cache, log=logs2.append)
+    assert again == path
+    assert any("reusing" in line for line in logs2) and not any("sft step" in line for line in logs2)
+    assert os.stat(path / "build_info.json").st_mtime_ns == stamp
+
+
+def test_build_key_changes_with_spec():
+    other = TinyModelSpec(**{**TINY.__dict__, "sft_lr": 2e-3})
+    assert other.hash12 != TINY.hash12
+    assert TinyModelSpec().hash12 == TinyModelSpec().hash12
+
+
+def test_model_dir_loads_with_auto_classes(built):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _, path, _ = built
+    tok = AutoTokenizer.from_pretrained(path / "model")
+    model = AutoModelForCausalLM.from_pretrained(path / "model")
+    assert next(model.parameters()).dtype == torch.float32
+    assert model.config.eos_token_id == tok.eos_token_id
+    assert model.config.pad_token_id == tok.pad_token_id
+    assert model.config.bos_token_id == tok.bos_token_id
+    assert model.generation_config.eos_token_id == tok.eos_token_id
+    assert tok("12+34=")["input_ids"] == build_tokenizer()("12+34=")["input_ids"]
+    ids = torch.tensor([tok("12+34=")["input_ids"]])
+    out = model.generate(ids, max_new_tokens=TINY.max_new_tokens, do_sample=False)
+    text = tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+    assert " " not in text  # characters join with no separator
+
+
+def test_stale_temp_dir_is_cleaned_and_half_build_is_not_reused(tmp_path):
+    parent = tmp_path / "tiny"
+    parent.mkdir()
+    dirname = f"{TINY.name}-{TINY.hash12}"
+    stale = parent / f".tmp-{dirname}-999999999-abc"  # a pid that cannot be running
+    stale.mkdir()
+    (parent / dirname).mkdir()  # a directory with no build_info.json is not a build
+    path = build_tiny_model(TINY, cache_dir=tmp_path, log=lambda s: None)
+    assert (path / "build_info.json").is_file()
+    assert not stale.exists()
+
+
+def test_default_cache_dir(monkeypatch, tmp_path):
+    monkeypatch.setenv("RL_CACHE_DIR", str(tmp_path))
+    assert default_cache_dir() == tmp_path
+    monkeypatch.delenv("RL_CACHE_DIR")
+    assert default_cache_dir().name == "rl-post-train"

@@ -1,0 +1,306 @@
+"""The policy trainer: one data-parallel rank that owns a DeepSpeed engine.
+
+It is a plain class; ``rl/workers.py`` runs one per rank as a Ray actor (or in-process).
+Per rollout batch: ``train_step(shard)`` runs ``trainer.mini_batches`` optimizer steps, each
+accumulating gradients over micro-batches. Every micro-batch loss is normalized by counts
+over the *whole* batch (``TrainBatch.num_tokens`` / ``num_sequences``), so the update is the
+same however the batch is split across ranks and micro-batches.
+
+All loss math comes from the registry in ``rl.algorithms``; nothing here re-implements it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+
+from rl import algorithms
+from rl.config import AlgorithmConfig, TrainerConfig
+from rl.types import TrainBatch, WeightHandle
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class TrainerSetup:
+    model_path: str
+    dtype: str
+    trainer: TrainerConfig
+    algorithm: AlgorithmConfig
+    max_response_len: int
+    seed: int = 0
+    rank: int = 0
+    world_size: int = 1
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+    weight_transport: str = "shared_file"
+    weight_dir: Optional[str] = None
+    trust_remote_code: bool = False
+
+
+def _collate(batch: TrainBatch, pad_id: int, device) -> dict[str, torch.Tensor]:
+    """Right-padded prompt+response tensors, aligned to next-token predictions.
+
+    Returns input_ids/attention_mask [n, T] and, over the T-1 predicted positions,
+    labels/response_mask/rollout_logprobs [n, T-1] and advantages [n].
+    """
+    seqs = [p + r for p, r in zip(batch.prompt_token_ids, batch.response_token_ids)]
+    n, T = len(seqs), max(len(s) for s in seqs)
+    input_ids = torch.full((n, T), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((n, T), dtype=torch.long)
+    response_mask = torch.zeros((n, T - 1), dtype=torch.float32)
+    rollout_lp = torch.zeros((n, T - 1), dtype=torch.float32)
+    for i, (p, r) in enumerate(zip(batch.prompt_token_ids, batch.response_token_ids)):
+        s = p + r
+        input_ids[i, : len(s)] = torch.tensor(s)
+        attention_mask[i, : len(s)] = 1
+        # Response token j sits at position len(p)+j and is predicted at position len(p)+j-1.
+        start = len(p) - 1
+        response_mask[i, start : start + len(r)] = 1.0
+        if batch.rollout_logprobs and batch.rollout_logprobs[i]:
+            rollout_lp[i, start : start + len(r)] = torch.tensor(batch.rollout_logprobs[i], dtype=torch.float32)
+    return {
+        "input_ids": input_ids.to(device),
+        "attention_mask": attention_mask.to(device),
+        "labels": input_ids[:, 1:].to(device),
+        "response_mask": response_mask.to(device),
+        "rollout_logprobs": rollout_lp.to(device),
+        "advantages": torch.tensor(batch.advantages, dtype=torch.float32, device=device),
+    }
+
+
+class PolicyTrainer:
+    def __init__(self, setup: TrainerSetup):
+        import deepspeed
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.setup = setup
+        self.cfg = setup.trainer
+        self.alg = setup.algorithm
+        if self.cfg.torch_threads:
+            torch.set_num_threads(self.cfg.torch_threads)
+        os.environ.update(
+            MASTER_ADDR=setup.master_addr,
+            MASTER_PORT=str(setup.master_port),
+            RANK=str(setup.rank),
+            WORLD_SIZE=str(setup.world_size),
+            LOCAL_RANK="0" if not torch.cuda.is_available() else str(setup.rank % torch.cuda.device_count()),
+        )
+        self.device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if torch.cuda.is_available() else torch.device("cpu")
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo")
+        torch.manual_seed(setup.seed + setup.rank)
+
+        dtype = DTYPES[setup.dtype]
+        self.tokenizer = AutoTokenizer.from_pretrained(setup.model_path, trust_remote_code=setup.trust_remote_code)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        model = AutoModelForCausalLM.from_pretrained(setup.model_path, dtype=dtype, trust_remote_code=setup.trust_remote_code)
+        if self.cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        # The reference model exists only when the KL term needs it (beta > 0).
+        self.ref_model = None
+        if self.alg.kl_coef > 0:
+            self.ref_model = AutoModelForCausalLM.from_pretrained(setup.model_path, dtype=dtype).to(self.device).eval()
+            self.ref_model.requires_grad_(False)
+
+        ds_config = {
+            "train_micro_batch_size_per_gpu": self.cfg.micro_batch_size,
+            "gradient_accumulation_steps": 1,
+            # We own the accumulation boundary: any number of micro-batches, then step().
+            "managed_gradient_accumulation": False,
+            "gradient_clipping": self.cfg.max_grad_norm,
+            "zero_optimization": {"stage": self.cfg.zero_stage},
+            "optimizer": {
+                "type": "AdamW",
+                "params": {
+                    "lr": self.cfg.lr,
+                    "betas": list(self.cfg.adam_betas),
+                    "weight_decay": self.cfg.weight_decay,
+                    "torch_adam": True,  # no op compilation on CPU
+                },
+            },
+            "bf16": {"enabled": setup.dtype == "bfloat16"},
+            "fp16": {"enabled": setup.dtype == "float16"},
+            "steps_per_print": 10**9,
+            "wall_clock_breakdown": False,
+        }
+        if self.cfg.warmup_steps > 0:
+            ds_config["scheduler"] = {
+                "type": "WarmupLR",
+                "params": {"warmup_min_lr": 0.0, "warmup_max_lr": self.cfg.lr, "warmup_num_steps": self.cfg.warmup_steps, "warmup_type": "linear"},
+            }
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds_config
+        )
+        self.transport = None
+        if setup.rank == 0:
+            from rollout.weight_sync import get_transport
+
+            kw = {"directory": setup.weight_dir} if setup.weight_dir else {}
+            self.transport = get_transport(setup.weight_transport, **kw)
+        self.version = 0
+        self._last_handle: Optional[WeightHandle] = None
+
+    # ------------------------------------------------------------------ forward
+
+    def _token_logprobs(self, model, mb: dict, with_entropy: bool = False):
+        """[n, T-1] logprobs of the next tokens (and entropies) under ``model``."""
+        logits = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits[:, :-1].float()
+        logprobs = algorithms.logprobs_from_logits(logits, mb["labels"])
+        entropy = algorithms.entropy_from_logits(logits.detach()) if with_entropy else None
+        return logprobs, entropy
+
+    def compute_logprobs(self, batch: TrainBatch) -> list[list[float]]:
+        """The trainer's own logprob of every response token (no grad)."""
+        self.engine.eval()
+        out = []
+        with torch.no_grad():
+            for start in range(0, len(batch), self.cfg.micro_batch_size):
+                idx = list(range(start, min(start + self.cfg.micro_batch_size, len(batch))))
+                mb = _collate(batch.select(idx), self.pad_id, self.device)
+                lp, _ = self._token_logprobs(self.engine.module, mb)
+                for row, mask in zip(lp, mb["response_mask"]):
+                    out.append(row[mask.bool()].tolist())
+        return out
+
+    # ------------------------------------------------------------------ update
+
+    def train_step(self, shard: TrainBatch, num_micro_batches: int) -> dict[str, float]:
+        """One rollout batch's worth of updates on this rank's shard.
+
+        ``num_micro_batches`` is the same on every rank (ZeRO-2/3 reduce at every backward).
+        Returns sums and counts, to be reduced across ranks by the caller.
+        """
+        self.engine.train()
+        alg = self.alg
+        world = self.setup.world_size
+        t0 = time.perf_counter()
+        order = list(range(len(shard)))
+        mini_chunks = _split(order, self.cfg.mini_batches)
+        stats: dict[str, float] = {}
+
+        def add(key, value):
+            stats[key] = stats.get(key, 0.0) + float(value)
+
+        for mini in mini_chunks:
+            mini_batch = shard.select(mini)
+            # Counts for this mini-batch over all ranks: the shard carries the full-batch counts,
+            # each mini-batch is an equal slice of them.
+            num_seq = shard.num_sequences / self.cfg.mini_batches
+            num_tok = shard.num_tokens / self.cfg.mini_batches
+            micro_chunks = _split(list(range(len(mini_batch))), num_micro_batches)
+            micro = [_collate(mini_batch.select(c), self.pad_id, self.device) for c in micro_chunks]
+            if self.cfg.mini_batches > 1:
+                # Later mini-batches are off-policy: freeze the behaviour logprobs before any update.
+                with torch.no_grad():
+                    for mb in micro:
+                        mb["old_logprobs"] = self._token_logprobs(self.engine.module, mb)[0]
+            for mb in micro:
+                logprobs, entropy = self._token_logprobs(self.engine, mb, with_entropy=True)
+                mask = mb["response_mask"]
+                old = mb.get("old_logprobs", logprobs.detach())
+                is_weights = None
+                if alg.tis_cap is not None:
+                    is_weights = algorithms.truncated_is_weights(old, mb["rollout_logprobs"], cap=alg.tis_cap)
+                counts = dict(num_sequences=num_seq, num_tokens=num_tok, max_response_len=self.setup.max_response_len)
+                pg_loss, pg_metrics = algorithms.get("policy_loss", alg.policy_loss)(
+                    logprobs, old, mb["advantages"], mask,
+                    clip_low=alg.clip_low, clip_high=alg.clip_high, dual_clip=alg.dual_clip,
+                    aggregation=alg.loss_aggregation, is_weights=is_weights, **counts,
+                )
+                loss = pg_loss
+                ntok = float(mask.sum())
+                if self.ref_model is not None:
+                    with torch.no_grad():
+                        ref_lp, _ = self._token_logprobs(self.ref_model, mb)
+                    kl = algorithms.get("kl", alg.kl_estimator)(logprobs, ref_lp)
+                    kl_loss = algorithms.aggregate_loss(kl, mask, alg.loss_aggregation, **counts)
+                    loss = loss + alg.kl_coef * kl_loss
+                    add("kl_sum", (kl.detach() * mask).sum())
+                # DeepSpeed averages gradients over ranks; our normalization already sums them.
+                self.engine.backward(loss * world, scale_wrt_gas=False)
+                add("loss", loss.detach())
+                add("pg_loss", pg_loss.detach())
+                add("tokens", ntok)
+                add("entropy_sum", (entropy * mask).sum())
+                add("clip_frac_sum", pg_metrics["clip_frac"] * ntok)
+                add("ratio_max", 0.0)
+                stats["ratio_max"] = max(stats.get("ratio_max", 0.0), float(pg_metrics["ratio_max"]))
+                mismatch = (old - mb["rollout_logprobs"]).abs() * mask
+                add("logprob_mismatch_sum", mismatch.sum())
+                stats["logprob_mismatch_max"] = max(stats.get("logprob_mismatch_max", 0.0), float(mismatch.max()))
+            self.engine.step()
+            grad_norm = self.engine.get_global_grad_norm()
+            if grad_norm is not None:
+                stats["grad_norm"] = max(stats.get("grad_norm", 0.0), float(grad_norm))
+        self.version += 1
+        stats["lr"] = float(self.optimizer.param_groups[0]["lr"])
+        stats["train_seconds"] = time.perf_counter() - t0
+        return stats
+
+    # ------------------------------------------------------------------ weights out
+
+    @contextmanager
+    def _full_parameters(self) -> Iterator[list[tuple[str, torch.Tensor]]]:
+        """Full (un-partitioned) named parameters; a collective under ZeRO-3, so every rank enters it."""
+        model = self.engine.module
+        params = list(model.named_parameters())
+        if self.cfg.zero_stage == 3:
+            import deepspeed
+
+            ctx = deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=None)
+        else:
+            ctx = nullcontext()
+        with ctx:
+            yield params
+
+    def publish_weights(self) -> Optional[WeightHandle]:
+        """Write the current policy for the rollout engines (rank 0); every rank must call it."""
+        with self._full_parameters() as params:
+            if self.transport is None:
+                return None
+            handle = self.transport.publish(params, self.version)
+        if self._last_handle is not None:
+            self.transport.release(self._last_handle)
+        self._last_handle = handle
+        return handle
+
+    def save_pretrained(self, path: str) -> Optional[str]:
+        """Save the policy in HF format (loadable by transformers and vLLM), atomically: tmp dir, then rename."""
+        with self._full_parameters():
+            if self.setup.rank != 0:
+                return None
+            final = Path(path)
+            tmp = final.with_name(final.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            self.engine.module.save_pretrained(tmp, safe_serialization=True)
+            self.tokenizer.save_pretrained(tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            return str(final)
+
+    def close(self) -> None:
+        if self.transport is not None and hasattr(self.transport, "close"):
+            self.transport.close()
+
+
+def _split(items: list[int], parts: int) -> list[list[int]]:
+    """Split into ``parts`` contiguous chunks whose sizes differ by at most one (none empty if len >= parts)."""
+    parts = max(1, min(parts, len(items))) if items else 1
+    size, extra = divmod(len(items), parts)
+    out, start = [], 0
+    for k in range(parts):
+        end = start + size + (1 if k < extra else 0)
+        out.append(items[start:end])
+        start = end
+    return out
