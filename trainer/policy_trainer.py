@@ -117,7 +117,8 @@ class PolicyTrainer:
             "gradient_accumulation_steps": 1,
             # We own the accumulation boundary: any number of micro-batches, then step().
             "managed_gradient_accumulation": False,
-            "gradient_clipping": self.cfg.max_grad_norm,
+            # ZeRO-0 discards the norm it clips with; there we clip (and measure) in an optimizer hook.
+            "gradient_clipping": self.cfg.max_grad_norm if self.cfg.zero_stage > 0 else 0.0,
             "zero_optimization": {"stage": self.cfg.zero_stage},
             "optimizer": {
                 "type": "AdamW",
@@ -141,6 +142,9 @@ class PolicyTrainer:
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds_config
         )
+        self._grad_norm: Optional[float] = None
+        if self.cfg.zero_stage == 0:
+            self.optimizer.register_step_pre_hook(self._clip_and_measure)
         self.transport = None
         if setup.rank == 0:
             from rollout.weight_sync import get_transport
@@ -149,6 +153,16 @@ class PolicyTrainer:
             self.transport = get_transport(setup.weight_transport, **kw)
         self.version = 0
         self._last_handle: Optional[WeightHandle] = None
+
+    def _clip_and_measure(self, optimizer, args, kwargs) -> None:
+        """Runs after the gradient all-reduce, right before the optimizer update."""
+        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
+        self._grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+
+    def _last_grad_norm(self) -> Optional[float]:
+        norm = self._grad_norm if self.cfg.zero_stage == 0 else self.engine.get_global_grad_norm()
+        return None if norm is None else float(norm)
 
     # ------------------------------------------------------------------ forward
 
@@ -233,13 +247,12 @@ class PolicyTrainer:
                 add("tokens", ntok)
                 add("entropy_sum", (entropy * mask).sum())
                 add("clip_frac_sum", pg_metrics["clip_frac"] * ntok)
-                add("ratio_max", 0.0)
                 stats["ratio_max"] = max(stats.get("ratio_max", 0.0), float(pg_metrics["ratio_max"]))
                 mismatch = (old - mb["rollout_logprobs"]).abs() * mask
                 add("logprob_mismatch_sum", mismatch.sum())
                 stats["logprob_mismatch_max"] = max(stats.get("logprob_mismatch_max", 0.0), float(mismatch.max()))
             self.engine.step()
-            grad_norm = self.engine.get_global_grad_norm()
+            grad_norm = self._last_grad_norm()
             if grad_norm is not None:
                 stats["grad_norm"] = max(stats.get("grad_norm", 0.0), float(grad_norm))
         self.version += 1

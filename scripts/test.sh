@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Set up (idempotent) and run the test suite: fast unit tests, then end-to-end tests on the real
+# Ray + vLLM + DeepSpeed stack. Extra arguments go to pytest (e.g. `-m "not e2e"`).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+bash "$ROOT/scripts/setup.sh"
+cd "$ROOT"
+exec "$ROOT/.venv/bin/python" -m pytest -q -p no:cacheprovider "$@"

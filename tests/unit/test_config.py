@@ -1,0 +1,103 @@
+"""Bad recipes stop before anything starts, with one message naming the field."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rl.config import Recipe, RecipeError, load_recipe, parse_overrides
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _err(overrides, path=None, check_paths=False) -> str:
+    with pytest.raises(RecipeError) as e:
+        load_recipe(path, overrides, check_paths=check_paths)
+    return str(e.value)
+
+
+def test_defaults_validate_and_derive_sizes():
+    r = load_recipe(None, ["data.prompts_per_step=32", "algorithm.group_size=16"], check_paths=False)
+    assert r.rollouts_per_step == 512
+    assert isinstance(r, Recipe)
+
+
+def test_unknown_key_names_field_and_closest_match():
+    msg = _err(["trainer.lrr=1e-4"])
+    assert "trainer.lrr" in msg and "did you mean 'trainer.lr'" in msg
+
+
+def test_unknown_top_level_section():
+    msg = _err(["algoritm.group_size=4"])
+    assert "'algoritm'" in msg and "did you mean 'algorithm'" in msg
+
+
+def test_unknown_key_in_yaml_file(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("rollout:\n  max_new_tokenz: 8\n")
+    msg = _err([], path=p)
+    assert "rollout.max_new_tokenz" in msg and "rollout.max_new_tokens" in msg
+
+
+def test_wrong_type_names_field():
+    msg = _err(["trainer.lr=fast"])
+    assert "trainer.lr" in msg and "fast" in msg
+
+
+@pytest.mark.parametrize("override,field", [
+    ("algorithm.group_size=1", "group_size"),
+    ("algorithm.clip_low=-0.1", "algorithm.clip_low"),
+    ("algorithm.clip_high=-1", "algorithm.clip_high"),
+    ("algorithm.kl_coef=-0.5", "algorithm.kl_coef"),
+    ("trainer.zero_stage=4", "trainer.zero_stage"),
+    ("steps=0", "steps"),
+])
+def test_out_of_range_names_field(override, field):
+    assert field in _err([override])
+
+
+def test_missing_model_path_names_field(tmp_path):
+    msg = _err([f"model.path={tmp_path / 'nope'}"], check_paths=True)
+    assert "model.path" in msg and "does not exist" in msg
+
+
+def test_model_dir_without_config_json(tmp_path):
+    msg = _err([f"model.path={tmp_path}"], check_paths=True)
+    assert "model.path" in msg and "config.json" in msg
+
+
+def test_missing_data_path_names_field(tmp_path):
+    msg = _err([f"data.train={tmp_path / 'missing.jsonl'}"], check_paths=True)
+    assert "data.train" in msg
+
+
+def test_accuracy_reward_must_be_listed():
+    msg = _err(["rewards.accuracy=nope"], check_paths=True)
+    assert "rewards.accuracy" in msg
+
+
+def test_override_syntax():
+    assert parse_overrides(["a.b=1", "c=x", "d=[1, 2]", "e="]) == [("a.b", 1), ("c", "x"), ("d", [1, 2]), ("e", "")]
+    with pytest.raises(RecipeError):
+        parse_overrides(["novalue"])
+
+
+def test_every_recipe_in_repo_validates():
+    recipes = sorted((ROOT / "recipes").glob("*.yaml"))
+    assert recipes, "no recipes found"
+    for p in recipes:
+        load_recipe(p, check_paths=False)
+
+
+def test_cli_rejects_bad_recipe_before_starting_anything():
+    # Exits 2 with the field named; no Ray, no engine (it returns in seconds).
+    proc = subprocess.run(
+        [sys.executable, "-m", "rl.cli", "train", str(ROOT / "recipes" / "quickstart.yaml"), "trainer.lrr=1"],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )
+    assert proc.returncode == 2
+    assert "trainer.lrr" in proc.stderr and "trainer.lr" in proc.stderr
+    assert "ray" not in proc.stderr.lower()
