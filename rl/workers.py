@@ -118,10 +118,8 @@ class RolloutGroup(_Group):
 class TrainerGroup(_Group):
     @classmethod
     def create(cls, setup: TrainerSetup, num_ranks: int, use_ray: bool, num_cpus: float = 1.0, num_gpus: float = 0.0):
-        setups = [
-            TrainerSetup(**{**setup.__dict__, "rank": r, "world_size": num_ranks, "master_port": setup.master_port or free_port()})
-            for r in range(num_ranks)
-        ]
+        port = setup.master_port or free_port()  # one rendezvous port for the whole group
+        setups = [TrainerSetup(**{**setup.__dict__, "rank": r, "world_size": num_ranks, "master_port": port}) for r in range(num_ranks)]
         if not use_ray:
             if num_ranks != 1:
                 raise ValueError("trainer.num_ranks > 1 needs use_ray: true")

@@ -61,8 +61,8 @@ class TinyModelSpec:
     task: str = "arithmetic"
     digits: int = 2  # operands in [0, 10**digits)
     test_fraction: float = 0.1  # share of the problem space held out (split by identity)
-    n_train_rows: int = 8192  # rows written to data/train.jsonl (the RL prompt pool)
-    n_test_rows: int = 512  # rows written to data/test.jsonl; SFT accuracy is measured on them
+    n_train_rows: int = 0  # rows of data/train.jsonl, the RL prompt pool (0: the whole train split)
+    n_test_rows: int = 0  # rows of data/test.jsonl, where SFT accuracy is measured (0: whole split)
     # -- model (LlamaForCausalLM) -------------------------------------------------------------
     hidden_size: int = 128
     num_layers: int = 4
@@ -371,8 +371,14 @@ def _build_into(spec: TinyModelSpec, out: Path, log: Callable[[str], None]) -> d
     import transformers
 
     kw = spec.task_kwargs()
-    train_rows = arithmetic.make_problems(spec.n_train_rows, spec.seed, "train", **kw)
-    test_rows = arithmetic.make_problems(spec.n_test_rows, spec.seed, "test", **kw)
+    if spec.n_train_rows <= 0 or spec.n_test_rows <= 0:
+        if spec.digits > 3:
+            raise ValueError("n_train_rows/n_test_rows = 0 (whole split) needs digits <= 3")
+        sizes = arithmetic.split_size(**kw)
+    n_train = spec.n_train_rows if spec.n_train_rows > 0 else sizes["train"]
+    n_test = spec.n_test_rows if spec.n_test_rows > 0 else sizes["test"]
+    train_rows = arithmetic.make_problems(n_train, spec.seed, "train", **kw)
+    test_rows = arithmetic.make_problems(n_test, spec.seed, "test", **kw)
     (out / "data").mkdir()
     _write_jsonl(out / "data" / "train.jsonl", train_rows)
     _write_jsonl(out / "data" / "test.jsonl", test_rows)
@@ -381,10 +387,17 @@ def _build_into(spec: TinyModelSpec, out: Path, log: Callable[[str], None]) -> d
     model = build_model(spec, tokenizer)
     n_params = sum(p.numel() for p in model.parameters())
     log(f"  {n_params / 1e6:.2f}M parameters, vocab {len(tokenizer)}, SFT {spec.sft_steps} steps")
-    t_sft = time.time()
-    losses = run_sft(model, tokenizer, spec, log)
-    sft_seconds = time.time() - t_sft
-    acc = greedy_accuracy(model, tokenizer, test_rows, spec.max_new_tokens)
+    # One thread: a model this small runs as fast on one, and the result (the SFT stops on a
+    # steep part of the learning curve) does not then depend on the machine's core count.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        t_sft = time.time()
+        losses = run_sft(model, tokenizer, spec, log)
+        sft_seconds = time.time() - t_sft
+        acc = greedy_accuracy(model, tokenizer, test_rows, spec.max_new_tokens)
+    finally:
+        torch.set_num_threads(threads)
 
     model.save_pretrained(out / "model", safe_serialization=True)
     tokenizer.save_pretrained(out / "model")
