@@ -50,6 +50,13 @@ class DataConfig(Section):
     test_fraction: float = Field(0.1, gt=0.0, lt=1.0)
     max_test_examples: int = Field(500, ge=1, description="Held-out examples used by each evaluation.")
     prompt_column: str = "prompt"
+    chosen_column: str = Field("chosen", description="DPO: the preferred response (or whole dialogue).")
+    rejected_column: str = Field("rejected", description="DPO: the dispreferred response (or whole dialogue).")
+    preference_format: Literal["prompt_chosen_rejected", "hh_dialogue"] = Field(
+        "prompt_chosen_rejected",
+        description="`hh_dialogue`: chosen/rejected are full dialogues sharing a prefix (Anthropic HH); the prompt is "
+        "everything up to the last 'Assistant:' turn.",
+    )
     template: str = Field(
         "{prompt}",
         description="Python format string over the row's columns that makes the user message (or the whole prompt "
@@ -102,8 +109,18 @@ class TrainerConfig(Section):
 
 
 class AlgorithmConfig(Section):
-    name: Literal["grpo"] = "grpo"
+    name: Literal["grpo", "dpo", "online_dpo"] = Field(
+        "grpo",
+        description="`grpo` (any G >= 2; G=2 with `advantage: contrastive_pair` is 2-GRPO); `dpo`: offline on preference "
+        "pairs; `online_dpo`: two completions per prompt ranked by the rewards, DPO loss on discordant pairs.",
+    )
     group_size: int = Field(8, description="G: completions sampled per prompt (>= 2).")
+    tie_handling: Literal["keep", "resample"] = Field(
+        "keep",
+        description="Groups whose rewards all tie carry no signal: `keep` them (zero advantage) or `resample` those "
+        "prompts (2-GRPO+RS) for up to `max_resample_rounds` extra rounds.",
+    )
+    max_resample_rounds: int = Field(2, ge=0)
     advantage: str = Field("grpo", description="Registered advantage estimator (`rl.algorithms.names('advantage')`).")
     normalize_std: bool = Field(True, description="Divide by the group std; Dr.GRPO turns it off.")
     std_eps: float = Field(1e-6, gt=0.0)
@@ -114,14 +131,20 @@ class AlgorithmConfig(Section):
     loss_aggregation: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean"
     kl_coef: float = Field(0.0, ge=0.0, description="beta; 0 skips the reference model entirely.")
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    dpo_beta: float = Field(0.1, gt=0.0, description="DPO's beta (offline and online).")
+    dpo_loss: str = Field("sigmoid", description="Registered preference loss: sigmoid (DPO) or ipo.")
+    dpo_label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)
+    dpo_epochs: int = Field(1, ge=1, description="Offline DPO: passes over the preference pairs.")
     tis_cap: Optional[float] = Field(
         None, gt=0.0, description="Truncated importance-sampling cap for vLLM-vs-trainer logprob mismatch; None disables."
     )
 
     @model_validator(mode="after")
     def _check_group(self) -> "AlgorithmConfig":
-        if self.group_size < 2:
+        if self.name == "grpo" and self.group_size < 2:
             raise ValueError(f"algorithm.group_size must be >= 2 for GRPO (got {self.group_size})")
+        if self.name == "online_dpo" and self.group_size != 2:
+            raise ValueError(f"algorithm.group_size must be 2 for online_dpo (got {self.group_size})")
         return self
 
 
