@@ -94,6 +94,8 @@ class Trainer:
         )
         self.sampler = PromptSampler(len(self.train_set), recipe.data.prompts_per_step, recipe.seed, recipe.data.shuffle)
         self.step = 0
+        self._handle = None  # the policy version the engines hold
+        self._reward_seconds = 0.0
         self.rollout = None
         self.trainer = None
 
@@ -173,58 +175,118 @@ class Trainer:
             "seconds": time.perf_counter() - t0,
         }
 
+    def _rollout(self, indices: list[int], seed_step: int):
+        """B prompts -> (B*G completions, prompt-major; ScoreResult; rewards [B, G])."""
+        G = self.recipe.algorithm.group_size
+        groups = self.rollout.generate([self.train_set.prompt_token_ids[i] for i in indices], self._sampling(seed_step, G))
+        flat = [c for g in groups for c in g]
+        t0 = time.perf_counter()
+        result = self._score(self.train_set, [indices[c.prompt_index] for c in flat], [c.text for c in flat])
+        self._reward_seconds += time.perf_counter() - t0
+        return flat, result, torch.tensor(result.total, dtype=torch.float32).view(len(indices), G)
+
+    def _resample_ties(self, indices, flat, result, rewards):
+        """2-GRPO+RS: regenerate prompts whose whole group tied, for a bounded number of rounds.
+
+        Returns the updated (flat, per_reward, rewards) and the number of extra rollouts spent.
+        """
+        G = self.recipe.algorithm.group_size
+        per_reward = {k: list(v) for k, v in result.per_reward.items()}
+        extra = 0
+        for round_ in range(1, self.recipe.algorithm.max_resample_rounds + 1):
+            tied = algorithms.tied_groups(rewards).nonzero().flatten().tolist()
+            if not tied:
+                break
+            # A distinct seed per round: step * 16 + round never meets another step's seed.
+            new_flat, new_result, new_rewards = self._rollout([indices[b] for b in tied], self.step * 16 + round_ + 1_000_000)
+            extra += len(new_flat)
+            for j, b in enumerate(tied):
+                rows = range(b * G, (b + 1) * G)
+                for g, row in enumerate(rows):
+                    c = new_flat[j * G + g]
+                    c.prompt_index = b
+                    flat[row] = c
+                    for k in per_reward:
+                        per_reward[k][row] = new_result.per_reward[k][j * G + g]
+                rewards[b] = new_rewards[j]
+        return flat, per_reward, rewards, extra
+
+    def _online_dpo_pairs(self, flat, advantages):
+        """Keep discordant pairs only, each as (chosen, rejected): the +1 row of 2-GRPO first."""
+        keep_flat, keep_adv = [], []
+        for b in range(advantages.shape[0]):
+            a0, a1 = advantages[b].tolist()
+            if a0 == a1:
+                continue  # a tie carries no preference
+            first, second = (2 * b, 2 * b + 1) if a0 > a1 else (2 * b + 1, 2 * b)
+            keep_flat += [flat[first], flat[second]]
+            keep_adv += [1.0, -1.0]
+        return keep_flat, keep_adv
+
     def train_one_step(self) -> dict[str, float]:
         r = self.recipe
-        G = r.algorithm.group_size
         t_start = time.perf_counter()
+        self._reward_seconds = 0.0
         indices = self.sampler.next_batch()
-        groups = self.rollout.generate([self.train_set.prompt_token_ids[i] for i in indices], self._sampling(self.step + 1, G))
+        flat, result, rewards = self._rollout(indices, self.step + 1)  # N = B*G prompt-major; rewards [B, G]
+        per_reward, extra_rollouts = result.per_reward, 0
+        tied_before = float(algorithms.tied_groups(rewards).float().mean())
+        if r.algorithm.tie_handling == "resample":
+            flat, per_reward, rewards, extra_rollouts = self._resample_ties(indices, flat, result, rewards)
         t_gen = time.perf_counter()
 
-        flat = [c for g in groups for c in g]  # N = B*G, prompt-major
-        flat_idx = [indices[c.prompt_index] for c in flat]
-        result = self._score(self.train_set, flat_idx, [c.text for c in flat])
-        rewards = torch.tensor(result.total, dtype=torch.float32).view(len(indices), G)  # [B, G]
         advantages = self.advantages(rewards)  # [B, G]
+        train_flat, train_adv, unit = flat, advantages.flatten().tolist(), 1
+        if r.algorithm.name == "online_dpo":
+            train_flat, train_adv = self._online_dpo_pairs(flat, advantages)
+            unit = 2
         t_reward = time.perf_counter()
 
-        batch = TrainBatch(
-            prompt_token_ids=[c.prompt_token_ids for c in flat],
-            response_token_ids=[c.token_ids for c in flat],
-            advantages=advantages.flatten().tolist(),
-            rollout_logprobs=[c.logprobs for c in flat],
-            num_sequences=len(flat),
-            num_tokens=sum(len(c.token_ids) for c in flat),
-        )
-        stats = self.trainer.train_step(batch, r.trainer.micro_batch_size)
+        stats: dict[str, float] = {}
+        if train_flat:
+            batch = TrainBatch(
+                prompt_token_ids=[c.prompt_token_ids for c in train_flat],
+                response_token_ids=[c.token_ids for c in train_flat],
+                advantages=train_adv,
+                rollout_logprobs=[c.logprobs for c in train_flat],
+                num_sequences=len(train_flat),
+                num_tokens=sum(len(c.token_ids) for c in train_flat),
+                unit=unit,
+            )
+            stats = self.trainer.train_step(batch, r.trainer.micro_batch_size)
         t_train = time.perf_counter()
 
-        handle = self.trainer.publish_weights()
-        self.rollout.load_weights(handle)
+        if stats:  # nothing to push when no pair was discordant
+            self._handle = self.trainer.publish_weights()
+            self.rollout.load_weights(self._handle)
         t_sync = time.perf_counter()
         self.step += 1
 
-        acc = result.per_reward[r.accuracy_reward]
+        acc = per_reward[r.accuracy_reward]
         lengths = [len(c.token_ids) for c in flat]
         metrics = {
             "reward_mean": rewards.mean().item(),
             "reward_std": rewards.std().item() if rewards.numel() > 1 else 0.0,
             "accuracy": sum(acc) / len(acc),
-            "zero_variance_groups": float((rewards.std(dim=1) == 0).float().mean()),
+            "zero_variance_groups": float(algorithms.tied_groups(rewards).float().mean()),
+            "zero_variance_groups_sampled": tied_before,  # before any tie resampling
+            "rollouts": float(len(flat) + extra_rollouts),
+            "resampled_rollouts": float(extra_rollouts),
+            "trained_sequences": float(len(train_flat)),
             "response_length": sum(lengths) / len(lengths),
             "truncated_fraction": sum(c.finish_reason == "length" for c in flat) / len(flat),
-            "tokens_per_second": sum(lengths) / max(t_gen - t_start, 1e-9),
-            "time_generate": t_gen - t_start,
-            "time_reward": t_reward - t_gen,
+            "tokens_per_second": sum(lengths) / max(t_gen - t_start - self._reward_seconds, 1e-9),
+            "time_generate": t_gen - t_start - self._reward_seconds,
+            "time_reward": self._reward_seconds + (t_reward - t_gen),
             "time_train": t_train - t_reward,
             "time_weight_sync": t_sync - t_train,
             "time_step": t_sync - t_start,
-            "weight_sync_bytes": float(handle.num_bytes),
-            "policy_version": float(handle.version),
+            "weight_sync_bytes": float(self._handle.num_bytes) if stats else 0.0,
+            "policy_version": float(self._handle.version) if self._handle else 0.0,
             **{f"reward_failures_{k}": float(v) for k, v in result.failures.items()},
             **stats,
         }
-        for name, scores in result.per_reward.items():
+        for name, scores in per_reward.items():
             metrics[f"reward/{name}"] = sum(scores) / len(scores)
         return metrics
 

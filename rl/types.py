@@ -43,6 +43,7 @@ class TrainBatch:
     # Counts over the *whole* batch (all ranks), so the loss does not depend on how it is split.
     num_sequences: int = 0
     num_tokens: int = 0
+    unit: int = 1  # rows that must stay together when split (2: online-DPO pairs)
 
     def __len__(self) -> int:
         return len(self.prompt_token_ids)
@@ -55,6 +56,7 @@ class TrainBatch:
             rollout_logprobs=[self.rollout_logprobs[i] for i in indices],
             num_sequences=self.num_sequences,
             num_tokens=self.num_tokens,
+            unit=self.unit,
         )
 
 

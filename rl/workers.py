@@ -65,11 +65,13 @@ class _Group:
         self.workers = []
 
 
-def _chunks(n: int, parts: int) -> list[range]:
-    size, extra = divmod(n, parts)
+def _chunks(n: int, parts: int, unit: int = 1) -> list[range]:
+    """``parts`` contiguous ranges over n items, made of whole units, sizes differing by at most one unit."""
+    units = n // unit
+    size, extra = divmod(units, parts)
     out, start = [], 0
     for k in range(parts):
-        end = start + size + (1 if k < extra else 0)
+        end = start + (size + (1 if k < extra else 0)) * unit
         out.append(range(start, end))
         start = end
     return out
@@ -131,7 +133,7 @@ class TrainerGroup(_Group):
         return cls(workers, remote=True)
 
     def train_step(self, batch: TrainBatch, micro_batch_size: int) -> dict[str, float]:
-        parts = _chunks(len(batch), len(self.workers))
+        parts = _chunks(len(batch), len(self.workers), unit=batch.unit)
         num_micro = max(1, math.ceil(max(len(p) for p in parts) / micro_batch_size))
         results = self.call_each("train_step", [(batch.select(list(p)), num_micro) for p in parts])
         return _reduce_stats(results)

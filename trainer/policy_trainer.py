@@ -106,9 +106,9 @@ class PolicyTrainer:
         model = AutoModelForCausalLM.from_pretrained(setup.model_path, dtype=dtype, trust_remote_code=setup.trust_remote_code)
         if self.cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()
-        # The reference model exists only when the KL term needs it (beta > 0).
+        # The reference model exists only when a loss needs it (KL with beta > 0, or online DPO).
         self.ref_model = None
-        if self.alg.kl_coef > 0:
+        if self.alg.kl_coef > 0 or self.alg.name == "online_dpo":
             self.ref_model = AutoModelForCausalLM.from_pretrained(setup.model_path, dtype=dtype).to(self.device).eval()
             self.ref_model.requires_grad_(False)
 
@@ -188,18 +188,27 @@ class PolicyTrainer:
 
     # ------------------------------------------------------------------ update
 
+    def _online_dpo_loss(self, logprobs, mb, num_seq: float):
+        """Online DPO on consecutive (chosen, rejected) rows; see ``algorithms.pairwise_dpo_loss``."""
+        with torch.no_grad():
+            ref_lp, _ = self._token_logprobs(self.ref_model, mb)
+        return algorithms.pairwise_dpo_loss(
+            logprobs, ref_lp, mb["response_mask"], beta=self.alg.dpo_beta, loss_type=self.alg.dpo_loss,
+            label_smoothing=self.alg.dpo_label_smoothing, num_pairs=num_seq / 2,
+        )
+
     def train_step(self, shard: TrainBatch, num_micro_batches: int) -> dict[str, float]:
         """One rollout batch's worth of updates on this rank's shard.
 
         ``num_micro_batches`` is the same on every rank (ZeRO-2/3 reduce at every backward).
+        Sequences are split in units of ``shard.unit`` rows (2 keeps online-DPO pairs together).
         Returns sums and counts, to be reduced across ranks by the caller.
         """
         self.engine.train()
         alg = self.alg
         world = self.setup.world_size
         t0 = time.perf_counter()
-        order = list(range(len(shard)))
-        mini_chunks = _split(order, self.cfg.mini_batches)
+        mini_chunks = _split(list(range(len(shard))), self.cfg.mini_batches, unit=shard.unit)
         stats: dict[str, float] = {}
 
         def add(key, value):
@@ -211,7 +220,7 @@ class PolicyTrainer:
             # each mini-batch is an equal slice of them.
             num_seq = shard.num_sequences / self.cfg.mini_batches
             num_tok = shard.num_tokens / self.cfg.mini_batches
-            micro_chunks = _split(list(range(len(mini_batch))), num_micro_batches)
+            micro_chunks = _split(list(range(len(mini_batch))), num_micro_batches, unit=shard.unit)
             micro = [_collate(mini_batch.select(c), self.pad_id, self.device) for c in micro_chunks]
             if self.cfg.mini_batches > 1:
                 # Later mini-batches are off-policy: freeze the behaviour logprobs before any update.
@@ -226,14 +235,20 @@ class PolicyTrainer:
                 if alg.tis_cap is not None:
                     is_weights = algorithms.truncated_is_weights(old, mb["rollout_logprobs"], cap=alg.tis_cap)
                 counts = dict(num_sequences=num_seq, num_tokens=num_tok, max_response_len=self.setup.max_response_len)
-                pg_loss, pg_metrics = algorithms.get("policy_loss", alg.policy_loss)(
-                    logprobs, old, mb["advantages"], mask,
-                    clip_low=alg.clip_low, clip_high=alg.clip_high, dual_clip=alg.dual_clip,
-                    aggregation=alg.loss_aggregation, is_weights=is_weights, **counts,
-                )
-                loss = pg_loss
                 ntok = float(mask.sum())
-                if self.ref_model is not None:
+                if alg.name == "online_dpo":
+                    pg_loss, dpo_metrics = self._online_dpo_loss(logprobs, mb, num_seq)
+                    pg_metrics = {"clip_frac": torch.tensor(0.0), "ratio_max": torch.tensor(1.0)}
+                    add("dpo_reward_accuracy", dpo_metrics["reward_accuracy"])
+                    add("dpo_reward_margin", dpo_metrics["reward_margin"])
+                else:
+                    pg_loss, pg_metrics = algorithms.get("policy_loss", alg.policy_loss)(
+                        logprobs, old, mb["advantages"], mask,
+                        clip_low=alg.clip_low, clip_high=alg.clip_high, dual_clip=alg.dual_clip,
+                        aggregation=alg.loss_aggregation, is_weights=is_weights, **counts,
+                    )
+                loss = pg_loss
+                if alg.kl_coef > 0:
                     with torch.no_grad():
                         ref_lp, _ = self._token_logprobs(self.ref_model, mb)
                     kl = algorithms.get("kl", alg.kl_estimator)(logprobs, ref_lp)
@@ -307,13 +322,14 @@ class PolicyTrainer:
             self.transport.close()
 
 
-def _split(items: list[int], parts: int) -> list[list[int]]:
-    """Split into ``parts`` contiguous chunks whose sizes differ by at most one (none empty if len >= parts)."""
-    parts = max(1, min(parts, len(items))) if items else 1
-    size, extra = divmod(len(items), parts)
+def _split(items: list[int], parts: int, unit: int = 1) -> list[list[int]]:
+    """Split into ``parts`` contiguous chunks of whole ``unit``-sized groups, sizes differing by at most one unit."""
+    groups = [items[i : i + unit] for i in range(0, len(items), unit)]
+    parts = max(1, min(parts, len(groups))) if groups else 1
+    size, extra = divmod(len(groups), parts)
     out, start = [], 0
     for k in range(parts):
         end = start + size + (1 if k < extra else 0)
-        out.append(items[start:end])
+        out.append([i for g in groups[start:end] for i in g])
         start = end
     return out

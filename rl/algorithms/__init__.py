@@ -28,7 +28,7 @@ from rl.algorithms.losses import (
     token_mean,
     truncated_is_weights,
 )
-from rl.algorithms.dpo import dpo_loss, ipo_preference_loss, sigmoid_preference_loss
+from rl.algorithms.dpo import dpo_loss, ipo_preference_loss, pairwise_dpo_loss, sigmoid_preference_loss
 
 __all__ = [
     "KINDS",
@@ -47,6 +47,7 @@ __all__ = [
     "logprobs_from_logits",
     "masked_mean",
     "names",
+    "pairwise_dpo_loss",
     "register",
     "seq_mean_token_mean",
     "seq_mean_token_sum_norm",

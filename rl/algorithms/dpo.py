@@ -114,3 +114,40 @@ def dpo_loss(
         beta=beta,
         label_smoothing=label_smoothing,
     )
+
+
+def pairwise_dpo_loss(
+    logprobs: Tensor,
+    ref_logprobs: Tensor,
+    mask: Tensor,
+    *,
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    num_pairs: float | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Online DPO on sampled pairs: rows (2i, 2i+1) are (chosen, rejected) of pair i.
+
+    logprobs, ref_logprobs, mask [2P, L] -> (scalar loss, metrics). Sequence logprobs are the
+    masked sums over tokens; the loss is ``sum(dpo_loss) / num_pairs`` where ``num_pairs`` counts
+    the pairs of the whole batch (default: the P here), so split batches sum to the full loss.
+
+    This is the step 2-GRPO shares with DPO ("It Takes Two", arXiv:2510.00977): the driver samples
+    G=2 completions, ranks them with ``contrastive_pair_advantages`` (+1 / -1), drops ties, and puts
+    the +1 row first. Only the loss differs from 2-GRPO's clipped surrogate.
+    """
+    if logprobs.shape[0] % 2:
+        raise ValueError(f"pairwise_dpo_loss needs an even number of rows (chosen, rejected), got {logprobs.shape[0]}")
+    mask = mask.to(logprobs.dtype)
+    seq = (logprobs * mask).sum(-1)  # [2P]
+    ref_seq = (ref_logprobs.detach() * mask).sum(-1)  # [2P]
+    losses, chosen_r, rejected_r = dpo_loss(
+        seq[0::2], seq[1::2], ref_seq[0::2], ref_seq[1::2],
+        beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
+    )
+    denom = float(num_pairs) if num_pairs else float(losses.shape[0])
+    metrics = {
+        "reward_accuracy": (chosen_r > rejected_r).float().sum() / denom,
+        "reward_margin": (chosen_r - rejected_r).sum() / denom,
+    }
+    return losses.sum() / denom, metrics

@@ -68,3 +68,26 @@ def test_bad_arguments():
         dpo_loss(PC, PR, RC, RR, beta=0.0)
     with pytest.raises(ValueError):
         dpo_loss(PC, PR[:1], RC, RR)
+
+
+def test_pairwise_dpo_loss_on_hand_values():
+    import math
+
+    import torch
+
+    from rl.algorithms import pairwise_dpo_loss
+
+    # Two pairs; rows (chosen, rejected). Token logprobs, the last token of row 1 is padding.
+    lp = torch.tensor([[-1.0, -1.0], [-2.0, -9.0], [-0.5, -0.5], [-0.5, -0.5]])
+    ref = torch.tensor([[-1.5, -1.5], [-1.5, -9.0], [-0.5, -0.5], [-0.5, -0.5]])
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0], [1.0, 1.0], [1.0, 1.0]])
+    # pair 0: chosen log-ratio (-2) - (-3) = 1; rejected (-2) - (-1.5) = -0.5; h = 1.5
+    # pair 1: h = 0.  beta = 1: losses = -logsigmoid(1.5), -logsigmoid(0) = log(1+e^-1.5), log 2
+    loss, m = pairwise_dpo_loss(lp, ref, mask, beta=1.0)
+    expected = (math.log(1 + math.exp(-1.5)) + math.log(2.0)) / 2
+    assert abs(loss.item() - expected) < 1e-6
+    assert abs(m["reward_accuracy"].item() - 0.5) < 1e-7  # pair 0 right, pair 1 tied (not counted)
+    assert abs(m["reward_margin"].item() - 0.75) < 1e-6  # (1.5 + 0) / 2
+    # With the global pair count of a larger batch, the chunk's share scales down.
+    half, _ = pairwise_dpo_loss(lp, ref, mask, beta=1.0, num_pairs=4)
+    assert abs(half.item() - expected / 2) < 1e-6
