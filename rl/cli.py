@@ -1,7 +1,9 @@
 """``rl`` command line.
 
-    rl train RECIPE.yaml [dotted.key=value ...]   run a recipe
+    rl train RECIPE.yaml [dotted.key=value ...]   run a recipe (GRPO, 2-GRPO, online or offline DPO)
     rl config RECIPE.yaml [dotted.key=value ...]  print the fully resolved recipe and derived sizes
+    rl eval RECIPE.yaml [overrides] [--k K]       evaluate model.path on the recipe's held-out set
+    rl plot RUN_DIR [RUN_DIR ...] [--out F]       overlay the curves of several runs in one PNG
 """
 
 from __future__ import annotations
@@ -22,9 +24,28 @@ def _cmd_config(args) -> int:
 
 def _cmd_train(args) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
-    from rl.driver import Trainer
+    if recipe.algorithm.name == "dpo":
+        from rl.dpo import train_dpo
 
-    Trainer(recipe).fit()
+        train_dpo(recipe)
+    else:
+        from rl.driver import Trainer
+
+        Trainer(recipe).fit()
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from rl.evaluate import run_eval
+
+    run_eval(load_recipe(args.recipe, args.overrides), k=args.k, temperature=args.temperature, out_path=args.out)
+    return 0
+
+
+def _cmd_plot(args) -> int:
+    from rl.plot import plot_runs
+
+    print(plot_runs(args.run_dirs, args.out, x=args.x))
     return 0
 
 
@@ -34,11 +55,20 @@ def main(argv: list[str] | None = None) -> int:
     for name, fn, help_ in (
         ("train", _cmd_train, "run a recipe"),
         ("config", _cmd_config, "print the resolved recipe"),
+        ("eval", _cmd_eval, "evaluate model.path on the recipe's held-out set"),
     ):
         p = sub.add_parser(name, help=help_)
         p.add_argument("recipe", help="a recipe YAML (see recipes/)")
         p.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. trainer.lr=1e-4")
         p.set_defaults(fn=fn)
+    sub.choices["eval"].add_argument("--k", type=int, default=1, help="samples per prompt: 1 = greedy accuracy, >1 = mean@k and pass@k")
+    sub.choices["eval"].add_argument("--temperature", type=float, default=None, help="default: 0 for k=1, else rollout.temperature")
+    sub.choices["eval"].add_argument("--out", default=None, help="also write the result as JSON here")
+    p = sub.add_parser("plot", help="overlay the curves of several runs in one PNG")
+    p.add_argument("run_dirs", nargs="+")
+    p.add_argument("--out", default="plot.png")
+    p.add_argument("--x", choices=["step", "rollouts"], default="step", help="x axis: step, or cumulative rollouts")
+    p.set_defaults(fn=_cmd_plot)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
     try:

@@ -101,15 +101,11 @@ class Trainer:
 
     # ------------------------------------------------------------------ workers
 
-    def start_workers(self) -> None:
-        from rl.workers import RolloutGroup, TrainerGroup, init_ray
+    def engine_spec(self):
         from rollout.vllm_worker import EngineSpec
-        from trainer.policy_trainer import TrainerSetup
 
         r = self.recipe
-        if r.use_ray:
-            init_ray(r.rollout.num_actors * r.rollout.num_cpus_per_actor + r.trainer.num_ranks * r.trainer.num_cpus_per_rank)
-        engine = EngineSpec(
+        return EngineSpec(
             model_path=self.paths.model,
             dtype=r.model.dtype,
             max_model_len=r.rollout.max_model_len,
@@ -121,6 +117,15 @@ class Trainer:
             seed=r.seed,
             trust_remote_code=r.model.trust_remote_code,
         )
+
+    def start_workers(self) -> None:
+        from rl.workers import RolloutGroup, TrainerGroup, init_ray
+        from trainer.policy_trainer import TrainerSetup
+
+        r = self.recipe
+        if r.use_ray:
+            init_ray(r.rollout.num_actors * r.rollout.num_cpus_per_actor + r.trainer.num_ranks * r.trainer.num_cpus_per_rank)
+        engine = self.engine_spec()
         setup = TrainerSetup(
             model_path=self.paths.model,
             dtype=r.model.dtype,
@@ -161,19 +166,10 @@ class Trainer:
         return self.scorer.score(texts, completions, cols)
 
     def evaluate(self, tag: str) -> dict[str, float]:
-        """Greedy decoding on the held-out set through vLLM; accuracy = mean of the accuracy reward."""
-        t0 = time.perf_counter()
-        indices = list(range(len(self.test_set)))
-        groups = self.rollout.generate([self.test_set.prompt_token_ids[i] for i in indices], self._sampling(0, 1, greedy=True))
-        texts = [g[0].text for g in groups]
-        result = self._score(self.test_set, indices, texts)
-        acc = result.per_reward[self.recipe.accuracy_reward]
-        return {
-            "accuracy": sum(acc) / len(acc),
-            "reward_mean": sum(result.total) / len(result.total),
-            "num_examples": float(len(indices)),
-            "seconds": time.perf_counter() - t0,
-        }
+        """Greedy decoding on the held-out set through vLLM; accuracy = share the accuracy reward accepts."""
+        from rl.evaluate import evaluate_prompts
+
+        return evaluate_prompts(self.rollout, self.test_set, self.scorer, self.recipe.accuracy_reward, self._sampling(0, 1, greedy=True))
 
     def _rollout(self, indices: list[int], seed_step: int):
         """B prompts -> (B*G completions, prompt-major; ScoreResult; rewards [B, G])."""

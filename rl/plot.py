@@ -1,0 +1,56 @@
+"""``rl plot RUN_DIR [RUN_DIR ...]``: overlaid PNG curves of several runs (reward, accuracy, KL,
+response length, step time), read from each run's ``metrics.jsonl``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rl.metrics import read_metrics
+
+PANELS = [
+    ("reward_mean", "train", "reward (mean)"),
+    ("accuracy", "eval", "held-out accuracy"),
+    ("accuracy", "train", "train accuracy (sampled)"),
+    ("kl", "train", "KL to reference"),
+    ("response_length", "train", "response length (tokens)"),
+    ("time_step", "train", "step time (s)"),
+]
+
+
+def plot_runs(run_dirs: list[str], out: str, x: str = "step", labels: list[str] | None = None) -> Path:
+    """One PNG with a panel per metric; each run is a line. ``x`` is ``step`` or ``rollouts`` (cumulative)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+    for i, run in enumerate(run_dirs):
+        label = labels[i] if labels else Path(run).name
+        train = read_metrics(Path(run), "train")
+        evals = read_metrics(Path(run), "eval")
+        if not train and not evals:
+            raise FileNotFoundError(f"no metrics.jsonl rows in {run}")
+        # Cumulative rollouts at each step, for comparing runs with different batch shapes.
+        cum, total = {0: 0.0}, 0.0
+        for row in train:
+            total += row.get("rollouts") or 0.0
+            cum[row["step"]] = total
+        for ax, (key, kind, title) in zip(axes.flat, PANELS):
+            rows = [r for r in (train if kind == "train" else evals) if r.get(key) is not None]
+            if not rows:
+                continue
+            xs = [cum.get(r["step"], 0.0) if x == "rollouts" else r["step"] for r in rows]
+            ax.plot(xs, [r[key] for r in rows], marker="o" if kind == "eval" else None, markersize=3, label=label)
+            ax.set_title(title)
+            ax.set_xlabel("rollouts" if x == "rollouts" else "step")
+    for ax in axes.flat:
+        if ax.lines:
+            ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out_path = Path(out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_path, dpi=110)
+    plt.close(fig)
+    return out_path
