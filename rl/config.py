@@ -187,6 +187,12 @@ class Recipe(Section):
         "runs/{name}-{timestamp}", description="`{name}`: the recipe name; `{timestamp}`: the start time (YYYYmmdd-HHMMSS)."
     )
     use_ray: bool = Field(True, description="False runs the same workers in this process (debugging).")
+    resume: Optional[str] = Field(
+        None,
+        description="`auto`: continue from the newest complete checkpoint of this run's output_dir (or of the newest "
+        "run matching it when it contains {timestamp}); a path: continue from that checkpoint; unset: start fresh.",
+    )
+    resume_force: bool = Field(False, description="Resume even if the checkpoint was written by a different recipe.")
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)

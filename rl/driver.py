@@ -13,8 +13,6 @@ from __future__ import annotations
 import inspect
 import json
 import logging
-import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +23,8 @@ import torch
 from rl import algorithms
 from rl.config import BUILTIN_PREFIX, Recipe, RecipeError
 from rl.data import PromptSampler, PromptSet, load_prompt_sets
-from rl.metrics import MetricsLogger
+from rl import checkpoint as ckpt
+from rl.metrics import MetricsLogger, read_metrics
 from rl.types import SamplingSpec, TrainBatch
 from rewards import RewardScorer, RewardSpec
 
@@ -79,8 +78,13 @@ class Trainer:
     def __init__(self, recipe: Recipe):
         self.recipe = recipe
         self.started = time.time()
-        self.run_dir = recipe.run_dir(time.strftime("%Y%m%d-%H%M%S", time.localtime(self.started)))
         # Everything that can fail on bad input happens here, before Ray starts.
+        self.resume_from = ckpt.find_resume_checkpoint(recipe)
+        self.resume_state = ckpt.read_state(self.resume_from, recipe) if self.resume_from else None
+        if self.resume_from is not None:
+            self.run_dir = self.resume_from.parent.parent
+        else:
+            self.run_dir = recipe.run_dir(time.strftime("%Y%m%d-%H%M%S", time.localtime(self.started)))
         self.scorer = RewardScorer([RewardSpec(fn=r.fn, weight=r.weight) for r in recipe.rewards.functions], fallback=recipe.rewards.fallback)
         self.advantages = _advantage_fn(recipe)
         algorithms.get("policy_loss", recipe.algorithm.policy_loss)
@@ -94,6 +98,8 @@ class Trainer:
         )
         self.sampler = PromptSampler(len(self.train_set), recipe.data.prompts_per_step, recipe.seed, recipe.data.shuffle)
         self.step = 0
+        # The policy starts from the checkpoint when resuming; the KL reference stays the original model.
+        self.policy_init_path = str(self.resume_from) if self.resume_from else self.paths.model
         self._handle = None  # the policy version the engines hold
         self._reward_seconds = 0.0
         self.rollout = None
@@ -106,7 +112,7 @@ class Trainer:
 
         r = self.recipe
         return EngineSpec(
-            model_path=self.paths.model,
+            model_path=self.policy_init_path,
             dtype=r.model.dtype,
             max_model_len=r.rollout.max_model_len,
             gpu_memory_utilization=r.rollout.gpu_memory_utilization,
@@ -127,7 +133,8 @@ class Trainer:
             init_ray(r.rollout.num_actors * r.rollout.num_cpus_per_actor + r.trainer.num_ranks * r.trainer.num_cpus_per_rank)
         engine = self.engine_spec()
         setup = TrainerSetup(
-            model_path=self.paths.model,
+            model_path=self.policy_init_path,
+            ref_model_path=self.paths.model,
             dtype=r.model.dtype,
             trainer=r.trainer,
             algorithm=r.algorithm,
@@ -289,13 +296,36 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
 
     def save_checkpoint(self) -> str:
-        ckpt_dir = self.run_dir / "checkpoints"
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        path = self.trainer.save_pretrained(str(ckpt_dir / f"step_{self.step:06d}"))
-        kept = sorted(p for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith("step_") and not p.name.endswith(".tmp"))
-        for old in kept[: -self.recipe.checkpoint.keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
-        return path
+        """Policy (HF format) + trainer and driver state, written atomically; see ``rl/checkpoint.py``."""
+        resumable = self.recipe.trainer.zero_stage == 0
+
+        def write(tmp: Path) -> None:
+            self.trainer.save_pretrained(str(tmp))
+            if resumable:
+                self.trainer.save_state(str(tmp / "trainer_state"))
+            state = {
+                "step": self.step,
+                "sampler": self.sampler.state_dict(),
+                "policy_version": self._handle.version if self._handle else 0,
+                "reward_failures": dict(self.scorer.total_failures),
+                "recipe_fingerprint": ckpt.recipe_fingerprint(self.recipe),
+                "base_model": self.paths.model,
+                "resumable": resumable,
+            }
+            (tmp / ckpt.STATE_FILE).write_text(json.dumps(state, indent=2))
+
+        path = ckpt.write_atomically(self.run_dir / "checkpoints" / f"step_{self.step:06d}", write)
+        ckpt.prune(self.run_dir, self.recipe.checkpoint.keep_last)
+        return str(path)
+
+    def _restore(self) -> None:
+        """Continue exactly where the checkpoint left off (weights were loaded from it at start-up)."""
+        state = self.resume_state
+        self.trainer.load_state(str(self.resume_from / "trainer_state"))
+        self.step = int(state["step"])
+        self.sampler.load_state_dict(state["sampler"])
+        for kind, count in state["reward_failures"].items():
+            self.scorer.total_failures[kind] = count
 
     # ------------------------------------------------------------------ the loop
 
@@ -303,7 +333,11 @@ class Trainer:
         r = self.recipe
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "recipe.resolved.yaml").write_text(_dump_yaml(r))
-        logger = MetricsLogger(self.run_dir, r.steps, tensorboard=r.logging.tensorboard, progress=r.logging.progress)
+        start_step = int(self.resume_state["step"]) if self.resume_state else 0
+        if self.resume_state:
+            # Steps after the checkpoint are redone: their rows go, so each step is logged exactly once.
+            ckpt.truncate_metrics(self.run_dir, start_step)
+        logger = MetricsLogger(self.run_dir, r.steps, tensorboard=r.logging.tensorboard, progress=r.logging.progress, start_step=start_step)
         logger.print(
             f"[rl] {r.name}: B={r.data.prompts_per_step} prompts x G={r.algorithm.group_size} = {r.rollouts_per_step} rollouts/step, "
             f"{r.steps} steps, {r.rollout.num_actors} rollout actor(s), {r.trainer.num_ranks} trainer rank(s), ZeRO-{r.trainer.zero_stage}; "
@@ -314,7 +348,13 @@ class Trainer:
             t0 = time.perf_counter()
             self.start_workers()
             summary["startup_seconds"] = time.perf_counter() - t0
-            if r.eval.before:
+            if self.resume_state:
+                self._restore()
+                logger.print(f"[rl] resumed from {self.resume_from} at step {self.step}")
+                before = [row for row in read_metrics(self.run_dir, "eval") if row["step"] == 0]
+                if before:
+                    summary["accuracy_before"] = before[0]["accuracy"]
+            elif r.eval.before:
                 ev = self.evaluate("before")
                 logger.log(0, ev, kind="eval")
                 summary["accuracy_before"] = ev["accuracy"]

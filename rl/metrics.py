@@ -19,7 +19,8 @@ class MetricsLogger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(str(run_dir / "tensorboard"))
+                # purge_step drops events a resumed run is about to log again.
+                self._tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
             except ImportError:  # tensorboard is optional at run time
                 self._tb = None
         self._progress = None

@@ -22,8 +22,12 @@ def init_ray(num_cpus_needed: float) -> None:
 
     if ray.is_initialized():
         return
+    # Inside a Ray job (RAY_ADDRESS set) join that cluster; otherwise always start a private local
+    # one, never attach to another run's leftovers.
+    joining = "RAY_ADDRESS" in os.environ
     ray.init(
-        num_cpus=max(int(math.ceil(num_cpus_needed)), os.cpu_count() or 1),
+        address=None if joining else "local",
+        num_cpus=None if joining else max(int(math.ceil(num_cpus_needed)), os.cpu_count() or 1),
         include_dashboard=False,
         log_to_driver=True,
         configure_logging=False,
@@ -143,6 +147,12 @@ class TrainerGroup(_Group):
 
     def save_pretrained(self, path: str) -> Optional[str]:
         return self.call_all("save_pretrained", path)[0]
+
+    def save_state(self, path: str) -> None:
+        self.call_all("save_state", path)
+
+    def load_state(self, path: str) -> int:
+        return self.call_all("load_state", path)[0]
 
     def compute_logprobs(self, batch: TrainBatch) -> list[list[float]]:
         return self.call_each("compute_logprobs", [(batch,)])[0]

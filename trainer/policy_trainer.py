@@ -11,9 +11,8 @@ All loss math comes from the registry in ``rl.algorithms``; nothing here re-impl
 
 from __future__ import annotations
 
-import math
+import json
 import os
-import shutil
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -44,6 +43,8 @@ class TrainerSetup:
     weight_transport: str = "shared_file"
     weight_dir: Optional[str] = None
     trust_remote_code: bool = False
+    # The frozen reference is the run's original model, also when the policy resumes from a checkpoint.
+    ref_model_path: Optional[str] = None
 
 
 def _collate(batch: TrainBatch, pad_id: int, device) -> dict[str, torch.Tensor]:
@@ -109,7 +110,8 @@ class PolicyTrainer:
         # The reference model exists only when a loss needs it (KL with beta > 0, or online DPO).
         self.ref_model = None
         if self.alg.kl_coef > 0 or self.alg.name == "online_dpo":
-            self.ref_model = AutoModelForCausalLM.from_pretrained(setup.model_path, dtype=dtype).to(self.device).eval()
+            ref_path = setup.ref_model_path or setup.model_path
+            self.ref_model = AutoModelForCausalLM.from_pretrained(ref_path, dtype=dtype).to(self.device).eval()
             self.ref_model.requires_grad_(False)
 
         ds_config = {
@@ -303,19 +305,62 @@ class PolicyTrainer:
         return handle
 
     def save_pretrained(self, path: str) -> Optional[str]:
-        """Save the policy in HF format (loadable by transformers and vLLM), atomically: tmp dir, then rename."""
+        """Save the policy in HF format (loadable by transformers and vLLM) into ``path`` (rank 0 writes).
+
+        The caller makes it atomic (writes into a temporary directory and renames it).
+        """
         with self._full_parameters():
             if self.setup.rank != 0:
                 return None
-            final = Path(path)
-            tmp = final.with_name(final.name + ".tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            self.engine.module.save_pretrained(tmp, safe_serialization=True)
-            self.tokenizer.save_pretrained(tmp)
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            return str(final)
+            self.engine.module.save_pretrained(path, safe_serialization=True)
+            self.tokenizer.save_pretrained(path)
+            return str(path)
+
+    # ------------------------------------------------------------------ exact resume
+
+    def save_state(self, path: str) -> None:
+        """Optimizer state, RNG state and policy version of this rank: safetensors + JSON, no pickle."""
+        if self.cfg.zero_stage != 0:
+            raise NotImplementedError("exact resume currently needs trainer.zero_stage: 0 (ZeRO optimizers keep partitioned state)")
+        from safetensors.torch import save_file
+
+        names = {id(p): n for n, p in self.engine.module.named_parameters()}
+        tensors: dict[str, torch.Tensor] = {"rng/torch": torch.get_rng_state()}
+        scalars: dict[str, dict] = {}
+        for p, st in self.optimizer.state.items():
+            name = names[id(p)]
+            for k, v in st.items():
+                if torch.is_tensor(v):
+                    tensors[f"state/{name}/{k}"] = v.detach().cpu().contiguous()
+                else:
+                    scalars.setdefault(name, {})[k] = v
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
+        meta = {"version": self.version, "param_groups": groups, "scalars": scalars, "rank": self.setup.rank,
+                "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None}
+        Path(path).mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(Path(path) / f"trainer-rank{self.setup.rank}.safetensors"))
+        (Path(path) / f"trainer-rank{self.setup.rank}.json").write_text(json.dumps(meta, default=list))
+
+    def load_state(self, path: str) -> int:
+        """Restore what ``save_state`` wrote (the weights come from the checkpoint's model files)."""
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(Path(path) / f"trainer-rank{self.setup.rank}.safetensors"))
+        meta = json.loads((Path(path) / f"trainer-rank{self.setup.rank}.json").read_text())
+        params = dict(self.engine.module.named_parameters())
+        for key, value in tensors.items():
+            if key.startswith("state/"):
+                name, field = key[len("state/") :].rsplit("/", 1)
+                self.optimizer.state[params[name]][field] = value.to(self.device)
+        for name, fields in meta["scalars"].items():
+            self.optimizer.state[params[name]].update(fields)
+        for group, saved in zip(self.optimizer.param_groups, meta["param_groups"]):
+            group.update({k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
+        if self.scheduler is not None and meta.get("scheduler") is not None:
+            self.scheduler.load_state_dict(meta["scheduler"])
+        torch.set_rng_state(tensors["rng/torch"])
+        self.version = int(meta["version"])
+        return self.version
 
     def close(self) -> None:
         if self.transport is not None and hasattr(self.transport, "close"):

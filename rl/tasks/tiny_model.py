@@ -208,8 +208,18 @@ def sft_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     )
 
 
-def run_sft(model, tokenizer, spec: TinyModelSpec, log: Callable[[str], None] = print) -> list[float]:
-    """Train ``model`` in place on the task's train split; returns the per-step losses."""
+def run_sft(
+    model,
+    tokenizer,
+    spec: TinyModelSpec,
+    log: Callable[[str], None] = print,
+    on_step: Callable[[int, object], bool] | None = None,
+) -> list[float]:
+    """Train ``model`` in place on the task's train split; returns the per-step losses.
+
+    ``on_step(step, model)`` runs after each optimizer step (``step`` counts from 1); returning
+    True stops the SFT there.
+    """
     n_pool = spec.sft_subset if spec.sft_subset > 0 else None
     if n_pool:
         pool = arithmetic.make_problems(n_pool, spec.seed, "train", **spec.task_kwargs())
@@ -235,6 +245,8 @@ def run_sft(model, tokenizer, spec: TinyModelSpec, log: Callable[[str], None] = 
         losses.append(loss.item())
         if (step + 1) % 100 == 0 or step + 1 == spec.sft_steps:
             log(f"  sft step {step + 1}/{spec.sft_steps}  loss {sum(losses[-100:]) / len(losses[-100:]):.4f}")
+        if on_step is not None and on_step(step + 1, model):
+            break
     model.eval()
     return losses
 

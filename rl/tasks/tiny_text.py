@@ -144,7 +144,8 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int = 1000, model_max_leng
 
 def pack_blocks(tokenizer, texts: Sequence[str], seq_len: int) -> torch.Tensor:
     """``<bos> text <eos>`` for every text, concatenated and cut into ``[n_blocks, seq_len]``."""
-    ids = tokenizer(list(texts), add_special_tokens=True)["input_ids"]  # each starts with <bos>
+    # The backend tokenizer directly: no "longer than model_max_length" warning for long texts.
+    ids = [e.ids for e in tokenizer.backend_tokenizer.encode_batch(list(texts))]  # each starts with <bos>
     stream = [t for row in ids for t in (*row, tokenizer.eos_token_id)]
     n = len(stream) // seq_len
     if n == 0:

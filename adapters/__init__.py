@@ -1,0 +1,53 @@
+"""A library of adapters (LoRA or sparse) trained on one base model: storage, merging, routing, clustering.
+
+- ``adapters.library``: the library on disk (``AdapterLibrary``, ``Expert``, ``LibraryError``, ``base_model_hash``)
+- ``adapters.merge``: merging LoRA deltas and sparse deltas (pure tensor functions)
+- ``adapters.sparse``: sparse adapters chosen by connection sensitivity (``SparseAdapter``)
+- ``adapters.arrow``: Arrow routing (prototypes, routing weights, routed forward, PEFT Arrow model)
+- ``adapters.cluster``: similarity of experts and k-means over them
+- ``adapters.cli``: ``rl library ...``
+"""
+
+from adapters.arrow import arrow_lora_forward, arrow_route, build_peft_arrow_model, expert_prototypes, library_prototypes
+from adapters.cluster import cluster_adapters, kernel_kmeans, similarity_matrix
+from adapters.library import (
+    AdapterLibrary,
+    Expert,
+    LibraryError,
+    base_model_hash,
+    lora_pairs,
+    lora_scaling,
+    pairs_to_state,
+    validate_name,
+)
+from adapters.merge import lora_delta, merge_lora_uniform, merge_lora_weighted, merge_sparse, refactor_to_lora
+from adapters.sparse import SparseAdapter, apply_sparse_delta, connection_sensitivity_mask, read_sparse_dir, sensitivity_inputs
+
+__all__ = [
+    "AdapterLibrary",
+    "Expert",
+    "LibraryError",
+    "SparseAdapter",
+    "apply_sparse_delta",
+    "arrow_lora_forward",
+    "arrow_route",
+    "base_model_hash",
+    "build_peft_arrow_model",
+    "cluster_adapters",
+    "connection_sensitivity_mask",
+    "expert_prototypes",
+    "kernel_kmeans",
+    "library_prototypes",
+    "lora_delta",
+    "lora_pairs",
+    "lora_scaling",
+    "merge_lora_uniform",
+    "merge_lora_weighted",
+    "merge_sparse",
+    "pairs_to_state",
+    "read_sparse_dir",
+    "refactor_to_lora",
+    "sensitivity_inputs",
+    "similarity_matrix",
+    "validate_name",
+]

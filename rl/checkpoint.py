@@ -1,0 +1,112 @@
+"""Checkpoints that a run can continue from exactly.
+
+A checkpoint is a directory ``<run_dir>/checkpoints/step_NNNNNN/`` holding
+- the policy in HF format (``save_pretrained``: loadable by transformers and vLLM),
+- ``trainer_state/``: each rank's optimizer, scheduler and RNG state (safetensors + JSON),
+- ``driver_state.json``: step, prompt-sampler position, policy version, reward-failure counts,
+  the recipe's fingerprint; written last.
+
+It is written into ``step_NNNNNN.tmp`` and renamed, so a directory without the ``.tmp`` suffix
+and with ``driver_state.json`` is complete; a crash mid-write leaves only a ``.tmp`` to ignore.
+Nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Callable, Optional
+
+from rl.config import Recipe, RecipeError
+
+STATE_FILE = "driver_state.json"
+# Fields that may change between a run and its resumption without changing what it computes.
+_RESUMABLE_CHANGES = {"resume", "resume_force", "steps", "logging", "eval", "checkpoint", "output_dir", "use_ray"}
+
+
+def recipe_fingerprint(recipe: Recipe) -> str:
+    data = {k: v for k, v in recipe.model_dump(mode="json").items() if k not in _RESUMABLE_CHANGES}
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def is_complete(ckpt: Path) -> bool:
+    return ckpt.is_dir() and not ckpt.name.endswith(".tmp") and (ckpt / STATE_FILE).is_file()
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.name.startswith("step_") and is_complete(p))
+
+
+def write_atomically(final: Path, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp_dir)``, then rename ``tmp_dir`` to ``final``; a failure leaves ``final`` untouched."""
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        write(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def prune(run_dir: Path, keep_last: int) -> None:
+    """Keep the newest ``keep_last`` complete checkpoints; drop leftovers of interrupted writes."""
+    root = Path(run_dir) / "checkpoints"
+    for p in root.glob("step_*.tmp"):
+        shutil.rmtree(p, ignore_errors=True)
+    for old in complete_checkpoints(run_dir)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def find_resume_checkpoint(recipe: Recipe) -> Optional[Path]:
+    """The checkpoint ``recipe.resume`` points at (None to start fresh)."""
+    if recipe.resume is None:
+        return None
+    if recipe.resume != "auto":
+        ckpt = Path(recipe.resume)
+        if not is_complete(ckpt):
+            raise RecipeError(f"recipe field 'resume': {ckpt} is not a complete checkpoint (no {STATE_FILE})")
+        return ckpt
+    pattern = recipe.output_dir.replace("{timestamp}", "*").replace("{name}", recipe.name)
+    runs = sorted((Path(p) for p in glob.glob(pattern)), key=lambda p: p.stat().st_mtime, reverse=True)
+    for run in runs:
+        ckpts = complete_checkpoints(run)
+        if ckpts:
+            return ckpts[-1]
+    return None
+
+
+def read_state(ckpt: Path, recipe: Recipe) -> dict:
+    state = json.loads((ckpt / STATE_FILE).read_text())
+    if not state.get("resumable", False):
+        raise RecipeError(f"checkpoint {ckpt} holds the policy only (written with trainer.zero_stage > 0); it cannot be resumed exactly")
+    if state["recipe_fingerprint"] != recipe_fingerprint(recipe) and not recipe.resume_force:
+        raise RecipeError(
+            f"recipe field 'resume': {ckpt} was written by a different recipe (fingerprint {state['recipe_fingerprint']} vs "
+            f"{recipe_fingerprint(recipe)}); only steps, logging, eval, checkpoint and output_dir may change. "
+            "Set resume_force=true to resume anyway."
+        )
+    return state
+
+
+def truncate_metrics(run_dir: Path, step: int) -> None:
+    """Drop metrics rows logged after ``step`` (the steps about to be redone), atomically."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
