@@ -88,6 +88,7 @@ class RolloutConfig(Section):
     )
     num_cpus_per_actor: float = Field(1.0, ge=0.0)
     num_gpus_per_actor: float = Field(0.0, ge=0.0)
+    max_restarts: int = Field(3, ge=0, description="Times Ray restarts a dead rollout actor; the call is then retried with the current weights.")
 
 
 class TrainerConfig(Section):

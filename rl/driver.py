@@ -144,7 +144,8 @@ class Trainer:
             trust_remote_code=r.model.trust_remote_code,
         )
         self.trainer = TrainerGroup.create(setup, r.trainer.num_ranks, r.use_ray, r.trainer.num_cpus_per_rank, r.trainer.num_gpus_per_rank)
-        self.rollout = RolloutGroup.create(engine, r.rollout.num_actors, r.use_ray, r.rollout.num_cpus_per_actor, r.rollout.num_gpus_per_actor)
+        self.rollout = RolloutGroup.create(engine, r.rollout.num_actors, r.use_ray, r.rollout.num_cpus_per_actor,
+                                           r.rollout.num_gpus_per_actor, max_restarts=r.rollout.max_restarts)
 
     def stop_workers(self) -> None:
         if self.trainer is not None:
@@ -286,6 +287,7 @@ class Trainer:
             "time_step": t_sync - t_start,
             "weight_sync_bytes": float(self._handle.num_bytes) if stats else 0.0,
             "policy_version": float(self._handle.version) if self._handle else 0.0,
+            "rollout_restarts": float(self.rollout.restarts),
             **{f"reward_failures_{k}": float(v) for k, v in result.failures.items()},
             **stats,
         }

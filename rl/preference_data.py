@@ -263,9 +263,10 @@ def tokenize_pairs(
             for p in prompts
         ]
     # A chat template already holds the special tokens it wants.
-    prompt_ids = tokenizer(prompts, add_special_tokens=not chat)["input_ids"]
-    chosen_ids = tokenizer([t.chosen for t in texts], add_special_tokens=False)["input_ids"]
-    rejected_ids = tokenizer([t.rejected for t in texts], add_special_tokens=False)["input_ids"]
+    # verbose=False: no "longer than model_max_length" warning; sequences are cut to max_len below.
+    prompt_ids = tokenizer(prompts, add_special_tokens=not chat, verbose=False)["input_ids"]
+    chosen_ids = tokenizer([t.chosen for t in texts], add_special_tokens=False, verbose=False)["input_ids"]
+    rejected_ids = tokenizer([t.rejected for t in texts], add_special_tokens=False, verbose=False)["input_ids"]
     pairs = PreferencePairs([], [], [], [])
     report = TokenizeReport()
     for t, p, c, r in zip(texts, prompt_ids, chosen_ids, rejected_ids):

@@ -82,8 +82,19 @@ def _chunks(n: int, parts: int, unit: int = 1) -> list[range]:
 
 
 class RolloutGroup(_Group):
+    """Rollout actors that survive faults: an actor that dies is restarted by Ray (up to
+    ``max_restarts``), given the current policy weights, and the interrupted call is retried.
+    ``restarts`` counts them for the metrics."""
+
+    def __init__(self, workers: list, remote: bool, max_restarts: int = 0):
+        super().__init__(workers, remote)
+        self.max_restarts = max_restarts
+        self.restarts = 0
+        self.current_handle: Optional[WeightHandle] = None
+
     @classmethod
-    def create(cls, spec: EngineSpec, num_actors: int, use_ray: bool, num_cpus: float = 1.0, num_gpus: float = 0.0):
+    def create(cls, spec: EngineSpec, num_actors: int, use_ray: bool, num_cpus: float = 1.0, num_gpus: float = 0.0,
+               max_restarts: int = 3):
         if not use_ray:
             return cls([RolloutWorker(spec) for _ in range(num_actors)], remote=False)
         import ray
@@ -91,13 +102,54 @@ class RolloutGroup(_Group):
         actor_cls = ray.remote(RolloutWorker)
         workers = [
             actor_cls.options(
-                num_cpus=num_cpus, num_gpus=num_gpus, runtime_env={"env_vars": spec.env()}, name=None
+                num_cpus=num_cpus, num_gpus=num_gpus, runtime_env={"env_vars": spec.env()},
+                max_restarts=max_restarts, max_task_retries=0,  # we retry ourselves, after restoring weights
             ).remote(spec)
             for _ in range(num_actors)
         ]
-        group = cls(workers, remote=True)
+        group = cls(workers, remote=True, max_restarts=max_restarts)
         group.call_all("ready")  # surface start-up errors here, not at the first step
         return group
+
+    def _gather(self, calls):
+        if not self.remote:
+            return super()._gather(calls)
+        import ray
+        from ray.exceptions import ActorUnavailableError, RayActorError
+
+        refs = [getattr(w, m).remote(*a) for w, m, a in calls]
+        out = []
+        for (w, m, a), ref in zip(calls, refs):
+            for attempt in range(self.max_restarts + 1):
+                try:
+                    out.append(ray.get(ref))
+                    break
+                except (RayActorError, ActorUnavailableError):
+                    if attempt == self.max_restarts:
+                        raise
+                    self.restarts += 1
+                    self._recover(w)
+                    ref = getattr(w, m).remote(*a)
+        return out
+
+    def _recover(self, worker, timeout_s: float = 300.0) -> None:
+        """Wait for Ray to restart the actor, then give it the current policy weights."""
+        import time
+
+        import ray
+        from ray.exceptions import ActorUnavailableError, RayActorError
+
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                ray.get(worker.ready.remote(), timeout=60)
+                break
+            except (RayActorError, ActorUnavailableError, ray.exceptions.GetTimeoutError):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+        if self.current_handle is not None:
+            ray.get(worker.load_weights.remote(self.current_handle))
 
     def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingSpec) -> list[list[Completion]]:
         """Split B prompts across actors; returns B groups in the original order."""
@@ -115,6 +167,7 @@ class RolloutGroup(_Group):
         return out
 
     def load_weights(self, handle: WeightHandle) -> float:
+        self.current_handle = handle  # what a restarted actor must load
         return max(self.call_all("load_weights", handle))
 
     def score(self, prompt_token_ids, completion_token_ids) -> list[list[float]]:

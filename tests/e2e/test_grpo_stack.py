@@ -105,3 +105,15 @@ def test_evaluate_greedy_is_deterministic(driver):
     a, b = driver.evaluate("a"), driver.evaluate("b")
     assert a["accuracy"] == b["accuracy"]
     assert a["num_examples"] == 32
+
+
+def test_killed_rollout_actor_is_restarted_with_current_weights(driver):
+    import ray
+
+    driver.train_one_step()  # the engine now holds a trained policy version, not the initial one
+    ray.kill(driver.rollout.workers[0], no_restart=False)  # Ray restarts it from the initial model
+    m = driver.train_one_step()  # the interrupted generation is retried on the restarted actor
+    assert m["rollout_restarts"] == 1
+    prompts, completions = _fixed_completions(driver)
+    # The restarted engine was given the current weights, not left on the initial ones.
+    assert _max_abs_diff(driver.rollout.score(prompts, completions), _trainer_logprobs(driver, prompts, completions)) < LOGPROB_TOL
