@@ -32,7 +32,7 @@ import shutil
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -334,7 +334,10 @@ class AdapterLibrary:
         unknown = sorted(set(meta) - set(USER_META_FIELDS) - set(CHECKED_META_FIELDS))
         if unknown:
             valid = USER_META_FIELDS + CHECKED_META_FIELDS
-            hints = [f"{k!r} (did you mean {difflib.get_close_matches(k, valid, n=1)[0]!r}?)" if difflib.get_close_matches(k, valid, n=1) else repr(k) for k in unknown]
+            hints = []
+            for k in unknown:
+                close = difflib.get_close_matches(k, valid, n=1)
+                hints.append(f"{k!r} (did you mean {close[0]!r}?)" if close else repr(k))
             raise LibraryError(f"unknown meta field(s) {', '.join(hints)}; valid: {', '.join(valid)} (free-form data goes in 'extra')")
         final = self.root / name
         if final.exists():
@@ -358,9 +361,12 @@ class AdapterLibrary:
 
     def remove(self, name: str) -> None:
         """Delete an expert (renamed aside first, so it vanishes from listings at once)."""
-        expert = self._read(name)
+        validate_name(name)
+        path = self.root / name
+        if not path.is_dir():
+            self._read(name)  # raises the unknown-name error with close matches
         trash = self.root / f".trash-{name}-{uuid.uuid4().hex[:8]}"
-        os.rename(expert.path, trash)
+        os.rename(path, trash)  # works for a damaged expert too (meta.json not needed)
         shutil.rmtree(trash, ignore_errors=True)
 
     def export(self, name: str, dest: str | os.PathLike) -> Path:
@@ -606,9 +612,7 @@ def _lora_fields(d: Path) -> dict:
 def _sparse_fields(d: Path) -> dict:
     try:
         masks, _ = read_sparse_dir(d)
-    except LibraryError:
-        raise
-    except Exception as e:
+    except Exception as e:  # JSON, safetensors or consistency errors
         raise LibraryError(f"{d / SPARSE_WEIGHTS_FILE}: not a readable sparse adapter ({e})") from None
     cfg = json.loads((d / SPARSE_CONFIG_FILE).read_text())
     nnz = sum(int(m.sum()) for m in masks.values())
@@ -650,7 +654,3 @@ def _fsync_dir(path: Path) -> None:
     finally:
         os.close(fd)
 
-
-def iter_lora_states(library: AdapterLibrary, names: Iterable[str]) -> dict[str, dict[str, torch.Tensor]]:
-    """{name: verified LoRA state} for ``cluster_adapters``."""
-    return {n: library.load_lora_state(n) for n in names}

@@ -4,6 +4,7 @@
     rl config RECIPE.yaml [dotted.key=value ...]  print the fully resolved recipe and derived sizes
     rl eval RECIPE.yaml [overrides] [--k K]       evaluate model.path on the recipe's held-out set
     rl plot RUN_DIR [RUN_DIR ...] [--out F]       overlay the curves of several runs in one PNG
+    rl library add|list|show|remove|merge|export|cluster   the adapter library (see adapters/)
 """
 
 from __future__ import annotations
@@ -69,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="plot.png")
     p.add_argument("--x", choices=["step", "rollouts"], default="step", help="x axis: step, or cumulative rollouts")
     p.set_defaults(fn=_cmd_plot)
+    from adapters.cli import register as register_library
+
+    register_library(sub)  # rl library add|list|show|remove|merge|export|cluster
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
     try:
@@ -76,6 +80,13 @@ def main(argv: list[str] | None = None) -> int:
     except RecipeError as e:
         print(f"rl: error in recipe:\n{e}", file=sys.stderr)
         return 2
+    except Exception as e:  # noqa: BLE001 - a clear last line for known failure kinds
+        from rl.driver import TrainingDiverged
+
+        if isinstance(e, TrainingDiverged):
+            print(f"rl: training stopped: {e}", file=sys.stderr)
+            return 3
+        raise
 
 
 if __name__ == "__main__":

@@ -104,6 +104,9 @@ class TrainerConfig(Section):
         1, ge=1, description="Optimizer steps per rollout batch (>1 makes later updates off-policy; the clip matters then)."
     )
     gradient_checkpointing: bool = False
+    max_nonfinite_steps: int = Field(
+        3, ge=1, description="A non-finite loss or gradient skips that update; this many steps in a row stop the run."
+    )
     num_cpus_per_rank: float = Field(1.0, ge=0.0)
     num_gpus_per_rank: float = Field(0.0, ge=0.0)
     torch_threads: int = Field(0, ge=0, description="torch.set_num_threads in the trainer; 0 leaves torch's default.")

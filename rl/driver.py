@@ -13,6 +13,8 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +31,17 @@ from rl.types import SamplingSpec, TrainBatch
 from rewards import RewardScorer, RewardSpec
 
 log = logging.getLogger("rl")
+
+
+class _Interrupted(SystemExit):
+    """Raised after a clean stop on SIGTERM/SIGINT; exits with 128 + the signal number."""
+
+    def __init__(self, signum: int):
+        super().__init__(128 + signum)
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many non-finite updates in a row; the last good policy was checkpointed."""
 
 
 @dataclass
@@ -101,6 +114,7 @@ class Trainer:
         # The policy starts from the checkpoint when resuming; the KL reference stays the original model.
         self.policy_init_path = str(self.resume_from) if self.resume_from else self.paths.model
         self._handle = None  # the policy version the engines hold
+        self._nonfinite_in_a_row = 0
         self._reward_seconds = 0.0
         self.rollout = None
         self.trainer = None
@@ -260,7 +274,7 @@ class Trainer:
             stats = self.trainer.train_step(batch, r.trainer.micro_batch_size)
         t_train = time.perf_counter()
 
-        if stats:  # nothing to push when no pair was discordant
+        if stats.get("updates_applied"):  # nothing to push when no update was applied
             self._handle = self.trainer.publish_weights()
             self.rollout.load_weights(self._handle)
         t_sync = time.perf_counter()
@@ -320,6 +334,35 @@ class Trainer:
         ckpt.prune(self.run_dir, self.recipe.checkpoint.keep_last)
         return str(path)
 
+    def _install_stop_handlers(self) -> list:
+        """SIGTERM and SIGINT ask the loop to stop after the current step (the list gets the signal)."""
+        received: list = []
+        self._old_handlers = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old_handlers[sig] = signal.signal(sig, lambda signum, frame: received.append(signum))
+        return received
+
+    def _restore_signal_handlers(self) -> None:
+        for sig, handler in getattr(self, "_old_handlers", {}).items():
+            signal.signal(sig, handler)
+        self._old_handlers = {}
+
+    def _check_numerics(self, metrics: dict, logger) -> None:
+        """Skipped (non-finite) updates are logged; ``trainer.max_nonfinite_steps`` in a row stop the run."""
+        if not metrics.get("updates_skipped_nonfinite"):
+            self._nonfinite_in_a_row = 0
+            return
+        self._nonfinite_in_a_row += 1
+        logger.print(f"[rl] step {self.step}: non-finite loss or gradient, update skipped ({self._nonfinite_in_a_row} in a row)")
+        if self._nonfinite_in_a_row >= self.recipe.trainer.max_nonfinite_steps:
+            # Skipped updates never touched the weights: the current policy is the last good one.
+            path = self.save_checkpoint()
+            raise TrainingDiverged(
+                f"{self._nonfinite_in_a_row} steps in a row had a non-finite loss or gradient (trainer.max_nonfinite_steps); "
+                f"stopped at step {self.step}. The last good policy is in {path}."
+            )
+
     def _restore(self) -> None:
         """Continue exactly where the checkpoint left off (weights were loaded from it at start-up)."""
         state = self.resume_state
@@ -349,6 +392,8 @@ class Trainer:
         try:
             t0 = time.perf_counter()
             self.start_workers()
+            # After Ray's start-up, which installs handlers of its own.
+            stop_signal = self._install_stop_handlers()
             summary["startup_seconds"] = time.perf_counter() - t0
             if self.resume_state:
                 self._restore()
@@ -364,13 +409,23 @@ class Trainer:
             t_train = time.perf_counter()
             last_ckpt = None
             while self.step < r.steps:
+                if stop_signal:
+                    break
                 metrics = self.train_one_step()
                 logger.log(self.step, metrics)
+                self._check_numerics(metrics, logger)
                 if r.eval.every and self.step % r.eval.every == 0 and self.step < r.steps:
                     logger.log(self.step, self.evaluate(f"step {self.step}"), kind="eval")
                 if r.checkpoint.every and self.step % r.checkpoint.every == 0:
                     last_ckpt = self.save_checkpoint()
             summary["train_seconds"] = time.perf_counter() - t_train
+            if stop_signal:
+                # SIGTERM / Ctrl-C: keep the work done so far, then stop everything cleanly.
+                last_ckpt = self.save_checkpoint()
+                logger.print(f"[rl] {signal.Signals(stop_signal[0]).name}: checkpoint at step {self.step} in {last_ckpt}; "
+                             f"continue with resume=auto")
+                summary.update(checkpoint=last_ckpt, steps=self.step, interrupted_by=signal.Signals(stop_signal[0]).name)
+                raise _Interrupted(stop_signal[0])
             if r.eval.after:
                 ev = self.evaluate("after")
                 logger.log(self.step, ev, kind="eval")
@@ -379,12 +434,14 @@ class Trainer:
                 last_ckpt = self.save_checkpoint()
             summary["checkpoint"] = last_ckpt
             summary["steps"] = self.step
-            summary["total_seconds"] = time.time() - self.started
             summary["reward_failures"] = dict(self.scorer.total_failures)
         finally:
             logger.close()
             self.stop_workers()
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            self._restore_signal_handlers()
+            if "steps" in summary:
+                summary["total_seconds"] = time.time() - self.started
+                (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         _print_summary(summary)
         return summary
 

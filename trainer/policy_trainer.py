@@ -207,75 +207,101 @@ class PolicyTrainer:
         Returns sums and counts, to be reduced across ranks by the caller.
         """
         self.engine.train()
-        alg = self.alg
-        world = self.setup.world_size
         t0 = time.perf_counter()
-        mini_chunks = _split(list(range(len(shard))), self.cfg.mini_batches, unit=shard.unit)
-        stats: dict[str, float] = {}
-
-        def add(key, value):
-            stats[key] = stats.get(key, 0.0) + float(value)
-
-        for mini in mini_chunks:
+        stats: dict[str, float] = {"updates_applied": 0.0, "updates_skipped_nonfinite": 0.0}
+        for mini in _split(list(range(len(shard))), self.cfg.mini_batches, unit=shard.unit):
             mini_batch = shard.select(mini)
-            # Counts for this mini-batch over all ranks: the shard carries the full-batch counts,
-            # each mini-batch is an equal slice of them.
-            num_seq = shard.num_sequences / self.cfg.mini_batches
-            num_tok = shard.num_tokens / self.cfg.mini_batches
-            micro_chunks = _split(list(range(len(mini_batch))), num_micro_batches, unit=shard.unit)
-            micro = [_collate(mini_batch.select(c), self.pad_id, self.device) for c in micro_chunks]
+            # Counts over all ranks for this mini-batch: an equal slice of the full-batch counts.
+            counts = dict(
+                num_sequences=shard.num_sequences / self.cfg.mini_batches,
+                num_tokens=shard.num_tokens / self.cfg.mini_batches,
+                max_response_len=self.setup.max_response_len,
+            )
+            micro = [_collate(mini_batch.select(c), self.pad_id, self.device)
+                     for c in _split(list(range(len(mini_batch))), num_micro_batches, unit=shard.unit)]
             if self.cfg.mini_batches > 1:
                 # Later mini-batches are off-policy: freeze the behaviour logprobs before any update.
                 with torch.no_grad():
                     for mb in micro:
                         mb["old_logprobs"] = self._token_logprobs(self.engine.module, mb)[0]
+            finite = True
             for mb in micro:
-                logprobs, entropy = self._token_logprobs(self.engine, mb, with_entropy=True)
-                mask = mb["response_mask"]
-                old = mb.get("old_logprobs", logprobs.detach())
-                is_weights = None
-                if alg.tis_cap is not None:
-                    is_weights = algorithms.truncated_is_weights(old, mb["rollout_logprobs"], cap=alg.tis_cap)
-                counts = dict(num_sequences=num_seq, num_tokens=num_tok, max_response_len=self.setup.max_response_len)
-                ntok = float(mask.sum())
-                if alg.name == "online_dpo":
-                    pg_loss, dpo_metrics = self._online_dpo_loss(logprobs, mb, num_seq)
-                    pg_metrics = {"clip_frac": torch.tensor(0.0), "ratio_max": torch.tensor(1.0)}
-                    add("dpo_reward_accuracy", dpo_metrics["reward_accuracy"])
-                    add("dpo_reward_margin", dpo_metrics["reward_margin"])
-                else:
-                    pg_loss, pg_metrics = algorithms.get("policy_loss", alg.policy_loss)(
-                        logprobs, old, mb["advantages"], mask,
-                        clip_low=alg.clip_low, clip_high=alg.clip_high, dual_clip=alg.dual_clip,
-                        aggregation=alg.loss_aggregation, is_weights=is_weights, **counts,
-                    )
-                loss = pg_loss
-                if alg.kl_coef > 0:
-                    with torch.no_grad():
-                        ref_lp, _ = self._token_logprobs(self.ref_model, mb)
-                    kl = algorithms.get("kl", alg.kl_estimator)(logprobs, ref_lp)
-                    kl_loss = algorithms.aggregate_loss(kl, mask, alg.loss_aggregation, **counts)
-                    loss = loss + alg.kl_coef * kl_loss
-                    add("kl_sum", (kl.detach() * mask).sum())
+                loss = self._micro_batch_loss(mb, counts, stats)
+                finite = self._all_ranks_agree(bool(torch.isfinite(loss)))
+                if not finite:
+                    break  # every rank breaks at the same micro-batch: collectives stay matched
                 # DeepSpeed averages gradients over ranks; our normalization already sums them.
-                self.engine.backward(loss * world, scale_wrt_gas=False)
-                add("loss", loss.detach())
-                add("pg_loss", pg_loss.detach())
-                add("tokens", ntok)
-                add("entropy_sum", (entropy * mask).sum())
-                add("clip_frac_sum", pg_metrics["clip_frac"] * ntok)
-                stats["ratio_max"] = max(stats.get("ratio_max", 0.0), float(pg_metrics["ratio_max"]))
-                mismatch = (old - mb["rollout_logprobs"]).abs() * mask
-                add("logprob_mismatch_sum", mismatch.sum())
-                stats["logprob_mismatch_max"] = max(stats.get("logprob_mismatch_max", 0.0), float(mismatch.max()))
+                self.engine.backward(loss * self.setup.world_size, scale_wrt_gas=False)
+            if finite and self.cfg.zero_stage == 0:
+                finite = self._all_ranks_agree(all(bool(torch.isfinite(p.grad).all()) for p in self.engine.module.parameters() if p.grad is not None))
+            if not finite:
+                # A non-finite loss or gradient: drop this update, keep the weights as they were.
+                self.engine.zero_grad()
+                stats["updates_skipped_nonfinite"] += 1
+                continue
             self.engine.step()
+            stats["updates_applied"] += 1
             grad_norm = self._last_grad_norm()
             if grad_norm is not None:
                 stats["grad_norm"] = max(stats.get("grad_norm", 0.0), float(grad_norm))
-        self.version += 1
+        if stats["updates_applied"]:
+            self.version += 1
         stats["lr"] = float(self.optimizer.param_groups[0]["lr"])
         stats["train_seconds"] = time.perf_counter() - t0
         return stats
+
+    def _all_ranks_agree(self, ok: bool) -> bool:
+        """True only if ``ok`` holds on every rank."""
+        if self.setup.world_size == 1:
+            return ok
+        import torch.distributed as dist
+
+        flag = torch.tensor([0.0 if ok else 1.0], device=self.device)
+        dist.all_reduce(flag)
+        return flag.item() == 0.0
+
+    def _micro_batch_loss(self, mb: dict, counts: dict, stats: dict) -> torch.Tensor:
+        """The loss of one micro-batch (normalized by whole-batch counts); adds its metrics to ``stats``."""
+        alg = self.alg
+
+        def add(key, value):
+            stats[key] = stats.get(key, 0.0) + float(value)
+
+        logprobs, entropy = self._token_logprobs(self.engine, mb, with_entropy=True)
+        mask = mb["response_mask"]
+        old = mb.get("old_logprobs", logprobs.detach())
+        ntok = float(mask.sum())
+        if alg.name == "online_dpo":
+            pg_loss, dpo_metrics = self._online_dpo_loss(logprobs, mb, counts["num_sequences"])
+            pg_metrics = {"clip_frac": torch.tensor(0.0), "ratio_max": torch.tensor(1.0)}
+            add("dpo_reward_accuracy", dpo_metrics["reward_accuracy"])
+            add("dpo_reward_margin", dpo_metrics["reward_margin"])
+        else:
+            is_weights = None
+            if alg.tis_cap is not None:
+                is_weights = algorithms.truncated_is_weights(old, mb["rollout_logprobs"], cap=alg.tis_cap)
+            pg_loss, pg_metrics = algorithms.get("policy_loss", alg.policy_loss)(
+                logprobs, old, mb["advantages"], mask,
+                clip_low=alg.clip_low, clip_high=alg.clip_high, dual_clip=alg.dual_clip,
+                aggregation=alg.loss_aggregation, is_weights=is_weights, **counts,
+            )
+        loss = pg_loss
+        if alg.kl_coef > 0:
+            with torch.no_grad():
+                ref_lp, _ = self._token_logprobs(self.ref_model, mb)
+            kl = algorithms.get("kl", alg.kl_estimator)(logprobs, ref_lp)
+            loss = loss + alg.kl_coef * algorithms.aggregate_loss(kl, mask, alg.loss_aggregation, **counts)
+            add("kl_sum", (kl.detach() * mask).sum())
+        add("loss", loss.detach())
+        add("pg_loss", pg_loss.detach())
+        add("tokens", ntok)
+        add("entropy_sum", (entropy * mask).sum())
+        add("clip_frac_sum", pg_metrics["clip_frac"] * ntok)
+        stats["ratio_max"] = max(stats.get("ratio_max", 0.0), float(pg_metrics["ratio_max"]))
+        mismatch = (old - mb["rollout_logprobs"]).abs() * mask
+        add("logprob_mismatch_sum", mismatch.sum())
+        stats["logprob_mismatch_max"] = max(stats.get("logprob_mismatch_max", 0.0), float(mismatch.max()))
+        return loss
 
     # ------------------------------------------------------------------ weights out
 

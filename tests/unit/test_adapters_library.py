@@ -124,10 +124,12 @@ def test_corrupt_files_are_detected(base, tmp_path, damage):
 
 @pytest.mark.parametrize("name", ["../x", "a/b", ".hidden", "..", "a..b", "", "x" * 101, "a b", "é", "-lead"])
 def test_bad_names_are_rejected(base, tmp_path, name):
-    model, base_dir, _ = base
+    _, base_dir, _ = base
     lib = AdapterLibrary(tmp_path / "lib", create=True)
+    with pytest.raises(LibraryError, match="invalid expert name"):  # checked before the source is read
+        lib.add(name, tmp_path / "any-adapter-dir", _meta(base_dir))
     with pytest.raises(LibraryError, match="invalid expert name"):
-        lib.add(name, _lora(model, 1), _meta(base_dir))
+        lib.get(name)
     assert _entries(lib.root) == [] and _entries(tmp_path) == ["lib"]
 
 
