@@ -68,6 +68,7 @@ class DataConfig(Section):
     system_prompt: Optional[str] = None
     prompts_per_step: int = Field(64, ge=1, description="B: prompts drawn each step (rollouts per step = B * G).")
     shuffle: bool = True
+    skip_bad_lines: bool = Field(False, description="Skip (and count) malformed JSONL lines instead of stopping with file:line.")
 
 
 class RolloutConfig(Section):
@@ -337,14 +338,34 @@ def check_recipe_paths(recipe: Recipe) -> None:
         if not Path(value).exists():
             raise RecipeError(f"recipe field '{field}': path does not exist: {value}")
     if not recipe.model.path.startswith(BUILTIN_PREFIX):
-        mdir = Path(recipe.model.path)
-        if mdir.is_dir() and not (mdir / "config.json").exists():
-            raise RecipeError(f"recipe field 'model.path': {mdir} has no config.json (not an HF model directory)")
+        check_model_dir(Path(recipe.model.path), "model.path", recipe.model.trust_remote_code)
     names = [r.fn for r in recipe.rewards.functions]
     if recipe.rewards.accuracy is not None and recipe.rewards.accuracy not in names:
         raise RecipeError(f"recipe field 'rewards.accuracy': '{recipe.rewards.accuracy}' is not one of rewards.functions {names}")
     if not names:
         raise RecipeError("recipe field 'rewards.functions': at least one reward function is needed")
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def check_model_dir(mdir: Path, field: str, trust_remote_code: bool = False) -> None:
+    """An HF causal-LM directory with a tokenizer and an architecture transformers knows."""
+    if not mdir.is_dir() or not (mdir / "config.json").exists():
+        raise RecipeError(f"recipe field '{field}': {mdir} has no config.json (not an HF model directory)")
+    if not any((mdir / f).exists() for f in _TOKENIZER_FILES):
+        raise RecipeError(f"recipe field '{field}': {mdir} has no tokenizer (none of {', '.join(_TOKENIZER_FILES)})")
+    if trust_remote_code:
+        return
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    try:
+        model_type = AutoConfig.from_pretrained(mdir).model_type
+    except (ValueError, KeyError, OSError) as e:
+        raise RecipeError(f"recipe field '{field}': cannot read {mdir}/config.json: {e}") from None
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise RecipeError(f"recipe field '{field}': architecture '{model_type}' in {mdir} is not a causal LM transformers supports")
 
 
 def recipe_to_yaml(recipe: Recipe) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,14 +11,49 @@ from typing import Any, Optional
 
 from rl.config import BUILTIN_PREFIX, DataConfig, RecipeError
 
+log = logging.getLogger("rl.data")
 _FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
-def load_rows(source: str):
-    """A ``datasets.Dataset`` from a file, a directory of files, or a ``save_to_disk`` directory."""
+def _read_jsonl(path: Path, skip_bad_lines: bool) -> tuple[list[dict], int]:
+    """Rows of a JSON-lines file (optionally gzipped). A malformed line names its file and line number."""
+    import gzip
+
+    opener = gzip.open if path.suffix == ".gz" else open
+    rows, skipped = [], 0
+    with opener(path, "rt", encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                if not isinstance(row, dict):
+                    raise ValueError(f"expected a JSON object, got {type(row).__name__}")
+            except ValueError as e:
+                if skip_bad_lines:
+                    skipped += 1
+                    continue
+                raise RecipeError(f"{path}:{lineno}: malformed JSON line ({e}); fix it or set data.skip_bad_lines=true") from None
+            rows.append(row)
+    return rows, skipped
+
+
+def load_rows(source: str, skip_bad_lines: bool = False):
+    """A ``datasets.Dataset`` from a file, a directory of files, or a ``save_to_disk`` directory.
+
+    JSON-lines files are parsed here, line by line, so a malformed line is reported with its
+    file and line number (or skipped and counted with ``skip_bad_lines``).
+    """
     import datasets
 
     path = Path(source)
+    if path.is_file() and (path.name.endswith(".jsonl") or path.name.endswith(".jsonl.gz")):
+        rows, skipped = _read_jsonl(path, skip_bad_lines)
+        if skipped:
+            log.warning("%s: skipped %d malformed line(s) (data.skip_bad_lines)", path, skipped)
+        if not rows:
+            raise RecipeError(f"{path}: no rows")
+        return datasets.Dataset.from_list(rows)
     if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "state.json").exists()):
         ds = datasets.load_from_disk(str(path))
         return ds["train"] if isinstance(ds, datasets.DatasetDict) else ds
@@ -73,11 +110,11 @@ def build_prompt_set(rows, cfg: DataConfig, tokenizer, max_prompt_tokens: int) -
 
 def load_prompt_sets(cfg: DataConfig, train_path: str, test_path: Optional[str], tokenizer, seed: int, max_prompt_tokens: int):
     """(train, held-out) prompt sets. Without a test file, ``test_fraction`` of train is held out."""
-    train_rows = load_rows(train_path)
+    train_rows = load_rows(train_path, cfg.skip_bad_lines)
     if cfg.prompt_column not in train_rows.column_names and "{" + cfg.prompt_column + "}" in cfg.template:
         raise RecipeError(f"recipe field 'data.prompt_column': column '{cfg.prompt_column}' not in {train_rows.column_names}")
     if test_path:
-        test_rows = load_rows(test_path)
+        test_rows = load_rows(test_path, cfg.skip_bad_lines)
     else:
         split = train_rows.train_test_split(test_size=cfg.test_fraction, seed=seed)
         train_rows, test_rows = split["train"], split["test"]

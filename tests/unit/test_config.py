@@ -101,3 +101,37 @@ def test_cli_rejects_bad_recipe_before_starting_anything():
     assert proc.returncode == 2
     assert "trainer.lrr" in proc.stderr and "trainer.lr" in proc.stderr
     assert "ray" not in proc.stderr.lower()
+
+
+def _model_dir(tmp_path, config: dict, tokenizer: bool = True):
+    import json
+
+    d = tmp_path / "m"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(config))
+    if tokenizer:
+        (d / "tokenizer.json").write_text("{}")
+    return d
+
+
+def test_model_dir_without_tokenizer(tmp_path):
+    d = _model_dir(tmp_path, {"model_type": "llama"}, tokenizer=False)
+    msg = _err([f"model.path={d}"], check_paths=True)
+    assert "model.path" in msg and "no tokenizer" in msg
+
+
+def test_model_dir_with_unsupported_architecture(tmp_path):
+    d = _model_dir(tmp_path, {"model_type": "vit"})  # an image model
+    msg = _err([f"model.path={d}"], check_paths=True)
+    assert "model.path" in msg and "vit" in msg
+
+
+def test_malformed_jsonl_line_names_file_and_line(tmp_path):
+    from rl.data import load_rows
+
+    p = tmp_path / "d.jsonl"
+    p.write_text('{"prompt": "1+1=", "answer": "2"}\n{"prompt": broken\n[1, 2]\n')
+    with pytest.raises(RecipeError, match=r"d\.jsonl:2: malformed JSON line"):
+        load_rows(str(p))
+    rows = load_rows(str(p), skip_bad_lines=True)  # lines 2 and 3 skipped, counted in the log
+    assert rows.num_rows == 1 and rows[0]["answer"] == "2"
