@@ -25,15 +25,21 @@ For example, with the embedded arithmetic task::
 A recipe names rewards by *spec* (resolved by :func:`get_reward`):
 
 - a registered short name: ``arithmetic_exact``, ``math_verify``, ``format_answer``,
-  ``length_penalty`` (see :mod:`rewards.builtin`), or any name registered with
+  ``length_penalty``, ``python_tests`` (see :mod:`rewards.builtin`), or any name registered with
   ``@register_reward("name")``;
 - a file: ``path/to/my_rewards.py:my_reward`` (relative to the current directory);
 - a module: ``my_package.my_module:my_reward``.
 
 :class:`RewardScorer` combines several ``RewardSpec(fn, weight)`` into a weighted sum per
-completion. A reward function that raises, returns the wrong length, a non-number or NaN
-costs only the samples concerned (they score ``fallback`` and are counted by kind in
-:attr:`ScoreResult.failures`); it never stops the run. See :mod:`rewards.scoring`.
+completion. A reward function that raises, returns the wrong length, a non-number or NaN,
+or (with ``timeout_seconds``) does not return in time costs only the samples concerned
+(they score ``fallback`` and are counted by kind in :attr:`ScoreResult.failures`); it never
+stops the run. See :mod:`rewards.scoring`.
+
+Rewards that execute model output (``python_tests``, or your own) run it with
+:func:`rewards.sandbox.run_python`: a separate process with time, CPU, memory, file,
+process and output limits, and no network (a kernel network namespace where permitted, else
+only a best-effort in-process guard: see :mod:`rewards.sandbox`).
 
 >>> from rewards import RewardScorer, RewardSpec
 >>> RewardScorer([RewardSpec("arithmetic_exact")]).score(["12+34="], ["46"], {"answer": ["46"]}).total

@@ -11,6 +11,8 @@ arithmetic_exact    ``answer``  1.0 if the first line equals ``str(answer)``, el
 math_verify         ``answer``  1.0 if math-verify finds the final answer equal to gold
 format_answer       --          1.0 if a ``\\boxed{...}`` or a ``#### <number>`` line is present
 length_penalty      --          ``-len(completion) / 1000`` (characters)
+python_tests        ``tests``   1.0 if the completion's code passes the asserts in ``tests``
+                                when run in :func:`rewards.sandbox.run_python`, else 0.0
 ==================  ==========  =========================================================
 """
 
@@ -23,7 +25,7 @@ from typing import Any
 
 from rewards.registry import register_reward
 
-__all__ = ["arithmetic_exact", "math_verify", "format_answer", "length_penalty"]
+__all__ = ["arithmetic_exact", "math_verify", "format_answer", "length_penalty", "python_tests"]
 
 logger = logging.getLogger("rewards")
 
@@ -182,3 +184,65 @@ def length_penalty(prompts: list[str], completions: list[str], **columns: Any) -
     [-0.002, -0.5]
     """
     return [-len(completion) / 1000.0 for completion in completions]
+
+
+# --- python_tests ------------------------------------------------------------------------
+
+# ```python / ```py / ```python3 fences first; a bare ``` fence only when no tagged one exists.
+_PYTHON_FENCE = re.compile(r"```[ \t]*(?:python3?|py)[ \t]*\n(.*?)```", re.DOTALL | re.IGNORECASE)
+_BARE_FENCE = re.compile(r"```[ \t]*\n(.*?)```", re.DOTALL)
+
+PYTHON_TESTS_LIMITS: dict[str, Any] = {"timeout_seconds": 5.0, "cpu_seconds": 5, "memory_mb": 512}
+"""Keyword arguments of :func:`rewards.sandbox.run_python` for each ``python_tests`` sample."""
+
+
+def extract_python(completion: str) -> str:
+    """The code in a completion: the last ```python fenced block (also ``py``/``python3``),
+    else the last bare ``` block, else the whole text.
+
+    >>> extract_python("Here:\\n```python\\nprint(1)\\n```\\nand a fix:\\n```py\\nprint(2)\\n```")
+    'print(2)\\n'
+    >>> extract_python("x = 1")
+    'x = 1'
+    """
+    for fence in (_PYTHON_FENCE, _BARE_FENCE):
+        blocks = fence.findall(completion)
+        if blocks:
+            return blocks[-1]
+    return completion
+
+
+@register_reward("python_tests")
+def python_tests(prompts: list[str], completions: list[str], *, tests: list[Any], **columns: Any) -> list[float]:
+    """Unit-test reward for code generation: 1.0 if the code passes the tests, else 0.0.
+
+    The code is :func:`extract_python` of the completion; ``tests`` holds Python (typically
+    ``assert`` statements, as a string or a list of strings). Code and tests run as one
+    program in :func:`rewards.sandbox.run_python` with :data:`PYTHON_TESTS_LIMITS` (no
+    network, limited time, CPU, memory and processes); exit status 0 scores 1.0. A failed
+    assert, an exception, a timeout, or empty ``tests`` score 0.0. Samples run one after
+    another (concurrent runs by the same user would share one ``RLIMIT_NPROC`` budget),
+    about 50 ms each when they finish quickly.
+
+    >>> python_tests(["Write add(a, b)."] * 3,
+    ...              ["```python\\ndef add(a, b):\\n    return a + b\\n```",
+    ...               "def add(a, b):\\n    return a - b",
+    ...               "I cannot do that."],
+    ...              tests=["assert add(2, 3) == 5\\nassert add(-1, 1) == 0",
+    ...                     ["assert add(2, 3) == 5"],
+    ...                     "assert add(2, 3) == 5"],
+    ...              source=["unused column"] * 3)
+    [1.0, 0.0, 0.0]
+    """
+    from rewards.sandbox import run_python  # here: the sandbox probes the kernel on first use
+
+    scores = []
+    for completion, test in zip(completions, tests, strict=True):
+        if isinstance(test, (list, tuple)):
+            test = "\n".join(str(t) for t in test)
+        if not isinstance(completion, str) or not isinstance(test, str) or not test.strip():
+            scores.append(0.0)
+            continue
+        result = run_python(f"{extract_python(completion)}\n\n{test}\n", **PYTHON_TESTS_LIMITS)
+        scores.append(1.0 if result.returncode == 0 and not result.timed_out else 0.0)
+    return scores

@@ -153,6 +153,43 @@ class AlgorithmConfig(Section):
         return self
 
 
+LORA_RANKS = (8, 16, 32, 64, 128, 256)  # ranks vLLM serves
+
+
+class AdapterConfig(Section):
+    """Train an adapter as the policy; only adapter weights travel to vLLM."""
+
+    mode: Literal["none", "lora", "continue", "merge"] = Field(
+        "none",
+        description="`lora`: a new LoRA; `continue`: train a library adapter further; `merge`: merge library "
+        "adapters (weighted average of their deltas, re-factored to `rank`) and train the merge.",
+    )
+    rank: int = Field(8, ge=1, description="LoRA rank (new or merged adapters).")
+    alpha: float = Field(16.0, gt=0.0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    library: Optional[str] = Field(None, description="Adapter library directory (see `rl library`).")
+    experts: list[str] = Field(default_factory=list, description="Library experts: one to continue, several to merge.")
+    merge_weights: Optional[list[float]] = Field(None, description="Per-expert weights for `merge`; default uniform.")
+    save_as: Optional[str] = Field(None, description="Write the trained adapter into the library under this name.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "AdapterConfig":
+        if self.mode in ("continue", "merge") and not self.library:
+            raise ValueError(f"adapter.library is required for adapter.mode={self.mode}")
+        if self.mode == "continue" and len(self.experts) != 1:
+            raise ValueError(f"adapter.experts must name exactly one expert to continue (got {self.experts})")
+        if self.mode == "merge" and len(self.experts) < 2:
+            raise ValueError(f"adapter.experts must name at least two experts to merge (got {self.experts})")
+        if self.merge_weights is not None and len(self.merge_weights) != len(self.experts):
+            raise ValueError("adapter.merge_weights needs one weight per expert")
+        if self.save_as and not self.library:
+            raise ValueError("adapter.save_as needs adapter.library")
+        return self
+
+
 class RewardItem(Section):
     fn: str = Field(description="A registered name, `path/to/file.py:fn` or `package.module:fn`.")
     weight: float = 1.0
@@ -204,6 +241,7 @@ class Recipe(Section):
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
     algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
     rewards: RewardsConfig = Field(default_factory=RewardsConfig)
+    adapter: AdapterConfig = Field(default_factory=AdapterConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)

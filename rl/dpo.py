@@ -65,7 +65,9 @@ class PreferenceTrainerGroup(_Group):
         import ray
 
         actor_cls = ray.remote(PreferenceTrainer)
-        return cls([actor_cls.options(num_cpus=num_cpus, num_gpus=num_gpus).remote(s) for s in setups], remote=True)
+        group = cls([actor_cls.options(num_cpus=num_cpus, num_gpus=num_gpus).remote(s) for s in setups], remote=True)
+        group.call_all("ready")  # surface start-up errors here, not at the first step
+        return group
 
     def _shards(self, n: int, micro_batch_size: int) -> tuple[list[range], int]:
         parts = len(self.workers)

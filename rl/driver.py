@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 
 from rl import algorithms
-from rl.config import BUILTIN_PREFIX, Recipe, RecipeError
+from rl.config import BUILTIN_PREFIX, LORA_RANKS, Recipe, RecipeError
 from rl.data import PromptSampler, PromptSet, load_prompt_sets
 from rl import checkpoint as ckpt
 from rl.metrics import MetricsLogger, read_metrics
@@ -113,11 +113,62 @@ class Trainer:
         self.step = 0
         # The policy starts from the checkpoint when resuming; the KL reference stays the original model.
         self.policy_init_path = str(self.resume_from) if self.resume_from else self.paths.model
+        self.adapter_init_dir, self.adapter_rank = None, 0
+        if recipe.adapter.mode != "none":
+            self._prepare_adapter()
         self._handle = None  # the policy version the engines hold
         self._nonfinite_in_a_row = 0
         self._reward_seconds = 0.0
         self.rollout = None
         self.trainer = None
+
+    # ------------------------------------------------------------------ adapters
+
+    def _prepare_adapter(self) -> None:
+        """Check library experts against the base model and pick the adapter to start from."""
+        from adapters import AdapterLibrary, LibraryError
+
+        ad = self.recipe.adapter
+        self.policy_init_path = self.paths.model  # the base never changes; only the adapter trains
+        self.adapter_rank = ad.rank
+        try:
+            lib = AdapterLibrary(ad.library, create=bool(ad.save_as)) if ad.library else None
+            for name in ad.experts:
+                lib.get(name)  # verifies the content hashes
+                lib.check_compatible(name, self.paths.model)
+            if ad.save_as and ad.save_as in lib:
+                raise LibraryError(f"adapter.save_as: expert {ad.save_as!r} already exists in {lib.root}")
+            if self.resume_from is not None:
+                self.adapter_init_dir = str(self.resume_from)
+            elif ad.mode == "continue":
+                expert = lib.get(ad.experts[0])
+                self.adapter_init_dir, self.adapter_rank = str(expert.path), int(expert.rank)
+            elif ad.mode == "merge":
+                stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(self.started))
+                merged = lib.merge(ad.experts, f"{self.recipe.name}-merge-{stamp}", weights=ad.merge_weights, rank=ad.rank)
+                self.adapter_init_dir = str(merged.path)
+        except LibraryError as e:
+            raise RecipeError(f"recipe section 'adapter': {e}") from None
+        self.library = lib
+
+    def _write_back_adapter(self, checkpoint: str, summary: dict) -> Optional[str]:
+        """Save the trained adapter into the library with its provenance."""
+        ad = self.recipe.adapter
+        if ad.mode == "none" or not ad.save_as:
+            return None
+        from rl.config import recipe_to_yaml
+
+        metrics = {k: summary[k] for k in ("accuracy_before", "accuracy_after") if k in summary}
+        expert = self.library.add(ad.save_as, checkpoint, {
+            "base_model": self.paths.model,
+            "task": f"{self.recipe.algorithm.name} on {self.paths.train}",
+            "data": self.paths.train,
+            "recipe": {"yaml": recipe_to_yaml(self.recipe)},
+            "metrics": metrics,
+            "parents": list(ad.experts),
+            "steps": self.step,
+        })
+        return str(expert.path)
 
     # ------------------------------------------------------------------ workers
 
@@ -136,6 +187,7 @@ class Trainer:
             engine_in_process=r.rollout.engine_in_process,
             seed=r.seed,
             trust_remote_code=r.model.trust_remote_code,
+            max_lora_rank=next((k for k in LORA_RANKS if k >= self.adapter_rank), 0) if self.adapter_rank else 0,
         )
 
     def start_workers(self) -> None:
@@ -156,10 +208,16 @@ class Trainer:
             seed=r.seed,
             master_port=0,
             trust_remote_code=r.model.trust_remote_code,
+            adapter=r.adapter if r.adapter.mode != "none" else None,
+            adapter_init_dir=self.adapter_init_dir,
         )
         self.trainer = TrainerGroup.create(setup, r.trainer.num_ranks, r.use_ray, r.trainer.num_cpus_per_rank, r.trainer.num_gpus_per_rank)
         self.rollout = RolloutGroup.create(engine, r.rollout.num_actors, r.use_ray, r.rollout.num_cpus_per_actor,
                                            r.rollout.num_gpus_per_actor, max_restarts=r.rollout.max_restarts)
+        if r.adapter.mode != "none":
+            # The engines serve the base model; the policy is the adapter, pushed before the first rollout.
+            self._handle = self.trainer.publish_weights()
+            self.rollout.load_weights(self._handle)
 
     def stop_workers(self) -> None:
         if self.trainer is not None:
@@ -434,6 +492,7 @@ class Trainer:
                 last_ckpt = self.save_checkpoint()
             summary["checkpoint"] = last_ckpt
             summary["steps"] = self.step
+            summary["library_expert"] = self._write_back_adapter(last_ckpt, summary)
             summary["reward_failures"] = dict(self.scorer.total_failures)
         finally:
             logger.close()

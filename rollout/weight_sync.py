@@ -16,6 +16,7 @@ parameters here. A multi-node or NCCL-broadcast transport plugs in beside it via
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import uuid
 from pathlib import Path
@@ -94,7 +95,4 @@ class SharedFileTransport:
         Path(handle.location).unlink(missing_ok=True)
 
     def close(self) -> None:
-        if self.directory.is_dir():
-            for p in self.directory.iterdir():
-                p.unlink(missing_ok=True)
-            self.directory.rmdir()
+        shutil.rmtree(self.directory, ignore_errors=True)

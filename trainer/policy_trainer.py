@@ -22,7 +22,7 @@ from typing import Iterator, Optional
 import torch
 
 from rl import algorithms
-from rl.config import AlgorithmConfig, TrainerConfig
+from rl.config import AdapterConfig, AlgorithmConfig, TrainerConfig
 from rl.types import TrainBatch, WeightHandle
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -45,6 +45,9 @@ class TrainerSetup:
     trust_remote_code: bool = False
     # The frozen reference is the run's original model, also when the policy resumes from a checkpoint.
     ref_model_path: Optional[str] = None
+    # Adapter policy: a LoRA over the frozen base model (a new one, or one loaded from ``adapter_init_dir``).
+    adapter: Optional[AdapterConfig] = None
+    adapter_init_dir: Optional[str] = None
 
 
 def _collate(batch: TrainBatch, pad_id: int, device) -> dict[str, torch.Tensor]:
@@ -107,9 +110,14 @@ class PolicyTrainer:
         model = AutoModelForCausalLM.from_pretrained(setup.model_path, dtype=dtype, trust_remote_code=setup.trust_remote_code)
         if self.cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()
-        # The reference model exists only when a loss needs it (KL with beta > 0, or online DPO).
+        self.is_adapter = setup.adapter is not None and setup.adapter.mode != "none"
+        if self.is_adapter:
+            model = _wrap_adapter(model, setup.adapter, setup.adapter_init_dir)
+        # A full-model policy needs a frozen copy as the reference when a loss uses one (KL with
+        # beta > 0, or online DPO). An adapter policy's reference is its base with the adapter
+        # disabled: no second copy of the model.
         self.ref_model = None
-        if self.alg.kl_coef > 0 or self.alg.name == "online_dpo":
+        if not self.is_adapter and (self.alg.kl_coef > 0 or self.alg.name == "online_dpo"):
             ref_path = setup.ref_model_path or setup.model_path
             self.ref_model = AutoModelForCausalLM.from_pretrained(ref_path, dtype=dtype).to(self.device).eval()
             self.ref_model.requires_grad_(False)
@@ -190,10 +198,16 @@ class PolicyTrainer:
 
     # ------------------------------------------------------------------ update
 
+    def _reference_logprobs(self, mb: dict) -> torch.Tensor:
+        with torch.no_grad():
+            if self.is_adapter:
+                with self.engine.module.disable_adapter():
+                    return self._token_logprobs(self.engine.module, mb)[0]
+            return self._token_logprobs(self.ref_model, mb)[0]
+
     def _online_dpo_loss(self, logprobs, mb, num_seq: float):
         """Online DPO on consecutive (chosen, rejected) rows; see ``algorithms.pairwise_dpo_loss``."""
-        with torch.no_grad():
-            ref_lp, _ = self._token_logprobs(self.ref_model, mb)
+        ref_lp = self._reference_logprobs(mb)
         return algorithms.pairwise_dpo_loss(
             logprobs, ref_lp, mb["response_mask"], beta=self.alg.dpo_beta, loss_type=self.alg.dpo_loss,
             label_smoothing=self.alg.dpo_label_smoothing, num_pairs=num_seq / 2,
@@ -287,8 +301,7 @@ class PolicyTrainer:
             )
         loss = pg_loss
         if alg.kl_coef > 0:
-            with torch.no_grad():
-                ref_lp, _ = self._token_logprobs(self.ref_model, mb)
+            ref_lp = self._reference_logprobs(mb)
             kl = algorithms.get("kl", alg.kl_estimator)(logprobs, ref_lp)
             loss = loss + alg.kl_coef * algorithms.aggregate_loss(kl, mask, alg.loss_aggregation, **counts)
             add("kl_sum", (kl.detach() * mask).sum())
@@ -320,13 +333,37 @@ class PolicyTrainer:
             yield params
 
     def publish_weights(self) -> Optional[WeightHandle]:
-        """Write the current policy for the rollout engines (rank 0); every rank must call it."""
+        """Write the current policy for the rollout engines (rank 0); every rank must call it.
+
+        An adapter policy publishes only its adapter, as a PEFT directory the engines serve as a LoRA.
+        """
+        if self.is_adapter:
+            return self._publish_adapter()
         with self._full_parameters() as params:
             if self.transport is None:
                 return None
             handle = self.transport.publish(params, self.version)
         if self._last_handle is not None:
             self.transport.release(self._last_handle)
+        self._last_handle = handle
+        return handle
+
+    def _publish_adapter(self) -> Optional[WeightHandle]:
+        with self._full_parameters():
+            if self.transport is None:
+                return None
+            root = Path(self.transport.directory)
+            root.mkdir(parents=True, exist_ok=True)
+            final = root / f"adapter-v{self.version:06d}"
+            tmp = root / f"adapter-v{self.version:06d}.tmp"
+            self.engine.module.save_pretrained(tmp, safe_serialization=True)
+            os.replace(tmp, final)
+        num_bytes = sum(p.numel() * p.element_size() for p in self.engine.module.parameters() if p.requires_grad)
+        handle = WeightHandle(version=self.version, transport="lora_dir", location=str(final), num_bytes=num_bytes)
+        if self._last_handle is not None:  # the engines have moved on to the new one
+            import shutil
+
+            shutil.rmtree(self._last_handle.location, ignore_errors=True)
         self._last_handle = handle
         return handle
 
@@ -389,8 +426,23 @@ class PolicyTrainer:
         return self.version
 
     def close(self) -> None:
+        if self._last_handle is not None and self._last_handle.transport == "lora_dir":
+            import shutil
+
+            shutil.rmtree(self._last_handle.location, ignore_errors=True)
         if self.transport is not None and hasattr(self.transport, "close"):
             self.transport.close()
+
+
+def _wrap_adapter(model, cfg: AdapterConfig, init_dir: Optional[str]):
+    """The base model with a trainable LoRA (PEFT): loaded from ``init_dir``, or new."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    if init_dir:
+        return PeftModel.from_pretrained(model, init_dir, is_trainable=True)
+    lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(cfg.target_modules),
+                      task_type="CAUSAL_LM")
+    return get_peft_model(model, lora)
 
 
 def _split(items: list[int], parts: int, unit: int = 1) -> list[list[int]]:

@@ -68,6 +68,10 @@ class PreferenceTrainer(PolicyTrainer):
         super().__init__(dataclasses.replace(setup, algorithm=alg))
         algorithms.get("preference_loss", alg.dpo_loss)  # fail at start-up on an unknown loss name
 
+    def ready(self) -> bool:
+        """Returns once the rank is up (the group waits on it, so start-up errors surface at start)."""
+        return True
+
     # ------------------------------------------------------------------ forward
 
     def _pair_logps(self, model, pairs: PreferencePairs) -> tuple[Tensor, Tensor]:

@@ -193,3 +193,50 @@ def test_pairs_equal_after_truncation_are_dropped(tokenizer):
     ]
     pairs, report = tokenize_pairs(texts, tokenizer, max_len=10)
     assert report.dropped_identical == [0] and pairs.rows == [1]
+
+
+# ------------------------------------------------------------------------------- the DPO recipe
+
+
+def test_dpo_recipe_validates_and_reaches_dpo():
+    from pathlib import Path
+
+    from rl.config import load_recipe
+    from rl.dpo import check_dpo_recipe
+
+    root = Path(__file__).resolve().parents[2]
+    recipe = load_recipe(root / "recipes" / "dpo-hh-tiny.yaml", check_paths=False)
+    assert recipe.algorithm.name == "dpo" and recipe.data.preference_format == "hh_dialogue"
+    check_dpo_recipe(recipe)
+
+
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ("trainer.mini_batches=2", "trainer.mini_batches"),
+        ("algorithm.kl_coef=0.1", "algorithm.kl_coef"),
+        ("algorithm.dpo_loss=sigmoidd", "algorithm.dpo_loss"),
+        ("model.path=builtin:tiny-arithmetic", "model.path"),
+        ("data.train=builtin:arithmetic", "data.train"),
+    ],
+)
+def test_settings_that_dpo_would_ignore_fail_naming_the_field(override, field):
+    from pathlib import Path
+
+    from rl.config import load_recipe
+    from rl.dpo import check_dpo_recipe
+
+    root = Path(__file__).resolve().parents[2]
+    recipe = load_recipe(root / "recipes" / "dpo-hh-tiny.yaml", [override], check_paths=False)
+    with pytest.raises(RecipeError, match=f"'{field}'"):
+        check_dpo_recipe(recipe)
+
+
+def test_bad_pair_stops_the_run_before_any_worker(tmp_path):
+    from rl.config import load_recipe
+    from rl.dpo import OfflineDPO
+
+    path = _write(tmp_path / "hh.jsonl", [GOOD_HH, GOOD_HH, {"chosen": GOOD_HH["chosen"], "rejected": GOOD_HH["chosen"]}])
+    recipe = load_recipe(None, ["algorithm.name=dpo", "data.preference_format=hh_dialogue", f"data.train={path}", "model.path=builtin:tiny-text"])
+    with pytest.raises(PreferenceDataError, match="row 2, fields 'chosen'/'rejected': chosen == rejected"):
+        OfflineDPO(recipe)

@@ -15,7 +15,7 @@ from rewards import RewardScorer, RewardSpec, ScoreResult, get_reward, register_
 from rewards import registry
 from rewards.builtin import arithmetic_exact, format_answer, length_penalty, math_verify
 
-KINDS = {"exception", "nan", "wrong_length", "wrong_type"}
+KINDS = {"exception", "nan", "timeout", "wrong_length", "wrong_type"}
 
 
 @pytest.fixture
@@ -335,7 +335,7 @@ def test_raising_on_one_sample_costs_only_that_sample(faulty, caplog):
     assert result.per_reward["boom_on_one"] == [2.0, -1.0, 3.0, 0.0]
     assert result.per_reward["ones"] == [1.0] * 4
     assert result.total == [12.0, 9.0, 13.0, 10.0]
-    assert result.failures == {"exception": 1, "nan": 0, "wrong_length": 0, "wrong_type": 0}
+    assert result.failures == {"exception": 1, "nan": 0, "timeout": 0, "wrong_length": 0, "wrong_type": 0}
     assert set(result.first_tracebacks) == {"exception"}
     assert "ValueError: cannot score 'boom'" in result.first_tracebacks["exception"]
     assert "sample 1" in result.first_tracebacks["exception"]
@@ -348,14 +348,14 @@ def test_raising_on_one_sample_costs_only_that_sample(faulty, caplog):
     assert again.failures["exception"] == 2 and again.per_reward["boom_on_one"] == [-1.0, -1.0, 1.0]
     assert "exception" in again.first_tracebacks  # per result: the first of this batch
     assert caplog.records == [] and first_warnings >= 1  # logged once per scorer, not every step
-    assert scorer.total_failures == {"exception": 3, "nan": 0, "wrong_length": 0, "wrong_type": 0}
+    assert scorer.total_failures == {"exception": 3, "nan": 0, "timeout": 0, "wrong_length": 0, "wrong_type": 0}
 
 
 def test_nan_and_inf_fall_back(faulty):
     scorer = RewardScorer([RewardSpec("nan_and_inf")], fallback=0.25)
     result = scorer.score(["p"] * 4, ["ok", "nan", "inf", "-inf"], {})
     assert result.per_reward["nan_and_inf"] == [0.5, 0.25, 0.25, 0.25]
-    assert result.failures == {"exception": 0, "nan": 3, "wrong_length": 0, "wrong_type": 0}
+    assert result.failures == {"exception": 0, "nan": 3, "timeout": 0, "wrong_length": 0, "wrong_type": 0}
     assert "nan" in result.first_tracebacks["nan"]
     assert all(math.isfinite(x) for x in result.total)
 
@@ -367,7 +367,7 @@ def test_wrong_length_falls_back_per_sample(faulty):
     assert result.per_reward["skips_empty"] == [1.0, 0.0, 1.0]
     # one_too_many: wrong even one sample at a time, so every sample falls back.
     assert result.per_reward["one_too_many"] == [0.0, 0.0, 0.0]
-    assert result.failures == {"exception": 0, "nan": 0, "wrong_length": 4, "wrong_type": 0}
+    assert result.failures == {"exception": 0, "nan": 0, "timeout": 0, "wrong_length": 4, "wrong_type": 0}
     assert "wrong_length" in result.first_tracebacks
 
 
@@ -382,7 +382,7 @@ def test_non_sequence_and_non_numeric_values(faulty):
     values = RewardScorer([RewardSpec("odd_values")], fallback=-5.0).score(["p"] * 8, list("abcdefgh"), {})
     # "1.0" and None and [1.0] are not numbers; 10**400 overflows a float; numpy scalars are fine.
     assert values.per_reward["odd_values"] == [-5.0, -5.0, 2.0, 1.0, 0.25, 0.5, -5.0, -5.0]
-    assert values.failures == {"exception": 0, "nan": 1, "wrong_length": 0, "wrong_type": 3}
+    assert values.failures == {"exception": 0, "nan": 1, "timeout": 0, "wrong_length": 0, "wrong_type": 3}
     assert all(type(x) is float for x in values.per_reward["odd_values"])
 
 

@@ -1,0 +1,506 @@
+"""Run generated Python in a separate, resource-limited process: for rewards that execute model output.
+
+:func:`run_python` runs ``code`` in a fresh ``python -I`` subprocess and returns a
+:class:`SandboxResult`; it never lets the code run past its limits or print without bound:
+
+=================  ==============================================================================
+limit              how
+=================  ==============================================================================
+wall clock         ``timeout_seconds``; then the whole process group is killed (``SIGKILL``)
+CPU time           ``RLIMIT_CPU`` = ``cpu_seconds`` (``SIGXCPU``), ``SIGKILL`` one second later
+memory             ``RLIMIT_AS`` = ``memory_mb`` MiB of address space (allocations raise ``MemoryError``)
+files              ``RLIMIT_FSIZE`` (:data:`FILE_SIZE_LIMIT_BYTES` per file), ``RLIMIT_CORE`` = 0,
+                   a fresh temporary directory as cwd (deleted afterwards), a minimal environment
+processes          ``RLIMIT_NPROC``: at most ``max_processes`` tasks (processes and threads) for the
+                   run -- only where the kernel enforces it, see :func:`nproc_limit_enforced`
+output             the first ``max_output_bytes`` of stdout and of stderr are kept; the rest is
+                   read and dropped (``truncated``), so a chatty program cannot fill memory
+network            see below
+=================  ==============================================================================
+
+Limits are set in ``preexec_fn`` (after ``fork``, before ``exec``) with soft = hard, so an
+unprivileged child cannot raise them back. Every descendant inherits them (per process,
+except ``RLIMIT_NPROC``, which counts the user's tasks), and every descendant that stays in
+the process group is killed when the run ends, even when the main program exited normally.
+
+Network
+-------
+Two layers, the first only where the kernel allows it (probed once, :func:`network_isolation`):
+
+1. ``"namespace"``: the child enters a new, empty network namespace (``unshare(CLONE_NEWNET)``,
+   the system call behind ``unshare --net``; as an unprivileged user together with a new user
+   namespace, like ``unshare -rn``). It has only a loopback interface, which is down: no
+   connection to anything, the host's own ``127.0.0.1`` included, from the program or from any
+   process it starts. This is a kernel guarantee, with one caveat: it holds against a program
+   that cannot re-enter the host namespace with ``setns``, which needs ``CAP_SYS_ADMIN``, so the
+   child also drops every capability from its bounding set (a root parent's child then runs as
+   uid 0 without capabilities) and sets ``no_new_privs``.
+2. ``"guard"`` (always installed, and all there is when the namespace is unavailable): a
+   bootstrap run before the user code replaces ``socket.socket``, ``socket.create_connection``,
+   ``socket.create_server`` and the resolver functions (``getaddrinfo``, ...) with ones that
+   raise ``PermissionError``. This is a best-effort, in-process guard against *accidental*
+   network use (``urllib``, ``requests``, ``http.client``, ``asyncio`` connections), not a
+   sandbox: code that starts another program (``subprocess``, ``os.system``), calls libc through
+   ``ctypes``, or digs the original socket type out of an object gets past it.
+   ``socket.socketpair()`` keeps working (it is local), so ``asyncio`` event loops still start.
+
+What this is not
+----------------
+A guard against accidents and runaway generated code (infinite loops, memory blow-ups, fork
+loops where ``RLIMIT_NPROC`` works, stray network calls), not a security boundary against a
+hostile program: the child runs as the same user as the trainer, so it can read (and, as
+root, write) that user's files and signal that user's processes; a process that calls
+``setsid`` leaves the process group and survives the end-of-run kill (it keeps its CPU,
+memory and file limits). For untrusted code at scale run the trainer as an unprivileged user,
+or the sandbox inside a container or VM.
+
+``preexec_fn`` is documented as unsafe with threads in the parent (the child could deadlock
+before ``exec``); the function here only makes system calls through objects created
+beforehand -- no imports, no allocation-heavy work, no locks -- which keeps that risk small.
+
+>>> result = run_python("import sys; print(sum(int(x) for x in sys.stdin.read().split()))", stdin="1 2 3")
+>>> result.returncode, result.stdout, result.timed_out, result.killed_reason
+(0, '6\\n', False, None)
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import resource
+import selectors
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+__all__ = [
+    "SandboxResult",
+    "run_python",
+    "network_isolation",
+    "nproc_limit_enforced",
+    "FILE_SIZE_LIMIT_BYTES",
+]
+
+FILE_SIZE_LIMIT_BYTES = 16 * 1024 * 1024
+"""``RLIMIT_FSIZE`` of the child: no single file it writes grows past this (pipes are not files)."""
+
+_KILL_GRACE_SECONDS = 0.5  # after the main process ended: how long to wait for its pipes to close
+_POLL_SECONDS = 0.1  # how often the reader checks whether the main process ended
+
+# Linux constants (sched.h, linux/prctl.h); the network namespace is Linux-only.
+_CLONE_NEWUSER = 0x10000000
+_CLONE_NEWNET = 0x40000000
+_PR_CAPBSET_DROP = 24
+_PR_SET_NO_NEW_PRIVS = 38
+
+
+@dataclass
+class SandboxResult:
+    """What happened to one :func:`run_python` call.
+
+    Attributes:
+        returncode: the exit status; negative ``-N`` when the process died of signal ``N``.
+        stdout, stderr: decoded as UTF-8 (undecodable bytes replaced), each cut to
+            ``max_output_bytes`` bytes.
+        timed_out: the run was stopped by a time limit: the wall clock or ``RLIMIT_CPU``.
+        killed_reason: why the program did not finish on its own, or None:
+            ``"wall_timeout"`` (killed by :func:`run_python` at ``timeout_seconds``),
+            ``"cpu_limit"`` (``SIGXCPU``/``SIGKILL`` from ``RLIMIT_CPU``),
+            ``"memory_limit"`` (it exited on a ``MemoryError``, the usual effect of
+            ``RLIMIT_AS``; recognised from stderr), or ``"signal:SIGxxx"`` (another signal).
+        truncated: stdout or stderr was longer than ``max_output_bytes``.
+    """
+
+    returncode: int
+    stdout: str
+    stderr: str
+    timed_out: bool
+    killed_reason: str | None
+    truncated: bool = False
+
+
+def run_python(
+    code: str,
+    stdin: str = "",
+    *,
+    timeout_seconds: float = 5.0,
+    cpu_seconds: int = 5,
+    memory_mb: int = 512,
+    max_output_bytes: int = 65536,
+    max_processes: int = 64,
+) -> SandboxResult:
+    """Run ``code`` as a Python program in a fresh, limited subprocess (see the module docstring).
+
+    The program is ``main.py`` in a new temporary directory that is its working directory,
+    run by this interpreter (``sys.executable``, so the same installed packages) in isolated
+    mode (``-I``: no ``PYTHON*`` variables, no user site, no script directory on ``sys.path``),
+    with an environment of only ``PATH``, ``HOME``/``TMPDIR`` (the temporary directory) and
+    ``LANG``. ``stdin`` is its standard input.
+
+    Args:
+        code: the program's source.
+        stdin: its standard input (UTF-8).
+        timeout_seconds: wall-clock limit; the process group is killed at this time.
+        cpu_seconds: CPU-time limit of each process (``RLIMIT_CPU``).
+        memory_mb: address-space limit of each process (``RLIMIT_AS``). A Python process
+            starts at about 30 MiB; each thread reserves stack and a malloc arena, so
+            threaded programs need more.
+        max_output_bytes: bytes kept of stdout and of stderr each.
+        max_processes: tasks (processes + threads) the run may have at once, itself
+            included, where ``RLIMIT_NPROC`` is enforced (see :func:`nproc_limit_enforced`).
+
+    Raises:
+        ValueError: a limit is not positive.
+        OSError: the subprocess could not be started (an infrastructure problem, not a
+            property of ``code``).
+    """
+    if not timeout_seconds > 0 or not cpu_seconds > 0 or not memory_mb > 0 or max_output_bytes < 0 or max_processes < 1:
+        raise ValueError(
+            f"run_python limits must be positive: timeout_seconds={timeout_seconds!r}, cpu_seconds={cpu_seconds!r}, "
+            f"memory_mb={memory_mb!r}, max_output_bytes={max_output_bytes!r}, max_processes={max_processes!r}"
+        )
+    net_flags = _net_flags()
+    workdir = tempfile.mkdtemp(prefix="rl-sandbox-")
+    try:
+        with open(os.path.join(workdir, "main.py"), "w", encoding="utf-8", errors="replace") as f:
+            f.write(code)
+        limits = [
+            (resource.RLIMIT_CPU, int(cpu_seconds), int(cpu_seconds) + 1),
+            (resource.RLIMIT_AS, int(memory_mb) * 1024 * 1024, None),
+            (resource.RLIMIT_FSIZE, FILE_SIZE_LIMIT_BYTES, None),
+            (resource.RLIMIT_CORE, 0, None),
+            # RLIMIT_NPROC counts every task of the real user, not just this run's: allow
+            # what the user already has plus max_processes.
+            (resource.RLIMIT_NPROC, _tasks_of_user(os.getuid()) + int(max_processes), None),
+        ]
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-I", "-c", _BOOTSTRAP],
+                cwd=workdir,
+                env={"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8"},
+                stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                start_new_session=True,  # its own process group: killed as a whole
+                close_fds=True,
+                preexec_fn=_make_preexec(limits, net_flags),
+            )
+        except subprocess.SubprocessError as e:  # preexec_fn failed: no namespace or limits -> do not run
+            raise OSError(f"could not start the sandboxed process (namespace or limits refused): {e}") from e
+        deadline = time.monotonic() + timeout_seconds
+        stdout, stderr, truncated, wall_killed = _communicate(
+            proc, stdin.encode("utf-8", errors="replace"), deadline, max_output_bytes
+        )
+        cpu_used = _reap(proc)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    out_text = stdout.decode("utf-8", errors="replace")
+    err_text = stderr.decode("utf-8", errors="replace")
+    reason = _killed_reason(proc.returncode, err_text, wall_killed, cpu_used, cpu_seconds)
+    return SandboxResult(
+        returncode=proc.returncode,
+        stdout=out_text,
+        stderr=err_text,
+        timed_out=reason in ("wall_timeout", "cpu_limit"),
+        killed_reason=reason,
+        truncated=truncated,
+    )
+
+
+def network_isolation() -> str:
+    """How :func:`run_python` cuts the network here: ``"namespace"`` (a kernel network
+    namespace, plus the in-process guard) or ``"guard"`` (the in-process guard only).
+    Probed once per process by starting a child in a new namespace."""
+    return "namespace" if _net_flags() else "guard"
+
+
+def nproc_limit_enforced() -> bool:
+    """Whether the kernel enforces ``RLIMIT_NPROC`` on :func:`run_python`'s children, probed
+    once: a sandboxed program with ``max_processes=1`` tries to fork.
+
+    False when the trainer runs as root: Linux exempts uid 0 (and holders of
+    ``CAP_SYS_RESOURCE``/``CAP_SYS_ADMIN`` at fork time) from ``RLIMIT_NPROC``, so a fork loop
+    is then bounded only by the wall-clock kill of the process group, the per-process CPU
+    and memory limits, and the machine's ``pid_max``.
+    """
+    global _NPROC_ENFORCED
+    with _PROBE_LOCK:
+        if _NPROC_ENFORCED is None:
+            probe = run_python(_NPROC_PROBE, timeout_seconds=10.0, max_processes=1)
+            _NPROC_ENFORCED = probe.stdout.strip() == "limited"
+        return _NPROC_ENFORCED
+
+
+# --- the child: bootstrap and preexec ------------------------------------------------------------
+
+# Run with `python -I -c`: install the network guard, then run main.py as __main__.
+_BOOTSTRAP = r'''
+def _rl_sandbox_prepare():
+    globals().pop("_rl_sandbox_prepare")
+    import os, socket, _socket, sys
+
+    def blocked(*args, **kwargs):
+        raise PermissionError(1, "network access is disabled in the reward sandbox")
+
+    class socket_(socket.socket):
+        __slots__ = ()
+
+        def __init__(self, family=-1, type=-1, proto=-1, fileno=None):
+            if fileno is None:  # wrapping an existing descriptor (socketpair) is not network access
+                blocked()
+            super().__init__(family, type, proto, fileno)
+
+    socket_.__name__ = socket_.__qualname__ = "socket"
+    socket.socket = socket.SocketType = socket_  # not _socket.socket: socket.socket.__init__ calls it
+    for name in ("create_connection", "create_server", "getaddrinfo", "gethostbyname", "gethostbyname_ex",
+                 "gethostbyaddr", "getnameinfo"):
+        setattr(socket, name, blocked)
+        if hasattr(_socket, name):
+            setattr(_socket, name, blocked)
+    path = os.path.abspath("main.py")
+    sys.argv[:] = [path]
+    globals()["__file__"] = path
+    with open(path, encoding="utf-8") as f:
+        return compile(f.read(), path, "exec")
+exec(_rl_sandbox_prepare())
+'''
+
+_NPROC_PROBE = """
+import os
+try:
+    pid = os.fork()
+except OSError:
+    print("limited")
+else:
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+    print("unlimited")
+"""
+
+_LIBC = None
+if sys.platform.startswith("linux"):
+    try:
+        _LIBC = ctypes.CDLL(None, use_errno=True)  # the C library this interpreter is linked with
+        _LIBC.unshare, _LIBC.prctl  # noqa: B018 -- both must exist
+    except (OSError, AttributeError):
+        _LIBC = None
+
+
+def _cap_last() -> int:
+    try:
+        with open("/proc/sys/kernel/cap_last_cap") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 40
+
+
+_CAPS = tuple(range(_cap_last() + 1))
+
+
+def _make_preexec(limits: list[tuple[int, int, int | None]], net_flags: int) -> Callable[[], None]:
+    """The function run in the child between fork and exec. Everything it uses exists already."""
+    hard_limits = []
+    for res, soft, hard in limits:
+        _, current_hard = resource.getrlimit(res)
+        hard = soft if hard is None else hard
+        if current_hard != resource.RLIM_INFINITY:  # lowering only: never ask for more than allowed
+            soft, hard = min(soft, current_hard), min(hard, current_hard)
+        hard_limits.append((res, (soft, hard)))
+    # Looked up here, in the parent: the child should only make calls.
+    unshare = _LIBC.unshare if _LIBC is not None and net_flags else None
+    prctl = _LIBC.prctl if _LIBC is not None else None
+
+    def preexec() -> None:
+        if unshare is not None:
+            if unshare(net_flags) != 0:  # before dropping capabilities: it needs CAP_SYS_ADMIN
+                raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNET) failed")
+        for res, value in hard_limits:
+            try:
+                resource.setrlimit(res, value)
+            except (ValueError, OSError):
+                if res != resource.RLIMIT_NPROC:  # NPROC "where it works"; the others must hold
+                    raise
+        if prctl is not None:
+            for cap in _CAPS:  # fails harmlessly (EPERM/EINVAL) where there is nothing to drop
+                prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0)
+            prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+
+    return preexec
+
+
+# --- probes -------------------------------------------------------------------------------------
+
+_PROBE_LOCK = threading.RLock()  # nproc_limit_enforced -> run_python -> _net_flags
+_NET_FLAGS: int | None = None  # 0: no namespace available
+_NPROC_ENFORCED: bool | None = None
+
+
+def _net_flags() -> int:
+    """The ``unshare`` flags that work here, tried once: a network namespace, else a user +
+    network namespace (unprivileged users, where allowed), else 0 (guard only)."""
+    global _NET_FLAGS
+    with _PROBE_LOCK:
+        if _NET_FLAGS is None:
+            _NET_FLAGS = 0
+            if _LIBC is not None:
+                for flags in (_CLONE_NEWNET, _CLONE_NEWUSER | _CLONE_NEWNET):
+                    if _namespace_works(flags):
+                        _NET_FLAGS = flags
+                        break
+        return _NET_FLAGS
+
+
+def _namespace_works(flags: int) -> bool:
+    try:
+        probe = subprocess.run(
+            [sys.executable, "-I", "-c", "import socket; print(len(socket.if_nameindex()))"],
+            preexec_fn=_make_preexec([], flags), stdin=subprocess.DEVNULL, capture_output=True,
+            timeout=30, env={"PATH": "/usr/bin:/bin"},
+        )
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return probe.returncode == 0 and probe.stdout.strip() == b"1"  # only the loopback interface
+
+
+def _tasks_of_user(uid: int) -> int:
+    """Tasks (threads) whose real uid is ``uid``: what ``RLIMIT_NPROC`` counts. 0 without /proc."""
+    total = 0
+    try:
+        entries = os.scandir("/proc")
+    except OSError:
+        return 0
+    with entries:
+        for entry in entries:
+            if not entry.name.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry.name}/status", "rb") as f:
+                    status = f.read()
+            except OSError:
+                continue  # gone meanwhile
+            uid_field = threads = None
+            for line in status.splitlines():
+                if line.startswith(b"Uid:"):
+                    uid_field = line.split()[1]
+                elif line.startswith(b"Threads:"):
+                    threads = line.split()[1]
+            if uid_field is not None and int(uid_field) == uid:
+                total += int(threads) if threads is not None else 1
+    return total
+
+
+# --- the parent: I/O, kill, reap ----------------------------------------------------------------
+
+
+def _communicate(proc: subprocess.Popen, data: bytes, deadline: float, limit: int) -> tuple[bytes, bytes, bool, bool]:
+    """Feed stdin and read stdout/stderr until the program ends or ``deadline``; then kill
+    whatever is left of its process group. Returns (stdout, stderr, truncated, wall_killed)."""
+    buffers = {proc.stdout: bytearray(), proc.stderr: bytearray()}
+    truncated = False
+    wall_killed = False
+    sel = selectors.DefaultSelector()
+    for stream in buffers:
+        sel.register(stream, selectors.EVENT_READ)
+    pending = memoryview(data)
+    if proc.stdin is not None:
+        os.set_blocking(proc.stdin.fileno(), False)
+        sel.register(proc.stdin, selectors.EVENT_WRITE)
+    kill_deadline = None  # set once the group is killed: pipes get this long to close
+    try:
+        # 1. Until stdout and stderr close (normally: the program exited), the deadline passes,
+        #    or the main process ends while a descendant still holds a pipe.
+        while sel.get_map():
+            now = time.monotonic()
+            if kill_deadline is None and (now >= deadline or _has_exited(proc.pid)):
+                wall_killed = now >= deadline and not _has_exited(proc.pid)
+                _kill_group(proc.pid)
+                kill_deadline = now + _KILL_GRACE_SECONDS
+            if kill_deadline is not None and now >= kill_deadline:
+                break  # a process that left the group still holds a pipe: stop reading
+            wait = (kill_deadline if kill_deadline is not None else deadline) - now
+            for key, _ in sel.select(timeout=max(0.0, min(wait, _POLL_SECONDS))):
+                stream = key.fileobj
+                if stream is proc.stdin:
+                    try:
+                        written = os.write(stream.fileno(), pending[:65536])
+                    except BrokenPipeError:
+                        written = len(pending)  # it stopped reading: drop the rest
+                    except BlockingIOError:
+                        continue
+                    pending = pending[written:]
+                    if not pending:
+                        sel.unregister(stream)
+                        stream.close()
+                    continue
+                chunk = os.read(stream.fileno(), 65536)
+                if not chunk:
+                    sel.unregister(stream)
+                    continue
+                buffer = buffers[stream]
+                room = limit - len(buffer)
+                if len(chunk) > room:
+                    truncated = True
+                buffer += chunk[: max(room, 0)]
+        # 2. Pipes closed on their own: wait for the exit itself (it follows the close at
+        #    once, unless the program closed its output and runs on), up to the deadline.
+        delay = 0.001
+        while kill_deadline is None and not _has_exited(proc.pid):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                wall_killed = True
+                break
+            time.sleep(min(delay, remaining))
+            delay = min(2 * delay, _POLL_SECONDS)
+    finally:
+        sel.close()
+        _kill_group(proc.pid)  # descendants left in the group (or everything, on an error here)
+        for stream in (proc.stdin, proc.stdout, proc.stderr):
+            if stream is not None and not stream.closed:
+                stream.close()
+    return bytes(buffers[proc.stdout]), bytes(buffers[proc.stderr]), truncated, wall_killed
+
+
+def _has_exited(pid: int) -> bool:
+    """True once the main process has exited; it is left unreaped (WNOWAIT), so its pid -- and
+    with it the process-group id -- cannot be reused before :func:`_kill_group`."""
+    try:
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
+        return True
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _reap(proc: subprocess.Popen) -> float:
+    """Wait for the main process; set ``proc.returncode``; return its CPU seconds."""
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _killed_reason(returncode: int, stderr: str, wall_killed: bool, cpu_used: float, cpu_seconds: float) -> str | None:
+    if wall_killed:
+        return "wall_timeout"
+    if returncode == -signal.SIGXCPU or (returncode == -signal.SIGKILL and cpu_used >= cpu_seconds - 0.05):
+        return "cpu_limit"
+    if returncode < 0:
+        try:
+            return f"signal:{signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"signal:{-returncode}"
+    if returncode != 0 and "MemoryError" in stderr[-2000:]:
+        return "memory_limit"
+    return None
