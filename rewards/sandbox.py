@@ -18,8 +18,8 @@ output             the first ``max_output_bytes`` of stdout and of stderr are ke
 network            see below
 =================  ==============================================================================
 
-Limits are set in ``preexec_fn`` (after ``fork``, before ``exec``) with soft = hard, so an
-unprivileged child cannot raise them back. Every descendant inherits them (per process,
+Limits are set in ``preexec_fn`` (after ``fork``, before ``exec``) as hard limits, which the
+child cannot raise back: it has no ``CAP_SYS_RESOURCE`` (see the capabilities below). Every descendant inherits them (per process,
 except ``RLIMIT_NPROC``, which counts the user's tasks), and every descendant that stays in
 the process group is killed when the run ends, even when the main program exited normally.
 
@@ -34,7 +34,10 @@ Two layers, the first only where the kernel allows it (probed once, :func:`netwo
    process it starts. This is a kernel guarantee, with one caveat: it holds against a program
    that cannot re-enter the host namespace with ``setns``, which needs ``CAP_SYS_ADMIN``, so the
    child also drops every capability from its bounding set (a root parent's child then runs as
-   uid 0 without capabilities) and sets ``no_new_privs``.
+   uid 0 without capabilities) and sets ``no_new_privs``. Unix-domain sockets bound to file
+   paths are not scoped by network namespaces: code that gets past the guard below can still
+   reach a local service listening on such a path (a Docker or D-Bus socket, say) if file
+   permissions let it.
 2. ``"guard"`` (always installed, and all there is when the namespace is unavailable): a
    bootstrap run before the user code replaces ``socket.socket``, ``socket.create_connection``,
    ``socket.create_server`` and the resolver functions (``getaddrinfo``, ...) with ones that
@@ -48,8 +51,8 @@ What this is not
 ----------------
 A guard against accidents and runaway generated code (infinite loops, memory blow-ups, fork
 loops where ``RLIMIT_NPROC`` works, stray network calls), not a security boundary against a
-hostile program: the child runs as the same user as the trainer, so it can read (and, as
-root, write) that user's files and signal that user's processes; a process that calls
+hostile program: the child runs as the same user as the trainer, so it can read and write
+that user's files and signal that user's processes (the trainer included); a process that calls
 ``setsid`` leaves the process group and survives the end-of-run kill (it keeps its CPU,
 memory and file limits). For untrusted code at scale run the trainer as an unprivileged user,
 or the sandbox inside a container or VM.
@@ -66,6 +69,7 @@ beforehand -- no imports, no allocation-heavy work, no locks -- which keeps that
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 import resource
 import selectors
@@ -147,7 +151,7 @@ def run_python(
         code: the program's source.
         stdin: its standard input (UTF-8).
         timeout_seconds: wall-clock limit; the process group is killed at this time.
-        cpu_seconds: CPU-time limit of each process (``RLIMIT_CPU``).
+        cpu_seconds: CPU-time limit of each process (``RLIMIT_CPU``, rounded up to whole seconds).
         memory_mb: address-space limit of each process (``RLIMIT_AS``). A Python process
             starts at about 30 MiB; each thread reserves stack and a malloc arena, so
             threaded programs need more.
@@ -165,13 +169,14 @@ def run_python(
             f"run_python limits must be positive: timeout_seconds={timeout_seconds!r}, cpu_seconds={cpu_seconds!r}, "
             f"memory_mb={memory_mb!r}, max_output_bytes={max_output_bytes!r}, max_processes={max_processes!r}"
         )
+    cpu = max(1, math.ceil(cpu_seconds))  # RLIMIT_CPU counts whole seconds
     net_flags = _net_flags()
     workdir = tempfile.mkdtemp(prefix="rl-sandbox-")
     try:
         with open(os.path.join(workdir, "main.py"), "w", encoding="utf-8", errors="replace") as f:
             f.write(code)
         limits = [
-            (resource.RLIMIT_CPU, int(cpu_seconds), int(cpu_seconds) + 1),
+            (resource.RLIMIT_CPU, cpu, cpu + 1),
             (resource.RLIMIT_AS, int(memory_mb) * 1024 * 1024, None),
             (resource.RLIMIT_FSIZE, FILE_SIZE_LIMIT_BYTES, None),
             (resource.RLIMIT_CORE, 0, None),
@@ -203,7 +208,7 @@ def run_python(
 
     out_text = stdout.decode("utf-8", errors="replace")
     err_text = stderr.decode("utf-8", errors="replace")
-    reason = _killed_reason(proc.returncode, err_text, wall_killed, cpu_used, cpu_seconds)
+    reason = _killed_reason(proc.returncode, err_text, wall_killed, cpu_used, cpu)
     return SandboxResult(
         returncode=proc.returncode,
         stdout=out_text,

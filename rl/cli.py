@@ -3,6 +3,7 @@
     rl train RECIPE.yaml [dotted.key=value ...]   run a recipe (GRPO, 2-GRPO, online or offline DPO)
     rl config RECIPE.yaml [dotted.key=value ...]  print the fully resolved recipe and derived sizes
     rl eval RECIPE.yaml [overrides] [--k K]       evaluate model.path on the recipe's held-out set
+    rl submit RECIPE.yaml [overrides] --address URL   run a recipe as a Ray Job on a cluster
     rl plot RUN_DIR [RUN_DIR ...] [--out F]       overlay the curves of several runs in one PNG
     rl library add|list|show|remove|merge|export|cluster   the adapter library (see adapters/)
 """
@@ -43,6 +44,13 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+def _cmd_submit(args) -> int:
+    from rl.submit import submit
+
+    _, status = submit(args.recipe, args.overrides, args.address, wait=not args.no_wait, python=args.python)
+    return 0 if status in ("SUCCEEDED", "PENDING", "RUNNING") else 1
+
+
 def _cmd_plot(args) -> int:
     from rl.plot import plot_runs
 
@@ -57,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         ("train", _cmd_train, "run a recipe"),
         ("config", _cmd_config, "print the resolved recipe"),
         ("eval", _cmd_eval, "evaluate model.path on the recipe's held-out set"),
+        ("submit", _cmd_submit, "run a recipe as a Ray Job on a cluster"),
     ):
         p = sub.add_parser(name, help=help_)
         p.add_argument("recipe", help="a recipe YAML (see recipes/)")
@@ -65,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     sub.choices["eval"].add_argument("--k", type=int, default=1, help="samples per prompt: 1 = greedy accuracy, >1 = mean@k and pass@k")
     sub.choices["eval"].add_argument("--temperature", type=float, default=None, help="default: 0 for k=1, else rollout.temperature")
     sub.choices["eval"].add_argument("--out", default=None, help="also write the result as JSON here")
+    sub.choices["submit"].add_argument("--address", default="http://127.0.0.1:8265", help="the cluster's Ray Jobs address")
+    sub.choices["submit"].add_argument("--no-wait", action="store_true", help="return once submitted")
+    sub.choices["submit"].add_argument("--python", default="python", help="the cluster's interpreter with the dependencies")
     p = sub.add_parser("plot", help="overlay the curves of several runs in one PNG")
     p.add_argument("run_dirs", nargs="+")
     p.add_argument("--out", default="plot.png")

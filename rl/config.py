@@ -198,6 +198,9 @@ class RewardItem(Section):
 class RewardsConfig(Section):
     functions: list[RewardItem] = Field(default_factory=lambda: [RewardItem(fn="arithmetic_exact")])
     fallback: float = Field(0.0, description="Reward given to a completion whose reward function fails.")
+    timeout_seconds: Optional[float] = Field(
+        None, gt=0.0, description="Per-call time limit of a reward function; a call past it costs its samples (fallback)."
+    )
     accuracy: Optional[str] = Field(
         None, description="Which reward function is 'accuracy' in metrics and evaluation; default: the first."
     )

@@ -98,7 +98,10 @@ class Trainer:
             self.run_dir = self.resume_from.parent.parent
         else:
             self.run_dir = recipe.run_dir(time.strftime("%Y%m%d-%H%M%S", time.localtime(self.started)))
-        self.scorer = RewardScorer([RewardSpec(fn=r.fn, weight=r.weight) for r in recipe.rewards.functions], fallback=recipe.rewards.fallback)
+        self.scorer = RewardScorer(
+            [RewardSpec(fn=r.fn, weight=r.weight) for r in recipe.rewards.functions],
+            fallback=recipe.rewards.fallback, timeout_seconds=recipe.rewards.timeout_seconds,
+        )
         self.advantages = _advantage_fn(recipe)
         algorithms.get("policy_loss", recipe.algorithm.policy_loss)
         self.paths = resolve_builtins(recipe, log_fn=lambda s: print(f"[rl] {s}", flush=True))

@@ -31,7 +31,8 @@ def init_ray(num_cpus_needed: float) -> None:
         include_dashboard=False,
         log_to_driver=True,
         configure_logging=False,
-        runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "RAY_DEDUP_LOGS": "1"}},
+        # A job brings its own runtime env (rl submit sets it); a local cluster gets ours.
+        runtime_env=None if joining else {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "RAY_DEDUP_LOGS": "1"}},
     )
 
 

@@ -90,3 +90,39 @@ def test_run_dir_layout_and_checkpoint(dpo_run):
     moved = max((p.detach() - base[n]).abs().max().item() for n, p in model.named_parameters() if n in base)
     assert moved > 1e-4
     assert torch.isfinite(torch.stack([p.detach().abs().max() for p in model.parameters()])).all()
+
+
+def test_two_zero3_ranks_with_uneven_shards_equal_one_rank(dpo_run):
+    """3 pairs on 2 ranks, 1 pair per micro-batch: rank 1 runs out and takes an idle pass, so the
+    ZeRO-3 collectives stay matched; the update equals the single-rank one."""
+    from transformers import AutoTokenizer
+
+    from rl.config import AlgorithmConfig, DataConfig, TrainerConfig
+    from rl.dpo import PreferenceTrainerGroup
+    from rl.preference_data import load_preference_texts, tokenize_pairs
+    from trainer.policy_trainer import TrainerSetup
+
+    s, build = dpo_run
+    model = str(build / "model")
+    pairs_file = Path(s["run_dir"]).parent / "hh64.jsonl"
+    texts, _ = load_preference_texts(DataConfig(preference_format="hh_dialogue"), str(pairs_file), str(pairs_file), seed=0)
+    pairs, _ = tokenize_pairs(texts[:3], AutoTokenizer.from_pretrained(model), 96)
+    results = []
+    for ranks, stage, micro in ((1, 0, 16), (2, 3, 1)):
+        setup = TrainerSetup(
+            model_path=model, dtype="float32", algorithm=AlgorithmConfig(name="dpo"), max_response_len=96, master_port=0,
+            trainer=TrainerConfig(num_ranks=ranks, zero_stage=stage, lr=1e-2, micro_batch_size=micro, max_grad_norm=1e6),
+        )
+        group = PreferenceTrainerGroup.create(setup, ranks, use_ray=True, num_cpus=0.5)
+        try:
+            ref = group.reference_logprobs(pairs, micro)
+            step = group.train_step(pairs, micro, *ref)
+            results.append((ref, step, group.evaluate(pairs, *ref, micro)))
+        finally:
+            group.close()
+            group.shutdown()
+    (ref1, step1, ev1), (ref2, step2, ev2) = results
+    assert ref1 == pytest.approx(ref2, abs=1e-4)
+    assert step1["loss"] == pytest.approx(math.log(2), abs=1e-6) and step2["pairs"] == 3
+    assert step1["grad_norm"] == pytest.approx(step2["grad_norm"], rel=1e-4)
+    assert ev1["loss"] == pytest.approx(ev2["loss"], abs=1e-4) and ev1["loss"] < 0.5

@@ -224,6 +224,16 @@ def test_normal_code_runs_with_stdin_in_a_fresh_directory():
     assert run_python("raise SystemExit(3)").returncode == 3
 
 
+def test_limits_cannot_be_raised_from_inside():
+    code = "import resource\nresource.setrlimit(resource.RLIMIT_CPU, (resource.RLIM_INFINITY,) * 2)"
+    result = run_python(code)
+    assert result.returncode == 1 and "ValueError: not allowed to raise maximum limit" in result.stderr
+    caps = run_python("print(open('/proc/self/status').read())").stdout
+    assert "CapEff:\t0000000000000000" in caps  # no capabilities, even with a root parent
+    if os.geteuid() == 0 and sandbox._LIBC is not None:
+        assert "CapBnd:\t0000000000000000" in caps  # and no way back to any by exec
+
+
 def test_big_stdin_and_output_do_not_deadlock():
     result = run_python("import sys\ndata = sys.stdin.read()\nprint(data[::-1])", stdin="ab" * 300_000,
                         max_output_bytes=1_000_000)

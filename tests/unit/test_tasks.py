@@ -13,10 +13,12 @@ from rl.tasks import arithmetic
 from rl.tasks.tiny_model import (
     TinyModelSpec,
     build_tiny_model,
+    build_model,
     build_tokenizer,
     default_cache_dir,
     encode_sft_batch,
     load_build_info,
+    run_sft,
 )
 
 # A spec small enough to build in a second or two.
@@ -26,6 +28,7 @@ TINY = TinyModelSpec(
     num_heads=2,
     intermediate_size=64,
     sft_steps=20,
+    sft_target_accuracy=0.0,  # fixed step count (the default stops on accuracy)
     sft_batch_size=16,
     n_train_rows=200,
     n_test_rows=50,
@@ -188,3 +191,32 @@ def test_default_cache_dir(monkeypatch, tmp_path):
     assert default_cache_dir() == tmp_path
     monkeypatch.delenv("RL_CACHE_DIR")
     assert default_cache_dir().name == "rl-post-train"
+
+
+def test_sft_loss_falls_and_on_step_can_stop_it():
+    tok = build_tokenizer()
+    spec = TinyModelSpec(**{**dataclasses.asdict(TINY), "sft_steps": 30, "sft_lr": 3e-3})
+    model = build_model(spec, tok)
+    seen: list[int] = []
+    losses = run_sft(model, tok, spec, log=lambda s: None, on_step=lambda step, m: seen.append(step) or step == 25)
+    assert len(losses) == 25 and seen == list(range(1, 26))
+    assert sum(losses[-5:]) < sum(losses[:5])
+
+
+def test_sft_target_accuracy_stops_early(tmp_path, monkeypatch):
+    import rl.tasks.tiny_model as tm
+
+    calls: list[int] = []
+
+    def fake_accuracy(model, tokenizer, problems, max_new_tokens):
+        calls.append(len(problems))
+        return 0.5 if len(problems) == 16 and len(calls) >= 2 else 0.0
+
+    monkeypatch.setattr(tm, "greedy_accuracy", fake_accuracy)
+    spec = TinyModelSpec(
+        **{**dataclasses.asdict(TINY), "sft_target_accuracy": 0.3, "sft_eval_every": 5, "sft_eval_rows": 16}
+    )
+    assert spec.name.endswith("-acc30")
+    info = load_build_info(build_tiny_model(spec, cache_dir=tmp_path, log=lambda s: None))
+    assert info["sft_steps_run"] == 10  # evaluated at 5 (0.0) and 10 (0.5 >= 0.3)
+    assert info["sft_train_split_accuracy"] == 0.5
