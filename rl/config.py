@@ -49,6 +49,8 @@ class DataConfig(Section):
     test: Optional[str] = Field(None, description="Held-out prompts; when unset, `test_fraction` of `train` is held out.")
     test_fraction: float = Field(0.1, gt=0.0, lt=1.0)
     max_test_examples: int = Field(500, ge=1, description="Held-out examples used by each evaluation.")
+    max_train_examples: Optional[int] = Field(
+        None, ge=1, description="Use only the first N training prompts (a fixed prompt set, e.g. to compare epochs).")
     prompt_column: str = "prompt"
     chosen_column: str = Field("chosen", description="DPO: the preferred response (or whole dialogue).")
     rejected_column: str = Field("rejected", description="DPO: the dispreferred response (or whole dialogue).")

@@ -119,6 +119,8 @@ def load_prompt_sets(cfg: DataConfig, train_path: str, test_path: Optional[str],
         split = train_rows.train_test_split(test_size=cfg.test_fraction, seed=seed)
         train_rows, test_rows = split["train"], split["test"]
     test_rows = test_rows.select(range(min(len(test_rows), cfg.max_test_examples)))
+    if cfg.max_train_examples:
+        train_rows = train_rows.select(range(min(len(train_rows), cfg.max_train_examples)))
     return (
         build_prompt_set(train_rows, cfg, tokenizer, max_prompt_tokens),
         build_prompt_set(test_rows, cfg, tokenizer, max_prompt_tokens),

@@ -92,9 +92,10 @@ def test_run_dir_layout_and_checkpoint(dpo_run):
     assert torch.isfinite(torch.stack([p.detach().abs().max() for p in model.parameters()])).all()
 
 
-def test_two_zero3_ranks_with_uneven_shards_equal_one_rank(dpo_run):
+def test_two_zero2_ranks_with_uneven_shards_equal_one_rank(dpo_run):
     """3 pairs on 2 ranks, 1 pair per micro-batch: rank 1 runs out and takes an idle pass, so the
-    ZeRO-3 collectives stay matched; the update equals the single-rank one."""
+    ZeRO collectives (a gradient reduce at every backward) stay matched; the update equals the
+    single-rank one. (ZeRO-3 passes the same check; it is left out here to keep the file fast.)"""
     from transformers import AutoTokenizer
 
     from rl.config import AlgorithmConfig, DataConfig, TrainerConfig
@@ -108,7 +109,7 @@ def test_two_zero3_ranks_with_uneven_shards_equal_one_rank(dpo_run):
     texts, _ = load_preference_texts(DataConfig(preference_format="hh_dialogue"), str(pairs_file), str(pairs_file), seed=0)
     pairs, _ = tokenize_pairs(texts[:3], AutoTokenizer.from_pretrained(model), 96)
     results = []
-    for ranks, stage, micro in ((1, 0, 16), (2, 3, 1)):
+    for ranks, stage, micro in ((1, 0, 16), (2, 2, 1)):
         setup = TrainerSetup(
             model_path=model, dtype="float32", algorithm=AlgorithmConfig(name="dpo"), max_response_len=96, master_port=0,
             trainer=TrainerConfig(num_ranks=ranks, zero_stage=stage, lr=1e-2, micro_batch_size=micro, max_grad_norm=1e6),
@@ -122,7 +123,8 @@ def test_two_zero3_ranks_with_uneven_shards_equal_one_rank(dpo_run):
             group.close()
             group.shutdown()
     (ref1, step1, ev1), (ref2, step2, ev2) = results
-    assert ref1 == pytest.approx(ref2, abs=1e-4)
+    for side in (0, 1):  # chosen, rejected
+        assert ref1[side] == pytest.approx(ref2[side], abs=1e-4)
     assert step1["loss"] == pytest.approx(math.log(2), abs=1e-6) and step2["pairs"] == 3
     assert step1["grad_norm"] == pytest.approx(step2["grad_norm"], rel=1e-4)
     assert ev1["loss"] == pytest.approx(ev2["loss"], abs=1e-4) and ev1["loss"] < 0.5
