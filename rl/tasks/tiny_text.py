@@ -65,8 +65,8 @@ class TinyTextSpec:
     max_position_embeddings: int = 1024  # RoPE: no parameters; only bounds max_model_len
     # -- pretraining (0 steps: a random model) ----------------------------------------------
     pretrain_steps: int = 300
-    pretrain_batch_size: int = 16
-    pretrain_seq_len: int = 128
+    pretrain_batch_size: int = 8
+    pretrain_seq_len: int = 256  # RoPE: positions beyond this are never trained; DPO recipes use up to 256
     pretrain_lr: float = 3e-3
     pretrain_warmup_steps: int = 20  # linear warm-up, then cosine down to 10%
     seed: int = 0
