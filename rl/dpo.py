@@ -38,7 +38,7 @@ from rl.config import BUILTIN_PREFIX, Recipe, RecipeError, recipe_to_yaml
 from rl.data import PromptSampler
 from rl.metrics import MetricsLogger
 from rl.preference_data import PreferencePairs, load_preference_texts, tokenize_pairs, training_texts
-from rl.workers import _Group, free_port, init_ray
+from rl.workers import _chunks, _Group, free_port, init_ray
 from trainer.policy_trainer import TrainerSetup
 
 TINY_TEXT = "builtin:tiny-text"
@@ -70,12 +70,9 @@ class PreferenceTrainerGroup(_Group):
         return group
 
     def _shards(self, n: int, micro_batch_size: int) -> tuple[list[range], int]:
-        parts = len(self.workers)
-        size, extra = divmod(n, parts)
-        bounds = [0]
-        for k in range(parts):
-            bounds.append(bounds[-1] + size + (1 if k < extra else 0))
-        shards = [range(bounds[k], bounds[k + 1]) for k in range(parts)]
+        """One contiguous range of pairs per rank (sizes differ by at most one; a range may be
+        empty) and the micro-batch count every rank runs."""
+        shards = _chunks(n, len(self.workers))
         return shards, max(1, math.ceil(max(len(s) for s in shards) / micro_batch_size))
 
     def reference_logprobs(self, pairs: PreferencePairs, micro_batch_size: int) -> tuple[list[float], list[float]]:
@@ -134,6 +131,9 @@ def check_dpo_recipe(recipe: Recipe) -> None:
         raise RecipeError("recipe field 'trainer.mini_batches': offline DPO takes one optimizer step per batch of data.prompts_per_step pairs; set it to 1")
     if r.algorithm.kl_coef != 0:
         raise RecipeError("recipe field 'algorithm.kl_coef': DPO's KL strength is algorithm.dpo_beta; set kl_coef to 0")
+    adapter = getattr(r, "adapter", None)
+    if adapter is not None and adapter.mode != "none":
+        raise RecipeError("recipe field 'adapter.mode': offline DPO trains the full model; adapter policies are not wired into it yet")
     if getattr(r, "resume", None):
         raise RecipeError("recipe field 'resume': offline DPO does not resume yet; start a fresh run")
     for field, value in (("data.train", r.data.train), ("data.test", r.data.test)):
@@ -168,7 +168,7 @@ def _write_checkpoint(group: PreferenceTrainerGroup, run_dir: Path, step: int, k
     final = root / f"step_{step:06d}"
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    group.save_pretrained(str(tmp))
+    group.save_pretrained(str(tmp.resolve()))  # absolute: the rank may run in another directory
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)

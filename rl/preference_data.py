@@ -105,18 +105,17 @@ class TokenizeReport:
 # ------------------------------------------------------------------------------------------ loading
 
 
-def load_preference_rows(source: str):
-    """A ``datasets.Dataset`` of raw rows; ``rl.data.load_rows`` plus compressed JSON(L) files.
-
-    HF ``datasets``' json builder decompresses ``.gz``/``.bz2``/``.xz``/``.zst`` by itself, but
-    ``load_rows`` picks the builder from the last suffix, so ``x.jsonl.gz`` is handled here.
-    """
+def load_preference_rows(source: str, skip_bad_lines: bool = False):
+    """A ``datasets.Dataset`` of raw rows: ``rl.data.load_rows`` (JSONL, also ``.jsonl.gz``, with
+    malformed lines named by file:line), plus other compressed JSON(L) (``x.json.gz``,
+    ``x.jsonl.xz``, ...), which HF ``datasets``' json builder decompresses by itself."""
     path = Path(source)
-    if path.is_file() and path.suffix in _COMPRESSED and Path(path.stem).suffix in (".jsonl", ".json"):
+    compressed = path.is_file() and path.suffix in _COMPRESSED and Path(path.stem).suffix in (".jsonl", ".json")
+    if compressed and not path.name.endswith(".jsonl.gz"):
         import datasets
 
         return datasets.load_dataset("json", data_files=[str(path)], split="train")
-    return load_rows(source)
+    return load_rows(source, skip_bad_lines)
 
 
 def split_hh_dialogue(chosen: str, rejected: str) -> tuple[str, str, str]:
@@ -202,10 +201,11 @@ def load_preference_texts(
     cfg: DataConfig, train_path: str, test_path: Optional[str], seed: int
 ) -> tuple[list[PreferenceText], list[PreferenceText]]:
     """(train, held-out) validated pairs. Without ``test_path``, a seeded ``test_fraction`` of
-    train is held out (at least one pair each side). Held-out is capped at ``max_test_examples``."""
-    train = validate_rows(load_preference_rows(train_path), cfg, train_path)
+    train is held out (at least one pair each side). Held-out is capped at ``max_test_examples``,
+    train (after the split, as for GRPO prompts) at ``max_train_examples``."""
+    train = validate_rows(load_preference_rows(train_path, cfg.skip_bad_lines), cfg, train_path)
     if test_path:
-        test = validate_rows(load_preference_rows(test_path), cfg, test_path)
+        test = validate_rows(load_preference_rows(test_path, cfg.skip_bad_lines), cfg, test_path)
     else:
         if len(train) < 2:
             raise PreferenceDataError(f"{train_path}: {len(train)} pair(s); holding out a test split needs at least 2 (or set data.test)")
@@ -214,6 +214,8 @@ def load_preference_texts(
         n_test = min(len(train) - 1, max(1, round(cfg.test_fraction * len(train))))
         test = [train[i] for i in sorted(order[:n_test])]
         train = [train[i] for i in sorted(order[n_test:])]
+    if cfg.max_train_examples:
+        train = train[: cfg.max_train_examples]
     return train, test[: cfg.max_test_examples]
 
 

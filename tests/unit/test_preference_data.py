@@ -141,6 +141,8 @@ def test_loads_jsonl_gz_and_holds_out_a_seeded_split(tmp_path):
     assert len(train) == 15 and len(test) == 3  # 5 held out, capped at 3
     assert not {t.row for t in train} & {t.row for t in test}
     assert load_preference_texts(cfg, path, None, seed=0) == (train, test)  # seeded
+    capped = DataConfig(preference_format="hh_dialogue", test_fraction=0.25, max_test_examples=3, max_train_examples=4)
+    assert load_preference_texts(capped, path, None, seed=0) == (train[:4], test)  # the same split, then the cap
 
 
 def test_test_file_is_used_when_given(tmp_path):
@@ -218,6 +220,7 @@ def test_dpo_recipe_validates_and_reaches_dpo():
         ("algorithm.dpo_loss=sigmoidd", "algorithm.dpo_loss"),
         ("model.path=builtin:tiny-arithmetic", "model.path"),
         ("data.train=builtin:arithmetic", "data.train"),
+        ("adapter.mode=lora", "adapter.mode"),
     ],
 )
 def test_settings_that_dpo_would_ignore_fail_naming_the_field(override, field):
@@ -240,3 +243,27 @@ def test_bad_pair_stops_the_run_before_any_worker(tmp_path):
     recipe = load_recipe(None, ["algorithm.name=dpo", "data.preference_format=hh_dialogue", f"data.train={path}", "model.path=builtin:tiny-text"])
     with pytest.raises(PreferenceDataError, match="row 2, fields 'chosen'/'rejected': chosen == rejected"):
         OfflineDPO(recipe)
+
+
+# ------------------------------------------------------------------------------- builtin:tiny-text
+
+
+def test_tiny_text_build_is_cached_by_spec_and_texts(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rl.tasks.tiny_text import TinyTextSpec, build_tiny_text
+
+    texts = [f"\n\nHuman: question {i}?\n\nAssistant: answer number {i}." for i in range(40)]
+    spec = TinyTextSpec(vocab_size=300, pretrain_steps=3, pretrain_batch_size=2, pretrain_seq_len=32)
+    logs: list[str] = []
+    first = build_tiny_text(texts, spec, cache_dir=tmp_path, log=logs.append)
+    assert build_tiny_text(texts, spec, cache_dir=tmp_path, log=logs.append) == first and "reusing" in logs[-1]
+    assert build_tiny_text(texts[:-1], spec, cache_dir=tmp_path, log=logs.append) != first  # the texts key the cache
+    assert not list((tmp_path / "tiny-text").glob(".tmp-*"))  # written to a temp dir, then renamed
+    tok = AutoTokenizer.from_pretrained(first / "model")
+    model = AutoModelForCausalLM.from_pretrained(first / "model")
+    assert model.config.hidden_size // model.config.num_attention_heads == 32  # vLLM CPU's smallest head size
+    assert len(tok) <= 300 and tok.decode(tok(texts[0])["input_ids"], skip_special_tokens=True) == texts[0]
+    assert tok("é😀")["input_ids"][0] == tok.bos_token_id and tok.unk_token_id is None  # byte-level: nothing unknown
+    with pytest.raises(ValueError, match="head_dim"):
+        TinyTextSpec(hidden_size=64, num_heads=4)

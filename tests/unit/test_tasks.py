@@ -220,3 +220,19 @@ def test_sft_target_accuracy_stops_early(tmp_path, monkeypatch):
     info = load_build_info(build_tiny_model(spec, cache_dir=tmp_path, log=lambda s: None))
     assert info["sft_steps_run"] == 10  # evaluated at 5 (0.0) and 10 (0.5 >= 0.3)
     assert info["sft_train_split_accuracy"] == 0.5
+
+
+def test_teacher_forced_accuracy_equals_greedy_accuracy():
+    from rl.tasks.tiny_model import greedy_accuracy, teacher_forced_accuracy
+
+    kw = {"digits": 1, "test_fraction": 0.3}
+    spec = TinyModelSpec(
+        **{**dataclasses.asdict(TINY), **kw, "sft_steps": 60, "sft_lr": 3e-3, "sft_batch_size": 32}
+    )
+    tok = build_tokenizer()
+    model = build_model(spec, tok)
+    run_sft(model, tok, spec, log=lambda s: None)
+    rows = arithmetic.make_problems(100, seed=0, split="train", **kw)
+    acc = teacher_forced_accuracy(model, tok, rows)
+    assert acc > 0
+    assert acc == pytest.approx(greedy_accuracy(model, tok, rows, spec.max_new_tokens))
