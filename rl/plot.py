@@ -44,10 +44,15 @@ def plot_runs(run_dirs: list[str], out: str, x: str = "step", labels: list[str] 
             ax.plot(xs, [r[key] for r in rows], marker="o" if kind == "eval" else None, markersize=3, label=label)
             ax.set_title(title)
             ax.set_xlabel("rollouts" if x == "rollouts" else "step")
-    for ax in axes.flat:
+    for ax, (key, kind, title) in zip(axes.flat, PANELS):
         if ax.lines:
             ax.legend(fontsize=7)
-        ax.grid(alpha=0.3)
+            ax.grid(alpha=0.3)
+        else:  # e.g. KL when no run had a KL term
+            ax.set_title(title)
+            ax.text(0.5, 0.5, f"no run logged {kind} '{key}'", ha="center", va="center", transform=ax.transAxes, color="gray")
+            ax.set_xticks([])
+            ax.set_yticks([])
     fig.tight_layout()
     out_path = Path(out)
     out_path.parent.mkdir(parents=True, exist_ok=True)

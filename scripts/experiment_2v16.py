@@ -29,6 +29,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--runs", default=str(ROOT / "runs" / "experiment-2v16"))
     ap.add_argument("--out", default=str(ROOT / "docs" / "experiments"))
+    ap.add_argument("--tag", default="", help="suffix of the report's file names, e.g. -lr1e-4")
     ap.add_argument("overrides", nargs="*", help="extra recipe overrides for every arm")
     args = ap.parse_args()
     os.chdir(ROOT)
@@ -41,7 +42,7 @@ def main() -> None:
     results = []
     for seed in args.seeds:
         for arm, recipe_path in ARMS:
-            run_dir = Path(args.runs) / f"{arm}-seed{seed}"
+            run_dir = Path(args.runs) / f"{arm}{args.tag}-seed{seed}"
             recipe = load_recipe(recipe_path, [f"seed={seed}", f"output_dir={run_dir}", "logging.progress=false",
                                                *args.overrides])
             summary = Trainer(recipe).fit()
@@ -52,15 +53,15 @@ def main() -> None:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "2-vs-16.json").write_text(json.dumps(results, indent=2))
-    plot_runs([r["run_dir"] for r in results if r["seed"] == args.seeds[0]], str(out / "2-vs-16-curves.png"), x="rollouts",
+    (out / f"2-vs-16{args.tag}.json").write_text(json.dumps(results, indent=2))
+    plot_runs([r["run_dir"] for r in results if r["seed"] == args.seeds[0]], str(out / f"2-vs-16{args.tag}-curves.png"), x="rollouts",
               labels=[r["arm"] for r in results if r["seed"] == args.seeds[0]])
 
     lines = [
         "# 2-GRPO vs 16-GRPO on the embedded task",
         "",
-        f"Reproduce: `.venv/bin/python scripts/experiment_2v16.py --seeds {' '.join(map(str, args.seeds))}`"
-        + (f" {' '.join(args.overrides)}" if args.overrides else ""),
+        f"Reproduce: `.venv/bin/python scripts/experiment_2v16.py --seeds {' '.join(map(str, args.seeds))}"
+        + (f" --tag={args.tag}" if args.tag else "") + (f" {' '.join(args.overrides)}" if args.overrides else "") + "`",
         "",
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, no GPU; one vLLM rollout actor, one DeepSpeed rank (ZeRO-0), Ray.",
         "Task: the embedded 2-digit addition model (SFT to ~30% held-out greedy accuracy). Every arm sees the same fixed",
@@ -82,10 +83,10 @@ def main() -> None:
     base = means["16-GRPO"]
     for arm, (acc, ro, sec) in means.items():
         lines.append(f"| {arm} | {acc:.3f} | {ro:,.0f} | {sec:.0f} | {100 * acc / base[0]:.0f}% | {100 * ro / base[1]:.1f}% | {100 * sec / base[2]:.0f}% |")
-    lines += ["", "Curves (first seed, x = cumulative rollouts): ![curves](2-vs-16-curves.png)", "",
+    lines += ["", f"Curves (first seed, x = cumulative rollouts): ![curves](2-vs-16{args.tag}-curves.png)", "",
               "The paper (arXiv:2510.00977) reports 2-GRPO keeping ~98% of 16-GRPO's accuracy with 12.5% of the rollouts and",
               "70-80% less wall-clock, on math benchmarks with billion-parameter models."]
-    (out / "2-vs-16.md").write_text("\n".join(lines) + "\n")
+    (out / f"2-vs-16{args.tag}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
