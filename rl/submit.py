@@ -41,7 +41,8 @@ def submit(recipe: str, overrides: list[str], address: str, wait: bool = True, t
     _use_local_auth_token()
     recipe_arg = str(Path(recipe).resolve().relative_to(ROOT)) if Path(recipe).resolve().is_relative_to(ROOT) else recipe
     entrypoint = " ".join([shlex.quote(python), "-m", "rl.cli", "train", shlex.quote(recipe_arg), *map(shlex.quote, overrides)])
-    for attempt in range(30):  # a freshly started head needs a few seconds before its job agent answers
+    give_up = time.time() + 180  # a freshly started head needs a few seconds before its job agent answers
+    while True:
         try:
             client = JobSubmissionClient(address)
             job_id = client.submit_job(
@@ -51,7 +52,7 @@ def submit(recipe: str, overrides: list[str], address: str, wait: bool = True, t
             )
             break
         except (RuntimeError, ConnectionError) as e:
-            if not (isinstance(e, ConnectionError) or "No available agent" in str(e)) or attempt == 29:
+            if not (isinstance(e, ConnectionError) or "No available agent" in str(e)) or time.time() > give_up:
                 raise
             time.sleep(2.0)
     print(f"[rl] submitted {job_id} to {address}: {entrypoint}", flush=True)

@@ -23,12 +23,21 @@ ROOT = Path(__file__).resolve().parents[2]
 _calls = {"n": 0}
 
 
-@algorithms.register("advantage", "test_nan_from_third_step")
 def _nan_from_third_step(rewards: torch.Tensor) -> torch.Tensor:
     """GRPO advantages for two steps, then NaN: a stand-in for a loss that blows up."""
     _calls["n"] += 1
     adv = algorithms.grpo_advantages(rewards)
     return adv if _calls["n"] <= 2 else torch.full_like(adv, float("nan"))
+
+
+@pytest.fixture
+def nan_advantage():
+    """Registered for one test only, so the registry other tests see is the built-in one."""
+    from rl.algorithms import registry
+
+    algorithms.register("advantage", "test_nan_from_third_step")(_nan_from_third_step)
+    yield
+    del registry._table("advantage")["test_nan_from_third_step"]
 
 
 def _overrides(tiny_model_root, out, *extra):
@@ -46,7 +55,7 @@ def _rows(run_dir: Path, kind: str = "train") -> list[dict]:
     return [r for r in map(json.loads, path.read_text().splitlines()) if r["kind"] == kind] if path.exists() else []
 
 
-def test_nonfinite_loss_skips_updates_then_stops_with_last_good_checkpoint(tiny_model_root, ray_session, tmp_path):
+def test_nonfinite_loss_skips_updates_then_stops_with_last_good_checkpoint(tiny_model_root, ray_session, tmp_path, nan_advantage):
     from rl.driver import Trainer, TrainingDiverged
 
     _calls["n"] = 0

@@ -18,9 +18,10 @@ def test_submit_runs_the_recipe_as_a_ray_job(tiny_model_root, tmp_path):
     from rl.workers import free_port
 
     ray_bin = Path(sys.executable).parent / "ray"
-    gcs_port, dash_port = free_port(), free_port()
+    gcs_port, dash_port, agent_port = free_port(), free_port(), free_port()
+    # Its own agent port too: the default one may be held by another local cluster (the tests' own).
     head = subprocess.Popen([str(ray_bin), "start", "--head", f"--port={gcs_port}", f"--dashboard-port={dash_port}",
-                             "--num-cpus=3", "--include-dashboard=true", "--block"],
+                             f"--dashboard-agent-listen-port={agent_port}", "--num-cpus=3", "--include-dashboard=true", "--block"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     out = tmp_path / "run"
     try:
