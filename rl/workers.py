@@ -215,7 +215,7 @@ class TrainerGroup(_Group):
         self.call_all("close")
 
 
-_MAX_KEYS = ("ratio_max", "logprob_mismatch_max", "grad_norm", "lr", "train_seconds")
+_MAX_KEYS = ("ratio_max", "logprob_mismatch_max", "grad_norm", "lr", "train_seconds", "params_in_memory")
 
 
 def _reduce_stats(per_rank: list[dict[str, float]]) -> dict[str, float]:

@@ -260,9 +260,17 @@ class PolicyTrainer:
                 stats["grad_norm"] = max(stats.get("grad_norm", 0.0), float(grad_norm))
         if stats["updates_applied"]:
             self.version += 1
+        stats["params_in_memory"] = float(self.params_in_memory())
         stats["lr"] = float(self.optimizer.param_groups[0]["lr"])
         stats["train_seconds"] = time.perf_counter() - t0
         return stats
+
+    def params_in_memory(self) -> int:
+        """Model parameters this rank holds: the policy (base + adapter) plus a reference copy if any."""
+        held = sum(p.numel() for p in self.engine.module.parameters())
+        if self.ref_model is not None:
+            held += sum(p.numel() for p in self.ref_model.parameters())
+        return held
 
     def _all_ranks_agree(self, ok: bool) -> bool:
         """True only if ``ok`` holds on every rank."""

@@ -62,6 +62,8 @@ def test_lora_policy_syncs_only_the_adapter_and_writes_back(tiny_model_root, ray
     for m in metrics:
         assert m["weight_sync_bytes"] == 4 * lora_params < full_bytes / 4
     assert metrics[-1]["kl"] > 0  # reference = the base with the adapter disabled; the adapter moved away
+    # With KL on, the trainer holds the base once plus the adapter: no second model copy.
+    assert metrics[-1]["params_in_memory"] == sum(p.numel() for p in base.parameters()) + lora_params
 
     # Write-back happens at the end of fit(); run a short fit to the library.
     summary = Trainer(_recipe(tiny_model_root, tmp_path / "b", low, "steps=2", "adapter.mode=lora",

@@ -90,6 +90,7 @@ def test_weight_push_changes_vllm_and_matches_trainer(driver):
                 "time_generate", "time_reward", "time_train", "time_weight_sync", "grad_norm"):
         assert key in last and last[key] is not None, key
     assert last["kl"] > 0  # beta > 0 and the policy moved away from the reference
+    assert last["params_in_memory"] == 2 * n_params  # a full-model policy with KL keeps a reference copy
 
 
 def test_failing_reward_costs_samples_not_the_run(driver):

@@ -208,11 +208,11 @@ def test_sft_target_accuracy_stops_early(tmp_path, monkeypatch):
 
     calls: list[int] = []
 
-    def fake_accuracy(model, tokenizer, problems, max_new_tokens):
+    def fake_accuracy(model, tokenizer, problems):
         calls.append(len(problems))
-        return 0.5 if len(problems) == 16 and len(calls) >= 2 else 0.0
+        return 0.5 if len(calls) >= 2 else 0.0
 
-    monkeypatch.setattr(tm, "greedy_accuracy", fake_accuracy)
+    monkeypatch.setattr(tm, "teacher_forced_accuracy", fake_accuracy)
     spec = TinyModelSpec(
         **{**dataclasses.asdict(TINY), "sft_target_accuracy": 0.3, "sft_eval_every": 5, "sft_eval_rows": 16}
     )
@@ -220,6 +220,7 @@ def test_sft_target_accuracy_stops_early(tmp_path, monkeypatch):
     info = load_build_info(build_tiny_model(spec, cache_dir=tmp_path, log=lambda s: None))
     assert info["sft_steps_run"] == 10  # evaluated at 5 (0.0) and 10 (0.5 >= 0.3)
     assert info["sft_train_split_accuracy"] == 0.5
+    assert calls == [16, 16]
 
 
 def test_teacher_forced_accuracy_equals_greedy_accuracy():
@@ -236,3 +237,25 @@ def test_teacher_forced_accuracy_equals_greedy_accuracy():
     acc = teacher_forced_accuracy(model, tok, rows)
     assert acc > 0
     assert acc == pytest.approx(greedy_accuracy(model, tok, rows, spec.max_new_tokens))
+
+
+def test_build_race_loser_discards_its_copy(tmp_path, monkeypatch):
+    """Two processes building the same spec: the second rename fails and uses the winner's."""
+    import rl.tasks.tiny_model as tm
+
+    real_build_into = tm._build_into
+    final = tmp_path / "tiny" / f"{TINY.name}-{TINY.hash12}"
+
+    def build_then_lose_race(spec, out, log):
+        info = real_build_into(spec, out, log)
+        final.mkdir()  # the other process finishes first
+        (final / "winner").write_text("")
+        (final / "build_info.json").write_text(json.dumps(info))
+        return info
+
+    monkeypatch.setattr(tm, "_build_into", build_then_lose_race)
+    logs: list[str] = []
+    path = build_tiny_model(TINY, cache_dir=tmp_path, log=logs.append)
+    assert path == final and (path / "winner").exists()
+    assert any("another process" in line for line in logs)
+    assert [p.name for p in final.parent.iterdir()] == [final.name]  # the loser's copy is gone
