@@ -276,7 +276,7 @@ class Trainer:
             tied = algorithms.tied_groups(rewards).nonzero().flatten().tolist()
             if not tied:
                 break
-            # A distinct seed per round: step * 16 + round never meets another step's seed.
+            # A seed per (step, round), offset by 1e6 so it never meets a main rollout's seed.
             new_flat, new_result, new_rewards = self._rollout([indices[b] for b in tied], self.step * 16 + round_ + 1_000_000)
             extra += len(new_flat)
             for j, b in enumerate(tied):
