@@ -60,15 +60,16 @@ class TinyModelSpec:
     on 2-digit addition (operands 0-99, answer most-significant digit first), batch 64, AdamW
     lr 1e-3, until greedy accuracy on 256 train-split problems reaches 30%. Build
     (``python -m rl.tasks.tiny_model``, one thread): seed 0 stops at SFT step 410 with
-    **28.3% held-out greedy accuracy** (980 test problems) in 50-105 s, depending on how busy
-    the two cores are. Other seeds: 30.4% (seed 1, 690 steps), 45.1% (seed 2, 590 steps),
+    **28.3% held-out greedy accuracy** (980 test problems); the build took 36 s (SFT 32 s),
+    bit-identical whatever the caller's thread count. Other seeds: 30.4% (seed 1, 690 steps), 45.1% (seed 2, 590 steps),
     25.8% (seed 3, 600 steps). vLLM 0.32 (CPU, float32) loads the model and reproduces the
     same greedy accuracy (28.3%).
 
     RL from it (a pure-PyTorch GRPO prototype: 64 prompts x 8 samples at temperature 1,
     reward = exact match, advantages (r - mean) / (std + 1e-6) per group, token-mean
     policy-gradient loss over response tokens incl. EOS, one AdamW step per batch at lr 1e-4
-    after a 10-step linear warm-up, grad-norm clip 1.0, no KL), held-out greedy accuracy::
+    after a 10-step linear warm-up, grad-norm clip 1.0, no KL; the command is in
+    RL_SETTINGS.md), held-out greedy accuracy::
 
         SFT seed / RL seed   step 0   step 50   step 100   step 150
         0 / 0 (default)      28.3%    61.4%     67.4%      72.7%    (+44)
@@ -76,7 +77,8 @@ class TinyModelSpec:
         1 / 0                30.4%    61.2%     72.0%      75.6%    (+45)
         1 / 1                30.4%    62.0%     70.5%      77.3%    (+47)
         2 / 0                45.1%    59.3%     65.9%      77.4%    (+32)
-        3 / 0                25.8%    38.3%     43.4%      47.7%    (+22, the slowest seed)
+        3 / 0                25.8%    38.3%     43.4%      47.7%    (+22, the slowest SFT seed)
+        3 / 1                25.8%    38.5%     41.7%      51.7%    (+26)
 
     About 1 s per RL step for that prototype on one idle core (2-3.5 s with the cores shared).
     Stopping the SFT at a fixed step count instead was fragile: at 450 steps seeds 0/1/2 gave
@@ -449,7 +451,8 @@ def _build_into(spec: TinyModelSpec, out: Path, log: Callable[[str], None]) -> d
     tokenizer = build_tokenizer(model_max_length=spec.max_position_embeddings)
     model = build_model(spec, tokenizer)
     n_params = sum(p.numel() for p in model.parameters())
-    log(f"  {n_params / 1e6:.2f}M parameters, vocab {len(tokenizer)}, SFT {spec.sft_steps} steps")
+    until = f", stopping at {spec.sft_target_accuracy:.0%} train-split accuracy" if spec.sft_target_accuracy > 0 else ""
+    log(f"  {n_params / 1e6:.2f}M parameters, vocab {len(tokenizer)}, SFT up to {spec.sft_steps} steps{until}")
     # One thread: a model this small runs as fast on one, and the result (the SFT stops on a
     # steep part of the learning curve) does not then depend on the machine's core count.
     threads = torch.get_num_threads()
