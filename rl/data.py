@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from rl.config import BUILTIN_PREFIX, DataConfig, RecipeError
+from rl.config import DataConfig, RecipeError
 
 log = logging.getLogger("rl.data")
 _FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}

@@ -64,7 +64,6 @@ def run_eval(recipe: Recipe, k: int = 1, temperature: float | None = None, out_p
     """Evaluate ``recipe.model.path`` on the recipe's held-out set (greedy when k == 1)."""
     from rl.driver import Trainer
     from rl.workers import RolloutGroup, init_ray
-    from rollout.vllm_worker import EngineSpec
 
     run = Trainer(recipe)  # reuses the recipe checks, data and reward set-up
     ro = recipe.rollout

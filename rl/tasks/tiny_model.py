@@ -384,6 +384,44 @@ def _remove_stale_temps(parent: Path, name: str) -> None:
             pass
 
 
+def cached_build(parent: Path, dirname: str, build: Callable[[Path], dict], label: str,
+                 log: Callable[[str], None]) -> tuple[Path, dict | None]:
+    """``parent/dirname``, built once by ``build(tmp_dir) -> info`` and reused after.
+
+    Complete when ``build_info.json`` exists. The build goes into a temporary sibling directory
+    renamed into place, so a killed build never leaves a half-written cache; when two processes
+    build at once, the first rename wins and the other discards its copy. Returns (directory,
+    info) with info None when an existing build was reused.
+    """
+    final = parent / dirname
+    if (final / "build_info.json").is_file():
+        log(f"{label}: reusing {final}")
+        return final, None
+    parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(parent, dirname)
+    t0 = time.time()
+    log(f"{label}: building {dirname} (once; cached in {parent})")
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{dirname}-{os.getpid()}-", dir=parent))
+    try:
+        info = build(tmp)
+        info["build_seconds"] = round(time.time() - t0, 1)
+        (tmp / "build_info.json").write_text(json.dumps(info, indent=2) + "\n")
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if (final / "build_info.json").is_file():  # another process won the race
+                log(f"{label}: another process finished the same build first; using it")
+                shutil.rmtree(tmp, ignore_errors=True)
+                return final, None
+            # A directory without build_info.json is not a build (e.g. made by hand): replace it.
+            shutil.rmtree(final, ignore_errors=True)
+            os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final, info
+
+
 def build_tiny_model(
     spec: TinyModelSpec = TinyModelSpec(),
     cache_dir: Path | None = None,
@@ -397,33 +435,9 @@ def build_tiny_model(
     and the other discards its copy.
     """
     parent = Path(cache_dir if cache_dir is not None else default_cache_dir()).expanduser() / "tiny"
-    dirname = f"{spec.name}-{spec.hash12}"
-    final = parent / dirname
-    if (final / "build_info.json").is_file():
-        log(f"tiny model: reusing {final}")
+    final, info = cached_build(parent, f"{spec.name}-{spec.hash12}", lambda out: _build_into(spec, out, log), "tiny model", log)
+    if info is None:
         return final
-    parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temps(parent, dirname)
-    t0 = time.time()
-    log(f"tiny model: building {dirname} (once; cached in {parent})")
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{dirname}-{os.getpid()}-", dir=parent))
-    try:
-        info = _build_into(spec, tmp, log)
-        info["build_seconds"] = round(time.time() - t0, 1)
-        (tmp / "build_info.json").write_text(json.dumps(info, indent=2) + "\n")
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if (final / "build_info.json").is_file():  # another process won the race
-                log("tiny model: another process finished the same build first; using it")
-                shutil.rmtree(tmp, ignore_errors=True)
-                return final
-            # A directory without build_info.json is not a build (e.g. made by hand): replace it.
-            shutil.rmtree(final, ignore_errors=True)
-            os.rename(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log(
         f"tiny model: SFT held-out greedy accuracy {info['sft_test_accuracy']:.1%} "
         f"({info['build_seconds']:.0f} s) -> {final}"

@@ -30,9 +30,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +37,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from rl.tasks.tiny_model import _remove_stale_temps, build_model, default_cache_dir
+from rl.tasks.tiny_model import build_model, cached_build, default_cache_dir
 
 # Bump when a code change alters what a given spec builds: it is part of the cache key.
 BUILD_FORMAT = 1
@@ -206,31 +203,10 @@ def build_tiny_text(
     if not texts:
         raise ValueError("builtin:tiny-text needs training texts to build its tokenizer and model")
     parent = Path(cache_dir if cache_dir is not None else default_cache_dir()).expanduser() / "tiny-text"
-    dirname = f"{spec.name}-{build_key(spec, texts)}"
-    final = parent / dirname
-    if (final / "build_info.json").is_file():
-        log(f"tiny text model: reusing {final}")
+    final, info = cached_build(parent, f"{spec.name}-{build_key(spec, texts)}", lambda out: _build_into(spec, texts, out, log),
+                               "tiny text model", log)
+    if info is None:
         return final
-    parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temps(parent, dirname)
-    t0 = time.time()
-    log(f"tiny text model: building {dirname} from {len(texts)} texts (once; cached in {parent})")
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{dirname}-{os.getpid()}-", dir=parent))
-    try:
-        info = _build_into(spec, texts, tmp, log)
-        info["build_seconds"] = round(time.time() - t0, 1)
-        (tmp / "build_info.json").write_text(json.dumps(info, indent=2) + "\n")
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if (final / "build_info.json").is_file():  # another process won the race
-                shutil.rmtree(tmp, ignore_errors=True)
-                return final
-            shutil.rmtree(final, ignore_errors=True)  # not a build (no build_info.json): replace it
-            os.rename(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log(f"tiny text model: pretraining loss {info['pretrain_final_loss']} ({info['build_seconds']:.0f} s) -> {final}")
     return final
 
