@@ -81,6 +81,12 @@ class PromptSet:
         keys = self.rows[0].keys() if self.rows else []
         return {k: [self.rows[i][k] for i in indices] for k in keys}
 
+    def score(self, scorer, indices: list[int], completions: list[str]):
+        """Score completions of the rows at ``indices``: rendered prompts plus the other columns."""
+        cols = self.columns(indices)
+        texts = cols.pop("_prompt_text")
+        return scorer.score(texts, completions, cols)
+
 
 def render_prompt(row: dict, cfg: DataConfig, tokenizer) -> str:
     try:

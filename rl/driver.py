@@ -24,7 +24,7 @@ import torch
 
 from rl import algorithms
 from rl.config import BUILTIN_PREFIX, LORA_RANKS, Recipe, RecipeError
-from rl.data import PromptSampler, PromptSet, load_prompt_sets
+from rl.data import PromptSampler, load_prompt_sets
 from rl import checkpoint as ckpt
 from rl.metrics import MetricsLogger, read_metrics
 from rl.types import SamplingSpec, TrainBatch
@@ -243,11 +243,6 @@ class Trainer:
             seed=(self.recipe.seed * 1_000_003 + step) * 65_536,
         )
 
-    def _score(self, prompts: PromptSet, indices: list[int], completions: list[str]):
-        cols = prompts.columns(indices)
-        texts = cols.pop("_prompt_text")
-        return self.scorer.score(texts, completions, cols)
-
     def evaluate(self, tag: str) -> dict[str, float]:
         """Greedy decoding on the held-out set through vLLM; accuracy = share the accuracy reward accepts."""
         from rl.evaluate import evaluate_prompts
@@ -260,7 +255,7 @@ class Trainer:
         groups = self.rollout.generate([self.train_set.prompt_token_ids[i] for i in indices], self._sampling(seed_step, G))
         flat = [c for g in groups for c in g]
         t0 = time.perf_counter()
-        result = self._score(self.train_set, [indices[c.prompt_index] for c in flat], [c.text for c in flat])
+        result = self.train_set.score(self.scorer, [indices[c.prompt_index] for c in flat], [c.text for c in flat])
         self._reward_seconds += time.perf_counter() - t0
         return flat, result, torch.tensor(result.total, dtype=torch.float32).view(len(indices), G)
 

@@ -40,10 +40,7 @@ def evaluate_prompts(rollout, prompt_set, scorer, accuracy_reward: str, sampling
     t0 = time.perf_counter()
     groups = rollout.generate(prompt_set.prompt_token_ids, sampling)
     flat = [c for g in groups for c in g]
-    rows = [c.prompt_index for c in flat]
-    cols = prompt_set.columns(rows)
-    texts = cols.pop("_prompt_text")
-    result = scorer.score(texts, [c.text for c in flat], cols)
+    result = prompt_set.score(scorer, [c.prompt_index for c in flat], [c.text for c in flat])
     correct = [s >= 0.5 for s in result.per_reward[accuracy_reward]]
     n = sampling.n
     per_prompt = [sum(correct[i * n : (i + 1) * n]) for i in range(len(groups))]
