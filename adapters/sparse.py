@@ -20,8 +20,9 @@ from __future__ import annotations
 import difflib
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Mapping
+from typing import Iterator, Mapping
 
 import torch
 from torch import nn
@@ -137,6 +138,7 @@ class _SparseDelta(nn.Module):
         self.register_buffer("indices", indices.to(torch.int64).contiguous())  # [nnz], flat row-major
         init = torch.zeros(indices.numel()) if values is None else values.detach().float().clone()
         self.values = nn.Parameter(init)  # [nnz]
+        self.enabled = True  # False: the weight reads as the base W (a reference model without a copy)
 
     def dense(self) -> torch.Tensor:
         """The delta as a dense tensor shaped like the weight (differentiable in ``values``)."""
@@ -144,7 +146,7 @@ class _SparseDelta(nn.Module):
         return flat.scatter(0, self.indices, self.values).view(self.shape)
 
     def forward(self, W: torch.Tensor) -> torch.Tensor:
-        return W + self.dense().to(W.dtype)
+        return W + self.dense().to(W.dtype) if self.enabled else W
 
 
 class SparseAdapter(nn.Module):
@@ -224,6 +226,17 @@ class SparseAdapter(nn.Module):
             parametrize.remove_parametrizations(module, attr, leave_parametrized=merge)
         self._attached = []
         return model
+
+    @contextmanager
+    def disabled(self) -> Iterator[None]:
+        """Inside the block the attached model computes with its base weights only."""
+        for d in self.deltas:
+            d.enabled = False
+        try:
+            yield
+        finally:
+            for d in self.deltas:
+                d.enabled = True
 
     # ---- files --------------------------------------------------------------------------------
     def tensors(self) -> dict[str, torch.Tensor]:

@@ -161,30 +161,40 @@ LORA_RANKS = (8, 16, 32, 64, 128, 256)  # ranks vLLM serves
 class AdapterConfig(Section):
     """Train an adapter as the policy; only adapter weights travel to vLLM."""
 
-    mode: Literal["none", "lora", "continue", "merge"] = Field(
+    mode: Literal["none", "lora", "continue", "merge", "sparse", "arrow"] = Field(
         "none",
-        description="`lora`: a new LoRA; `continue`: train a library adapter further; `merge`: merge library "
-        "adapters (weighted average of their deltas, re-factored to `rank`) and train the merge.",
+        description="`lora`: a new LoRA; `continue`: train a library adapter (LoRA or sparse) further; `merge`: merge "
+        "library adapters (LoRA: weighted average of their deltas re-factored to `rank`; sparse: overlaps averaged) and "
+        "train the merge; `sparse`: a new sparse adapter (mask by connection sensitivity); `arrow`: route library LoRA "
+        "experts per token (Arrow) and train `arrow_train`.",
     )
-    rank: int = Field(8, ge=1, description="LoRA rank (new or merged adapters).")
+    rank: int = Field(8, ge=1, description="LoRA rank (new, merged, or the new LoRA beside Arrow experts).")
     alpha: float = Field(16.0, gt=0.0)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     target_modules: list[str] = Field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
     library: Optional[str] = Field(None, description="Adapter library directory (see `rl library`).")
-    experts: list[str] = Field(default_factory=list, description="Library experts: one to continue, several to merge.")
+    experts: list[str] = Field(default_factory=list, description="Library experts: one to continue, several to merge or route.")
     merge_weights: Optional[list[float]] = Field(None, description="Per-expert weights for `merge`; default uniform.")
     save_as: Optional[str] = Field(None, description="Write the trained adapter into the library under this name.")
+    keep_ratio: float = Field(0.05, gt=0.0, le=1.0, description="`sparse`: share of the target weights' entries trained.")
+    block_size: Optional[int] = Field(None, ge=1, description="`sparse`: keep whole block_size x block_size tiles.")
+    calibration_prompts: int = Field(
+        64, ge=1, description="`sparse`: training prompts whose language-modelling loss scores the connections.")
+    top_k: int = Field(2, ge=1, description="`arrow`: experts each token is routed to.")
+    router_temperature: float = Field(1.0, gt=0.0, description="`arrow`: softmax temperature over the kept scores.")
+    arrow_train: Literal["new", "experts"] = Field(
+        "new", description="`arrow`: train a new LoRA (`rank`, `alpha`) beside the frozen routed experts, or the experts.")
 
     @model_validator(mode="after")
     def _check(self) -> "AdapterConfig":
-        if self.mode in ("continue", "merge") and not self.library:
+        if self.mode in ("continue", "merge", "arrow") and not self.library:
             raise ValueError(f"adapter.library is required for adapter.mode={self.mode}")
         if self.mode == "continue" and len(self.experts) != 1:
             raise ValueError(f"adapter.experts must name exactly one expert to continue (got {self.experts})")
-        if self.mode == "merge" and len(self.experts) < 2:
-            raise ValueError(f"adapter.experts must name at least two experts to merge (got {self.experts})")
+        if self.mode in ("merge", "arrow") and len(self.experts) < 2:
+            raise ValueError(f"adapter.experts must name at least two experts for adapter.mode={self.mode} (got {self.experts})")
         if self.merge_weights is not None and len(self.merge_weights) != len(self.experts):
             raise ValueError("adapter.merge_weights needs one weight per expert")
         if self.save_as and not self.library:
@@ -250,6 +260,13 @@ class Recipe(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+
+    @model_validator(mode="after")
+    def _check_adapter_zero(self) -> "Recipe":
+        if self.adapter.mode in ("sparse", "arrow") and self.trainer.zero_stage == 3:
+            raise ValueError(f"adapter.mode={self.adapter.mode} needs trainer.zero_stage <= 2 (ZeRO-3 partitions the "
+                             "weights these adapters read)")
+        return self
 
     # Derived sizes, computed in one place.
     @property

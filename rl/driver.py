@@ -116,7 +116,8 @@ class Trainer:
         self.step = 0
         # The policy starts from the checkpoint when resuming; the KL reference stays the original model.
         self.policy_init_path = str(self.resume_from) if self.resume_from else self.paths.model
-        self.adapter_init_dir, self.adapter_rank = None, 0
+        self.adapter_init_dir, self.adapter_rank, self.adapter_kind = None, 0, None
+        self.adapter_expert_dirs: list[str] = []
         if recipe.adapter.mode != "none":
             self._prepare_adapter()
         self._handle = None  # the policy version the engines hold
@@ -128,50 +129,69 @@ class Trainer:
     # ------------------------------------------------------------------ adapters
 
     def _prepare_adapter(self) -> None:
-        """Check library experts against the base model and pick the adapter to start from."""
+        """Check library experts against the base model; pick the adapter to start from and how vLLM serves it."""
         from adapters import AdapterLibrary, LibraryError
+        from trainer.adapter_policy import served_arrow_rank
 
         ad = self.recipe.adapter
         self.policy_init_path = self.paths.model  # the base never changes; only the adapter trains
-        self.adapter_rank = ad.rank
+        self.adapter_kind = {"sparse": "sparse", "arrow": "arrow"}.get(ad.mode, "lora")
         try:
             lib = AdapterLibrary(ad.library, create=bool(ad.save_as)) if ad.library else None
+            experts = [lib.get(name) for name in ad.experts]  # verifies the content hashes
             for name in ad.experts:
-                lib.get(name)  # verifies the content hashes
                 lib.check_compatible(name, self.paths.model)
             if ad.save_as and ad.save_as in lib:
                 raise LibraryError(f"adapter.save_as: expert {ad.save_as!r} already exists in {lib.root}")
+            if ad.mode in ("continue", "merge") and experts[0].adapter_type == "sparse":
+                self.adapter_kind = "sparse"
+            if ad.mode == "arrow":
+                lib.check_mergeable(ad.experts)  # LoRA experts of one rank and one set of target modules
+                if any(e.adapter_type != "lora" for e in experts):
+                    raise LibraryError("adapter.mode=arrow routes LoRA experts; sparse experts cannot be routed")
+                self.adapter_expert_dirs = [str(e.path) for e in experts]
+                new_rank = ad.rank if ad.arrow_train == "new" else 0
+                self.adapter_rank = served_arrow_rank(int(experts[0].rank), len(experts), new_rank)
+            elif self.adapter_kind == "lora":
+                self.adapter_rank = int(experts[0].rank) if ad.mode == "continue" else ad.rank
             if self.resume_from is not None:
                 self.adapter_init_dir = str(self.resume_from)
             elif ad.mode == "continue":
-                expert = lib.get(ad.experts[0])
-                self.adapter_init_dir, self.adapter_rank = str(expert.path), int(expert.rank)
+                self.adapter_init_dir = str(experts[0].path)
             elif ad.mode == "merge":
                 stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(self.started))
-                merged = lib.merge(ad.experts, f"{self.recipe.name}-merge-{stamp}", weights=ad.merge_weights, rank=ad.rank)
+                name = f"{self.recipe.name}-merge-{stamp}"
+                if self.adapter_kind == "sparse":  # overlaps averaged; the merge keeps the union of the masks
+                    merged = lib.merge(ad.experts, name, weights=ad.merge_weights)
+                else:
+                    merged = lib.merge(ad.experts, name, weights=ad.merge_weights, rank=ad.rank)
                 self.adapter_init_dir = str(merged.path)
         except LibraryError as e:
             raise RecipeError(f"recipe section 'adapter': {e}") from None
         self.library = lib
 
     def _write_back_adapter(self, checkpoint: str, summary: dict) -> Optional[str]:
-        """Save the trained adapter into the library with its provenance."""
+        """Save the trained adapter(s) into the library with their provenance."""
         ad = self.recipe.adapter
         if ad.mode == "none" or not ad.save_as:
             return None
         from rl.config import recipe_to_yaml
 
-        metrics = {k: summary[k] for k in ("accuracy_before", "accuracy_after") if k in summary}
-        expert = self.library.add(ad.save_as, checkpoint, {
+        meta = {
             "base_model": self.paths.model,
             "task": f"{self.recipe.algorithm.name} on {self.paths.train}",
             "data": self.paths.train,
             "recipe": {"yaml": recipe_to_yaml(self.recipe)},
-            "metrics": metrics,
+            "metrics": {k: summary[k] for k in ("accuracy_before", "accuracy_after") if k in summary},
             "parents": list(ad.experts),
             "steps": self.step,
-        })
-        return str(expert.path)
+        }
+        if ad.mode == "arrow":
+            meta["extra"] = {"arrow": {"experts": list(ad.experts), "top_k": ad.top_k, "temperature": ad.router_temperature,
+                             "trained": ad.arrow_train}}
+        paths = [str(self.library.add(ad.save_as + suffix, source, meta).path)
+                 for suffix, source in self.trainer.library_sources(checkpoint).items()]
+        return paths[0] if len(paths) == 1 else paths
 
     # ------------------------------------------------------------------ workers
 
@@ -213,14 +233,26 @@ class Trainer:
             trust_remote_code=r.model.trust_remote_code,
             adapter=r.adapter if r.adapter.mode != "none" else None,
             adapter_init_dir=self.adapter_init_dir,
+            adapter_expert_dirs=self.adapter_expert_dirs,
+            calibration_token_ids=(self.train_set.prompt_token_ids[: r.adapter.calibration_prompts]
+                                   if self.adapter_kind == "sparse" and self.adapter_init_dir is None else None),
         )
         self.trainer = TrainerGroup.create(setup, r.trainer.num_ranks, r.use_ray, r.trainer.num_cpus_per_rank, r.trainer.num_gpus_per_rank)
         self.rollout = RolloutGroup.create(engine, r.rollout.num_actors, r.use_ray, r.rollout.num_cpus_per_actor,
                                            r.rollout.num_gpus_per_actor, max_restarts=r.rollout.max_restarts)
-        if r.adapter.mode != "none":
+        if r.adapter.mode != "none" and not self._routes_per_batch:
             # The engines serve the base model; the policy is the adapter, pushed before the first rollout.
             self._handle = self.trainer.publish_weights()
             self.rollout.load_weights(self._handle)
+
+    @property
+    def _routes_per_batch(self) -> bool:
+        """An Arrow policy is served with its routing averaged over the batch about to be sampled."""
+        return self.adapter_kind == "arrow"
+
+    def _publish_for(self, prompt_token_ids: list[list[int]]) -> None:
+        self._handle = self.trainer.publish_weights(prompt_token_ids)
+        self.rollout.load_weights(self._handle)
 
     def stop_workers(self) -> None:
         if self.trainer is not None:
@@ -247,6 +279,8 @@ class Trainer:
         """Greedy decoding on the held-out set through vLLM; accuracy = share the accuracy reward accepts."""
         from rl.evaluate import evaluate_prompts
 
+        if self._routes_per_batch:
+            self._publish_for(self.test_set.prompt_token_ids)
         return evaluate_prompts(self.rollout, self.test_set, self.scorer, self.recipe.accuracy_reward, self._sampling(0, 1, greedy=True))
 
     def _rollout(self, indices: list[int], seed_step: int):
@@ -302,6 +336,9 @@ class Trainer:
         t_start = time.perf_counter()
         self._reward_seconds = 0.0
         indices = self.sampler.next_batch()
+        if self._routes_per_batch:
+            self._publish_for([self.train_set.prompt_token_ids[i] for i in indices])
+        t_routed = time.perf_counter()
         flat, result, rewards = self._rollout(indices, self.step + 1)  # N = B*G prompt-major; rewards [B, G]
         per_reward, extra_rollouts = result.per_reward, 0
         tied_before = float(algorithms.tied_groups(rewards).float().mean())
@@ -330,7 +367,7 @@ class Trainer:
             stats = self.trainer.train_step(batch, r.trainer.micro_batch_size)
         t_train = time.perf_counter()
 
-        if stats.get("updates_applied"):  # nothing to push when no update was applied
+        if stats.get("updates_applied") and not self._routes_per_batch:  # nothing to push when no update was applied
             self._handle = self.trainer.publish_weights()
             self.rollout.load_weights(self._handle)
         t_sync = time.perf_counter()
@@ -349,11 +386,11 @@ class Trainer:
             "trained_sequences": float(len(train_flat)),
             "response_length": sum(lengths) / len(lengths),
             "truncated_fraction": sum(c.finish_reason == "length" for c in flat) / len(flat),
-            "tokens_per_second": sum(lengths) / max(t_gen - t_start - self._reward_seconds, 1e-9),
-            "time_generate": t_gen - t_start - self._reward_seconds,
+            "tokens_per_second": sum(lengths) / max(t_gen - t_routed - self._reward_seconds, 1e-9),
+            "time_generate": t_gen - t_routed - self._reward_seconds,
             "time_reward": self._reward_seconds + (t_reward - t_gen),
             "time_train": t_train - t_reward,
-            "time_weight_sync": t_sync - t_train,
+            "time_weight_sync": t_sync - t_train + (t_routed - t_start),  # Arrow: routed and pushed before sampling
             "time_step": t_sync - t_start,
             "weight_sync_bytes": float(self._handle.num_bytes) if stats else 0.0,
             "policy_version": float(self._handle.version) if self._handle else 0.0,

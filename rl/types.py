@@ -69,3 +69,5 @@ class WeightHandle:
     location: str  # a file path, a shared-memory name, ...
     num_bytes: int = 0
     names: list[str] = field(default_factory=list)
+    # "weights": full named tensors; "sparse_delta": a sparse adapter's indices/values, added to the base in place.
+    kind: str = "weights"

@@ -196,8 +196,11 @@ class TrainerGroup(_Group):
         results = self.call_each("train_step", [(batch.select(list(p)), num_micro) for p in parts])
         return _reduce_stats(results)
 
-    def publish_weights(self) -> WeightHandle:
-        return self.call_all("publish_weights")[0]
+    def publish_weights(self, prompts: Optional[list[list[int]]] = None) -> WeightHandle:
+        return self.call_all("publish_weights", prompts)[0]
+
+    def library_sources(self, checkpoint: str) -> dict[str, str]:
+        return self.call_each("library_sources", [(checkpoint,)])[0]
 
     def save_pretrained(self, path: str) -> Optional[str]:
         return self.call_all("save_pretrained", path)[0]

@@ -58,6 +58,7 @@ class RolloutWorker:
             **({"enable_lora": True, "max_lora_rank": spec.max_lora_rank, "max_loras": 1} if spec.max_lora_rank else {}),
         )
         self.lora_request = None  # set by load_weights when the policy is an adapter
+        self._lora_loads = 0
         self.startup_seconds = time.perf_counter() - t0
         self.weight_version = 0
 
@@ -132,17 +133,21 @@ class RolloutWorker:
 
         An adapter policy (transport ``lora_dir``) is a PEFT directory: it becomes the LoRA every
         request uses, under a fresh id (vLLM caches adapters by id); the base weights never move.
+        A sparse adapter (kind ``sparse_delta``) arrives as indices/values; the worker adds it to
+        its copy of the base values of the touched weights and reloads those weights in place.
         """
         if handle.transport == "lora_dir":
             from vllm.lora.request import LoRARequest
 
             t0 = time.perf_counter()
             old = self.lora_request
-            self.lora_request = LoRARequest(f"policy-v{handle.version}", handle.version + 1, handle.location)
+            self._lora_loads += 1  # ids must be fresh: one version can be published more than once (Arrow)
+            self.lora_request = LoRARequest(f"policy-{self._lora_loads}", self._lora_loads, handle.location)
             if old is not None:
                 self.llm.llm_engine.remove_lora(old.lora_int_id)
             self.weight_version = handle.version
             return time.perf_counter() - t0
-        seconds = self.llm.collective_rpc("rl_load_weights", args=(dataclasses.asdict(handle),))
+        method = "rl_load_sparse_delta" if handle.kind == "sparse_delta" else "rl_load_weights"
+        seconds = self.llm.collective_rpc(method, args=(dataclasses.asdict(handle),))
         self.weight_version = handle.version
         return max(seconds)

@@ -15,7 +15,7 @@ import json
 import os
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -45,9 +45,13 @@ class TrainerSetup:
     trust_remote_code: bool = False
     # The frozen reference is the run's original model, also when the policy resumes from a checkpoint.
     ref_model_path: Optional[str] = None
-    # Adapter policy: a LoRA over the frozen base model (a new one, or one loaded from ``adapter_init_dir``).
+    # Adapter policy over the frozen base model (see trainer/adapter_policy.py): new, or loaded from
+    # ``adapter_init_dir`` (a library expert, a merge, a checkpoint); Arrow routes ``adapter_expert_dirs``;
+    # a new sparse adapter scores its mask on ``calibration_token_ids`` (prompts).
     adapter: Optional[AdapterConfig] = None
     adapter_init_dir: Optional[str] = None
+    adapter_expert_dirs: list[str] = field(default_factory=list)
+    calibration_token_ids: Optional[list[list[int]]] = None
 
 
 def _collate(batch: TrainBatch, pad_id: int, device) -> dict[str, torch.Tensor]:
@@ -111,8 +115,15 @@ class PolicyTrainer:
         if self.cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         self.is_adapter = setup.adapter is not None and setup.adapter.mode != "none"
+        self.adapter_policy = None
         if self.is_adapter:
-            model = _wrap_adapter(model, setup.adapter, setup.adapter_init_dir)
+            from trainer.adapter_policy import build_adapter_policy
+
+            self.adapter_policy = build_adapter_policy(
+                model.to(self.device), setup.adapter, setup.adapter_init_dir, expert_dirs=setup.adapter_expert_dirs,
+                calibration=setup.calibration_token_ids, pad_id=self.pad_id,
+            )
+            model = self.adapter_policy.model
         # A full-model policy needs a frozen copy as the reference when a loss uses one (KL with
         # beta > 0, or online DPO). An adapter policy's reference is its base with the adapter
         # disabled: no second copy of the model.
@@ -201,7 +212,7 @@ class PolicyTrainer:
     def _reference_logprobs(self, mb: dict) -> torch.Tensor:
         with torch.no_grad():
             if self.is_adapter:
-                with self.engine.module.disable_adapter():
+                with self.adapter_policy.disabled():
                     return self._token_logprobs(self.engine.module, mb)[0]
             return self._token_logprobs(self.ref_model, mb)[0]
 
@@ -340,40 +351,30 @@ class PolicyTrainer:
         with ctx:
             yield params
 
-    def publish_weights(self) -> Optional[WeightHandle]:
+    def publish_weights(self, prompts: Optional[list[list[int]]] = None) -> Optional[WeightHandle]:
         """Write the current policy for the rollout engines (rank 0); every rank must call it.
 
-        An adapter policy publishes only its adapter, as a PEFT directory the engines serve as a LoRA.
+        An adapter policy publishes only its adapter (see ``trainer/adapter_policy.py``); an Arrow
+        policy also needs ``prompts``, the batch about to be sampled, to average its routing over.
         """
-        if self.is_adapter:
-            return self._publish_adapter()
         with self._full_parameters() as params:
             if self.transport is None:
                 return None
-            handle = self.transport.publish(params, self.version)
-        if self._last_handle is not None:
-            self.transport.release(self._last_handle)
+            if self.adapter_policy is not None:
+                handle = self.adapter_policy.publish(self.transport, self.version, prompts, self.pad_id)
+            else:
+                handle = self.transport.publish(params, self.version)
+        self._release(self._last_handle)  # the engines have moved on to the new one
         self._last_handle = handle
         return handle
 
-    def _publish_adapter(self) -> Optional[WeightHandle]:
-        with self._full_parameters():
-            if self.transport is None:
-                return None
-            root = Path(self.transport.directory)
-            root.mkdir(parents=True, exist_ok=True)
-            final = root / f"adapter-v{self.version:06d}"
-            tmp = root / f"adapter-v{self.version:06d}.tmp"
-            self.engine.module.save_pretrained(tmp, safe_serialization=True)
-            os.replace(tmp, final)
-        num_bytes = sum(p.numel() * p.element_size() for p in self.engine.module.parameters() if p.requires_grad)
-        handle = WeightHandle(version=self.version, transport="lora_dir", location=str(final), num_bytes=num_bytes)
-        if self._last_handle is not None:  # the engines have moved on to the new one
-            import shutil
-
-            shutil.rmtree(self._last_handle.location, ignore_errors=True)
-        self._last_handle = handle
-        return handle
+    def _release(self, handle: Optional[WeightHandle]) -> None:
+        if handle is None:
+            return
+        if self.adapter_policy is not None:
+            self.adapter_policy.release(self.transport, handle)
+        else:
+            self.transport.release(handle)
 
     def save_pretrained(self, path: str) -> Optional[str]:
         """Save the policy in HF format (loadable by transformers and vLLM) into ``path`` (rank 0 writes).
@@ -383,7 +384,10 @@ class PolicyTrainer:
         with self._full_parameters():
             if self.setup.rank != 0:
                 return None
-            self.engine.module.save_pretrained(path, safe_serialization=True)
+            if self.adapter_policy is not None:
+                self.adapter_policy.save(path, base_model=self.setup.ref_model_path or self.setup.model_path)
+            else:
+                self.engine.module.save_pretrained(path, safe_serialization=True)
             self.tokenizer.save_pretrained(path)
             return str(path)
 
@@ -433,24 +437,16 @@ class PolicyTrainer:
         self.version = int(meta["version"])
         return self.version
 
-    def close(self) -> None:
-        if self._last_handle is not None and self._last_handle.transport == "lora_dir":
-            import shutil
+    def library_sources(self, checkpoint: str) -> dict[str, str]:
+        """{name suffix: adapter directory inside ``checkpoint``} to write into the adapter library."""
+        return {k: str(v) for k, v in self.adapter_policy.library_sources(checkpoint).items()}
 
-            shutil.rmtree(self._last_handle.location, ignore_errors=True)
+    def close(self) -> None:
+        if self.transport is not None and self._last_handle is not None:
+            self._release(self._last_handle)
+            self._last_handle = None
         if self.transport is not None and hasattr(self.transport, "close"):
             self.transport.close()
-
-
-def _wrap_adapter(model, cfg: AdapterConfig, init_dir: Optional[str]):
-    """The base model with a trainable LoRA (PEFT): loaded from ``init_dir``, or new."""
-    from peft import LoraConfig, PeftModel, get_peft_model
-
-    if init_dir:
-        return PeftModel.from_pretrained(model, init_dir, is_trainable=True)
-    lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(cfg.target_modules),
-                      task_type="CAUSAL_LM")
-    return get_peft_model(model, lora)
 
 
 def _split(items: list[int], parts: int, unit: int = 1) -> list[list[int]]:
