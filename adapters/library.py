@@ -319,8 +319,8 @@ class AdapterLibrary:
         return experts
 
     # ---- writing ---------------------------------------------------------------------------
-    def add(self, name: str, source: Any, meta: Mapping[str, Any] | None = None) -> Expert:
-        """Add an expert atomically and return it.
+    def add(self, name: str, source: Any, meta: Mapping[str, Any] | None = None, replace: bool = False) -> Expert:
+        """Add an expert atomically and return it (``replace=True``: a newer version of an existing one).
 
         source: a directory with PEFT LoRA files (``adapter_config.json`` + ``adapter_model.safetensors``)
         or sparse files (``sparse_config.json`` + ``sparse_adapter.safetensors``), a ``peft.PeftModel``
@@ -340,7 +340,7 @@ class AdapterLibrary:
                 hints.append(f"{k!r} (did you mean {close[0]!r}?)" if close else repr(k))
             raise LibraryError(f"unknown meta field(s) {', '.join(hints)}; valid: {', '.join(valid)} (free-form data goes in 'extra')")
         final = self.root / name
-        if final.exists():
+        if final.exists() and not replace:
             raise LibraryError(f"expert {name!r} already exists in {self.root}; remove it first or choose another name")
 
         tmp = self.root / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
@@ -350,7 +350,14 @@ class AdapterLibrary:
             _write_json(tmp / META_FILE, full_meta)
             _fsync_dir(tmp)
             try:
-                os.rename(tmp, final)  # atomic; fails if ``final`` appeared meanwhile (non-empty dir)
+                if replace and final.exists():
+                    # The old version moves aside (hidden from listings), the new one takes its name.
+                    trash = self.root / f".trash-{name}-{uuid.uuid4().hex[:8]}"
+                    os.rename(final, trash)
+                    os.rename(tmp, final)
+                    shutil.rmtree(trash, ignore_errors=True)
+                else:
+                    os.rename(tmp, final)  # atomic; fails if ``final`` appeared meanwhile (non-empty dir)
             except OSError as e:
                 raise LibraryError(f"cannot move expert {name!r} into place at {final}: {e}") from None
             _fsync_dir(self.root)

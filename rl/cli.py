@@ -20,7 +20,10 @@ from rl.config import RecipeError, load_recipe, recipe_to_yaml
 def _cmd_config(args) -> int:
     recipe = load_recipe(args.recipe, args.overrides, check_paths=False)
     print(recipe_to_yaml(recipe), end="")
-    print(f"# derived: rollouts_per_step = {recipe.data.prompts_per_step} x {recipe.algorithm.group_size} = {recipe.rollouts_per_step}")
+    if recipe.algorithm.name == "dpo":  # offline: no rollouts
+        print(f"# derived: preference pairs per step = data.prompts_per_step = {recipe.data.prompts_per_step}")
+    else:
+        print(f"# derived: rollouts_per_step = {recipe.data.prompts_per_step} x {recipe.algorithm.group_size} = {recipe.rollouts_per_step}")
     return 0
 
 

@@ -141,7 +141,7 @@ class Trainer:
             experts = [lib.get(name) for name in ad.experts]  # verifies the content hashes
             for name in ad.experts:
                 lib.check_compatible(name, self.paths.model)
-            if ad.save_as and ad.save_as in lib:
+            if ad.save_as and ad.save_as in lib and self.resume_from is None:  # a resumed run replaces its own
                 raise LibraryError(f"adapter.save_as: expert {ad.save_as!r} already exists in {lib.root}")
             if ad.mode in ("continue", "merge") and experts[0].adapter_type == "sparse":
                 self.adapter_kind = "sparse"
@@ -171,7 +171,10 @@ class Trainer:
         self.library = lib
 
     def _write_back_adapter(self, checkpoint: str, summary: dict) -> Optional[str]:
-        """Save the trained adapter(s) into the library with their provenance."""
+        """Save the trained adapter(s) into the library with their provenance.
+
+        Called at every checkpoint and at the end; each call replaces the run's previous version.
+        """
         ad = self.recipe.adapter
         if ad.mode == "none" or not ad.save_as:
             return None
@@ -189,7 +192,7 @@ class Trainer:
         if ad.mode == "arrow":
             meta["extra"] = {"arrow": {"experts": list(ad.experts), "top_k": ad.top_k, "temperature": ad.router_temperature,
                              "trained": ad.arrow_train}}
-        paths = [str(self.library.add(ad.save_as + suffix, source, meta).path)
+        paths = [str(self.library.add(ad.save_as + suffix, source, meta, replace=True).path)
                  for suffix, source in self.trainer.library_sources(checkpoint).items()]
         return paths[0] if len(paths) == 1 else paths
 
@@ -296,11 +299,12 @@ class Trainer:
     def _resample_ties(self, indices, flat, result, rewards):
         """2-GRPO+RS: regenerate prompts whose whole group tied, for a bounded number of rounds.
 
-        Returns the updated (flat, per_reward, rewards) and the number of extra rollouts spent.
+        Returns the updated (flat, per_reward, rewards), the number of extra rollouts spent and the
+        reward failures of the extra rounds ({kind: count}).
         """
         G = self.recipe.algorithm.group_size
         per_reward = {k: list(v) for k, v in result.per_reward.items()}
-        extra = 0
+        extra, failures = 0, {}
         for round_ in range(1, self.recipe.algorithm.max_resample_rounds + 1):
             tied = algorithms.tied_groups(rewards).nonzero().flatten().tolist()
             if not tied:
@@ -308,6 +312,8 @@ class Trainer:
             # A seed per (step, round), offset by 1e6 so it never meets a main rollout's seed.
             new_flat, new_result, new_rewards = self._rollout([indices[b] for b in tied], self.step * 16 + round_ + 1_000_000)
             extra += len(new_flat)
+            for kind, count in new_result.failures.items():
+                failures[kind] = failures.get(kind, 0) + count
             for j, b in enumerate(tied):
                 rows = range(b * G, (b + 1) * G)
                 for g, row in enumerate(rows):
@@ -317,7 +323,7 @@ class Trainer:
                     for k in per_reward:
                         per_reward[k][row] = new_result.per_reward[k][j * G + g]
                 rewards[b] = new_rewards[j]
-        return flat, per_reward, rewards, extra
+        return flat, per_reward, rewards, extra, failures
 
     def _online_dpo_pairs(self, flat, advantages):
         """Keep discordant pairs only, each as (chosen, rejected): the +1 row of 2-GRPO first."""
@@ -340,10 +346,12 @@ class Trainer:
             self._publish_for([self.train_set.prompt_token_ids[i] for i in indices])
         t_routed = time.perf_counter()
         flat, result, rewards = self._rollout(indices, self.step + 1)  # N = B*G prompt-major; rewards [B, G]
-        per_reward, extra_rollouts = result.per_reward, 0
+        per_reward, extra_rollouts, failures = result.per_reward, 0, dict(result.failures)
         tied_before = float(algorithms.tied_groups(rewards).float().mean())
         if r.algorithm.tie_handling == "resample":
-            flat, per_reward, rewards, extra_rollouts = self._resample_ties(indices, flat, result, rewards)
+            flat, per_reward, rewards, extra_rollouts, extra_failures = self._resample_ties(indices, flat, result, rewards)
+            for kind, count in extra_failures.items():  # the resampling rounds' failures count too
+                failures[kind] = failures.get(kind, 0) + count
         t_gen = time.perf_counter()
 
         advantages = self.advantages(rewards)  # [B, G]
@@ -395,7 +403,7 @@ class Trainer:
             "weight_sync_bytes": float(self._handle.num_bytes) if stats else 0.0,
             "policy_version": float(self._handle.version) if self._handle else 0.0,
             "rollout_restarts": float(self.rollout.restarts),
-            **{f"reward_failures_{k}": float(v) for k, v in result.failures.items()},
+            **{f"reward_failures_{k}": float(v) for k, v in failures.items()},
             **stats,
         }
         for name, scores in per_reward.items():
@@ -511,6 +519,7 @@ class Trainer:
                     logger.log(self.step, self.evaluate(f"step {self.step}"), kind="eval")
                 if r.checkpoint.every and self.step % r.checkpoint.every == 0:
                     last_ckpt = self.save_checkpoint()
+                    self._write_back_adapter(last_ckpt, summary)
             summary["train_seconds"] = time.perf_counter() - t_train
             if stop_signal:
                 # SIGTERM / Ctrl-C: keep the work done so far, then stop everything cleanly.

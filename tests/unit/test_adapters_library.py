@@ -299,3 +299,23 @@ def test_peft_arrow_routing_agrees_with_arrow_route(base, tmp_path):
     with torch.no_grad():
         want = arrow_lora_forward(x, layer.base_layer(x), A, B, weights, scaling=lib.get("a").scaling)
     assert torch.allclose(seen["y"], want, atol=1e-5)
+
+
+def test_replace_writes_a_newer_version_in_place(base, tmp_path):
+    model, base_dir, _ = base
+    lib = AdapterLibrary(tmp_path / "lib", create=True)
+    lib.add("run-x", _lora(model, seed=1), _meta(base_dir, steps=2))
+    with pytest.raises(LibraryError, match="already exists"):
+        lib.add("run-x", _lora(model, seed=2), _meta(base_dir, steps=4))
+    newer = lib.add("run-x", _lora(model, seed=2), _meta(base_dir, steps=4), replace=True)
+    assert lib.get("run-x").meta["steps"] == 4 and newer.meta["weights_sha256"] != ""
+    assert _entries(tmp_path / "lib") == ["run-x"]  # nothing left aside
+
+
+def test_arrow_refuses_experts_of_different_ranks(base, tmp_path):
+    model, base_dir, _ = base
+    lib = AdapterLibrary(tmp_path / "lib", create=True)
+    lib.add("r4", _lora(model, seed=1, r=4), _meta(base_dir))
+    lib.add("r8", _lora(model, seed=2, r=8), _meta(base_dir))
+    with pytest.raises(LibraryError, match="rank"):
+        lib.check_mergeable(["r4", "r8"])

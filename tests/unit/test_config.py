@@ -135,3 +135,16 @@ def test_malformed_jsonl_line_names_file_and_line(tmp_path):
         load_rows(str(p))
     rows = load_rows(str(p), skip_bad_lines=True)  # lines 2 and 3 skipped, counted in the log
     assert rows.num_rows == 1 and rows[0]["answer"] == "2"
+
+
+def test_adapter_modes_are_checked_before_anything_starts():
+    assert "at least two experts" in _err(["adapter.mode=arrow", "adapter.library=lib", "adapter.experts=[a]"])
+    assert "adapter.library is required" in _err(["adapter.mode=arrow", "adapter.experts=[a, b]"])
+    assert "zero_stage <= 2" in _err(["adapter.mode=sparse", "trainer.zero_stage=3"])
+    assert "keep_ratio" in _err(["adapter.mode=sparse", "adapter.keep_ratio=0"])
+    msg = _err(["adapter.mode=arow"])
+    assert "adapter.mode" in msg and "arrow" in msg
+    r = load_recipe(str(ROOT / "recipes" / "arrow-arithmetic.yaml"), [], check_paths=False)
+    assert r.adapter.mode == "arrow" and r.algorithm.tis_cap == 2.0
+    r = load_recipe(str(ROOT / "recipes" / "sparse-arithmetic.yaml"), [], check_paths=False)
+    assert r.adapter.mode == "sparse" and r.adapter.keep_ratio == 0.05
