@@ -186,6 +186,9 @@ class AdapterConfig(Section):
     router_temperature: float = Field(1.0, gt=0.0, description="`arrow`: softmax temperature over the kept scores.")
     arrow_train: Literal["new", "experts"] = Field(
         "new", description="`arrow`: train a new LoRA (`rank`, `alpha`) beside the frozen routed experts, or the experts.")
+    arrow_serving: Literal["batch", "prompt"] = Field(
+        "batch", description="`arrow`: vLLM serves one LoRA holding the routing averaged over the batch's prompt tokens "
+        "(`batch`), or one LoRA per prompt averaged over that prompt's tokens (`prompt`: closer, B times the bytes).")
 
     @model_validator(mode="after")
     def _check(self) -> "AdapterConfig":

@@ -214,6 +214,8 @@ class Trainer:
             seed=r.seed,
             trust_remote_code=r.model.trust_remote_code,
             max_lora_rank=next((k for k in LORA_RANKS if k >= self.adapter_rank), 0) if self.adapter_rank else 0,
+            # Per-prompt Arrow serving: a batch holds up to B distinct LoRAs (more wait for a slot).
+            max_loras=min(r.data.prompts_per_step, 64) if self.adapter_kind == "arrow" and r.adapter.arrow_serving == "prompt" else 1,
         )
 
     def start_workers(self) -> None:

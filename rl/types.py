@@ -3,8 +3,9 @@ cheaply through Ray and read the same in local mode."""
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Sequence
 
 
 @dataclass
@@ -69,5 +70,11 @@ class WeightHandle:
     location: str  # a file path, a shared-memory name, ...
     num_bytes: int = 0
     names: list[str] = field(default_factory=list)
-    # "weights": full named tensors; "sparse_delta": a sparse adapter's indices/values, added to the base in place.
+    # "weights": full named tensors; "sparse_delta": a sparse adapter's indices/values, added to the base in place;
+    # "lora_per_prompt": a directory of LoRAs named by ``prompt_key`` (``names``), one per prompt.
     kind: str = "weights"
+
+
+def prompt_key(prompt_token_ids: Sequence[int]) -> str:
+    """A short stable name for a prompt (its token ids), shared by the trainer and the engines."""
+    return hashlib.sha1(",".join(map(str, prompt_token_ids)).encode()).hexdigest()[:16]

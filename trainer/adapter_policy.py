@@ -12,10 +12,10 @@ weights ever leave the trainer:
 - ``ArrowPolicy``: library LoRA experts routed per token by Arrow (``adapters.arrow``), plus a new
   LoRA beside them or with the experts themselves trained. vLLM applies one LoRA per request and
   cannot route per token; it serves the routing *averaged over the prompt tokens of the batch about
-  to be sampled*, written exactly as one LoRA of rank ``E*r (+ r_new)``:
-  ``Σ_e w̄_e s_e B_e A_e = [w̄_1 s_1 B_1 | ... ] @ [A_1; ...]``. The trainer computes the exact
-  per-token routing; the gap shows as ``logprob_mismatch`` and is corrected by truncated importance
-  sampling (``algorithm.tis_cap``).
+  to be sampled* (``arrow_serving: batch``) or of each prompt (``prompt``: one LoRA per prompt),
+  written exactly as a LoRA of rank ``E*r (+ r_new)``: ``Σ_e w̄_e s_e B_e A_e = [w̄_1 s_1 B_1 | ... ]
+  @ [A_1; ...]``. The trainer computes the exact per-token routing; the gap shows as
+  ``logprob_mismatch`` and is corrected by truncated importance sampling (``algorithm.tis_cap``).
 
 The reference model of every kind is the base with the adapter disabled (``disabled()``): no
 second copy of the model.
@@ -37,7 +37,7 @@ from torch import nn
 from adapters.arrow import arrow_lora_forward, arrow_route, expert_prototypes
 from adapters.sparse import SPARSE_CONFIG_FILE, SparseAdapter, connection_sensitivity_mask, sensitivity_inputs
 from rl.config import AdapterConfig
-from rl.types import WeightHandle
+from rl.types import WeightHandle, prompt_key
 
 ARROW_CONFIG_FILE = "arrow_policy.json"
 ARROW_WEIGHTS_FILE = "arrow_policy.safetensors"
@@ -94,6 +94,10 @@ class AdapterPolicy:
     def library_sources(self, checkpoint: str | os.PathLike) -> dict[str, Path]:
         """{name suffix: adapter directory} to write into the library ('' = the adapter itself)."""
         return {"": Path(checkpoint)}
+
+    def frozen_adapter_numel(self) -> int:
+        """Adapter entries held outside ``model.parameters()`` (e.g. frozen routed experts kept as buffers)."""
+        return 0
 
 
 # ---------------------------------------------------------------------------------------------- LoRA
@@ -222,8 +226,8 @@ class ArrowLinear(nn.Module):
                 new_B = torch.zeros(base.out_features, new_rank)
             self.new_A, self.new_B = nn.Parameter(new_A.float().clone()), nn.Parameter(new_B.float().clone())
         self.enabled = True
-        self.token_mask: Optional[torch.Tensor] = None  # set while calibrating: which tokens count
-        self.route_sum: Optional[torch.Tensor] = None
+        self.token_mask: Optional[torch.Tensor] = None  # [n, L] bool, set while calibrating: which tokens count
+        self.route_rows: list[torch.Tensor] = []  # per calibration forward: routing summed over each row's tokens [n, E]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
@@ -232,7 +236,8 @@ class ArrowLinear(nn.Module):
         flat = x.reshape(-1, x.shape[-1])
         weights = arrow_route(flat.detach(), self.prototypes, self.top_k, self.temperature)  # [T, E]
         if self.token_mask is not None:
-            self.route_sum = self.route_sum + weights[self.token_mask].sum(0)
+            per_token = weights.view(*self.token_mask.shape, -1) * self.token_mask[..., None]  # [n, L, E]
+            self.route_rows.append(per_token.sum(1))
         out = arrow_lora_forward(x, out, self.expert_A, self.expert_B, weights, self.expert_scaling)
         if self.new_A is not None:
             out = out + ((x.float() @ self.new_A.T) @ self.new_B.T * self.new_scaling).to(out.dtype)
@@ -254,7 +259,7 @@ class ArrowPolicy(AdapterPolicy):
             tensors = load_file(str(Path(init_dir) / ARROW_WEIGHTS_FILE))
         else:
             meta, tensors = _arrow_from_experts(cfg, experts)
-        self.meta = meta
+        self.meta = {**meta, "serving": cfg.arrow_serving}  # how it is served is this run's choice
         self.layers: dict[str, ArrowLinear] = {}
         for m in meta["modules"]:
             parent, _, child = m.rpartition(".")
@@ -279,26 +284,32 @@ class ArrowPolicy(AdapterPolicy):
                 layer.enabled = True
 
     @torch.no_grad()
-    def mean_routing(self, prompts: Sequence[Sequence[int]], pad_id: int, batch_size: int = 64) -> dict[str, torch.Tensor]:
-        """{module: routing weights [E] averaged over every prompt token}."""
+    def prompt_routing(self, prompts: Sequence[Sequence[int]], pad_id: int, batch_size: int = 64):
+        """Routing summed over each prompt's tokens: ({module: [N, E]}, token counts [N])."""
         device = next(self.model.parameters()).device
-        for layer in self.layers.values():
-            layer.route_sum = torch.zeros(len(self.meta["experts"]), device=device)
-        tokens = 0
+        counts = []
         was_training = self.model.training
         self.model.eval()
         try:
+            for layer in self.layers.values():
+                layer.route_rows = []
             for start in range(0, len(prompts), batch_size):
                 ids, mask = _padded(prompts[start : start + batch_size], pad_id, device)
                 for layer in self.layers.values():
-                    layer.token_mask = mask.reshape(-1).bool()
+                    layer.token_mask = mask.bool()
                 self.model(input_ids=ids, attention_mask=mask)
-                tokens += int(mask.sum())
+                counts.append(mask.sum(1))
+            sums = {m: torch.cat(layer.route_rows).cpu() for m, layer in self.layers.items()}
         finally:
             for layer in self.layers.values():
-                layer.token_mask = None
+                layer.token_mask, layer.route_rows = None, []
             self.model.train(was_training)
-        return {m: layer.route_sum.cpu() / max(tokens, 1) for m, layer in self.layers.items()}
+        return sums, torch.cat(counts).cpu().float()
+
+    def mean_routing(self, prompts: Sequence[Sequence[int]], pad_id: int) -> dict[str, torch.Tensor]:
+        """{module: routing weights [E] averaged over every prompt token of the batch}."""
+        sums, counts = self.prompt_routing(prompts, pad_id)
+        return {m: s.sum(0) / counts.sum().clamp(min=1) for m, s in sums.items()}
 
     def served_lora(self, routing: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """{module: (A [R, in], B [out, R])} with R = E*r (+ r_new): Σ_e w̄_e s_e B_e A_e (+ s_new B_new A_new)."""
@@ -319,14 +330,31 @@ class ArrowPolicy(AdapterPolicy):
     def publish(self, transport, version, prompts=None, pad_id=0):
         if not prompts:
             raise ValueError("an Arrow-routed policy is served per batch: publish() needs the prompts about to be sampled")
-        pairs = self.served_lora(self.mean_routing(prompts, pad_id))
         root = Path(transport.directory)
         root.mkdir(parents=True, exist_ok=True)
         tmp, final = _fresh_dir(root, f"arrow-v{version:06d}")
-        R = self.served_rank()
-        num_bytes = _write_peft_lora(tmp, pairs, rank=R, alpha=float(R))  # alpha = rank: vLLM's scale is 1
+        R = self.served_rank()  # alpha = rank below: vLLM's scale is then 1
+        if self.meta.get("serving", "batch") == "batch":
+            num_bytes = _write_peft_lora(tmp, self.served_lora(self.mean_routing(prompts, pad_id)), rank=R, alpha=float(R))
+            os.replace(tmp, final)
+            return WeightHandle(version=version, transport="lora_dir", location=str(final), num_bytes=num_bytes)
+        sums, counts = self.prompt_routing(prompts, pad_id)
+        keys, num_bytes = [], 0
+        for i, p in enumerate(prompts):
+            key = prompt_key(p)
+            if key in keys:
+                continue
+            routing = {m: s[i] / counts[i].clamp(min=1) for m, s in sums.items()}
+            num_bytes += _write_peft_lora(tmp / key, self.served_lora(routing), rank=R, alpha=float(R))
+            keys.append(key)
         os.replace(tmp, final)
-        return WeightHandle(version=version, transport="lora_dir", location=str(final), num_bytes=num_bytes)
+        return WeightHandle(version=version, transport="lora_dir", location=str(final), num_bytes=num_bytes,
+                            names=keys, kind="lora_per_prompt")
+
+    def frozen_adapter_numel(self) -> int:
+        if self.meta["train"] == "experts":
+            return 0
+        return sum(layer.expert_A.numel() + layer.expert_B.numel() for layer in self.layers.values())
 
     def save(self, path, base_model):
         from safetensors.torch import save_file
@@ -389,7 +417,7 @@ def _arrow_from_experts(cfg: AdapterConfig, expert_dirs: Sequence[str]) -> tuple
     new_rank = cfg.rank if cfg.arrow_train == "new" else 0
     meta = {"experts": list(cfg.experts), "top_k": cfg.top_k, "temperature": cfg.router_temperature,
             "train": cfg.arrow_train, "new_rank": new_rank, "new_alpha": cfg.alpha, "expert_rank": rank,
-            "expert_alpha": alphas, "modules": modules}
+            "expert_alpha": alphas, "modules": modules, "serving": cfg.arrow_serving}
     return meta, tensors
 
 

@@ -279,6 +279,8 @@ class PolicyTrainer:
     def params_in_memory(self) -> int:
         """Model parameters this rank holds: the policy (base + adapter) plus a reference copy if any."""
         held = sum(p.numel() for p in self.engine.module.parameters())
+        if self.adapter_policy is not None:
+            held += self.adapter_policy.frozen_adapter_numel()
         if self.ref_model is not None:
             held += sum(p.numel() for p in self.ref_model.parameters())
         return held

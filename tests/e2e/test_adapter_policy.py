@@ -127,28 +127,36 @@ def _served_lora_bytes(base, rank):
     return 4 * L * rank * (4 * (h + h) + 2 * (h + i) + (i + h))
 
 
-def test_arrow_routed_policy(tiny_model_root, subtask_library, tmp_path):
-    """Arrow over the two experts with a new LoRA beside them: vLLM serves the batch-averaged routing
-    (one LoRA of rank 2*8 + 8); the trainer routes per token; truncated IS covers the gap."""
+@pytest.mark.parametrize("serving", ["batch", "prompt"])
+def test_arrow_routed_policy(serving, tiny_model_root, subtask_library, tmp_path):
+    """Arrow over the two experts with a new LoRA beside them. vLLM serves the routing averaged over
+    the batch's (or each prompt's) prompt tokens as one LoRA of rank 2*8 + 8; the trainer routes per
+    token; truncated IS covers the gap."""
     from transformers import AutoModelForCausalLM
 
     from adapters import AdapterLibrary
     from rl.driver import Trainer
 
+    name = f"adder-arrow-{serving}"
     t = Trainer(_recipe(tiny_model_root, tmp_path / "arrow", tiny_model_root / "data" / "train.jsonl", "steps=3",
                         "adapter.mode=arrow", "adapter.experts=[adder-low, adder-high]", "adapter.top_k=1",
-                        "adapter.rank=8", f"adapter.library={subtask_library}", "adapter.save_as=adder-arrow",
-                        "algorithm.tis_cap=2.0", "algorithm.kl_coef=0.05"))
+                        f"adapter.arrow_serving={serving}", "adapter.rank=8", f"adapter.library={subtask_library}",
+                        f"adapter.save_as={name}", "algorithm.tis_cap=2.0", "algorithm.kl_coef=0.05"))
     summary = t.fit()
     rows = [json.loads(l) for l in (tmp_path / "arrow" / "metrics.jsonl").read_text().splitlines()]
-    train = [r for r in rows if r.get("kind", "train") == "train" and "weight_sync_bytes" in r]
+    train = [r for r in rows if r["kind"] == "train"]
     assert len(train) == 3
     base = AutoModelForCausalLM.from_pretrained(tiny_model_root / "model")
+    served = _served_lora_bytes(base, 2 * 8 + 8)
+    lora = _served_lora_bytes(base, 8) // 4  # parameters of the new LoRA
     for m in train:
-        assert m["weight_sync_bytes"] == _served_lora_bytes(base, 2 * 8 + 8)
+        # One LoRA per step, or one per distinct prompt of the step (16 here: one epoch has no repeats).
+        assert m["weight_sync_bytes"] == served * (1 if serving == "batch" else 16)
         # Per-token top-1 routing vs one averaged LoRA: a real, measured gap (not float noise), bounded.
         assert 1e-4 < m["logprob_mismatch"] < 1.0
-    expert = AdapterLibrary(subtask_library).get("adder-arrow")
+        # The trainer holds the base once, the frozen experts (2 LoRAs) and the new LoRA.
+        assert m["params_in_memory"] == sum(p.numel() for p in base.parameters()) + 3 * lora
+    expert = AdapterLibrary(subtask_library).get(name)
     assert expert.adapter_type == "lora" and expert.rank == 8
     assert expert.meta["parents"] == ["adder-low", "adder-high"]
     assert expert.meta["extra"]["arrow"] == {"experts": ["adder-low", "adder-high"], "top_k": 1, "temperature": 1.0, "trained": "new"}

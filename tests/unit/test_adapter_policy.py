@@ -173,3 +173,23 @@ def test_arrow_needs_prompts_to_publish(tmp_path):
     policy = _arrow(tmp_path)
     with pytest.raises(ValueError, match="prompts"):
         policy.publish(_Dir(tmp_path / "pub"), version=0)
+
+
+def test_per_prompt_serving_writes_one_lora_per_distinct_prompt(tmp_path):
+    from safetensors.torch import load_file
+
+    from rl.types import prompt_key
+
+    policy = _arrow(tmp_path, top_k=1, arrow_serving="prompt")
+    prompts = [[1, 5, 7], [1, 5, 7, 9, 11], [1, 5, 7]]  # a repeated prompt is served once
+    handle = policy.publish(_Dir(tmp_path / "pub"), version=3, prompts=prompts)
+    assert handle.kind == "lora_per_prompt" and handle.names == [prompt_key(prompts[0]), prompt_key(prompts[1])]
+    one = load_file(f"{handle.location}/{handle.names[1]}/adapter_model.safetensors")
+    want = policy.served_lora(policy.mean_routing([prompts[1]], pad_id=0))
+    for m, (A, B) in want.items():
+        assert torch.allclose(one[f"base_model.model.{m}.lora_A.weight"], A)
+        assert torch.allclose(one[f"base_model.model.{m}.lora_B.weight"], B, atol=1e-6)
+    single = sum(t.numel() * 4 for t in one.values())
+    assert handle.num_bytes == 2 * single
+    # Frozen experts are held as buffers: counted beside the parameters.
+    assert policy.frozen_adapter_numel() == sum(l.expert_A.numel() + l.expert_B.numel() for l in policy.layers.values())
