@@ -141,8 +141,11 @@ class Trainer:
             experts = [lib.get(name) for name in ad.experts]  # verifies the content hashes
             for name in ad.experts:
                 lib.check_compatible(name, self.paths.model)
-            if ad.save_as and ad.save_as in lib and self.resume_from is None:  # a resumed run replaces its own
-                raise LibraryError(f"adapter.save_as: expert {ad.save_as!r} already exists in {lib.root}")
+            # Arrow training its experts writes each back as <save_as>-<expert>.
+            writes = [f"{ad.save_as}-{e}" for e in ad.experts] if ad.mode == "arrow" and ad.arrow_train == "experts" else [ad.save_as]
+            taken = [w for w in writes if ad.save_as and w in lib]
+            if taken and self.resume_from is None:  # a resumed run replaces its own
+                raise LibraryError(f"adapter.save_as: expert(s) {taken} already exist in {lib.root}")
             if ad.mode in ("continue", "merge") and experts[0].adapter_type == "sparse":
                 self.adapter_kind = "sparse"
             if ad.mode == "arrow":

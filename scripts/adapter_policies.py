@@ -113,7 +113,9 @@ def main() -> None:
     lines = [
         "# Adapter policies side by side",
         "",
-        f"`python scripts/adapter_policies.py --steps {args.steps} --expert-steps {args.expert_steps}` on {machine}.",
+        f"`python scripts/adapter_policies.py --steps {args.steps} --expert-steps {args.expert_steps}` on {machine}"
+        + (f" (rows starting with {', '.join(args.arms)} re-run with `--arms {' '.join(args.arms)}`; the others from the "
+           "previous full run)." if args.arms else "."),
         f"Embedded model ({model_root.name}), GRPO G=8, 64 prompts/step, {args.steps} steps per policy, KL 0.01 "
         "(reference = base with adapters off; full fine-tuning holds a reference copy). Library: three rank-8 LoRA "
         f"experts trained {args.expert_steps} steps each on one sub-task (first operand < 50, >= 50, carrying sums). "
