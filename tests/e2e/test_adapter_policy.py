@@ -248,3 +248,50 @@ def test_adapter_policy_resumes_exactly(mode, tiny_model_root, subtask_library, 
     for step in (3, 4):
         assert resumed[step]["reward_mean"] == pytest.approx(ref[step]["reward_mean"], abs=1e-6)
         assert resumed[step]["loss"] == pytest.approx(ref[step]["loss"], abs=1e-5)
+
+
+def test_sparse_library_merge_and_continue(tiny_model_root, ray_session, tmp_path):
+    """Two sparse experts from different sub-tasks; their merge (overlaps averaged, union of masks)
+    trained as a sparse policy; one expert continued. Each goes back with its parents."""
+    from adapters import AdapterLibrary
+    from rl.driver import Trainer
+
+    lib = tmp_path / "library"
+    for name, keep in (("sp-low", lambda a: a < 50), ("sp-high", lambda a: a >= 50)):
+        data = _subtask_file(tiny_model_root, tmp_path, name, keep)
+        Trainer(_recipe(tiny_model_root, tmp_path / name, data, "steps=1", "adapter.mode=sparse", "adapter.keep_ratio=0.02",
+                        "eval.after=false", "trainer.lr=1e-3", f"adapter.library={lib}", f"adapter.save_as={name}")).fit()
+    library = AdapterLibrary(lib)
+    masks = [library.load_sparse(n)[0] for n in ("sp-low", "sp-high")]
+    union = sum(int((masks[0][w] | masks[1][w]).sum()) for w in masks[0])
+    train = tiny_model_root / "data" / "train.jsonl"
+    Trainer(_recipe(tiny_model_root, tmp_path / "m", train, "steps=1", "adapter.mode=merge", "adapter.experts=[sp-low, sp-high]",
+                    "eval.after=false", f"adapter.library={lib}", "adapter.save_as=sp-merged")).fit()
+    Trainer(_recipe(tiny_model_root, tmp_path / "c", train, "steps=1", "adapter.mode=continue", "adapter.experts=[sp-low]",
+                    "eval.after=false", f"adapter.library={lib}", "adapter.save_as=sp-low-more")).fit()
+    library = AdapterLibrary(lib)
+    merged, more = library.get("sp-merged"), library.get("sp-low-more")
+    assert merged.adapter_type == "sparse" and merged.meta["parents"] == ["sp-low", "sp-high"]
+    assert merged.meta["nnz"] == union  # trained on the union of the two masks
+    assert more.adapter_type == "sparse" and more.meta["parents"] == ["sp-low"]
+    assert more.meta["nnz"] == library.get("sp-low").meta["nnz"]  # the mask stays fixed
+
+
+def test_arrow_training_the_experts(tiny_model_root, subtask_library, tmp_path):
+    """arrow_train=experts: the routed experts themselves train and go back as <save_as>-<expert>."""
+    from adapters import AdapterLibrary
+    from rl.driver import Trainer
+
+    summary = Trainer(_recipe(tiny_model_root, tmp_path / "ae", tiny_model_root / "data" / "train.jsonl", "steps=2",
+                              "adapter.mode=arrow", "adapter.experts=[adder-low, adder-high]", "adapter.arrow_train=experts",
+                              f"adapter.library={subtask_library}", "adapter.save_as=tuned", "eval.after=false")).fit()
+    import torch
+    from safetensors.torch import load_file
+
+    library = AdapterLibrary(subtask_library)
+    for name in ("adder-low", "adder-high"):
+        tuned = library.get(f"tuned-{name}")
+        assert tuned.meta["parents"] == ["adder-low", "adder-high"] and tuned.rank == library.get(name).rank
+        before, after = load_file(str(library.get(name).weights_path)), load_file(str(tuned.weights_path))
+        assert any(not torch.equal(before[k], after[k]) for k in before)  # the expert moved
+    assert sorted(summary["library_expert"]) == sorted(str(library.get(f"tuned-{n}").path) for n in ("adder-low", "adder-high"))
