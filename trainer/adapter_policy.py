@@ -204,6 +204,10 @@ class ArrowLinear(nn.Module):
 
     expert_A [E, r, in], expert_B [E, out, r], expert_scaling [E], prototypes [E, in];
     new_A [r_new, in], new_B [out, r_new] (B starts at zero: training starts at the routed library).
+
+    Not PEFT's Arrow layer: it computes the routing inside its forward without exposing it (serving
+    needs the routing weights), and a new LoRA trained beside routed experts is not a PEFT
+    configuration. The math is ``adapters/arrow.py``'s, unit-tested against ``create_arrow_model``.
     """
 
     def __init__(self, base: nn.Linear, A, B, scaling, prototypes, top_k: int, temperature: float,
