@@ -259,7 +259,8 @@ def test_sparse_library_merge_and_continue(tiny_model_root, ray_session, tmp_pat
     lib = tmp_path / "library"
     for name, keep in (("sp-low", lambda a: a < 50), ("sp-high", lambda a: a >= 50)):
         data = _subtask_file(tiny_model_root, tmp_path, name, keep)
-        Trainer(_recipe(tiny_model_root, tmp_path / name, data, "steps=1", "adapter.mode=sparse", "adapter.keep_ratio=0.02",
+        # checkpoint.every=1: written back at the checkpoint, then replaced by the final write-back.
+        Trainer(_recipe(tiny_model_root, tmp_path / name, data, "steps=1", "checkpoint.every=1", "adapter.mode=sparse", "adapter.keep_ratio=0.02",
                         "eval.after=false", "trainer.lr=1e-3", f"adapter.library={lib}", f"adapter.save_as={name}")).fit()
     library = AdapterLibrary(lib)
     masks = [library.load_sparse(n)[0] for n in ("sp-low", "sp-high")]
