@@ -92,6 +92,10 @@ class RolloutConfig(Section):
     num_cpus_per_actor: float = Field(1.0, ge=0.0)
     num_gpus_per_actor: float = Field(0.0, ge=0.0)
     max_restarts: int = Field(3, ge=0, description="Times Ray restarts a dead rollout actor; the call is then retried with the current weights.")
+    max_staleness: int = Field(
+        0, ge=0, description="Asynchronous rollout: generate up to k batches ahead while the trainer updates, so a batch "
+        "may come from a policy up to k versions old (metric rollout_staleness; pair with algorithm.tis_cap). "
+        "0: synchronous, on-policy.")
 
 
 class TrainerConfig(Section):
@@ -263,6 +267,13 @@ class Recipe(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+
+    @model_validator(mode="after")
+    def _check_async(self) -> "Recipe":
+        if self.rollout.max_staleness > 0 and self.adapter.mode == "arrow":
+            raise ValueError("rollout.max_staleness > 0 does not combine with adapter.mode=arrow (an Arrow policy is "
+                             "routed for each batch right before it is sampled)")
+        return self
 
     @model_validator(mode="after")
     def _check_adapter_zero(self) -> "Recipe":

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import collections
 import inspect
 import json
 import logging
@@ -121,8 +122,9 @@ class Trainer:
         if recipe.adapter.mode != "none":
             self._prepare_adapter()
         self._handle = None  # the policy version the engines hold
+        self._prefetched: collections.deque = collections.deque()  # (sampler state, indices, pending rollout)
         self._nonfinite_in_a_row = 0
-        self._reward_seconds = 0.0
+        self._reward_seconds = self._route_seconds = 0.0
         self.rollout = None
         self.trainer = None
 
@@ -259,8 +261,10 @@ class Trainer:
         return self.adapter_kind == "arrow"
 
     def _publish_for(self, prompt_token_ids: list[list[int]]) -> None:
+        t0 = time.perf_counter()
         self._handle = self.trainer.publish_weights(prompt_token_ids)
         self.rollout.load_weights(self._handle)
+        self._route_seconds += time.perf_counter() - t0
 
     def stop_workers(self) -> None:
         if self.trainer is not None:
@@ -269,6 +273,7 @@ class Trainer:
         if self.rollout is not None:
             self.rollout.shutdown()
         self.trainer = self.rollout = None
+        self._prefetched.clear()  # batches in flight died with the engines
 
     # ------------------------------------------------------------------ pieces of a step
 
@@ -293,8 +298,36 @@ class Trainer:
 
     def _rollout(self, indices: list[int], seed_step: int):
         """B prompts -> (B*G completions, prompt-major; ScoreResult; rewards [B, G])."""
+        return self._scored(indices, self.rollout.collect(self._submit_rollout(indices, seed_step)))
+
+    def _submit_rollout(self, indices: list[int], seed_step: int):
         G = self.recipe.algorithm.group_size
-        groups = self.rollout.generate([self.train_set.prompt_token_ids[i] for i in indices], self._sampling(seed_step, G))
+        return self.rollout.submit_generate([self.train_set.prompt_token_ids[i] for i in indices], self._sampling(seed_step, G))
+
+    def _next_batch(self) -> tuple[list[int], list]:
+        """This step's prompt indices and completion groups.
+
+        Synchronous (``rollout.max_staleness`` 0): sampled now, by the current policy. Asynchronous
+        (k > 0): the batches of the next k steps are submitted too, so the engines sample them while
+        this step trains; the policy pushed after this step reaches only batches submitted later.
+        A batch is thus sampled by a policy at most k versions old.
+        """
+        k = self.recipe.rollout.max_staleness
+        if k == 0:
+            indices = self.sampler.next_batch()
+            if self._routes_per_batch:
+                self._publish_for([self.train_set.prompt_token_ids[i] for i in indices])
+            return indices, None
+        while len(self._prefetched) <= k and self.step + len(self._prefetched) < self.recipe.steps:
+            state = self.sampler.state_dict()  # where a checkpoint must resume if this batch is not trained yet
+            indices = self.sampler.next_batch()
+            step = self.step + len(self._prefetched) + 1
+            self._prefetched.append((state, indices, self._submit_rollout(indices, step)))
+        _, indices, pending = self._prefetched.popleft()
+        return indices, self.rollout.collect(pending)
+
+    def _scored(self, indices: list[int], groups: list):
+        G = self.recipe.algorithm.group_size
         flat = [c for g in groups for c in g]
         t0 = time.perf_counter()
         result = self.train_set.score(self.scorer, [indices[c.prompt_index] for c in flat], [c.text for c in flat])
@@ -345,12 +378,13 @@ class Trainer:
     def train_one_step(self) -> dict[str, float]:
         r = self.recipe
         t_start = time.perf_counter()
-        self._reward_seconds = 0.0
-        indices = self.sampler.next_batch()
-        if self._routes_per_batch:
-            self._publish_for([self.train_set.prompt_token_ids[i] for i in indices])
-        t_routed = time.perf_counter()
-        flat, result, rewards = self._rollout(indices, self.step + 1)  # N = B*G prompt-major; rewards [B, G]
+        self._reward_seconds = self._route_seconds = 0.0
+        policy_version = self._handle.version if self._handle else 0  # the policy this step trains
+        indices, groups = self._next_batch()
+        if groups is None:
+            flat, result, rewards = self._rollout(indices, self.step + 1)
+        else:
+            flat, result, rewards = self._scored(indices, groups)  # N = B*G prompt-major; rewards [B, G]
         per_reward, extra_rollouts, failures = result.per_reward, 0, dict(result.failures)
         tied_before = float(algorithms.tied_groups(rewards).float().mean())
         if r.algorithm.tie_handling == "resample":
@@ -399,14 +433,16 @@ class Trainer:
             "trained_sequences": float(len(train_flat)),
             "response_length": sum(lengths) / len(lengths),
             "truncated_fraction": sum(c.finish_reason == "length" for c in flat) / len(flat),
-            "tokens_per_second": sum(lengths) / max(t_gen - t_routed - self._reward_seconds, 1e-9),
-            "time_generate": t_gen - t_routed - self._reward_seconds,
+            "tokens_per_second": sum(lengths) / max(t_gen - t_start - self._reward_seconds - self._route_seconds, 1e-9),
+            "time_generate": t_gen - t_start - self._reward_seconds - self._route_seconds,  # async: waiting for it
             "time_reward": self._reward_seconds + (t_reward - t_gen),
             "time_train": t_train - t_reward,
-            "time_weight_sync": t_sync - t_train + (t_routed - t_start),  # Arrow: routed and pushed before sampling
+            "time_weight_sync": t_sync - t_train + self._route_seconds,  # Arrow: routed and pushed before sampling
             "time_step": t_sync - t_start,
             "weight_sync_bytes": float(self._handle.num_bytes) if stats else 0.0,
             "policy_version": float(self._handle.version) if self._handle else 0.0,
+            # Versions between the policy this step trained and the one that sampled its batch.
+            "rollout_staleness": float(policy_version - min(c.policy_version for c in flat)),
             "rollout_restarts": float(self.rollout.restarts),
             **{f"reward_failures_{k}": float(v) for k, v in failures.items()},
             **stats,
@@ -427,7 +463,8 @@ class Trainer:
                 self.trainer.save_state(str(tmp / "trainer_state"))
             state = {
                 "step": self.step,
-                "sampler": self.sampler.state_dict(),
+                # Prefetched batches (asynchronous rollout) are not trained yet: resume draws them again.
+                "sampler": self._prefetched[0][0] if self._prefetched else self.sampler.state_dict(),
                 "policy_version": self._handle.version if self._handle else 0,
                 "reward_failures": dict(self.scorer.total_failures),
                 "recipe_fingerprint": ckpt.recipe_fingerprint(self.recipe),

@@ -31,6 +31,7 @@ class Completion:
     text: str
     logprobs: list[float]  # the sampler's logprob of each token in ``token_ids``
     finish_reason: str  # "stop" (EOS) or "length"
+    policy_version: int = 0  # the policy version the engine held when it sampled this
 
 
 @dataclass

@@ -49,11 +49,20 @@ class _Group:
         self.workers, self.remote = workers, remote
 
     def _gather(self, calls: list[tuple[Any, str, tuple]]) -> list:
+        return self._collect(self._submit(calls))
+
+    def _submit(self, calls: list[tuple[Any, str, tuple]]) -> list:
+        """Start the calls; returns what ``_collect`` turns into results (local workers run them now)."""
         if not self.remote:
-            return [getattr(w, m)(*a) for w, m, a in calls]
+            return [(call, getattr(call[0], call[1])(*call[2])) for call in calls]
+        return [(call, getattr(call[0], call[1]).remote(*call[2])) for call in calls]
+
+    def _collect(self, submitted: list) -> list:
+        if not self.remote:
+            return [result for _, result in submitted]
         import ray
 
-        return ray.get([getattr(w, m).remote(*a) for w, m, a in calls])
+        return ray.get([ref for _, ref in submitted])
 
     def call_all(self, method: str, *args) -> list:
         return self._gather([(w, method, args) for w in self.workers])
@@ -112,15 +121,14 @@ class RolloutGroup(_Group):
         group.call_all("ready")  # surface start-up errors here, not at the first step
         return group
 
-    def _gather(self, calls):
+    def _collect(self, submitted):
         if not self.remote:
-            return super()._gather(calls)
+            return super()._collect(submitted)
         import ray
         from ray.exceptions import ActorUnavailableError, RayActorError
 
-        refs = [getattr(w, m).remote(*a) for w, m, a in calls]
         out = []
-        for (w, m, a), ref in zip(calls, refs):
+        for (w, m, a), ref in submitted:
             for attempt in range(self.max_restarts + 1):
                 try:
                     out.append(ray.get(ref))
@@ -154,13 +162,22 @@ class RolloutGroup(_Group):
 
     def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingSpec) -> list[list[Completion]]:
         """Split B prompts across actors; returns B groups in the original order."""
+        return self.collect(self.submit_generate(prompt_token_ids, sampling))
+
+    def submit_generate(self, prompt_token_ids: list[list[int]], sampling: SamplingSpec):
+        """Start a generation and return at once; ``collect`` waits for it. Each actor runs its calls
+        in order, so weights loaded after this call do not affect it."""
         parts = [r for r in _chunks(len(prompt_token_ids), len(self.workers)) if len(r)]
         calls = []
         for w, r in zip(self.workers, parts):
             s = SamplingSpec(**{**sampling.__dict__, "seed": None if sampling.seed is None else sampling.seed + r.start})
             calls.append((w, "generate", ([prompt_token_ids[i] for i in r], s)))
+        return parts, self._submit(calls)
+
+    def collect(self, pending) -> list[list[Completion]]:
+        parts, submitted = pending
         out: list[list[Completion]] = []
-        for r, groups in zip(parts, self._gather(calls)):
+        for r, groups in zip(parts, self._collect(submitted)):
             for g in groups:
                 for c in g:
                     c.prompt_index += r.start

@@ -107,6 +107,7 @@ class RolloutWorker:
                         text=c.text,
                         logprobs=lps,
                         finish_reason=str(c.finish_reason),
+                        policy_version=self.weight_version,
                     )
                 )
             result.append(group)
