@@ -244,6 +244,7 @@ class Trainer:
             adapter=r.adapter if r.adapter.mode != "none" else None,
             adapter_init_dir=self.adapter_init_dir,
             adapter_expert_dirs=self.adapter_expert_dirs,
+            max_staleness=r.rollout.max_staleness,
             calibration_token_ids=(self.train_set.prompt_token_ids[: r.adapter.calibration_prompts]
                                    if self.adapter_kind == "sparse" and self.adapter_init_dir is None else None),
         )

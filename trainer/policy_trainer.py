@@ -52,6 +52,7 @@ class TrainerSetup:
     adapter_init_dir: Optional[str] = None
     adapter_expert_dirs: list[str] = field(default_factory=list)
     calibration_token_ids: Optional[list[list[int]]] = None
+    max_staleness: int = 0  # asynchronous rollout: batches may still use the k previous versions
 
 
 def _collate(batch: TrainBatch, pad_id: int, device) -> dict[str, torch.Tensor]:
@@ -173,7 +174,10 @@ class PolicyTrainer:
             kw = {"directory": setup.weight_dir} if setup.weight_dir else {}
             self.transport = get_transport(setup.weight_transport, **kw)
         self.version = 0
-        self._last_handle: Optional[WeightHandle] = None
+        # Published versions still on disk. A LoRA is read by vLLM at its first use, and with
+        # asynchronous rollout a batch sampled by an older version may still be queued: keep k+1.
+        self._published: list[WeightHandle] = []
+        self._keep_published = 1 + setup.max_staleness
 
     def _clip_and_measure(self, optimizer, args, kwargs) -> None:
         """Runs after the gradient all-reduce, right before the optimizer update."""
@@ -366,8 +370,9 @@ class PolicyTrainer:
                 handle = self.adapter_policy.publish(self.transport, self.version, prompts, self.pad_id)
             else:
                 handle = self.transport.publish(params, self.version)
-        self._release(self._last_handle)  # the engines have moved on to the new one
-        self._last_handle = handle
+        self._published.append(handle)
+        while len(self._published) > self._keep_published:  # no queued batch can use these any more
+            self._release(self._published.pop(0))
         return handle
 
     def _release(self, handle: Optional[WeightHandle]) -> None:
@@ -444,9 +449,10 @@ class PolicyTrainer:
         return {k: str(v) for k, v in self.adapter_policy.library_sources(checkpoint).items()}
 
     def close(self) -> None:
-        if self.transport is not None and self._last_handle is not None:
-            self._release(self._last_handle)
-            self._last_handle = None
+        if self.transport is not None:
+            for handle in self._published:
+                self._release(handle)
+            self._published = []
         if self.transport is not None and hasattr(self.transport, "close"):
             self.transport.close()
 

@@ -48,6 +48,21 @@ def test_async_rollout_is_at_most_k_versions_stale_and_resumes_at_the_untrained_
     assert [r["step"] for r in rows if r["kind"] == "train"] == [4, 5]
 
 
+def test_async_rollout_with_a_lora_policy(tiny_model_root, ray_session, tmp_path):
+    """vLLM reads a LoRA at its first use: versions a queued batch may still use stay on disk."""
+    from rl.driver import Trainer
+
+    t = Trainer(_recipe(tiny_model_root, tmp_path / "lora", "steps=4", "rollout.max_staleness=1", "algorithm.tis_cap=2.0",
+                        "adapter.mode=lora"))
+    t.start_workers()
+    try:
+        metrics = [t.train_one_step() for _ in range(4)]
+    finally:
+        t.stop_workers()
+    assert [m["rollout_staleness"] for m in metrics] == [0.0, 1.0, 1.0, 1.0]
+    assert all(m["updates_applied"] == 1 for m in metrics)
+
+
 def test_arrow_policies_are_refused_with_async_rollout(tmp_path):
     from rl.config import RecipeError
 
