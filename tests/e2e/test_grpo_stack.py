@@ -6,7 +6,6 @@ One driver (and so one engine pair) is shared by the tests in this module.
 from __future__ import annotations
 
 import pytest
-import torch
 
 from rl.config import load_recipe
 from rl.types import TrainBatch

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from rl.config import AlgorithmConfig, TrainerConfig
