@@ -69,3 +69,14 @@ def read_metrics(run_dir: Path, kind: Optional[str] = None) -> list[dict]:
         return []
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return [r for r in rows if kind is None or r.get("kind") == kind]
+
+
+def describe_machine() -> str:
+    """One line for benchmark reports: architecture, cores, Python, accelerator."""
+    import os
+    import platform
+
+    import torch
+
+    gpu = f"GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "no GPU"
+    return f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}, {gpu}"

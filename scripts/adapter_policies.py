@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 from pathlib import Path
@@ -44,7 +43,7 @@ def main() -> None:
 
     from rl.config import load_recipe
     from rl.driver import Trainer
-    from rl.metrics import read_metrics
+    from rl.metrics import describe_machine, read_metrics
     from rl.tasks.tiny_model import TinyModelSpec, build_tiny_model
 
     runs = Path(args.runs)
@@ -108,8 +107,7 @@ def main() -> None:
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "adapter-policies.json").write_text(json.dumps(results, indent=2))
-    machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.python_version()}, no GPU" \
-        if not _has_gpu() else f"{platform.machine()} with a GPU"
+    machine = describe_machine()
     lines = [
         "# Adapter policies side by side",
         "",
@@ -132,12 +130,6 @@ def main() -> None:
         )
     (out / "adapter-policies.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-
-
-def _has_gpu() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 if __name__ == "__main__":

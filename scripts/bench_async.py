@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 from pathlib import Path
@@ -35,7 +34,7 @@ def main() -> None:
 
     from rl.config import load_recipe
     from rl.driver import Trainer
-    from rl.metrics import read_metrics
+    from rl.metrics import describe_machine, read_metrics
 
     results = []
     for k in args.staleness:
@@ -68,8 +67,7 @@ def main() -> None:
         "# Synchronous vs asynchronous rollout",
         "",
         f"`python scripts/bench_async.py --steps {args.steps} --staleness {' '.join(map(str, args.staleness))}"
-        + (f" {' '.join(args.overrides)}" if args.overrides else "") + f"` on {platform.machine()}, {os.cpu_count()} CPU cores, "
-        f"Python {platform.python_version()}, {'a GPU' if _has_gpu() else 'no GPU'}: recipes/quickstart.yaml (64 prompts x 8, "
+        + (f" {' '.join(args.overrides)}" if args.overrides else "") + f"` on {describe_machine()}: recipes/quickstart.yaml (64 prompts x 8, "
         "1 rollout actor, 1 trainer rank), TIS cap 2. Seconds are means over steps 2..N.",
         "",
         "| max_staleness | s/step | speed-up vs sync | waiting for rollout | train | weight sync | staleness | logprob mismatch | accuracy before -> after |",
@@ -83,12 +81,6 @@ def main() -> None:
         )
     (out / "async.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-
-
-def _has_gpu() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 if __name__ == "__main__":

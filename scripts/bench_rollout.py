@@ -16,7 +16,6 @@ import json
 import os
 import subprocess
 import sys
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -51,7 +50,9 @@ def report(args) -> None:
     fw, raw, model = results["framework"]["tps"], results["raw"]["tps"], results["raw"]["model"]
     raw_d = results["raw_default"]["tps"]
     fw_m, raw_m, raw_dm = statistics.median(fw), statistics.median(raw), statistics.median(raw_d)
-    machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, no GPU" if not _has_cuda() else "GPU"
+    from rl.metrics import describe_machine
+
+    machine = describe_machine()
     text = (
         "# Rollout throughput: framework vs raw vLLM\n\n"
         f"Command: `.venv/bin/python scripts/bench_rollout.py --prompts {args.prompts} --n {args.n} "
@@ -112,12 +113,6 @@ def measure(args) -> dict:
     raw_prompts = [TokensPrompt(prompt_token_ids=p) for p in prompts]
     tps = timed(lambda: sum(len(c.token_ids) for o in llm.generate(raw_prompts, params, use_tqdm=False) for c in o.outputs))
     return {"tps": tps, "model": model}
-
-
-def _has_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 from pathlib import Path
 
@@ -36,7 +35,7 @@ def main() -> None:
 
     from rl.config import load_recipe
     from rl.driver import Trainer
-    from rl.metrics import read_metrics
+    from rl.metrics import describe_machine, read_metrics
     from rl.plot import plot_runs
 
     results = []
@@ -63,7 +62,7 @@ def main() -> None:
         f"Reproduce: `.venv/bin/python scripts/experiment_2v16.py --seeds {' '.join(map(str, args.seeds))}"
         + (f" --tag={args.tag}" if args.tag else "") + (f" {' '.join(args.overrides)}" if args.overrides else "") + "`",
         "",
-        f"Machine: {platform.machine()}, {os.cpu_count()} cores, no GPU; one vLLM rollout actor, one DeepSpeed rank (ZeRO-0), Ray.",
+        f"Machine: {describe_machine()}; one vLLM rollout actor, one DeepSpeed rank (ZeRO-0), Ray.",
         "Task: the embedded 2-digit addition model (SFT to ~30% held-out greedy accuracy). Every arm sees the same fixed",
         "1024 prompts once; accuracy is greedy on 512 held-out prompts.",
         "",
