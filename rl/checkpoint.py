@@ -91,7 +91,7 @@ def find_resume_checkpoint(recipe: Recipe) -> Optional[Path]:
 def read_state(ckpt: Path, recipe: Recipe) -> dict:
     state = json.loads((ckpt / STATE_FILE).read_text())
     if not state.get("resumable", False):
-        raise RecipeError(f"checkpoint {ckpt} holds the policy only (written with trainer.zero_stage > 0); it cannot be resumed exactly")
+        raise RecipeError(f"checkpoint {ckpt} holds the policy only (written with trainer.zero_stage 3); it cannot be resumed exactly")
     if state["recipe_fingerprint"] != recipe_fingerprint(recipe) and not recipe.resume_force:
         raise RecipeError(
             f"recipe field 'resume': {ckpt} was written by a different recipe (fingerprint {state['recipe_fingerprint']} vs "

@@ -456,7 +456,7 @@ class Trainer:
 
     def save_checkpoint(self) -> str:
         """Policy (HF format) + trainer and driver state, written atomically; see ``rl/checkpoint.py``."""
-        resumable = self.recipe.trainer.zero_stage == 0
+        resumable = self.recipe.trainer.zero_stage in (0, 1, 2)
 
         def write(tmp: Path) -> None:
             self.trainer.save_pretrained(str(tmp))

@@ -400,24 +400,39 @@ class PolicyTrainer:
 
     # ------------------------------------------------------------------ exact resume
 
+    def _optimizer_params(self) -> tuple[dict, list[tuple[str, torch.Tensor]]]:
+        """The torch optimizer and its parameters under stable names.
+
+        ZeRO-0: the model's own parameters, by name. ZeRO-1/2: DeepSpeed's fp32 partition of each
+        parameter group on this rank (``zero/<group>``), which only the same number of ranks can load.
+        """
+        if self.cfg.zero_stage == 0:
+            return self.optimizer, list(self.engine.module.named_parameters())
+        if self.cfg.zero_stage in (1, 2):
+            partitions = self.optimizer.single_partition_of_fp32_groups
+            return self.optimizer.optimizer, [(f"zero/{i}", p) for i, p in enumerate(partitions)]
+        raise NotImplementedError("exact resume needs trainer.zero_stage 0, 1 or 2 (ZeRO-3 partitions the parameters too)")
+
     def save_state(self, path: str) -> None:
         """Optimizer state, RNG state and policy version of this rank: safetensors + JSON, no pickle."""
-        if self.cfg.zero_stage != 0:
-            raise NotImplementedError("exact resume currently needs trainer.zero_stage: 0 (ZeRO optimizers keep partitioned state)")
         from safetensors.torch import save_file
 
-        names = {id(p): n for n, p in self.engine.module.named_parameters()}
+        optimizer, named = self._optimizer_params()
+        names = {id(p): n for n, p in named}
         tensors: dict[str, torch.Tensor] = {"rng/torch": torch.get_rng_state()}
+        if self.cfg.zero_stage in (1, 2):  # the fp32 master partitions (more precise than bf16 model weights)
+            tensors.update({f"master/{n}": p.detach().cpu().contiguous() for n, p in named})
         scalars: dict[str, dict] = {}
-        for p, st in self.optimizer.state.items():
+        for p, st in optimizer.state.items():
             name = names[id(p)]
             for k, v in st.items():
                 if torch.is_tensor(v):
                     tensors[f"state/{name}/{k}"] = v.detach().cpu().contiguous()
                 else:
                     scalars.setdefault(name, {})[k] = v
-        groups = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
         meta = {"version": self.version, "param_groups": groups, "scalars": scalars, "rank": self.setup.rank,
+                "world_size": self.setup.world_size, "zero_stage": self.cfg.zero_stage,
                 "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None}
         Path(path).mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(Path(path) / f"trainer-rank{self.setup.rank}.safetensors"))
@@ -427,17 +442,25 @@ class PolicyTrainer:
         """Restore what ``save_state`` wrote (the weights come from the checkpoint's model files)."""
         from safetensors.torch import load_file
 
-        tensors = load_file(str(Path(path) / f"trainer-rank{self.setup.rank}.safetensors"))
         meta = json.loads((Path(path) / f"trainer-rank{self.setup.rank}.json").read_text())
-        params = dict(self.engine.module.named_parameters())
-        for key, value in tensors.items():
-            if key.startswith("state/"):
-                name, field = key[len("state/") :].rsplit("/", 1)
-                self.optimizer.state[params[name]][field] = value.to(self.device)
+        saved = (meta.get("zero_stage", 0), meta.get("world_size", 1))
+        if self.cfg.zero_stage != saved[0] or (self.cfg.zero_stage > 0 and self.setup.world_size != saved[1]):
+            raise ValueError(f"{path}: optimizer state of ZeRO-{saved[0]} on {saved[1]} rank(s) cannot be loaded by "
+                             f"ZeRO-{self.cfg.zero_stage} on {self.setup.world_size} rank(s)")
+        tensors = load_file(str(Path(path) / f"trainer-rank{self.setup.rank}.safetensors"))
+        optimizer, named = self._optimizer_params()
+        params = dict(named)
+        with torch.no_grad():
+            for key, value in tensors.items():
+                if key.startswith("state/"):
+                    name, field = key[len("state/") :].rsplit("/", 1)
+                    optimizer.state[params[name]][field] = value.to(self.device)
+                elif key.startswith("master/"):
+                    params[key[len("master/") :]].copy_(value.to(self.device))
         for name, fields in meta["scalars"].items():
-            self.optimizer.state[params[name]].update(fields)
-        for group, saved in zip(self.optimizer.param_groups, meta["param_groups"]):
-            group.update({k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
+            optimizer.state[params[name]].update(fields)
+        for group, saved_group in zip(optimizer.param_groups, meta["param_groups"]):
+            group.update({k: tuple(v) if isinstance(v, list) else v for k, v in saved_group.items()})
         if self.scheduler is not None and meta.get("scheduler") is not None:
             self.scheduler.load_state_dict(meta["scheduler"])
         torch.set_rng_state(tensors["rng/torch"])
