@@ -295,3 +295,20 @@ def test_arrow_training_the_experts(tiny_model_root, subtask_library, tmp_path):
         before, after = load_file(str(library.get(name).weights_path)), load_file(str(tuned.weights_path))
         assert any(not torch.equal(before[k], after[k]) for k in before)  # the expert moved
     assert sorted(summary["library_expert"]) == sorted(str(library.get(f"tuned-{n}").path) for n in ("adder-low", "adder-high"))
+
+
+def test_sparse_policy_on_two_zero2_ranks(tiny_model_root, ray_session, tmp_path):
+    """Two DeepSpeed ranks (ZeRO-2) choose the same mask from the same calibration prompts, train
+    it data-parallel, and rank 0's push keeps vLLM equal to the trainer."""
+    from rl.driver import Trainer
+
+    t = Trainer(_recipe(tiny_model_root, tmp_path / "r2", tiny_model_root / "data" / "train.jsonl", "steps=2",
+                        "adapter.mode=sparse", "adapter.keep_ratio=0.05", "trainer.zero_stage=2", "trainer.num_ranks=2",
+                        "trainer.micro_batch_size=16", "algorithm.kl_coef=0.05", "trainer.lr=1e-3"))
+    t.start_workers()
+    try:
+        metrics = [t.train_one_step() for _ in range(2)]
+        assert _vllm_trainer_gap(t) < LOGPROB_TOL
+    finally:
+        t.stop_workers()
+    assert metrics[-1]["kl"] > 0 and all(m["updates_applied"] == 1 for m in metrics)
