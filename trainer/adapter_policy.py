@@ -71,7 +71,6 @@ class AdapterPolicy:
 
     model: nn.Module
     kind: str
-    routes_per_batch = False  # True: publish() needs the prompts about to be sampled
 
     def disabled(self):
         """Context manager: the base model alone (the KL / DPO reference)."""
@@ -249,8 +248,7 @@ class ArrowLinear(nn.Module):
 
 
 class ArrowPolicy(AdapterPolicy):
-    kind = "arrow"
-    routes_per_batch = True
+    kind = "arrow"  # publish() needs the prompts about to be sampled
 
     def __init__(self, model: nn.Module, cfg: AdapterConfig, init_dir: Optional[str], experts: Sequence[str] = ()):
         """``experts``: library expert directories (PEFT LoRA), in ``cfg.experts`` order; or ``init_dir``,
