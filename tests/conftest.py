@@ -35,3 +35,32 @@ def ray_session():
         ray.init(address="local", num_cpus=4, include_dashboard=False, configure_logging=False, log_to_driver=False)
     yield
     ray.shutdown()
+
+
+@pytest.fixture
+def cut_and_resume(tmp_path):
+    """Run a recipe uninterrupted (``ref``), and again (``cut``) stopped after ``cut`` steps with a
+    checkpoint, then resumed with ``resume=auto``. ``recipe_for(run_dir, *overrides)`` builds the
+    recipe. Returns both runs' train metrics rows as {step: row}."""
+    import json
+
+    def rows(run_dir: Path) -> dict:
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+        return {r["step"]: r for r in map(json.loads, lines) if r["kind"] == "train"}
+
+    def run(recipe_for, cut: int = 2) -> tuple[dict, dict]:
+        from rl.driver import Trainer
+
+        Trainer(recipe_for(tmp_path / "ref")).fit()
+        t = Trainer(recipe_for(tmp_path / "cut"))
+        t.start_workers()
+        try:
+            for _ in range(cut):
+                t.train_one_step()
+            t.save_checkpoint()
+        finally:
+            t.stop_workers()
+        Trainer(recipe_for(tmp_path / "cut", "resume=auto")).fit()
+        return rows(tmp_path / "ref"), rows(tmp_path / "cut")
+
+    return run

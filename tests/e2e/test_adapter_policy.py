@@ -216,10 +216,8 @@ def test_adapter_for_another_base_model_is_refused(tiny_model_root, tmp_path):
 
 
 @pytest.mark.parametrize("mode", ["sparse", "arrow"])
-def test_adapter_policy_resumes_exactly(mode, tiny_model_root, subtask_library, tmp_path):
+def test_adapter_policy_resumes_exactly(mode, tiny_model_root, subtask_library, cut_and_resume):
     """Stop after step 2 (checkpoint), resume: steps 3-4 reproduce an uninterrupted run's rewards."""
-    from rl.driver import Trainer
-
     extra = {"sparse": ["adapter.mode=sparse", "trainer.lr=1e-3"],
              "arrow": ["adapter.mode=arrow", "adapter.experts=[adder-low, adder-high]", f"adapter.library={subtask_library}",
                        "algorithm.tis_cap=2.0"]}[mode]
@@ -228,21 +226,7 @@ def test_adapter_policy_resumes_exactly(mode, tiny_model_root, subtask_library, 
         return _recipe(tiny_model_root, run_dir, tiny_model_root / "data" / "train.jsonl", "steps=4", "checkpoint.every=2",
                        "eval.after=false", "algorithm.kl_coef=0.05", *extra, *more)
 
-    Trainer(recipe(tmp_path / "ref")).fit()
-    t = Trainer(recipe(tmp_path / "cut"))
-    t.start_workers()
-    try:
-        for _ in range(2):
-            t.train_one_step()
-        t.save_checkpoint()
-    finally:
-        t.stop_workers()
-    Trainer(recipe(tmp_path / "cut", "resume=auto")).fit()
-
-    def rows(d):
-        return {r["step"]: r for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train"}
-
-    ref, resumed = rows(tmp_path / "ref"), rows(tmp_path / "cut")
+    ref, resumed = cut_and_resume(recipe, cut=2)
     assert sorted(resumed) == [3, 4]
     for step in (3, 4):
         assert resumed[step]["reward_mean"] == pytest.approx(ref[step]["reward_mean"], abs=1e-6)
