@@ -28,7 +28,7 @@ from rl.config import BUILTIN_PREFIX, LORA_RANKS, Recipe, RecipeError
 from rl.data import PromptSampler, load_prompt_sets
 from rl import checkpoint as ckpt
 from rl.metrics import MetricsLogger, read_metrics
-from rl.types import SamplingSpec, TrainBatch
+from rl.types import Completion, SamplingSpec, TrainBatch
 from rewards import RewardScorer, RewardSpec
 
 log = logging.getLogger("rl")
@@ -305,8 +305,8 @@ class Trainer:
         G = self.recipe.algorithm.group_size
         return self.rollout.submit_generate([self.train_set.prompt_token_ids[i] for i in indices], self._sampling(seed_step, G))
 
-    def _next_batch(self) -> tuple[list[int], list]:
-        """This step's prompt indices and completion groups.
+    def _next_batch(self) -> tuple[list[int], list[list[Completion]]]:
+        """This step's prompt indices and completion groups (B groups of G).
 
         Synchronous (``rollout.max_staleness`` 0): sampled now, by the current policy. Asynchronous
         (k > 0): the batches of the next k steps are submitted too, so the engines sample them while
@@ -318,7 +318,7 @@ class Trainer:
             indices = self.sampler.next_batch()
             if self._routes_per_batch:
                 self._publish_for([self.train_set.prompt_token_ids[i] for i in indices])
-            return indices, None
+            return indices, self.rollout.collect(self._submit_rollout(indices, self.step + 1))
         while len(self._prefetched) <= k and self.step + len(self._prefetched) < self.recipe.steps:
             state = self.sampler.state_dict()  # where a checkpoint must resume if this batch is not trained yet
             indices = self.sampler.next_batch()
@@ -382,10 +382,7 @@ class Trainer:
         self._reward_seconds = self._route_seconds = 0.0
         policy_version = self._handle.version if self._handle else 0  # the policy this step trains
         indices, groups = self._next_batch()
-        if groups is None:
-            flat, result, rewards = self._rollout(indices, self.step + 1)
-        else:
-            flat, result, rewards = self._scored(indices, groups)  # N = B*G prompt-major; rewards [B, G]
+        flat, result, rewards = self._scored(indices, groups)  # N = B*G prompt-major; rewards [B, G]
         per_reward, extra_rollouts, failures = result.per_reward, 0, dict(result.failures)
         tied_before = float(algorithms.tied_groups(rewards).float().mean())
         if r.algorithm.tie_handling == "resample":
