@@ -85,11 +85,19 @@ def base_model_hash(model_dir: str | os.PathLike) -> str:
     files = sorted(p for p in d.glob("*.safetensors") if p.is_file())
     if not files:
         raise LibraryError(f"base model directory {d} has no *.safetensors weights (pickled .bin weights are not hashed/accepted)")
-    h = hashlib.sha256()
-    h.update(b"config.json\0" + file_sha256(cfg).encode() + b"\n")
-    for f in files:
-        h.update(f.name.encode() + b"\0" + file_sha256(f).encode() + b"\n")
-    return "sha256:" + h.hexdigest()
+    # A run asks for this once per expert and at every write-back: read the weights once per content
+    # (the key changes whenever a file is replaced, resized or rewritten).
+    key = tuple((str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in [cfg, *files])
+    if key not in _BASE_HASHES:
+        h = hashlib.sha256()
+        h.update(b"config.json\0" + file_sha256(cfg).encode() + b"\n")
+        for f in files:
+            h.update(f.name.encode() + b"\0" + file_sha256(f).encode() + b"\n")
+        _BASE_HASHES[key] = "sha256:" + h.hexdigest()
+    return _BASE_HASHES[key]
+
+
+_BASE_HASHES: dict[tuple, str] = {}
 
 
 def validate_name(name: str) -> str:
