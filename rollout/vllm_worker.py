@@ -144,10 +144,11 @@ class RolloutWorker:
         """The LoRA request(s) for these prompts: one for all, or one per prompt (by ``prompt_key``)."""
         if not self.prompt_loras:
             return self.lora_request
-        missing = [i for i, p in enumerate(prompt_token_ids) if prompt_key(p) not in self.prompt_loras]
+        loras = [self.prompt_loras.get(prompt_key(p)) for p in prompt_token_ids]
+        missing = [i for i, lora in enumerate(loras) if lora is None]
         if missing:
             raise KeyError(f"no per-prompt LoRA was published for prompt(s) {missing[:5]} of this request")
-        return [self.prompt_loras[prompt_key(p)] for p in prompt_token_ids]
+        return loras
 
     def load_weights(self, handle: WeightHandle) -> float:
         """Load a published policy version in place; returns seconds spent (max over TP workers).

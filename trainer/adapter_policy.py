@@ -70,7 +70,6 @@ class AdapterPolicy:
     """``model`` is what DeepSpeed wraps; only its trainable parameters are the adapter."""
 
     model: nn.Module
-    kind: str
 
     def disabled(self):
         """Context manager: the base model alone (the KL / DPO reference)."""
@@ -103,8 +102,6 @@ class AdapterPolicy:
 
 
 class LoraPolicy(AdapterPolicy):
-    kind = "lora"
-
     def __init__(self, model: nn.Module, cfg: AdapterConfig, init_dir: Optional[str]):
         from peft import LoraConfig, PeftModel, get_peft_model
 
@@ -165,8 +162,6 @@ def snip_masks(model: nn.Module, names: list[str], prompts: Sequence[Sequence[in
 
 
 class SparsePolicy(AdapterPolicy):
-    kind = "sparse"
-
     def __init__(self, model: nn.Module, cfg: AdapterConfig, init_dir: Optional[str], calibration=None, pad_id: int = 0):
         if init_dir:
             self.adapter = SparseAdapter.load(init_dir)
@@ -248,7 +243,7 @@ class ArrowLinear(nn.Module):
 
 
 class ArrowPolicy(AdapterPolicy):
-    kind = "arrow"  # publish() needs the prompts about to be sampled
+    """Routed library experts; ``publish()`` needs the prompts about to be sampled (routing is averaged over them)."""
 
     def __init__(self, model: nn.Module, cfg: AdapterConfig, init_dir: Optional[str], experts: Sequence[str] = ()):
         """``experts``: library expert directories (PEFT LoRA), in ``cfg.experts`` order; or ``init_dir``,

@@ -115,9 +115,8 @@ class PolicyTrainer:
         model = AutoModelForCausalLM.from_pretrained(setup.model_path, dtype=dtype, trust_remote_code=setup.trust_remote_code)
         if self.cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()
-        self.is_adapter = setup.adapter is not None and setup.adapter.mode != "none"
         self.adapter_policy = None
-        if self.is_adapter:
+        if setup.adapter is not None and setup.adapter.mode != "none":
             from trainer.adapter_policy import build_adapter_policy
 
             self.adapter_policy = build_adapter_policy(
@@ -129,7 +128,7 @@ class PolicyTrainer:
         # beta > 0, or online DPO). An adapter policy's reference is its base with the adapter
         # disabled: no second copy of the model.
         self.ref_model = None
-        if not self.is_adapter and (self.alg.kl_coef > 0 or self.alg.name == "online_dpo"):
+        if self.adapter_policy is None and (self.alg.kl_coef > 0 or self.alg.name == "online_dpo"):
             ref_path = setup.ref_model_path or setup.model_path
             self.ref_model = AutoModelForCausalLM.from_pretrained(ref_path, dtype=dtype).to(self.device).eval()
             self.ref_model.requires_grad_(False)
@@ -215,7 +214,7 @@ class PolicyTrainer:
 
     def _reference_logprobs(self, mb: dict) -> torch.Tensor:
         with torch.no_grad():
-            if self.is_adapter:
+            if self.adapter_policy is not None:
                 with self.adapter_policy.disabled():
                     return self._token_logprobs(self.engine.module, mb)[0]
             return self._token_logprobs(self.ref_model, mb)[0]
