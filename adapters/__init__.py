@@ -8,7 +8,7 @@
 - ``adapters.cli``: ``rl library ...``
 """
 
-from adapters.arrow import arrow_lora_forward, arrow_route, build_peft_arrow_model, expert_prototypes, library_prototypes
+from adapters.arrow import arrow_lora_forward, arrow_route, build_peft_arrow_model, expert_prototypes
 from adapters.cluster import cluster_adapters, kernel_kmeans, similarity_matrix
 from adapters.library import (
     AdapterLibrary,
@@ -37,7 +37,6 @@ __all__ = [
     "connection_sensitivity_mask",
     "expert_prototypes",
     "kernel_kmeans",
-    "library_prototypes",
     "lora_delta",
     "lora_pairs",
     "lora_scaling",

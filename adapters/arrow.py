@@ -111,13 +111,6 @@ def arrow_lora_forward(
     return base_out + delta.view(*lead, -1).to(base_out.dtype)
 
 
-def library_prototypes(library: "AdapterLibrary", names: Sequence[str]) -> dict[str, torch.Tensor]:
-    """{adapted module: prototypes [E, in]} for experts ``names`` (in that order) of a library."""
-    library.check_mergeable(names)
-    pairs = [library.lora_pairs(n) for n in names]
-    return {m: expert_prototypes([p[m][0] for p in pairs], [p[m][1] for p in pairs]) for m in sorted(pairs[0])}
-
-
 def build_peft_arrow_model(
     library: "AdapterLibrary",
     names: Sequence[str],

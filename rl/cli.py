@@ -2,7 +2,7 @@
 
     rl train RECIPE.yaml [dotted.key=value ...]   run a recipe (GRPO, 2-GRPO, online or offline DPO)
     rl config RECIPE.yaml [dotted.key=value ...]  print the fully resolved recipe and derived sizes
-    rl eval RECIPE.yaml [overrides] [--k K]       evaluate model.path on the recipe's held-out set
+    rl eval RECIPE.yaml [overrides] [--k K] [--checkpoint CKPT]   evaluate the recipe's policy (or a run's checkpoint)
     rl submit RECIPE.yaml [overrides] --address URL   run a recipe as a Ray Job on a cluster
     rl plot RUN_DIR [RUN_DIR ...] [--out F]       overlay the curves of several runs in one PNG
     rl library add|list|show|remove|merge|export|cluster   the adapter library (see adapters/)
@@ -30,20 +30,18 @@ def _cmd_config(args) -> int:
 def _cmd_train(args) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     if recipe.algorithm.name == "dpo":
-        from rl.dpo import train_dpo
-
-        train_dpo(recipe)
+        from rl.dpo import OfflineDPORun as RunClass
     else:
-        from rl.driver import Trainer
-
-        Trainer(recipe).fit()
+        from rl.online import OnlineRun as RunClass
+    RunClass(recipe).fit()
     return 0
 
 
 def _cmd_eval(args) -> int:
     from rl.evaluate import run_eval
 
-    run_eval(load_recipe(args.recipe, args.overrides), k=args.k, temperature=args.temperature, out_path=args.out)
+    run_eval(load_recipe(args.recipe, args.overrides), k=args.k, temperature=args.temperature, out_path=args.out,
+             checkpoint=args.checkpoint)
     return 0
 
 
@@ -67,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, fn, help_ in (
         ("train", _cmd_train, "run a recipe"),
         ("config", _cmd_config, "print the resolved recipe"),
-        ("eval", _cmd_eval, "evaluate model.path on the recipe's held-out set"),
+        ("eval", _cmd_eval, "evaluate the recipe's policy (or a run's checkpoint) on its held-out set"),
         ("submit", _cmd_submit, "run a recipe as a Ray Job on a cluster"),
     ):
         p = sub.add_parser(name, help=help_)
@@ -77,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     sub.choices["eval"].add_argument("--k", type=int, default=1, help="samples per prompt: 1 = greedy accuracy, >1 = mean@k and pass@k")
     sub.choices["eval"].add_argument("--temperature", type=float, default=None, help="default: 0 for k=1, else rollout.temperature")
     sub.choices["eval"].add_argument("--out", default=None, help="also write the result as JSON here")
+    sub.choices["eval"].add_argument("--checkpoint", default=None,
+                                     help="a checkpoint (or a run directory: its newest) of a run of this recipe: evaluate that policy")
     sub.choices["submit"].add_argument("--address", default="http://127.0.0.1:8265", help="the cluster's Ray Jobs address")
     sub.choices["submit"].add_argument("--no-wait", action="store_true", help="return once submitted")
     sub.choices["submit"].add_argument("--python", default="python", help="the cluster's interpreter with the dependencies")
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rl: error in recipe:\n{e}", file=sys.stderr)
         return 2
     except Exception as e:  # noqa: BLE001 - a clear last line for known failure kinds
-        from rl.driver import TrainingDiverged
+        from rl.online import TrainingDiverged
 
         if isinstance(e, TrainingDiverged):
             print(f"rl: training stopped: {e}", file=sys.stderr)

@@ -18,6 +18,10 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from rewards.config import RewardItem, RewardsConfig
+from rollout.config import LORA_RANKS, RolloutConfig
+from trainer.config import AdapterConfig, AlgorithmConfig, TrainerConfig
+
 BUILTIN_PREFIX = "builtin:"
 
 
@@ -73,158 +77,6 @@ class DataConfig(Section):
     skip_bad_lines: bool = Field(False, description="Skip (and count) malformed JSONL lines instead of stopping with file:line.")
 
 
-class RolloutConfig(Section):
-    num_actors: int = Field(1, ge=1, description="vLLM rollout actors; each owns one engine.")
-    max_new_tokens: int = Field(16, ge=1)
-    temperature: float = Field(1.0, gt=0.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(-1, description="-1 disables top-k.")
-    max_model_len: int = Field(256, ge=8, description="Prompt + completion tokens vLLM reserves per sequence.")
-    gpu_memory_utilization: float = Field(0.3, gt=0.0, le=1.0)
-    cpu_kvcache_gib: int = Field(1, ge=1, description="VLLM_CPU_KVCACHE_SPACE on CPU machines.")
-    enforce_eager: bool = True
-    tensor_parallel_size: int = Field(1, ge=1)
-    engine_in_process: bool = Field(
-        True,
-        description="Run the vLLM engine core inside the actor's process (VLLM_ENABLE_V1_MULTIPROCESSING=0): "
-        "~3 s engine start instead of ~25 s on CPU.",
-    )
-    num_cpus_per_actor: float = Field(1.0, ge=0.0)
-    num_gpus_per_actor: float = Field(0.0, ge=0.0)
-    max_restarts: int = Field(3, ge=0, description="Times Ray restarts a dead rollout actor; the call is then retried with the current weights.")
-    max_staleness: int = Field(
-        0, ge=0, description="Asynchronous rollout: generate up to k batches ahead while the trainer updates, so a batch "
-        "may come from a policy up to k versions old (metric rollout_staleness; pair with algorithm.tis_cap). "
-        "0: synchronous, on-policy.")
-
-
-class TrainerConfig(Section):
-    num_ranks: int = Field(1, ge=1, description="Data-parallel DeepSpeed ranks, one Ray actor each.")
-    zero_stage: int = Field(0, ge=0, le=3)
-    lr: float = Field(1e-4, gt=0.0)
-    weight_decay: float = Field(0.0, ge=0.0)
-    adam_betas: tuple[float, float] = (0.9, 0.999)
-    warmup_steps: int = Field(0, ge=0, description="Linear learning-rate warm-up, in optimizer steps.")
-    max_grad_norm: float = Field(1.0, ge=0.0, description="0 disables clipping.")
-    micro_batch_size: int = Field(64, ge=1, description="Sequences per forward/backward on one rank.")
-    mini_batches: int = Field(
-        1, ge=1, description="Optimizer steps per rollout batch (>1 makes later updates off-policy; the clip matters then)."
-    )
-    gradient_checkpointing: bool = False
-    max_nonfinite_steps: int = Field(
-        3, ge=1, description="A non-finite loss or gradient skips that update; this many steps in a row stop the run."
-    )
-    num_cpus_per_rank: float = Field(1.0, ge=0.0)
-    num_gpus_per_rank: float = Field(0.0, ge=0.0)
-    torch_threads: int = Field(0, ge=0, description="torch.set_num_threads in the trainer; 0 leaves torch's default.")
-
-
-class AlgorithmConfig(Section):
-    name: Literal["grpo", "dpo", "online_dpo"] = Field(
-        "grpo",
-        description="`grpo` (any G >= 2; G=2 with `advantage: contrastive_pair` is 2-GRPO); `dpo`: offline on preference "
-        "pairs; `online_dpo`: two completions per prompt ranked by the rewards, DPO loss on discordant pairs.",
-    )
-    group_size: int = Field(8, description="G: completions sampled per prompt (>= 2).")
-    tie_handling: Literal["keep", "resample"] = Field(
-        "keep",
-        description="Groups whose rewards all tie carry no signal: `keep` them (zero advantage) or `resample` those "
-        "prompts (2-GRPO+RS) for up to `max_resample_rounds` extra rounds.",
-    )
-    max_resample_rounds: int = Field(2, ge=0)
-    advantage: str = Field("grpo", description="Registered advantage estimator (`rl.algorithms.names('advantage')`).")
-    normalize_std: bool = Field(True, description="Divide by the group std; Dr.GRPO turns it off.")
-    std_eps: float = Field(1e-6, gt=0.0)
-    policy_loss: str = "clipped"
-    clip_low: float = Field(0.2, ge=0.0, description="epsilon_low of the clipped ratio.")
-    clip_high: float = Field(0.2, ge=0.0, description="epsilon_high; > clip_low is DAPO's clip-higher.")
-    dual_clip: Optional[float] = Field(None, gt=1.0, description="Dual-clip bound c for negative advantages.")
-    loss_aggregation: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean"
-    kl_coef: float = Field(0.0, ge=0.0, description="beta; 0 skips the reference model entirely.")
-    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
-    dpo_beta: float = Field(0.1, gt=0.0, description="DPO's beta (offline and online).")
-    dpo_loss: str = Field("sigmoid", description="Registered preference loss: sigmoid (DPO) or ipo.")
-    dpo_label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)
-    dpo_epochs: int = Field(1, ge=1, description="Offline DPO: passes over the preference pairs.")
-    tis_cap: Optional[float] = Field(
-        None, gt=0.0, description="Truncated importance-sampling cap for vLLM-vs-trainer logprob mismatch; None disables."
-    )
-
-    @model_validator(mode="after")
-    def _check_group(self) -> "AlgorithmConfig":
-        if self.name == "grpo" and self.group_size < 2:
-            raise ValueError(f"algorithm.group_size must be >= 2 for GRPO (got {self.group_size})")
-        if self.name == "online_dpo" and self.group_size != 2:
-            raise ValueError(f"algorithm.group_size must be 2 for online_dpo (got {self.group_size})")
-        return self
-
-
-LORA_RANKS = (8, 16, 32, 64, 128, 256)  # ranks vLLM serves
-
-
-class AdapterConfig(Section):
-    """Train an adapter as the policy; only adapter weights travel to vLLM."""
-
-    mode: Literal["none", "lora", "continue", "merge", "sparse", "arrow"] = Field(
-        "none",
-        description="`lora`: a new LoRA; `continue`: train a library adapter (LoRA or sparse) further; `merge`: merge "
-        "library adapters (LoRA: weighted average of their deltas re-factored to `rank`; sparse: overlaps averaged) and "
-        "train the merge; `sparse`: a new sparse adapter (mask by connection sensitivity); `arrow`: route library LoRA "
-        "experts per token (Arrow) and train `arrow_train`.",
-    )
-    rank: int = Field(8, ge=1, description="LoRA rank (new, merged, or the new LoRA beside Arrow experts).")
-    alpha: float = Field(16.0, gt=0.0)
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    target_modules: list[str] = Field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    )
-    library: Optional[str] = Field(None, description="Adapter library directory (see `rl library`).")
-    experts: list[str] = Field(default_factory=list, description="Library experts: one to continue, several to merge or route.")
-    merge_weights: Optional[list[float]] = Field(None, description="Per-expert weights for `merge`; default uniform.")
-    save_as: Optional[str] = Field(None, description="Write the trained adapter into the library under this name.")
-    keep_ratio: float = Field(0.05, gt=0.0, le=1.0, description="`sparse`: share of the target weights' entries trained.")
-    block_size: Optional[int] = Field(None, ge=1, description="`sparse`: keep whole block_size x block_size tiles.")
-    calibration_prompts: int = Field(
-        64, ge=1, description="`sparse`: training prompts whose language-modelling loss scores the connections.")
-    top_k: int = Field(2, ge=1, description="`arrow`: experts each token is routed to.")
-    router_temperature: float = Field(1.0, gt=0.0, description="`arrow`: softmax temperature over the kept scores.")
-    arrow_train: Literal["new", "experts"] = Field(
-        "new", description="`arrow`: train a new LoRA (`rank`, `alpha`) beside the frozen routed experts, or the experts.")
-    arrow_serving: Literal["batch", "prompt"] = Field(
-        "batch", description="`arrow`: vLLM serves one LoRA holding the routing averaged over the batch's prompt tokens "
-        "(`batch`), or one LoRA per prompt averaged over that prompt's tokens (`prompt`: closer, B times the bytes).")
-
-    @model_validator(mode="after")
-    def _check(self) -> "AdapterConfig":
-        if self.mode in ("continue", "merge", "arrow") and not self.library:
-            raise ValueError(f"adapter.library is required for adapter.mode={self.mode}")
-        if self.mode == "continue" and len(self.experts) != 1:
-            raise ValueError(f"adapter.experts must name exactly one expert to continue (got {self.experts})")
-        if self.mode in ("merge", "arrow") and len(self.experts) < 2:
-            raise ValueError(f"adapter.experts must name at least two experts for adapter.mode={self.mode} (got {self.experts})")
-        if self.merge_weights is not None and len(self.merge_weights) != len(self.experts):
-            raise ValueError("adapter.merge_weights needs one weight per expert")
-        if self.save_as and not self.library:
-            raise ValueError("adapter.save_as needs adapter.library")
-        return self
-
-
-class RewardItem(Section):
-    fn: str = Field(description="A registered name, `path/to/file.py:fn` or `package.module:fn`.")
-    weight: float = 1.0
-
-
-class RewardsConfig(Section):
-    functions: list[RewardItem] = Field(default_factory=lambda: [RewardItem(fn="arithmetic_exact")])
-    fallback: float = Field(0.0, description="Reward given to a completion whose reward function fails.")
-    timeout_seconds: Optional[float] = Field(
-        None, gt=0.0, description="Per-call time limit of a reward function; a call past it costs its samples (fallback)."
-    )
-    accuracy: Optional[str] = Field(
-        None, description="Which reward function is 'accuracy' in metrics and evaluation; default: the first."
-    )
-
-
 class EvalConfig(Section):
     before: bool = True
     after: bool = True
@@ -270,15 +122,15 @@ class Recipe(Section):
 
     @model_validator(mode="after")
     def _check_async(self) -> "Recipe":
-        if self.rollout.max_staleness > 0 and self.adapter.mode == "arrow":
-            raise ValueError("rollout.max_staleness > 0 does not combine with adapter.mode=arrow (an Arrow policy is "
+        if self.rollout.max_staleness > 0 and self.adapter.kind == "arrow":
+            raise ValueError("rollout.max_staleness > 0 does not combine with adapter.kind=arrow (an Arrow policy is "
                              "routed for each batch right before it is sampled)")
         return self
 
     @model_validator(mode="after")
     def _check_adapter_zero(self) -> "Recipe":
-        if self.adapter.mode in ("sparse", "arrow") and self.trainer.zero_stage == 3:
-            raise ValueError(f"adapter.mode={self.adapter.mode} needs trainer.zero_stage <= 2 (ZeRO-3 partitions the "
+        if self.adapter.kind in ("sparse", "arrow") and self.trainer.zero_stage == 3:
+            raise ValueError(f"adapter.kind={self.adapter.kind} needs trainer.zero_stage <= 2 (ZeRO-3 partitions the "
                              "weights these adapters read)")
         return self
 

@@ -1,9 +1,13 @@
 """Evaluation on a held-out prompt set through the vLLM rollout workers.
 
-``rl eval RECIPE [overrides]`` evaluates ``model.path`` (a checkpoint or the base model) on the
-recipe's held-out set (``data.test``, or the ``test_fraction`` split of ``data.train``) with the
-recipe's template and rewards, and reports accuracy (greedy, k=1) or mean@k and pass@k.
-The training driver's before/after evaluations call the same ``evaluate_prompts``.
+``rl eval RECIPE [overrides] [--checkpoint CKPT]`` evaluates the recipe's policy on its held-out
+set (``data.test``, or the ``test_fraction`` split of ``data.train``) with the recipe's template
+and rewards, and reports accuracy (greedy, k=1) or mean@k and pass@k. With ``--checkpoint`` (a
+checkpoint directory, or a run directory: its newest checkpoint) it evaluates exactly the policy
+that run trained, served as the run served it: a full model's weights, or the base plus the
+adapter (LoRA, sparse delta, Arrow routing over the held-out prompts). It builds only what
+evaluation needs: no run, no trainer, nothing written into an adapter library.
+The training run's before/after evaluations call the same ``evaluate_prompts``.
 """
 
 from __future__ import annotations
@@ -13,8 +17,10 @@ import math
 import time
 from pathlib import Path
 
-from rl.config import Recipe
-from rl.types import SamplingSpec
+from typing import Optional
+
+from rl.config import Recipe, RecipeError
+from rollout.types import SamplingSpec
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -57,24 +63,79 @@ def evaluate_prompts(rollout, prompt_set, scorer, accuracy_reward: str, sampling
     return out
 
 
-def run_eval(recipe: Recipe, k: int = 1, temperature: float | None = None, out_path: str | None = None) -> dict:
-    """Evaluate ``recipe.model.path`` on the recipe's held-out set (greedy when k == 1)."""
-    from rl.driver import Trainer
+def resolve_checkpoint(path: str, recipe: Recipe) -> Path:
+    """A complete checkpoint: ``path`` itself, or the newest complete one of the run directory ``path``."""
+    from rl import checkpoint as ckpt
+
+    p = Path(path)
+    if not ckpt.is_complete(p):
+        found = ckpt.complete_checkpoints(p)
+        if not found:
+            raise RecipeError(f"--checkpoint {p}: neither a complete checkpoint nor a run directory with one")
+        p = found[-1]
+    state = json.loads((p / ckpt.STATE_FILE).read_text())
+    kind = "full" if recipe.adapter.kind == "none" else recipe.adapter.kind
+    if state.get("policy_kind", kind) != kind:
+        raise RecipeError(f"--checkpoint {p} holds a {state['policy_kind']} policy but the recipe's adapter.kind "
+                          f"makes it {kind}: evaluate it with the recipe it was trained with")
+    return p
+
+
+def serve_policy(policy, rollout, prompts: list[list[int]], dtype: str, trust_remote_code: bool = False):
+    """Put an adapter policy into the engines as a training run does: build it on this process's
+    CPU over its base and publish it (an Arrow policy routed over ``prompts``). Returns the transport."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rollout.weight_sync import get_transport
+    from trainer.policies import build_policy
+    from trainer.policy_trainer import DTYPES
+
+    tokenizer = AutoTokenizer.from_pretrained(policy.base_model, trust_remote_code=trust_remote_code)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    model = AutoModelForCausalLM.from_pretrained(policy.base_model, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+    transport = get_transport("shared_file")
+    built = build_policy(policy, model, pad_id=pad_id)
+    rollout.load_weights(built.publish(transport, 1, list(built.model.named_parameters()), prompts, pad_id))
+    return transport
+
+
+def run_eval(recipe: Recipe, k: int = 1, temperature: float | None = None, out_path: str | None = None,
+             checkpoint: Optional[str] = None) -> dict:
+    """Evaluate the recipe's policy (or the one in ``checkpoint``) on its held-out set (greedy when k == 1)."""
+    import tempfile
+
+    from rl.prepare import engine_spec, load_task, prepare_policy
+    from rl.prepare import sampling as greedy_sampling_for
+
+    def greedy_sampling(r):
+        return greedy_sampling_for(r, 0, 1, greedy=True)
     from rl.workers import RolloutGroup, init_ray
 
-    run = Trainer(recipe)  # reuses the recipe checks, data and reward set-up
+    task = load_task(recipe)
+    start = str(resolve_checkpoint(checkpoint, recipe)) if checkpoint else None
     ro = recipe.rollout
-    if recipe.use_ray:
-        init_ray(ro.num_actors * ro.num_cpus_per_actor)
-    rollout = RolloutGroup.create(run.engine_spec(), ro.num_actors, recipe.use_ray, ro.num_cpus_per_actor, ro.num_gpus_per_actor)
-    try:
-        temp = temperature if temperature is not None else (0.0 if k == 1 else ro.temperature)
-        sampling = SamplingSpec(n=k, max_new_tokens=recipe.eval.max_new_tokens or ro.max_new_tokens, temperature=temp,
-                                top_p=1.0 if temp == 0 else ro.top_p, seed=recipe.seed)
-        result = evaluate_prompts(rollout, run.test_set, run.scorer, recipe.accuracy_reward, sampling)
-    finally:
-        rollout.shutdown()
-    result = {"model": run.paths.model, "test": run.paths.test or f"{run.paths.train} (held-out split)", "temperature": temp, **result}
+    with tempfile.TemporaryDirectory(prefix="rl-eval-") as scratch:  # a merge-start recipe merges here
+        policy = prepare_policy(recipe, task.paths.model, task.train_set, start_from=start, merge_into=Path(scratch) / "merge")
+        if recipe.use_ray:
+            init_ray(ro.num_actors * ro.num_cpus_per_actor)
+        rollout = RolloutGroup.create(engine_spec(recipe, policy), ro.num_actors, recipe.use_ray, ro.num_cpus_per_actor, ro.num_gpus_per_actor)
+        transport = None
+        try:
+            if policy.is_adapter:
+                transport = serve_policy(policy, rollout, task.test_set.prompt_token_ids, recipe.model.dtype, recipe.model.trust_remote_code)
+            temp = temperature if temperature is not None else (0.0 if k == 1 else ro.temperature)
+            if k == 1 and temp == 0:  # the training run's own held-out setting
+                sampling = greedy_sampling(recipe)
+            else:
+                sampling = SamplingSpec(n=k, max_new_tokens=recipe.eval.max_new_tokens or ro.max_new_tokens, temperature=temp,
+                                        top_p=1.0 if temp == 0 else ro.top_p, seed=recipe.seed)
+            result = evaluate_prompts(rollout, task.test_set, task.scorer, recipe.accuracy_reward, sampling)
+        finally:
+            rollout.shutdown()
+            if transport is not None:
+                transport.close()
+    result = {"model": task.paths.model, "policy": policy.kind, "checkpoint": start,
+              "test": task.paths.test or f"{task.paths.train} (held-out split)", "temperature": temp, **result}
     print(json.dumps(result, indent=2))
     if out_path:
         Path(out_path).write_text(json.dumps(result, indent=2))

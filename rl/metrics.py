@@ -5,12 +5,51 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
+from collections import defaultdict
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
+
+
+class PhaseTimer:
+    """Wall time of a step's phases (``with timer.phase("train"): ...``), each counted exclusively:
+    a phase entered inside another pauses it, so the phases add up to the step.
+
+    >>> t = PhaseTimer()
+    >>> with t.phase("generate"):
+    ...     with t.phase("reward"):
+    ...         pass
+    >>> sorted(t.metrics())
+    ['time_generate', 'time_reward']
+    """
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+        self._stack: list[str] = []
+        self._mark = 0.0
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        now = time.perf_counter()
+        if self._stack:
+            self.seconds[self._stack[-1]] += now - self._mark
+        self._stack.append(name)
+        self._mark = now
+        try:
+            yield
+        finally:
+            now = time.perf_counter()
+            self.seconds[self._stack.pop()] += now - self._mark
+            self._mark = now
+
+    def metrics(self) -> dict[str, float]:
+        return {f"time_{k}": v for k, v in self.seconds.items()}
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: Path, total_steps: int, tensorboard: bool = True, progress: bool = True, start_step: int = 0):
+    def __init__(self, run_dir: Path, total_steps: int, tensorboard: bool = True, progress: bool = True, start_step: int = 0,
+                 label: str = "GRPO"):
         self.path = run_dir / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self.path, "a", buffering=1)
@@ -28,7 +67,7 @@ class MetricsLogger:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
             self._progress = Progress(
-                TextColumn("[bold]GRPO"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+                TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
                 TextColumn("{task.fields[info]}"),
             )
             self._task = self._progress.add_task("train", total=total_steps, completed=start_step, info="")
@@ -45,7 +84,10 @@ class MetricsLogger:
                 if isinstance(v, float):
                     self._tb.add_scalar(f"{kind}/{k}", v, step)
         if self._progress is not None and kind == "train":
-            info = f"reward {metrics.get('reward_mean', float('nan')):.3f}  acc {metrics.get('accuracy', float('nan')):.3f}"
+            if "reward_mean" in metrics:
+                info = f"reward {metrics['reward_mean']:.3f}  acc {metrics.get('accuracy', float('nan')):.3f}"
+            else:  # offline DPO
+                info = f"loss {metrics.get('loss', float('nan')):.4f}  reward acc {metrics.get('reward_accuracy', float('nan')):.3f}"
             self._progress.update(self._task, completed=step, info=info)
 
     def print(self, text: str) -> None:

@@ -42,6 +42,7 @@ from typing import Optional, Sequence
 
 from rl.config import DataConfig, RecipeError
 from rl.data import load_rows
+from trainer.types import PreferencePairs
 
 HH_ASSISTANT = "\n\nAssistant:"
 MAX_REPORTED_ERRORS = 5
@@ -61,39 +62,6 @@ class PreferenceText:
     rejected: str
     source: str  # file (or directory) it was read from
     row: int  # 0-based row index in ``source``
-
-
-@dataclass
-class PreferencePairs:
-    """P tokenized pairs: plain lists, so they pickle cheaply through Ray.
-
-    ``chosen_ids`` / ``rejected_ids`` are response ids only (ending in ``eos`` unless cut);
-    the sequence a model scores is ``prompt_ids[i] + chosen_ids[i]`` (resp. rejected).
-    ``batch_pairs`` is the number of pairs in the whole batch across all ranks when this is one
-    rank's shard: the loss divides by it, so the update does not depend on the split (0: len).
-    """
-
-    prompt_ids: list[list[int]]
-    chosen_ids: list[list[int]]
-    rejected_ids: list[list[int]]
-    rows: list[int] = field(default_factory=list)  # source row of each pair (for messages)
-    batch_pairs: int = 0
-
-    def __len__(self) -> int:
-        return len(self.prompt_ids)
-
-    def select(self, indices: Sequence[int]) -> "PreferencePairs":
-        return PreferencePairs(
-            prompt_ids=[self.prompt_ids[i] for i in indices],
-            chosen_ids=[self.chosen_ids[i] for i in indices],
-            rejected_ids=[self.rejected_ids[i] for i in indices],
-            rows=[self.rows[i] for i in indices] if self.rows else [],
-        )
-
-    @property
-    def num_tokens(self) -> int:
-        """Tokens the model scores for these pairs: both sequences of every pair."""
-        return sum(2 * len(p) + len(c) + len(r) for p, c, r in zip(self.prompt_ids, self.chosen_ids, self.rejected_ids))
 
 
 @dataclass

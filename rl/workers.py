@@ -1,20 +1,29 @@
-"""All Ray wrapping lives here, kept thin: the same worker classes run as Ray actors or,
-with ``use_ray: false``, as plain objects in this process (easy to debug and step through).
+"""Every Ray group lives here, kept thin: the same worker classes run as Ray actors or, with
+``use_ray: false``, as plain objects in this process (easy to debug and step through).
 
 - ``RolloutGroup``: N vLLM rollout actors; a batch of prompts is split across them.
-- ``TrainerGroup``: N DeepSpeed ranks; a TrainBatch is sharded across them.
+- ``TrainerGroup``: N DeepSpeed ranks (``PolicyTrainer``); a TrainBatch is sharded across them.
+- ``PreferenceTrainerGroup``: N offline-DPO ranks (``PreferenceTrainer``); pairs are sharded.
+
+Batches are cut by ``trainer.batching.split_units`` and the ranks' stats combined by
+``trainer.stats.reduce_stats`` (each stat's declared reduction), here as everywhere.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import socket
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
-from rl.types import Completion, SamplingSpec, TrainBatch, WeightHandle
+from rollout.types import Completion, SamplingSpec, WeightHandle
 from rollout.vllm_worker import EngineSpec, RolloutWorker
+from trainer.batching import split_units
 from trainer.policy_trainer import PolicyTrainer, TrainerSetup
+from trainer.preference_trainer import PreferenceTrainer
+from trainer.stats import reduce_stats
+from trainer.types import PreferencePairs, TrainBatch
 
 
 def init_ray(num_cpus_needed: float) -> None:
@@ -77,18 +86,6 @@ class _Group:
             for w in self.workers:
                 ray.kill(w)
         self.workers = []
-
-
-def _chunks(n: int, parts: int, unit: int = 1) -> list[range]:
-    """``parts`` contiguous ranges over n items, made of whole units, sizes differing by at most one unit."""
-    units = n // unit
-    size, extra = divmod(units, parts)
-    out, start = [], 0
-    for k in range(parts):
-        end = start + (size + (1 if k < extra else 0)) * unit
-        out.append(range(start, end))
-        start = end
-    return out
 
 
 class RolloutGroup(_Group):
@@ -167,10 +164,10 @@ class RolloutGroup(_Group):
     def submit_generate(self, prompt_token_ids: list[list[int]], sampling: SamplingSpec):
         """Start a generation and return at once; ``collect`` waits for it. Each actor runs its calls
         in order, so weights loaded after this call do not affect it."""
-        parts = [r for r in _chunks(len(prompt_token_ids), len(self.workers)) if len(r)]
+        parts = [r for r in split_units(len(prompt_token_ids), len(self.workers)) if r]
         calls = []
         for w, r in zip(self.workers, parts):
-            s = SamplingSpec(**{**sampling.__dict__, "seed": None if sampling.seed is None else sampling.seed + r.start})
+            s = SamplingSpec(**{**sampling.__dict__, "seed": None if sampling.seed is None else sampling.seed + r[0]})
             calls.append((w, "generate", ([prompt_token_ids[i] for i in r], s)))
         return parts, self._submit(calls)
 
@@ -180,7 +177,7 @@ class RolloutGroup(_Group):
         for r, groups in zip(parts, self._collect(submitted)):
             for g in groups:
                 for c in g:
-                    c.prompt_index += r.start
+                    c.prompt_index += r[0]
             out.extend(groups)
         return out
 
@@ -193,25 +190,34 @@ class RolloutGroup(_Group):
 
 
 class TrainerGroup(_Group):
+    """DeepSpeed ranks of one worker class, meeting at one rendezvous port."""
+
+    worker_cls: type = PolicyTrainer
+
     @classmethod
     def create(cls, setup: TrainerSetup, num_ranks: int, use_ray: bool, num_cpus: float = 1.0, num_gpus: float = 0.0):
         port = setup.master_port or free_port()  # one rendezvous port for the whole group
-        setups = [TrainerSetup(**{**setup.__dict__, "rank": r, "world_size": num_ranks, "master_port": port}) for r in range(num_ranks)]
+        setups = [dataclasses.replace(setup, rank=r, world_size=num_ranks, master_port=port) for r in range(num_ranks)]
         if not use_ray:
             if num_ranks != 1:
                 raise ValueError("trainer.num_ranks > 1 needs use_ray: true")
-            return cls([PolicyTrainer(setups[0])], remote=False)
+            return cls([cls.worker_cls(setups[0])], remote=False)
         import ray
 
-        actor_cls = ray.remote(PolicyTrainer)
-        workers = [actor_cls.options(num_cpus=num_cpus, num_gpus=num_gpus).remote(s) for s in setups]
-        return cls(workers, remote=True)
+        actor_cls = ray.remote(cls.worker_cls)
+        group = cls([actor_cls.options(num_cpus=num_cpus, num_gpus=num_gpus).remote(s) for s in setups], remote=True)
+        group.call_all("ready")  # surface start-up errors here, not at the first step
+        return group
+
+    def _shards(self, n: int, micro_batch_size: int, unit: int = 1) -> tuple[list[list[int]], int]:
+        """One contiguous shard per rank (whole units; sizes differ by at most one unit) and the
+        micro-batch count every rank runs (ZeRO-2/3 communicate at every backward)."""
+        shards = split_units(n, len(self.workers), unit)
+        return shards, max(1, math.ceil(max(len(s) for s in shards) / micro_batch_size))
 
     def train_step(self, batch: TrainBatch, micro_batch_size: int) -> dict[str, float]:
-        parts = _chunks(len(batch), len(self.workers), unit=batch.unit)
-        num_micro = max(1, math.ceil(max(len(p) for p in parts) / micro_batch_size))
-        results = self.call_each("train_step", [(batch.select(list(p)), num_micro) for p in parts])
-        return _reduce_stats(results)
+        shards, num_micro = self._shards(len(batch), micro_batch_size, batch.unit)
+        return reduce_stats(self.call_each("train_step", [(batch.select(s), num_micro) for s in shards]))
 
     def publish_weights(self, prompts: Optional[list[list[int]]] = None) -> WeightHandle:
         return self.call_all("publish_weights", prompts)[0]
@@ -235,18 +241,25 @@ class TrainerGroup(_Group):
         self.call_all("close")
 
 
-_MAX_KEYS = ("ratio_max", "logprob_mismatch_max", "grad_norm", "lr", "train_seconds", "params_in_memory")
+class PreferenceTrainerGroup(TrainerGroup):
+    """Offline-DPO ranks; pairs are sharded in contiguous chunks (a shard may be empty)."""
 
+    worker_cls = PreferenceTrainer
 
-def _reduce_stats(per_rank: list[dict[str, float]]) -> dict[str, float]:
-    """Sum the per-rank sums; take the max of the maxima; turn sums into means."""
-    total: dict[str, float] = {}
-    for stats in per_rank:
-        for k, v in stats.items():
-            total[k] = max(total.get(k, v), v) if k in _MAX_KEYS else total.get(k, 0.0) + v
-    tokens = max(total.pop("tokens", 0.0), 1.0)
-    out = {k: v for k, v in total.items() if not k.endswith("_sum")}
-    for k, v in total.items():
-        if k.endswith("_sum"):
-            out[k[: -len("_sum")]] = v / tokens
-    return out
+    def reference_logprobs(self, pairs: PreferencePairs, micro_batch_size: int) -> tuple[list[float], list[float]]:
+        shards, num_micro = self._shards(len(pairs), micro_batch_size)
+        results = self.call_each("reference_logprobs", [(pairs.select(s), num_micro) for s in shards])
+        return [x for c, _ in results for x in c], [x for _, r in results for x in r]
+
+    def evaluate(self, pairs: PreferencePairs, ref_chosen: Sequence[float], ref_rejected: Sequence[float],
+                 micro_batch_size: int) -> dict[str, float]:
+        shards, num_micro = self._shards(len(pairs), micro_batch_size)
+        args = [(pairs.select(s), [ref_chosen[i] for i in s], [ref_rejected[i] for i in s], num_micro) for s in shards]
+        return reduce_stats(self.call_each("evaluate", args))
+
+    def train_pairs(self, batch: PreferencePairs, micro_batch_size: int, ref_chosen: Sequence[float],
+                    ref_rejected: Sequence[float]) -> dict[str, float]:
+        shards, num_micro = self._shards(len(batch), micro_batch_size)
+        args = [(dataclasses.replace(batch.select(s), batch_pairs=len(batch)), num_micro,
+                 [ref_chosen[i] for i in s], [ref_rejected[i] for i in s]) for s in shards]
+        return reduce_stats(self.call_each("train_step", args))

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from rl.types import WeightHandle
+from rollout.types import WeightHandle
 from rollout.weight_sync import get_transport
 
 # Loggers that warn about every layer a partial reload leaves alone (expected for sparse deltas).

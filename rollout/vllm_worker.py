@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
-from rl.types import Completion, SamplingSpec, WeightHandle, prompt_key
+from rollout.types import Completion, SamplingSpec, WeightHandle, prompt_key
 
 
 @dataclass
@@ -153,12 +153,11 @@ class RolloutWorker:
     def load_weights(self, handle: WeightHandle) -> float:
         """Load a published policy version in place; returns seconds spent (max over TP workers).
 
-        An adapter policy (transport ``lora_dir``) is a PEFT directory: it becomes the LoRA every
-        request uses, under a fresh id (vLLM caches adapters by id); the base weights never move.
+        A LoRA (kind ``lora``) is a PEFT directory: it becomes the LoRA every request uses, under a fresh id (vLLM caches adapters by id); the base weights never move.
         A sparse adapter (kind ``sparse_delta``) arrives as indices/values; the worker adds it to
         its copy of the base values of the touched weights and reloads those weights in place.
         """
-        if handle.transport == "lora_dir":
+        if handle.kind in ("lora", "lora_per_prompt"):
             t0 = time.perf_counter()
             old = [self.lora_request, *self.prompt_loras.values()]
             if handle.kind == "lora_per_prompt":

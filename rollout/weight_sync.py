@@ -7,10 +7,17 @@ One small interface, several implementations (CPU and GPU differ):
 - inside each vLLM worker, ``receive(handle)`` yields ``(name, tensor)`` pairs that are fed to
   vLLM's in-place ``reload_weights`` (no engine restart, no model reload from disk).
 
-``shared_file`` writes one safetensors file to a RAM-backed directory (``/dev/shm`` when it
-exists): works for every process on one node, CPU or GPU, and costs ~0.3 s per 50M fp32
-parameters here. A multi-node or NCCL-broadcast transport plugs in beside it via
-``register_transport``. Adapter-only sync uses the same interface with only adapter tensors.
+The trainer side sees only the publishing half (``publish``, ``publish_lora``,
+``publish_prompt_loras``, ``release``, ``close``); ``rl`` builds the transport and hands it to the
+trainer, so ``trainer/`` never imports this module. A handle's ``kind`` says what it carries:
+``weights`` (full named tensors), ``sparse_delta`` (a sparse adapter's indices/values, added to the
+base in place), ``lora`` (a PEFT LoRA directory), ``lora_per_prompt`` (a directory of LoRAs named
+by ``prompt_key``, one per prompt).
+
+``shared_file`` writes one safetensors file (or LoRA directory) to a RAM-backed directory
+(``/dev/shm`` when it exists): works for every process on one node, CPU or GPU, and costs
+~0.3 s per 50M fp32 parameters here. A multi-node or NCCL-broadcast transport plugs in beside it
+via ``register_transport``.
 """
 
 from __future__ import annotations
@@ -20,19 +27,23 @@ import shutil
 import tempfile
 import uuid
 from pathlib import Path
-from typing import Iterable, Iterator, Protocol
+from typing import Callable, Iterable, Iterator, Protocol, Sequence
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from rl.types import WeightHandle
+from rollout.types import WeightHandle, prompt_key
 
 
 class WeightTransport(Protocol):
     name: str
 
-    def publish(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> WeightHandle: ...
+    def publish(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int, kind: str = "weights") -> WeightHandle: ...
+
+    def publish_lora(self, version: int, write: Callable[[Path], int]) -> WeightHandle: ...
+
+    def publish_prompt_loras(self, version: int, prompts: Sequence[Sequence[int]], write: Callable[[Path, int], int]) -> WeightHandle: ...
 
     def receive(self, handle: WeightHandle) -> Iterator[tuple[str, torch.Tensor]]: ...
 
@@ -71,7 +82,7 @@ class SharedFileTransport:
     def __init__(self, directory: str | os.PathLike | None = None):
         self.directory = Path(directory) if directory else default_shared_dir()
 
-    def publish(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> WeightHandle:
+    def publish(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int, kind: str = "weights") -> WeightHandle:
         self.directory.mkdir(parents=True, exist_ok=True)
         tensors = {name: t.detach().to("cpu").contiguous() for name, t in named_tensors}
         final = self.directory / f"policy-v{version:06d}.safetensors"
@@ -84,7 +95,34 @@ class SharedFileTransport:
             location=str(final),
             num_bytes=sum(t.numel() * t.element_size() for t in tensors.values()),
             names=list(tensors),
+            kind=kind,
         )
+
+    def _fresh_dir(self, stem: str) -> tuple[Path, Path]:
+        """A (temporary, final) pair of directory names no earlier publish used (a version can be re-published)."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        tag = f"{stem}-{uuid.uuid4().hex[:8]}"
+        return self.directory / f"{tag}.tmp", self.directory / tag
+
+    def publish_lora(self, version: int, write: Callable[[Path], int]) -> WeightHandle:
+        """``write(directory)`` writes a PEFT LoRA there and returns its weight bytes."""
+        tmp, final = self._fresh_dir(f"lora-v{version:06d}")
+        num_bytes = write(tmp)
+        os.replace(tmp, final)
+        return WeightHandle(version=version, transport=self.name, location=str(final), num_bytes=num_bytes, kind="lora")
+
+    def publish_prompt_loras(self, version: int, prompts: Sequence[Sequence[int]], write: Callable[[Path, int], int]) -> WeightHandle:
+        """One LoRA per distinct prompt: ``write(directory, i)`` writes prompt i's; engines find it by ``prompt_key``."""
+        tmp, final = self._fresh_dir(f"loras-v{version:06d}")
+        keys, num_bytes = [], 0
+        for i, p in enumerate(prompts):
+            key = prompt_key(p)
+            if key not in keys:
+                num_bytes += write(tmp / key, i)
+                keys.append(key)
+        os.replace(tmp, final)
+        return WeightHandle(version=version, transport=self.name, location=str(final), num_bytes=num_bytes,
+                            names=keys, kind="lora_per_prompt")
 
     def receive(self, handle: WeightHandle) -> Iterator[tuple[str, torch.Tensor]]:
         with safe_open(handle.location, framework="pt", device="cpu") as f:
@@ -92,7 +130,10 @@ class SharedFileTransport:
                 yield name, f.get_tensor(name)
 
     def release(self, handle: WeightHandle) -> None:
-        Path(handle.location).unlink(missing_ok=True)
+        if handle.kind in ("lora", "lora_per_prompt"):
+            shutil.rmtree(handle.location, ignore_errors=True)
+        else:
+            Path(handle.location).unlink(missing_ok=True)
 
     def close(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)

@@ -42,7 +42,7 @@ def main() -> None:
     os.chdir(ROOT)
 
     from rl.config import load_recipe
-    from rl.driver import Trainer
+    from rl.online import OnlineRun as Trainer
     from rl.metrics import describe_machine, read_metrics
     from rl.tasks.tiny_model import TinyModelSpec, build_tiny_model
 

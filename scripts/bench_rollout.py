@@ -74,7 +74,7 @@ def report(args) -> None:
 def measure(args) -> dict:
 
     from rl.tasks.tiny_model import TinyModelSpec, build_tiny_model
-    from rl.types import SamplingSpec
+    from rollout.types import SamplingSpec
     from rl.workers import RolloutGroup, init_ray
     from rollout.vllm_worker import EngineSpec
     from transformers import AutoTokenizer

@@ -34,7 +34,7 @@ def main() -> None:
     os.chdir(ROOT)
 
     from rl.config import load_recipe
-    from rl.driver import Trainer
+    from rl.online import OnlineRun as Trainer
     from rl.metrics import describe_machine, read_metrics
     from rl.plot import plot_runs
 

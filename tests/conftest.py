@@ -49,7 +49,7 @@ def cut_and_resume(tmp_path):
         return {r["step"]: r for r in map(json.loads, lines) if r["kind"] == "train"}
 
     def run(recipe_for, cut: int = 2) -> tuple[dict, dict]:
-        from rl.driver import Trainer
+        from rl.online import OnlineRun as Trainer
 
         Trainer(recipe_for(tmp_path / "ref")).fit()
         t = Trainer(recipe_for(tmp_path / "cut"))

@@ -29,10 +29,11 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from rl import algorithms
-from rl.preference_data import PreferencePairs
-from rl.types import TrainBatch
-from trainer.policy_trainer import PolicyTrainer, TrainerSetup, _collate, _split
+from trainer import algorithms
+from trainer.batching import collate, split_units
+from trainer.policy_trainer import PolicyTrainer, TrainerSetup
+from trainer.stats import Stats
+from trainer.types import PreferencePairs, TrainBatch
 
 STAT_KEYS = ("loss", "reward_accuracy", "reward_margin", "chosen_reward", "rejected_reward", "chosen_logp", "rejected_logp")
 
@@ -40,12 +41,10 @@ STAT_KEYS = ("loss", "reward_accuracy", "reward_margin", "chosen_reward", "rejec
 def pair_stats_sums(losses: Tensor, chosen_rewards: Tensor, rejected_rewards: Tensor, chosen_logps: Tensor, rejected_logps: Tensor) -> dict[str, float]:
     """Sums over n pairs ([n] each) of what a DPO step reports; divide by the pair count for means.
 
-    ``reward_accuracy`` counts a pair 1 when its chosen reward beats its rejected one and 1/2 on an
-    exact tie: before any update the policy is the reference, every margin is exactly 0 and the
-    accuracy is chance (0.5), not 0.
+    ``reward_accuracy`` counts wins as ``algorithms.preference_wins`` does (a tie is 1/2).
     """
     margin = chosen_rewards - rejected_rewards  # [n]
-    wins = (margin > 0).float() + 0.5 * (margin == 0).float()
+    wins = algorithms.preference_wins(chosen_rewards, rejected_rewards)
     return {
         "loss": float(losses.detach().sum()),
         "reward_accuracy": float(wins.sum()),
@@ -57,8 +56,12 @@ def pair_stats_sums(losses: Tensor, chosen_rewards: Tensor, rejected_rewards: Te
     }
 
 
-def _means(sums: dict[str, float], n: int) -> dict[str, float]:
-    return {k: (sums.get(k, 0.0) / n if n else 0.0) for k in STAT_KEYS}
+def _pair_means(sums: dict[str, float], n: int, stats: Stats) -> Stats:
+    """Means over pairs, combined across ranks weighted by each rank's pair count."""
+    for k in STAT_KEYS:
+        stats.mean(k, sums.get(k, 0.0), n)
+    stats.sum("pairs", n)
+    return stats
 
 
 class PreferenceTrainer(PolicyTrainer):
@@ -67,10 +70,6 @@ class PreferenceTrainer(PolicyTrainer):
         alg = setup.algorithm.model_copy(update={"kl_coef": 0.0})
         super().__init__(dataclasses.replace(setup, algorithm=alg))
         algorithms.get("preference_loss", alg.dpo_loss)  # fail at start-up on an unknown loss name
-
-    def ready(self) -> bool:
-        """Returns once the rank is up (the group waits on it, so start-up errors surface at start)."""
-        return True
 
     # ------------------------------------------------------------------ forward
 
@@ -83,7 +82,7 @@ class PreferenceTrainer(PolicyTrainer):
             advantages=[0.0] * (2 * n),
             rollout_logprobs=[],
         )
-        mb = _collate(rows, self.pad_id, self.device)
+        mb = collate(rows, self.pad_id, self.device)
         token_lp, _ = self._token_logprobs(model, mb)  # [2n, T-1]
         seq = torch.where(mb["response_mask"].bool(), token_lp, 0.0).sum(-1)  # [2n]
         return seq[:n], seq[n:]
@@ -96,8 +95,7 @@ class PreferenceTrainer(PolicyTrainer):
 
     def _micro_chunks(self, n: int, num_micro_batches: Optional[int]) -> list[list[int]]:
         parts = num_micro_batches or max(1, -(-n // self.cfg.micro_batch_size))
-        chunks = _split(list(range(n)), parts) if n else []
-        return chunks + [[] for _ in range(parts - len(chunks))]
+        return split_units(n, parts)
 
     @torch.no_grad()
     def _score(self, pairs: PreferencePairs, num_micro_batches: Optional[int]) -> tuple[list[float], list[float]]:
@@ -136,26 +134,26 @@ class PreferenceTrainer(PolicyTrainer):
 
     def evaluate(
         self, pairs: PreferencePairs, ref_chosen: Sequence[float], ref_rejected: Sequence[float], num_micro_batches: Optional[int] = None
-    ) -> dict[str, float]:
+    ) -> Stats:
         """Means over these pairs of loss, reward_accuracy, reward_margin, chosen/rejected reward
         (and policy log-probs), plus ``pairs``; no update."""
         pc, pr = self._score(pairs, num_micro_batches)
         n = len(pairs)
         if not n:
-            return {**_means({}, 0), "pairs": 0.0}
+            return _pair_means({}, 0, Stats())
         pc_t, pr_t = torch.tensor(pc), torch.tensor(pr)
         losses, c_rew, r_rew = self._loss(pc_t, pr_t, ref_chosen, ref_rejected)
-        return {**_means(pair_stats_sums(losses, c_rew, r_rew, pc_t, pr_t), n), "pairs": float(n)}
+        return _pair_means(pair_stats_sums(losses, c_rew, r_rew, pc_t, pr_t), n, Stats())
 
     def train_step(
         self, shard: PreferencePairs, num_micro_batches: int, ref_chosen: Sequence[float], ref_rejected: Sequence[float]
-    ) -> dict[str, float]:
+    ) -> Stats:
         """One optimizer step on this rank's shard of a batch of pairs.
 
         ``num_micro_batches`` must be the same on every rank. ``ref_chosen`` / ``ref_rejected`` [n]
         are the cached reference log-probs of the shard's pairs. Returns means over the shard
         (the loss and rewards measured before the update), ``pairs``, ``tokens``, ``grad_norm``,
-        ``lr`` and ``train_seconds``; ``PreferenceTrainerGroup`` combines the ranks.
+        ``lr`` and ``train_seconds``, each with its reduction across ranks (``trainer.stats``).
         """
         if len(ref_chosen) != len(shard) or len(ref_rejected) != len(shard):
             raise ValueError(f"need one reference log-prob per pair: {len(shard)} pairs, {len(ref_chosen)}/{len(ref_rejected)} given")
@@ -178,11 +176,10 @@ class PreferenceTrainer(PolicyTrainer):
         self.engine.step()
         self.version += 1
         grad_norm = self._last_grad_norm()
-        return {
-            **_means(sums, len(shard)),
-            "pairs": float(len(shard)),
-            "tokens": float(shard.num_tokens),
-            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-            "lr": float(self.optimizer.param_groups[0]["lr"]),
-            "train_seconds": time.perf_counter() - t0,
-        }
+        stats = _pair_means(sums, len(shard), Stats())
+        stats.sum("tokens", shard.num_tokens)
+        stats.max("grad_norm", grad_norm if grad_norm is not None else float("nan"))
+        stats.same("lr", float(self.optimizer.param_groups[0]["lr"]))
+        stats.same("updates_applied", 1)
+        stats.max("train_seconds", time.perf_counter() - t0)
+        return stats

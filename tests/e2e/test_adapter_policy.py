@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from rl.config import load_recipe
-from rl.types import TrainBatch
+from trainer.types import TrainBatch
 
 pytestmark = pytest.mark.e2e
 LOGPROB_TOL = 1e-4
@@ -46,11 +46,11 @@ def _recipe(tiny_model_root, run_dir, train, *extra):
 def test_lora_policy_syncs_only_the_adapter_and_writes_back(tiny_model_root, ray_session, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from rl.driver import Trainer
+    from rl.online import OnlineRun as Trainer
 
     lib = tmp_path / "library"
     low = _subtask_file(tiny_model_root, tmp_path, "low", lambda a: a < 50)
-    t = Trainer(_recipe(tiny_model_root, tmp_path / "a", low, "steps=3", "adapter.mode=lora", "adapter.rank=8",
+    t = Trainer(_recipe(tiny_model_root, tmp_path / "a", low, "steps=3", "adapter.kind=lora", "adapter.rank=8",
                         f"adapter.library={lib}", "adapter.save_as=adder-low", "algorithm.kl_coef=0.1"))
     t.start_workers()
     try:
@@ -72,7 +72,7 @@ def test_lora_policy_syncs_only_the_adapter_and_writes_back(tiny_model_root, ray
     assert metrics[-1]["params_in_memory"] == sum(p.numel() for p in base.parameters()) + lora_params
 
     # Write-back happens at the end of fit(); run a short fit to the library.
-    summary = Trainer(_recipe(tiny_model_root, tmp_path / "b", low, "steps=2", "adapter.mode=lora",
+    summary = Trainer(_recipe(tiny_model_root, tmp_path / "b", low, "steps=2", "adapter.kind=lora",
                               f"adapter.library={lib}", "adapter.save_as=adder-low2")).fit()
     from adapters import AdapterLibrary
 
@@ -85,10 +85,10 @@ def test_lora_policy_syncs_only_the_adapter_and_writes_back(tiny_model_root, ray
 def test_lora_policy_raises_the_reward(ray_session, tmp_path):
     """GRPO on a new LoRA over the embedded model (built locally and cached, as the quickstart does):
     held-out greedy accuracy rises. Measured: 0.301 -> 0.400 after 10 such steps."""
-    from rl.driver import Trainer
+    from rl.online import OnlineRun as Trainer
 
     recipe = load_recipe(str(ROOT / "recipes" / "quickstart.yaml"), [
-        "steps=12", "adapter.mode=lora", "adapter.rank=16", "adapter.alpha=32", "trainer.lr=2e-3",
+        "steps=12", "adapter.kind=lora", "adapter.rank=16", "adapter.alpha=32", "trainer.lr=2e-3",
         "trainer.warmup_steps=3", "data.max_test_examples=256", "eval.every=0", "logging.progress=false",
         "checkpoint.save_final=false", f"output_dir={tmp_path / 'run'}",
     ])
@@ -99,30 +99,33 @@ def test_lora_policy_raises_the_reward(ray_session, tmp_path):
 @pytest.fixture(scope="module")
 def subtask_library(tiny_model_root, ray_session, tmp_path_factory):
     """A library of two LoRA experts, each trained with GRPO on its own sub-task (small / large first operand)."""
-    from rl.driver import Trainer
+    from rl.online import OnlineRun as Trainer
 
     tmp = tmp_path_factory.mktemp("subtasks")
     lib = tmp / "library"
     for name, keep in (("adder-low", lambda a: a < 50), ("adder-high", lambda a: a >= 50)):
         data = _subtask_file(tiny_model_root, tmp, name, keep)
-        Trainer(_recipe(tiny_model_root, tmp / name, data, "steps=2", "adapter.mode=lora", "eval.after=false",
+        Trainer(_recipe(tiny_model_root, tmp / name, data, "steps=2", "adapter.kind=lora", "eval.after=false",
                         f"adapter.library={lib}", f"adapter.save_as={name}")).fit()
     return lib
 
 
 def test_merged_library_policy(tiny_model_root, subtask_library, tmp_path):
     from adapters import AdapterLibrary
-    from rl.driver import Trainer
+    from rl.online import OnlineRun as Trainer
 
     summary = Trainer(_recipe(tiny_model_root, tmp_path / "merged", tiny_model_root / "data" / "train.jsonl", "steps=2",
-                              "adapter.mode=merge", "adapter.experts=[adder-low, adder-high]", "adapter.rank=8",
+                              "adapter.kind=lora", "adapter.source=merge", "adapter.experts=[adder-low, adder-high]", "adapter.rank=8",
                               f"adapter.library={subtask_library}", "adapter.save_as=adder-merged")).fit()
     library = AdapterLibrary(subtask_library)
     merged = library.get("adder-merged")
     assert merged.meta["parents"] == ["adder-low", "adder-high"]
     assert summary["steps"] == 2
-    names = library.names()
-    assert any(n.startswith("run-merge-") for n in names), names  # the merge it started from, with its parents
+    # The merge it started from lives in the run's own directory, with its parents; the library it
+    # read from holds only what was asked for (the experts and the write-back).
+    assert sorted(library.names()) == ["adder-high", "adder-low", "adder-merged"]
+    start = AdapterLibrary(tmp_path / "merged" / "start-adapter").get("start")
+    assert start.meta["parents"] == ["adder-low", "adder-high"] and start.rank == 8
 
 
 def _served_lora_bytes(base, rank):
@@ -139,11 +142,11 @@ def test_arrow_routed_policy(serving, tiny_model_root, subtask_library, tmp_path
     from transformers import AutoModelForCausalLM
 
     from adapters import AdapterLibrary
-    from rl.driver import Trainer
+    from rl.online import OnlineRun as Trainer
 
     name = f"adder-arrow-{serving}"
     t = Trainer(_recipe(tiny_model_root, tmp_path / "arrow", tiny_model_root / "data" / "train.jsonl", "steps=3",
-                        "adapter.mode=arrow", "adapter.experts=[adder-low, adder-high]", "adapter.top_k=1",
+                        "adapter.kind=arrow", "adapter.experts=[adder-low, adder-high]", "adapter.top_k=1",
                         f"adapter.arrow_serving={serving}", "adapter.rank=8", f"adapter.library={subtask_library}",
                         f"adapter.save_as={name}", "algorithm.tis_cap=2.0", "algorithm.kl_coef=0.05"))
     summary = t.fit()
@@ -173,11 +176,11 @@ def test_sparse_policy_syncs_only_indices_and_values(tiny_model_root, ray_sessio
     from transformers import AutoModelForCausalLM
 
     from adapters import AdapterLibrary
-    from rl.driver import Trainer
+    from rl.online import OnlineRun as Trainer
 
     lib = tmp_path / "library"
     t = Trainer(_recipe(tiny_model_root, tmp_path / "s", tiny_model_root / "data" / "train.jsonl", "steps=3",
-                        "adapter.mode=sparse", "adapter.keep_ratio=0.05", "algorithm.kl_coef=0.1",
+                        "adapter.kind=sparse", "adapter.keep_ratio=0.05", "algorithm.kl_coef=0.1",
                         f"adapter.library={lib}", "adapter.save_as=adder-sparse", "trainer.lr=1e-3"))
     t.start_workers()
     try:
@@ -185,7 +188,7 @@ def test_sparse_policy_syncs_only_indices_and_values(tiny_model_root, ray_sessio
         assert _vllm_trainer_gap(t) < LOGPROB_TOL  # base + delta rebuilt in vLLM: exact
         t.step = 3
         ck = t.save_checkpoint()
-        t._write_back_adapter(ck, {})
+        t.write_back_adapter(ck, {})
     finally:
         t.stop_workers()
     base = AutoModelForCausalLM.from_pretrained(tiny_model_root / "model")
@@ -208,18 +211,18 @@ def test_sparse_policy_syncs_only_indices_and_values(tiny_model_root, ray_sessio
 
 def test_adapter_for_another_base_model_is_refused(tiny_model_root, tmp_path):
     from rl.config import RecipeError
-    from rl.driver import Trainer
+    from rl.online import OnlineRun as Trainer
 
     with pytest.raises(RecipeError, match="adapter"):
-        Trainer(_recipe(tiny_model_root, tmp_path / "x", tiny_model_root / "data" / "train.jsonl", "adapter.mode=continue",
+        Trainer(_recipe(tiny_model_root, tmp_path / "x", tiny_model_root / "data" / "train.jsonl", "adapter.kind=lora", "adapter.source=continue",
                         f"adapter.library={tmp_path / 'missing-library'}", "adapter.experts=[nope]"))
 
 
 @pytest.mark.parametrize("mode", ["sparse", "arrow"])
 def test_adapter_policy_resumes_exactly(mode, tiny_model_root, subtask_library, cut_and_resume):
     """Stop after step 2 (checkpoint), resume: steps 3-4 reproduce an uninterrupted run's rewards."""
-    extra = {"sparse": ["adapter.mode=sparse", "trainer.lr=1e-3"],
-             "arrow": ["adapter.mode=arrow", "adapter.experts=[adder-low, adder-high]", f"adapter.library={subtask_library}",
+    extra = {"sparse": ["adapter.kind=sparse", "trainer.lr=1e-3"],
+             "arrow": ["adapter.kind=arrow", "adapter.experts=[adder-low, adder-high]", f"adapter.library={subtask_library}",
                        "algorithm.tis_cap=2.0"]}[mode]
 
     def recipe(run_dir, *more):
@@ -237,21 +240,21 @@ def test_sparse_library_merge_and_continue(tiny_model_root, ray_session, tmp_pat
     """Two sparse experts from different sub-tasks; their merge (overlaps averaged, union of masks)
     trained as a sparse policy; one expert continued. Each goes back with its parents."""
     from adapters import AdapterLibrary
-    from rl.driver import Trainer
+    from rl.online import OnlineRun as Trainer
 
     lib = tmp_path / "library"
     for name, keep in (("sp-low", lambda a: a < 50), ("sp-high", lambda a: a >= 50)):
         data = _subtask_file(tiny_model_root, tmp_path, name, keep)
         # checkpoint.every=1: written back at the checkpoint, then replaced by the final write-back.
-        Trainer(_recipe(tiny_model_root, tmp_path / name, data, "steps=1", "checkpoint.every=1", "adapter.mode=sparse", "adapter.keep_ratio=0.02",
+        Trainer(_recipe(tiny_model_root, tmp_path / name, data, "steps=1", "checkpoint.every=1", "adapter.kind=sparse", "adapter.keep_ratio=0.02",
                         "eval.after=false", "trainer.lr=1e-3", f"adapter.library={lib}", f"adapter.save_as={name}")).fit()
     library = AdapterLibrary(lib)
     masks = [library.load_sparse(n)[0] for n in ("sp-low", "sp-high")]
     union = sum(int((masks[0][w] | masks[1][w]).sum()) for w in masks[0])
     train = tiny_model_root / "data" / "train.jsonl"
-    Trainer(_recipe(tiny_model_root, tmp_path / "m", train, "steps=1", "adapter.mode=merge", "adapter.experts=[sp-low, sp-high]",
+    Trainer(_recipe(tiny_model_root, tmp_path / "m", train, "steps=1", "adapter.kind=sparse", "adapter.source=merge", "adapter.experts=[sp-low, sp-high]",
                     "eval.after=false", f"adapter.library={lib}", "adapter.save_as=sp-merged")).fit()
-    Trainer(_recipe(tiny_model_root, tmp_path / "c", train, "steps=1", "adapter.mode=continue", "adapter.experts=[sp-low]",
+    Trainer(_recipe(tiny_model_root, tmp_path / "c", train, "steps=1", "adapter.kind=sparse", "adapter.source=continue", "adapter.experts=[sp-low]",
                     "eval.after=false", f"adapter.library={lib}", "adapter.save_as=sp-low-more")).fit()
     library = AdapterLibrary(lib)
     merged, more = library.get("sp-merged"), library.get("sp-low-more")
@@ -264,10 +267,10 @@ def test_sparse_library_merge_and_continue(tiny_model_root, ray_session, tmp_pat
 def test_arrow_training_the_experts(tiny_model_root, subtask_library, tmp_path):
     """arrow_train=experts: the routed experts themselves train and go back as <save_as>-<expert>."""
     from adapters import AdapterLibrary
-    from rl.driver import Trainer
+    from rl.online import OnlineRun as Trainer
 
     summary = Trainer(_recipe(tiny_model_root, tmp_path / "ae", tiny_model_root / "data" / "train.jsonl", "steps=2",
-                              "adapter.mode=arrow", "adapter.experts=[adder-low, adder-high]", "adapter.arrow_train=experts",
+                              "adapter.kind=arrow", "adapter.experts=[adder-low, adder-high]", "adapter.arrow_train=experts",
                               f"adapter.library={subtask_library}", "adapter.save_as=tuned", "eval.after=false")).fit()
     import torch
     from safetensors.torch import load_file
@@ -284,10 +287,10 @@ def test_arrow_training_the_experts(tiny_model_root, subtask_library, tmp_path):
 def test_sparse_policy_on_two_zero2_ranks(tiny_model_root, ray_session, tmp_path):
     """Two DeepSpeed ranks (ZeRO-2) choose the same mask from the same calibration prompts, train
     it data-parallel, and rank 0's push keeps vLLM equal to the trainer."""
-    from rl.driver import Trainer
+    from rl.online import OnlineRun as Trainer
 
     t = Trainer(_recipe(tiny_model_root, tmp_path / "r2", tiny_model_root / "data" / "train.jsonl", "steps=2",
-                        "adapter.mode=sparse", "adapter.keep_ratio=0.05", "trainer.zero_stage=2", "trainer.num_ranks=2",
+                        "adapter.kind=sparse", "adapter.keep_ratio=0.05", "trainer.zero_stage=2", "trainer.num_ranks=2",
                         "trainer.micro_batch_size=16", "algorithm.kl_coef=0.05", "trainer.lr=1e-3"))
     t.start_workers()
     try:

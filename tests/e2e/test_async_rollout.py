@@ -23,7 +23,7 @@ def _recipe(tiny_model_root, run_dir, *extra):
 
 
 def test_async_rollout_is_at_most_k_versions_stale_and_resumes_at_the_untrained_batch(tiny_model_root, ray_session, tmp_path):
-    from rl.driver import Trainer
+    from rl.online import OnlineRun as Trainer
 
     t = Trainer(_recipe(tiny_model_root, tmp_path / "run", "steps=5", "rollout.max_staleness=1", "algorithm.tis_cap=2.0"))
     t.start_workers()
@@ -50,10 +50,10 @@ def test_async_rollout_is_at_most_k_versions_stale_and_resumes_at_the_untrained_
 
 def test_async_rollout_with_a_lora_policy(tiny_model_root, ray_session, tmp_path):
     """vLLM reads a LoRA at its first use: versions a queued batch may still use stay on disk."""
-    from rl.driver import Trainer
+    from rl.online import OnlineRun as Trainer
 
     t = Trainer(_recipe(tiny_model_root, tmp_path / "lora", "steps=4", "rollout.max_staleness=1", "algorithm.tis_cap=2.0",
-                        "adapter.mode=lora"))
+                        "adapter.kind=lora"))
     t.start_workers()
     try:
         metrics = [t.train_one_step() for _ in range(4)]
@@ -67,5 +67,5 @@ def test_arrow_policies_are_refused_with_async_rollout(tmp_path):
     from rl.config import RecipeError
 
     with pytest.raises(RecipeError, match="max_staleness"):
-        load_recipe(None, ["rollout.max_staleness=1", "adapter.mode=arrow", "adapter.library=x", "adapter.experts=[a, b]"],
+        load_recipe(None, ["rollout.max_staleness=1", "adapter.kind=arrow", "adapter.library=x", "adapter.experts=[a, b]"],
                     check_paths=False)

@@ -98,8 +98,10 @@ def test_two_zero2_ranks_with_uneven_shards_equal_one_rank(dpo_run):
     single-rank one. (ZeRO-3 passes the same check; it is left out here to keep the file fast.)"""
     from transformers import AutoTokenizer
 
-    from rl.config import AlgorithmConfig, DataConfig, TrainerConfig
-    from rl.dpo import PreferenceTrainerGroup
+    from rl.config import DataConfig
+    from trainer.config import AlgorithmConfig, TrainerConfig
+    from rl.workers import PreferenceTrainerGroup
+    from trainer.policies import PolicySpec
     from rl.preference_data import load_preference_texts, tokenize_pairs
     from trainer.policy_trainer import TrainerSetup
 
@@ -111,13 +113,13 @@ def test_two_zero2_ranks_with_uneven_shards_equal_one_rank(dpo_run):
     results = []
     for ranks, stage, micro in ((1, 0, 16), (2, 2, 1)):
         setup = TrainerSetup(
-            model_path=model, dtype="float32", algorithm=AlgorithmConfig(name="dpo"), max_response_len=96, master_port=0,
+            policy=PolicySpec(kind="full", base_model=model), dtype="float32", algorithm=AlgorithmConfig(name="dpo"), max_response_len=96, master_port=0,
             trainer=TrainerConfig(num_ranks=ranks, zero_stage=stage, lr=1e-2, micro_batch_size=micro, max_grad_norm=1e6),
         )
         group = PreferenceTrainerGroup.create(setup, ranks, use_ray=True, num_cpus=0.5)
         try:
             ref = group.reference_logprobs(pairs, micro)
-            step = group.train_step(pairs, micro, *ref)
+            step = group.train_pairs(pairs, micro, *ref)
             results.append((ref, step, group.evaluate(pairs, *ref, micro)))
         finally:
             group.close()
@@ -127,4 +129,9 @@ def test_two_zero2_ranks_with_uneven_shards_equal_one_rank(dpo_run):
         assert ref1[side] == pytest.approx(ref2[side], abs=1e-4)
     assert step1["loss"] == pytest.approx(math.log(2), abs=1e-6) and step2["pairs"] == 3
     assert step1["grad_norm"] == pytest.approx(step2["grad_norm"], rel=1e-4)
+    # Pair-weighted means and shared counts across ranks: the step before the update is the reference,
+    # every margin 0, every pair a tie (1/2) on one rank or two; one update, counted once.
+    assert step1["reward_accuracy"] == step2["reward_accuracy"] == 0.5
+    assert step1["updates_applied"] == step2["updates_applied"] == 1.0
+    assert ev1["reward_accuracy"] == pytest.approx(ev2["reward_accuracy"]) and ev2["pairs"] == 3
     assert ev1["loss"] == pytest.approx(ev2["loss"], abs=1e-4) and ev1["loss"] < 0.5

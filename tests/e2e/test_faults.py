@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rl import algorithms
+from trainer import algorithms
 from rl.config import load_recipe
 
 pytestmark = pytest.mark.e2e
@@ -32,7 +32,7 @@ def _nan_from_third_step(rewards: torch.Tensor) -> torch.Tensor:
 @pytest.fixture
 def nan_advantage():
     """Registered for one test only, so the registry other tests see is the built-in one."""
-    from rl.algorithms import registry
+    from trainer.algorithms import registry
 
     algorithms.register("advantage", "test_nan_from_third_step")(_nan_from_third_step)
     yield
@@ -55,7 +55,7 @@ def _rows(run_dir: Path, kind: str = "train") -> list[dict]:
 
 
 def test_nonfinite_loss_skips_updates_then_stops_with_last_good_checkpoint(tiny_model_root, ray_session, tmp_path, nan_advantage):
-    from rl.driver import Trainer, TrainingDiverged
+    from rl.online import OnlineRun as Trainer, TrainingDiverged
 
     _calls["n"] = 0
     recipe = load_recipe(None, _overrides(tiny_model_root, tmp_path, "steps=10", "algorithm.advantage=test_nan_from_third_step",
@@ -75,7 +75,7 @@ def test_nonfinite_loss_skips_updates_then_stops_with_last_good_checkpoint(tiny_
 
 
 def test_full_disk_during_checkpoint_keeps_previous_checkpoint(tiny_model_root, ray_session, tmp_path, monkeypatch):
-    from rl.driver import Trainer
+    from rl.online import OnlineRun as Trainer
 
     recipe = load_recipe(None, _overrides(tiny_model_root, tmp_path, "steps=4", "checkpoint.every=2",
                                           "eval.before=false", "eval.after=false"))

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from rl.config import load_recipe
-from rl.types import TrainBatch
+from trainer.types import TrainBatch
 
 pytestmark = pytest.mark.e2e
 
@@ -18,7 +18,7 @@ LOGPROB_TOL = 1e-4
 
 @pytest.fixture(scope="module")
 def driver(tiny_model_root, ray_session, tmp_path_factory):
-    from rl.driver import Trainer
+    from rl.online import OnlineRun as Trainer
 
     run_dir = tmp_path_factory.mktemp("grpo_stack")
     recipe = load_recipe(

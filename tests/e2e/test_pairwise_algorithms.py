@@ -14,7 +14,7 @@ pytestmark = pytest.mark.e2e
 
 
 def _driver(tiny_model_root, run_dir, extra):
-    from rl.driver import Trainer
+    from rl.online import OnlineRun as Trainer
 
     recipe = load_recipe(None, [
         f"model.path={tiny_model_root / 'model'}",
@@ -48,7 +48,7 @@ def test_two_grpo_resamples_tied_pairs(tiny_model_root, ray_session, tmp_path):
 
 
 def test_online_dpo_raises_chosen_over_rejected(tiny_model_root, ray_session, tmp_path):
-    from rl.types import TrainBatch
+    from trainer.types import TrainBatch
 
     t = _driver(tiny_model_root, tmp_path, [
         "algorithm.name=online_dpo", "algorithm.advantage=contrastive_pair", "algorithm.dpo_beta=0.1",
@@ -56,9 +56,10 @@ def test_online_dpo_raises_chosen_over_rejected(tiny_model_root, ray_session, tm
         "rewards.functions=[{fn: arithmetic_exact}, {fn: length_penalty}]", "trainer.lr=1e-3",
     ])
     try:
-        indices = t.sampler.next_batch()
-        flat, _, rewards = t._rollout(indices, 1)
-        pairs, adv = t._online_dpo_pairs(flat, t.advantages(rewards))
+        from rl.online import discordant_pairs
+
+        sampled = t.sample(t.sampler.next_batch(), seed_step=1)
+        pairs, adv = discordant_pairs(sampled.completions, t.advantages(sampled.rewards))
         assert pairs and len(pairs) % 2 == 0 and adv[0::2] == [1.0] * (len(pairs) // 2)
         batch = TrainBatch([c.prompt_token_ids for c in pairs], [c.token_ids for c in pairs], adv,
                            [c.logprobs for c in pairs], len(pairs), sum(len(c.token_ids) for c in pairs), unit=2)

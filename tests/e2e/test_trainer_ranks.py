@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from safetensors.torch import load_file
 
-from rl.config import AlgorithmConfig, TrainerConfig
-from rl.types import TrainBatch
+from trainer.config import AlgorithmConfig, TrainerConfig
+from trainer.types import TrainBatch
 
 pytestmark = pytest.mark.e2e
 
@@ -30,7 +30,9 @@ def test_two_zero2_ranks_equal_one_rank(tiny_model_root, ray_session, aggregatio
     from transformers import AutoTokenizer
 
     from rl.workers import TrainerGroup
+    from trainer.policies import PolicySpec
     from trainer.policy_trainer import TrainerSetup
+    from rollout.weight_sync import get_transport
 
     model = str(tiny_model_root / "model")
     tok = AutoTokenizer.from_pretrained(model)
@@ -39,8 +41,9 @@ def test_two_zero2_ranks_equal_one_rank(tiny_model_root, ray_session, aggregatio
     published = []
     for ranks, stage, micro in ((1, 0, 12), (2, 2, 3)):
         setup = TrainerSetup(
-            model_path=model, dtype="float32", algorithm=alg, max_response_len=6, master_port=0,
+            policy=PolicySpec(kind="full", base_model=model), dtype="float32", algorithm=alg, max_response_len=6, master_port=0,
             trainer=TrainerConfig(num_ranks=ranks, zero_stage=stage, lr=1e-2, micro_batch_size=micro, max_grad_norm=1e6),
+            transport=get_transport("shared_file"),
         )
         group = TrainerGroup.create(setup, ranks, use_ray=True, num_cpus=0.5)
         try:
@@ -52,6 +55,10 @@ def test_two_zero2_ranks_equal_one_rank(tiny_model_root, ray_session, aggregatio
             group.shutdown()
     (one, s1), (two, s2) = published
     assert abs(s1["loss"] - s2["loss"]) < 1e-5
+    # Counts every rank shares are counted once, token means are means over the whole batch.
+    assert s1["updates_applied"] == s2["updates_applied"] == 1.0
+    assert s1["tokens"] == s2["tokens"] == batch.num_tokens
+    assert s1["entropy"] == pytest.approx(s2["entropy"], rel=1e-4)
     # The all-reduced gradient is the full-batch gradient: same norm however the batch was split.
     assert s1["grad_norm"] == pytest.approx(s2["grad_norm"], rel=1e-4)
     base = load_file(next((tiny_model_root / "model").glob("*.safetensors")))

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rl.config import AdapterConfig
-from rl.types import WeightHandle
+from trainer.config import AdapterConfig
+from rollout.types import WeightHandle
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 
@@ -35,19 +35,25 @@ def _experts(tmp_path, n=3, rank=4):
     return dirs
 
 
-class _Dir:
-    def __init__(self, d):
-        self.directory = d
+def _transport(d):
+    from rollout.weight_sync import SharedFileTransport
+
+    return SharedFileTransport(d)
+
+
+def _build(cfg, model, start_from=None, **kw):
+    from trainer.policies import PolicySpec, build_policy
+
+    pad_id = kw.pop("pad_id", 0)
+    return build_policy(PolicySpec(kind=cfg.kind, adapter=cfg, start_from=start_from, **kw), model, pad_id=pad_id)
 
 
 IDS = torch.tensor([[1, 5, 7, 9, 11, 3], [2, 4, 6, 8, 10, 12]])
 
 
 def _arrow(tmp_path, **kw):
-    from trainer.adapter_policy import build_adapter_policy
-
-    cfg = AdapterConfig(mode="arrow", library="lib", experts=["e0", "e1", "e2"], target_modules=TARGETS, **kw)
-    return build_adapter_policy(_base(), cfg, None, expert_dirs=_experts(tmp_path))
+    cfg = AdapterConfig(kind="arrow", library="lib", experts=["e0", "e1", "e2"], target_modules=TARGETS, **kw)
+    return _build(cfg, _base(), expert_dirs=_experts(tmp_path))
 
 
 def test_arrow_layer_matches_the_formula(tmp_path):
@@ -81,8 +87,8 @@ def test_served_lora_equals_the_routed_model_when_routing_is_uniform(tmp_path):
         for w in routing.values():
             assert torch.allclose(w, torch.full((3,), 1 / 3), atol=1e-6)
         routed = policy.model(input_ids=IDS).logits
-        handle = policy.publish(_Dir(tmp_path / "pub"), version=1, prompts=IDS.tolist())
-        assert handle.transport == "lora_dir" and policy.served_rank() == 3 * 4 + 4
+        handle = policy.publish(_transport(tmp_path / "pub"), version=1, prompts=IDS.tolist())
+        assert handle.kind == "lora" and policy.served_rank() == 3 * 4 + 4
         served = PeftModel.from_pretrained(_base(), handle.location).eval()
         assert served.peft_config["default"].r == 16
         assert torch.allclose(served(input_ids=IDS).logits, routed, atol=1e-4)
@@ -101,21 +107,19 @@ def test_mean_routing_counts_only_real_tokens(tmp_path):
 
 
 def test_arrow_reference_is_the_base_and_save_load_round_trips(tmp_path):
-    from trainer.adapter_policy import build_adapter_policy
-
     policy = _arrow(tmp_path, top_k=2)
     base_logits = _base()(input_ids=IDS).logits
     with torch.no_grad():
         for layer in policy.layers.values():
             layer.new_B.normal_()
-        with policy.disabled():
+        with policy.reference():
             assert torch.allclose(policy.model(input_ids=IDS).logits, base_logits, atol=1e-6)
         routed = policy.model(input_ids=IDS).logits
         assert not torch.allclose(routed, base_logits, atol=1e-3)
     policy.save(tmp_path / "ck", base_model="base")
     assert (tmp_path / "ck" / "new_lora" / "adapter_config.json").is_file()
-    cfg = AdapterConfig(mode="arrow", library="lib", experts=["e0", "e1", "e2"])
-    again = build_adapter_policy(_base(), cfg, str(tmp_path / "ck"))
+    cfg = AdapterConfig(kind="arrow", library="lib", experts=["e0", "e1", "e2"])
+    again = _build(cfg, _base(), str(tmp_path / "ck"))
     with torch.no_grad():
         assert torch.allclose(again.model(input_ids=IDS).logits, routed, atol=1e-6)
     trainable = [n for n, p in again.model.named_parameters() if p.requires_grad]
@@ -132,10 +136,8 @@ def test_arrow_can_train_the_experts(tmp_path):
 
 
 def test_sparse_policy_mask_reference_and_round_trip(tmp_path):
-    from trainer.adapter_policy import build_adapter_policy
-
-    cfg = AdapterConfig(mode="sparse", keep_ratio=0.1, target_modules=TARGETS)
-    policy = build_adapter_policy(_base(), cfg, None, calibration=IDS.tolist(), pad_id=0)
+    cfg = AdapterConfig(kind="sparse", keep_ratio=0.1, target_modules=TARGETS)
+    policy = _build(cfg, _base(), calibration_token_ids=IDS.tolist())
     entries = 2 * (32 * 32 + 32 * 32 + 32 * 48)  # q, v, down per layer
     assert policy.adapter.num_trainable() == round(0.1 * entries)
     assert [n for n, p in policy.model.named_parameters() if p.requires_grad] == [
@@ -145,22 +147,19 @@ def test_sparse_policy_mask_reference_and_round_trip(tmp_path):
         for d in policy.adapter.deltas:
             d.values.normal_()
         moved = policy.model(input_ids=IDS).logits
-        with policy.disabled():
+        with policy.reference():
             assert torch.allclose(policy.model(input_ids=IDS).logits, base_logits, atol=1e-6)
     assert not torch.allclose(moved, base_logits, atol=1e-3)
     policy.save(tmp_path / "sp", base_model="base")
-    again = build_adapter_policy(_base(), cfg, str(tmp_path / "sp"))
+    again = _build(cfg, _base(), str(tmp_path / "sp"))
     with torch.no_grad():
         assert torch.allclose(again.model(input_ids=IDS).logits, moved, atol=1e-6)
 
 
 def test_sparse_publish_sends_indices_and_values_only(tmp_path):
-    from rollout.weight_sync import SharedFileTransport
-    from trainer.adapter_policy import build_adapter_policy
-
-    cfg = AdapterConfig(mode="sparse", keep_ratio=0.05, target_modules=TARGETS)
-    policy = build_adapter_policy(_base(), cfg, None, calibration=IDS.tolist(), pad_id=0)
-    transport = SharedFileTransport(tmp_path / "w")
+    cfg = AdapterConfig(kind="sparse", keep_ratio=0.05, target_modules=TARGETS)
+    policy = _build(cfg, _base(), calibration_token_ids=IDS.tolist())
+    transport = _transport(tmp_path / "w")
     handle = policy.publish(transport, version=2)
     assert isinstance(handle, WeightHandle) and handle.kind == "sparse_delta"
     nnz = policy.adapter.num_trainable()
@@ -172,17 +171,17 @@ def test_sparse_publish_sends_indices_and_values_only(tmp_path):
 def test_arrow_needs_prompts_to_publish(tmp_path):
     policy = _arrow(tmp_path)
     with pytest.raises(ValueError, match="prompts"):
-        policy.publish(_Dir(tmp_path / "pub"), version=0)
+        policy.publish(_transport(tmp_path / "pub"), version=0)
 
 
 def test_per_prompt_serving_writes_one_lora_per_distinct_prompt(tmp_path):
     from safetensors.torch import load_file
 
-    from rl.types import prompt_key
+    from rollout.types import prompt_key
 
     policy = _arrow(tmp_path, top_k=1, arrow_serving="prompt")
     prompts = [[1, 5, 7], [1, 5, 7, 9, 11], [1, 5, 7]]  # a repeated prompt is served once
-    handle = policy.publish(_Dir(tmp_path / "pub"), version=3, prompts=prompts)
+    handle = policy.publish(_transport(tmp_path / "pub"), version=3, prompts=prompts)
     assert handle.kind == "lora_per_prompt" and handle.names == [prompt_key(prompts[0]), prompt_key(prompts[1])]
     one = load_file(f"{handle.location}/{handle.names[1]}/adapter_model.safetensors")
     want = policy.served_lora(policy.mean_routing([prompts[1]], pad_id=0))
@@ -192,4 +191,5 @@ def test_per_prompt_serving_writes_one_lora_per_distinct_prompt(tmp_path):
     single = sum(t.numel() * 4 for t in one.values())
     assert handle.num_bytes == 2 * single
     # Frozen experts are held as buffers: counted beside the parameters.
-    assert policy.frozen_adapter_numel() == sum(l.expert_A.numel() + l.expert_B.numel() for l in policy.layers.values())
+    frozen = sum(l.expert_A.numel() + l.expert_B.numel() for l in policy.layers.values())
+    assert policy.numel_in_memory() == frozen + sum(p.numel() for p in policy.model.parameters())

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from rl.algorithms import contrastive_pair_advantages, get, grpo_advantages, tied_groups
+from trainer.algorithms import contrastive_pair_advantages, get, grpo_advantages, tied_groups
 
 
 def close(actual, expected, atol=1e-6):

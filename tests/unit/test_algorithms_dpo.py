@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from rl.algorithms import dpo_loss, get
+from trainer.algorithms import dpo_loss, get
 
 # pair 0: chosen ratio (-1) - (-2) = 1, rejected ratio (-3) - (-2) = -1 -> h = 2
 # pair 1: chosen ratio (-2) - (-2) = 0, rejected ratio (-1) - (-2) = 1  -> h = -1
@@ -75,7 +75,7 @@ def test_pairwise_dpo_loss_on_hand_values():
 
     import torch
 
-    from rl.algorithms import pairwise_dpo_loss
+    from trainer.algorithms import pairwise_dpo_loss
 
     # Two pairs; rows (chosen, rejected). Token logprobs, the last token of row 1 is padding.
     lp = torch.tensor([[-1.0, -1.0], [-2.0, -9.0], [-0.5, -0.5], [-0.5, -0.5]])
@@ -86,7 +86,7 @@ def test_pairwise_dpo_loss_on_hand_values():
     loss, m = pairwise_dpo_loss(lp, ref, mask, beta=1.0)
     expected = (math.log(1 + math.exp(-1.5)) + math.log(2.0)) / 2
     assert abs(loss.item() - expected) < 1e-6
-    assert abs(m["reward_accuracy"].item() - 0.5) < 1e-7  # pair 0 right, pair 1 tied (not counted)
+    assert abs(m["reward_accuracy"].item() - 0.75) < 1e-7  # pair 0 right (1), pair 1 tied (1/2), as offline DPO counts
     assert abs(m["reward_margin"].item() - 0.75) < 1e-6  # (1.5 + 0) / 2
     # With the global pair count of a larger batch, the chunk's share scales down.
     half, _ = pairwise_dpo_loss(lp, ref, mask, beta=1.0, num_pairs=4)

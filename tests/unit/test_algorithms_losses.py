@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from rl.algorithms import (
+from trainer.algorithms import (
     aggregate_loss,
     clipped_policy_loss,
     entropy_from_logits,

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-import rl.algorithms as alg
-from rl.algorithms import registry
+import trainer.algorithms as alg
+from trainer.algorithms import registry
 
 
 def test_builtin_names_registered_on_import():

@@ -137,14 +137,20 @@ def test_malformed_jsonl_line_names_file_and_line(tmp_path):
     assert rows.num_rows == 1 and rows[0]["answer"] == "2"
 
 
-def test_adapter_modes_are_checked_before_anything_starts():
-    assert "at least two experts" in _err(["adapter.mode=arrow", "adapter.library=lib", "adapter.experts=[a]"])
-    assert "adapter.library is required" in _err(["adapter.mode=arrow", "adapter.experts=[a, b]"])
-    assert "zero_stage <= 2" in _err(["adapter.mode=sparse", "trainer.zero_stage=3"])
-    assert "keep_ratio" in _err(["adapter.mode=sparse", "adapter.keep_ratio=0"])
-    msg = _err(["adapter.mode=arow"])
-    assert "adapter.mode" in msg and "arrow" in msg
+def test_adapter_kind_and_source_are_checked_before_anything_starts():
+    assert "at least two experts" in _err(["adapter.kind=arrow", "adapter.library=lib", "adapter.experts=[a]"])
+    assert "adapter.library is required" in _err(["adapter.kind=arrow", "adapter.experts=[a, b]"])
+    assert "zero_stage <= 2" in _err(["adapter.kind=sparse", "trainer.zero_stage=3"])
+    assert "keep_ratio" in _err(["adapter.kind=sparse", "adapter.keep_ratio=0"])
+    msg = _err(["adapter.kind=arow"])
+    assert "adapter.kind" in msg and "arrow" in msg
+    assert "must be `new`" in _err(["adapter.kind=arrow", "adapter.source=merge", "adapter.library=lib", "adapter.experts=[a, b]"])
+    assert "exactly one expert" in _err(["adapter.kind=lora", "adapter.source=continue", "adapter.library=lib", "adapter.experts=[a, b]"])
+    assert "need an adapter.kind" in _err(["adapter.source=merge"])
+    # The old single field names its replacement.
+    msg = _err(["adapter.mode=merge"])
+    assert "adapter.kind" in msg and "adapter.source" in msg
     r = load_recipe(str(ROOT / "recipes" / "arrow-arithmetic.yaml"), [], check_paths=False)
-    assert r.adapter.mode == "arrow" and r.algorithm.tis_cap == 2.0
+    assert r.adapter.kind == "arrow" and r.algorithm.tis_cap == 2.0
     r = load_recipe(str(ROOT / "recipes" / "sparse-arithmetic.yaml"), [], check_paths=False)
-    assert r.adapter.mode == "sparse" and r.adapter.keep_ratio == 0.05
+    assert r.adapter.kind == "sparse" and r.adapter.keep_ratio == 0.05

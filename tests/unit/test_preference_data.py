@@ -220,7 +220,7 @@ def test_dpo_recipe_validates_and_reaches_dpo():
         ("algorithm.dpo_loss=sigmoidd", "algorithm.dpo_loss"),
         ("model.path=builtin:tiny-arithmetic", "model.path"),
         ("data.train=builtin:arithmetic", "data.train"),
-        ("adapter.mode=lora", "adapter.mode"),
+        ("adapter.kind=lora", "adapter.kind"),
     ],
 )
 def test_settings_that_dpo_would_ignore_fail_naming_the_field(override, field):
@@ -237,12 +237,12 @@ def test_settings_that_dpo_would_ignore_fail_naming_the_field(override, field):
 
 def test_bad_pair_stops_the_run_before_any_worker(tmp_path):
     from rl.config import load_recipe
-    from rl.dpo import OfflineDPO
+    from rl.dpo import OfflineDPORun
 
     path = _write(tmp_path / "hh.jsonl", [GOOD_HH, GOOD_HH, {"chosen": GOOD_HH["chosen"], "rejected": GOOD_HH["chosen"]}])
     recipe = load_recipe(None, ["algorithm.name=dpo", "data.preference_format=hh_dialogue", f"data.train={path}", "model.path=builtin:tiny-text"])
     with pytest.raises(PreferenceDataError, match="row 2, fields 'chosen'/'rejected': chosen == rejected"):
-        OfflineDPO(recipe)
+        OfflineDPORun(recipe)
 
 
 # ------------------------------------------------------------------------------- builtin:tiny-text

@@ -11,9 +11,9 @@ Importing this package registers every built-in variant:
 Axes everywhere: B prompts, G group size, N = B*G sequences, L response tokens, V vocabulary.
 """
 
-from rl.algorithms.registry import KINDS, get, names, register
-from rl.algorithms.advantages import contrastive_pair_advantages, grpo_advantages, tied_groups
-from rl.algorithms.losses import (
+from trainer.algorithms.registry import KINDS, get, names, register
+from trainer.algorithms.advantages import contrastive_pair_advantages, grpo_advantages, tied_groups
+from trainer.algorithms.losses import (
     aggregate_loss,
     clipped_policy_loss,
     entropy_from_logits,
@@ -28,7 +28,7 @@ from rl.algorithms.losses import (
     token_mean,
     truncated_is_weights,
 )
-from rl.algorithms.dpo import dpo_loss, ipo_preference_loss, pairwise_dpo_loss, sigmoid_preference_loss
+from trainer.algorithms.dpo import dpo_loss, ipo_preference_loss, pairwise_dpo_loss, preference_wins, sigmoid_preference_loss
 
 __all__ = [
     "KINDS",
@@ -48,6 +48,7 @@ __all__ = [
     "masked_mean",
     "names",
     "pairwise_dpo_loss",
+    "preference_wins",
     "register",
     "seq_mean_token_mean",
     "seq_mean_token_sum_norm",

@@ -1,32 +1,15 @@
-"""Adapter policies: what the trainer trains when the policy is an adapter over a frozen base model.
-
-One interface, three kinds; each decides how the rollout engines serve it, and only adapter
-weights ever leave the trainer:
-
-- ``LoraPolicy``: a PEFT LoRA (new, a library expert continued, or a merge). vLLM serves it as a
-  LoRA; a sync is the adapter directory.
-- ``SparsePolicy``: masked deltas on base weights (``adapters.sparse.SparseAdapter``; mask chosen
-  once by connection sensitivity). vLLM has no sparse adapters, so a sync sends only the mask's
-  (indices, values) and each engine rebuilds the touched weights as ``base + delta`` in place
-  (``rollout/vllm_extension.py``): exact, logprob mismatch at float rounding.
-- ``ArrowPolicy``: library LoRA experts routed per token by Arrow (``adapters.arrow``), plus a new
-  LoRA beside them or with the experts themselves trained. vLLM applies one LoRA per request and
-  cannot route per token; it serves the routing *averaged over the prompt tokens of the batch about
-  to be sampled* (``arrow_serving: batch``) or of each prompt (``prompt``: one LoRA per prompt),
-  written exactly as a LoRA of rank ``E*r (+ r_new)``: ``Σ_e w̄_e s_e B_e A_e = [w̄_1 s_1 B_1 | ... ]
-  @ [A_1; ...]``. The trainer computes the exact per-token routing; the gap shows as
-  ``logprob_mismatch`` and is corrected by truncated importance sampling (``algorithm.tis_cap``).
-
-The reference model of every kind is the base with the adapter disabled (``disabled()``): no
-second copy of the model.
+"""An Arrow-routed policy: library LoRA experts routed per token by Arrow (``adapters.arrow``), plus a new
+LoRA beside them or with the experts themselves trained. vLLM applies one LoRA per request and
+cannot route per token; it serves the routing *averaged over the prompt tokens of the batch about
+to be sampled* (``arrow_serving: batch``) or of each prompt (``prompt``: one LoRA per prompt),
+written exactly as a LoRA of rank ``E*r (+ r_new)``: ``Σ_e w̄_e s_e B_e A_e = [w̄_1 s_1 B_1 | ... ]
+@ [A_1; ...]``. The trainer computes the exact per-token routing; the gap shows as
+``logprob_mismatch`` and is corrected by truncated importance sampling (``algorithm.tis_cap``).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
@@ -35,162 +18,14 @@ import torch
 from torch import nn
 
 from adapters.arrow import arrow_lora_forward, arrow_route, expert_prototypes
-from adapters.sparse import SPARSE_CONFIG_FILE, SparseAdapter, connection_sensitivity_mask, sensitivity_inputs
-from rl.config import AdapterConfig
-from rl.types import WeightHandle, prompt_key
+from trainer.config import AdapterConfig
+from trainer.batching import padded_prompts
+from trainer.policies.base import Policy
 
 ARROW_CONFIG_FILE = "arrow_policy.json"
 ARROW_WEIGHTS_FILE = "arrow_policy.safetensors"
 LORA_CONFIG_FILE = "adapter_config.json"
 PEFT_PREFIX = "base_model.model."
-
-
-def trainable_bytes(model: nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-
-
-def _fresh_dir(root: Path, stem: str) -> tuple[Path, Path]:
-    """A (temporary, final) pair of directory names no earlier publish used."""
-    tag = f"{stem}-{uuid.uuid4().hex[:8]}"
-    return root / f"{tag}.tmp", root / tag
-
-
-def _padded(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded input_ids and attention_mask [n, T]."""
-    T = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), T), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, : len(p)] = torch.tensor(list(p))
-        mask[i, : len(p)] = 1
-    return ids.to(device), mask.to(device)
-
-
-class AdapterPolicy:
-    """``model`` is what DeepSpeed wraps; only its trainable parameters are the adapter."""
-
-    model: nn.Module
-
-    def disabled(self):
-        """Context manager: the base model alone (the KL / DPO reference)."""
-        raise NotImplementedError
-
-    def publish(self, transport, version: int, prompts=None, pad_id: int = 0) -> WeightHandle:
-        """Write what the engines need for this version (rank 0) and say where it is."""
-        raise NotImplementedError
-
-    def release(self, transport, handle: WeightHandle) -> None:
-        if handle.transport == "lora_dir":
-            shutil.rmtree(handle.location, ignore_errors=True)
-        else:
-            transport.release(handle)
-
-    def save(self, path: str | os.PathLike, base_model: str) -> None:
-        """The adapter into a checkpoint directory (loadable by ``build_adapter_policy`` and the library)."""
-        raise NotImplementedError
-
-    def library_sources(self, checkpoint: str | os.PathLike) -> dict[str, Path]:
-        """{name suffix: adapter directory} to write into the library ('' = the adapter itself)."""
-        return {"": Path(checkpoint)}
-
-    def frozen_adapter_numel(self) -> int:
-        """Adapter entries held outside ``model.parameters()`` (e.g. frozen routed experts kept as buffers)."""
-        return 0
-
-
-# ---------------------------------------------------------------------------------------------- LoRA
-
-
-class LoraPolicy(AdapterPolicy):
-    def __init__(self, model: nn.Module, cfg: AdapterConfig, init_dir: Optional[str]):
-        from peft import LoraConfig, PeftModel, get_peft_model
-
-        if init_dir:
-            self.model = PeftModel.from_pretrained(model, init_dir, is_trainable=True)
-        else:
-            lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                              target_modules=list(cfg.target_modules), task_type="CAUSAL_LM")
-            self.model = get_peft_model(model, lora)
-
-    def disabled(self):
-        return self.model.disable_adapter()
-
-    def publish(self, transport, version, prompts=None, pad_id=0):
-        root = Path(transport.directory)
-        root.mkdir(parents=True, exist_ok=True)
-        tmp, final = _fresh_dir(root, f"adapter-v{version:06d}")
-        self.model.save_pretrained(tmp, safe_serialization=True)
-        os.replace(tmp, final)
-        return WeightHandle(version=version, transport="lora_dir", location=str(final), num_bytes=trainable_bytes(self.model))
-
-    def save(self, path, base_model):
-        self.model.save_pretrained(path, safe_serialization=True)
-
-
-# -------------------------------------------------------------------------------------------- sparse
-
-
-def target_weight_names(model: nn.Module, target_modules: Sequence[str]) -> list[str]:
-    """``<module>.weight`` of every Linear whose last name component is in ``target_modules``."""
-    names = [f"{n}.weight" for n, m in model.named_modules()
-             if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in set(target_modules)]
-    if not names:
-        raise ValueError(f"adapter.target_modules {list(target_modules)} match no Linear layer of the model")
-    return names
-
-
-def snip_masks(model: nn.Module, names: list[str], prompts: Sequence[Sequence[int]], keep_ratio: float,
-               block_size: Optional[int], pad_id: int, device) -> dict[str, torch.Tensor]:
-    """Connection-sensitivity masks from the base model's next-token loss on ``prompts``.
-
-    RL has no labelled loss before the first rollout; the language-modelling loss of the task's own
-    prompts says which weights the task's inputs run through. Same prompts, same masks on every rank.
-    """
-    params = dict(model.named_parameters())
-    was = {n: p.requires_grad for n, p in params.items()}
-    for n, p in params.items():
-        p.requires_grad_(n in names)
-    ids, mask = _padded(prompts, pad_id, device)
-    labels = ids.masked_fill(mask == 0, -100)
-    model.zero_grad(set_to_none=True)
-    model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
-    masks = connection_sensitivity_mask(*sensitivity_inputs(model, names), keep_ratio=keep_ratio, block_size=block_size)
-    model.zero_grad(set_to_none=True)
-    for n, p in params.items():
-        p.requires_grad_(was[n])
-    return masks
-
-
-class SparsePolicy(AdapterPolicy):
-    def __init__(self, model: nn.Module, cfg: AdapterConfig, init_dir: Optional[str], calibration=None, pad_id: int = 0):
-        if init_dir:
-            self.adapter = SparseAdapter.load(init_dir)
-            self.selection = json.loads((Path(init_dir) / SPARSE_CONFIG_FILE).read_text())
-        else:
-            if not calibration:
-                raise ValueError("a new sparse adapter needs calibration prompts to choose its mask")
-            device = next(model.parameters()).device
-            names = target_weight_names(model, cfg.target_modules)
-            masks = snip_masks(model, names, calibration, cfg.keep_ratio, cfg.block_size, pad_id, device)
-            self.adapter = SparseAdapter(masks)
-            self.selection = {"selection": "snip", "keep_ratio": cfg.keep_ratio, "block_size": cfg.block_size,
-                              "calibration_prompts": len(calibration)}
-        self.model = self.adapter.attach(model)
-
-    def disabled(self):
-        return self.adapter.disabled()
-
-    def publish(self, transport, version, prompts=None, pad_id=0):
-        handle = transport.publish(self.adapter.tensors().items(), version)
-        handle.kind = "sparse_delta"
-        return handle
-
-    def save(self, path, base_model):
-        extra = {k: v for k, v in self.selection.items() if k in ("selection", "keep_ratio", "block_size", "calibration_prompts")}
-        self.adapter.save(path, base_model_name_or_path=base_model, **extra)
-
-
-# --------------------------------------------------------------------------------------------- Arrow
 
 
 class ArrowLinear(nn.Module):
@@ -242,7 +77,7 @@ class ArrowLinear(nn.Module):
         return out
 
 
-class ArrowPolicy(AdapterPolicy):
+class ArrowPolicy(Policy):
     """Routed library experts; ``publish()`` needs the prompts about to be sampled (routing is averaged over them)."""
 
     def __init__(self, model: nn.Module, cfg: AdapterConfig, init_dir: Optional[str], experts: Sequence[str] = ()):
@@ -271,11 +106,11 @@ class ArrowPolicy(AdapterPolicy):
         self.model = model
 
     @contextmanager
-    def disabled(self) -> Iterator[None]:
+    def reference(self) -> Iterator[nn.Module]:
         for layer in self.layers.values():
             layer.enabled = False
         try:
-            yield
+            yield self.model
         finally:
             for layer in self.layers.values():
                 layer.enabled = True
@@ -291,7 +126,7 @@ class ArrowPolicy(AdapterPolicy):
             for layer in self.layers.values():
                 layer.route_rows = []
             for start in range(0, len(prompts), batch_size):
-                ids, mask = _padded(prompts[start : start + batch_size], pad_id, device)
+                ids, mask = padded_prompts(prompts[start : start + batch_size], pad_id, device)
                 for layer in self.layers.values():
                     layer.token_mask = mask.bool()
                 self.model(input_ids=ids, attention_mask=mask)
@@ -324,34 +159,26 @@ class ArrowPolicy(AdapterPolicy):
     def served_rank(self) -> int:
         return served_arrow_rank(self.meta["expert_rank"], len(self.meta["experts"]), self.meta["new_rank"])
 
-    def publish(self, transport, version, prompts=None, pad_id=0):
+    def publish(self, transport, version, params=(), prompts=None, pad_id=0):
         if not prompts:
             raise ValueError("an Arrow-routed policy is served per batch: publish() needs the prompts about to be sampled")
-        root = Path(transport.directory)
-        root.mkdir(parents=True, exist_ok=True)
-        tmp, final = _fresh_dir(root, f"arrow-v{version:06d}")
         R = self.served_rank()  # alpha = rank below: vLLM's scale is then 1
         if self.meta.get("serving", "batch") == "batch":
-            num_bytes = _write_peft_lora(tmp, self.served_lora(self.mean_routing(prompts, pad_id)), rank=R, alpha=float(R))
-            os.replace(tmp, final)
-            return WeightHandle(version=version, transport="lora_dir", location=str(final), num_bytes=num_bytes)
+            routing = self.mean_routing(prompts, pad_id)
+            return transport.publish_lora(version, lambda d: _write_peft_lora(d, self.served_lora(routing), rank=R, alpha=float(R)))
         sums, counts = self.prompt_routing(prompts, pad_id)
-        keys, num_bytes = [], 0
-        for i, p in enumerate(prompts):
-            key = prompt_key(p)
-            if key in keys:
-                continue
-            routing = {m: s[i] / counts[i].clamp(min=1) for m, s in sums.items()}
-            num_bytes += _write_peft_lora(tmp / key, self.served_lora(routing), rank=R, alpha=float(R))
-            keys.append(key)
-        os.replace(tmp, final)
-        return WeightHandle(version=version, transport="lora_dir", location=str(final), num_bytes=num_bytes,
-                            names=keys, kind="lora_per_prompt")
 
-    def frozen_adapter_numel(self) -> int:
+        def write(directory: Path, i: int) -> int:
+            routing = {m: s[i] / counts[i].clamp(min=1) for m, s in sums.items()}
+            return _write_peft_lora(directory, self.served_lora(routing), rank=R, alpha=float(R))
+
+        return transport.publish_prompt_loras(version, prompts, write)
+
+    def numel_in_memory(self) -> int:
+        held = sum(p.numel() for p in self.model.parameters())
         if self.meta["train"] == "experts":
-            return 0
-        return sum(layer.expert_A.numel() + layer.expert_B.numel() for layer in self.layers.values())
+            return held
+        return held + sum(layer.expert_A.numel() + layer.expert_B.numel() for layer in self.layers.values())
 
     def save(self, path, base_model):
         from safetensors.torch import save_file
@@ -434,23 +261,3 @@ def _write_peft_lora(directory: Path, pairs: dict[str, tuple[torch.Tensor, torch
         state[f"{PEFT_PREFIX}{m}.lora_B.weight"] = b.float().contiguous()
     save_file(state, str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
     return sum(t.numel() * t.element_size() for t in state.values())
-
-
-# --------------------------------------------------------------------------------------------- build
-
-
-def build_adapter_policy(model: nn.Module, cfg: AdapterConfig, init_dir: Optional[str], *, expert_dirs: Sequence[str] = (),
-                         calibration=None, pad_id: int = 0) -> AdapterPolicy:
-    """The policy for ``cfg.mode``; an ``init_dir`` (library expert, merge, checkpoint) decides its kind by its files."""
-    if init_dir:
-        d = Path(init_dir)
-        if (d / SPARSE_CONFIG_FILE).is_file():
-            return SparsePolicy(model, cfg, init_dir)
-        if (d / ARROW_CONFIG_FILE).is_file():
-            return ArrowPolicy(model, cfg, init_dir)
-        return LoraPolicy(model, cfg, init_dir)
-    if cfg.mode == "sparse":
-        return SparsePolicy(model, cfg, None, calibration=calibration, pad_id=pad_id)
-    if cfg.mode == "arrow":
-        return ArrowPolicy(model, cfg, None, experts=expert_dirs)
-    return LoraPolicy(model, cfg, None)

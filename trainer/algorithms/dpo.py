@@ -7,10 +7,11 @@ Implicit rewards are ``beta * (log pi(y) - log pi_ref(y))``, returned detached f
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rl.algorithms.registry import get, register
+from trainer.algorithms.registry import get, register
 
 
 def _margins(
@@ -90,6 +91,19 @@ def ipo_preference_loss(
     return losses, chosen_rewards, rejected_rewards
 
 
+def preference_wins(chosen_rewards: Tensor, rejected_rewards: Tensor) -> Tensor:
+    """[P] 1 where the chosen reward beats the rejected one, 1/2 on an exact tie, else 0.
+
+    Before any update the policy is the reference: every margin is exactly 0 and reward accuracy
+    is chance (0.5), not 0. Offline and online DPO both count wins with this function.
+
+    >>> preference_wins(torch.tensor([1.0, 0.0, -1.0]), torch.tensor([0.0, 0.0, 0.0])).tolist()
+    [1.0, 0.5, 0.0]
+    """
+    margin = chosen_rewards - rejected_rewards
+    return (margin > 0).to(margin.dtype) + 0.5 * (margin == 0).to(margin.dtype)
+
+
 def dpo_loss(
     policy_chosen_logps: Tensor,
     policy_rejected_logps: Tensor,
@@ -147,7 +161,7 @@ def pairwise_dpo_loss(
     )
     denom = float(num_pairs) if num_pairs else float(losses.shape[0])
     metrics = {
-        "reward_accuracy": (chosen_r > rejected_r).float().sum() / denom,
+        "reward_accuracy": preference_wins(chosen_r, rejected_r).sum() / denom,
         "reward_margin": (chosen_r - rejected_r).sum() / denom,
     }
     return losses.sum() / denom, metrics

@@ -1,5 +1,6 @@
-"""Data that crosses the rollout/trainer boundary. Plain dataclasses of lists, so they pickle
-cheaply through Ray and read the same in local mode."""
+"""What the rollout side produces and reads: how to sample, what comes back, and where a
+published policy version can be read from. Plain dataclasses of lists, so they pickle cheaply
+through Ray and read the same in local mode."""
 
 from __future__ import annotations
 
@@ -35,34 +36,6 @@ class Completion:
 
 
 @dataclass
-class TrainBatch:
-    """N = B*G sequences for one policy update, in group order (sequence i belongs to prompt i // G)."""
-
-    prompt_token_ids: list[list[int]]
-    response_token_ids: list[list[int]]
-    advantages: list[float]  # [N] one per sequence, broadcast to its tokens
-    rollout_logprobs: list[list[float]]  # [N][len(response)] from vLLM
-    # Counts over the *whole* batch (all ranks), so the loss does not depend on how it is split.
-    num_sequences: int = 0
-    num_tokens: int = 0
-    unit: int = 1  # rows that must stay together when split (2: online-DPO pairs)
-
-    def __len__(self) -> int:
-        return len(self.prompt_token_ids)
-
-    def select(self, indices: list[int]) -> "TrainBatch":
-        return TrainBatch(
-            prompt_token_ids=[self.prompt_token_ids[i] for i in indices],
-            response_token_ids=[self.response_token_ids[i] for i in indices],
-            advantages=[self.advantages[i] for i in indices],
-            rollout_logprobs=[self.rollout_logprobs[i] for i in indices],
-            num_sequences=self.num_sequences,
-            num_tokens=self.num_tokens,
-            unit=self.unit,
-        )
-
-
-@dataclass
 class WeightHandle:
     """Where a published policy version can be read from. Opaque to the driver."""
 
@@ -72,7 +45,7 @@ class WeightHandle:
     num_bytes: int = 0
     names: list[str] = field(default_factory=list)
     # "weights": full named tensors; "sparse_delta": a sparse adapter's indices/values, added to the base in place;
-    # "lora_per_prompt": a directory of LoRAs named by ``prompt_key`` (``names``), one per prompt.
+    # "lora": a PEFT LoRA directory; "lora_per_prompt": a directory of LoRAs named by ``prompt_key`` (``names``).
     kind: str = "weights"
 
 

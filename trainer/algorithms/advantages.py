@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from rl.algorithms.registry import register
+from trainer.algorithms.registry import register
 
 
 def _as_float(rewards: Tensor) -> Tensor:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from rl.algorithms.registry import get, register
+from trainer.algorithms.registry import get, register
 
 # exp(20) ~ 4.9e8: past this the ratio is meaningless and exp() heads for overflow in low precision.
 LOG_RATIO_CLAMP = 20.0

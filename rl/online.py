@@ -1,0 +1,359 @@
+"""Online RL from the policy's own samples: GRPO (any G), 2-GRPO (+RS) and online DPO. One step:
+
+    prompts  = sampler.next_batch()                      B prompts
+    groups   = rollout.generate(prompts, n=G)            B x G completions + logprobs (vLLM actors)
+    rewards  = scorer.score(...)                         [B, G]
+    (ties resampled)                                     2-GRPO+RS: groups that all tied, again
+    adv      = advantage_fn(rewards)                     [B, G]
+    stats    = trainer.train_step(batch)                 DeepSpeed ranks
+    rollout.load_weights(trainer.publish_weights())      in place, no engine restart
+
+The loop, checkpoints and summary are ``rl.run.Run``'s; the policy (full model or an adapter)
+answers for itself in the trainer, so nothing here branches on its kind except through
+``PolicySpec``'s answers (``routes_per_batch``).
+"""
+
+from __future__ import annotations
+
+import collections
+import inspect
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from rl import checkpoint as ckpt
+from rl.config import Recipe, RecipeError, recipe_to_yaml
+from rl.data import PromptSampler
+from rl.metrics import MetricsLogger, PhaseTimer, read_metrics
+from rl.prepare import check_library_write, engine_spec, load_task, prepare_policy, sampling
+from rl.run import Run
+from rollout.types import Completion
+from trainer import algorithms
+from trainer.types import TrainBatch
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many non-finite updates in a row; the last good policy was checkpointed."""
+
+
+def advantage_fn(recipe: Recipe):
+    """The registered advantage estimator with the recipe's options bound (only those it takes)."""
+    fn = algorithms.get("advantage", recipe.algorithm.advantage)
+    options = {"normalize_std": recipe.algorithm.normalize_std, "std_eps": recipe.algorithm.std_eps}
+    bound = {k: v for k, v in options.items() if k in inspect.signature(fn).parameters}
+    return lambda rewards: fn(rewards, **bound)
+
+
+def discordant_pairs(completions: list[Completion], advantages: torch.Tensor) -> tuple[list[Completion], list[float]]:
+    """Online DPO's training rows: discordant pairs only, each as (chosen, rejected); advantages [B, 2]."""
+    keep, adv = [], []
+    for b in range(advantages.shape[0]):
+        a0, a1 = advantages[b].tolist()
+        if a0 == a1:
+            continue  # a tie carries no preference
+        first, second = (2 * b, 2 * b + 1) if a0 > a1 else (2 * b + 1, 2 * b)
+        keep += [completions[first], completions[second]]
+        adv += [1.0, -1.0]
+    return keep, adv
+
+
+@dataclass
+class Sampled:
+    """One step's scored rollouts: ``completions`` N = B*G, prompt-major; ``rewards`` [B, G]."""
+
+    indices: list[int]
+    completions: list[Completion]
+    rewards: torch.Tensor
+    per_reward: dict[str, list[float]]
+    failures: dict[str, int] = field(default_factory=dict)
+    extra_rollouts: int = 0
+
+
+class OnlineRun(Run):
+    """One GRPO / 2-GRPO / online-DPO run. Everything that can fail on bad input happens here, before Ray starts."""
+
+    def __init__(self, recipe: Recipe):
+        self.resume_from = ckpt.find_resume_checkpoint(recipe)
+        super().__init__(recipe, self.resume_from.parent.parent if self.resume_from is not None else None)
+        self.resume_state = ckpt.read_state(self.resume_from, recipe) if self.resume_from else None
+        self.advantages = advantage_fn(recipe)
+        algorithms.get("policy_loss", recipe.algorithm.policy_loss)
+        task = load_task(recipe)
+        self.paths, self.tokenizer, self.scorer = task.paths, task.tokenizer, task.scorer
+        self.train_set, self.test_set = task.train_set, task.test_set
+        self.sampler = PromptSampler(len(self.train_set), recipe.data.prompts_per_step, recipe.seed, recipe.data.shuffle)
+        check_library_write(recipe, resuming=self.resume_from is not None)
+        # Resuming starts the policy from the checkpoint; the KL reference stays the original model.
+        self.policy = prepare_policy(recipe, self.paths.model, self.train_set,
+                                     start_from=str(self.resume_from) if self.resume_from else None,
+                                     merge_into=self.run_dir / "start-adapter")
+        self._handle = None  # the policy version the engines hold
+        self._prefetched: collections.deque = collections.deque()  # (sampler state, indices, pending rollout)
+        self._nonfinite_in_a_row = 0
+        self.rollout = None
+
+    # ------------------------------------------------------------------ workers
+
+    def start_workers(self) -> None:
+        from rl.workers import RolloutGroup, TrainerGroup, init_ray
+        from rollout.weight_sync import get_transport
+        from trainer.policy_trainer import TrainerSetup
+
+        r = self.recipe
+        if r.use_ray:
+            init_ray(r.rollout.num_actors * r.rollout.num_cpus_per_actor + r.trainer.num_ranks * r.trainer.num_cpus_per_rank)
+        setup = TrainerSetup(
+            policy=self.policy, dtype=r.model.dtype, trainer=r.trainer, algorithm=r.algorithm,
+            max_response_len=r.rollout.max_new_tokens, seed=r.seed, master_port=0,
+            trust_remote_code=r.model.trust_remote_code, transport=get_transport("shared_file"),
+            max_staleness=r.rollout.max_staleness,
+        )
+        self.trainer = TrainerGroup.create(setup, r.trainer.num_ranks, r.use_ray, r.trainer.num_cpus_per_rank, r.trainer.num_gpus_per_rank)
+        self.rollout = RolloutGroup.create(engine_spec(r, self.policy), r.rollout.num_actors, r.use_ray, r.rollout.num_cpus_per_actor,
+                                           r.rollout.num_gpus_per_actor, max_restarts=r.rollout.max_restarts)
+        if self.policy.is_adapter and not self.policy.routes_per_batch:
+            self._publish()  # the engines hold the base; the adapter is pushed before the first rollout
+
+    def stop_workers(self) -> None:
+        if self.trainer is not None:
+            self.trainer.close()
+            self.trainer.shutdown()
+        if self.rollout is not None:
+            self.rollout.shutdown()
+        self.trainer = self.rollout = None
+        self._prefetched.clear()  # batches in flight died with the engines
+
+    def _publish(self, prompts: Optional[list[list[int]]] = None) -> None:
+        """Push the current policy to every engine (an Arrow policy is routed over ``prompts``)."""
+        self._handle = self.trainer.publish_weights(prompts)
+        self.rollout.load_weights(self._handle)
+
+    # ------------------------------------------------------------------ one step
+
+    def train_one_step(self) -> dict[str, float]:
+        r = self.recipe
+        timer, t0 = PhaseTimer(), time.perf_counter()
+        policy_version = self._handle.version if self._handle else 0  # the policy this step trains
+        with timer.phase("generate"):  # async: the time spent waiting for the batch
+            indices, groups = self._next_batch(timer)
+            batch = self._score(indices, groups, timer)
+            tied_sampled = float(algorithms.tied_groups(batch.rewards).float().mean())
+            if r.algorithm.tie_handling == "resample":
+                self._resample_ties(batch, timer)
+        with timer.phase("reward"):
+            advantages = self.advantages(batch.rewards)  # [B, G]
+            rows, row_adv = batch.completions, advantages.flatten().tolist()
+            if r.algorithm.name == "online_dpo":
+                rows, row_adv = discordant_pairs(batch.completions, advantages)
+        with timer.phase("train"):
+            stats = self.trainer.train_step(self._train_batch(rows, row_adv), r.trainer.micro_batch_size) if rows else {}
+        with timer.phase("weight_sync"):
+            if stats.get("updates_applied") and not self.policy.routes_per_batch:  # nothing to push without an update
+                self._publish()
+        self.step += 1
+        metrics = self._step_metrics(batch, rows, stats, timer, policy_version)
+        metrics.update(zero_variance_groups_sampled=tied_sampled, time_step=time.perf_counter() - t0)  # ties: before resampling
+        return metrics
+
+    def _train_batch(self, rows: list[Completion], advantages: list[float]) -> TrainBatch:
+        return TrainBatch(
+            prompt_token_ids=[c.prompt_token_ids for c in rows], response_token_ids=[c.token_ids for c in rows],
+            advantages=advantages, rollout_logprobs=[c.logprobs for c in rows], num_sequences=len(rows),
+            num_tokens=sum(len(c.token_ids) for c in rows), unit=2 if self.recipe.algorithm.name == "online_dpo" else 1,
+        )
+
+    def _submit_rollout(self, indices: list[int], seed_step: int):
+        G = self.recipe.algorithm.group_size
+        return self.rollout.submit_generate([self.train_set.prompt_token_ids[i] for i in indices], sampling(self.recipe, seed_step, G))
+
+    def _next_batch(self, timer: PhaseTimer) -> tuple[list[int], list[list[Completion]]]:
+        """This step's prompt indices and completion groups (B groups of G).
+
+        Synchronous (``rollout.max_staleness`` 0): sampled now, by the current policy. Asynchronous
+        (k > 0): the batches of the next k steps are submitted too, so the engines sample them while
+        this step trains; the policy pushed after this step reaches only batches submitted later.
+        A batch is thus sampled by a policy at most k versions old.
+        """
+        k = self.recipe.rollout.max_staleness
+        if k == 0:
+            indices = self.sampler.next_batch()
+            if self.policy.routes_per_batch:
+                with timer.phase("weight_sync"):  # routed over the batch about to be sampled
+                    self._publish([self.train_set.prompt_token_ids[i] for i in indices])
+            return indices, self.rollout.collect(self._submit_rollout(indices, self.step + 1))
+        while len(self._prefetched) <= k and self.step + len(self._prefetched) < self.total_steps:
+            state = self.sampler.state_dict()  # where a checkpoint must resume if this batch is not trained yet
+            indices = self.sampler.next_batch()
+            step = self.step + len(self._prefetched) + 1
+            self._prefetched.append((state, indices, self._submit_rollout(indices, step)))
+        _, indices, pending = self._prefetched.popleft()
+        return indices, self.rollout.collect(pending)
+
+    def _score(self, indices: list[int], groups: list, timer: PhaseTimer) -> Sampled:
+        G = self.recipe.algorithm.group_size
+        flat = [c for g in groups for c in g]
+        with timer.phase("reward"):
+            result = self.train_set.score(self.scorer, [indices[c.prompt_index] for c in flat], [c.text for c in flat])
+        rewards = torch.tensor(result.total, dtype=torch.float32).view(len(indices), G)
+        return Sampled(indices, flat, rewards, {k: list(v) for k, v in result.per_reward.items()}, dict(result.failures))
+
+    def sample(self, indices: list[int], seed_step: int, timer: Optional[PhaseTimer] = None) -> Sampled:
+        """Generate G completions for each prompt at ``indices`` and score them."""
+        return self._score(indices, self.rollout.collect(self._submit_rollout(indices, seed_step)), timer or PhaseTimer())
+
+    def _resample_ties(self, batch: Sampled, timer: PhaseTimer) -> None:
+        """2-GRPO+RS: regenerate prompts whose whole group tied, for a bounded number of rounds (in place)."""
+        G = self.recipe.algorithm.group_size
+        for round_ in range(1, self.recipe.algorithm.max_resample_rounds + 1):
+            tied = algorithms.tied_groups(batch.rewards).nonzero().flatten().tolist()
+            if not tied:
+                break
+            # A seed per (step, round), offset by 1e6 so it never meets a main rollout's seed.
+            again = self.sample([batch.indices[b] for b in tied], self.step * 16 + round_ + 1_000_000, timer)
+            batch.extra_rollouts += len(again.completions)
+            for kind, count in again.failures.items():  # the resampling rounds' failures count too
+                batch.failures[kind] = batch.failures.get(kind, 0) + count
+            for j, b in enumerate(tied):
+                for g in range(G):
+                    c = again.completions[j * G + g]
+                    c.prompt_index = b
+                    batch.completions[b * G + g] = c
+                    for k in batch.per_reward:
+                        batch.per_reward[k][b * G + g] = again.per_reward[k][j * G + g]
+                batch.rewards[b] = again.rewards[j]
+
+    def _step_metrics(self, batch: Sampled, rows: list, stats: dict, timer: PhaseTimer, policy_version: int) -> dict:
+        r, flat, rewards = self.recipe, batch.completions, batch.rewards
+        acc = batch.per_reward[r.accuracy_reward]
+        lengths = [len(c.token_ids) for c in flat]
+        times = timer.metrics()
+        return {
+            "reward_mean": rewards.mean().item(),
+            "reward_std": rewards.std().item() if rewards.numel() > 1 else 0.0,
+            "accuracy": sum(acc) / len(acc),
+            "zero_variance_groups": float(algorithms.tied_groups(rewards).float().mean()),
+            "rollouts": float(len(flat) + batch.extra_rollouts),
+            "resampled_rollouts": float(batch.extra_rollouts),
+            "trained_sequences": float(len(rows)),
+            "response_length": sum(lengths) / len(lengths),
+            "truncated_fraction": sum(c.finish_reason == "length" for c in flat) / len(flat),
+            "tokens_per_second": sum(lengths) / max(times.get("time_generate", 0.0), 1e-9),
+            **{k: times.get(k, 0.0) for k in ("time_generate", "time_reward", "time_train", "time_weight_sync")},
+            "weight_sync_bytes": float(self._handle.num_bytes) if stats and self._handle else 0.0,
+            "policy_version": float(self._handle.version) if self._handle else 0.0,
+            # Versions between the policy this step trained and the one that sampled its batch.
+            "rollout_staleness": float(policy_version - min(c.policy_version for c in flat)),
+            "rollout_restarts": float(self.rollout.restarts),
+            **{f"reward_failures_{k}": float(v) for k, v in batch.failures.items()},
+            **stats,
+            **{f"reward/{name}": sum(s) / len(s) for name, s in batch.per_reward.items()},
+        }
+
+    # ------------------------------------------------------------------ evaluation, checkpoints
+
+    def evaluate(self) -> dict[str, float]:
+        """Greedy decoding on the held-out set through vLLM; accuracy = share the accuracy reward accepts."""
+        from rl.evaluate import evaluate_prompts
+
+        if self.policy.routes_per_batch:
+            self._publish(self.test_set.prompt_token_ids)
+        return evaluate_prompts(self.rollout, self.test_set, self.scorer, self.recipe.accuracy_reward,
+                                sampling(self.recipe, 0, 1, greedy=True))
+
+    def header(self) -> str:
+        r = self.recipe
+        return (f"{r.name}: B={r.data.prompts_per_step} prompts x G={r.algorithm.group_size} = {r.rollouts_per_step} rollouts/step, "
+                f"{r.steps} steps, {r.rollout.num_actors} rollout actor(s), {r.trainer.num_ranks} trainer rank(s), "
+                f"ZeRO-{r.trainer.zero_stage}, policy {self.policy.kind}; train {len(self.train_set)} / held-out "
+                f"{len(self.test_set)} prompts; model {self.paths.model}; run dir {self.run_dir}")
+
+    def record_eval(self, when: str, ev: dict, summary: dict, logger: MetricsLogger) -> None:
+        if when in ("before", "after"):
+            summary[f"accuracy_{when}"] = ev["accuracy"]
+        if when == "before":
+            self.print(f"held-out accuracy before RL: {ev['accuracy']:.3f} ({int(ev['num_examples'])} prompts, greedy)")
+
+    def checkpoint_state(self) -> dict:
+        resumable = self.recipe.trainer.zero_stage in (0, 1, 2)
+        return {
+            "step": self.step,
+            # Prefetched batches (asynchronous rollout) are not trained yet: resume draws them again.
+            "sampler": self._prefetched[0][0] if self._prefetched else self.sampler.state_dict(),
+            "policy_version": self._handle.version if self._handle else 0,
+            "reward_failures": dict(self.scorer.total_failures),
+            "recipe_fingerprint": ckpt.recipe_fingerprint(self.recipe),
+            "base_model": self.paths.model,
+            "policy_kind": self.policy.kind,
+            "resumable": resumable,
+        }
+
+    def restore(self) -> None:
+        """Continue exactly where the checkpoint left off (weights were loaded from it at start-up)."""
+        state = self.resume_state
+        self.trainer.load_state(str(self.resume_from / "trainer_state"))
+        self.step = int(state["step"])
+        self.sampler.load_state_dict(state["sampler"])
+        for kind, count in state["reward_failures"].items():
+            self.scorer.total_failures[kind] = count
+
+    def _begin(self, summary: dict, logger: MetricsLogger) -> None:
+        super()._begin(summary, logger)
+        summary["model"] = self.paths.model
+        if self.resume_state:
+            before = [row for row in read_metrics(self.run_dir, "eval") if row["step"] == 0]
+            if before:
+                summary["accuracy_before"] = before[0]["accuracy"]
+
+    def on_step(self, metrics: dict, logger: MetricsLogger) -> None:
+        """Skipped (non-finite) updates are logged; ``trainer.max_nonfinite_steps`` in a row stop the run."""
+        if not metrics.get("updates_skipped_nonfinite"):
+            self._nonfinite_in_a_row = 0
+            return
+        self._nonfinite_in_a_row += 1
+        self.print(f"step {self.step}: non-finite loss or gradient, update skipped ({self._nonfinite_in_a_row} in a row)")
+        if self._nonfinite_in_a_row >= self.recipe.trainer.max_nonfinite_steps:
+            path = self.save_checkpoint()  # skipped updates never touched the weights: the last good policy
+            raise TrainingDiverged(
+                f"{self._nonfinite_in_a_row} steps in a row had a non-finite loss or gradient (trainer.max_nonfinite_steps); "
+                f"stopped at step {self.step}. The last good policy is in {path}."
+            )
+
+    def after_checkpoint(self, path: str, summary: dict) -> None:
+        summary["library_expert"] = self.write_back_adapter(path, summary)
+        summary["reward_failures"] = dict(self.scorer.total_failures)
+
+    def write_back_adapter(self, checkpoint: str, summary: dict):
+        """Save the trained adapter(s) into the library with their provenance; each call replaces
+        the run's previous version (called at every checkpoint and at the end)."""
+        ad = self.recipe.adapter
+        if not self.policy.is_adapter or not ad.save_as:
+            return None
+        from adapters import AdapterLibrary
+
+        meta = {
+            "base_model": self.paths.model,
+            "task": f"{self.recipe.algorithm.name} on {self.paths.train}",
+            "data": self.paths.train,
+            "recipe": {"yaml": recipe_to_yaml(self.recipe)},
+            "metrics": {k: summary[k] for k in ("accuracy_before", "accuracy_after") if k in summary},
+            "parents": list(ad.experts),
+            "steps": self.step,
+        }
+        if ad.kind == "arrow":
+            meta["extra"] = {"arrow": {"experts": list(ad.experts), "top_k": ad.top_k, "temperature": ad.router_temperature,
+                                       "trained": ad.arrow_train}}
+        library = AdapterLibrary(ad.library, create=True)
+        paths = [str(library.add(ad.save_as + suffix, source, meta, replace=True).path)
+                 for suffix, source in self.trainer.library_sources(checkpoint).items()]
+        return paths[0] if len(paths) == 1 else paths
+
+    def summary_lines(self, s: dict) -> list[str]:
+        if "accuracy_before" in s and "accuracy_after" in s:
+            gain = 100 * (s["accuracy_after"] - s["accuracy_before"])
+            return [f"held-out accuracy: {s['accuracy_before']:.3f} -> {s['accuracy_after']:.3f} ({gain:+.1f} points)"]
+        return []
+
+
+__all__ = ["OnlineRun", "RecipeError", "Sampled", "TrainingDiverged", "advantage_fn", "discordant_pairs"]

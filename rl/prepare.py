@@ -1,0 +1,187 @@
+"""What a run or an evaluation prepares before Ray starts: the embedded model and task resolved,
+the prompt sets, the reward scorer, the policy spec (decided here, once, from the recipe), the
+engine spec and the sampling settings. Everything that can fail on bad input fails here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+from rewards import RewardScorer, RewardSpec
+from rl.config import BUILTIN_PREFIX, Recipe, RecipeError
+from rl.data import PromptSet, load_prompt_sets
+from rollout.config import LORA_RANKS
+from rollout.types import SamplingSpec
+from trainer.policies import PolicySpec
+
+_log: Callable[[str], None] = lambda s: print(f"[rl] {s}", flush=True)  # noqa: E731
+
+
+@dataclass
+class ResolvedPaths:
+    model: str
+    train: str
+    test: Optional[str]
+
+
+def resolve_builtins(recipe: Recipe, log_fn=_log) -> ResolvedPaths:
+    """Build (or reuse from cache) the embedded tiny model and task when the recipe asks for them."""
+    model, train, test = recipe.model.path, recipe.data.train, recipe.data.test
+    if not any(v and v.startswith(BUILTIN_PREFIX) for v in (model, train, test)):
+        return ResolvedPaths(model=model, train=train, test=test)
+    from rl.tasks.tiny_model import TinyModelSpec, build_tiny_model
+
+    known_models, known_data = {"builtin:tiny-arithmetic"}, {"builtin:arithmetic"}
+    if model.startswith(BUILTIN_PREFIX) and model not in known_models:
+        raise RecipeError(f"recipe field 'model.path': unknown builtin '{model}' (known: {sorted(known_models)})")
+    for field, v in (("data.train", train), ("data.test", test)):
+        if v and v.startswith(BUILTIN_PREFIX) and v not in known_data:
+            raise RecipeError(f"recipe field '{field}': unknown builtin '{v}' (known: {sorted(known_data)})")
+    root = Path(build_tiny_model(TinyModelSpec(), log=log_fn))
+    if model.startswith(BUILTIN_PREFIX):
+        model = str(root / "model")
+    if train.startswith(BUILTIN_PREFIX):
+        train = str(root / "data" / "train.jsonl")
+        if test is None:
+            test = str(root / "data" / "test.jsonl")
+    if test and test.startswith(BUILTIN_PREFIX):
+        test = str(root / "data" / "test.jsonl")
+    return ResolvedPaths(model=model, train=train, test=test)
+
+
+@dataclass
+class Task:
+    """The model and prompts a recipe names, loaded: what both a run and an evaluation need."""
+
+    paths: ResolvedPaths
+    tokenizer: object
+    train_set: PromptSet
+    test_set: PromptSet
+    scorer: RewardScorer
+
+
+def load_task(recipe: Recipe) -> Task:
+    from transformers import AutoTokenizer
+
+    paths = resolve_builtins(recipe)
+    tokenizer = AutoTokenizer.from_pretrained(paths.model, trust_remote_code=recipe.model.trust_remote_code)
+    max_prompt = recipe.rollout.max_model_len - recipe.rollout.max_new_tokens
+    train_set, test_set = load_prompt_sets(recipe.data, paths.train, paths.test, tokenizer, recipe.seed, max_prompt)
+    return Task(paths, tokenizer, train_set, test_set, make_scorer(recipe))
+
+
+def make_scorer(recipe: Recipe) -> RewardScorer:
+    rw = recipe.rewards
+    return RewardScorer([RewardSpec(fn=r.fn, weight=r.weight) for r in rw.functions],
+                        fallback=rw.fallback, timeout_seconds=rw.timeout_seconds)
+
+
+# ---------------------------------------------------------------------------------------- the policy
+
+
+def prepare_policy(recipe: Recipe, base_model: str, train_set: PromptSet, start_from: Optional[str] = None,
+                   merge_into: Optional[Path] = None) -> PolicySpec:
+    """The one place that decides the policy's kind, start, experts and served rank.
+
+    ``start_from``: a checkpoint of this recipe's policy (resume, or ``rl eval --checkpoint``).
+    Without one, an adapter starts as ``adapter.source`` says: ``merge`` writes the merged adapter
+    into ``merge_into`` (the run's own directory), never into the library it reads.
+    """
+    ad = recipe.adapter
+    if ad.kind == "none":
+        return PolicySpec(kind="full", base_model=base_model, start_from=start_from)
+    from adapters import AdapterLibrary, LibraryError
+
+    try:
+        lib = AdapterLibrary(ad.library, create=bool(ad.save_as)) if ad.library else None
+        experts = [lib.get(name) for name in ad.experts]  # verifies the content hashes
+        for name in ad.experts:
+            lib.check_compatible(name, base_model)
+        for e in experts:
+            if ad.kind != "arrow" and e.adapter_type != ad.kind:
+                raise LibraryError(f"adapter.kind is {ad.kind} but expert {e.name!r} is a {e.adapter_type} adapter")
+        spec = PolicySpec(kind=ad.kind, base_model=base_model, start_from=start_from, adapter=ad)
+        if ad.kind == "arrow":
+            lib.check_mergeable(ad.experts)  # LoRA experts of one rank and one set of target modules
+            if any(e.adapter_type != "lora" for e in experts):
+                raise LibraryError("adapter.kind=arrow routes LoRA experts; sparse experts cannot be routed")
+            spec.expert_dirs = [str(e.path) for e in experts]
+            spec.lora_rank = int(experts[0].rank) * len(experts) + (ad.rank if ad.arrow_train == "new" else 0)
+        elif ad.kind == "lora":
+            spec.lora_rank = int(experts[0].rank) if ad.source == "continue" else ad.rank
+        if start_from is None:
+            spec.start_from = _adapter_start(recipe, lib, experts, merge_into)
+        if ad.kind == "sparse" and spec.start_from is None:
+            spec.calibration_token_ids = train_set.prompt_token_ids[: ad.calibration_prompts]
+    except LibraryError as e:
+        raise RecipeError(f"recipe section 'adapter': {e}") from None
+    return spec
+
+
+def _adapter_start(recipe: Recipe, lib, experts, merge_into: Optional[Path]) -> Optional[str]:
+    ad = recipe.adapter
+    if ad.source == "continue":
+        return str(experts[0].path)
+    if ad.source == "merge":
+        from adapters import AdapterLibrary
+
+        if merge_into is None:
+            raise ValueError("a merge needs a directory to write into")
+        scratch = AdapterLibrary(merge_into, create=True)
+        kw = {"weights": ad.merge_weights} if ad.kind == "sparse" else {"weights": ad.merge_weights, "rank": ad.rank}
+        return str(lib.merge(ad.experts, "start", into=scratch, **kw).path)
+    return None  # a new adapter (an Arrow router reads its experts from PolicySpec.expert_dirs)
+
+
+def check_library_write(recipe: Recipe, resuming: bool) -> None:
+    """``adapter.save_as`` must not overwrite another run's experts (a resumed run replaces its own)."""
+    ad = recipe.adapter
+    if not ad.save_as or resuming:
+        return
+    from adapters import AdapterLibrary
+
+    lib = AdapterLibrary(ad.library, create=True)
+    writes = [f"{ad.save_as}-{e}" for e in ad.experts] if ad.kind == "arrow" and ad.arrow_train == "experts" else [ad.save_as]
+    taken = [w for w in writes if w in lib]
+    if taken:
+        raise RecipeError(f"recipe section 'adapter': adapter.save_as: expert(s) {taken} already exist in {lib.root}")
+
+
+# ---------------------------------------------------------------------------------------- engines
+
+
+def engine_spec(recipe: Recipe, policy: PolicySpec):
+    """How each vLLM engine starts: the policy's weights, or its base plus room for the LoRA it serves."""
+    from rollout.vllm_worker import EngineSpec
+
+    r = recipe
+    rank = policy.served_lora_rank
+    return EngineSpec(
+        model_path=policy.model_path,
+        dtype=r.model.dtype,
+        max_model_len=r.rollout.max_model_len,
+        gpu_memory_utilization=r.rollout.gpu_memory_utilization,
+        cpu_kvcache_gib=r.rollout.cpu_kvcache_gib,
+        enforce_eager=r.rollout.enforce_eager,
+        tensor_parallel_size=r.rollout.tensor_parallel_size,
+        engine_in_process=r.rollout.engine_in_process,
+        seed=r.seed,
+        trust_remote_code=r.model.trust_remote_code,
+        max_lora_rank=next((k for k in LORA_RANKS if k >= rank), 0) if rank else 0,
+        max_loras=policy.loras_per_batch(r.data.prompts_per_step),
+    )
+
+
+def sampling(recipe: Recipe, step: int, n: int, greedy: bool = False) -> SamplingSpec:
+    """Training samples (seeded per step) or greedy held-out decoding."""
+    ro = recipe.rollout
+    return SamplingSpec(
+        n=n,
+        max_new_tokens=(recipe.eval.max_new_tokens or ro.max_new_tokens) if greedy else ro.max_new_tokens,
+        temperature=0.0 if greedy else ro.temperature,
+        top_p=1.0 if greedy else ro.top_p,
+        top_k=-1 if greedy else ro.top_k,
+        seed=(recipe.seed * 1_000_003 + step) * 65_536,
+    )

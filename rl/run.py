@@ -1,0 +1,196 @@
+"""One run: its directory, metrics, loop, checkpoints and summary, shared by every algorithm.
+
+    start workers                           Ray actors (or in-process, use_ray: false)
+    resume, or evaluate before              held-out set
+    while step < total:                     a subclass says what one step is
+        metrics = train_one_step()
+        log; evaluate every k; checkpoint every k
+    evaluate after; final checkpoint; summary.json
+
+``rl.online.OnlineRun`` (GRPO, 2-GRPO, online DPO) and ``rl.dpo.OfflineDPORun`` fill in the
+steps; checkpoint writing, signal handling, metrics and the summary exist only here.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Optional
+
+from rl import checkpoint as ckpt
+from rl.config import Recipe, recipe_to_yaml
+from rl.metrics import MetricsLogger
+
+
+class Interrupted(SystemExit):
+    """Raised after a clean stop on SIGTERM/SIGINT; exits with 128 + the signal number."""
+
+    def __init__(self, signum: int):
+        super().__init__(128 + signum)
+
+
+class Run:
+    """Subclasses set ``total_steps``, ``trainer`` (a trainer group) and implement the hooks below."""
+
+    progress_label = "GRPO"
+    log_prefix = "[rl]"
+
+    def __init__(self, recipe: Recipe, run_dir: Optional[Path] = None):
+        self.recipe = recipe
+        self.started = time.time()
+        self.run_dir = run_dir or recipe.run_dir(time.strftime("%Y%m%d-%H%M%S", time.localtime(self.started)))
+        self.step = 0
+        self.total_steps = recipe.steps
+        self.resume_state: Optional[dict] = None
+        self.trainer = None
+
+    # ------------------------------------------------------------------ hooks
+
+    def start_workers(self) -> None:
+        raise NotImplementedError
+
+    def stop_workers(self) -> None:
+        raise NotImplementedError
+
+    def train_one_step(self) -> dict[str, float]:
+        raise NotImplementedError
+
+    def evaluate(self) -> dict[str, float]:
+        raise NotImplementedError
+
+    def header(self) -> str:
+        """The line printed at start: sizes, workers, data, model, run directory."""
+        raise NotImplementedError
+
+    def checkpoint_state(self) -> dict:
+        """What ``driver_state.json`` records beside the policy (see ``rl/checkpoint.py``)."""
+        return {"step": self.step, "resumable": False, "recipe_fingerprint": ckpt.recipe_fingerprint(self.recipe)}
+
+    def after_checkpoint(self, path: str, summary: dict) -> None:
+        """Called after every checkpoint (e.g. write an adapter back into its library)."""
+
+    def restore(self) -> None:
+        """Continue from ``self.resume_state`` (only runs that can resume set it)."""
+        raise NotImplementedError
+
+    def on_step(self, metrics: dict, logger: MetricsLogger) -> None:
+        """After each logged step (e.g. stop on repeated non-finite updates)."""
+
+    def record_eval(self, when: str, ev: dict, summary: dict, logger: MetricsLogger) -> None:
+        """Put an evaluation's numbers into the summary (``when``: before, after) and say them."""
+
+    def summary_lines(self, s: dict) -> list[str]:
+        return []
+
+    # ------------------------------------------------------------------ shared
+
+    def save_checkpoint(self) -> str:
+        """The policy (``save_pretrained``), each rank's state when resumable, then ``driver_state.json``; atomic."""
+        state = self.checkpoint_state()
+
+        def write(tmp: Path) -> None:
+            self.trainer.save_pretrained(str(tmp.resolve()))  # absolute: a rank may run in another directory
+            if state.get("resumable"):
+                self.trainer.save_state(str(tmp.resolve() / "trainer_state"))
+            (tmp / ckpt.STATE_FILE).write_text(json.dumps(state, indent=2))
+
+        path = ckpt.write_atomically(self.run_dir / "checkpoints" / f"step_{self.step:06d}", write)
+        ckpt.prune(self.run_dir, self.recipe.checkpoint.keep_last)
+        return str(path)
+
+    def print(self, text: str) -> None:
+        (self._logger.print if getattr(self, "_logger", None) else print)(f"{self.log_prefix} {text}")
+
+    def fit(self) -> dict:
+        r = self.recipe
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "recipe.resolved.yaml").write_text(recipe_to_yaml(r))
+        start_step = int(self.resume_state["step"]) if self.resume_state else 0
+        if self.resume_state:
+            ckpt.truncate_metrics(self.run_dir, start_step)  # steps after the checkpoint are redone: logged once
+        logger = self._logger = MetricsLogger(self.run_dir, self.total_steps, tensorboard=r.logging.tensorboard,
+                                              progress=r.logging.progress, start_step=start_step, label=self.progress_label)
+        self.print(self.header())
+        summary: dict = {"name": r.name, "run_dir": str(self.run_dir)}
+        try:
+            t0 = time.perf_counter()
+            self.start_workers()
+            stop_signal = self._install_stop_handlers()  # after Ray's start-up, which installs handlers of its own
+            summary["startup_seconds"] = time.perf_counter() - t0
+            self._begin(summary, logger)
+            self._loop(summary, logger, stop_signal)
+            if r.eval.after:
+                ev = self.evaluate()
+                logger.log(self.step, ev, kind="eval")
+                self.record_eval("after", ev, summary, logger)
+            last = summary.get("checkpoint")
+            if r.checkpoint.save_final and (last is None or not last.endswith(f"{self.step:06d}")):
+                summary["checkpoint"] = self.save_checkpoint()
+            if summary.get("checkpoint"):
+                self.after_checkpoint(summary["checkpoint"], summary)  # again: now with the final evaluation
+            summary["steps"] = self.step
+        finally:
+            logger.close()
+            self._logger = None
+            self.stop_workers()
+            self._restore_signal_handlers()
+            if "steps" in summary:
+                summary["total_seconds"] = time.time() - self.started
+                (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        for line in self._summary_lines(summary):
+            self.print(line)
+        return summary
+
+    def _begin(self, summary: dict, logger: MetricsLogger) -> None:
+        if self.resume_state:
+            self.restore()
+            self.print(f"resumed at step {self.step}")
+        elif self.recipe.eval.before:
+            ev = self.evaluate()
+            logger.log(0, ev, kind="eval")
+            self.record_eval("before", ev, summary, logger)
+
+    def _loop(self, summary: dict, logger: MetricsLogger, stop_signal: list) -> None:
+        r = self.recipe
+        t_train = time.perf_counter()
+        summary.setdefault("checkpoint", None)
+        while self.step < self.total_steps and not stop_signal:
+            metrics = self.train_one_step()
+            logger.log(self.step, metrics)
+            self.on_step(metrics, logger)
+            if r.eval.every and self.step % r.eval.every == 0 and self.step < self.total_steps:
+                ev = self.evaluate()
+                logger.log(self.step, ev, kind="eval")
+                self.record_eval(f"step {self.step}", ev, summary, logger)
+            if r.checkpoint.every and self.step % r.checkpoint.every == 0:
+                summary["checkpoint"] = self.save_checkpoint()
+                self.after_checkpoint(summary["checkpoint"], summary)
+        summary["train_seconds"] = time.perf_counter() - t_train
+        if stop_signal:
+            # SIGTERM / Ctrl-C: keep the work done so far, then stop everything cleanly.
+            name = signal.Signals(stop_signal[0]).name
+            summary.update(checkpoint=self.save_checkpoint(), steps=self.step, interrupted_by=name)
+            self.print(f"{name}: checkpoint at step {self.step} in {summary['checkpoint']}; continue with resume=auto")
+            raise Interrupted(stop_signal[0])
+
+    def _summary_lines(self, s: dict) -> list[str]:
+        head = f"done: {s['name']} ({s['steps']} steps in {s.get('train_seconds', 0):.0f} s of training, {s['total_seconds']:.0f} s in all)"
+        tail = f"checkpoint: {s.get('checkpoint')}   metrics: {s['run_dir']}/metrics.jsonl   summary: {s['run_dir']}/summary.json"
+        return [head, *self.summary_lines(s), tail]
+
+    def _install_stop_handlers(self) -> list:
+        """SIGTERM and SIGINT ask the loop to stop after the current step (the list gets the signal)."""
+        received: list = []
+        self._old_handlers = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old_handlers[sig] = signal.signal(sig, lambda signum, frame: received.append(signum))
+        return received
+
+    def _restore_signal_handlers(self) -> None:
+        for sig, handler in getattr(self, "_old_handlers", {}).items():
+            signal.signal(sig, handler)
+        self._old_handlers = {}

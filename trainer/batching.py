@@ -1,0 +1,69 @@
+"""How a batch is cut and laid out: one helper splits it into units (across ranks, mini- and
+micro-batches alike), one pads it into tensors."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from trainer.types import TrainBatch
+
+
+def split_units(n: int, parts: int, unit: int = 1) -> list[list[int]]:
+    """Indices 0..n-1 in ``parts`` contiguous chunks of whole ``unit``-sized groups (2: online-DPO
+    pairs stay together), sizes differing by at most one unit; a chunk may be empty.
+
+    >>> split_units(5, 2), split_units(6, 2, unit=2), split_units(1, 3)
+    ([[0, 1, 2], [3, 4]], [[0, 1, 2, 3], [4, 5]], [[0], [], []])
+    """
+    groups = n // unit
+    size, extra = divmod(groups, parts)
+    out, start = [], 0
+    for k in range(parts):
+        end = start + (size + (1 if k < extra else 0)) * unit
+        out.append(list(range(start, end)))
+        start = end
+    return out
+
+
+def collate(batch: TrainBatch, pad_id: int, device) -> dict[str, torch.Tensor]:
+    """Right-padded prompt+response tensors, aligned to next-token predictions.
+
+    Returns input_ids/attention_mask [n, T] and, over the T-1 predicted positions,
+    labels/response_mask/rollout_logprobs [n, T-1] and advantages [n].
+    """
+    seqs = [p + r for p, r in zip(batch.prompt_token_ids, batch.response_token_ids)]
+    n, T = len(seqs), max(len(s) for s in seqs)
+    input_ids = torch.full((n, T), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((n, T), dtype=torch.long)
+    response_mask = torch.zeros((n, T - 1), dtype=torch.float32)
+    rollout_lp = torch.zeros((n, T - 1), dtype=torch.float32)
+    for i, (p, r) in enumerate(zip(batch.prompt_token_ids, batch.response_token_ids)):
+        s = p + r
+        input_ids[i, : len(s)] = torch.tensor(s)
+        attention_mask[i, : len(s)] = 1
+        # Response token j sits at position len(p)+j and is predicted at position len(p)+j-1.
+        start = len(p) - 1
+        response_mask[i, start : start + len(r)] = 1.0
+        if batch.rollout_logprobs and batch.rollout_logprobs[i]:
+            rollout_lp[i, start : start + len(r)] = torch.tensor(batch.rollout_logprobs[i], dtype=torch.float32)
+    return {
+        "input_ids": input_ids.to(device),
+        "attention_mask": attention_mask.to(device),
+        "labels": input_ids[:, 1:].to(device),
+        "response_mask": response_mask.to(device),
+        "rollout_logprobs": rollout_lp.to(device),
+        "advantages": torch.tensor(batch.advantages, dtype=torch.float32, device=device),
+    }
+
+
+def padded_prompts(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded input_ids and attention_mask [n, T]."""
+    T = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), T), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, : len(p)] = torch.tensor(list(p))
+        mask[i, : len(p)] = 1
+    return ids.to(device), mask.to(device)

@@ -1,0 +1,143 @@
+"""The recipe's `trainer`, `algorithm` and `adapter` sections: what the DeepSpeed ranks train and how
+(owned here, where they are used; ``rl.config`` composes them into the recipe)."""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TrainerConfig(Section):
+    num_ranks: int = Field(1, ge=1, description="Data-parallel DeepSpeed ranks, one Ray actor each.")
+    zero_stage: int = Field(0, ge=0, le=3)
+    lr: float = Field(1e-4, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = Field(0, ge=0, description="Linear learning-rate warm-up, in optimizer steps.")
+    max_grad_norm: float = Field(1.0, ge=0.0, description="0 disables clipping.")
+    micro_batch_size: int = Field(64, ge=1, description="Sequences per forward/backward on one rank.")
+    mini_batches: int = Field(
+        1, ge=1, description="Optimizer steps per rollout batch (>1 makes later updates off-policy; the clip matters then)."
+    )
+    gradient_checkpointing: bool = False
+    max_nonfinite_steps: int = Field(
+        3, ge=1, description="A non-finite loss or gradient skips that update; this many steps in a row stop the run."
+    )
+    num_cpus_per_rank: float = Field(1.0, ge=0.0)
+    num_gpus_per_rank: float = Field(0.0, ge=0.0)
+    torch_threads: int = Field(0, ge=0, description="torch.set_num_threads in the trainer; 0 leaves torch's default.")
+
+
+class AlgorithmConfig(Section):
+    name: Literal["grpo", "dpo", "online_dpo"] = Field(
+        "grpo",
+        description="`grpo` (any G >= 2; G=2 with `advantage: contrastive_pair` is 2-GRPO); `dpo`: offline on preference "
+        "pairs; `online_dpo`: two completions per prompt ranked by the rewards, DPO loss on discordant pairs.",
+    )
+    group_size: int = Field(8, description="G: completions sampled per prompt (>= 2).")
+    tie_handling: Literal["keep", "resample"] = Field(
+        "keep",
+        description="Groups whose rewards all tie carry no signal: `keep` them (zero advantage) or `resample` those "
+        "prompts (2-GRPO+RS) for up to `max_resample_rounds` extra rounds.",
+    )
+    max_resample_rounds: int = Field(2, ge=0)
+    advantage: str = Field("grpo", description="Registered advantage estimator (`trainer.algorithms.names('advantage')`).")
+    normalize_std: bool = Field(True, description="Divide by the group std; Dr.GRPO turns it off.")
+    std_eps: float = Field(1e-6, gt=0.0)
+    policy_loss: str = "clipped"
+    clip_low: float = Field(0.2, ge=0.0, description="epsilon_low of the clipped ratio.")
+    clip_high: float = Field(0.2, ge=0.0, description="epsilon_high; > clip_low is DAPO's clip-higher.")
+    dual_clip: Optional[float] = Field(None, gt=1.0, description="Dual-clip bound c for negative advantages.")
+    loss_aggregation: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean"
+    kl_coef: float = Field(0.0, ge=0.0, description="beta; 0 skips the reference model entirely.")
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    dpo_beta: float = Field(0.1, gt=0.0, description="DPO's beta (offline and online).")
+    dpo_loss: str = Field("sigmoid", description="Registered preference loss: sigmoid (DPO) or ipo.")
+    dpo_label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)
+    dpo_epochs: int = Field(1, ge=1, description="Offline DPO: passes over the preference pairs.")
+    tis_cap: Optional[float] = Field(
+        None, gt=0.0, description="Truncated importance-sampling cap for vLLM-vs-trainer logprob mismatch; None disables."
+    )
+
+    @model_validator(mode="after")
+    def _check_group(self) -> "AlgorithmConfig":
+        if self.name == "grpo" and self.group_size < 2:
+            raise ValueError(f"algorithm.group_size must be >= 2 for GRPO (got {self.group_size})")
+        if self.name == "online_dpo" and self.group_size != 2:
+            raise ValueError(f"algorithm.group_size must be 2 for online_dpo (got {self.group_size})")
+        return self
+
+
+class AdapterConfig(Section):
+    """Train an adapter as the policy; only adapter weights travel to vLLM."""
+
+    kind: Literal["none", "lora", "sparse", "arrow"] = Field(
+        "none",
+        description="What the policy adapter is. `none`: the full model trains. `lora`: a PEFT LoRA. `sparse`: masked "
+        "deltas on the base weights (`keep_ratio` of the entries, mask by connection sensitivity). `arrow`: library LoRA "
+        "experts routed per token (Arrow), training `arrow_train`.",
+    )
+    source: Literal["new", "continue", "merge"] = Field(
+        "new",
+        description="Where it starts. `new`: a fresh adapter (an Arrow router over `experts` with a new LoRA beside them). "
+        "`continue`: one library expert trained further. `merge`: library experts merged (LoRA: weighted average of "
+        "their deltas re-factored to `rank`; sparse: union of masks, overlaps averaged), then trained.",
+    )
+    rank: int = Field(8, ge=1, description="LoRA rank (new, merged, or the new LoRA beside Arrow experts).")
+    alpha: float = Field(16.0, gt=0.0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    library: Optional[str] = Field(None, description="Adapter library directory (see `rl library`).")
+    experts: list[str] = Field(default_factory=list, description="Library experts: one to continue, several to merge or route.")
+    merge_weights: Optional[list[float]] = Field(None, description="Per-expert weights for `merge`; default uniform.")
+    save_as: Optional[str] = Field(None, description="Write the trained adapter into the library under this name.")
+    keep_ratio: float = Field(0.05, gt=0.0, le=1.0, description="`sparse`: share of the target weights' entries trained.")
+    block_size: Optional[int] = Field(None, ge=1, description="`sparse`: keep whole block_size x block_size tiles.")
+    calibration_prompts: int = Field(
+        64, ge=1, description="`sparse`: training prompts whose language-modelling loss scores the connections.")
+    top_k: int = Field(2, ge=1, description="`arrow`: experts each token is routed to.")
+    router_temperature: float = Field(1.0, gt=0.0, description="`arrow`: softmax temperature over the kept scores.")
+    arrow_train: Literal["new", "experts"] = Field(
+        "new", description="`arrow`: train a new LoRA (`rank`, `alpha`) beside the frozen routed experts, or the experts.")
+    arrow_serving: Literal["batch", "prompt"] = Field(
+        "batch", description="`arrow`: vLLM serves one LoRA holding the routing averaged over the batch's prompt tokens "
+        "(`batch`), or one LoRA per prompt averaged over that prompt's tokens (`prompt`: closer, B times the bytes).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _split_mode(cls, data):
+        if isinstance(data, dict) and "mode" in data:
+            raise ValueError(
+                "adapter.mode was split in two: adapter.kind (none | lora | sparse | arrow: what the adapter is) and "
+                "adapter.source (new | continue | merge: where it starts); e.g. `mode: merge` of LoRA experts is "
+                "`kind: lora, source: merge`, `mode: sparse` is `kind: sparse`, `mode: arrow` is `kind: arrow`")
+        return data
+
+    @model_validator(mode="after")
+    def _check(self) -> "AdapterConfig":
+        if self.kind == "none":
+            if self.source != "new" or self.experts or self.save_as:
+                raise ValueError("adapter.source, adapter.experts and adapter.save_as need an adapter.kind (lora | sparse | arrow)")
+            return self
+        if (self.source != "new" or self.kind == "arrow") and not self.library:
+            raise ValueError(f"adapter.library is required for adapter.kind={self.kind}, adapter.source={self.source}")
+        if self.kind == "arrow" and self.source != "new":
+            raise ValueError("adapter.kind=arrow routes the library `experts` as they are: adapter.source must be `new`")
+        if self.source == "continue" and len(self.experts) != 1:
+            raise ValueError(f"adapter.experts must name exactly one expert to continue (got {self.experts})")
+        if (self.source == "merge" or self.kind == "arrow") and len(self.experts) < 2:
+            raise ValueError(f"adapter.experts must name at least two experts to {'route' if self.kind == 'arrow' else 'merge'} (got {self.experts})")
+        if self.source == "new" and self.kind != "arrow" and self.experts:
+            raise ValueError(f"adapter.experts {self.experts} are only read by adapter.source continue | merge or adapter.kind arrow")
+        if self.merge_weights is not None and len(self.merge_weights) != len(self.experts):
+            raise ValueError("adapter.merge_weights needs one weight per expert")
+        if self.save_as and not self.library:
+            raise ValueError("adapter.save_as needs adapter.library")
+        return self
