@@ -1,6 +1,7 @@
 """A library of adapters (LoRA or sparse) trained on one base model: storage, merging, routing, clustering.
 
 - ``adapters.library``: the library on disk (``AdapterLibrary``, ``Expert``, ``LibraryError``, ``base_model_hash``)
+- ``adapters.files``: one expert's files: PEFT LoRA state helpers, content hashes, the meta derived from the files
 - ``adapters.merge``: merging LoRA deltas and sparse deltas (pure tensor functions)
 - ``adapters.sparse``: sparse adapters chosen by connection sensitivity (``SparseAdapter``)
 - ``adapters.arrow``: Arrow routing (prototypes, routing weights, routed forward, PEFT Arrow model)
@@ -10,16 +11,8 @@
 
 from adapters.arrow import arrow_lora_forward, arrow_route, build_peft_arrow_model, expert_prototypes
 from adapters.cluster import cluster_adapters, kernel_kmeans, similarity_matrix
-from adapters.library import (
-    AdapterLibrary,
-    Expert,
-    LibraryError,
-    base_model_hash,
-    lora_pairs,
-    lora_scaling,
-    pairs_to_state,
-    validate_name,
-)
+from adapters.files import LibraryError, base_model_hash, lora_pairs, lora_scaling, pairs_to_state
+from adapters.library import AdapterLibrary, Expert, validate_name
 from adapters.merge import lora_delta, merge_lora_uniform, merge_lora_weighted, merge_sparse, refactor_to_lora
 from adapters.sparse import SparseAdapter, apply_sparse_delta, connection_sensitivity_mask, read_sparse_dir, sensitivity_inputs
 

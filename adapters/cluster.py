@@ -22,7 +22,7 @@ from typing import Mapping
 
 import torch
 
-from adapters.library import lora_pairs
+from adapters.files import lora_pairs
 
 LoraState = Mapping[str, torch.Tensor]  # a PEFT LoRA state dict
 

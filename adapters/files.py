@@ -189,7 +189,6 @@ def assemble_expert(tmp: Path, name: str, source: Any, meta: dict) -> dict:
     return full
 
 
-
 def _place_source(tmp: Path, source: Any, meta: Mapping[str, Any]) -> str:
     """Copy/save the adapter files of ``source`` into ``tmp``; return 'lora' or 'sparse'."""
     if isinstance(source, SparseAdapter):
@@ -234,6 +233,7 @@ def _place_source(tmp: Path, source: Any, meta: Mapping[str, Any]) -> str:
 
 
 def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; LibraryError (naming the file) if it cannot be read."""
     from safetensors.torch import load_file
 
     try:
@@ -300,7 +300,11 @@ def _sparse_fields(d: Path) -> dict:
     }
 
 
+# ---------------------------------------------------------------------------------------------
+# durable writes
+# ---------------------------------------------------------------------------------------------
 def write_json(path: Path, obj: Any) -> None:
+    """Write ``obj`` as sorted, indented JSON and fsync the file."""
     try:
         text = json.dumps(obj, indent=2, sort_keys=True) + "\n"
     except (TypeError, ValueError) as e:
@@ -312,6 +316,7 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 def fsync_dir(path: Path) -> None:
+    """fsync a directory, so renames in it are durable; errors are ignored (not every filesystem allows it)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:

@@ -34,8 +34,8 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-# One expert's files, hashes and derived meta live in adapters.files; the names callers import from
-# here (LibraryError, base_model_hash, file_sha256, lora_pairs, ...) are imported because they are used.
+# One expert's files, hashes and derived meta are handled in adapters.files; callers may import
+# LibraryError, base_model_hash, file_sha256, lora_pairs, ... from here too (this module uses them).
 from adapters.files import (
     CHECKED_META_FIELDS,
     LORA_CONFIG_FILE,

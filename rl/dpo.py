@@ -110,6 +110,7 @@ class OfflineDPORun(Run):
         self.schedule = [sampler.next_batch() for _ in range(self.total_steps)]
 
     def start_workers(self) -> None:
+        from rl.prepare import thread_counts
         from rl.workers import PreferenceTrainerGroup, init_ray
         from trainer.policies import PolicySpec
         from trainer.policy_trainer import TrainerSetup
@@ -118,11 +119,13 @@ class OfflineDPORun(Run):
         if r.use_ray:
             init_ray(r.trainer.num_ranks * r.trainer.num_cpus_per_rank)
         setup = TrainerSetup(
-            policy=PolicySpec(kind="full", base_model=self.model_path), dtype=r.model.dtype, trainer=r.trainer,
+            policy=PolicySpec(kind="full", base_model=self.model_path), dtype=r.model.dtype,
+            trainer=r.trainer.model_copy(update={"torch_threads": thread_counts(r)[0]}) if r.use_ray else r.trainer,
             algorithm=r.algorithm, max_response_len=self.max_len, seed=r.seed, master_port=0,
             trust_remote_code=r.model.trust_remote_code,
         )
         self.trainer = PreferenceTrainerGroup.create(setup, r.trainer.num_ranks, r.use_ray, r.trainer.num_cpus_per_rank, r.trainer.num_gpus_per_rank)
+        self.trainer.wait_ready()
         self._compute_reference()
 
     def stop_workers(self) -> None:

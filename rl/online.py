@@ -27,7 +27,7 @@ from rl import checkpoint as ckpt
 from rl.config import Recipe, RecipeError, recipe_to_yaml
 from rl.data import PromptSampler
 from rl.metrics import MetricsLogger, PhaseTimer, read_metrics
-from rl.prepare import check_library_write, engine_spec, load_task, prepare_policy, sampling
+from rl.prepare import check_library_write, engine_spec, load_task, prepare_policy, sampling, thread_counts
 from rl.run import Run
 from rollout.types import Completion
 from trainer import algorithms
@@ -75,8 +75,9 @@ class OnlineRun(Run):
     """One GRPO / 2-GRPO / online-DPO run. Everything that can fail on bad input happens here, before Ray starts."""
 
     def __init__(self, recipe: Recipe):
-        self.resume_from = ckpt.find_resume_checkpoint(recipe)
-        super().__init__(recipe, self.resume_from.parent.parent if self.resume_from is not None else None)
+        resume_from = ckpt.find_resume_checkpoint(recipe)
+        super().__init__(recipe, resume_from.parent.parent if resume_from is not None else None)
+        self.resume_from = resume_from
         self.resume_state = ckpt.read_state(self.resume_from, recipe) if self.resume_from else None
         self.advantages = advantage_fn(recipe)
         algorithms.get("policy_loss", recipe.algorithm.policy_loss)
@@ -104,8 +105,9 @@ class OnlineRun(Run):
         r = self.recipe
         if r.use_ray:
             init_ray(r.rollout.num_actors * r.rollout.num_cpus_per_actor + r.trainer.num_ranks * r.trainer.num_cpus_per_rank)
+        trainer_cfg = r.trainer.model_copy(update={"torch_threads": thread_counts(r)[0]}) if r.use_ray else r.trainer
         setup = TrainerSetup(
-            policy=self.policy, dtype=r.model.dtype, trainer=r.trainer, algorithm=r.algorithm,
+            policy=self.policy, dtype=r.model.dtype, trainer=trainer_cfg, algorithm=r.algorithm,
             max_response_len=r.rollout.max_new_tokens, seed=r.seed, master_port=0,
             trust_remote_code=r.model.trust_remote_code, transport=get_transport("shared_file"),
             max_staleness=r.rollout.max_staleness,
@@ -113,10 +115,12 @@ class OnlineRun(Run):
         self.trainer = TrainerGroup.create(setup, r.trainer.num_ranks, r.use_ray, r.trainer.num_cpus_per_rank, r.trainer.num_gpus_per_rank)
         self.rollout = RolloutGroup.create(engine_spec(r, self.policy), r.rollout.num_actors, r.use_ray, r.rollout.num_cpus_per_actor,
                                            r.rollout.num_gpus_per_actor, max_restarts=r.rollout.max_restarts)
+        self.trainer.wait_ready()  # the ranks started beside the engines
         if self.policy.is_adapter and not self.policy.routes_per_batch:
             self._publish()  # the engines hold the base; the adapter is pushed before the first rollout
 
-    def stop_workers(self) -> None:
+    def stop_workers(self) -> dict:
+        final = {"rollout_peak_rss_gib": self.rollout.peak_rss_gib()} if self.rollout is not None and self.rollout.remote else {}
         if self.trainer is not None:
             self.trainer.close()
             self.trainer.shutdown()
@@ -124,6 +128,7 @@ class OnlineRun(Run):
             self.rollout.shutdown()
         self.trainer = self.rollout = None
         self._prefetched.clear()  # batches in flight died with the engines
+        return final
 
     def _publish(self, prompts: Optional[list[list[int]]] = None) -> None:
         """Push the current policy to every engine (an Arrow policy is routed over ``prompts``)."""

@@ -5,6 +5,7 @@ engine spec and the sampling settings. Everything that can fail on bad input fai
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -152,6 +153,38 @@ def check_library_write(recipe: Recipe, resuming: bool) -> None:
 # ---------------------------------------------------------------------------------------- engines
 
 
+def thread_counts(recipe: Recipe, cores: Optional[int] = None) -> tuple[int, int]:
+    """(torch threads per trainer rank, OpenMP threads per CPU engine).
+
+    Ray gives an actor reserving one CPU one thread (``OMP_NUM_THREADS=1``). In the synchronous loop
+    the engines and the trainer never run at the same time, so each phase gets every core of the
+    node; with asynchronous rollout they run at once and split the cores. An explicit thread count
+    wins; an explicit CPU reservation keeps Ray's pinning (threads = reserved CPUs).
+
+    >>> from rl.config import load_recipe
+    >>> thread_counts(load_recipe(None, check_paths=False), cores=2)
+    (2, 2)
+    >>> thread_counts(load_recipe(None, ["rollout.max_staleness=1"], check_paths=False), cores=2)
+    (1, 1)
+    >>> thread_counts(load_recipe(None, ["trainer.num_ranks=2", "rollout.num_cpus_per_actor=1"], check_paths=False), cores=2)
+    (1, 1)
+    """
+    cores = cores or len(os.sched_getaffinity(0))
+    t, ro = recipe.trainer, recipe.rollout
+    together = t.num_ranks + ro.num_actors
+    sync = ro.max_staleness == 0
+
+    def threads(explicit: int, cpus_field: str, section, share: int) -> int:
+        if explicit:
+            return explicit
+        if cpus_field in section.model_fields_set:
+            return max(1, int(getattr(section, cpus_field)))
+        return max(1, cores // share)
+
+    return (threads(t.torch_threads, "num_cpus_per_rank", t, t.num_ranks if sync else together),
+            threads(ro.cpu_threads, "num_cpus_per_actor", ro, ro.num_actors if sync else together))
+
+
 def engine_spec(recipe: Recipe, policy: PolicySpec):
     """How each vLLM engine starts: the policy's weights, or its base plus room for the LoRA it serves."""
     from rollout.vllm_worker import EngineSpec
@@ -171,6 +204,7 @@ def engine_spec(recipe: Recipe, policy: PolicySpec):
         trust_remote_code=r.model.trust_remote_code,
         max_lora_rank=next((k for k in LORA_RANKS if k >= rank), 0) if rank else 0,
         max_loras=policy.loras_per_batch(r.data.prompts_per_step),
+        cpu_threads=thread_counts(r)[1] if r.use_ray else 0,  # in one process (use_ray: false) torch's own default
     )
 
 

@@ -44,7 +44,8 @@ class Run:
         self.run_dir = run_dir or recipe.run_dir(time.strftime("%Y%m%d-%H%M%S", time.localtime(self.started)))
         self.step = 0
         self.total_steps = recipe.steps
-        self.resume_state: Optional[dict] = None
+        self.resume_state: Optional[dict] = None  # set (with resume_from) by runs that can resume
+        self.resume_from: Optional[Path] = None
         self.trainer = None
 
     # ------------------------------------------------------------------ hooks
@@ -52,7 +53,8 @@ class Run:
     def start_workers(self) -> None:
         raise NotImplementedError
 
-    def stop_workers(self) -> None:
+    def stop_workers(self) -> Optional[dict]:
+        """Stop every actor; may return final numbers for the summary (e.g. peak memory)."""
         raise NotImplementedError
 
     def train_one_step(self) -> dict[str, float]:
@@ -135,7 +137,7 @@ class Run:
         finally:
             logger.close()
             self._logger = None
-            self.stop_workers()
+            summary.update(self.stop_workers() or {})
             self._restore_signal_handlers()
             if "steps" in summary:
                 summary["total_seconds"] = time.time() - self.started
@@ -147,7 +149,7 @@ class Run:
     def _begin(self, summary: dict, logger: MetricsLogger) -> None:
         if self.resume_state:
             self.restore()
-            self.print(f"resumed at step {self.step}")
+            self.print(f"resumed from {self.resume_from} at step {self.step}")
         elif self.recipe.eval.before:
             ev = self.evaluate()
             logger.log(0, ev, kind="eval")

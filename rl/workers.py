@@ -185,6 +185,9 @@ class RolloutGroup(_Group):
         self.current_handle = handle  # what a restarted actor must load
         return max(self.call_all("load_weights", handle))
 
+    def peak_rss_gib(self) -> float:
+        return max(self.call_all("peak_rss_gib"))
+
     def score(self, prompt_token_ids, completion_token_ids) -> list[list[float]]:
         return self.call_each("score", [(prompt_token_ids, completion_token_ids)])[0]
 
@@ -205,9 +208,12 @@ class TrainerGroup(_Group):
         import ray
 
         actor_cls = ray.remote(cls.worker_cls)
-        group = cls([actor_cls.options(num_cpus=num_cpus, num_gpus=num_gpus).remote(s) for s in setups], remote=True)
-        group.call_all("ready")  # surface start-up errors here, not at the first step
-        return group
+        # Not waited on here: the ranks start while the caller starts the engines (``wait_ready``).
+        return cls([actor_cls.options(num_cpus=num_cpus, num_gpus=num_gpus).remote(s) for s in setups], remote=True)
+
+    def wait_ready(self) -> None:
+        """Returns once every rank is up; surfaces start-up errors here, not at the first step."""
+        self.call_all("ready")
 
     def _shards(self, n: int, micro_batch_size: int, unit: int = 1) -> tuple[list[list[int]], int]:
         """One contiguous shard per rank (whole units; sizes differ by at most one unit) and the

@@ -29,6 +29,10 @@ class RolloutConfig(Section):
         "~3 s engine start instead of ~25 s on CPU.",
     )
     num_cpus_per_actor: float = Field(1.0, ge=0.0)
+    cpu_threads: int = Field(
+        0, ge=0, description="OpenMP threads of each CPU engine. 0: automatic: the node's cores shared by the engines "
+        "that generate at once (with asynchronous rollout, also by the trainer ranks); set num_cpus_per_actor instead "
+        "to keep Ray's pinning (one thread per reserved CPU).")
     num_gpus_per_actor: float = Field(0.0, ge=0.0)
     max_restarts: int = Field(3, ge=0, description="Times Ray restarts a dead rollout actor; the call is then retried with the current weights.")
     max_staleness: int = Field(

@@ -29,12 +29,15 @@ class EngineSpec:
     trust_remote_code: bool = False
     max_lora_rank: int = 0  # > 0 serves the policy as a LoRA adapter over the base model
     max_loras: int = 1  # LoRAs in one batch (> 1: one LoRA per prompt, an Arrow policy's per-prompt routing)
+    cpu_threads: int = 0  # OpenMP threads of a CPU engine; 0 leaves Ray's (one per reserved CPU)
 
     def env(self) -> dict[str, str]:
         """Environment the engine needs; must be set before vLLM is imported."""
         env = {"VLLM_CPU_KVCACHE_SPACE": str(self.cpu_kvcache_gib), "TOKENIZERS_PARALLELISM": "false"}
         if self.engine_in_process:
             env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        if self.cpu_threads:
+            env["OMP_NUM_THREADS"] = str(self.cpu_threads)  # Ray would pin one thread per reserved CPU
         return env
 
 
@@ -64,6 +67,12 @@ class RolloutWorker:
         self._lora_loads = 0
         self.startup_seconds = time.perf_counter() - t0
         self.weight_version = 0
+
+    def peak_rss_gib(self) -> float:
+        """This actor's peak resident memory: the engine, its KV cache and the weights it holds."""
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
     def ready(self) -> dict:
         return {"startup_seconds": self.startup_seconds, "pid": os.getpid()}

@@ -42,7 +42,7 @@ def main() -> None:
     os.chdir(ROOT)
 
     from rl.config import load_recipe
-    from rl.online import OnlineRun as Trainer
+    from rl.online import OnlineRun
     from rl.metrics import describe_machine, read_metrics
     from rl.tasks.tiny_model import TinyModelSpec, build_tiny_model
 
@@ -60,7 +60,7 @@ def main() -> None:
             continue
         data = runs / f"{name}.jsonl"
         data.write_text("".join(json.dumps(r) + "\n" for r in rows if keep(*map(int, r["prompt"].rstrip("=").split("+")))))
-        Trainer(load_recipe("recipes/lora-arithmetic.yaml", [
+        OnlineRun(load_recipe("recipes/lora-arithmetic.yaml", [
             *common, f"data.train={data}", f"steps={args.expert_steps}", f"adapter.library={lib}",
             f"adapter.save_as={name}", "eval.before=false", "eval.after=false", f"output_dir={runs / name}"])).fit()
 
@@ -90,7 +90,7 @@ def main() -> None:
         run_dir = runs / label.split(" (")[0].replace(" ", "-").replace(",", "").replace("%", "pct")
         shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run, never appended to an older one
         recipe = load_recipe(recipe_path, [*common, *train, *extra, f"output_dir={run_dir}", "algorithm.kl_coef=0.01"])
-        summary = Trainer(recipe).fit()
+        summary = OnlineRun(recipe).fit()
         rows_ = read_metrics(run_dir, "train")
         results.append({
             "policy": label, "recipe": recipe_path,

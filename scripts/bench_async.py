@@ -33,7 +33,7 @@ def main() -> None:
     os.chdir(ROOT)
 
     from rl.config import load_recipe
-    from rl.online import OnlineRun as Trainer
+    from rl.online import OnlineRun
     from rl.metrics import describe_machine, read_metrics
 
     results = []
@@ -44,7 +44,7 @@ def main() -> None:
             f"steps={args.steps}", f"rollout.max_staleness={k}", "algorithm.tis_cap=2.0", "eval.every=0",
             "logging.progress=false", "logging.tensorboard=false", "checkpoint.save_final=false", f"output_dir={run_dir}",
             *args.overrides])
-        summary = Trainer(recipe).fit()
+        summary = OnlineRun(recipe).fit()
         rows = read_metrics(run_dir, "train")[1:]  # step 1 warms the engine
         results.append({
             "max_staleness": k,

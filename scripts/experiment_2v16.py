@@ -34,7 +34,7 @@ def main() -> None:
     os.chdir(ROOT)
 
     from rl.config import load_recipe
-    from rl.online import OnlineRun as Trainer
+    from rl.online import OnlineRun
     from rl.metrics import describe_machine, read_metrics
     from rl.plot import plot_runs
 
@@ -44,7 +44,7 @@ def main() -> None:
             run_dir = Path(args.runs) / f"{arm}{args.tag}-seed{seed}"
             recipe = load_recipe(recipe_path, [f"seed={seed}", f"output_dir={run_dir}", "logging.progress=false",
                                                *args.overrides])
-            summary = Trainer(recipe).fit()
+            summary = OnlineRun(recipe).fit()
             rollouts = sum(r.get("rollouts") or 0 for r in read_metrics(run_dir, "train"))
             results.append({"arm": arm, "seed": seed, "before": summary["accuracy_before"], "after": summary["accuracy_after"],
                             "rollouts": rollouts, "train_seconds": summary["train_seconds"], "run_dir": str(run_dir)})

@@ -30,7 +30,9 @@ class TrainerConfig(Section):
     )
     num_cpus_per_rank: float = Field(1.0, ge=0.0)
     num_gpus_per_rank: float = Field(0.0, ge=0.0)
-    torch_threads: int = Field(0, ge=0, description="torch.set_num_threads in the trainer; 0 leaves torch's default.")
+    torch_threads: int = Field(
+        0, ge=0, description="torch threads per rank. 0: automatic: the node's cores shared by the ranks that train at "
+        "once (with asynchronous rollout, also by the engines); set num_cpus_per_rank instead to keep Ray's pinning.")
 
 
 class AlgorithmConfig(Section):

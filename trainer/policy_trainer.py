@@ -21,7 +21,7 @@ from typing import Any, Iterator, Optional
 import torch
 
 from trainer import algorithms
-from trainer.batching import collate, split_units
+from trainer.batching import collate, length_order, split_units
 from trainer.config import AlgorithmConfig, TrainerConfig
 from trainer.policies import PolicySpec, build_policy
 from trainer.rank_state import load_rank_state, save_rank_state
@@ -29,6 +29,42 @@ from trainer.stats import Stats
 from trainer.types import TrainBatch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_ENTROPY_ROWS = 1024  # response positions per entropy chunk: bounds the [rows, V] softmax temporaries
+
+
+def skip_cpu_shm_op() -> None:
+    """Tell DeepSpeed not to JIT-build its ``deepspeed_shm_comm`` C++ op.
+
+    On a CPU accelerator ``init_distributed`` compiles it (30-60 s, silently) on first use, under a
+    file lock that an interrupted build leaves behind, after which every run waits on it forever.
+    The op only speeds up ``inference_all_reduce`` (inference tensor parallelism, which falls back
+    to torch.distributed without it); training all-reduces through gloo and never calls it.
+    ``deepspeed.ops.__compatible_ops__`` is the cached table its loader consults.
+    """
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def peak_rss_gib() -> float:
+    """This process's peak resident memory (Linux reports KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def _decoder_and_head(model):
+    """(decoder, LM head) of an HF causal LM whose logits are ``head(decoder(...).last_hidden_state)``,
+    else None. ``model`` may be a DeepSpeed engine, a PEFT model or the plain model."""
+    module = getattr(model, "module", model) if type(model).__name__ == "DeepSpeedEngine" else model
+    try:
+        decoder, head = module.get_decoder(), module.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    cfg = getattr(module, "config", None)
+    if decoder is None or head is None or cfg is None or getattr(cfg, "final_logit_softcapping", None) or hasattr(cfg, "logit_scale"):
+        return None
+    return decoder, head
 
 
 @dataclass
@@ -129,6 +165,8 @@ class PolicyTrainer:
         self.device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if torch.cuda.is_available() else torch.device("cpu")
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
+        else:
+            skip_cpu_shm_op()
         deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo")
 
     def _load(self, path: str):
@@ -153,10 +191,29 @@ class PolicyTrainer:
     # ------------------------------------------------------------------ forward
 
     def _token_logprobs(self, model, mb: dict, with_entropy: bool = False):
-        """[n, T-1] logprobs of the next tokens (and entropies) under ``model``."""
-        logits = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits[:, :-1].float()
-        logprobs = algorithms.logprobs_from_logits(logits, mb["labels"])
-        entropy = algorithms.entropy_from_logits(logits.detach()) if with_entropy else None
+        """[n, T-1] logprobs of the next tokens (and entropies, no grad) under ``model``; 0 off the response.
+
+        Only the positions that predict a response token go through the LM head and the softmax:
+        prompt and padding positions would each cost a [H x V] matmul and a [V] log-softmax for a
+        value the mask drops. Same numbers as the full logits, up to float rounding.
+        """
+        mask = mb["response_mask"].bool()  # [n, T-1]
+        parts = _decoder_and_head(model)
+        if parts is None:  # logits that are not the LM head's plain output (soft-capping, scaling, custom code)
+            logits = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits[:, :-1]
+            logprobs = algorithms.logprobs_from_logits(logits, mb["labels"])
+            entropy = algorithms.entropy_from_logits(logits.detach()) if with_entropy else None
+            return logprobs, entropy
+        decoder, head = parts
+        hidden = decoder(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).last_hidden_state[:, :-1]
+        logits = head(hidden[mask])  # [R, V]: R response tokens of the micro-batch
+        picked = algorithms.logprobs_from_logits(logits[None], mb["labels"][mask][None])[0]  # [R]
+        logprobs = torch.zeros(mask.shape, dtype=picked.dtype, device=picked.device).masked_scatter(mask, picked)
+        entropy = None
+        if with_entropy:
+            with torch.no_grad():  # a metric: chunked, so the [R, V] softmax is never held whole
+                ent = torch.cat([algorithms.entropy_from_logits(c) for c in logits.detach().split(_ENTROPY_ROWS)]) if len(logits) else picked.detach()
+            entropy = torch.zeros(mask.shape, dtype=ent.dtype, device=ent.device).masked_scatter(mask, ent)
         return logprobs, entropy
 
     def compute_logprobs(self, batch: TrainBatch) -> list[list[float]]:
@@ -196,7 +253,8 @@ class PolicyTrainer:
             # Counts over all ranks for this mini-batch: an equal slice of the full-batch counts.
             counts = dict(num_sequences=shard.num_sequences / self.cfg.mini_batches,
                           num_tokens=shard.num_tokens / self.cfg.mini_batches, max_response_len=self.setup.max_response_len)
-            micro = [collate(mini_batch.select(c), self.pad_id, self.device)
+            order = length_order([len(p) + len(r) for p, r in zip(mini_batch.prompt_token_ids, mini_batch.response_token_ids)], shard.unit)
+            micro = [collate(mini_batch.select([order[i] for i in c]), self.pad_id, self.device)
                      for c in split_units(len(mini_batch), num_micro_batches, unit=shard.unit) if c]
             if self.cfg.mini_batches > 1:
                 # Later mini-batches are off-policy: freeze the behaviour logprobs before any update.
@@ -220,6 +278,7 @@ class PolicyTrainer:
         stats.same("updates_skipped_nonfinite", skipped)
         stats.same("lr", float(self.optimizer.param_groups[0]["lr"]))
         stats.max("params_in_memory", float(self.policy.numel_in_memory()))
+        stats.max("trainer_peak_rss_gib", peak_rss_gib())
         stats.max("train_seconds", time.perf_counter() - t0)
         return stats
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,12 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def cli_run(tiny_model_root, tmp_path_factory):
+    """A fresh torch-extensions cache holding the lock an interrupted DeepSpeed op build leaves
+    behind: before, every later run waited on it forever; now no op is built at run time."""
     run_dir = tmp_path_factory.mktemp("cli") / "run"
+    extensions = run_dir.parent / "torch_extensions"
+    (extensions / "deepspeed_shm_comm").mkdir(parents=True)
+    (extensions / "deepspeed_shm_comm" / "lock").touch()
     cmd = [
         sys.executable, "-m", "rl.cli", "train", str(ROOT / "recipes" / "quickstart.yaml"),
         f"model.path={tiny_model_root / 'model'}",
@@ -25,9 +31,16 @@ def cli_run(tiny_model_root, tmp_path_factory):
         "eval.every=2", "checkpoint.every=2", "checkpoint.keep_last=1", "logging.progress=false",
         f"output_dir={run_dir}",
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(extensions)}  # the actors inherit it
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return run_dir, proc
+
+
+def test_no_op_is_compiled_at_run_time(cli_run):
+    run_dir, _ = cli_run
+    built = [p.name for p in (run_dir.parent / "torch_extensions").rglob("*") if p.suffix in (".so", ".o", ".ninja")]
+    assert built == [], built
 
 
 def test_every_step_logged_once_with_evals(cli_run):
