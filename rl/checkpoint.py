@@ -25,7 +25,7 @@ from rl.config import Recipe, RecipeError
 
 STATE_FILE = "driver_state.json"
 # Fields that may change between a run and its resumption without changing what it computes.
-_RESUMABLE_CHANGES = {"resume", "resume_force", "steps", "logging", "eval", "checkpoint", "output_dir", "use_ray"}
+_RESUMABLE_CHANGES = {"resume", "resume_force", "steps", "logging", "eval", "checkpoint", "output_dir", "use_ray", "watchdog"}
 
 
 def recipe_fingerprint(recipe: Recipe) -> str:

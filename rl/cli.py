@@ -97,10 +97,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except Exception as e:  # noqa: BLE001 - a clear last line for known failure kinds
         from rl.online import TrainingDiverged
+        from rl.workers import WorkerStalled
 
         if isinstance(e, TrainingDiverged):
             print(f"rl: training stopped: {e}", file=sys.stderr)
             return 3
+        if isinstance(e, WorkerStalled):
+            print(f"rl: run stopped: {e}", file=sys.stderr)
+            return 4
         raise
 
 

@@ -90,6 +90,15 @@ class CheckpointConfig(Section):
     save_final: bool = True
 
 
+class WatchdogConfig(Section):
+    """How long the driver waits on an actor that makes no progress (rl.workers.Watchdog)."""
+
+    warn_seconds: float = Field(180.0, gt=0.0, description="Say on the terminal which actor and phase it waits on, every this often.")
+    stop_seconds: float = Field(1800.0, gt=0.0, description="Stop the run (exit 4, last checkpoint intact) after this long without progress.")
+    first_call_factor: float = Field(3.0, ge=1.0, description="Both limits times this for an actor's first call of a kind "
+                                     "(start-up, engine start, the first step).")
+
+
 class LoggingConfig(Section):
     tensorboard: bool = True
     progress: bool = True
@@ -119,6 +128,7 @@ class Recipe(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    watchdog: WatchdogConfig = Field(default_factory=WatchdogConfig)
 
     @model_validator(mode="after")
     def _check_async(self) -> "Recipe":

@@ -111,7 +111,7 @@ class OfflineDPORun(Run):
 
     def start_workers(self) -> None:
         from rl.prepare import thread_counts
-        from rl.workers import PreferenceTrainerGroup, init_ray
+        from rl.workers import PreferenceTrainerGroup, Watchdog, init_ray
         from trainer.policies import PolicySpec
         from trainer.policy_trainer import TrainerSetup
 
@@ -124,7 +124,8 @@ class OfflineDPORun(Run):
             algorithm=r.algorithm, max_response_len=self.max_len, seed=r.seed, master_port=0,
             trust_remote_code=r.model.trust_remote_code,
         )
-        self.trainer = PreferenceTrainerGroup.create(setup, r.trainer.num_ranks, r.use_ray, r.trainer.num_cpus_per_rank, r.trainer.num_gpus_per_rank)
+        self.trainer = PreferenceTrainerGroup.create(setup, r.trainer.num_ranks, r.use_ray, r.trainer.num_cpus_per_rank, r.trainer.num_gpus_per_rank,
+                                                     watchdog=Watchdog(**r.watchdog.model_dump()))
         self.trainer.wait_ready()
         self._compute_reference()
 

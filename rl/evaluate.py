@@ -109,7 +109,7 @@ def run_eval(recipe: Recipe, k: int = 1, temperature: float | None = None, out_p
 
     def greedy_sampling(r):
         return greedy_sampling_for(r, 0, 1, greedy=True)
-    from rl.workers import RolloutGroup, init_ray
+    from rl.workers import RolloutGroup, Watchdog, init_ray
 
     task = load_task(recipe)
     start = str(resolve_checkpoint(checkpoint, recipe)) if checkpoint else None
@@ -118,7 +118,8 @@ def run_eval(recipe: Recipe, k: int = 1, temperature: float | None = None, out_p
         policy = prepare_policy(recipe, task.paths.model, task.train_set, start_from=start, merge_into=Path(scratch) / "merge")
         if recipe.use_ray:
             init_ray(ro.num_actors * ro.num_cpus_per_actor)
-        rollout = RolloutGroup.create(engine_spec(recipe, policy), ro.num_actors, recipe.use_ray, ro.num_cpus_per_actor, ro.num_gpus_per_actor)
+        rollout = RolloutGroup.create(engine_spec(recipe, policy), ro.num_actors, recipe.use_ray, ro.num_cpus_per_actor, ro.num_gpus_per_actor,
+                                      watchdog=Watchdog(**recipe.watchdog.model_dump()))
         transport = None
         try:
             if policy.is_adapter:

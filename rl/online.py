@@ -98,7 +98,7 @@ class OnlineRun(Run):
     # ------------------------------------------------------------------ workers
 
     def start_workers(self) -> None:
-        from rl.workers import RolloutGroup, TrainerGroup, init_ray
+        from rl.workers import RolloutGroup, TrainerGroup, Watchdog, init_ray
         from rollout.weight_sync import get_transport
         from trainer.policy_trainer import TrainerSetup
 
@@ -112,9 +112,11 @@ class OnlineRun(Run):
             trust_remote_code=r.model.trust_remote_code, transport=get_transport("shared_file"),
             max_staleness=r.rollout.max_staleness,
         )
-        self.trainer = TrainerGroup.create(setup, r.trainer.num_ranks, r.use_ray, r.trainer.num_cpus_per_rank, r.trainer.num_gpus_per_rank)
+        dog = Watchdog(**r.watchdog.model_dump())
+        self.trainer = TrainerGroup.create(setup, r.trainer.num_ranks, r.use_ray, r.trainer.num_cpus_per_rank, r.trainer.num_gpus_per_rank,
+                                           watchdog=dog)
         self.rollout = RolloutGroup.create(engine_spec(r, self.policy), r.rollout.num_actors, r.use_ray, r.rollout.num_cpus_per_actor,
-                                           r.rollout.num_gpus_per_actor, max_restarts=r.rollout.max_restarts)
+                                           r.rollout.num_gpus_per_actor, max_restarts=r.rollout.max_restarts, watchdog=dog)
         self.trainer.wait_ready()  # the ranks started beside the engines
         if self.policy.is_adapter and not self.policy.routes_per_batch:
             self._publish()  # the engines hold the base; the adapter is pushed before the first rollout

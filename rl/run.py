@@ -123,7 +123,15 @@ class Run:
             stop_signal = self._install_stop_handlers()  # after Ray's start-up, which installs handlers of its own
             summary["startup_seconds"] = time.perf_counter() - t0
             self._begin(summary, logger)
-            self._loop(summary, logger, stop_signal)
+            try:
+                self._loop(summary, logger, stop_signal)
+            except Exception as e:
+                from rl.workers import WorkerStalled
+
+                if isinstance(e, WorkerStalled):  # nothing more to save: the last checkpoint stays as it is
+                    kept = ckpt.complete_checkpoints(self.run_dir)
+                    summary.update(steps=self.step, stopped_by=f"{type(e).__name__}: {e}", checkpoint=str(kept[-1]) if kept else None)
+                raise
             if r.eval.after:
                 ev = self.evaluate()
                 logger.log(self.step, ev, kind="eval")

@@ -15,6 +15,8 @@ import dataclasses
 import math
 import os
 import socket
+import sys
+import time
 from typing import Any, Optional, Sequence
 
 from rollout.types import Completion, SamplingSpec, WeightHandle
@@ -51,11 +53,71 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class _Group:
-    """A list of workers called alike, remote (Ray actors) or local."""
+class WorkerStalled(RuntimeError):
+    """An actor made no progress within the watchdog's hard limit; the run stops, its last checkpoint intact."""
 
-    def __init__(self, workers: list, remote: bool):
+
+@dataclasses.dataclass
+class Watchdog:
+    """How long the driver waits on its actors without progress: a line on the terminal every
+    ``warn_seconds``, a stop (``WorkerStalled``) at ``stop_seconds``; both times ``first_call_factor``
+    for the first call of each kind (start-up, engine start, the first step compile and allocate)."""
+
+    warn_seconds: float = 180.0
+    stop_seconds: float = 1800.0
+    first_call_factor: float = 3.0
+
+
+# What to check when a call of this kind stalls.
+_HINTS = {
+    "ready": "start-up: loading the model, starting the engine; on a cluster, whether the resources this group asks for exist",
+    "generate": "the vLLM engine (its log above, or `ray logs`): memory for the KV cache (rollout.cpu_kvcache_gib), max_model_len",
+    "load_weights": "the weight transport between the trainer and the engines",
+    "train_step": "a trainer rank: DeepSpeed collectives wait for every rank, so one slow or dead rank holds all",
+    "train_pairs": "a trainer rank: DeepSpeed collectives wait for every rank, so one slow or dead rank holds all",
+    "publish_weights": "trainer rank 0 writing the policy for the engines (disk space of the transport's directory)",
+}
+
+
+class _Group:
+    """A list of workers called alike, remote (Ray actors) or local. Every wait on a remote call
+    goes through the watchdog (``wait_for``), so a stalled actor is named, never silently waited on."""
+
+    label = "worker"
+
+    def __init__(self, workers: list, remote: bool, watchdog: Optional[Watchdog] = None, resources: str = ""):
         self.workers, self.remote = workers, remote
+        self.watchdog = watchdog or Watchdog()
+        self.resources = resources  # what each actor asks Ray for, for the messages
+        self._called: set[str] = set()
+
+    def wait_for(self, refs: list, method: str, indices: Sequence[int]) -> list:
+        """``ray.get(refs)``, saying on the terminal what is still pending while it takes long."""
+        import ray
+
+        dog, first = self.watchdog, method not in self._called
+        factor = dog.first_call_factor if first else 1.0
+        warn, stop = dog.warn_seconds * factor, dog.stop_seconds * factor
+        start, next_warn, pending = time.monotonic(), warn, list(refs)
+        while pending:
+            _, pending = ray.wait(pending, num_returns=len(pending), timeout=min(max(warn / 4, 0.05), 5.0))
+            waited = time.monotonic() - start
+            if not pending:
+                break
+            stuck = [indices[i] for i, r in enumerate(refs) if r in pending]
+            where = f"{self.label} actor(s) {stuck} in {method!r}{' (first call)' if first else ''}"
+            hint = _HINTS.get(method, "the actor's log (`ray logs`)")
+            if waited >= stop:
+                raise WorkerStalled(f"no progress from {where} for {waited:.0f} s (hard limit {stop:.0f} s, "
+                                    f"watchdog.stop_seconds); check {hint}")
+            if waited >= next_warn:
+                free = ray.available_resources()
+                print(f"[rl] waiting on {where} for {waited:.0f} s; check {hint}. Ray has {free.get('CPU', 0):g} CPU / "
+                      f"{free.get('GPU', 0):g} GPU free; each actor asks for {self.resources or 'its defaults'}; "
+                      f"the run stops at {stop:.0f} s", file=sys.stderr, flush=True)
+                next_warn += warn
+        self._called.add(method)
+        return ray.get(refs)
 
     def _gather(self, calls: list[tuple[Any, str, tuple]]) -> list:
         return self._collect(self._submit(calls))
@@ -69,15 +131,26 @@ class _Group:
     def _collect(self, submitted: list) -> list:
         if not self.remote:
             return [result for _, result in submitted]
-        import ray
-
-        return ray.get([ref for _, ref in submitted])
+        method = submitted[0][0][1] if submitted else ""
+        index = {id(w): i for i, w in enumerate(self.workers)}
+        return self.wait_for([ref for _, ref in submitted], method, [index.get(id(call[0]), -1) for call, _ in submitted])
 
     def call_all(self, method: str, *args) -> list:
         return self._gather([(w, method, args) for w in self.workers])
 
     def call_each(self, method: str, args_per_worker: list[tuple]) -> list:
         return self._gather([(w, method, a) for w, a in zip(self.workers, args_per_worker)])
+
+    def call_all_bounded(self, method: str, timeout_s: float = 30.0) -> Optional[list]:
+        """For stopping: each actor's answer within ``timeout_s``, or None (a stalled actor is not waited on)."""
+        if not self.remote:
+            return self.call_all(method)
+        import ray
+
+        try:
+            return ray.get([getattr(w, method).remote() for w in self.workers], timeout=timeout_s)
+        except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError):
+            return None
 
     def shutdown(self) -> None:
         if self.remote:
@@ -93,15 +166,17 @@ class RolloutGroup(_Group):
     ``max_restarts``), given the current policy weights, and the interrupted call is retried.
     ``restarts`` counts them for the metrics."""
 
-    def __init__(self, workers: list, remote: bool, max_restarts: int = 0):
-        super().__init__(workers, remote)
+    label = "rollout"
+
+    def __init__(self, workers: list, remote: bool, max_restarts: int = 0, **kw):
+        super().__init__(workers, remote, **kw)
         self.max_restarts = max_restarts
         self.restarts = 0
         self.current_handle: Optional[WeightHandle] = None
 
     @classmethod
     def create(cls, spec: EngineSpec, num_actors: int, use_ray: bool, num_cpus: float = 1.0, num_gpus: float = 0.0,
-               max_restarts: int = 3):
+               max_restarts: int = 3, watchdog: Optional[Watchdog] = None):
         if not use_ray:
             return cls([RolloutWorker(spec) for _ in range(num_actors)], remote=False)
         import ray
@@ -114,7 +189,8 @@ class RolloutGroup(_Group):
             ).remote(spec)
             for _ in range(num_actors)
         ]
-        group = cls(workers, remote=True, max_restarts=max_restarts)
+        group = cls(workers, remote=True, max_restarts=max_restarts, watchdog=watchdog,
+                    resources=f"{num_cpus:g} CPU, {num_gpus:g} GPU")
         group.call_all("ready")  # surface start-up errors here, not at the first step
         return group
 
@@ -128,7 +204,7 @@ class RolloutGroup(_Group):
         for (w, m, a), ref in submitted:
             for attempt in range(self.max_restarts + 1):
                 try:
-                    out.append(ray.get(ref))
+                    out.append(self.wait_for([ref], m, [self.workers.index(w)])[0])
                     break
                 except (RayActorError, ActorUnavailableError):
                     if attempt == self.max_restarts:
@@ -185,8 +261,9 @@ class RolloutGroup(_Group):
         self.current_handle = handle  # what a restarted actor must load
         return max(self.call_all("load_weights", handle))
 
-    def peak_rss_gib(self) -> float:
-        return max(self.call_all("peak_rss_gib"))
+    def peak_rss_gib(self) -> Optional[float]:
+        answers = self.call_all_bounded("peak_rss_gib", timeout_s=10.0)
+        return max(answers) if answers else None
 
     def score(self, prompt_token_ids, completion_token_ids) -> list[list[float]]:
         return self.call_each("score", [(prompt_token_ids, completion_token_ids)])[0]
@@ -196,9 +273,11 @@ class TrainerGroup(_Group):
     """DeepSpeed ranks of one worker class, meeting at one rendezvous port."""
 
     worker_cls: type = PolicyTrainer
+    label = "trainer"
 
     @classmethod
-    def create(cls, setup: TrainerSetup, num_ranks: int, use_ray: bool, num_cpus: float = 1.0, num_gpus: float = 0.0):
+    def create(cls, setup: TrainerSetup, num_ranks: int, use_ray: bool, num_cpus: float = 1.0, num_gpus: float = 0.0,
+               watchdog: Optional[Watchdog] = None):
         port = setup.master_port or free_port()  # one rendezvous port for the whole group
         setups = [dataclasses.replace(setup, rank=r, world_size=num_ranks, master_port=port) for r in range(num_ranks)]
         if not use_ray:
@@ -209,7 +288,8 @@ class TrainerGroup(_Group):
 
         actor_cls = ray.remote(cls.worker_cls)
         # Not waited on here: the ranks start while the caller starts the engines (``wait_ready``).
-        return cls([actor_cls.options(num_cpus=num_cpus, num_gpus=num_gpus).remote(s) for s in setups], remote=True)
+        return cls([actor_cls.options(num_cpus=num_cpus, num_gpus=num_gpus).remote(s) for s in setups], remote=True,
+                   watchdog=watchdog, resources=f"{num_cpus:g} CPU, {num_gpus:g} GPU")
 
     def wait_ready(self) -> None:
         """Returns once every rank is up; surfaces start-up errors here, not at the first step."""
@@ -244,7 +324,8 @@ class TrainerGroup(_Group):
         return self.call_each("compute_logprobs", [(batch,)])[0]
 
     def close(self) -> None:
-        self.call_all("close")
+        """Release what the ranks published; a rank that does not answer is killed by ``shutdown`` anyway."""
+        self.call_all_bounded("close")
 
 
 class PreferenceTrainerGroup(TrainerGroup):

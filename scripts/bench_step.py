@@ -165,13 +165,13 @@ stamps = []
 class Clock(TrainerCallback):
     def on_step_begin(self, args, state, control, **kw): stamps.append(("begin", time.perf_counter()))
     def on_step_end(self, args, state, control, **kw): stamps.append(("end", time.perf_counter()))
-micro = 32
+micro = min(32, a["prompts"] * a["group"])
 cfg = GRPOConfig(output_dir=a["out"], use_cpu=True, bf16=False, per_device_train_batch_size=micro,
                  gradient_accumulation_steps=a["prompts"] * a["group"] // micro, num_generations=a["group"],
                  max_completion_length=a["new_tokens"], max_steps=a["steps"], learning_rate=1e-6, beta=0.0,
                  temperature=1.0, logging_steps=1, report_to=[], save_strategy="no", use_vllm=False, seed=0)
 ds = Dataset.from_list([{"prompt": p} for p in a["prompts_text"]])
-trainer = GRPOTrainer(model=model, reward_funcs=pseudo_random, args=cfg, train_dataset=ds, processing_class=tok)
+trainer = GRPOTrainer(model=model, reward_funcs=pseudo_random, args=cfg, train_dataset=ds, processing_class=tok, callbacks=[Clock()])
 trainer.train()
 begins = [t for k, t in stamps if k == "begin"]; ends = [t for k, t in stamps if k == "end"]
 print("RESULT " + json.dumps({"steps_s": [e - b for b, e in zip(begins, ends)]}))

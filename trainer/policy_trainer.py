@@ -29,7 +29,6 @@ from trainer.stats import Stats
 from trainer.types import TrainBatch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_ENTROPY_ROWS = 1024  # response positions per entropy chunk: bounds the [rows, V] softmax temporaries
 
 
 def skip_cpu_shm_op() -> None:
@@ -207,13 +206,9 @@ class PolicyTrainer:
         decoder, head = parts
         hidden = decoder(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).last_hidden_state[:, :-1]
         logits = head(hidden[mask])  # [R, V]: R response tokens of the micro-batch
-        picked = algorithms.logprobs_from_logits(logits[None], mb["labels"][mask][None])[0]  # [R]
+        picked, ent = algorithms.logprobs_and_entropy(logits, mb["labels"][mask], with_entropy)  # [R] each
         logprobs = torch.zeros(mask.shape, dtype=picked.dtype, device=picked.device).masked_scatter(mask, picked)
-        entropy = None
-        if with_entropy:
-            with torch.no_grad():  # a metric: chunked, so the [R, V] softmax is never held whole
-                ent = torch.cat([algorithms.entropy_from_logits(c) for c in logits.detach().split(_ENTROPY_ROWS)]) if len(logits) else picked.detach()
-            entropy = torch.zeros(mask.shape, dtype=ent.dtype, device=ent.device).masked_scatter(mask, ent)
+        entropy = None if ent is None else torch.zeros(mask.shape, dtype=ent.dtype, device=ent.device).masked_scatter(mask, ent)
         return logprobs, entropy
 
     def compute_logprobs(self, batch: TrainBatch) -> list[list[float]]:

@@ -9,6 +9,8 @@ would turn inf into NaN). Sums run in at least float32.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
@@ -344,3 +346,31 @@ def entropy_from_logits(logits: Tensor) -> Tensor:
     log_p = torch.log_softmax(logits.to(_float_dtype(logits)), dim=-1)
     p = log_p.exp()
     return -(p * torch.where(p > 0, log_p, 0.0)).sum(dim=-1)
+
+
+def logprobs_and_entropy(logits: Tensor, labels: Tensor, with_entropy: bool = True,
+                         chunk_rows: int = 1024) -> tuple[Tensor, Optional[Tensor]]:
+    """Per-row logprob of ``labels`` and entropy from one logsumexp: logits [R, V], labels [R] ->
+    (logprobs [R] with grad, entropy [R] without grad, or None).
+
+    The same numbers as ``logprobs_from_logits`` and ``entropy_from_logits`` (entropy to float
+    rounding), for less memory traffic: the entropy is ``lse - sum_v softmax_v * logit_v``, computed
+    over chunks of ``chunk_rows`` rows with one in-place exp and one dot product each, so no
+    [R, V] temporary is made beyond one chunk. Rows with an infinite logit take the exact formula.
+    """
+    if logits.dim() != 2 or labels.shape != logits.shape[:1]:
+        raise ValueError(f"need logits [R, V] and labels [R], got {tuple(logits.shape)}, {tuple(labels.shape)}")
+    logits = logits.to(_float_dtype(logits))
+    lse = torch.logsumexp(logits, dim=-1)  # [R]
+    logprobs = logits.gather(-1, labels.long().unsqueeze(-1)).squeeze(-1) - lse
+    if not with_entropy:
+        return logprobs, None
+    out = []
+    with torch.no_grad():
+        for c, l in zip(logits.detach().split(chunk_rows), lse.detach().split(chunk_rows)):
+            if torch.isinf(c).any():
+                out.append(entropy_from_logits(c))
+                continue
+            p = (c - l[:, None]).exp_()  # softmax, in place of the difference
+            out.append(l - torch.bmm(p[:, None, :], c[:, :, None]).view(-1))
+    return logprobs, torch.cat(out) if out else lse.detach()
