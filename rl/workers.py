@@ -191,7 +191,11 @@ class RolloutGroup(_Group):
         ]
         group = cls(workers, remote=True, max_restarts=max_restarts, watchdog=watchdog,
                     resources=f"{num_cpus:g} CPU, {num_gpus:g} GPU")
-        group.call_all("ready")  # surface start-up errors here, not at the first step
+        try:
+            group.call_all("ready")  # surface start-up errors here, not at the first step
+        except BaseException:
+            group.shutdown()  # an actor that never started (or is waiting for resources) must not linger
+            raise
         return group
 
     def _collect(self, submitted):

@@ -54,3 +54,25 @@ def _stopped_pids() -> list[int]:
 
     module = _FILE_MODULES.get(PLUGIN.resolve())
     return list(getattr(module, "STOPPED", []))
+
+
+def test_a_recipe_asking_for_resources_the_cluster_lacks_is_named(tiny_model_root, ray_session, tmp_path, capfd):
+    """A rollout actor asking for a GPU on a CPU-only cluster waits for resources forever in Ray:
+    the watchdog says what it asks for and what is free, then stops the start-up."""
+    from rl.online import OnlineRun
+    from rl.workers import WorkerStalled
+
+    recipe = load_recipe(None, [
+        f"model.path={tiny_model_root / 'model'}", f"data.train={tiny_model_root / 'data' / 'train.jsonl'}",
+        f"data.test={tiny_model_root / 'data' / 'test.jsonl'}", "rollout.max_model_len=64", "rollout.max_new_tokens=6",
+        "rollout.num_gpus_per_actor=1", "logging.progress=false", f"output_dir={tmp_path / 'run'}",
+        "watchdog.warn_seconds=1", "watchdog.stop_seconds=4", "watchdog.first_call_factor=1",
+    ])
+    run = OnlineRun(recipe)
+    try:
+        with pytest.raises(WorkerStalled, match=r"rollout actor\(s\) \[0\] in 'ready'"):
+            run.start_workers()
+    finally:
+        run.stop_workers()
+    err = capfd.readouterr().err
+    assert "0 GPU free; each actor asks for 1 CPU, 1 GPU" in err, err[-2000:]
