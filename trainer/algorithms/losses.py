@@ -368,9 +368,10 @@ def logprobs_and_entropy(logits: Tensor, labels: Tensor, with_entropy: bool = Tr
     out = []
     with torch.no_grad():
         for c, l in zip(logits.detach().split(chunk_rows), lse.detach().split(chunk_rows)):
-            if torch.isinf(c).any():
-                out.append(entropy_from_logits(c))
-                continue
             p = (c - l[:, None]).exp_()  # softmax, in place of the difference
-            out.append(l - torch.bmm(p[:, None, :], c[:, :, None]).view(-1))
+            h = l - torch.bmm(p[:, None, :], c[:, :, None]).view(-1)
+            bad = torch.isnan(h)  # a -inf logit makes 0 * -inf: those rows take the exact formula
+            if bad.any():
+                h[bad] = entropy_from_logits(c[bad])
+            out.append(h)
     return logprobs, torch.cat(out) if out else lse.detach()
