@@ -104,11 +104,7 @@ def run_eval(recipe: Recipe, k: int = 1, temperature: float | None = None, out_p
     """Evaluate the recipe's policy (or the one in ``checkpoint``) on its held-out set (greedy when k == 1)."""
     import tempfile
 
-    from rl.prepare import engine_spec, load_task, prepare_policy
-    from rl.prepare import sampling as greedy_sampling_for
-
-    def greedy_sampling(r):
-        return greedy_sampling_for(r, 0, 1, greedy=True)
+    from rl.prepare import engine_spec, load_task, prepare_policy, sampling as training_sampling
     from rl.workers import RolloutGroup, Watchdog, init_ray
 
     task = load_task(recipe)
@@ -126,7 +122,7 @@ def run_eval(recipe: Recipe, k: int = 1, temperature: float | None = None, out_p
                 transport = serve_policy(policy, rollout, task.test_set.prompt_token_ids, recipe.model.dtype, recipe.model.trust_remote_code)
             temp = temperature if temperature is not None else (0.0 if k == 1 else ro.temperature)
             if k == 1 and temp == 0:  # the training run's own held-out setting
-                sampling = greedy_sampling(recipe)
+                sampling = training_sampling(recipe, 0, 1, greedy=True)
             else:
                 sampling = SamplingSpec(n=k, max_new_tokens=recipe.eval.max_new_tokens or ro.max_new_tokens, temperature=temp,
                                         top_p=1.0 if temp == 0 else ro.top_p, seed=recipe.seed)

@@ -23,6 +23,7 @@ from typing import Optional
 from rl import checkpoint as ckpt
 from rl.config import Recipe, recipe_to_yaml
 from rl.metrics import MetricsLogger
+from rl.workers import WorkerStalled
 
 
 class Interrupted(SystemExit):
@@ -47,6 +48,7 @@ class Run:
         self.resume_state: Optional[dict] = None  # set (with resume_from) by runs that can resume
         self.resume_from: Optional[Path] = None
         self.trainer = None
+        self._logger: Optional[MetricsLogger] = None  # while fit() runs: lines go above the progress bar
 
     # ------------------------------------------------------------------ hooks
 
@@ -104,7 +106,7 @@ class Run:
         return str(path)
 
     def print(self, text: str) -> None:
-        (self._logger.print if getattr(self, "_logger", None) else print)(f"{self.log_prefix} {text}")
+        (self._logger.print if self._logger else print)(f"{self.log_prefix} {text}")
 
     def fit(self) -> dict:
         r = self.recipe
@@ -125,12 +127,9 @@ class Run:
             self._begin(summary, logger)
             try:
                 self._loop(summary, logger, stop_signal)
-            except Exception as e:
-                from rl.workers import WorkerStalled
-
-                if isinstance(e, WorkerStalled):  # nothing more to save: the last checkpoint stays as it is
-                    kept = ckpt.complete_checkpoints(self.run_dir)
-                    summary.update(steps=self.step, stopped_by=f"{type(e).__name__}: {e}", checkpoint=str(kept[-1]) if kept else None)
+            except WorkerStalled as e:  # nothing more to save: the last checkpoint stays as it is
+                kept = ckpt.complete_checkpoints(self.run_dir)
+                summary.update(steps=self.step, stopped_by=f"{type(e).__name__}: {e}", checkpoint=str(kept[-1]) if kept else None)
                 raise
             if r.eval.after:
                 ev = self.evaluate()

@@ -69,12 +69,13 @@ class Watchdog:
 
 
 # What to check when a call of this kind stalls.
+_RANKS_HINT = "a trainer rank: DeepSpeed collectives wait for every rank, so one slow or dead rank holds all"
 _HINTS = {
     "ready": "start-up: loading the model, starting the engine; on a cluster, whether the resources this group asks for exist",
     "generate": "the vLLM engine (its log above, or `ray logs`): memory for the KV cache (rollout.cpu_kvcache_gib), max_model_len",
     "load_weights": "the weight transport between the trainer and the engines",
-    "train_step": "a trainer rank: DeepSpeed collectives wait for every rank, so one slow or dead rank holds all",
-    "train_pairs": "a trainer rank: DeepSpeed collectives wait for every rank, so one slow or dead rank holds all",
+    "train_step": _RANKS_HINT,
+    "train_pairs": _RANKS_HINT,
     "publish_weights": "trainer rank 0 writing the policy for the engines (disk space of the transport's directory)",
 }
 
