@@ -99,9 +99,37 @@ class WatchdogConfig(Section):
                                      "(start-up, engine start, the first step).")
 
 
+class ClusterConfig(Section):
+    """Where the actors run and how weights reach the engines (rl.placement)."""
+
+    placement: Literal["pack", "spread", "strict_pack", "strict_spread"] = Field(
+        "pack", description="Ray placement-group strategy over one bundle per trainer rank and per rollout actor: `pack` "
+        "fills as few nodes as possible, `spread` spreads over nodes, `strict_*` require it.")
+    placement_timeout_s: float = Field(
+        60.0, gt=0.0, description="Stop before training when the cluster cannot hold every bundle within this time "
+        "(the error names what is missing).")
+    node_loss_wait_s: float = Field(
+        30.0, gt=0.0, description="After an actor's node dies: how long a rollout actor may take to come back on another "
+        "node before the run stops (last checkpoint intact, resume=auto continues).")
+    weight_transport: Literal["auto", "shared_file", "object_store"] = Field(
+        "auto", description="How weights travel to the engines. `auto`: `shared_file` (a RAM-backed file, one node) when "
+        "every engine shares trainer rank 0's node, else `object_store` (Ray's object store, across nodes).")
+
+
 class LoggingConfig(Section):
     tensorboard: bool = True
     progress: bool = True
+    verbose: bool = Field(False, description="Show the engines', trainer ranks' and Ray's own logs on the terminal (`rl train -v`). "
+                          "Otherwise they go to <run_dir>/logs/ and the terminal holds the run's lines, the progress bar, "
+                          "warnings and errors.")
+    wandb: bool = Field(False, description="Also log to Weights & Biases (the `trackers` extra). Offline by default: no account needed; "
+                        "`wandb sync <run_dir>/wandb/offline-run-*` uploads later.")
+    wandb_project: str = "rl-post-train"
+    wandb_mode: Literal["offline", "online"] = "offline"
+    mlflow: bool = Field(False, description="Also log to MLflow (the `trackers` extra), by default into a local file store "
+                         "in the run directory (`mlflow ui --backend-store-uri <run_dir>/mlruns`).")
+    mlflow_tracking_uri: Optional[str] = Field(None, description="An MLflow server or store; unset: file:<run_dir>/mlruns.")
+    mlflow_experiment: str = "rl-post-train"
 
 
 class Recipe(Section):
@@ -129,6 +157,7 @@ class Recipe(Section):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     watchdog: WatchdogConfig = Field(default_factory=WatchdogConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
 
     @model_validator(mode="after")
     def _check_async(self) -> "Recipe":

@@ -1,4 +1,5 @@
-"""Where a run's numbers go: one JSON line per step (``metrics.jsonl``), TensorBoard, a progress bar."""
+"""Where a run's numbers go: one JSON line per step (``metrics.jsonl``), TensorBoard, W&B and MLflow
+(optional, offline by default), a progress bar."""
 
 from __future__ import annotations
 
@@ -47,9 +48,78 @@ class PhaseTimer:
         return {f"time_{k}": v for k, v in self.seconds.items()}
 
 
+class WandbTracker:
+    """One W&B run per run directory (a resumed run continues it); the resolved recipe is its config."""
+
+    def __init__(self, run_dir: Path, name: str, config: dict, project: str, mode: str):
+        import wandb
+
+        run_id = "rl-" + __import__("hashlib").sha1(str(run_dir.resolve()).encode()).hexdigest()[:12]
+        self.run = wandb.init(project=project, name=name, id=run_id, resume="allow", dir=str(run_dir), config=config,
+                              mode=mode, settings=wandb.Settings(silent=True, console="off"))
+
+    def log(self, step: int, kind: str, values: dict[str, float]) -> None:
+        self.run.log({f"{kind}/{k}": v for k, v in values.items()}, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class MlflowTracker:
+    """One MLflow run; by default in a file store inside the run directory (no server)."""
+
+    def __init__(self, run_dir: Path, name: str, config: dict, uri: Optional[str], experiment: str):
+        import mlflow
+
+        if uri is None:
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 asks for an opt-in to its file store
+        self.client = mlflow.MlflowClient(tracking_uri=uri or (run_dir.resolve() / "mlruns").as_uri())
+        exp = self.client.get_experiment_by_name(experiment)
+        exp_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
+        self.run_id = self.client.create_run(exp_id, run_name=name).info.run_id
+        flat = _flatten(config)
+        for i in range(0, len(flat), 100):  # MLflow takes at most 100 params per batch, values <= 6000 chars
+            self.client.log_batch(self.run_id, params=[mlflow.entities.Param(k, str(v)[:6000]) for k, v in list(flat.items())[i:i + 100]])
+        self.client.log_dict(self.run_id, config, "recipe.resolved.json")
+
+    def log(self, step: int, kind: str, values: dict[str, float]) -> None:
+        import mlflow
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[mlflow.entities.Metric(f"{kind}/{k}", v, now, step) for k, v in values.items()])
+
+    def close(self) -> None:
+        self.client.set_terminated(self.run_id)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def make_trackers(run_dir: Path, name: str, config: dict, logging_cfg) -> list:
+    """The external trackers the recipe's ``logging`` section asks for."""
+    trackers = []
+    try:
+        if logging_cfg.wandb:
+            trackers.append(WandbTracker(run_dir, name, config, logging_cfg.wandb_project, logging_cfg.wandb_mode))
+        if logging_cfg.mlflow:
+            trackers.append(MlflowTracker(run_dir, name, config, logging_cfg.mlflow_tracking_uri, logging_cfg.mlflow_experiment))
+    except ImportError as e:
+        raise ImportError(f"logging.wandb / logging.mlflow need the trackers: pip install -e '.[trackers]' ({e})") from e
+    return trackers
+
+
 class MetricsLogger:
     def __init__(self, run_dir: Path, total_steps: int, tensorboard: bool = True, progress: bool = True, start_step: int = 0,
-                 label: str = "GRPO"):
+                 label: str = "GRPO", trackers: Optional[list] = None):
+        self.trackers = list(trackers or [])  # WandbTracker / MlflowTracker: same rows as metrics.jsonl
         self.path = run_dir / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self.path, "a", buffering=1)
@@ -79,10 +149,12 @@ class MetricsLogger:
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         os.fsync(self._file.fileno())
+        numbers = {k: v for k, v in clean.items() if isinstance(v, float)}
         if self._tb is not None:
-            for k, v in clean.items():
-                if isinstance(v, float):
-                    self._tb.add_scalar(f"{kind}/{k}", v, step)
+            for k, v in numbers.items():
+                self._tb.add_scalar(f"{kind}/{k}", v, step)
+        for tracker in self.trackers:
+            tracker.log(step, kind, numbers)
         if self._progress is not None and kind == "train":
             if "reward_mean" in metrics:
                 info = f"reward {metrics['reward_mean']:.3f}  acc {metrics.get('accuracy', float('nan')):.3f}"
@@ -92,7 +164,7 @@ class MetricsLogger:
 
     def print(self, text: str) -> None:
         if self._progress is not None:
-            self._progress.console.print(text)
+            self._progress.console.print(text, markup=False, highlight=False)  # "[rl]" is not a style tag
         else:
             print(text, flush=True)
 
@@ -102,6 +174,9 @@ class MetricsLogger:
             self._progress = None
         if self._tb is not None:
             self._tb.close()
+        for tracker in self.trackers:
+            tracker.close()
+        self.trackers = []
         self._file.close()
 
 

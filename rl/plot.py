@@ -15,16 +15,34 @@ PANELS = [
     ("response_length", "train", "response length (tokens)"),
     ("time_step", "train", "step time (s)"),
 ]
+# One run's own picture (``curves.png``, written when a run finishes): also entropy and where each step's time goes.
+RUN_PANELS = [*PANELS[:5], ("entropy", "train", "entropy (nats/token)"), ("time_step", "train", "step time (s)"),
+              (("time_generate", "time_reward", "time_train", "time_weight_sync"), "train", "step time split (s)")]
+DPO_PANELS = [("loss", "train", "DPO loss"), ("reward_accuracy", "train", "reward accuracy (train)"),
+              ("reward_accuracy", "eval", "reward accuracy (held-out)"), ("reward_margin", "train", "reward margin"),
+              ("time_step", "train", "step time (s)"), ("loss", "eval", "held-out loss")]
 
 
-def plot_runs(run_dirs: list[str], out: str, x: str = "step", labels: list[str] | None = None) -> Path:
-    """One PNG with a panel per metric; each run is a line. ``x`` is ``step`` or ``rollouts`` (cumulative)."""
+def plot_run_curves(run_dir: Path) -> Path:
+    """``run_dir/curves.png``: the run's reward, accuracy, KL, entropy, length and step-time split."""
+    rows = read_metrics(Path(run_dir), "train")
+    online = any("reward_mean" in r for r in rows) or not rows
+    panels = RUN_PANELS if online else DPO_PANELS
+    return plot_runs([str(run_dir)], str(Path(run_dir) / "curves.png"), panels=panels, labels=[Path(run_dir).name])
+
+
+def plot_runs(run_dirs: list[str], out: str, x: str = "step", labels: list[str] | None = None, panels=PANELS) -> Path:
+    """One PNG with a panel per metric; each run is a line. ``x`` is ``step`` or ``rollouts`` (cumulative).
+    A panel's key may be a tuple of keys: one line per key (and run)."""
+    import math
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+    cols = math.ceil(len(panels) / 2)
+    fig, axes = plt.subplots(2, cols, figsize=(5 * cols, 8))
     for i, run in enumerate(run_dirs):
         label = labels[i] if labels else Path(run).name
         train = read_metrics(Path(run), "train")
@@ -36,15 +54,17 @@ def plot_runs(run_dirs: list[str], out: str, x: str = "step", labels: list[str] 
         for row in train:
             total += row.get("rollouts") or 0.0
             cum[row["step"]] = total
-        for ax, (key, kind, title) in zip(axes.flat, PANELS):
-            rows = [r for r in (train if kind == "train" else evals) if r.get(key) is not None]
-            if not rows:
-                continue
-            xs = [cum.get(r["step"], 0.0) if x == "rollouts" else r["step"] for r in rows]
-            ax.plot(xs, [r[key] for r in rows], marker="o" if kind == "eval" else None, markersize=3, label=label)
-            ax.set_title(title)
-            ax.set_xlabel("rollouts" if x == "rollouts" else "step")
-    for ax, (key, kind, title) in zip(axes.flat, PANELS):
+        for ax, (keys, kind, title) in zip(axes.flat, panels):
+            for key in (keys if isinstance(keys, tuple) else (keys,)):
+                rows = [r for r in (train if kind == "train" else evals) if r.get(key) is not None]
+                if not rows:
+                    continue
+                xs = [cum.get(r["step"], 0.0) if x == "rollouts" else r["step"] for r in rows]
+                line_label = f"{label}: {key.removeprefix('time_')}" if isinstance(keys, tuple) else label
+                ax.plot(xs, [r[key] for r in rows], marker="o" if kind == "eval" else None, markersize=3, label=line_label)
+                ax.set_title(title)
+                ax.set_xlabel("rollouts" if x == "rollouts" else "step")
+    for ax, (key, kind, title) in zip(axes.flat, panels):
         if ax.lines:
             ax.legend(fontsize=7)
             ax.grid(alpha=0.3)

@@ -20,10 +20,27 @@ import time
 from pathlib import Path
 from typing import Optional
 
+import yaml
+
 from rl import checkpoint as ckpt
 from rl.config import Recipe, recipe_to_yaml
-from rl.metrics import MetricsLogger
+from rl.metrics import MetricsLogger, make_trackers
 from rl.workers import WorkerStalled
+
+
+RUN_STATUS = "run.json"  # what `rl runs` reads: status, pid and host while running, the reason when stopped
+
+
+def write_run_status(run_dir: Path, status: str, reason: Optional[str] = None) -> None:
+    import os
+    import socket
+
+    info = {"status": status, "pid": os.getpid(), "host": socket.gethostname(), "updated": time.time()}
+    if reason:
+        info["reason"] = reason
+    tmp = Path(run_dir) / (RUN_STATUS + ".tmp")
+    tmp.write_text(json.dumps(info))
+    os.replace(tmp, Path(run_dir) / RUN_STATUS)
 
 
 class Interrupted(SystemExit):
@@ -48,6 +65,9 @@ class Run:
         self.resume_state: Optional[dict] = None  # set (with resume_from) by runs that can resume
         self.resume_from: Optional[Path] = None
         self.trainer = None
+        self.placement = None  # rl.placement.Placement: where the actors run, while they do
+        # Each actor's own output (vLLM, DeepSpeed, Ray worker lines) goes here unless logging.verbose.
+        self.log_dir = None if recipe.logging.verbose or not recipe.use_ray else str((self.run_dir / "logs").resolve())
         self._logger: Optional[MetricsLogger] = None  # while fit() runs: lines go above the progress bar
 
     # ------------------------------------------------------------------ hooks
@@ -115,10 +135,13 @@ class Run:
         start_step = int(self.resume_state["step"]) if self.resume_state else 0
         if self.resume_state:
             ckpt.truncate_metrics(self.run_dir, start_step)  # steps after the checkpoint are redone: logged once
+        trackers = make_trackers(self.run_dir, r.name, yaml.safe_load(recipe_to_yaml(r)), r.logging)
         logger = self._logger = MetricsLogger(self.run_dir, self.total_steps, tensorboard=r.logging.tensorboard,
-                                              progress=r.logging.progress, start_step=start_step, label=self.progress_label)
+                                              progress=r.logging.progress, start_step=start_step, label=self.progress_label,
+                                              trackers=trackers)
         self.print(self.header())
         summary: dict = {"name": r.name, "run_dir": str(self.run_dir)}
+        write_run_status(self.run_dir, "running")
         try:
             t0 = time.perf_counter()
             self.start_workers()
@@ -141,6 +164,10 @@ class Run:
             if summary.get("checkpoint"):
                 self.after_checkpoint(summary["checkpoint"], summary)  # again: now with the final evaluation
             summary["steps"] = self.step
+            summary["status"] = "finished"
+        except BaseException as e:
+            self._record_stop(summary, e)
+            raise
         finally:
             logger.close()
             self._logger = None
@@ -148,7 +175,9 @@ class Run:
             self._restore_signal_handlers()
             if "steps" in summary:
                 summary["total_seconds"] = time.time() - self.started
+                summary["curves"] = self._draw_curves()
                 (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            write_run_status(self.run_dir, summary.get("status", "failed"), summary.get("reason"))
         for line in self._summary_lines(summary):
             self.print(line)
         return summary
@@ -185,10 +214,35 @@ class Run:
             self.print(f"{name}: checkpoint at step {self.step} in {summary['checkpoint']}; continue with resume=auto")
             raise Interrupted(stop_signal[0])
 
+    def _record_stop(self, summary: dict, e: BaseException) -> None:
+        """Why the run did not finish, and how to continue it, in its summary."""
+        kept = ckpt.complete_checkpoints(self.run_dir)
+        summary.setdefault("steps", self.step)
+        summary.setdefault("checkpoint", str(kept[-1]) if kept else None)
+        if isinstance(e, Interrupted):
+            summary.update(status="interrupted", reason=summary.get("interrupted_by", "signal"))
+        else:
+            summary.update(status="failed", reason=summary.get("stopped_by") or f"{type(e).__name__}: {e}")
+        summary["resume"] = (f"run the same command with resume=auto output_dir={self.run_dir} to continue from "
+                             f"{summary['checkpoint']}" if summary["checkpoint"] else "no checkpoint was written: start again")
+
+    def _draw_curves(self) -> Optional[str]:
+        """``curves.png`` in the run directory; a plotting failure costs the picture, never the run."""
+        from rl.plot import plot_run_curves
+
+        try:
+            return str(plot_run_curves(self.run_dir))
+        except Exception as e:  # noqa: BLE001 - e.g. no metrics rows yet
+            print(f"{self.log_prefix} no curves.png: {type(e).__name__}: {e}")
+            return None
+
     def _summary_lines(self, s: dict) -> list[str]:
         head = f"done: {s['name']} ({s['steps']} steps in {s.get('train_seconds', 0):.0f} s of training, {s['total_seconds']:.0f} s in all)"
         tail = f"checkpoint: {s.get('checkpoint')}   metrics: {s['run_dir']}/metrics.jsonl   summary: {s['run_dir']}/summary.json"
-        return [head, *self.summary_lines(s), tail]
+        extra = [f"curves: {s['curves']}"] if s.get("curves") else []
+        if self.log_dir:
+            extra.append(f"engine and trainer logs: {self.log_dir}/ (rollout-<i>.log, trainer-rank<r>.log; logging.verbose=true shows them here)")
+        return [head, *self.summary_lines(s), tail, *extra]
 
     def _install_stop_handlers(self) -> list:
         """SIGTERM and SIGINT ask the loop to stop after the current step (the list gets the signal)."""

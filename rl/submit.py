@@ -1,4 +1,5 @@
-"""``rl submit RECIPE [overrides] --address http://HEAD:8265``: run a recipe as a Ray Job.
+"""``rl submit RECIPE [overrides] --address http://HEAD:8265``: run a recipe as a Ray Job;
+``rl status|logs|stop JOB --address ...`` follow or stop it.
 
 The recipe is validated here first (fields and types; paths are the cluster's, so they are not
 checked locally). The project directory travels as the job's ``working_dir`` (without the venv,
@@ -29,25 +30,71 @@ def _use_local_auth_token() -> None:
     maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
 
 
+class JobsUnreachable(ConnectionError):
+    """No Ray Jobs server answers at the address."""
+
+
+def client(address: str, timeout_s: float = 30.0):
+    """A Jobs client for ``address``; a clear error when nothing answers there (instead of a stack of retries)."""
+    import urllib.error
+    import urllib.request
+
+    from ray.job_submission import JobSubmissionClient
+
+    _use_local_auth_token()
+    deadline = time.time() + timeout_s
+    while True:
+        try:
+            urllib.request.urlopen(f"{address.rstrip('/')}/api/version", timeout=5).read()
+            break
+        except urllib.error.HTTPError:
+            break  # something answers: the client says what
+        except (urllib.error.URLError, OSError) as e:
+            if time.time() > deadline:
+                raise JobsUnreachable(f"no Ray Jobs server answers at {address} ({getattr(e, 'reason', e)}): is the "
+                                      "cluster's head up, and is this its dashboard address (ray start --head "
+                                      "--include-dashboard=true, port 8265 by default)?") from None
+            time.sleep(1.0)
+    return JobSubmissionClient(address)
+
+
+def job_status(address: str, job_id: str) -> str:
+    return str(client(address).get_job_status(job_id)).split(".")[-1]
+
+
+def job_logs(address: str, job_id: str) -> str:
+    return client(address).get_job_logs(job_id)
+
+
+def stop_job(address: str, job_id: str, timeout_s: float = 120.0) -> str:
+    """Ask the job to stop (its run gets SIGTERM: a checkpoint is written) and wait until it has; returns its status."""
+    c = client(address)
+    c.stop_job(job_id)
+    deadline = time.time() + timeout_s
+    while (status := str(c.get_job_status(job_id)).split(".")[-1]) not in TERMINAL and time.time() < deadline:
+        time.sleep(1.0)
+    return status
+
+
 def submit(recipe: str, overrides: list[str], address: str, wait: bool = True, timeout_s: float = 24 * 3600,
            python: str = "python") -> tuple[str, str]:
     """Submit; with ``wait``, stream the job's logs until it ends. Returns (job id, final status).
 
     ``python`` is the interpreter on the cluster that has this project's dependencies.
     """
-    from ray.job_submission import JobSubmissionClient
-
     load_recipe(recipe, overrides, check_paths=False)
-    _use_local_auth_token()
+    jobs = client(address)
     recipe_arg = str(Path(recipe).resolve().relative_to(ROOT)) if Path(recipe).resolve().is_relative_to(ROOT) else recipe
     entrypoint = " ".join([shlex.quote(python), "-m", "rl.cli", "train", shlex.quote(recipe_arg), *map(shlex.quote, overrides)])
     give_up = time.time() + 180  # a freshly started head needs a few seconds before its job agent answers
     while True:
         try:
-            client = JobSubmissionClient(address)
-            job_id = client.submit_job(
+            job_id = jobs.submit_job(
                 entrypoint=entrypoint,
-                runtime_env={"working_dir": str(ROOT), "excludes": EXCLUDES, "env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
+                runtime_env={"working_dir": str(ROOT), "excludes": EXCLUDES, "env_vars": {
+                    "TOKENIZERS_PARALLELISM": "false",
+                    # `rl stop` sends SIGTERM: give the run time to finish its step and checkpoint (Ray's default is 3 s).
+                    "RAY_JOB_STOP_WAIT_TIME_S": "120"}},
                 metadata={"recipe": recipe_arg},
             )
             break
@@ -57,11 +104,11 @@ def submit(recipe: str, overrides: list[str], address: str, wait: bool = True, t
             time.sleep(2.0)
     print(f"[rl] submitted {job_id} to {address}: {entrypoint}", flush=True)
     if not wait:
-        return job_id, str(client.get_job_status(job_id))
+        return job_id, job_status(address, job_id)
     printed, deadline = 0, time.time() + timeout_s
     while True:
-        status = str(client.get_job_status(job_id)).split(".")[-1]
-        logs = client.get_job_logs(job_id)
+        status = str(jobs.get_job_status(job_id)).split(".")[-1]
+        logs = jobs.get_job_logs(job_id)
         print(logs[printed:], end="", flush=True)
         printed = len(logs)
         if status in TERMINAL or time.time() > deadline:

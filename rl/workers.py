@@ -28,11 +28,16 @@ from trainer.stats import reduce_stats
 from trainer.types import PreferencePairs, TrainBatch
 
 
-def init_ray(num_cpus_needed: float) -> None:
+def init_ray(num_cpus_needed: float, verbose: bool = True) -> None:
+    """``verbose=False``: the actors' output is not forwarded to this terminal (each actor writes its own log file)."""
     import ray
 
     if ray.is_initialized():
         return
+    if not verbose:  # a notice at every start, not a fault: the private cluster keeps Ray's token
+        import logging
+
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     # Inside a Ray job (RAY_ADDRESS set) join that cluster; otherwise always start a private local
     # one, never attach to another run's leftovers.
     joining = "RAY_ADDRESS" in os.environ
@@ -40,7 +45,7 @@ def init_ray(num_cpus_needed: float) -> None:
         address=None if joining else "local",
         num_cpus=None if joining else max(int(math.ceil(num_cpus_needed)), os.cpu_count() or 1),
         include_dashboard=False,
-        log_to_driver=True,
+        log_to_driver=verbose,
         configure_logging=False,
         # A job brings its own runtime env (rl submit sets it); a local cluster gets ours.
         runtime_env=None if joining else {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "RAY_DEDUP_LOGS": "1"}},
@@ -55,6 +60,25 @@ def free_port() -> int:
 
 class WorkerStalled(RuntimeError):
     """An actor made no progress within the watchdog's hard limit; the run stops, its last checkpoint intact."""
+
+
+class NodeLost(WorkerStalled):
+    """A node holding some of the run's actors died and they could not come back elsewhere: the run
+    stops like a stall, its last checkpoint intact, and ``resume=auto`` continues it."""
+
+
+def lost_nodes(ips: Sequence[str], wait_s: float = 0.0) -> list[str]:
+    """Those of ``ips`` that Ray no longer counts as alive nodes. Ray marks a node dead a few seconds
+    after its processes die (missed health checks), so ``wait_s`` gives it that long."""
+    import ray
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        alive = {n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]}
+        lost = sorted({ip for ip in ips if ip and ip not in alive})
+        if lost or time.monotonic() >= deadline:
+            return lost
+        time.sleep(1.0)
 
 
 @dataclasses.dataclass
@@ -80,17 +104,37 @@ _HINTS = {
 }
 
 
+def _asks(num_cpus: float, num_gpus: float, resources: Optional[dict]) -> str:
+    extra = "".join(f", {v:g} {k}" for k, v in (resources or {}).items())
+    return f"{num_cpus:g} CPU, {num_gpus:g} GPU{extra}"
+
+
 class _Group:
     """A list of workers called alike, remote (Ray actors) or local. Every wait on a remote call
     goes through the watchdog (``wait_for``), so a stalled actor is named, never silently waited on."""
 
     label = "worker"
+    max_restarts = 0  # times Ray restarts a dead actor of this group
 
-    def __init__(self, workers: list, remote: bool, watchdog: Optional[Watchdog] = None, resources: str = ""):
+    def __init__(self, workers: list, remote: bool, watchdog: Optional[Watchdog] = None, resources: str = "",
+                 node_ips: Sequence[str] = (), node_loss_wait_s: float = 30.0):
         self.workers, self.remote = workers, remote
         self.watchdog = watchdog or Watchdog()
         self.resources = resources  # what each actor asks Ray for, for the messages
+        self.node_ips = list(node_ips)  # the node each actor was placed on (rl.placement), when known
+        self.node_loss_wait_s = node_loss_wait_s
         self._called: set[str] = set()
+
+    def _node_lost(self, indices: Sequence[int], method: str, wait_s: float) -> Optional[NodeLost]:
+        """A NodeLost naming the dead node(s) of these actors, or None if their nodes are alive."""
+        ips = [self.node_ips[i] for i in indices if 0 <= i < len(self.node_ips)]
+        lost = lost_nodes(ips, wait_s) if ips else []
+        if not lost:
+            return None
+        who = [i for i in indices if 0 <= i < len(self.node_ips) and self.node_ips[i] in lost]
+        return NodeLost(f"node {', '.join(lost)} was lost: {self.label} actor(s) {who} died there in {method!r} and could "
+                        "not be placed again (no node has the resources left); the run stops with its last checkpoint. "
+                        "Continue with resume=auto once the cluster has the resources again")
 
     def wait_for(self, refs: list, method: str, indices: Sequence[int]) -> list:
         """``ray.get(refs)``, saying on the terminal what is still pending while it takes long."""
@@ -118,7 +162,15 @@ class _Group:
                       f"the run stops at {stop:.0f} s", file=sys.stderr, flush=True)
                 next_warn += warn
         self._called.add(method)
-        return ray.get(refs)
+        try:
+            return ray.get(refs)
+        except ray.exceptions.RayActorError:
+            if self.max_restarts:
+                raise  # the group restarts its actors, and names a lost node only if that fails
+            lost = self._node_lost(indices, method, self.node_loss_wait_s)
+            if lost is not None:
+                raise lost from None
+            raise
 
     def _gather(self, calls: list[tuple[Any, str, tuple]]) -> list:
         return self._collect(self._submit(calls))
@@ -177,7 +229,11 @@ class RolloutGroup(_Group):
 
     @classmethod
     def create(cls, spec: EngineSpec, num_actors: int, use_ray: bool, num_cpus: float = 1.0, num_gpus: float = 0.0,
-               max_restarts: int = 3, watchdog: Optional[Watchdog] = None):
+               max_restarts: int = 3, watchdog: Optional[Watchdog] = None, resources: Optional[dict] = None,
+               placement: Optional[list[dict]] = None, group_nodes: Optional[dict] = None, log_dir: Optional[str] = None):
+        """``placement``: each actor's scheduling options (its placement-group bundle, ``rl.placement``);
+        ``group_nodes``: ``node_ips`` and ``node_loss_wait_s`` for naming a lost node; ``log_dir``: each
+        engine's output goes to ``<log_dir>/rollout-<i>.log`` instead of the terminal."""
         if not use_ray:
             return cls([RolloutWorker(spec) for _ in range(num_actors)], remote=False)
         import ray
@@ -185,13 +241,14 @@ class RolloutGroup(_Group):
         actor_cls = ray.remote(RolloutWorker)
         workers = [
             actor_cls.options(
-                num_cpus=num_cpus, num_gpus=num_gpus, runtime_env={"env_vars": spec.env()},
+                num_cpus=num_cpus, num_gpus=num_gpus, resources=resources or None, runtime_env={"env_vars": spec.env()},
                 max_restarts=max_restarts, max_task_retries=0,  # we retry ourselves, after restoring weights
-            ).remote(spec)
-            for _ in range(num_actors)
+                **(placement[i] if placement else {}),
+            ).remote(dataclasses.replace(spec, log_file=os.path.join(log_dir, f"rollout-{i}.log")) if log_dir else spec)
+            for i in range(num_actors)
         ]
         group = cls(workers, remote=True, max_restarts=max_restarts, watchdog=watchdog,
-                    resources=f"{num_cpus:g} CPU, {num_gpus:g} GPU")
+                    resources=_asks(num_cpus, num_gpus, resources), **(group_nodes or {}))
         try:
             group.call_all("ready")  # surface start-up errors here, not at the first step
         except BaseException:
@@ -226,13 +283,20 @@ class RolloutGroup(_Group):
         import ray
         from ray.exceptions import ActorUnavailableError, RayActorError
 
-        deadline = time.monotonic() + timeout_s
+        index = self.workers.index(worker)
+        start = time.monotonic()
         while True:
             try:
-                ray.get(worker.ready.remote(), timeout=60)
+                ray.get(worker.ready.remote(), timeout=5)
                 break
             except (RayActorError, ActorUnavailableError, ray.exceptions.GetTimeoutError):
-                if time.monotonic() > deadline:
+                waited = time.monotonic() - start
+                if waited > self.node_loss_wait_s:
+                    # Its node gone and no room elsewhere: say so instead of waiting for resources forever.
+                    lost = self._node_lost([index], "restart", 0.0)
+                    if lost is not None:
+                        raise lost from None
+                if waited > timeout_s:
                     raise
                 time.sleep(0.5)
         if self.current_handle is not None:
@@ -282,8 +346,10 @@ class TrainerGroup(_Group):
 
     @classmethod
     def create(cls, setup: TrainerSetup, num_ranks: int, use_ray: bool, num_cpus: float = 1.0, num_gpus: float = 0.0,
-               watchdog: Optional[Watchdog] = None):
-        port = setup.master_port or free_port()  # one rendezvous port for the whole group
+               watchdog: Optional[Watchdog] = None, resources: Optional[dict] = None, placement: Optional[list[dict]] = None,
+               group_nodes: Optional[dict] = None):
+        """``placement``: each rank's scheduling options; ``setup.master_addr`` must then be rank 0's node IP."""
+        port = setup.master_port or free_port()  # one rendezvous port for the whole group (free here; ranks elsewhere rarely differ)
         setups = [dataclasses.replace(setup, rank=r, world_size=num_ranks, master_port=port) for r in range(num_ranks)]
         if not use_ray:
             if num_ranks != 1:
@@ -293,8 +359,9 @@ class TrainerGroup(_Group):
 
         actor_cls = ray.remote(cls.worker_cls)
         # Not waited on here: the ranks start while the caller starts the engines (``wait_ready``).
-        return cls([actor_cls.options(num_cpus=num_cpus, num_gpus=num_gpus).remote(s) for s in setups], remote=True,
-                   watchdog=watchdog, resources=f"{num_cpus:g} CPU, {num_gpus:g} GPU")
+        ranks = [actor_cls.options(num_cpus=num_cpus, num_gpus=num_gpus, resources=resources or None,
+                                   **(placement[i] if placement else {})).remote(s) for i, s in enumerate(setups)]
+        return cls(ranks, remote=True, watchdog=watchdog, resources=_asks(num_cpus, num_gpus, resources), **(group_nodes or {}))
 
     def wait_ready(self) -> None:
         """Returns once every rank is up; surfaces start-up errors here, not at the first step."""

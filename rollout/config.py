@@ -34,6 +34,9 @@ class RolloutConfig(Section):
         "that generate at once (with asynchronous rollout, also by the trainer ranks); set num_cpus_per_actor instead "
         "to keep Ray's pinning (one thread per reserved CPU).")
     num_gpus_per_actor: float = Field(0.0, ge=0.0)
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="Custom Ray resources each rollout actor asks for, e.g. {worker: 1} to pin the "
+        "engines to nodes started with that resource.")
     max_restarts: int = Field(3, ge=0, description="Times Ray restarts a dead rollout actor; the call is then retried with the current weights.")
     max_staleness: int = Field(
         0, ge=0, description="Asynchronous rollout: generate up to k batches ahead while the trainer updates, so a batch "

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 
 @dataclass
@@ -47,6 +47,8 @@ class WeightHandle:
     # "weights": full named tensors; "sparse_delta": a sparse adapter's indices/values, added to the base in place;
     # "lora": a PEFT LoRA directory; "lora_per_prompt": a directory of LoRAs named by ``prompt_key`` (``names``).
     kind: str = "weights"
+    # The data itself, for transports that carry it (``object_store``: a Ray ObjectRef of {file name: bytes}).
+    payload: Any = None
 
 
 def prompt_key(prompt_token_ids: Sequence[int]) -> str:

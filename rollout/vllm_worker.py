@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from rollout.types import Completion, SamplingSpec, WeightHandle, prompt_key
+from rollout.weight_sync import LocalCopies
 
 
 @dataclass
@@ -30,6 +31,7 @@ class EngineSpec:
     max_lora_rank: int = 0  # > 0 serves the policy as a LoRA adapter over the base model
     max_loras: int = 1  # LoRAs in one batch (> 1: one LoRA per prompt, an Arrow policy's per-prompt routing)
     cpu_threads: int = 0  # OpenMP threads of a CPU engine; 0 leaves Ray's (one per reserved CPU)
+    log_file: Optional[str] = None  # this engine's stdout/stderr (vLLM's log) go here instead of the driver's terminal
 
     def env(self) -> dict[str, str]:
         """Environment the engine needs; must be set before vLLM is imported."""
@@ -41,8 +43,21 @@ class EngineSpec:
         return env
 
 
+def _redirect_output(path: str) -> None:
+    """Send this process's stdout and stderr (file descriptors 1 and 2, so C++ and child output too) to ``path``."""
+    from pathlib import Path
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    for target in (1, 2):
+        os.dup2(fd, target)
+    os.close(fd)
+
+
 class RolloutWorker:
     def __init__(self, spec: EngineSpec):
+        if spec.log_file:
+            _redirect_output(spec.log_file)
         for k, v in spec.env().items():
             os.environ.setdefault(k, v)
         from vllm import LLM  # imported late: the environment above must be in place first
@@ -67,6 +82,7 @@ class RolloutWorker:
         self._lora_loads = 0
         self.startup_seconds = time.perf_counter() - t0
         self.weight_version = 0
+        self.local_copies = LocalCopies()  # versions that crossed nodes, pulled into this node's RAM
 
     def peak_rss_gib(self) -> float:
         """This actor's peak resident memory: the engine, its KV cache and the weights it holds."""
@@ -76,6 +92,12 @@ class RolloutWorker:
 
     def ready(self) -> dict:
         return {"startup_seconds": self.startup_seconds, "pid": os.getpid()}
+
+    def close(self) -> None:
+        self.local_copies.close()
+
+    def local_copies_dir(self) -> str:
+        return str(self.local_copies.directory)
 
     def _sampling_params(self, sampling: SamplingSpec, seed: Optional[int], **extra):
         from vllm import SamplingParams
@@ -166,8 +188,9 @@ class RolloutWorker:
         A sparse adapter (kind ``sparse_delta``) arrives as indices/values; the worker adds it to
         its copy of the base values of the touched weights and reloads those weights in place.
         """
+        t0 = time.perf_counter()
+        handle = self.local_copies.localize(handle)
         if handle.kind in ("lora", "lora_per_prompt"):
-            t0 = time.perf_counter()
             old = [self.lora_request, *self.prompt_loras.values()]
             if handle.kind == "lora_per_prompt":
                 self.lora_request = None
@@ -178,8 +201,11 @@ class RolloutWorker:
                 if lora is not None:
                     self.llm.llm_engine.remove_lora(lora.lora_int_id)
             self.weight_version = handle.version
+            self.local_copies.loaded()
             return time.perf_counter() - t0
         method = "rl_load_sparse_delta" if handle.kind == "sparse_delta" else "rl_load_weights"
-        seconds = self.llm.collective_rpc(method, args=(dataclasses.asdict(handle),))
+        self.llm.collective_rpc(method, args=(dataclasses.asdict(handle),))
         self.weight_version = handle.version
-        return max(seconds)
+        self.local_copies.loaded()
+        return time.perf_counter() - t0
+

@@ -16,8 +16,12 @@ by ``prompt_key``, one per prompt).
 
 ``shared_file`` writes one safetensors file (or LoRA directory) to a RAM-backed directory
 (``/dev/shm`` when it exists): works for every process on one node, CPU or GPU, and costs
-~0.3 s per 50M fp32 parameters here. A multi-node or NCCL-broadcast transport plugs in beside it
-via ``register_transport``.
+~0.3 s per 50M fp32 parameters here.
+
+``object_store`` puts each version once into Ray's object store from trainer rank 0 (its owner);
+each rollout actor pulls it to its own node (``localize``) and reads it from a node-local RAM file
+like ``shared_file``: works across nodes, CPU or GPU. ``rl.placement`` picks between the two from
+where the actors were placed. Others (an NCCL broadcast) plug in via ``register_transport``.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from typing import Callable, Iterable, Iterator, Protocol, Sequence
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import save as save_bytes
 from safetensors.torch import save_file
 
 from rollout.types import WeightHandle, prompt_key
@@ -134,6 +139,93 @@ class SharedFileTransport:
             shutil.rmtree(handle.location, ignore_errors=True)
         else:
             Path(handle.location).unlink(missing_ok=True)
+
+    def close(self) -> None:
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+@register_transport("object_store")
+class ObjectStoreTransport:
+    """Each version is one object in Ray's object store: {file name: bytes} of the same files
+    ``shared_file`` would write. Needs a Ray worker on both sides (trainer rank 0 puts; the rollout
+    actor gets, in ``localize``); the object lives while the trainer holds the handle (``release``)."""
+
+    def __init__(self, directory: str | os.PathLike | None = None):
+        self._staging = SharedFileTransport(directory)  # LoRA directories are written here, then packed
+
+    def _put(self, files: dict[str, bytes], handle: WeightHandle) -> WeightHandle:
+        import numpy as np
+        import ray
+
+        # uint8 arrays travel without a copy through the object store (bytes would be copied once more).
+        handle.payload = ray.put({name: np.frombuffer(data, dtype=np.uint8) for name, data in files.items()})
+        handle.transport = self.name
+        return handle
+
+    def publish(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int, kind: str = "weights") -> WeightHandle:
+        tensors = {name: t.detach().to("cpu").contiguous() for name, t in named_tensors}
+        handle = WeightHandle(version=version, transport=self.name, location="policy.safetensors", kind=kind, names=list(tensors),
+                              num_bytes=sum(t.numel() * t.element_size() for t in tensors.values()))
+        return self._put({handle.location: save_bytes(tensors)}, handle)
+
+    def _packed(self, handle: WeightHandle) -> WeightHandle:
+        """Pack a directory the staging transport wrote, and remove it."""
+        root = Path(handle.location)
+        files = {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+        shutil.rmtree(root, ignore_errors=True)
+        handle.location = root.name
+        return self._put(files, handle)
+
+    def publish_lora(self, version: int, write: Callable[[Path], int]) -> WeightHandle:
+        return self._packed(self._staging.publish_lora(version, write))
+
+    def publish_prompt_loras(self, version: int, prompts: Sequence[Sequence[int]], write: Callable[[Path, int], int]) -> WeightHandle:
+        return self._packed(self._staging.publish_prompt_loras(version, prompts, write))
+
+    def fetch(self, handle: WeightHandle, directory: Path) -> WeightHandle:
+        """Pull the version to this node: its files under ``directory``; returns a ``shared_file`` handle to them."""
+        import ray
+
+        files = ray.get(handle.payload)
+        dest = directory / f"v{handle.version:06d}-{uuid.uuid4().hex[:8]}"
+        for name, data in files.items():
+            path = dest / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            data.tofile(path)
+        single = handle.kind in ("weights", "sparse_delta")
+        return WeightHandle(version=handle.version, transport="shared_file", location=str(dest / handle.location if single else dest),
+                            num_bytes=handle.num_bytes, names=list(handle.names), kind=handle.kind)
+
+    def receive(self, handle: WeightHandle) -> Iterator[tuple[str, torch.Tensor]]:
+        raise RuntimeError("object_store handles are read after `localize` (a Ray worker pulls them to its node first)")
+
+    def release(self, handle: WeightHandle) -> None:
+        handle.payload = None  # the trainer's reference: the object is freed once no engine holds it either
+
+    def close(self) -> None:
+        self._staging.close()
+
+
+class LocalCopies:
+    """The rollout side of a transport: turns a handle into one this node's processes can read
+    (``localize``), and removes the node-local copies once a newer version is loaded."""
+
+    def __init__(self):
+        self.directory = default_shared_dir()
+        self._current: list[Path] = []
+
+    def localize(self, handle: WeightHandle) -> WeightHandle:
+        if handle.transport != "object_store":
+            return handle  # already readable here
+        local = get_transport("object_store").fetch(handle, self.directory)
+        self._previous, self._current = self._current, [Path(local.location)]
+        return local
+
+    def loaded(self) -> None:
+        """The engine holds the new version: the copies of older ones can go (a LoRA is read at its first use, so the current stays)."""
+        for p in getattr(self, "_previous", []):
+            shutil.rmtree(p.parent if p.is_file() else p, ignore_errors=True)
+        self._previous = []
 
     def close(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)

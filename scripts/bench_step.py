@@ -38,6 +38,7 @@ MODEL_SHAPE = dict(hidden_size=512, num_hidden_layers=6, num_attention_heads=8, 
 PROMPT_TOKENS = 32
 TRL_VENV = CACHE / "bench-trl-venv"
 REWARD_FILE = ROOT / "scripts" / "bench_reward.py"
+PROFILE_HEADING = "## Where the trainer's time goes"
 
 
 def build_model() -> Path:
@@ -220,20 +221,37 @@ def run_side(side: str, args, **overrides) -> dict:
     return json.loads(next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))[7:])
 
 
+def _median_of(results: list[dict]) -> dict:
+    """Per-key medians of several runs of one side (lists are concatenated, strings kept)."""
+    out = dict(results[0])
+    for k, v in results[0].items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[k] = statistics.median(r[k] for r in results if r.get(k) is not None)
+        elif isinstance(v, list):
+            out[k] = [x for r in results for x in r[k]]
+    out["rounds"] = [{k: r[k] for k in ("time_step", "time_generate", "time_train") if k in r} for r in results]
+    return out
+
+
 def report(args) -> None:
     from rl.metrics import describe_machine
 
     build_model()
-    res = {side: run_side(side, args) for side in ("framework", "raw", *(() if args.skip_trl else ("trl",)))}
+    # The machine's speed drifts over minutes: alternate the two sides being compared, and take the
+    # median per phase over the rounds.
+    rounds = [{side: run_side(side, args) for side in ("framework", "raw")} for _ in range(args.rounds)]
+    res = {side: _median_of([r[side] for r in rounds]) for side in ("framework", "raw")}
+    if not args.skip_trl:
+        res["trl"] = run_side("trl", args)
     fw, raw = res["framework"], res["raw"]
     lines = [
         "# One GRPO step on a 51.7M Llama: this project vs raw parts vs TRL", "",
         f"Command: `.venv/bin/python scripts/bench_step.py --prompts {args.prompts} --group {args.group} "
-        f"--new-tokens {args.new_tokens} --steps {args.steps}`", "",
+        f"--new-tokens {args.new_tokens} --steps {args.steps} --rounds {args.rounds}`", "",
         f"Machine: {describe_machine()}. Measured {time.strftime('%Y-%m-%d')}. Model: random-init Llama, hidden 512, 6 layers, "
         f"vocab 32,000, untied (51.7M parameters), fp32. Batch: {args.prompts} prompts x G={args.group}, {PROMPT_TOKENS}-token "
         f"prompts, {args.new_tokens} new tokens, temperature 1, one update per batch, no KL, micro-batch 32. Each side in a "
-        "fresh process; medians over the steps after the first.", "",
+        "fresh process; medians over the steps after the first, then over the rounds (framework and raw alternate).", "",
         "| side | s/step | generate | train | weight sync | other |", "|---|---|---|---|---|---|",
         f"| this project, recipe defaults | {fw['time_step']:.1f} | {fw['time_generate']:.1f} | {fw['time_train']:.1f} | "
         f"{fw['time_weight_sync']:.2f} | {fw['time_step'] - fw['time_generate'] - fw['time_train'] - fw['time_weight_sync']:.2f} |",
@@ -252,8 +270,14 @@ def report(args) -> None:
               f"{fw['params_in_memory'] / 1e6:.1f}M; mean response length {fw['response_length']:.0f} (raw {raw['response_length']:.0f})."]
     if "trl" in res:
         lines.append(f"TRL steps (s): {', '.join(f'{s:.1f}' for s in res['trl']['steps_s'])}.")
-    text = "\n".join(lines) + "\n"
+    if args.rounds > 1:
+        lines.append("Per round (framework / raw s/step): " + "; ".join(
+            f"{a['time_step']:.1f} / {b['time_step']:.1f}" for a, b in zip(fw["rounds"], raw["rounds"])) + ".")
     out = ROOT / "docs" / "benchmarks" / "step.md"
+    kept = ""
+    if out.exists() and PROFILE_HEADING in out.read_text():  # the profile section is written by hand from profile_train_step.py
+        kept = "\n" + out.read_text()[out.read_text().index(PROFILE_HEADING):]
+    text = "\n".join(lines) + "\n" + kept
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     (out.with_suffix(".json")).write_text(json.dumps({"args": vars(args), "machine": describe_machine(), **res}, indent=2))
@@ -289,6 +313,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--skip-trl", action="store_true")
+    ap.add_argument("--rounds", type=int, default=2, help="framework and raw sides alternate this many times (medians reported)")
     ap.add_argument("--scaling", action="store_true")
     ap.add_argument("--side", choices=list(SIDES), default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()

@@ -30,6 +30,8 @@ class TrainerConfig(Section):
     )
     num_cpus_per_rank: float = Field(1.0, ge=0.0)
     num_gpus_per_rank: float = Field(0.0, ge=0.0)
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="Custom Ray resources each trainer rank asks for, e.g. {head: 1}.")
     torch_threads: int = Field(
         0, ge=0, description="torch threads per rank. 0: automatic: the node's cores shared by the ranks that train at "
         "once (with asynchronous rollout, also by the engines); set num_cpus_per_rank instead to keep Ray's pinning.")

@@ -45,6 +45,29 @@ def skip_cpu_shm_op() -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
+def node_ip() -> str:
+    """The IP this process's Ray node is reached at (the rendezvous of a multi-node trainer)."""
+    import ray
+
+    return ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
+
+
+def interface_of(ip: str) -> Optional[str]:
+    """The network interface holding ``ip``, or None."""
+    import psutil
+
+    return next((name for name, addrs in psutil.net_if_addrs().items() if any(a.address == ip for a in addrs)), None)
+
+
+def _redirect_output(path: str) -> None:
+    """This process's file descriptors 1 and 2 (Python, C++ and DeepSpeed output) into ``path``."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    for target in (1, 2):
+        os.dup2(fd, target)
+    os.close(fd)
+
+
 def peak_rss_gib() -> float:
     """This process's peak resident memory (Linux reports KiB)."""
     import resource
@@ -88,6 +111,7 @@ class TrainerSetup:
     trust_remote_code: bool = False
     transport: Any = None
     max_staleness: int = 0  # asynchronous rollout: batches may still use the k previous versions
+    log_dir: Optional[str] = None  # each rank's stdout/stderr go to <log_dir>/trainer-rank<r>.log instead of the terminal
 
 
 def deepspeed_config(cfg: TrainerConfig, dtype: str) -> dict:
@@ -121,6 +145,8 @@ class PolicyTrainer:
         import deepspeed
         from transformers import AutoTokenizer
 
+        if setup.log_dir:
+            _redirect_output(os.path.join(setup.log_dir, f"trainer-rank{setup.rank}.log"))
         self.setup = setup
         self.cfg = setup.trainer
         self.alg = setup.algorithm
@@ -166,6 +192,12 @@ class PolicyTrainer:
             torch.cuda.set_device(self.device)
         else:
             skip_cpu_shm_op()
+        if s.world_size > 1 and s.master_addr not in ("127.0.0.1", "localhost"):
+            # Ranks on several nodes: gloo would take the address the host name resolves to, which
+            # need not be the one the nodes reach each other on. Use the interface of this node's Ray IP.
+            iface = interface_of(node_ip())
+            if iface and "GLOO_SOCKET_IFNAME" not in os.environ:
+                os.environ["GLOO_SOCKET_IFNAME"] = iface
         deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo")
 
     def _load(self, path: str):

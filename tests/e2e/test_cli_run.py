@@ -29,7 +29,7 @@ def cli_run(tiny_model_root, tmp_path_factory):
         f"data.test={tiny_model_root / 'data' / 'test.jsonl'}",
         "steps=4", "data.prompts_per_step=8", "algorithm.group_size=4", "data.max_test_examples=16",
         "eval.every=2", "checkpoint.every=2", "checkpoint.keep_last=1", "logging.progress=false",
-        f"output_dir={run_dir}",
+        "logging.wandb=true", "logging.mlflow=true", f"output_dir={run_dir}",
     ]
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(extensions)}  # the actors inherit it
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
@@ -62,6 +62,39 @@ def test_summary_and_checkpoints(cli_run):
     assert ckpts == ["step_000004"]  # keep_last=1 removed step 2; no .tmp left behind
     assert summary["checkpoint"].endswith("step_000004")
     assert (run_dir / "recipe.resolved.yaml").exists()
+
+
+def test_curves_status_and_run_list(cli_run):
+    run_dir, proc = cli_run
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["curves"] == str(run_dir / "curves.png") and (run_dir / "curves.png").stat().st_size > 10_000
+    assert f"curves: {run_dir / 'curves.png'}" in proc.stdout
+    assert summary["status"] == "finished"
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "finished"
+    from rl.runs import describe_run
+
+    row = describe_run(run_dir)
+    assert (row["status"], row["steps"], row["planned_steps"]) == ("finished", 4, 4)
+    assert row["accuracy_after"] == summary["accuracy_after"]
+
+
+def test_wandb_offline_and_mlflow_file_store_get_the_run(cli_run, monkeypatch):
+    """No account, no server: W&B writes an offline run in the run dir, MLflow a local file store;
+    both hold the resolved recipe and the same rows as metrics.jsonl."""
+    run_dir, _ = cli_run
+    offline = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(offline) == 1 and offline[0].stat().st_size > 0
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3's opt-in for reading its file store
+    client = mlflow.MlflowClient(tracking_uri=(run_dir / "mlruns").as_uri())
+    (run,) = client.search_runs([client.get_experiment_by_name("rl-post-train").experiment_id])
+    assert run.data.params["algorithm.group_size"] == "4" and run.data.params["steps"] == "4"
+    history = client.get_metric_history(run.info.run_id, "train/reward_mean")
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [(m.step, m.value) for m in history] == [(r["step"], r["reward_mean"]) for r in rows if r["kind"] == "train"]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "eval/accuracy")] == [0, 2, 4]
+    assert run.info.status == "FINISHED"
 
 
 def test_checkpoint_loads_in_transformers_and_vllm(cli_run, ray_session):

@@ -1,0 +1,51 @@
+"""Every kind of policy travels by the object-store transport too (the one chosen when the engines
+are on another node), here forced on one node: the engine then serves exactly the trainer's policy."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from rl.config import load_recipe
+from trainer.types import TrainBatch
+
+pytestmark = pytest.mark.e2e
+LOGPROB_TOL = 1e-4
+
+
+def _gap(t, n: int = 4) -> float:
+    """Largest |vLLM - trainer| logprob over the gold answers of n held-out prompts."""
+    prompts, tok = t.test_set.prompt_token_ids[:n], t.tokenizer
+    completions = [tok(r["answer"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for r in t.test_set.rows[:n]]
+    vllm_lp = t.rollout.score(prompts, completions)
+    trainer_lp = t.trainer.compute_logprobs(TrainBatch(prompts, completions, [0.0] * n, [[] for _ in prompts], n, 0))
+    return max(abs(a - b) for ra, rb in zip(vllm_lp, trainer_lp) for a, b in zip(ra, rb))
+
+
+@pytest.mark.parametrize("kind", ["none", "lora", "sparse"])
+def test_object_store_transport_serves_the_trainers_policy(kind, tiny_model_root, ray_session, tmp_path):
+    from rl.online import OnlineRun
+
+    recipe = load_recipe(None, [
+        f"model.path={tiny_model_root / 'model'}", f"data.train={tiny_model_root / 'data' / 'train.jsonl'}",
+        f"data.test={tiny_model_root / 'data' / 'test.jsonl'}", "data.prompts_per_step=8", "algorithm.group_size=4",
+        "rollout.max_new_tokens=6", "rollout.max_model_len=64", "trainer.lr=5e-3", "trainer.micro_batch_size=32",
+        "rewards.functions=[{fn: arithmetic_exact}, {fn: length_penalty}]", f"adapter.kind={kind}",
+        "cluster.weight_transport=object_store", "logging.progress=false", f"output_dir={tmp_path / 'run'}",
+    ])
+    t = OnlineRun(recipe)
+    t.start_workers()
+    try:
+        assert t.transport == "object_store"
+        before = t.rollout.score(t.test_set.prompt_token_ids[:2], [[5, 6], [7, 8]])
+        metrics = [t.train_one_step() for _ in range(2)]
+        assert _gap(t) < LOGPROB_TOL
+        after = t.rollout.score(t.test_set.prompt_token_ids[:2], [[5, 6], [7, 8]])
+        assert max(abs(a - b) for ra, rb in zip(before, after) for a, b in zip(ra, rb)) > 1e-4  # the push reached the engine
+        assert all(m["weight_sync_bytes"] > 0 for m in metrics)
+        local = Path(t.rollout.call_all("local_copies_dir")[0])
+        assert len([p for p in local.iterdir()]) == 1  # only the version the engine holds is kept on its node
+    finally:
+        t.stop_workers()
+    assert not local.exists()  # removed when the run stops

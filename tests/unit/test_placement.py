@@ -1,0 +1,49 @@
+"""Placement decisions that need no cluster: bundles, what fits, and the weight transport."""
+
+from __future__ import annotations
+
+import pytest
+
+from rl.placement import Placement, PlacementError, bundle, check_fits, choose_transport
+
+NODES = [
+    {"Alive": True, "NodeManagerAddress": "10.0.0.1", "Resources": {"CPU": 1.0, "head": 1.0}},
+    {"Alive": True, "NodeManagerAddress": "10.0.0.2", "Resources": {"CPU": 4.0, "worker": 1.0}},
+    {"Alive": False, "NodeManagerAddress": "10.0.0.3", "Resources": {"CPU": 64.0, "GPU": 8.0}},
+]
+
+
+def test_bundle_keeps_what_is_asked_and_is_never_empty():
+    assert bundle(1, 0, {"worker": 1}) == {"CPU": 1.0, "worker": 1.0}
+    assert bundle(0, 0, {}) == {"CPU": 0.01}
+
+
+def test_a_bundle_that_fits_no_alive_node_names_the_field():
+    check_fits([("trainer rank 0", {"CPU": 1.0, "head": 1.0}), ("rollout actor 0", {"CPU": 3.0})], NODES)
+    with pytest.raises(PlacementError, match=r"trainer rank 0 asks for 2 CPU, 1 head.*lower trainer.num_cpus_per_rank"):
+        check_fits([("trainer rank 0", {"CPU": 2.0, "head": 1.0})], NODES)
+    with pytest.raises(PlacementError, match=r"rollout actor 1 asks for 1 CPU, 1 GPU.*lower rollout.num_gpus_per_actor"):
+        check_fits([("rollout actor 1", {"CPU": 1.0, "GPU": 1.0})], NODES)  # the GPU node is dead
+    with pytest.raises(PlacementError, match=r"lower rollout.resources"):
+        check_fits([("rollout actor 0", {"CPU": 1.0, "gpu-node": 1.0})], NODES)
+
+
+def _placement(ips):
+    return Placement(group=None, trainer_bundles=[0], rollout_bundles=list(range(1, len(ips))), bundle_node_ips=ips)
+
+
+def test_transport_follows_the_placement():
+    one_node, two_nodes = _placement(["10.0.0.1", "10.0.0.1"]), _placement(["10.0.0.1", "10.0.0.1", "10.0.0.2"])
+    assert choose_transport("auto", None) == "shared_file"
+    assert choose_transport("auto", one_node) == "shared_file"
+    assert choose_transport("auto", two_nodes) == "object_store"
+    assert choose_transport("object_store", one_node) == "object_store"
+    assert two_nodes.master_addr == "10.0.0.1" and two_nodes.nodes == 2
+    with pytest.raises(PlacementError, match=r"shared_file needs every engine on trainer rank 0's node \(10.0.0.1\); "
+                                             r"rollout actors were placed on 10.0.0.2"):
+        choose_transport("shared_file", two_nodes)
+
+
+def test_group_nodes_only_when_the_run_spans_nodes():
+    assert _placement(["10.0.0.1", "10.0.0.1"]).group_nodes("rollout", 5.0) is None
+    assert _placement(["10.0.0.1", "10.0.0.2"]).group_nodes("rollout", 5.0) == {"node_ips": ["10.0.0.2"], "node_loss_wait_s": 5.0}
