@@ -100,7 +100,7 @@ class OnlineRun(Run):
 
     def start_workers(self) -> None:
         from rl.placement import choose_transport, place_recipe
-        from rl.workers import RolloutGroup, TrainerGroup, Watchdog, init_ray
+        from rl.workers import RolloutGroup, TrainerGroup, Watchdog, init_ray, join_weight_group
         from rollout.weight_sync import get_transport
         from trainer.policy_trainer import TrainerSetup
 
@@ -129,6 +129,8 @@ class OnlineRun(Run):
                                            group_nodes=p and p.group_nodes("rollout", r.cluster.node_loss_wait_s),
                                            log_dir=self.log_dir)
         self.trainer.wait_ready()  # the ranks started beside the engines
+        if self.transport == "collective":
+            join_weight_group(self.trainer, self.rollout, p.master_addr)
         if p is not None and p.nodes > 1:
             where = ", ".join(sorted({p.bundle_node_ips[b] for b in p.rollout_bundles}))
             self.print(f"placed on {p.nodes} nodes: trainer rank 0 on {p.master_addr}, rollout on {where}; weights travel by {self.transport}")

@@ -149,6 +149,8 @@ def place_recipe(recipe, rollout_actors: int) -> "Placement | None":
 
 def choose_transport(requested: str, placement: Placement | None) -> str:
     """The weight transport for this placement (``auto`` decides; an explicit choice that cannot work is an error)."""
+    if placement is None and requested in ("object_store", "collective"):
+        raise PlacementError(f"cluster.weight_transport={requested} needs use_ray: true (it moves weights between Ray actors)")
     one_node = placement is None or placement.engines_share_trainer_node()
     if requested == "auto":
         return "shared_file" if one_node else "object_store"

@@ -230,6 +230,8 @@ class Run:
         """``curves.png`` in the run directory; a plotting failure costs the picture, never the run."""
         from rl.plot import plot_run_curves
 
+        if not (self.run_dir / "metrics.jsonl").exists() or not (self.run_dir / "metrics.jsonl").stat().st_size:
+            return None  # stopped before its first step
         try:
             return str(plot_run_curves(self.run_dir))
         except Exception as e:  # noqa: BLE001 - e.g. no metrics rows yet

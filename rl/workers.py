@@ -214,6 +214,15 @@ class _Group:
         self.workers = []
 
 
+def join_weight_group(trainer: "TrainerGroup", rollout: "RolloutGroup", addr: str) -> None:
+    """Trainer rank 0 and every engine form one process group (the collective transport); all join at once."""
+    port, world = free_port(), 1 + len(rollout.workers)
+    pending = trainer._submit([(trainer.workers[0], "join_weight_group", (addr, port, world))])
+    joining = rollout._submit([(w, "join_weight_group", (addr, port, world, i + 1)) for i, w in enumerate(rollout.workers)])
+    trainer._collect(pending)
+    rollout._collect(joining)
+
+
 class RolloutGroup(_Group):
     """Rollout actors that survive faults: an actor that dies is restarted by Ray (up to
     ``max_restarts``), given the current policy weights, and the interrupted call is retried.
@@ -300,6 +309,9 @@ class RolloutGroup(_Group):
                     raise
                 time.sleep(0.5)
         if self.current_handle is not None:
+            if self.current_handle.transport == "collective":
+                raise RuntimeError("a restarted engine cannot rejoin the collective weight group; the run stops with its "
+                                   "last checkpoint (cluster.weight_transport=object_store restarts engines)")
             ray.get(worker.load_weights.remote(self.current_handle))
 
     def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingSpec) -> list[list[Completion]]:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from rollout.types import Completion, SamplingSpec, WeightHandle, prompt_key
-from rollout.weight_sync import LocalCopies
+from rollout.weight_sync import LocalCopies, get_transport
 
 
 @dataclass
@@ -95,6 +95,16 @@ class RolloutWorker:
 
     def close(self) -> None:
         self.local_copies.close()
+
+    def join_weight_group(self, addr: str, port: int, world_size: int, rank: int) -> bool:
+        """Join trainer rank 0's weight group (the collective transport) as ``rank``."""
+        import ray
+
+        if not self.spec.engine_in_process or self.spec.tensor_parallel_size != 1:
+            raise ValueError("cluster.weight_transport=collective needs rollout.engine_in_process=true and "
+                             "rollout.tensor_parallel_size=1 (the group lives in the actor's process)")
+        get_transport("collective").join(addr, port, world_size, rank, ray.util.get_node_ip_address())
+        return True
 
     def local_copies_dir(self) -> str:
         return str(self.local_copies.directory)

@@ -21,7 +21,11 @@ by ``prompt_key``, one per prompt).
 ``object_store`` puts each version once into Ray's object store from trainer rank 0 (its owner);
 each rollout actor pulls it to its own node (``localize``) and reads it from a node-local RAM file
 like ``shared_file``: works across nodes, CPU or GPU. ``rl.placement`` picks between the two from
-where the actors were placed. Others (an NCCL broadcast) plug in via ``register_transport``.
+where the actors were placed.
+
+``collective`` broadcasts each tensor from trainer rank 0 to every engine over a gloo process group
+of their own (CPU, any node; ``cluster.weight_transport=collective``). The NCCL version of it, the
+fast path on GPUs, is not built yet.
 """
 
 from __future__ import annotations
@@ -206,6 +210,119 @@ class ObjectStoreTransport:
         self._staging.close()
 
 
+_WEIGHT_GROUPS: dict[str, "torch.distributed.ProcessGroup"] = {}  # this process's side of each collective group
+
+
+def join_weight_group(name: str, addr: str, port: int, world_size: int, rank: int, local_ip: str, timeout_s: float = 300.0):
+    """Join the process group ``name`` between trainer rank 0 (rank 0, which hosts the store at
+    ``addr:port``) and the engines (ranks 1..N), reached at ``local_ip``. A group of its own, beside
+    any default group the process has (DeepSpeed's, vLLM's): gloo on CPU; NCCL would be the GPU
+    analogue (not built yet)."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    timeout = timedelta(seconds=timeout_s)
+    store = dist.TCPStore(addr, port, world_size, is_master=rank == 0, timeout=timeout)
+    opts = dist.ProcessGroupGloo._Options()
+    opts._timeout = timeout
+    opts._devices = [dist.ProcessGroupGloo.create_device(hostname=local_ip)]  # the address the nodes reach each other on
+    group = dist.ProcessGroupGloo(dist.PrefixStore(name, store), rank, world_size, opts)
+    _WEIGHT_GROUPS[name] = group
+    return group
+
+
+@register_transport("collective")
+class CollectiveTransport:
+    """Trainer rank 0 broadcasts each tensor to every engine over a gloo process group (the engines
+    join it at start, ``join_weight_group``): no file, no object store, any node.
+
+    ``publish`` returns the handle at once (names, shapes, dtypes) and broadcasts in a background
+    thread; each engine's ``receive`` takes part in the same broadcasts, in the same order, while
+    vLLM loads the tensors. A LoRA directory's files travel as byte tensors and are written on the
+    engine's node. The engines must load every version published (they do: one load per publish).
+    """
+
+    def __init__(self, group: str = "rl-weights"):
+        self.group = group
+        self._sender = None
+        self._staging = SharedFileTransport()
+        self._local = None
+
+    def join(self, addr: str, port: int, world_size: int, rank: int, local_ip: str) -> None:
+        join_weight_group(self.group, addr, port, world_size, rank, local_ip)
+
+    def _send(self, tensors: list[torch.Tensor]) -> None:
+        import threading
+
+        self.wait()  # versions go out in order
+        group = _WEIGHT_GROUPS[self.group]
+
+        def run():
+            for t in tensors:
+                group.broadcast(t, 0).wait()
+
+        self._sender = threading.Thread(target=run, name="weight-broadcast", daemon=True)
+        self._sender.start()
+
+    def wait(self) -> None:
+        if self._sender is not None:
+            self._sender.join()
+            self._sender = None
+
+    def publish(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int, kind: str = "weights") -> WeightHandle:
+        # Copies: the trainer goes on updating its parameters while the broadcast runs.
+        tensors = {name: t.detach().to("cpu").contiguous().clone() for name, t in named_tensors}
+        self._send(list(tensors.values()))
+        return WeightHandle(version=version, transport=self.name, location="", kind=kind, names=list(tensors),
+                            num_bytes=sum(t.numel() * t.element_size() for t in tensors.values()),
+                            payload=[(tuple(t.shape), str(t.dtype).removeprefix("torch.")) for t in tensors.values()])
+
+    def _files(self, handle: WeightHandle) -> WeightHandle:
+        root = Path(handle.location)
+        files = {str(p.relative_to(root)): torch.frombuffer(bytearray(p.read_bytes()), dtype=torch.uint8)
+                 for p in sorted(root.rglob("*")) if p.is_file()}
+        shutil.rmtree(root, ignore_errors=True)
+        sizes = torch.tensor([t.numel() for t in files.values()], dtype=torch.int64)
+        self._send([sizes, *files.values()])
+        handle.transport, handle.location, handle.payload = self.name, root.name, list(files)
+        return handle
+
+    def publish_lora(self, version: int, write: Callable[[Path], int]) -> WeightHandle:
+        return self._files(self._staging.publish_lora(version, write))
+
+    def publish_prompt_loras(self, version: int, prompts: Sequence[Sequence[int]], write: Callable[[Path, int], int]) -> WeightHandle:
+        return self._files(self._staging.publish_prompt_loras(version, prompts, write))
+
+    def receive(self, handle: WeightHandle) -> Iterator[tuple[str, torch.Tensor]]:
+        group = _WEIGHT_GROUPS[self.group]
+        for name, (shape, dtype) in zip(handle.names, handle.payload):
+            t = torch.empty(shape, dtype=getattr(torch, dtype))
+            group.broadcast(t, 0).wait()
+            yield name, t
+
+    def fetch_files(self, handle: WeightHandle, directory: Path) -> WeightHandle:
+        """A LoRA version: receive its files into ``directory``; returns a ``shared_file`` handle to them."""
+        group = _WEIGHT_GROUPS[self.group]
+        sizes = torch.empty(len(handle.payload), dtype=torch.int64)
+        group.broadcast(sizes, 0).wait()
+        dest = directory / f"v{handle.version:06d}-{uuid.uuid4().hex[:8]}"
+        for name, size in zip(handle.payload, sizes.tolist()):
+            t = torch.empty(size, dtype=torch.uint8)
+            group.broadcast(t, 0).wait()
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            (dest / name).write_bytes(t.numpy().tobytes())
+        return WeightHandle(version=handle.version, transport="shared_file", location=str(dest), num_bytes=handle.num_bytes,
+                            names=list(handle.names), kind=handle.kind)
+
+    def release(self, handle: WeightHandle) -> None:
+        pass  # nothing is kept once the broadcast is done
+
+    def close(self) -> None:
+        self.wait()
+        self._staging.close()
+
+
 class LocalCopies:
     """The rollout side of a transport: turns a handle into one this node's processes can read
     (``localize``), and removes the node-local copies once a newer version is loaded."""
@@ -215,9 +332,12 @@ class LocalCopies:
         self._current: list[Path] = []
 
     def localize(self, handle: WeightHandle) -> WeightHandle:
-        if handle.transport != "object_store":
-            return handle  # already readable here
-        local = get_transport("object_store").fetch(handle, self.directory)
+        if handle.transport == "object_store":
+            local = get_transport("object_store").fetch(handle, self.directory)
+        elif handle.transport == "collective" and handle.kind in ("lora", "lora_per_prompt"):
+            local = get_transport("collective").fetch_files(handle, self.directory)  # vLLM reads a LoRA from a directory
+        else:
+            return handle  # readable here as it is (a node-local file, or tensors broadcast while vLLM loads them)
         self._previous, self._current = self._current, [Path(local.location)]
         return local
 

@@ -3,9 +3,9 @@
     .venv/bin/python scripts/bench_transports.py [--steps 5]
 
 Brings up a head node (2 CPUs) and a worker node (1 CPU), each with its own IP and /dev/shm, and
-submits the same short GRPO run (``rl submit``) three ways: trainer and engine on the head with
-``shared_file``, the same with ``object_store``, and the engine on the worker node (``auto``, which
-picks ``object_store``). Two models: the embedded 1.05M-parameter one (4.2 MB per sync) and the
+submits the same short GRPO run (``rl submit``) five ways: trainer and engine on the head with
+``shared_file``, ``object_store`` and ``collective``, and the engine on the worker node with
+``auto`` (which picks ``object_store``) and ``collective``. Two models: the embedded 1.05M-parameter one (4.2 MB per sync) and the
 51.7M Llama of ``bench_step.py`` (207 MB). Reports the median weight-sync seconds per step (trainer
 publish + every engine loading it in place) and bytes; writes docs/benchmarks/transports.md.
 """
@@ -26,10 +26,14 @@ sys.path.insert(0, str(ROOT))
 
 from scripts.bench_step import PROMPT_TOKENS, REWARD_FILE, build_model, write_prompts  # noqa: E402
 
+BOTH_ON_HEAD = ["trainer.resources={head: 0.5}", "rollout.resources={head: 0.5}"]  # the head node has one unit of `head`
 LAYOUTS = [
-    ("one node, shared_file", ["trainer.resources={head: 1}", "rollout.resources={head: 1}", "cluster.weight_transport=shared_file"]),
-    ("one node, object_store", ["trainer.resources={head: 1}", "rollout.resources={head: 1}", "cluster.weight_transport=object_store"]),
-    ("engine on the other node (auto: object_store)", ["trainer.resources={head: 1}", "rollout.resources={worker: 1}"]),
+    ("one node, shared_file", [*BOTH_ON_HEAD, "cluster.weight_transport=shared_file"]),
+    ("one node, object_store", [*BOTH_ON_HEAD, "cluster.weight_transport=object_store"]),
+    ("one node, collective", [*BOTH_ON_HEAD, "cluster.weight_transport=collective"]),
+    ("engine on the other node, auto (object_store)", ["trainer.resources={head: 1}", "rollout.resources={worker: 1}"]),
+    ("engine on the other node, collective", ["trainer.resources={head: 1}", "rollout.resources={worker: 1}",
+                                              "cluster.weight_transport=collective"]),
 ]
 
 

@@ -401,6 +401,12 @@ class PolicyTrainer:
             self.transport.release(self._published.pop(0))
         return handle
 
+    def join_weight_group(self, addr: str, port: int, world_size: int) -> bool:
+        """Rank 0 joins the engines' weight group (a collective transport), hosting its store at ``addr:port``."""
+        if self.transport is not None and hasattr(self.transport, "join"):
+            self.transport.join(addr, port, world_size, 0, addr)
+        return True
+
     def save_pretrained(self, path: str) -> Optional[str]:
         """Save the policy into ``path`` (rank 0 writes): HF format for a full model, the adapter's own
         files otherwise. The caller makes it atomic (writes into a temporary directory and renames it)."""
