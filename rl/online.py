@@ -95,6 +95,7 @@ class OnlineRun(Run):
         self._nonfinite_in_a_row = 0
         self.rollout = None
         self.transport = "shared_file"
+        self._memory: Optional[dict] = None  # memory_estimate, computed once
 
     # ------------------------------------------------------------------ workers
 
@@ -141,6 +142,7 @@ class OnlineRun(Run):
         final = {"rollout_peak_rss_gib": self.rollout.peak_rss_gib()} if self.rollout is not None and self.rollout.remote else {}
         if self.placement is not None:
             final.update(weight_transport=self.transport, nodes=self.placement.nodes)
+        final["trainer_memory_estimate_gib"] = {k: round(v, 3) for k, v in self.memory_estimate.items()}
         if self.trainer is not None:
             self.trainer.close()
             self.trainer.shutdown()
@@ -292,10 +294,31 @@ class OnlineRun(Run):
 
     def header(self) -> str:
         r = self.recipe
+        mem = self.memory_estimate
+        size = lambda gib: f"{gib:.2f} GiB" if gib >= 1 else f"{gib * 1024:.0f} MiB"  # noqa: E731
+        parts = ", ".join(f"{k} {size(v)}" for k, v in mem.items() if v and k != "total")
         return (f"{r.name}: B={r.data.prompts_per_step} prompts x G={r.algorithm.group_size} = {r.rollouts_per_step} rollouts/step, "
                 f"{r.steps} steps, {r.rollout.num_actors} rollout actor(s), {r.trainer.num_ranks} trainer rank(s), "
                 f"ZeRO-{r.trainer.zero_stage}, policy {self.policy.kind}; train {len(self.train_set)} / held-out "
-                f"{len(self.test_set)} prompts; model {self.paths.model}; run dir {self.run_dir}")
+                f"{len(self.test_set)} prompts; model {self.paths.model}; run dir {self.run_dir}\n"
+                f"{self.log_prefix} each trainer rank holds ~{size(mem['total'])} before activations ({parts}; "
+                f"estimated on the meta device)")
+
+    @property
+    def memory_estimate(self) -> dict[str, float]:
+        """GiB per trainer rank by part (``trainer.memory``); an adapter policy's own parameters are not counted."""
+        from trainer.memory import count_parameters, training_memory
+
+        if self._memory is None:
+            r = self.recipe
+            params, vocab = count_parameters(self.policy.base_model, r.model.trust_remote_code)
+            full = self.policy.kind == "full"
+            parts = training_memory(params, vocab, r.model.dtype, params if full else 0, r.trainer.zero_stage, r.trainer.num_ranks,
+                                    reference=full and (r.algorithm.kl_coef > 0 or r.algorithm.name == "online_dpo"),
+                                    micro_batch_tokens=r.trainer.micro_batch_size * r.rollout.max_new_tokens)
+            self._memory = {k: v / 2**30 for k, v in parts.items()}
+            self._memory["total"] = sum(self._memory.values())
+        return self._memory
 
     def record_eval(self, when: str, ev: dict, summary: dict, logger: MetricsLogger) -> None:
         if when in ("before", "after"):

@@ -122,6 +122,7 @@ def test_rl_stop_ends_a_job_with_a_checkpoint(cluster, tmp_path):
     assert "STOPPED" in stop.stdout, stop.stdout + stop.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert summary["interrupted_by"] == "SIGTERM" and 1 <= summary["steps"] < 200
+    assert summary["status"] == "interrupted" and "resume=auto" in summary["resume"]
     assert Path(summary["checkpoint"]).name == f"step_{summary['steps']:06d}"
 
 

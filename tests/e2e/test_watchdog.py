@@ -47,6 +47,10 @@ def test_a_frozen_rollout_actor_is_named_and_the_run_stops_at_the_hard_limit(tin
     assert [p.name for p in kept] == ["step_000001"]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["stopped_by"].startswith("WorkerStalled") and summary["checkpoint"].endswith("step_000001")
+    # The summary says why and how to go on; `rl runs` shows it as failed.
+    assert summary["status"] == "failed" and summary["reason"] == summary["stopped_by"]
+    assert "resume=auto" in summary["resume"] and summary["checkpoint"] in summary["resume"]
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["status"] == "failed"
 
 
 def _stopped_pids() -> list[int]:

@@ -259,3 +259,22 @@ def test_build_race_loser_discards_its_copy(tmp_path, monkeypatch):
     assert path == final and (path / "winner").exists()
     assert any("another process" in line for line in logs)
     assert [p.name for p in final.parent.iterdir()] == [final.name]  # the loser's copy is gone
+
+
+def test_two_builds_in_fresh_caches_are_identical(tmp_path):
+    """The embedded model's build (SFT on one thread, stopped by an accuracy check at fixed steps)
+    gives the same weights in two fresh caches, so every user starts RL from the same model."""
+    import hashlib
+
+    from rl.tasks.tiny_model import TinyModelSpec, build_tiny_model
+
+    spec = TinyModelSpec(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128, sft_steps=60,
+                         n_train_rows=256, n_test_rows=32, sft_target_accuracy=0.0)
+    digests, infos = [], []
+    for cache in ("a", "b"):
+        root = build_tiny_model(spec, cache_dir=tmp_path / cache, log=lambda s: None)
+        digests.append(hashlib.sha256(next((root / "model").glob("*.safetensors")).read_bytes()).hexdigest())
+        infos.append(json.loads((root / "build_info.json").read_text()))
+    assert digests[0] == digests[1]
+    assert infos[0]["sft_test_accuracy"] == infos[1]["sft_test_accuracy"]
+    assert infos[0]["sft_final_loss"] == infos[1]["sft_final_loss"]
