@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         from rl.online import TrainingDiverged
         from rl.placement import PlacementError
         from rl.submit import JobsUnreachable
-        from rl.workers import WorkerStalled
+        from rl.watchdog import WorkerStalled
 
         if isinstance(e, (PlacementError, JobsUnreachable)):
             print(f"rl: {e}", file=sys.stderr)

@@ -112,7 +112,8 @@ class OfflineDPORun(Run):
     def start_workers(self) -> None:
         from rl.placement import place_recipe
         from rl.prepare import thread_counts
-        from rl.workers import PreferenceTrainerGroup, Watchdog, init_ray
+        from rl.watchdog import Watchdog
+        from rl.workers import PreferenceTrainerGroup, init_ray
         from trainer.policies import PolicySpec
         from trainer.policy_trainer import TrainerSetup
 

@@ -105,7 +105,8 @@ def run_eval(recipe: Recipe, k: int = 1, temperature: float | None = None, out_p
     import tempfile
 
     from rl.prepare import engine_spec, load_task, prepare_policy, sampling as training_sampling
-    from rl.workers import RolloutGroup, Watchdog, init_ray
+    from rl.watchdog import Watchdog
+    from rl.workers import RolloutGroup, init_ray
 
     task = load_task(recipe)
     start = str(resolve_checkpoint(checkpoint, recipe)) if checkpoint else None

@@ -27,7 +27,7 @@ from rl import checkpoint as ckpt
 from rl.config import Recipe, RecipeError, recipe_to_yaml
 from rl.data import PromptSampler
 from rl.metrics import MetricsLogger, PhaseTimer, read_metrics
-from rl.prepare import check_library_write, engine_spec, load_task, prepare_policy, sampling, thread_counts
+from rl.prepare import check_library_write, engine_spec, load_task, prepare_policy, sampling, thread_counts, trainer_memory
 from rl.run import Run
 from rollout.types import Completion
 from trainer import algorithms
@@ -95,13 +95,14 @@ class OnlineRun(Run):
         self._nonfinite_in_a_row = 0
         self.rollout = None
         self.transport = "shared_file"
-        self._memory: Optional[dict] = None  # memory_estimate, computed once
+        self.memory_estimate = trainer_memory(recipe, self.policy)  # GiB per trainer rank by part, said at start
 
     # ------------------------------------------------------------------ workers
 
     def start_workers(self) -> None:
         from rl.placement import choose_transport, place_recipe
-        from rl.workers import RolloutGroup, TrainerGroup, Watchdog, init_ray, join_weight_group
+        from rl.watchdog import Watchdog
+        from rl.workers import RolloutGroup, TrainerGroup, init_ray, join_weight_group
         from rollout.weight_sync import get_transport
         from trainer.policy_trainer import TrainerSetup
 
@@ -303,22 +304,6 @@ class OnlineRun(Run):
                 f"{len(self.test_set)} prompts; model {self.paths.model}; run dir {self.run_dir}\n"
                 f"{self.log_prefix} each trainer rank holds ~{size(mem['total'])} before activations ({parts}; "
                 f"estimated on the meta device)")
-
-    @property
-    def memory_estimate(self) -> dict[str, float]:
-        """GiB per trainer rank by part (``trainer.memory``); an adapter policy's own parameters are not counted."""
-        from trainer.memory import count_parameters, training_memory
-
-        if self._memory is None:
-            r = self.recipe
-            params, vocab = count_parameters(self.policy.base_model, r.model.trust_remote_code)
-            full = self.policy.kind == "full"
-            parts = training_memory(params, vocab, r.model.dtype, params if full else 0, r.trainer.zero_stage, r.trainer.num_ranks,
-                                    reference=full and (r.algorithm.kl_coef > 0 or r.algorithm.name == "online_dpo"),
-                                    micro_batch_tokens=r.trainer.micro_batch_size * r.rollout.max_new_tokens)
-            self._memory = {k: v / 2**30 for k, v in parts.items()}
-            self._memory["total"] = sum(self._memory.values())
-        return self._memory
 
     def record_eval(self, when: str, ev: dict, summary: dict, logger: MetricsLogger) -> None:
         if when in ("before", "after"):

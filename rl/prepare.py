@@ -185,6 +185,21 @@ def thread_counts(recipe: Recipe, cores: Optional[int] = None) -> tuple[int, int
             threads(ro.cpu_threads, "num_cpus_per_actor", ro, ro.num_actors if sync else together))
 
 
+def trainer_memory(recipe: Recipe, policy: PolicySpec) -> dict[str, float]:
+    """GiB one trainer rank holds by part (``trainer.memory``, counted on the meta device) and their
+    ``total``; an adapter policy's own parameters are not counted."""
+    from trainer.memory import count_parameters, training_memory
+
+    r = recipe
+    params, vocab = count_parameters(policy.base_model, r.model.trust_remote_code)
+    full = policy.kind == "full"
+    parts = training_memory(params, vocab, r.model.dtype, params if full else 0, r.trainer.zero_stage, r.trainer.num_ranks,
+                            reference=full and (r.algorithm.kl_coef > 0 or r.algorithm.name == "online_dpo"),
+                            micro_batch_tokens=r.trainer.micro_batch_size * r.rollout.max_new_tokens)
+    gib = {k: v / 2**30 for k, v in parts.items()}
+    return {**gib, "total": sum(gib.values())}
+
+
 def engine_spec(recipe: Recipe, policy: PolicySpec):
     """How each vLLM engine starts: the policy's weights, or its base plus room for the LoRA it serves."""
     from rollout.vllm_worker import EngineSpec

@@ -25,7 +25,7 @@ import yaml
 from rl import checkpoint as ckpt
 from rl.config import Recipe, recipe_to_yaml
 from rl.metrics import MetricsLogger, make_trackers
-from rl.workers import WorkerStalled
+from rl.watchdog import WorkerStalled
 
 
 RUN_STATUS = "run.json"  # what `rl runs` reads: status, pid and host while running, the reason when stopped

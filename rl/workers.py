@@ -19,6 +19,7 @@ import sys
 import time
 from typing import Any, Optional, Sequence
 
+from rl.watchdog import HINTS, NodeLost, Watchdog, WorkerStalled, lost_nodes
 from rollout.types import Completion, SamplingSpec, WeightHandle
 from rollout.vllm_worker import EngineSpec, RolloutWorker
 from trainer.batching import split_units
@@ -56,52 +57,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-class WorkerStalled(RuntimeError):
-    """An actor made no progress within the watchdog's hard limit; the run stops, its last checkpoint intact."""
-
-
-class NodeLost(WorkerStalled):
-    """A node holding some of the run's actors died and they could not come back elsewhere: the run
-    stops like a stall, its last checkpoint intact, and ``resume=auto`` continues it."""
-
-
-def lost_nodes(ips: Sequence[str], wait_s: float = 0.0) -> list[str]:
-    """Those of ``ips`` that Ray no longer counts as alive nodes. Ray marks a node dead a few seconds
-    after its processes die (missed health checks), so ``wait_s`` gives it that long."""
-    import ray
-
-    deadline = time.monotonic() + wait_s
-    while True:
-        alive = {n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]}
-        lost = sorted({ip for ip in ips if ip and ip not in alive})
-        if lost or time.monotonic() >= deadline:
-            return lost
-        time.sleep(1.0)
-
-
-@dataclasses.dataclass
-class Watchdog:
-    """How long the driver waits on its actors without progress: a line on the terminal every
-    ``warn_seconds``, a stop (``WorkerStalled``) at ``stop_seconds``; both times ``first_call_factor``
-    for the first call of each kind (start-up, engine start, the first step compile and allocate)."""
-
-    warn_seconds: float = 180.0
-    stop_seconds: float = 1800.0
-    first_call_factor: float = 3.0
-
-
-# What to check when a call of this kind stalls.
-_RANKS_HINT = "a trainer rank: DeepSpeed collectives wait for every rank, so one slow or dead rank holds all"
-_HINTS = {
-    "ready": "start-up: loading the model, starting the engine; on a cluster, whether the resources this group asks for exist",
-    "generate": "the vLLM engine (its log above, or `ray logs`): memory for the KV cache (rollout.cpu_kvcache_gib), max_model_len",
-    "load_weights": "the weight transport between the trainer and the engines",
-    "train_step": _RANKS_HINT,
-    "train_pairs": _RANKS_HINT,
-    "publish_weights": "trainer rank 0 writing the policy for the engines (disk space of the transport's directory)",
-}
 
 
 def _asks(num_cpus: float, num_gpus: float, resources: Optional[dict]) -> str:
@@ -151,7 +106,7 @@ class _Group:
                 break
             stuck = [indices[i] for i, r in enumerate(refs) if r in pending]
             where = f"{self.label} actor(s) {stuck} in {method!r}{' (first call)' if first else ''}"
-            hint = _HINTS.get(method, "the actor's log (`ray logs`)")
+            hint = HINTS.get(method, "the actor's log (`ray logs`)")
             if waited >= stop:
                 raise WorkerStalled(f"no progress from {where} for {waited:.0f} s (hard limit {stop:.0f} s, "
                                     f"watchdog.stop_seconds); check {hint}")

@@ -247,7 +247,6 @@ class CollectiveTransport:
         self.group = group
         self._sender = None
         self._staging = SharedFileTransport()
-        self._local = None
 
     def join(self, addr: str, port: int, world_size: int, rank: int, local_ip: str) -> None:
         join_weight_group(self.group, addr, port, world_size, rank, local_ip)
@@ -329,7 +328,8 @@ class LocalCopies:
 
     def __init__(self):
         self.directory = default_shared_dir()
-        self._current: list[Path] = []
+        self._current: list[Path] = []  # the served version's copy
+        self._previous: list[Path] = []  # copies to remove once the new version is loaded
 
     def localize(self, handle: WeightHandle) -> WeightHandle:
         if handle.transport == "object_store":
@@ -343,7 +343,7 @@ class LocalCopies:
 
     def loaded(self) -> None:
         """The engine holds the new version: the copies of older ones can go (a LoRA is read at its first use, so the current stays)."""
-        for p in getattr(self, "_previous", []):
+        for p in self._previous:
             shutil.rmtree(p.parent if p.is_file() else p, ignore_errors=True)
         self._previous = []
 

@@ -24,55 +24,12 @@ from trainer import algorithms
 from trainer.batching import collate, length_order, split_units
 from trainer.config import AlgorithmConfig, TrainerConfig
 from trainer.policies import PolicySpec, build_policy
+from trainer.process import interface_of, node_ip, peak_rss_gib, redirect_output, skip_cpu_shm_op
 from trainer.rank_state import load_rank_state, save_rank_state
 from trainer.stats import Stats
 from trainer.types import TrainBatch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def skip_cpu_shm_op() -> None:
-    """Tell DeepSpeed not to JIT-build its ``deepspeed_shm_comm`` C++ op.
-
-    On a CPU accelerator ``init_distributed`` compiles it (30-60 s, silently) on first use, under a
-    file lock that an interrupted build leaves behind, after which every run waits on it forever.
-    The op only speeds up ``inference_all_reduce`` (inference tensor parallelism, which falls back
-    to torch.distributed without it); training all-reduces through gloo and never calls it.
-    ``deepspeed.ops.__compatible_ops__`` is the cached table its loader consults.
-    """
-    import deepspeed.ops
-
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-
-
-def node_ip() -> str:
-    """The IP this process's Ray node is reached at (the rendezvous of a multi-node trainer)."""
-    import ray
-
-    return ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
-
-
-def interface_of(ip: str) -> Optional[str]:
-    """The network interface holding ``ip``, or None."""
-    import psutil
-
-    return next((name for name, addrs in psutil.net_if_addrs().items() if any(a.address == ip for a in addrs)), None)
-
-
-def _redirect_output(path: str) -> None:
-    """This process's file descriptors 1 and 2 (Python, C++ and DeepSpeed output) into ``path``."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    for target in (1, 2):
-        os.dup2(fd, target)
-    os.close(fd)
-
-
-def peak_rss_gib() -> float:
-    """This process's peak resident memory (Linux reports KiB)."""
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def _decoder_and_head(model):
@@ -146,7 +103,7 @@ class PolicyTrainer:
         from transformers import AutoTokenizer
 
         if setup.log_dir:
-            _redirect_output(os.path.join(setup.log_dir, f"trainer-rank{setup.rank}.log"))
+            redirect_output(os.path.join(setup.log_dir, f"trainer-rank{setup.rank}.log"))
         self.setup = setup
         self.cfg = setup.trainer
         self.alg = setup.algorithm

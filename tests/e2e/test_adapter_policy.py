@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from rl.config import load_recipe
-from trainer.types import TrainBatch
+from helpers import vllm_trainer_gap
 
 pytestmark = pytest.mark.e2e
 LOGPROB_TOL = 1e-4
@@ -21,15 +21,6 @@ def _subtask_file(tiny_model_root, tmp_path, name, keep):
     path = tmp_path / f"{name}.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows if keep(int(r["prompt"].split("+")[0]))))
     return path
-
-
-def _vllm_trainer_gap(t, n: int = 4) -> float:
-    """Largest |vLLM - trainer| logprob over the gold answers of n held-out prompts."""
-    prompts, tok = t.test_set.prompt_token_ids[:n], t.tokenizer
-    completions = [tok(r["answer"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for r in t.test_set.rows[:n]]
-    vllm_lp = t.rollout.score(prompts, completions)
-    trainer_lp = t.trainer.compute_logprobs(TrainBatch(prompts, completions, [0.0] * n, [[] for _ in prompts], n, 0))
-    return max(abs(a - b) for ra, rb in zip(vllm_lp, trainer_lp) for a, b in zip(ra, rb))
 
 
 def _recipe(tiny_model_root, run_dir, train, *extra):
@@ -56,7 +47,7 @@ def test_lora_policy_syncs_only_the_adapter_and_writes_back(tiny_model_root, ray
     try:
         metrics = [t.train_one_step() for _ in range(3)]
         # vLLM serves base + LoRA; its logprobs of fixed completions equal the trainer's (base + adapter).
-        assert _vllm_trainer_gap(t) < LOGPROB_TOL
+        assert vllm_trainer_gap(t) < LOGPROB_TOL
     finally:
         t.stop_workers()
     base = AutoModelForCausalLM.from_pretrained(tiny_model_root / "model")
@@ -185,7 +176,7 @@ def test_sparse_policy_syncs_only_indices_and_values(tiny_model_root, ray_sessio
     t.start_workers()
     try:
         metrics = [t.train_one_step() for _ in range(3)]
-        assert _vllm_trainer_gap(t) < LOGPROB_TOL  # base + delta rebuilt in vLLM: exact
+        assert vllm_trainer_gap(t) < LOGPROB_TOL  # base + delta rebuilt in vLLM: exact
         t.step = 3
         ck = t.save_checkpoint()
         t.write_back_adapter(ck, {})
@@ -295,7 +286,7 @@ def test_sparse_policy_on_two_zero2_ranks(tiny_model_root, ray_session, tmp_path
     t.start_workers()
     try:
         metrics = [t.train_one_step() for _ in range(2)]
-        assert _vllm_trainer_gap(t) < LOGPROB_TOL
+        assert vllm_trainer_gap(t) < LOGPROB_TOL
     finally:
         t.stop_workers()
     assert metrics[-1]["kl"] > 0 and all(m["updates_applied"] > 0 for m in metrics)  # summed over ranks

@@ -5,24 +5,10 @@ from __future__ import annotations
 import pytest
 from safetensors.torch import load_file
 
+from helpers import random_train_batch
 from trainer.config import AlgorithmConfig, TrainerConfig
-from trainer.types import TrainBatch
 
 pytestmark = pytest.mark.e2e
-
-
-def _batch(tok, n=12):
-    import random
-
-    rng = random.Random(0)
-    prompts, responses, adv = [], [], []
-    for i in range(n):
-        a, b = rng.randint(0, 99), rng.randint(0, 99)
-        prompts.append(tok(f"{a}+{b}=")["input_ids"])
-        responses.append(tok(str(rng.randint(0, 198)), add_special_tokens=False)["input_ids"] + [tok.eos_token_id])
-        adv.append(rng.uniform(-1, 1))
-    rollout_lp = [[-1.0] * len(r) for r in responses]
-    return TrainBatch(prompts, responses, adv, rollout_lp, num_sequences=n, num_tokens=sum(map(len, responses)))
 
 
 @pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean-token-mean"])
@@ -36,7 +22,7 @@ def test_two_zero2_ranks_equal_one_rank(tiny_model_root, ray_session, aggregatio
 
     model = str(tiny_model_root / "model")
     tok = AutoTokenizer.from_pretrained(model)
-    batch = _batch(tok)
+    batch = random_train_batch(tok)
     alg = AlgorithmConfig(group_size=4, loss_aggregation=aggregation)
     published = []
     for ranks, stage, micro in ((1, 0, 12), (2, 2, 3)):

@@ -20,7 +20,7 @@ PLUGIN = Path(__file__).parent / "plugins" / "stall_rollout.py"
 def test_a_frozen_rollout_actor_is_named_and_the_run_stops_at_the_hard_limit(tiny_model_root, ray_session, tmp_path, capfd):
     from rl import checkpoint as ckpt
     from rl.online import OnlineRun
-    from rl.workers import WorkerStalled
+    from rl.watchdog import WorkerStalled
 
     recipe = load_recipe(None, [
         f"model.path={tiny_model_root / 'model'}", f"data.train={tiny_model_root / 'data' / 'train.jsonl'}",

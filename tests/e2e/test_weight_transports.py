@@ -8,20 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from helpers import vllm_trainer_gap
 from rl.config import load_recipe
-from trainer.types import TrainBatch
 
 pytestmark = pytest.mark.e2e
 LOGPROB_TOL = 1e-4
-
-
-def _gap(t, n: int = 4) -> float:
-    """Largest |vLLM - trainer| logprob over the gold answers of n held-out prompts."""
-    prompts, tok = t.test_set.prompt_token_ids[:n], t.tokenizer
-    completions = [tok(r["answer"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for r in t.test_set.rows[:n]]
-    vllm_lp = t.rollout.score(prompts, completions)
-    trainer_lp = t.trainer.compute_logprobs(TrainBatch(prompts, completions, [0.0] * n, [[] for _ in prompts], n, 0))
-    return max(abs(a - b) for ra, rb in zip(vllm_lp, trainer_lp) for a, b in zip(ra, rb))
 
 
 @pytest.mark.parametrize("transport", ["object_store", "collective"])
@@ -42,7 +33,7 @@ def test_cross_node_transports_serve_the_trainers_policy(kind, transport, tiny_m
         assert t.transport == transport
         before = t.rollout.score(t.test_set.prompt_token_ids[:2], [[5, 6], [7, 8]])
         metrics = [t.train_one_step() for _ in range(2)]
-        assert _gap(t) < LOGPROB_TOL
+        assert vllm_trainer_gap(t) < LOGPROB_TOL
         after = t.rollout.score(t.test_set.prompt_token_ids[:2], [[5, 6], [7, 8]])
         assert max(abs(a - b) for ra, rb in zip(before, after) for a, b in zip(ra, rb)) > 1e-4  # the push reached the engine
         assert all(m["weight_sync_bytes"] > 0 for m in metrics)

@@ -5,8 +5,8 @@ Prints ``RESULT {json}``: where the ranks ran, both losses, the largest weight d
 from __future__ import annotations
 
 import json
-import random
 import sys
+from pathlib import Path
 
 import ray
 from safetensors.torch import load as load_bytes
@@ -18,25 +18,15 @@ from rollout.weight_sync import get_transport
 from trainer.config import AlgorithmConfig, TrainerConfig
 from trainer.policies import PolicySpec
 from trainer.policy_trainer import TrainerSetup
-from trainer.types import TrainBatch
 
-
-def batch(tok, n=12) -> TrainBatch:
-    rng = random.Random(0)
-    prompts, responses, adv = [], [], []
-    for _ in range(n):
-        a, b = rng.randint(0, 99), rng.randint(0, 99)
-        prompts.append(tok(f"{a}+{b}=")["input_ids"])
-        responses.append(tok(str(rng.randint(0, 198)), add_special_tokens=False)["input_ids"] + [tok.eos_token_id])
-        adv.append(rng.uniform(-1, 1))
-    return TrainBatch(prompts, responses, adv, [[-1.0] * len(r) for r in responses], num_sequences=n,
-                      num_tokens=sum(map(len, responses)))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/e2e: the shared helpers
+from helpers import random_train_batch  # noqa: E402
 
 
 def main() -> None:
     gcs, model = sys.argv[1], sys.argv[2]
     ray.init(address=gcs, configure_logging=False, log_to_driver=False)
-    data = batch(AutoTokenizer.from_pretrained(model))
+    data = random_train_batch(AutoTokenizer.from_pretrained(model))
     out = {}
     for ranks, stage, micro in ((1, 0, 12), (2, 2, 3)):
         p = place((ranks, {"CPU": 1.0}), (0, {}), strategy="strict_spread", timeout_s=60)

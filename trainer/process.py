@@ -1,0 +1,51 @@
+"""What a trainer rank's process sets up around DeepSpeed: no run-time op build, the network
+interface of a multi-node rendezvous, its own log file, its peak memory."""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+
+def skip_cpu_shm_op() -> None:
+    """Tell DeepSpeed not to JIT-build its ``deepspeed_shm_comm`` C++ op.
+
+    On a CPU accelerator ``init_distributed`` compiles it (30-60 s, silently) on first use, under a
+    file lock that an interrupted build leaves behind, after which every run waits on it forever.
+    The op only speeds up ``inference_all_reduce`` (inference tensor parallelism, which falls back
+    to torch.distributed without it); training all-reduces through gloo and never calls it.
+    ``deepspeed.ops.__compatible_ops__`` is the cached table its loader consults.
+    """
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def node_ip() -> str:
+    """The IP this process's Ray node is reached at (the rendezvous of a multi-node trainer)."""
+    import ray
+
+    return ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
+
+
+def interface_of(ip: str) -> Optional[str]:
+    """The network interface holding ``ip``, or None."""
+    import psutil
+
+    return next((name for name, addrs in psutil.net_if_addrs().items() if any(a.address == ip for a in addrs)), None)
+
+
+def redirect_output(path: str) -> None:
+    """This process's file descriptors 1 and 2 (Python, C++ and DeepSpeed output) into ``path``."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    for target in (1, 2):
+        os.dup2(fd, target)
+    os.close(fd)
+
+
+def peak_rss_gib() -> float:
+    """This process's peak resident memory (Linux reports KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
