@@ -5,12 +5,12 @@
 - ``adapters.merge``: merging LoRA deltas and sparse deltas (pure tensor functions)
 - ``adapters.sparse``: sparse adapters chosen by connection sensitivity (``SparseAdapter``)
 - ``adapters.arrow``: Arrow routing (prototypes, routing weights, routed forward, PEFT Arrow model)
-- ``adapters.cluster``: similarity of experts and k-means over them
+- ``adapters.cluster``: model-based clustering (MBC) of experts and each cluster's union of training data
 - ``adapters.cli``: ``rl library ...``
 """
 
 from adapters.arrow import arrow_lora_forward, arrow_route, build_peft_arrow_model, expert_prototypes
-from adapters.cluster import cluster_adapters, kernel_kmeans, similarity_matrix
+from adapters.cluster import cluster_experts, expert_vectors, kmeans_labels, reduce_svd, sparsify_quantile, write_cluster_data
 from adapters.files import LibraryError, base_model_hash, lora_pairs, lora_scaling, pairs_to_state
 from adapters.library import AdapterLibrary, Expert, validate_name
 from adapters.merge import lora_delta, merge_lora_uniform, merge_lora_weighted, merge_sparse, refactor_to_lora
@@ -26,10 +26,11 @@ __all__ = [
     "arrow_route",
     "base_model_hash",
     "build_peft_arrow_model",
-    "cluster_adapters",
+    "cluster_experts",
     "connection_sensitivity_mask",
     "expert_prototypes",
-    "kernel_kmeans",
+    "expert_vectors",
+    "kmeans_labels",
     "lora_delta",
     "lora_pairs",
     "lora_scaling",
@@ -38,8 +39,10 @@ __all__ = [
     "merge_sparse",
     "pairs_to_state",
     "read_sparse_dir",
+    "reduce_svd",
     "refactor_to_lora",
     "sensitivity_inputs",
-    "similarity_matrix",
+    "sparsify_quantile",
     "validate_name",
+    "write_cluster_data",
 ]

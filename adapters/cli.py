@@ -6,7 +6,8 @@
     rl library remove NAME --root LIB
     rl library merge NEW NAME NAME ... --root LIB [--weights 0.5,0.5] [--rank R]
     rl library export NAME DEST --root LIB
-    rl library cluster -k K --root LIB [NAME ...] [--mode params|delta] [--seed S]
+    rl library cluster -k K --root LIB [NAME ...] [--quantile 0.8 --svd-dims 64 --seed S --mode params|delta]
+                       [--write-data DIR [--data-map MAP.json] [--recipe R]]   MBC, and its per-cluster data
 
 ``--root`` defaults to ``$RL_ADAPTER_LIBRARY``. ``register(subparsers)`` adds the ``library`` command
 to a parent argparse parser; each handler returns an exit code (2 on a LibraryError, message on stderr).
@@ -121,20 +122,63 @@ def _cmd_export(args) -> int:
 
 
 def _cmd_cluster(args) -> int:
-    from adapters.cluster import cluster_adapters
+    """MBC (adapters.cluster): print the clusters; with --write-data also write each cluster's union of
+    training data and print the ``rl train`` line that trains its LoRA into the library."""
+    import shlex
+
+    from adapters.cluster import cluster_experts, write_cluster_data
+    from adapters.library import validate_name
 
     lib = _library(args)
     names = args.names or [e.name for e in lib.list() if e.adapter_type == "lora"]
-    states = {n: lib.load_lora_state(n) for n in names}
+    if not names:
+        raise LibraryError(f"no LoRA experts to cluster in {lib.root}")
+    if len(set(names)) != len(names):
+        raise LibraryError(f"an expert is named twice in {names}")
+    if not 1 <= args.k <= len(names):
+        raise LibraryError(f"-k {args.k}: need 1 <= k <= the number of experts ({len(names)}: {', '.join(sorted(names))})")
+    if args.data_map and not args.write_data:
+        raise LibraryError("--data-map is only read with --write-data DIR")
+    experts = {n: lib.get(n, verify=False) for n in names}
+    states = {n: lib.load_lora_state(n) for n in names}  # verified
+    scales = {n: e.scaling for n, e in experts.items()}  # delta mode: s·BA
     try:
-        clusters = cluster_adapters(states, args.k, seed=args.seed, mode=args.mode)
+        found = cluster_experts(states, args.k, quantile=args.quantile, svd_dims=args.svd_dims, seed=args.seed,
+                                mode=args.mode, kmeans_input=args.kmeans_input, scales=scales)
     except ValueError as e:
         raise LibraryError(str(e)) from None
+    clusters = {validate_name(f"{args.prefix}{c}"): members for c, members in sorted(found.items())}
+    report = {c: {"experts": m} for c, m in clusters.items()}
+    if args.write_data:
+        taken = [c for c in clusters if c in lib]
+        if taken:
+            raise LibraryError(f"expert(s) {taken} already exist in {lib.root}: the cluster LoRAs need free names (--prefix)")
+        data = {n: e.meta.get("data") for n, e in experts.items()}  # what `rl train ... adapter.save_as` recorded
+        if args.data_map:
+            mapping = _json_arg(Path(args.data_map).read_text(), f"--data-map file {args.data_map}")
+            if not isinstance(mapping, dict):
+                raise LibraryError(f"--data-map file {args.data_map} must hold a JSON object {{expert: data file(s)}}")
+            unknown = sorted(n for n in mapping if n not in lib)
+            if unknown:
+                raise LibraryError(f"--data-map names experts not in {lib.root}: {unknown}")
+            data.update({n: v for n, v in mapping.items() if n in data})
+        try:
+            manifest = write_cluster_data(clusters, data, args.write_data)
+        except ValueError as e:
+            raise LibraryError(str(e)) from None
+        for c, entry in manifest.items():
+            cmd = ["rl", "train", args.recipe, f"data.train={entry['path']}", "adapter.kind=lora", "adapter.source=new",
+                   f"adapter.library={lib.root}", f"adapter.save_as={c}"]
+            report[c].update(data=entry["path"], rows=entry["rows"], train=shlex.join(cmd))
     if args.json:
-        print(json.dumps(clusters, indent=2, sort_keys=True))
+        print(json.dumps(report, indent=2, sort_keys=True))
         return 0
-    for c in sorted(set(clusters.values())):
-        print(f"cluster {c}: {', '.join(n for n, cc in sorted(clusters.items()) if cc == c)}")
+    for c, r in report.items():
+        print(f"{c}: {', '.join(r['experts'])}" + (f"  ({r['rows']} rows in {r['data']})" if "data" in r else ""))
+    if args.write_data:
+        print(f"# train one LoRA per cluster (manifest: {Path(args.write_data) / 'clusters.json'}):")
+        for r in report.values():
+            print(r["train"])
     return 0
 
 
@@ -198,11 +242,24 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("dest")
     p.set_defaults(fn=_guard(_cmd_export))
 
-    p = sub.add_parser("cluster", parents=[common], help="group LoRA experts by parameter similarity")
+    p = sub.add_parser("cluster", parents=[common], help="group LoRA experts by model-based clustering (MBC)",
+                       description="MBC (arXiv:2405.11157): flatten each expert, zero entries below the --quantile of |x|, "
+                       "TruncatedSVD to --svd-dims, k-means on the unit vectors (cosine). --write-data also writes each "
+                       "cluster's union of training data and prints the `rl train` line for its LoRA.")
     p.add_argument("names", nargs="*", help="experts to cluster (default: all LoRA experts)")
-    p.add_argument("-k", type=int, required=True, help="number of clusters")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--mode", choices=("params", "delta"), default="params")
+    p.add_argument("-k", type=int, required=True, help="number of clusters (at most the number of experts)")
+    p.add_argument("--quantile", type=float, default=0.8, help="per expert, zero entries with |x| below this quantile (0.8: keep the top 20%%; 0: keep all)")
+    p.add_argument("--svd-dims", type=int, default=64, help="TruncatedSVD dimensions (capped at the number of experts)")
+    p.add_argument("--seed", type=int, default=0, help="random_state of the SVD and of k-means")
+    p.add_argument("--mode", choices=("params", "delta"), default="params",
+                   help="vectorize the A/B factors (paper) or the deltas s·BA (factorization-invariant; dense, small models)")
+    p.add_argument("--kmeans-input", choices=("similarity", "unit"), default="similarity",
+                   help="k-means on the rows of the experts' cosine-similarity matrix (mttl), or on their unit vectors")
+    p.add_argument("--prefix", default="cluster-", help="cluster names: PREFIX0, PREFIX1, ... (also the trained LoRAs' names)")
+    p.add_argument("--write-data", metavar="DIR", help="write DIR/<cluster>.jsonl, the union of its experts' training data "
+                   "(meta 'data': a .jsonl file or a directory of them), and print an `rl train` line per cluster")
+    p.add_argument("--data-map", metavar="FILE", help="a JSON object {expert: data file or list of files}, overriding meta 'data'")
+    p.add_argument("--recipe", default="RECIPE", help="the recipe named in the printed `rl train` lines")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=_guard(_cmd_cluster))
     return lib

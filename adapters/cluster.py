@@ -1,25 +1,51 @@
-"""Clustering a library of LoRA experts by parameter similarity.
+"""Model-based clustering (MBC) of a library of LoRA experts, and the data to train one expert per cluster.
 
 "Towards Modular LLMs by Building and Reusing a Library of LoRAs" (Ostapenko et al. 2024,
-https://arxiv.org/abs/2405.11157) groups tasks by the cosine similarity of their LoRA parameters
-(model-based clustering, MBC) and trains one expert per group. Two vectorizations are offered:
+https://arxiv.org/abs/2405.11157) trains a LoRA per task for a while, groups the tasks by the
+similarity of those LoRAs' parameters (model-based clustering, MBC), then trains one LoRA per group
+on the union of the group's data: the library. The grouping follows the reference implementation
+(microsoft/mttl, ``SVDEmbeddingTransform`` then ``MBCWithCosSimTransform``), one function a step:
 
-- ``"params"`` (the paper's): all A and B factors of an expert, flattened and concatenated. Cheap, but
-  it sees the factorization, not the function: ``B A = (B M)(M⁻¹ A)`` for any invertible M, so it
-  is meaningful when experts share an initialization (the usual case: PEFT's seeded init, B = 0).
-- ``"delta"``: the deltas ``B A`` of all modules. Invariant to the factorization. Inner products are
-  computed without forming ``B A``: ``<B₁A₁, B₂A₂>_F = sum((B₁ᵀB₂) ⊙ (A₁A₂ᵀ))`` ([r, r] matrices).
-  Each expert's alpha/rank multiplies all its modules alike, so cosines ignore it.
+1. :func:`expert_vectors`: each expert flattened into one vector, X [n, D].
+2. :func:`sparsify_quantile`: in each row, entries whose |x| is below the row's q-quantile (q = 0.8)
+   are zeroed: the top 20% by magnitude are kept.
+3. :func:`reduce_svd`: ``TruncatedSVD`` (uncentered) to 64 dimensions, fewer when n or D is smaller
+   (then the "reduction" is a rotation and loses nothing), Z [n, d].
+4. :func:`kmeans_labels`: rows L2-normalized, then ``KMeans`` (k-means++, ``n_init`` restarts, a fixed
+   ``random_state``): k-means under cosine similarity.
 
-k-means runs on the cosine-similarity (Gram) matrix of the unit-normalized vectors (kernel k-means):
-the same result as k-means on the normalized vectors, with no dependency beyond torch.
-Axis letters: ``n`` experts.
+:func:`cluster_experts` runs them all; :func:`write_cluster_data` writes each cluster's union of
+training data (JSONL) for ``rl train``.
+
+How this departs from mttl:
+
+- k-means input. The default, ``kmeans_input="similarity"``, is mttl's: ``KMeans`` on the rows of the
+  cosine-similarity matrix Ẑ Ẑᵀ (each expert described by its n similarities to all experts).
+  ``kmeans_input="unit"`` fits it on the unit vectors Ẑ themselves (squared distance = 2 - 2·cos).
+- ties. mttl zeroes ``|x| <= quantile``; here ``|x| < quantile`` (ties kept), so ``q = 0`` keeps
+  everything. With real-valued weights the two differ by at most an entry per row.
+- labels are renumbered by first appearance in the sorted names, so a partition has one labelling
+  whatever the seed.
+- ``mode="delta"`` (not in mttl) vectorizes the deltas ``s·B A`` instead of the factors: invariant to
+  the factorization (``B A = (B M)(M⁻¹ A)``), so it compares experts that did not share an
+  initialization, and the shared initial A (which dominates a briefly trained LoRA's parameter
+  vector) drops out. Its vectors are Σ out·in entries per expert (every adapted weight matrix):
+  fine for small models, too big for 7B-scale ones. ``"params"`` (all A and B factors, the paper's)
+  is the default; it is meaningful when experts share an initialization (the same seed: PEFT's
+  random A, B = 0).
+
+Axis letters: ``n`` experts, ``D`` flattened entries per expert, ``d`` reduced dimensions.
 """
 
 from __future__ import annotations
 
-from typing import Mapping
+import gzip
+import json
+import os
+from pathlib import Path
+from typing import Mapping, Sequence
 
+import numpy as np
 import torch
 
 from adapters.files import lora_pairs
@@ -27,108 +53,205 @@ from adapters.files import lora_pairs
 LoraState = Mapping[str, torch.Tensor]  # a PEFT LoRA state dict
 
 
-def similarity_matrix(states: Mapping[str, LoraState], mode: str = "params") -> tuple[list[str], torch.Tensor]:
-    """Cosine similarity between experts. states: {name: LoRA state} -> (sorted names, S [n, n] float64).
+# ---------------------------------------------------------------------------------------------
+# the clustering, one step a function
+# ---------------------------------------------------------------------------------------------
+def expert_vectors(
+    states: Mapping[str, LoraState], mode: str = "params", scales: Mapping[str, float] | None = None
+) -> tuple[list[str], np.ndarray]:
+    """Flatten each expert: {name: LoRA state} -> (sorted names, X [n, D] float32).
 
-    All experts must adapt the same modules with the same shapes (mode "params") or the same modules
-    (mode "delta"; ranks may differ). An all-zero expert (an untrained LoRA) raises ValueError.
+    ``"params"``: all tensors, in sorted key order (every expert must hold the same keys and shapes).
+    ``"delta"``: ``scales[name] · B A`` of every module, in sorted module order (the same modules and
+    shapes; ranks may differ); ``scales`` default 1 (the library's alpha/r is ``Expert.scaling``).
     """
     names = sorted(states)
     if not names:
-        raise ValueError("similarity_matrix: no adapters given")
+        raise ValueError("expert_vectors: no experts given")
+    ref = names[0]
     if mode == "params":
-        keys = sorted(states[names[0]])
-        vecs = []
+        keys = sorted(states[ref])
+        rows = []
         for n in names:
             if sorted(states[n]) != keys:
-                raise ValueError(f"similarity_matrix: {n!r} has other tensors than {names[0]!r}")
-            bad = [k for k in keys if states[n][k].shape != states[names[0]][k].shape]
+                raise ValueError(f"expert_vectors: {n!r} holds other tensors than {ref!r}")
+            bad = [k for k in keys if states[n][k].shape != states[ref][k].shape]
             if bad:
-                raise ValueError(f"similarity_matrix: {n!r} and {names[0]!r} differ in the shape of {bad[0]!r}")
-            vecs.append(torch.cat([states[n][k].reshape(-1).double() for k in keys]))
-        X = torch.stack(vecs)  # [n, D]
-        gram = X @ X.T  # [n, n]
+                raise ValueError(f"expert_vectors: {n!r} and {ref!r} differ in the shape of {bad[0]!r}")
+            rows.append(torch.cat([states[n][k].reshape(-1).float() for k in keys]))
     elif mode == "delta":
-        pairs = [lora_pairs(states[n]) for n in names]
-        modules = sorted(pairs[0])
-        for n, p in zip(names, pairs):
-            if sorted(p) != modules:
-                raise ValueError(f"similarity_matrix: {n!r} adapts other modules than {names[0]!r}")
-        gram = torch.zeros(len(names), len(names), dtype=torch.float64)
-        for m in modules:
-            As = [p[m][0].double() for p in pairs]  # [r_i, in]
-            Bs = [p[m][1].double() for p in pairs]  # [out, r_i]
-            for i in range(len(names)):
-                for j in range(i, len(names)):
-                    v = ((Bs[i].T @ Bs[j]) * (As[i] @ As[j].T)).sum()  # <B_i A_i, B_j A_j>_F
-                    gram[i, j] += v
-                    if i != j:
-                        gram[j, i] += v
+        pairs = {n: lora_pairs(states[n]) for n in names}
+        modules = sorted(pairs[ref])
+        rows = []
+        for n in names:
+            if sorted(pairs[n]) != modules:
+                raise ValueError(f"expert_vectors: {n!r} adapts other modules than {ref!r}")
+            s = float((scales or {}).get(n, 1.0))
+            deltas = []
+            for m in modules:
+                A, B = pairs[n][m]  # [r, in], [out, r]
+                if (B.shape[0], A.shape[1]) != (pairs[ref][m][1].shape[0], pairs[ref][m][0].shape[1]):
+                    raise ValueError(f"expert_vectors: {n!r} and {ref!r} differ in the shape of {m!r}")
+                deltas.append((s * (B.float() @ A.float())).reshape(-1))  # [out·in]
+            rows.append(torch.cat(deltas))
     else:
-        raise ValueError(f"similarity_matrix: mode must be 'params' or 'delta', got {mode!r}")
-    norms = gram.diagonal().clamp(min=0).sqrt()  # [n]
-    zero = [n for n, v in zip(names, norms.tolist()) if v == 0]
-    if zero:
-        raise ValueError(f"similarity_matrix: adapters with all-zero {mode} have no direction: {zero}")
-    return names, gram / (norms[:, None] * norms[None, :])
+        raise ValueError(f"expert_vectors: mode must be 'params' or 'delta', got {mode!r}")
+    return names, torch.stack(rows).numpy()
 
 
-def kernel_kmeans(S: torch.Tensor, k: int, seed: int = 0, n_init: int = 10, max_iter: int = 100) -> torch.Tensor:
-    """k-means from a Gram matrix S [n, n] (cosine similarities of unit vectors) -> labels [n] int64.
+def sparsify_quantile(X: np.ndarray, q: float = 0.8) -> np.ndarray:
+    """X [n, D] -> a copy with, in each row, the entries whose |x| is below that row's q-quantile of |x|
+    zeroed (q = 0.8 keeps the top 20% by magnitude; ties at the threshold are kept; q = 0 keeps all)."""
+    if not 0.0 <= q < 1.0:
+        raise ValueError(f"sparsify_quantile: q must be in [0, 1), got {q}")
+    mag = np.abs(X)
+    thr = np.quantile(mag, q, axis=1, keepdims=True)  # [n, 1]
+    return np.where(mag < thr, 0.0, X).astype(X.dtype)
 
-    dist(i, c) = S_ii - 2·mean_{j∈c} S_ij + mean_{j,l∈c} S_jl, the squared distance to the centroid.
-    k-means++ seeding from ``torch.Generator().manual_seed(seed)``; the best of ``n_init`` runs (lowest
-    inertia) wins; labels are renumbered by first appearance, so equal partitions give equal labels.
+
+def reduce_svd(X: np.ndarray, dims: int = 64, seed: int = 0) -> np.ndarray:
+    """X [n, D] -> Z = X V_d [n, d], d = min(dims, n, D): sklearn's ``TruncatedSVD`` (randomized, not
+    centered, seeded). When d = min(n, D) it is a rotation: inner products between rows are kept."""
+    from sklearn.decomposition import TruncatedSVD
+
+    if dims < 1:
+        raise ValueError(f"reduce_svd: dims must be >= 1, got {dims}")
+    d = min(dims, *X.shape)
+    return TruncatedSVD(n_components=d, random_state=seed).fit_transform(X).astype(np.float64)
+
+
+def kmeans_labels(Z: np.ndarray, k: int, seed: int = 0, n_init: int = 10, kmeans_input: str = "similarity") -> np.ndarray:
+    """k-means under cosine similarity: Z [n, d] -> labels [n] int64 in 0..k-1, numbered by first appearance.
+
+    ``kmeans_input="unit"``: sklearn ``KMeans`` on the L2-normalized rows Ẑ; ``"similarity"`` (mttl):
+    on the rows of the cosine-similarity matrix Ẑ Ẑᵀ [n, n]. k-means++ seeding, ``n_init`` restarts,
+    ``random_state=seed``. A zero row (no direction) raises ValueError.
     """
-    n = S.shape[0]
+    from sklearn.cluster import KMeans
+    from sklearn.preprocessing import normalize
+
+    n = Z.shape[0]
     if not 1 <= k <= n:
-        raise ValueError(f"kernel_kmeans: need 1 <= k <= n adapters, got k={k}, n={n}")
-    S = S.double()
-    diag = S.diagonal()
-    pair_dist = (diag[:, None] + diag[None, :] - 2 * S).clamp(min=0)  # [n, n] squared distances
-    gen = torch.Generator().manual_seed(seed)
-    best, best_inertia = None, float("inf")
-    for _ in range(n_init):
-        centers = [int(torch.randint(n, (1,), generator=gen))]
-        while len(centers) < k:
-            d = pair_dist[:, centers].min(dim=1).values  # [n]
-            if d.sum() <= 0:
-                rest = [i for i in range(n) if i not in centers]
-                centers.append(rest[int(torch.randint(len(rest), (1,), generator=gen))])
-            else:
-                centers.append(int(torch.multinomial(d / d.sum(), 1, generator=gen)))
-        labels = pair_dist[:, centers].argmin(dim=1)  # [n]
-        own = pair_dist[:, centers].min(dim=1).values  # [n] each point's distance to its own center
-        for _ in range(max_iter):
-            dist = torch.empty(n, k, dtype=torch.float64)  # [n, k]
-            for c in range(k):
-                members = labels == c
-                if not members.any():  # an empty cluster restarts at the worst-fitted point
-                    members = torch.zeros(n, dtype=torch.bool)
-                    members[int(own.argmax())] = True
-                m = members.double()
-                cnt = m.sum()
-                dist[:, c] = diag - 2 * (S @ m) / cnt + (m @ S @ m) / cnt**2
-            new = dist.argmin(dim=1)
-            own = dist.gather(1, new[:, None]).squeeze(1)
-            if torch.equal(new, labels):
-                break
-            labels = new
-        inertia = float(own.sum())
-        if inertia < best_inertia - 1e-12:
-            best, best_inertia = labels.clone(), inertia
-    # canonical numbering: by first appearance
+        raise ValueError(f"kmeans_labels: need 1 <= k <= n experts, got k={k}, n={n}")
+    zero = np.flatnonzero(np.linalg.norm(Z, axis=1) == 0)
+    if zero.size:
+        raise ValueError(f"kmeans_labels: rows {zero.tolist()} are all zero and have no direction")
+    U = normalize(Z)  # [n, d], unit rows
+    if kmeans_input == "unit":
+        F = U
+    elif kmeans_input == "similarity":
+        F = U @ U.T  # [n, n]
+    else:
+        raise ValueError(f"kmeans_labels: kmeans_input must be 'unit' or 'similarity', got {kmeans_input!r}")
+    raw = KMeans(n_clusters=k, n_init=n_init, random_state=seed).fit_predict(F)
     remap: dict[int, int] = {}
-    out = torch.empty(n, dtype=torch.int64)
-    for i, c in enumerate(best.tolist()):
-        out[i] = remap.setdefault(c, len(remap))
-    return out
+    return np.array([remap.setdefault(int(c), len(remap)) for c in raw], dtype=np.int64)
 
 
-def cluster_adapters(
-    states: Mapping[str, LoraState], k: int, seed: int = 0, mode: str = "params"
-) -> dict[str, int]:
-    """Group LoRA experts by cosine similarity: {name: cluster id in 0..k-1}, ids by first appearance in sorted names."""
-    names, S = similarity_matrix(states, mode)
-    labels = kernel_kmeans(S, k, seed=seed)
-    return {n: int(c) for n, c in zip(names, labels.tolist())}
+def cluster_experts(
+    states: Mapping[str, LoraState],
+    k: int,
+    quantile: float = 0.8,
+    svd_dims: int = 64,
+    seed: int = 0,
+    mode: str = "params",
+    kmeans_input: str = "similarity",
+    scales: Mapping[str, float] | None = None,
+) -> dict[int, list[str]]:
+    """MBC: {name: LoRA state} -> {cluster id: sorted member names}, ids 0..k-1 by first appearance in
+    the sorted names. ``seed`` seeds both the SVD and k-means: the same inputs give the same clusters."""
+    if not 1 <= k <= len(states):
+        raise ValueError(f"-k {k}: need 1 <= k <= the number of experts ({len(states)})")
+    names, X = expert_vectors(states, mode, scales)
+    zero = [n for n, row in zip(names, X) if not row.any()]
+    if zero:
+        raise ValueError(f"experts with all-zero {mode} have no direction (untrained?): {zero}")
+    Z = reduce_svd(sparsify_quantile(X, quantile), svd_dims, seed)
+    labels = kmeans_labels(Z, k, seed=seed, kmeans_input=kmeans_input)
+    clusters: dict[int, list[str]] = {}
+    for n, c in zip(names, labels.tolist()):
+        clusters.setdefault(c, []).append(n)
+    return clusters
+
+
+# ---------------------------------------------------------------------------------------------
+# building the MBC library: the union of each cluster's training data
+# ---------------------------------------------------------------------------------------------
+def _jsonl_files(expert: str, source: str | os.PathLike | None) -> list[Path]:
+    """One expert's data source -> its JSONL files (a .jsonl / .jsonl.gz file, or a directory of them)."""
+    if source is None:
+        raise ValueError(f"expert {expert!r} records no training data (meta 'data'): give it a data file in --data-map")
+    p = Path(source)
+    if p.is_dir():
+        files = sorted(f for f in p.iterdir() if f.name.endswith((".jsonl", ".jsonl.gz")))
+        if not files:
+            raise ValueError(f"expert {expert!r}: data directory {p} holds no .jsonl files")
+        return files
+    if not p.is_file():
+        raise ValueError(f"expert {expert!r}: data {str(source)!r} is not a file or directory here "
+                         "(builtin data, or a path relative to another directory?): give it in --data-map")
+    if not p.name.endswith((".jsonl", ".jsonl.gz")):
+        raise ValueError(f"expert {expert!r}: data {p} is not JSONL (.jsonl / .jsonl.gz): convert it, or map the expert in --data-map")
+    return [p]
+
+
+def _append_rows(src: Path, w) -> int:
+    """Copy the non-empty lines of JSONL file ``src`` (each must be a JSON object) to the open file ``w``; return how many."""
+    rows, lineno = 0, 0
+    try:
+        with (gzip.open if src.name.endswith(".gz") else open)(src, "rt", encoding="utf-8") as r:
+            for lineno, line in enumerate(r, 1):
+                if not line.strip():
+                    continue
+                try:
+                    ok = isinstance(json.loads(line), dict)
+                except ValueError:
+                    ok = False
+                if not ok:
+                    raise ValueError(f"{src}:{lineno}: not a JSON object")
+                w.write(line if line.endswith("\n") else line + "\n")
+                rows += 1
+    except (UnicodeDecodeError, OSError, EOFError) as e:
+        raise ValueError(f"{src}: unreadable after line {lineno} ({e})") from None
+    return rows
+
+
+def write_cluster_data(
+    clusters: Mapping[str, Sequence[str]],
+    data: Mapping[str, str | os.PathLike | Sequence[str | os.PathLike] | None],
+    out_dir: str | os.PathLike,
+) -> dict[str, dict]:
+    """Write ``out_dir/<cluster>.jsonl``, the union of its members' training data, for each cluster.
+
+    clusters: {cluster name: expert names}; data: {expert name: a JSONL file, a directory of them, or a
+    list of those}. A file several members share is read once; rows are copied as they are (checked to
+    be JSON objects), files in sorted member order. Also writes ``out_dir/clusters.json`` (the
+    returned manifest: {cluster: {"experts", "sources", "rows", "path"}}). Existing files are replaced.
+    """
+    out = Path(out_dir)
+    plan: dict[str, list[Path]] = {}
+    for cname, members in clusters.items():
+        files: list[Path] = []
+        for e in sorted(members):
+            if e not in data:
+                raise ValueError(f"no training data known for expert {e!r}")
+            sources = data[e] if isinstance(data[e], (list, tuple)) else [data[e]]
+            for f in (f for s in sources for f in _jsonl_files(e, s)):
+                if f.resolve() not in [g.resolve() for g in files]:
+                    files.append(f)
+        plan[cname] = files
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = {}
+    for cname, files in plan.items():
+        dest = out / f"{cname}.jsonl"
+        tmp = out / f".{cname}.jsonl.tmp"
+        try:
+            with open(tmp, "w", encoding="utf-8") as w:
+                rows = sum(_append_rows(f, w) for f in files)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        os.replace(tmp, dest)
+        manifest[cname] = {"experts": sorted(clusters[cname]), "sources": [str(f) for f in files], "rows": rows, "path": str(dest)}
+    (out / "clusters.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return manifest

@@ -36,6 +36,11 @@ or (with ``timeout_seconds``) does not return in time costs only the samples con
 (they score ``fallback`` and are counted by kind in :attr:`ScoreResult.failures`); it never
 stops the run. See :mod:`rewards.scoring`.
 
+A recipe entry can name a reward model instead of a function (``{model: path/to/rm, kind:
+classifier | judge}``, see :mod:`rewards.config`): it becomes a :class:`ModelReward`, a callable
+with the same contract that asks the model's actor, so the scorer weights it, isolates its
+faults and times it as any function. See :mod:`rewards.model_reward`.
+
 Rewards that execute model output (``python_tests``, or your own) run it with
 :func:`rewards.sandbox.run_python`: a separate process with time, CPU, memory, file,
 process and output limits, and no network (a kernel network namespace where permitted, else
@@ -48,6 +53,7 @@ only a best-effort in-process guard: see :mod:`rewards.sandbox`).
 
 from rewards import builtin as builtin  # noqa: F401 -- registers the built-in names
 from rewards.registry import RewardFn, get_reward, register_reward, reward_names
+from rewards.model_reward import ModelReward, RewardModel, RewardModelError, RewardModelSpec
 from rewards.scoring import RewardScorer, RewardSpec, ScoreResult
 
 __all__ = [
@@ -58,4 +64,8 @@ __all__ = [
     "RewardScorer",
     "RewardSpec",
     "ScoreResult",
+    "ModelReward",
+    "RewardModel",
+    "RewardModelError",
+    "RewardModelSpec",
 ]

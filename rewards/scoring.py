@@ -106,10 +106,15 @@ class RewardSpec:
             reward in :attr:`ScoreResult.per_reward`.
         weight: multiplier in the per-completion total; 0 computes and logs it without
             training on it.
+        impl: the callable itself, already built (a reward model served by an actor:
+            :class:`rewards.model_reward.ModelReward`); ``fn`` is then only its name, not
+            resolved by :func:`rewards.get_reward`. It is called, and its faults isolated
+            and timed, exactly as a function's.
     """
 
     fn: str
     weight: float = 1.0
+    impl: Callable[..., Any] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.fn, str) or not self.fn.strip():
@@ -118,6 +123,8 @@ class RewardSpec:
         if not math.isfinite(weight):
             raise ValueError(f"RewardSpec.weight for {self.fn!r} must be finite, got {self.weight!r}")
         self.weight = weight
+        if self.impl is not None and not callable(self.impl):
+            raise TypeError(f"RewardSpec.impl for {self.fn!r} must be callable, got {type(self.impl).__name__}")
 
 
 @dataclass
@@ -173,7 +180,7 @@ class RewardScorer:
             timeout_seconds = timeout
         self.timeout_seconds: float | None = timeout_seconds
         self.specs = specs
-        self.fns: dict[str, Callable[..., Any]] = {s.fn: get_reward(s.fn) for s in specs}
+        self.fns: dict[str, Callable[..., Any]] = {s.fn: s.impl if s.impl is not None else get_reward(s.fn) for s in specs}
         self.total_failures: dict[str, int] = dict.fromkeys(FAILURE_KINDS, 0)
         self._warned_kinds: set[str] = set()
         self._warned_batch: set[str] = set()

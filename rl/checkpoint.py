@@ -29,7 +29,9 @@ _RESUMABLE_CHANGES = {"resume", "resume_force", "steps", "logging", "eval", "che
 
 
 def recipe_fingerprint(recipe: Recipe) -> str:
-    data = {k: v for k, v in recipe.model_dump(mode="json").items() if k not in _RESUMABLE_CHANGES}
+    """A hash of what the recipe sets away from its defaults (resumable fields aside): a field added to the
+    recipe later, at its default, leaves the fingerprint of existing checkpoints unchanged."""
+    data = {k: v for k, v in recipe.model_dump(mode="json", exclude_defaults=True).items() if k not in _RESUMABLE_CHANGES}
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -82,6 +82,10 @@ class EvalConfig(Section):
     after: bool = True
     every: int = Field(0, ge=0, description="Evaluate every k steps; 0: only before/after.")
     max_new_tokens: Optional[int] = Field(None, ge=1, description="Default: rollout.max_new_tokens.")
+    samples: int = Field(
+        1, ge=1, description="Besides greedy accuracy, sample this many completions per held-out prompt at `temperature` "
+        "and report mean@k and pass@k (1: greedy only).")
+    temperature: float = Field(1.0, gt=0.0, description="Sampling temperature of the mean@k evaluation.")
 
 
 class CheckpointConfig(Section):
@@ -188,7 +192,7 @@ class Recipe(Section):
 
     @property
     def accuracy_reward(self) -> str:
-        return self.rewards.accuracy or self.rewards.functions[0].fn
+        return self.rewards.accuracy or self.rewards.functions[0].key
 
 
 # ---------------------------------------------------------------------------- loading
@@ -306,7 +310,10 @@ def check_recipe_paths(recipe: Recipe) -> None:
             raise RecipeError(f"recipe field '{field}': path does not exist: {value}")
     if not recipe.model.path.startswith(BUILTIN_PREFIX):
         check_model_dir(Path(recipe.model.path), "model.path", recipe.model.trust_remote_code)
-    names = [r.fn for r in recipe.rewards.functions]
+    for i, item in enumerate(recipe.rewards.functions):  # a reward model's head and tokenizer: rl.prepare.model_reward
+        if item.model is not None and not item.model.startswith(BUILTIN_PREFIX) and not Path(item.model).exists():
+            raise RecipeError(f"recipe field 'rewards.functions.{i}.model': path does not exist: {item.model}")
+    names = [r.key for r in recipe.rewards.functions]
     if recipe.rewards.accuracy is not None and recipe.rewards.accuracy not in names:
         raise RecipeError(f"recipe field 'rewards.accuracy': '{recipe.rewards.accuracy}' is not one of rewards.functions {names}")
     if not names:

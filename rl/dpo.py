@@ -33,10 +33,10 @@ from rl.config import BUILTIN_PREFIX, Recipe, RecipeError
 from rl.data import PromptSampler
 from rl.metrics import MetricsLogger
 from rl.preference_data import load_preference_texts, tokenize_pairs, training_texts
+from rl.prepare import TINY_TEXT
 from rl.run import Run
 from trainer import algorithms
 
-TINY_TEXT = "builtin:tiny-text"
 EVAL_KEYS = ("loss", "reward_accuracy", "reward_margin", "chosen_reward", "rejected_reward")
 
 

@@ -40,8 +40,10 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 def evaluate_prompts(rollout, prompt_set, scorer, accuracy_reward: str, sampling: SamplingSpec) -> dict[str, float]:
     """Sample ``sampling.n`` completions per held-out prompt; score; summarize.
 
-    A completion is correct when the accuracy reward is >= 0.5 (the built-in checks return 0/1).
-    Returns accuracy (= mean@k), pass@k for k = n, reward_mean, num_examples, seconds.
+    A completion is correct when the accuracy reward is >= 0.5 (the built-in checks return 0/1; for
+    a reward model that threshold means little: ``reward_mean`` is its mean score).
+    Returns accuracy (= mean@k), pass@k for k = n, reward_mean (the weighted total), each reward's
+    own mean (``reward/<key>``), num_examples, seconds.
     """
     t0 = time.perf_counter()
     groups = rollout.generate(prompt_set.prompt_token_ids, sampling)
@@ -56,6 +58,7 @@ def evaluate_prompts(rollout, prompt_set, scorer, accuracy_reward: str, sampling
         "num_examples": float(len(groups)),
         "samples_per_prompt": float(n),
         "seconds": time.perf_counter() - t0,
+        **{f"reward/{key}": sum(v) / len(v) for key, v in result.per_reward.items()},
     }
     if n > 1:
         out[f"pass@{n}"] = sum(pass_at_k(n, c, n) for c in per_prompt) / len(per_prompt)
@@ -104,9 +107,9 @@ def run_eval(recipe: Recipe, k: int = 1, temperature: float | None = None, out_p
     """Evaluate the recipe's policy (or the one in ``checkpoint``) on its held-out set (greedy when k == 1)."""
     import tempfile
 
-    from rl.prepare import engine_spec, load_task, prepare_policy, sampling as training_sampling
+    from rl.prepare import engine_spec, load_task, prepare_policy, reward_model_cpus, sampling as training_sampling
     from rl.watchdog import Watchdog
-    from rl.workers import RolloutGroup, init_ray
+    from rl.workers import RolloutGroup, init_ray, start_reward_models, stop_reward_models
 
     task = load_task(recipe)
     start = str(resolve_checkpoint(checkpoint, recipe)) if checkpoint else None
@@ -114,11 +117,13 @@ def run_eval(recipe: Recipe, k: int = 1, temperature: float | None = None, out_p
     with tempfile.TemporaryDirectory(prefix="rl-eval-") as scratch:  # a merge-start recipe merges here
         policy = prepare_policy(recipe, task.paths.model, task.train_set, start_from=start, merge_into=Path(scratch) / "merge")
         if recipe.use_ray:
-            init_ray(ro.num_actors * ro.num_cpus_per_actor)
+            init_ray(ro.num_actors * ro.num_cpus_per_actor + reward_model_cpus(task.scorer))
+        dog = Watchdog(**recipe.watchdog.model_dump())
         rollout = RolloutGroup.create(engine_spec(recipe, policy), ro.num_actors, recipe.use_ray, ro.num_cpus_per_actor, ro.num_gpus_per_actor,
-                                      watchdog=Watchdog(**recipe.watchdog.model_dump()))
-        transport = None
+                                      watchdog=dog)
+        transport, reward_models = None, []
         try:
+            reward_models = start_reward_models(task.scorer.fns.values(), recipe.use_ray, dog)  # none without a reward model
             if policy.is_adapter:
                 transport = serve_policy(policy, rollout, task.test_set.prompt_token_ids, recipe.model.dtype, recipe.model.trust_remote_code)
             temp = temperature if temperature is not None else (0.0 if k == 1 else ro.temperature)
@@ -129,6 +134,7 @@ def run_eval(recipe: Recipe, k: int = 1, temperature: float | None = None, out_p
                                         top_p=1.0 if temp == 0 else ro.top_p, seed=recipe.seed)
             result = evaluate_prompts(rollout, task.test_set, task.scorer, recipe.accuracy_reward, sampling)
         finally:
+            stop_reward_models(task.scorer.fns.values(), reward_models)
             rollout.shutdown()
             if transport is not None:
                 transport.close()

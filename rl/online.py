@@ -27,9 +27,10 @@ from rl import checkpoint as ckpt
 from rl.config import Recipe, RecipeError, recipe_to_yaml
 from rl.data import PromptSampler
 from rl.metrics import MetricsLogger, PhaseTimer, read_metrics
-from rl.prepare import check_library_write, engine_spec, load_task, prepare_policy, sampling, thread_counts, trainer_memory
+from rl.prepare import (check_library_write, engine_spec, load_task, prepare_policy, reward_model_cpus, sampling, thread_counts,
+                        trainer_memory)
 from rl.run import Run
-from rollout.types import Completion
+from rollout.types import Completion, SamplingSpec
 from trainer import algorithms
 from trainer.types import TrainBatch
 
@@ -94,6 +95,7 @@ class OnlineRun(Run):
         self._prefetched: collections.deque = collections.deque()  # (sampler state, indices, pending rollout)
         self._nonfinite_in_a_row = 0
         self.rollout = None
+        self.reward_models: list = []  # rl.workers.RewardModelGroup per reward model of the recipe, while running
         self.transport = "shared_file"
         self.memory_estimate = trainer_memory(recipe, self.policy)  # GiB per trainer rank by part, said at start
 
@@ -102,14 +104,14 @@ class OnlineRun(Run):
     def start_workers(self) -> None:
         from rl.placement import choose_transport, place_recipe
         from rl.watchdog import Watchdog
-        from rl.workers import RolloutGroup, TrainerGroup, init_ray, join_weight_group
+        from rl.workers import RolloutGroup, TrainerGroup, init_ray, join_weight_group, start_reward_models
         from rollout.weight_sync import get_transport
         from trainer.policy_trainer import TrainerSetup
 
         r = self.recipe
         if r.use_ray:
-            init_ray(r.rollout.num_actors * r.rollout.num_cpus_per_actor + r.trainer.num_ranks * r.trainer.num_cpus_per_rank,
-                     verbose=r.logging.verbose)
+            init_ray(r.rollout.num_actors * r.rollout.num_cpus_per_actor + r.trainer.num_ranks * r.trainer.num_cpus_per_rank
+                     + reward_model_cpus(self.scorer), verbose=r.logging.verbose)
         self.placement = place_recipe(r, r.rollout.num_actors)  # fails here, with what is missing, if the cluster cannot hold the run
         self.transport = choose_transport(r.cluster.weight_transport, self.placement)
         trainer_cfg = r.trainer.model_copy(update={"torch_threads": thread_counts(r)[0]}) if r.use_ray else r.trainer
@@ -131,6 +133,7 @@ class OnlineRun(Run):
                                            group_nodes=p and p.group_nodes("rollout", r.cluster.node_loss_wait_s),
                                            log_dir=self.log_dir)
         self.trainer.wait_ready()  # the ranks started beside the engines
+        self.reward_models = start_reward_models(self.scorer.fns.values(), r.use_ray, dog)  # none without a reward model
         if self.transport == "collective":
             join_weight_group(self.trainer, self.rollout, p.master_addr)
         if p is not None and p.nodes > 1:
@@ -150,6 +153,11 @@ class OnlineRun(Run):
         if self.rollout is not None:
             self.rollout.call_all_bounded("close", timeout_s=10.0)  # node-local copies of published versions
             self.rollout.shutdown()
+        if self.reward_models:
+            from rl.workers import stop_reward_models
+
+            stop_reward_models(self.scorer.fns.values(), self.reward_models)
+            self.reward_models = []
         if self.placement is not None:
             self.placement.remove()
         self.trainer = self.rollout = self.placement = None
@@ -285,13 +293,22 @@ class OnlineRun(Run):
     # ------------------------------------------------------------------ evaluation, checkpoints
 
     def evaluate(self) -> dict[str, float]:
-        """Greedy decoding on the held-out set through vLLM; accuracy = share the accuracy reward accepts."""
+        """Greedy decoding on the held-out set through vLLM (accuracy = share the accuracy reward accepts); with
+        ``eval.samples`` k > 1 also mean@k and pass@k of k samples per prompt at ``eval.temperature``."""
         from rl.evaluate import evaluate_prompts
 
         if self.policy.routes_per_batch:
             self._publish(self.test_set.prompt_token_ids)
-        return evaluate_prompts(self.rollout, self.test_set, self.scorer, self.recipe.accuracy_reward,
-                                sampling(self.recipe, 0, 1, greedy=True))
+        r = self.recipe
+        ev = evaluate_prompts(self.rollout, self.test_set, self.scorer, r.accuracy_reward, sampling(r, 0, 1, greedy=True))
+        k = r.eval.samples
+        if k > 1:  # the same seed at every evaluation: curves compare policies, not sampling noise
+            spec = SamplingSpec(n=k, max_new_tokens=r.eval.max_new_tokens or r.rollout.max_new_tokens,
+                                temperature=r.eval.temperature, top_p=1.0, seed=r.seed)
+            sampled = evaluate_prompts(self.rollout, self.test_set, self.scorer, r.accuracy_reward, spec)
+            ev.update({f"mean@{k}": sampled["accuracy"], f"pass@{k}": sampled[f"pass@{k}"]})
+            ev["seconds"] += sampled["seconds"]
+        return ev
 
     def header(self) -> str:
         r = self.recipe
@@ -308,6 +325,8 @@ class OnlineRun(Run):
     def record_eval(self, when: str, ev: dict, summary: dict, logger: MetricsLogger) -> None:
         if when in ("before", "after"):
             summary[f"accuracy_{when}"] = ev["accuracy"]
+            summary[f"reward_mean_{when}"] = ev["reward_mean"]  # the number to watch when the reward is a model
+            summary.update({f"{key}_{when}": value for key, value in ev.items() if key.startswith("mean@")})
         if when == "before":
             self.print(f"held-out accuracy before RL: {ev['accuracy']:.3f} ({int(ev['num_examples'])} prompts, greedy)")
 
@@ -341,6 +360,8 @@ class OnlineRun(Run):
             before = [row for row in read_metrics(self.run_dir, "eval") if row["step"] == 0]
             if before:
                 summary["accuracy_before"] = before[0]["accuracy"]
+                if "reward_mean" in before[0]:
+                    summary["reward_mean_before"] = before[0]["reward_mean"]
 
     def on_step(self, metrics: dict, logger: MetricsLogger) -> None:
         """Skipped (non-finite) updates are logged; ``trainer.max_nonfinite_steps`` in a row stop the run."""
@@ -386,10 +407,13 @@ class OnlineRun(Run):
         return paths[0] if len(paths) == 1 else paths
 
     def summary_lines(self, s: dict) -> list[str]:
+        lines = []
         if "accuracy_before" in s and "accuracy_after" in s:
             gain = 100 * (s["accuracy_after"] - s["accuracy_before"])
-            return [f"held-out accuracy: {s['accuracy_before']:.3f} -> {s['accuracy_after']:.3f} ({gain:+.1f} points)"]
-        return []
+            lines.append(f"held-out accuracy: {s['accuracy_before']:.3f} -> {s['accuracy_after']:.3f} ({gain:+.1f} points)")
+        if "reward_mean_before" in s and "reward_mean_after" in s:
+            lines.append(f"held-out reward mean: {s['reward_mean_before']:.4f} -> {s['reward_mean_after']:.4f}")
+        return lines
 
 
 __all__ = ["OnlineRun", "RecipeError", "Sampled", "TrainingDiverged", "advantage_fn", "discordant_pairs"]

@@ -10,7 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from rewards import RewardScorer, RewardSpec
+from rewards import ModelReward, RewardModelError, RewardModelSpec, RewardScorer, RewardSpec, get_reward
+from rewards.config import DEFAULT_MAX_LENGTH
+from rewards.model_reward import check_reward_model
 from rl.config import BUILTIN_PREFIX, Recipe, RecipeError
 from rl.data import PromptSet, load_prompt_sets
 from rollout.config import LORA_RANKS
@@ -18,6 +20,8 @@ from rollout.types import SamplingSpec
 from trainer.policies import PolicySpec
 
 _log: Callable[[str], None] = lambda s: print(f"[rl] {s}", flush=True)  # noqa: E731
+TINY_TEXT = "builtin:tiny-text"
+TINY_HH_RM = "builtin:tiny-hh-rm"
 
 
 @dataclass
@@ -30,6 +34,8 @@ class ResolvedPaths:
 def resolve_builtins(recipe: Recipe, log_fn=_log) -> ResolvedPaths:
     """Build (or reuse from cache) the embedded tiny model and task when the recipe asks for them."""
     model, train, test = recipe.model.path, recipe.data.train, recipe.data.test
+    if model == TINY_TEXT:
+        model = _tiny_text_model(recipe, log_fn)
     if not any(v and v.startswith(BUILTIN_PREFIX) for v in (model, train, test)):
         return ResolvedPaths(model=model, train=train, test=test)
     from rl.tasks.tiny_model import TinyModelSpec, build_tiny_model
@@ -50,6 +56,24 @@ def resolve_builtins(recipe: Recipe, log_fn=_log) -> ResolvedPaths:
     if test and test.startswith(BUILTIN_PREFIX):
         test = str(root / "data" / "test.jsonl")
     return ResolvedPaths(model=model, train=train, test=test)
+
+
+def _tiny_text_model(recipe: Recipe, log_fn) -> str:
+    """``builtin:tiny-text`` for an online run: built from the texts of the preference pairs in
+    ``data.train`` (HH dialogues: ``data.preference_format: hh_dialogue``) as offline DPO builds it,
+    so an RLHF run on HH starts from the model DPO starts from (the same cached build)."""
+    from rl.dpo import resolve_model
+    from rl.preference_data import load_preference_texts, training_texts
+
+    d = recipe.data
+    if d.train.startswith(BUILTIN_PREFIX):
+        raise RecipeError(f"recipe field 'model.path': {TINY_TEXT} is built from the texts of preference pairs in data.train "
+                          f"(e.g. HH dialogues with data.preference_format: hh_dialogue), not from {d.train}")
+    try:
+        train_texts, _ = load_preference_texts(d, d.train, d.test, recipe.seed)
+    except RecipeError as e:
+        raise RecipeError(f"recipe field 'model.path': {TINY_TEXT} is built from the preference pairs of data.train: {e}") from None
+    return resolve_model(recipe, training_texts(train_texts), log_fn)
 
 
 @dataclass
@@ -73,10 +97,61 @@ def load_task(recipe: Recipe) -> Task:
     return Task(paths, tokenizer, train_set, test_set, make_scorer(recipe))
 
 
-def make_scorer(recipe: Recipe) -> RewardScorer:
+def make_scorer(recipe: Recipe, log_fn=_log) -> RewardScorer:
+    """The recipe's rewards, keyed by ``RewardItem.key``: functions resolved by spec; reward models checked
+    here, before Ray starts, and wrapped as ``ModelReward``s, which call the actors the run starts
+    for them (``rl.workers.start_reward_models``). Both kinds go through the scorer's fault isolation
+    and ``rewards.timeout_seconds`` alike."""
     rw = recipe.rewards
-    return RewardScorer([RewardSpec(fn=r.fn, weight=r.weight) for r in rw.functions],
-                        fallback=rw.fallback, timeout_seconds=rw.timeout_seconds)
+    specs = []
+    for i, item in enumerate(rw.functions):
+        if item.model is not None:
+            specs.append(RewardSpec(fn=item.key, weight=item.weight, impl=model_reward(recipe, i, log_fn)))
+        elif item.name:
+            specs.append(RewardSpec(fn=item.name, weight=item.weight, impl=get_reward(item.fn)))
+        else:
+            specs.append(RewardSpec(fn=item.fn, weight=item.weight))
+    return RewardScorer(specs, fallback=rw.fallback, timeout_seconds=rw.timeout_seconds)
+
+
+def model_reward(recipe: Recipe, index: int, log_fn=_log) -> ModelReward:
+    """Reward model ``rewards.functions[index]`` as a reward function: its directory (``builtin:tiny-hh-rm``
+    built or reused) checked for the kind asked (``rewards.model_reward.check_reward_model``), not yet served.
+
+    ``torch_threads`` 0: every core of this node when rollout is synchronous (the reward phase runs
+    alone, as ``thread_counts`` reasons), else the CPUs its actor reserves; in one process
+    (``use_ray: false``) torch's own default."""
+    item = recipe.rewards.functions[index]
+    field = f"rewards.functions.{index}.model"
+    path, max_length = item.model, item.max_length or DEFAULT_MAX_LENGTH
+    if path.startswith(BUILTIN_PREFIX):
+        if path != TINY_HH_RM:
+            raise RecipeError(f"recipe field '{field}': unknown builtin '{path}' (known: ['{TINY_HH_RM}'])")
+        if item.kind != "classifier":
+            raise RecipeError(f"recipe field 'rewards.functions.{index}.kind': {TINY_HH_RM} is a classifier (got {item.kind})")
+        from rl.tasks.tiny_reward_model import TinyRewardModelSpec, build_tiny_reward_model
+
+        built = TinyRewardModelSpec()
+        path = str(Path(build_tiny_reward_model(built, log=log_fn)) / "model")
+        if item.max_length is None:
+            max_length = built.max_length  # score texts cut as it was trained on them
+    threads = item.torch_threads
+    if recipe.use_ray and not threads:
+        sync = recipe.rollout.max_staleness == 0
+        threads = len(os.sched_getaffinity(0)) if sync else max(1, int(item.num_cpus))
+    spec = RewardModelSpec(path=path, kind=item.kind, batch_size=item.batch_size, max_length=max_length,
+                           template=item.template, yes_token=item.yes_token, no_token=item.no_token, dtype=item.dtype,
+                           torch_threads=threads, trust_remote_code=recipe.model.trust_remote_code, name=item.key)
+    try:
+        check_reward_model(spec)
+    except RewardModelError as e:
+        raise RecipeError(f"recipe field '{field}': {e}") from None
+    return ModelReward(spec, num_cpus=item.num_cpus)
+
+
+def reward_model_cpus(scorer: RewardScorer) -> float:
+    """CPUs the scorer's reward-model actors reserve (0 without reward models): added to what Ray starts with."""
+    return sum(fn.num_cpus for fn in scorer.fns.values() if isinstance(fn, ModelReward))
 
 
 # ---------------------------------------------------------------------------------------- the policy

@@ -50,16 +50,27 @@ class AlgorithmConfig(Section):
         "prompts (2-GRPO+RS) for up to `max_resample_rounds` extra rounds.",
     )
     max_resample_rounds: int = Field(2, ge=0)
-    advantage: str = Field("grpo", description="Registered advantage estimator (`trainer.algorithms.names('advantage')`).")
-    normalize_std: bool = Field(True, description="Divide by the group std; Dr.GRPO turns it off.")
+    advantage: str = Field(
+        "grpo", description="Registered advantage estimator (`trainer.algorithms.names('advantage')`): grpo, "
+        "contrastive_pair (2-GRPO), rloo, reinforce_pp, reinforce_pp_baseline.")
+    normalize_std: bool = Field(
+        True, description="Divide by the std (of the group for grpo, of the batch for reinforce_pp*); Dr.GRPO turns "
+        "it off. Not read by rloo or contrastive_pair.")
     std_eps: float = Field(1e-6, gt=0.0)
     policy_loss: str = "clipped"
     clip_low: float = Field(0.2, ge=0.0, description="epsilon_low of the clipped ratio.")
     clip_high: float = Field(0.2, ge=0.0, description="epsilon_high; > clip_low is DAPO's clip-higher.")
     dual_clip: Optional[float] = Field(None, gt=1.0, description="Dual-clip bound c for negative advantages.")
+    importance_sampling_level: Literal["token", "sequence"] = Field(
+        "token", description="`token`: one ratio per token (PPO/GRPO). `sequence`: GSPO's length-normalized ratio per "
+        "sequence, clipped per sequence (its paper: clip_low 3e-4, clip_high 4e-4, seq-mean-token-mean).")
     loss_aggregation: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean"
     kl_coef: float = Field(0.0, ge=0.0, description="beta; 0 skips the reference model entirely.")
-    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    kl_estimator: Literal["k1", "k2", "k3"] = Field("k3", description="KL estimator of the `kl_penalty: loss` term.")
+    kl_penalty: Literal["loss", "reward"] = Field(
+        "loss", description="Where the KL goes. `loss`: beta * kl_estimator aggregated like the policy loss (GRPO). "
+        "`reward`: REINFORCE++'s per-token penalty, k1 = log pi_old - log pi_ref (detached), each token's advantage "
+        "minus beta times its reward-to-go; needs kl_coef > 0 and kl_estimator k1.")
     dpo_beta: float = Field(0.1, gt=0.0, description="DPO's beta (offline and online).")
     dpo_loss: str = Field("sigmoid", description="Registered preference loss: sigmoid (DPO) or ipo.")
     dpo_label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)
@@ -74,6 +85,20 @@ class AlgorithmConfig(Section):
             raise ValueError(f"algorithm.group_size must be >= 2 for GRPO (got {self.group_size})")
         if self.name == "online_dpo" and self.group_size != 2:
             raise ValueError(f"algorithm.group_size must be 2 for online_dpo (got {self.group_size})")
+        if self.kl_penalty == "reward":
+            if self.kl_coef <= 0:
+                raise ValueError("algorithm.kl_penalty=reward needs algorithm.kl_coef > 0 (the beta of the per-token "
+                                 f"KL penalty; got kl_coef={self.kl_coef})")
+            if self.kl_estimator != "k1":
+                raise ValueError("algorithm.kl_penalty=reward puts the k1 estimate (log pi_old - log pi_ref) in the "
+                                 f"reward, as REINFORCE++; set algorithm.kl_estimator=k1 (got {self.kl_estimator!r}, "
+                                 "an estimator for kl_penalty=loss)")
+            if self.name != "grpo":
+                raise ValueError(f"algorithm.kl_penalty=reward shapes GRPO-style advantages; algorithm.name={self.name} "
+                                 "has none (use kl_penalty=loss)")
+        if self.importance_sampling_level == "sequence" and self.name != "grpo":
+            raise ValueError(f"algorithm.importance_sampling_level=sequence sets the ratio of the clipped policy loss; "
+                             f"algorithm.name={self.name} does not use it")
         return self
 
 

@@ -305,15 +305,23 @@ class PolicyTrainer:
             stats.sum("dpo_reward_accuracy", dpo["reward_accuracy"])  # already divided by the batch's pairs
             stats.sum("dpo_reward_margin", dpo["reward_margin"])
         else:
+            advantages = mb["advantages"]  # [n]
+            if alg.kl_coef > 0 and alg.kl_penalty == "reward":
+                # REINFORCE++: the KL is a per-token reward -beta * k1, k1 = log pi_old - log pi_ref (no grad);
+                # each token's advantage loses beta times its reward-to-go. Nothing is added to the loss.
+                kl = algorithms.get("kl", "k1")(old, self._reference_logprobs(mb)).detach()  # [n, T-1]
+                advantages = advantages[:, None] - alg.kl_coef * algorithms.kl_reward_to_go(kl, mask)  # [n, T-1]
+                stats.mean("kl", (kl * mask).sum(), ntok)
             is_weights = None
             if alg.tis_cap is not None:
                 is_weights = algorithms.truncated_is_weights(old, mb["rollout_logprobs"], cap=alg.tis_cap)
             pg_loss, pg_metrics = algorithms.get("policy_loss", alg.policy_loss)(
-                logprobs, old, mb["advantages"], mask, clip_low=alg.clip_low, clip_high=alg.clip_high,
-                dual_clip=alg.dual_clip, aggregation=alg.loss_aggregation, is_weights=is_weights, **counts,
+                logprobs, old, advantages, mask, clip_low=alg.clip_low, clip_high=alg.clip_high,
+                dual_clip=alg.dual_clip, aggregation=alg.loss_aggregation, is_weights=is_weights,
+                importance_sampling_level=alg.importance_sampling_level, **counts,
             )
         loss = pg_loss
-        if alg.kl_coef > 0:
+        if alg.kl_coef > 0 and alg.kl_penalty == "loss":
             kl = algorithms.get("kl", alg.kl_estimator)(logprobs, self._reference_logprobs(mb))
             loss = loss + alg.kl_coef * algorithms.aggregate_loss(kl, mask, alg.loss_aggregation, **counts)
             stats.mean("kl", (kl.detach() * mask).sum(), ntok)

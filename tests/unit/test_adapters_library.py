@@ -241,7 +241,9 @@ def test_cli(base, tmp_path, capsys):
     assert cli_main(["library", "cluster", "-k", "2", "--root", root, "--json"]) == 0
     capsys.readouterr()
     assert cli_main(["library", "cluster", "e0", "e1", "e2", "-k", "2", "--root", root, "--json"]) == 0
-    assert set(json.loads(capsys.readouterr().out)) == {"e0", "e1", "e2"}
+    clusters = json.loads(capsys.readouterr().out)
+    assert sorted(clusters) == ["cluster-0", "cluster-1"]
+    assert sorted(n for c in clusters.values() for n in c["experts"]) == ["e0", "e1", "e2"]
     assert cli_main(["library", "export", "m", str(tmp_path / "out"), "--root", root]) == 0
     assert (tmp_path / "out" / "adapter_config.json").is_file()
     assert cli_main(["library", "remove", "e2", "--root", root]) == 0

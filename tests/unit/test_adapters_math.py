@@ -1,5 +1,5 @@
 """Adapter math against hand-computed values and direct (looped) computations: merging, sparse
-selection, Arrow routing, clustering. Pure tensors, no files."""
+selection, Arrow routing. Pure tensors, no files."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import torch
 from torch import nn
 
 from adapters.arrow import arrow_lora_forward, arrow_route, expert_prototypes
-from adapters.cluster import cluster_adapters, kernel_kmeans, similarity_matrix
 from adapters.merge import lora_delta, merge_lora_uniform, merge_lora_weighted, merge_sparse, refactor_to_lora
 from adapters.sparse import SparseAdapter, apply_sparse_delta, connection_sensitivity_mask, read_sparse_dir
 
@@ -199,42 +198,3 @@ def test_arrow_lora_forward_matches_loops():
         for e in range(4):
             want += w[t, e] * s[e] * (B[e] @ (A[e] @ tok[t]))
         assert torch.allclose(out.reshape(-1, 8)[t], want, atol=1e-4)
-
-
-# ---- clustering -----------------------------------------------------------------------------------
-def _synthetic_library(n_per_group=3, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    centers = [{"m.lora_A.weight": torch.randn(2, 8, generator=g), "m.lora_B.weight": torch.randn(6, 2, generator=g)} for _ in range(2)]
-    states, truth = {}, {}
-    for grp, c in enumerate(centers):
-        for i in range(n_per_group):
-            name = f"g{grp}-{i}"
-            states[name] = {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in c.items()}
-            truth[name] = grp
-    return states, truth
-
-
-@pytest.mark.parametrize("mode", ["params", "delta"])
-def test_cluster_finds_two_obvious_groups(mode):
-    states, truth = _synthetic_library()
-    clusters = cluster_adapters(states, k=2, seed=0, mode=mode)
-    assert set(clusters.values()) == {0, 1}
-    for a in states:
-        for b in states:
-            assert (clusters[a] == clusters[b]) == (truth[a] == truth[b])
-    assert cluster_adapters(states, k=2, seed=123, mode=mode) == clusters  # deterministic, canonical ids
-
-
-def test_similarity_matrix_delta_mode_matches_flattened_deltas():
-    states, _ = _synthetic_library(n_per_group=2)
-    names, S = similarity_matrix(states, mode="delta")
-    flat = torch.stack([(states[n]["m.lora_B.weight"] @ states[n]["m.lora_A.weight"]).reshape(-1).double() for n in names])
-    flat = flat / flat.norm(dim=1, keepdim=True)
-    assert torch.allclose(S, flat @ flat.T, atol=1e-10)
-
-
-def test_kernel_kmeans_k_equals_n_and_bad_k():
-    S = torch.eye(3, dtype=torch.float64)
-    assert sorted(kernel_kmeans(S, 3).tolist()) == [0, 1, 2]
-    with pytest.raises(ValueError, match="k <= n"):
-        kernel_kmeans(S, 4)

@@ -1,4 +1,5 @@
-"""Aggregation, clipped policy loss, KL estimators, IS weights and logit helpers vs hand values."""
+"""Aggregation, clipped policy loss (token and sequence level), KL estimators and the KL reward-to-go,
+IS weights and logit helpers vs hand values."""
 
 import math
 
@@ -11,6 +12,7 @@ from trainer.algorithms import (
     entropy_from_logits,
     get,
     kl_estimate,
+    kl_reward_to_go,
     logprobs_from_logits,
     masked_mean,
     truncated_is_weights,
@@ -120,6 +122,30 @@ def test_k3_clamp_keeps_it_finite():
 def test_kl_unknown_estimator():
     with pytest.raises(KeyError, match="k1"):
         kl_estimate(LP, REF, "k4")
+
+
+def test_kl_reward_to_go_hand_values():
+    kl = torch.tensor([[1.0, 2.0, 3.0, 4.0], [0.5, -1.0, 2.0, 9.0]])
+    mask = torch.tensor([[1, 1, 1, 0], [0, 1, 1, 0]])  # row 1: a prompt position before the response
+    # row 0: 1+2+3 = 6, 2+3 = 5, 3, (pad) 0; row 1: (prompt) 0, -1+2 = 1, 2, (pad) 0
+    out = kl_reward_to_go(kl, mask)
+    close(out, [[6.0, 5.0, 3.0, 0.0], [0.0, 1.0, 2.0, 0.0]])
+    # junk off the mask never reaches a real token
+    dirty = torch.where(mask.bool(), kl, torch.tensor(float("nan")))
+    assert torch.equal(kl_reward_to_go(dirty, mask), out)
+    # REINFORCE++'s per-token advantage, beta = 0.1, A = [1, -1]: A - beta * to-go on real tokens
+    adv = torch.tensor([1.0, -1.0])[:, None] - 0.1 * out
+    close(torch.where(mask.bool(), adv, 0.0), [[0.4, 0.5, 0.7, 0.0], [0.0, -1.1, -1.2, 0.0]])
+    with pytest.raises(ValueError):
+        kl_reward_to_go(kl, mask[:, :3])
+
+
+def test_kl_reward_to_go_keeps_grad_and_float32():
+    kl = torch.tensor([[0.5, 0.25]], dtype=torch.bfloat16, requires_grad=True)
+    out = kl_reward_to_go(kl, torch.ones(1, 2))
+    assert out.dtype == torch.float32
+    out.sum().backward()  # d/dkl_s of sum_t sum_{s>=t} kl_s = number of t <= s: [1, 2]
+    close(kl.grad.float(), [[1.0, 2.0]])
 
 
 # ----------------------------------------------------------------------------- truncated IS
@@ -321,3 +347,99 @@ def test_logprobs_and_entropy_match_the_reference_functions():
     _, e = logprobs_and_entropy(masked, torch.tensor([0]))
     close(e, [0.693147], atol=1e-5)
     assert logprobs_and_entropy(logits, labels, with_entropy=False)[1] is None
+
+
+# ----------------------------------------------------------------------------- GSPO (sequence level)
+
+GSPO_MASK = torch.tensor([[1, 1, 1], [1, 1, 0]])  # sequence 1 has 2 tokens and one padding
+GSPO_LOG_RATIO = torch.tensor([[0.1, -0.2, 0.4], [0.3, -0.5, 0.0]])  # means 0.1 and -0.1
+
+
+def gspo_logprobs(junk=0.0):
+    lp = OLD + GSPO_LOG_RATIO
+    return torch.where(GSPO_MASK.bool(), lp, torch.tensor(junk)).requires_grad_(True)
+
+
+def test_gspo_sequence_ratio_hand_values_and_gradient():
+    lp = gspo_logprobs()
+    loss, m = clipped_policy_loss(lp, OLD, ADV, GSPO_MASK, aggregation="seq-mean-token-mean",
+                                  importance_sampling_level="sequence")
+    # s_0 = exp(mean(0.1, -0.2, 0.4)) = e^0.1 = 1.105171; s_1 = exp(mean(0.3, -0.5)) = e^-0.1 = 0.904837
+    # both inside [0.8, 1.2]: per sequence -s_0 * 1 = -1.105171 and -s_1 * -1 = 0.904837
+    # seq-mean-token-mean = mean over sequences: (-1.105171 + 0.904837)/2 = -0.100167
+    close(loss, -0.100167)
+    close(m["clip_frac"], 0.0)
+    close(m["ratio_mean"], 1.025037)  # token-weighted: (3 * 1.105171 + 2 * 0.904837)/5
+    close(m["ratio_max"], 1.105171)
+    loss.backward()
+    # loss = (-s_0 + s_1)/2; ds_i/dlogp_t = s_i / |y_i| on each real token:
+    # row 0: -1.105171/(2*3) = -0.184195 on all three; row 1: 0.904837/(2*2) = 0.226209, padding 0
+    close(lp.grad, [[-0.184195, -0.184195, -0.184195], [0.226209, 0.226209, 0.0]])
+
+
+def test_gspo_clips_whole_sequences():
+    lp = gspo_logprobs()
+    loss, m = clipped_policy_loss(lp, OLD, ADV, GSPO_MASK, clip_low=0.2, clip_high=0.05,
+                                  aggregation="seq-mean-token-mean", importance_sampling_level="sequence")
+    # range [0.8, 1.05]: s_0 = 1.105171 > 1.05 with A > 0 -> -1.05, held (no gradient); s_1 unclipped
+    # (-1.05 + 0.904837)/2 = -0.072582; clip_frac = 3 held tokens of 5
+    close(loss, -0.072582)
+    close(m["clip_frac"], 0.6)
+    loss.backward()
+    close(lp.grad, [[0.0, 0.0, 0.0], [0.226209, 0.226209, 0.0]])
+
+
+def test_gspo_aggregation_and_per_token_advantages():
+    # token-mean weighs each sequence by its length: (3 * -1.105171 + 2 * 0.904837)/5 = -0.301168
+    loss, _ = clipped_policy_loss(gspo_logprobs(), OLD, ADV, GSPO_MASK, importance_sampling_level="sequence")
+    close(loss, -0.301168)
+    # per-token advantages take s_i * A_t: row 0 A = [1, 2, 3] -> -1.105171 * mean(1, 2, 3) = -2.210342;
+    # row 1 A = [-1, -1] -> 0.904837; seq-mean-token-mean (-2.210342 + 0.904837)/2 = -0.652753
+    adv = torch.tensor([[1.0, 2.0, 3.0], [-1.0, -1.0, 0.0]])
+    loss, _ = clipped_policy_loss(gspo_logprobs(), OLD, adv, GSPO_MASK, aggregation="seq-mean-token-mean",
+                                  importance_sampling_level="sequence")
+    close(loss, -0.652753)
+
+
+def test_gspo_ignores_padding():
+    clean, clean_m = clipped_policy_loss(gspo_logprobs(), OLD, ADV, GSPO_MASK, importance_sampling_level="sequence")
+    dirty_lp = gspo_logprobs(junk=50.0)
+    dirty_old = torch.where(GSPO_MASK.bool(), OLD, torch.tensor(float("-inf")))
+    dirty, dirty_m = clipped_policy_loss(dirty_lp, dirty_old, ADV, GSPO_MASK, importance_sampling_level="sequence")
+    torch.testing.assert_close(dirty, clean)
+    for name in clean_m:
+        torch.testing.assert_close(dirty_m[name], clean_m[name])
+    dirty.backward()
+    assert torch.isfinite(dirty_lp.grad).all() and dirty_lp.grad[1, 2] == 0
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("options", [{}, {"clip_high": 0.28}, {"dual_clip": 3.0}])
+def test_gspo_with_one_token_per_sequence_is_the_token_loss(mode, options):
+    gen = torch.Generator().manual_seed(0)
+    old = torch.randn(6, 3, generator=gen, dtype=torch.float64) - 2.0
+    delta = 0.5 * torch.randn(6, 3, generator=gen, dtype=torch.float64)
+    adv = torch.tensor([1.0, -1.0, 0.5, -2.0, 0.0, 1.5], dtype=torch.float64)
+    for mask in (torch.ones(6, 1), torch.tensor([[1, 0, 0], [0, 1, 0], [0, 0, 1]] * 2)):  # L = 1, or padded
+        width = mask.shape[1]
+        out = {}
+        for level in ("token", "sequence"):
+            lp = (old[:, :width] + delta[:, :width]).requires_grad_(True)
+            loss, m = clipped_policy_loss(lp, old[:, :width], adv, mask, aggregation=mode,
+                                          importance_sampling_level=level, **options)
+            loss.backward()
+            out[level] = (loss, m, lp.grad)
+        (tl, tm, tg), (sl, sm, sg) = out["token"], out["sequence"]
+        torch.testing.assert_close(sl, tl)
+        torch.testing.assert_close(sg, tg)
+        for name in tm:
+            torch.testing.assert_close(sm[name], tm[name])
+
+
+def test_sequence_level_differs_from_token_level_and_bad_level_raises():
+    token, _ = clipped_policy_loss(gspo_logprobs(), OLD, ADV, GSPO_MASK, aggregation="seq-mean-token-mean")
+    sequence, _ = clipped_policy_loss(gspo_logprobs(), OLD, ADV, GSPO_MASK, aggregation="seq-mean-token-mean",
+                                      importance_sampling_level="sequence")
+    assert not torch.allclose(token, sequence)  # the setting reaches the math
+    with pytest.raises(ValueError, match="importance_sampling_level"):
+        clipped_policy_loss(gspo_logprobs(), OLD, ADV, GSPO_MASK, importance_sampling_level="seq")

@@ -8,7 +8,7 @@ from trainer.algorithms import registry
 
 
 def test_builtin_names_registered_on_import():
-    assert alg.names("advantage") == ["contrastive_pair", "grpo"]
+    assert alg.names("advantage") == ["contrastive_pair", "grpo", "reinforce_pp", "reinforce_pp_baseline", "rloo"]
     assert alg.names("policy_loss") == ["clipped"]
     assert alg.names("kl") == ["k1", "k2", "k3"]
     assert alg.names("aggregation") == [

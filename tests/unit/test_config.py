@@ -59,6 +59,24 @@ def test_out_of_range_names_field(override, field):
     assert field in _err([override])
 
 
+def test_kl_penalty_and_importance_sampling_level_are_checked():
+    msg = _err(["algorithm.kl_penalty=reward"])  # kl_coef defaults to 0
+    assert "algorithm.kl_penalty=reward" in msg and "algorithm.kl_coef" in msg
+    msg = _err(["algorithm.kl_penalty=reward", "algorithm.kl_coef=0.01"])  # kl_estimator defaults to k3
+    assert "algorithm.kl_estimator=k1" in msg
+    assert "kl_penalty=loss" in _err(["algorithm.name=online_dpo", "algorithm.group_size=2", "algorithm.kl_coef=0.01",
+                                      "algorithm.kl_penalty=reward", "algorithm.kl_estimator=k1"])
+    assert "algorithm.kl_penalty" in _err(["algorithm.kl_penalty=rewards"])
+    assert "algorithm.importance_sampling_level" in _err(["algorithm.importance_sampling_level=seq"])
+    assert "does not use it" in _err(["algorithm.name=online_dpo", "algorithm.group_size=2",
+                                      "algorithm.importance_sampling_level=sequence"])
+    r = load_recipe(None, ["algorithm.kl_penalty=reward", "algorithm.kl_coef=0.01", "algorithm.kl_estimator=k1",
+                           "algorithm.importance_sampling_level=sequence"], check_paths=False)
+    assert r.algorithm.kl_penalty == "reward" and r.algorithm.importance_sampling_level == "sequence"
+    default = load_recipe(None, [], check_paths=False).algorithm
+    assert default.kl_penalty == "loss" and default.importance_sampling_level == "token"
+
+
 def test_missing_model_path_names_field(tmp_path):
     msg = _err([f"model.path={tmp_path / 'nope'}"], check_paths=True)
     assert "model.path" in msg and "does not exist" in msg

@@ -2,9 +2,12 @@
 
 Importing this package registers every built-in variant:
 
-- advantage: "grpo" (GRPO / Dr.GRPO), "contrastive_pair" (2-GRPO)
-- policy_loss: "clipped" (PPO/GRPO clip, DAPO clip-higher, dual-clip, truncated IS)
-- kl: "k1", "k2", "k3"
+- advantage: "grpo" (GRPO / Dr.GRPO), "contrastive_pair" (2-GRPO), "rloo" (RLOO),
+  "reinforce_pp" and "reinforce_pp_baseline" (REINFORCE++, batch-normalized)
+- policy_loss: "clipped" (PPO/GRPO clip, DAPO clip-higher, dual-clip, truncated IS; GSPO with
+  ``importance_sampling_level="sequence"``)
+- kl: "k1", "k2", "k3" (in the loss; ``kl_reward_to_go`` turns a per-token KL into REINFORCE++'s
+  per-token reward instead)
 - aggregation: "token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"
 - preference_loss: "sigmoid" (DPO, conservative DPO), "ipo"
 
@@ -12,7 +15,14 @@ Axes everywhere: B prompts, G group size, N = B*G sequences, L response tokens, 
 """
 
 from trainer.algorithms.registry import KINDS, get, names, register
-from trainer.algorithms.advantages import contrastive_pair_advantages, grpo_advantages, tied_groups
+from trainer.algorithms.advantages import (
+    contrastive_pair_advantages,
+    grpo_advantages,
+    reinforce_pp_advantages,
+    reinforce_pp_baseline_advantages,
+    rloo_advantages,
+    tied_groups,
+)
 from trainer.algorithms.losses import (
     aggregate_loss,
     clipped_policy_loss,
@@ -21,6 +31,7 @@ from trainer.algorithms.losses import (
     kl_k1,
     kl_k2,
     kl_k3,
+    kl_reward_to_go,
     logprobs_and_entropy,
     logprobs_from_logits,
     masked_mean,
@@ -45,6 +56,7 @@ __all__ = [
     "kl_k1",
     "kl_k2",
     "kl_k3",
+    "kl_reward_to_go",
     "logprobs_and_entropy",
     "logprobs_from_logits",
     "masked_mean",
@@ -52,6 +64,9 @@ __all__ = [
     "pairwise_dpo_loss",
     "preference_wins",
     "register",
+    "reinforce_pp_advantages",
+    "reinforce_pp_baseline_advantages",
+    "rloo_advantages",
     "seq_mean_token_mean",
     "seq_mean_token_sum_norm",
     "sigmoid_preference_loss",

@@ -91,3 +91,112 @@ def contrastive_pair_advantages(rewards: Tensor) -> Tensor:
     rewards = _as_float(rewards)
     sign = torch.sign(rewards[..., 0] - rewards[..., 1])  # [B]: +1 first better, -1 worse, 0 tie
     return torch.stack([sign, 0.0 - sign], dim=-1)  # [B, 2]; 0.0 - 0.0 avoids a -0.0 tie
+
+
+@register("advantage", "rloo")
+def rloo_advantages(rewards: Tensor) -> Tensor:
+    """RLOO leave-one-out advantages: rewards [B, G] -> advantages [B, G].
+
+    RLOO ("Back to Basics: Revisiting REINFORCE Style Optimization for Learning from Human
+    Feedback in LLMs", Ahmadian et al. 2024, https://arxiv.org/abs/2402.14740): each
+    completion's baseline is the mean reward of the *other* G - 1 completions of its prompt,
+    ``A_i = r_i - mean_{j != i} r_j``, which equals ``G / (G - 1) * (r_i - mean(r))``: Dr.GRPO's
+    centered rewards scaled by G / (G - 1), so the baseline does not depend on the sample it scores.
+    No std division (``normalize_std`` and ``std_eps`` are not read, as for ``contrastive_pair``).
+    The paper uses the REINFORCE estimator on whole sequences; here the advantage goes to whichever
+    ``policy_loss`` the recipe names (the clipped surrogate is plain REINFORCE while every update is
+    on-policy, ``trainer.mini_batches: 1``, where the ratio is 1 and never clipped). The paper's
+    reward also carries a sequence-level KL penalty, the whole sequence's log-ratio for every
+    token; here the KL is ``kl_penalty: loss`` or, per token, ``kl_penalty: reward`` (each token
+    charged its reward-to-go only), both separate from this function.
+
+    A group whose rewards are all equal gets exactly 0. Raises ValueError if ``rewards`` is not
+    2-D or G < 2 (one sample has no other samples to be its baseline).
+    """
+    if rewards.dim() != 2:
+        raise ValueError(f"rewards must be [B, G], got shape {tuple(rewards.shape)}")
+    G = rewards.shape[1]
+    if G < 2:
+        raise ValueError(f"RLOO needs a group size G >= 2 (a leave-one-out baseline), got G={G}")
+    rewards = _as_float(rewards)
+    others = (rewards.sum(dim=-1, keepdim=True) - rewards) / (G - 1)  # [B, G]: mean of the other G-1
+    advantages = rewards - others
+    return torch.where(tied_groups(rewards)[:, None], torch.zeros_like(advantages), advantages)
+
+
+def _batch_normalized(values: Tensor, subtract_mean: bool, normalize_std: bool, std_eps: float,
+                      unbiased_std: bool) -> Tensor:
+    """(values - mean) / (std + eps) over every entry of ``values`` [B, G] together; exactly 0 when
+    all entries are equal (0 / 0 is never computed)."""
+    flat = values.flatten()  # [B*G]
+    if flat.numel() == 0 or bool(flat.amax() == flat.amin()):
+        return torch.zeros_like(values)
+    centered = values - flat.mean() if subtract_mean else values
+    if not normalize_std:
+        return centered
+    std = flat.std(unbiased=unbiased_std) if flat.numel() > 1 else flat.new_zeros(())
+    return centered / (std + std_eps)
+
+
+@register("advantage", "reinforce_pp")
+def reinforce_pp_advantages(
+    rewards: Tensor,
+    *,
+    normalize_std: bool = True,
+    std_eps: float = 1e-6,
+    unbiased_std: bool = True,
+) -> Tensor:
+    """REINFORCE++ advantages: rewards [B, G] -> advantages [B, G], normalized over the whole batch.
+
+    REINFORCE++ (Hu et al., https://arxiv.org/abs/2501.03262): no per-prompt baseline; the
+    advantages are normalized with the mean and std of the whole batch (all B*G samples),
+    ``A = (r - mean_batch(r)) / (std_batch(r) + eps)``, rather than of each prompt's group as in
+    GRPO, which the paper argues over-fits to easy prompts. Any G >= 1 works (the paper uses one
+    completion per prompt). ``normalize_std=False`` keeps only the batch-mean subtraction.
+
+    Differences from the paper: (1) the paper normalizes per-token returns over all tokens of the
+    batch; here the outcome reward is normalized over sequences, before it is broadcast to tokens.
+    (2) The paper puts the KL penalty in the reward before normalizing; with
+    ``algorithm.kl_penalty: reward`` the trainer subtracts ``kl_coef * kl_reward_to_go`` from the
+    already normalized advantage, so the KL part is not re-normalized. (3) The std convention is
+    not stated in the paper: unbiased by default, as ``torch.std``.
+
+    A batch whose rewards are all equal gets exactly 0 (never NaN). Raises ValueError if
+    ``rewards`` is not 2-D.
+    """
+    if rewards.dim() != 2:
+        raise ValueError(f"rewards must be [B, G], got shape {tuple(rewards.shape)}")
+    return _batch_normalized(_as_float(rewards), True, normalize_std, std_eps, unbiased_std)
+
+
+@register("advantage", "reinforce_pp_baseline")
+def reinforce_pp_baseline_advantages(
+    rewards: Tensor,
+    *,
+    normalize_std: bool = True,
+    std_eps: float = 1e-6,
+    unbiased_std: bool = True,
+) -> Tensor:
+    """REINFORCE++-baseline advantages: rewards [B, G] -> advantages [B, G].
+
+    The same paper's variant for G > 1 samples per prompt (https://arxiv.org/abs/2501.03262):
+    subtract each group's mean reward first (the baseline), then divide by the std of those
+    centered values over the whole batch, ``A_i = (r_i - mean_group(r)) / (std_batch + eps)``.
+    Unlike GRPO the scale is one number for the batch, so a prompt whose rewards barely differ is
+    not blown up to unit variance. The batch mean of group-centered values is 0 by construction,
+    so it is not subtracted again (that would only add rounding noise to tied groups).
+
+    Differences from the paper: normalization over sequences, not tokens; the std convention
+    (unbiased by default) is ours. The paper pairs this variant with a k2 KL term in the loss
+    (``kl_penalty: loss, kl_estimator: k2``); with ``kl_penalty: reward`` the trainer subtracts the
+    per-token KL from the normalized advantage (not re-normalized), REINFORCE++'s own placement.
+
+    A tied group gets exactly 0; so does a batch whose groups all tie. Raises ValueError if
+    ``rewards`` is not 2-D or G < 2 (a lone sample has no group baseline).
+    """
+    if rewards.dim() != 2:
+        raise ValueError(f"rewards must be [B, G], got shape {tuple(rewards.shape)}")
+    if rewards.shape[1] < 2:
+        raise ValueError(f"REINFORCE++-baseline needs a group size G >= 2, got G={rewards.shape[1]}")
+    centered = grpo_advantages(rewards, normalize_std=False)  # [B, G]; tied groups exactly 0
+    return _batch_normalized(centered, False, normalize_std, std_eps, unbiased_std)

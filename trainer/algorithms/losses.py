@@ -201,6 +201,23 @@ def kl_estimate(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k3") -
     return get("kl", estimator)(logprobs, ref_logprobs)
 
 
+def kl_reward_to_go(kl: Tensor, mask: Tensor) -> Tensor:
+    """Reward-to-go of a per-token KL penalty: kl, mask [N, L] -> [N, L], 0 off the mask.
+
+    ``out[i, t] = sum_{s >= t, mask[i, s]} kl[i, s]`` on real tokens (gamma = 1), the return from
+    token t on of the per-token reward -kl. REINFORCE++ (https://arxiv.org/abs/2501.03262) puts
+    the KL in the reward, ``r_t = 1[t = last] * r - beta * KL_t``, so token t's advantage becomes
+    ``A - beta * kl_reward_to_go(kl, mask)[t]``: a token is charged for the divergence of itself
+    and of everything after it, not of the tokens before. Masked positions (prompt, padding) add
+    nothing and come out as exactly 0, even if they hold NaN or inf. Not detached: detach ``kl``
+    first when it is a reward.
+    """
+    _check_same_shape(kl=kl, mask=mask)
+    masked = _masked(kl, mask)  # [N, L]
+    to_go = masked.flip(-1).cumsum(dim=-1).flip(-1)  # [N, L]: sum over s >= t
+    return torch.where(mask.bool(), to_go, torch.zeros_like(to_go))
+
+
 # ----------------------------------------------------------------------------- policy loss
 
 
@@ -239,6 +256,7 @@ def clipped_policy_loss(
     num_sequences: float | Tensor | None = None,
     num_tokens: float | Tensor | None = None,
     max_response_len: int | None = None,
+    importance_sampling_level: str = "token",
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO/GRPO clipped surrogate: logprobs, old_logprobs, mask [N, L]; advantages [N] or [N, L].
 
@@ -253,6 +271,15 @@ def clipped_policy_loss(
       https://arxiv.org/abs/1912.09729; the paper suggests c = 3).
     - ``is_weights`` [N, L] (detached) multiplies the per-token loss: truncated IS, see
       ``truncated_is_weights``.
+    - ``importance_sampling_level="sequence"``: GSPO (Zheng et al. 2025,
+      https://arxiv.org/abs/2507.18071). Sequence i has one length-normalized ratio
+      ``s_i = exp(mean_t (logprobs - old_logprobs))`` over its response tokens (with gradient),
+      clipped per sequence, and every token of it carries ``-min(s_i * A, clip(s_i) * A)``. With
+      "seq-mean-token-mean" the loss is GSPO's mean over sequences; the paper's clip range is
+      tiny (e.g. clip_low 3e-4, clip_high 4e-4) because s_i is a per-token geometric mean. With
+      per-token advantages [N, L] each token takes ``s_i * A_t``: the value of GSPO-token, not its
+      gradient (GSPO-token weighs token t's gradient by its own A_t; here all tokens of a sequence
+      share the gradient of s_i). "token" (the default) is the per-token ratio above.
     ``aggregation`` and the global counts go to ``aggregate_loss``: GRPO's paper uses
     "seq-mean-token-mean", DAPO "token-mean", Dr.GRPO "seq-mean-token-sum-norm".
 
@@ -261,7 +288,8 @@ def clipped_policy_loss(
 
     Returns (scalar loss, metrics), metrics all detached scalars: "clip_frac" (fraction of real
     tokens whose loss is held by a clip, so their gradient is 0), "approx_kl_old" (mean k3
-    estimate of KL(pi_old || pi) on the tokens, sampled from pi_old), "ratio_mean", "ratio_max".
+    estimate of KL(pi_old || pi) on the tokens, sampled from pi_old), "ratio_mean", "ratio_max"
+    (at the sequence level, of the s_i, each weighted by its number of tokens).
     """
     _check_same_shape(logprobs=logprobs, old_logprobs=old_logprobs, mask=mask)
     if logprobs.dim() != 2:
@@ -275,6 +303,8 @@ def clipped_policy_loss(
         raise ValueError(f"need 0 <= clip_low < 1 and clip_high >= 0, got {clip_low}, {clip_high}")
     if dual_clip is not None and dual_clip <= 1.0:
         raise ValueError(f"dual_clip must be > 1 (the paper uses 3), got {dual_clip}")
+    if importance_sampling_level not in ("token", "sequence"):
+        raise ValueError(f"importance_sampling_level must be 'token' or 'sequence', got {importance_sampling_level!r}")
 
     keep = mask.bool()  # [N, L]
     dtype = _float_dtype(logprobs)
@@ -284,6 +314,10 @@ def clipped_policy_loss(
     adv = torch.where(keep, adv, 0.0)  # [N, L]
     old = old_logprobs.detach().to(dtype)
     log_ratio = torch.where(keep, logprobs.to(dtype) - old, 0.0)  # [N, L]; 0 on padding
+    if importance_sampling_level == "sequence":  # GSPO: one length-normalized ratio per sequence
+        lengths = keep.sum(dim=-1, keepdim=True).to(dtype)  # [N, 1]
+        seq_log_ratio = _divide(log_ratio.sum(dim=-1, keepdim=True), lengths)  # [N, 1], with grad
+        log_ratio = torch.where(keep, seq_log_ratio, 0.0)  # [N, L]: s_i on each of its tokens
     ratio = torch.exp(log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))  # [N, L]; 1 on padding
 
     unclipped = -adv * ratio  # [N, L]

@@ -9,8 +9,12 @@ there is exactly one code path per piece of math.
 Calling contract of each kind (shapes use B prompts, G group size, N = B*G sequences, L tokens,
 P preference pairs):
 
-- ``advantage``: ``fn(rewards [B, G], **options) -> advantages [B, G]``
-- ``policy_loss``: ``fn(logprobs, old_logprobs, advantages, mask, **options) -> (scalar, metrics)``
+- ``advantage``: ``fn(rewards [B, G], **options) -> advantages [B, G]`` (the driver binds the
+  options the function takes among ``normalize_std`` and ``std_eps``)
+- ``policy_loss``: ``fn(logprobs, old_logprobs, advantages, mask, **options) -> (scalar, metrics)``;
+  advantages [N] or [N, L] (per token with ``kl_penalty: reward``); the trainer passes
+  ``clip_low, clip_high, dual_clip, aggregation, is_weights, importance_sampling_level`` and the
+  global counts
 - ``kl``: ``fn(logprobs [N, L], ref_logprobs [N, L]) -> per-token estimate [N, L]``
 - ``aggregation``: ``fn(values [N, L], mask [N, L], *, num_sequences, num_tokens,
   max_response_len) -> scalar``

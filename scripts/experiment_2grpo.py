@@ -1,0 +1,240 @@
+"""2-GRPO vs 16-GRPO with the protocol of "It Takes Two: Your GRPO Is Secretly DPO" (arXiv:2510.00977),
+scaled to the embedded task.
+
+    .venv/bin/python scripts/experiment_2grpo.py                 # the full protocol, 3 seeds (~1.5 h on 2 cores)
+    .venv/bin/python scripts/experiment_2grpo.py --quick --out /tmp/x   # a few steps per arm (the test suite)
+
+Protocol (paper Sec. 6 and Appendix C.1; what differs is said in the report):
+- every arm trains ``--epochs`` epochs over the same fixed set of ``--prompts`` training prompts;
+- the same rollouts per optimizer step: 16-GRPO takes B prompts x 16, 2-GRPO 8B prompts x 2, so over the
+  same epochs 2-GRPO takes 1/8 of the rollouts and 1/8 of the optimizer steps;
+- 2-GRPO's learning rate is swept at 1x, 2x, 4x and 8x that of 16-GRPO (the paper's ratio is 8x);
+- 2-GRPO+RS (tied pairs resampled) and online DPO (the same pairs, the DPO loss) at ``--pair-lr-ratio``;
+- Adam, constant learning rate after 10 warm-up steps, clip epsilon 0.2 / 0.28, temperature 1 in training;
+- held-out evaluation at every epoch: greedy accuracy and mean@k (k samples per prompt at temperature 1).
+Runs go to ``--runs``; a run whose summary says finished is reused, not trained again (``--fresh`` retrains).
+Writes ``<out>/2-grpo.md`` (tables), ``2-grpo.json`` (every evaluation) and ``2-grpo-curves.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+GROUP_RATIO = 8  # 16-GRPO's G over 2-GRPO's: 2-GRPO takes 8x the prompts per step
+
+
+@dataclass
+class Arm:
+    name: str
+    recipe: str
+    prompts_per_step: int
+    lr: float
+    overrides: list[str] = field(default_factory=list)
+
+
+def arms(args) -> list[Arm]:
+    b, lr = args.prompts_per_step, args.lr
+    pair_lr = args.pair_lr_ratio * lr
+    out = [Arm("16-GRPO", "recipes/grpo16-arithmetic.yaml", b, lr)]
+    out += [Arm(f"2-GRPO lr {r:g}x", "recipes/grpo2-arithmetic.yaml", GROUP_RATIO * b, r * lr) for r in args.lr_ratios]
+    out.append(Arm(f"2-GRPO+RS lr {args.pair_lr_ratio:g}x", "recipes/grpo2-rs-arithmetic.yaml", GROUP_RATIO * b, pair_lr))
+    # Online DPO on exactly 2-GRPO's pairs: ties dropped, not resampled.
+    out.append(Arm(f"online DPO lr {args.pair_lr_ratio:g}x", "recipes/online-dpo-arithmetic.yaml", GROUP_RATIO * b, pair_lr,
+                   ["algorithm.tie_handling=keep", f"trainer.micro_batch_size={2 * GROUP_RATIO * b}"]))
+    return out
+
+
+def protocol_overrides(arm: Arm, args, seed: int, run_dir: Path) -> list[str]:
+    steps_per_epoch = args.prompts // arm.prompts_per_step
+    return [
+        f"seed={seed}", f"output_dir={run_dir}", "logging.progress=false",
+        f"steps={args.epochs * steps_per_epoch}", f"data.max_train_examples={args.prompts}",
+        f"data.prompts_per_step={arm.prompts_per_step}", f"data.max_test_examples={args.test_prompts}",
+        f"trainer.lr={arm.lr}", f"trainer.warmup_steps={args.warmup_steps}",
+        "algorithm.clip_low=0.2", "algorithm.clip_high=0.28", "rollout.temperature=1.0",
+        f"eval.every={steps_per_epoch}", f"eval.samples={args.k}", "eval.temperature=1.0",
+        "checkpoint.save_final=false", *arm.overrides, *args.overrides,
+    ]
+
+
+def run_arm(arm: Arm, args, seed: int) -> dict:
+    """Train one arm for one seed (or read the finished run); returns its curve and totals."""
+    from rl.config import load_recipe
+    from rl.metrics import read_metrics
+    from rl.online import OnlineRun
+
+    run_dir = Path(args.runs) / f"{arm.name.replace(' ', '_')}-seed{seed}"
+    summary_path = run_dir / "summary.json"
+    done = summary_path.exists() and json.loads(summary_path.read_text()).get("status") == "finished"
+    if args.fresh or not done:
+        shutil.rmtree(run_dir, ignore_errors=True)  # an unfinished run starts over, its old metrics gone
+        OnlineRun(load_recipe(arm.recipe, protocol_overrides(arm, args, seed, run_dir))).fit()
+    train, evals = read_metrics(run_dir, "train"), read_metrics(run_dir, "eval")
+    cum_rollouts, cum_seconds, rollouts, seconds = {0: 0.0}, {0: 0.0}, 0.0, 0.0
+    for row in train:
+        rollouts += row["rollouts"]
+        seconds += row["time_step"]  # training time only: evaluations are not counted
+        cum_rollouts[row["step"]], cum_seconds[row["step"]] = rollouts, seconds
+    mean_key = f"mean@{args.k}"
+    curve = [{"step": e["step"], "rollouts": cum_rollouts[e["step"]], "seconds": cum_seconds[e["step"]],
+              "greedy": e["accuracy"], "mean_at_k": e[mean_key]} for e in evals]
+    return {"arm": arm.name, "seed": seed, "lr": arm.lr, "prompts_per_step": arm.prompts_per_step, "steps": len(train),
+            "rollouts": rollouts, "train_seconds": seconds, "curve": curve, "run_dir": str(run_dir)}
+
+
+def mean_std(values: list[float]) -> str:
+    m = statistics.mean(values)
+    return f"{m:.3f} ± {statistics.stdev(values):.3f}" if len(values) > 1 else f"{m:.3f}"
+
+
+def plot(results: list[dict], arm_names: list[str], path: Path, k: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(12, 9))
+    for name in arm_names:
+        runs = [r for r in results if r["arm"] == name]
+        n = min(len(r["curve"]) for r in runs)
+        for row, key in enumerate(("mean_at_k", "greedy")):
+            for col, x in enumerate(("rollouts", "seconds")):
+                xs = [statistics.mean(r["curve"][i][x] for r in runs) for i in range(n)]
+                ys = [[r["curve"][i][key] for r in runs] for i in range(n)]
+                ax = axes[row][col]
+                line, = ax.plot(xs, [statistics.mean(y) for y in ys], marker="o", markersize=3, label=name)
+                ax.fill_between(xs, [min(y) for y in ys], [max(y) for y in ys], color=line.get_color(), alpha=0.15)
+                ax.set_xlabel("cumulative rollouts" if x == "rollouts" else "cumulative training seconds")
+                ax.set_ylabel(f"held-out mean@{k}" if key == "mean_at_k" else "held-out greedy accuracy")
+                if x == "rollouts":
+                    ax.set_xscale("log")
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle("2-GRPO vs 16-GRPO (mean over seeds, band: min-max)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def report(results: list[dict], arm_list: list[Arm], args, command: str) -> str:
+    from rl.metrics import describe_machine
+
+    def final(name: str, key: str) -> list[float]:
+        return [r["curve"][-1][key] for r in results if r["arm"] == name]
+
+    def totals(name: str, key: str) -> float:
+        return statistics.mean(r[key] for r in results if r["arm"] == name)
+
+    base = arm_list[0].name
+    k = args.k
+    lines = [
+        "# 2-GRPO vs 16-GRPO with the paper's protocol, on the embedded task",
+        "",
+        f"Reproduce: `{command}`",
+        "",
+        f"Machine: {describe_machine()}; one vLLM rollout actor, one DeepSpeed rank (ZeRO-0), Ray.",
+        "",
+        "## Protocol",
+        "",
+        f"- Task: the embedded 2-digit addition model; a fixed set of {args.prompts} training prompts, {args.epochs} epochs for every arm;",
+        f"  {args.test_prompts} held-out prompts evaluated at every epoch: greedy accuracy and mean@{k} ({k} samples per prompt, temperature 1).",
+        f"- 16-GRPO: {args.prompts_per_step} prompts x 16 rollouts per step, lr {args.lr:g}. 2-GRPO: {GROUP_RATIO * args.prompts_per_step} "
+        f"prompts x 2 (the same {16 * args.prompts_per_step} rollouts per step), contrastive +1/-1 advantages, lr "
+        + ", ".join(f"{r:g}x" for r in args.lr_ratios) + " that of 16-GRPO.",
+        f"- 2-GRPO+RS (tied pairs resampled, up to 2 rounds; the extra rollouts are counted) and online DPO (2-GRPO's pairs, ties dropped,",
+        f"  the DPO loss with beta 0.1 against the initial policy) at {args.pair_lr_ratio:g}x.",
+        f"- Every arm: Adam, constant lr after {args.warmup_steps} warm-up steps, clip epsilon 0.2 / 0.28, temperature 1 in training,",
+        "  one optimizer step per batch, token-mean loss, no KL. Wall-clock is the sum of the training steps (evaluations excluded).",
+        "- Scaled from the paper (32 x 16 vs 256 x 2 per step, lr 1e-6 vs 8e-6, 10 epochs, Mean@32, billion-parameter models):",
+        f"  a 1M-parameter model, {16 * args.prompts_per_step} rollouts per step, lr {args.lr:g} for 16-GRPO (the embedded model's working rate).",
+        "",
+        f"## Results ({len(args.seeds)} seeds: {', '.join(map(str, args.seeds))}; mean ± std)",
+        "",
+        f"| arm | lr | steps | final mean@{k} | final greedy | best mean@{k} | rollouts | train s | mean@{k} vs 16-GRPO | rollouts vs 16-GRPO | wall-clock vs 16-GRPO |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    start = statistics.mean(r["curve"][0]["mean_at_k"] for r in results)
+    base_acc, base_ro, base_s = statistics.mean(final(base, "mean_at_k")), totals(base, "rollouts"), totals(base, "train_seconds")
+    summary = {}
+    for arm in arm_list:
+        acc = final(arm.name, "mean_at_k")
+        best = [max(p["mean_at_k"] for p in r["curve"]) for r in results if r["arm"] == arm.name]
+        ro, sec = totals(arm.name, "rollouts"), totals(arm.name, "train_seconds")
+        summary[arm.name] = (statistics.mean(acc) / base_acc, ro / base_ro, sec / base_s)
+        lines.append(f"| {arm.name} | {arm.lr:g} | {totals(arm.name, 'steps'):.0f} | {mean_std(acc)} | {mean_std(final(arm.name, 'greedy'))} | "
+                     f"{mean_std(best)} | {ro:,.0f} | {sec:.0f} | {100 * summary[arm.name][0]:.1f}% | {100 * summary[arm.name][1]:.1f}% | "
+                     f"{100 * summary[arm.name][2]:.1f}% |")
+    lines += ["", f"Before training: mean@{k} {start:.3f} (every arm starts from the same model).", "",
+              "Per seed (final mean@k / greedy):", "", "| arm | " + " | ".join(f"seed {s}" for s in args.seeds) + " |",
+              "|---|" + "---|" * len(args.seeds)]
+    for arm in arm_list:
+        cells = []
+        for s in args.seeds:
+            r = next(r for r in results if r["arm"] == arm.name and r["seed"] == s)
+            cells.append(f"{r['curve'][-1]['mean_at_k']:.3f} / {r['curve'][-1]['greedy']:.3f}")
+        lines.append(f"| {arm.name} | " + " | ".join(cells) + " |")
+    lines += ["", "![curves](2-grpo-curves.png)", "", "## The paper's claims at this scale", ""]
+    two = [a.name for a in arm_list if a.name.startswith("2-GRPO lr")]
+    best_two = max(two, key=lambda n: summary[n][0])
+    acc, ro, sec = summary[best_two]
+    held = lambda ok: "holds" if ok else "does not hold"  # noqa: E731
+    lines.append(f"- 2-GRPO >= 95% of 16-GRPO's final mean@{k} with 12.5% of the rollouts and <= 30% of the wall-clock: best 2-GRPO arm "
+                 f"({best_two}) at {100 * acc:.1f}% with {100 * ro:.1f}% of the rollouts and {100 * sec:.1f}% of the wall-clock: "
+                 f"{held(acc >= 0.95 and sec <= 0.30)}.")
+    rs = next(a.name for a in arm_list if a.name.startswith("2-GRPO+RS"))
+    lines.append(f"- 2-GRPO+RS >= 16-GRPO: {100 * summary[rs][0]:.1f}% of 16-GRPO's final mean@{k} with {100 * summary[rs][1]:.1f}% of its "
+                 f"rollouts: {held(summary[rs][0] >= 1.0)}.")
+    dpo = next(a.name for a in arm_list if a.name.startswith("online DPO"))
+    lines.append(f"- Online DPO on the same pairs: {100 * summary[dpo][0]:.1f}% of 16-GRPO's final mean@{k}.")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--prompts", type=int, default=1024, help="the fixed training prompt set")
+    ap.add_argument("--prompts-per-step", type=int, default=8, help="16-GRPO's B; 2-GRPO takes 8x")
+    ap.add_argument("--test-prompts", type=int, default=512)
+    ap.add_argument("--k", type=int, default=8, help="samples per held-out prompt for mean@k")
+    ap.add_argument("--lr", type=float, default=1e-4, help="16-GRPO's learning rate")
+    ap.add_argument("--lr-ratios", type=float, nargs="+", default=[1, 2, 4, 8])
+    ap.add_argument("--pair-lr-ratio", type=float, default=8, help="2-GRPO+RS's and online DPO's lr over 16-GRPO's")
+    ap.add_argument("--warmup-steps", type=int, default=10)
+    ap.add_argument("--quick", action="store_true", help="a few steps per arm, one seed: checks that the tables are produced")
+    ap.add_argument("--fresh", action="store_true", help="train again even where a finished run exists")
+    ap.add_argument("--runs", default=str(ROOT / "runs" / "experiment-2grpo"))
+    ap.add_argument("--out", default=str(ROOT / "docs" / "experiments"))
+    ap.add_argument("overrides", nargs="*", help="extra recipe overrides for every arm")
+    args = ap.parse_args()
+    command = "python scripts/experiment_2grpo.py" + (" " + " ".join(os.sys.argv[1:]) if len(os.sys.argv) > 1 else "")
+    if args.quick:
+        args.seeds, args.epochs, args.prompts, args.test_prompts, args.k = args.seeds[:1], 1, 64, 16, 2
+        args.lr_ratios, args.warmup_steps = args.lr_ratios[:1], 0
+    os.chdir(ROOT)
+
+    arm_list = arms(args)
+    results = []
+    for seed in args.seeds:
+        for arm in arm_list:
+            results.append(run_arm(arm, args, seed))
+            r = results[-1]
+            print(json.dumps({k: r[k] for k in ("arm", "seed", "rollouts", "train_seconds")} | {"final": r["curve"][-1]}), flush=True)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "2-grpo.json").write_text(json.dumps(results, indent=1))
+    plot(results, [a.name for a in arm_list], out / "2-grpo-curves.png", args.k)
+    text = report(results, arm_list, args, command)
+    (out / "2-grpo.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
