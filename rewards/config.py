@@ -118,3 +118,27 @@ class RewardsConfig(Section):
         "default: the first. Held-out accuracy counts scores >= 0.5, which suits 0/1 checks, not a reward model's "
         "scores: for a reward model watch reward_mean."
     )
+
+
+class EnvironmentConfig(Section):
+    """Multi-turn rollouts (``rl/episodes.py``): unset ``name`` samples one completion per rollout, as before."""
+
+    name: Optional[str] = Field(
+        None, description="A registered environment (`scripted`, `calculator`, `python`), `path/to/file.py:Class` or "
+        "`package.module:Class`; see rewards.environments. Unset: single-turn.")
+    options: dict = Field(default_factory=dict, description="Keyword arguments of the environment's constructor.")
+    max_turns: int = Field(2, ge=1, description="Policy turns per episode at most; each is up to rollout.max_new_tokens.")
+    step_timeout_s: float = Field(10.0, gt=0.0, description="An environment step past this ends its episode (reward fallback, "
+                                  "counted as env_timeout).")
+
+    @model_validator(mode="after")
+    def _check_name(self) -> "EnvironmentConfig":
+        if self.name is not None:
+            from rewards.environments import get_environment
+
+            try:
+                cls = get_environment(self.name)
+                cls(**self.options)
+            except (KeyError, AttributeError, TypeError, ValueError, FileNotFoundError, ImportError) as e:
+                raise ValueError(f"environment {self.name!r}: {e}") from None
+        return self

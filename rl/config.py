@@ -18,7 +18,7 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from rewards.config import RewardItem, RewardsConfig
+from rewards.config import EnvironmentConfig, RewardItem, RewardsConfig
 from rollout.config import LORA_RANKS, RolloutConfig
 from trainer.config import AdapterConfig, AlgorithmConfig, TrainerConfig
 
@@ -158,6 +158,7 @@ class Recipe(Section):
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
     algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
     rewards: RewardsConfig = Field(default_factory=RewardsConfig)
+    environment: EnvironmentConfig = Field(default_factory=EnvironmentConfig)
     adapter: AdapterConfig = Field(default_factory=AdapterConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
@@ -170,6 +171,20 @@ class Recipe(Section):
         if self.rollout.max_staleness > 0 and self.adapter.kind == "arrow":
             raise ValueError("rollout.max_staleness > 0 does not combine with adapter.kind=arrow (an Arrow policy is "
                              "routed for each batch right before it is sampled)")
+        return self
+
+    @model_validator(mode="after")
+    def _check_environment(self) -> "Recipe":
+        if self.environment.name is None:
+            return self
+        if self.rollout.max_staleness > 0:
+            raise ValueError("environment.name needs rollout.max_staleness=0 (an episode's later turns are sampled by the "
+                             "policy of the step that trains on it)")
+        if self.algorithm.name != "grpo":
+            raise ValueError(f"environment.name runs with algorithm.name=grpo (got {self.algorithm.name})")
+        if self.adapter.kind == "arrow":
+            raise ValueError("environment.name does not combine with adapter.kind=arrow (Arrow routes each prompt, and an "
+                             "episode's later turns are new prompts)")
         return self
 
     @model_validator(mode="after")

@@ -37,8 +37,10 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
-def evaluate_prompts(rollout, prompt_set, scorer, accuracy_reward: str, sampling: SamplingSpec) -> dict[str, float]:
-    """Sample ``sampling.n`` completions per held-out prompt; score; summarize.
+def evaluate_prompts(rollout, prompt_set, scorer, accuracy_reward: str, sampling: SamplingSpec, episodes=None,
+                     fallback: float = 0.0) -> dict[str, float]:
+    """Sample ``sampling.n`` completions per held-out prompt (episodes, when ``episodes`` is the
+    recipe's :class:`rl.episodes.EpisodeRunner`); score; summarize.
 
     A completion is correct when the accuracy reward is >= 0.5 (the built-in checks return 0/1; for
     a reward model that threshold means little: ``reward_mean`` is its mean score).
@@ -46,9 +48,16 @@ def evaluate_prompts(rollout, prompt_set, scorer, accuracy_reward: str, sampling
     own mean (``reward/<key>``), num_examples, seconds.
     """
     t0 = time.perf_counter()
-    groups = rollout.generate(prompt_set.prompt_token_ids, sampling)
+    if episodes is None:
+        groups = rollout.generate(prompt_set.prompt_token_ids, sampling)
+    else:
+        groups = episodes.run(rollout, prompt_set.prompt_token_ids, prompt_set.rows, sampling)
     flat = [c for g in groups for c in g]
     result = prompt_set.score(scorer, [c.prompt_index for c in flat], [c.text for c in flat])
+    if episodes is not None:
+        from rl.episodes import apply_episode_outcomes, episode_metrics
+
+        apply_episode_outcomes(result, flat, fallback)
     correct = [s >= 0.5 for s in result.per_reward[accuracy_reward]]
     n = sampling.n
     per_prompt = [sum(correct[i * n : (i + 1) * n]) for i in range(len(groups))]
@@ -59,6 +68,7 @@ def evaluate_prompts(rollout, prompt_set, scorer, accuracy_reward: str, sampling
         "samples_per_prompt": float(n),
         "seconds": time.perf_counter() - t0,
         **{f"reward/{key}": sum(v) / len(v) for key, v in result.per_reward.items()},
+        **(episode_metrics(flat) if episodes is not None else {}),
     }
     if n > 1:
         out[f"pass@{n}"] = sum(pass_at_k(n, c, n) for c in per_prompt) / len(per_prompt)
@@ -132,7 +142,11 @@ def run_eval(recipe: Recipe, k: int = 1, temperature: float | None = None, out_p
             else:
                 sampling = SamplingSpec(n=k, max_new_tokens=recipe.eval.max_new_tokens or ro.max_new_tokens, temperature=temp,
                                         top_p=1.0 if temp == 0 else ro.top_p, seed=recipe.seed)
-            result = evaluate_prompts(rollout, task.test_set, task.scorer, recipe.accuracy_reward, sampling)
+            from rl.episodes import EpisodeRunner
+
+            episodes = EpisodeRunner(recipe.environment, task.tokenizer, ro.max_model_len) if recipe.environment.name else None
+            result = evaluate_prompts(rollout, task.test_set, task.scorer, recipe.accuracy_reward, sampling, episodes,
+                                      recipe.rewards.fallback)
         finally:
             stop_reward_models(task.scorer.fns.values(), reward_models)
             rollout.shutdown()

@@ -4,6 +4,7 @@
     groups   = rollout.generate(prompts, n=G)            B x G completions + logprobs (vLLM actors)
     rewards  = scorer.score(...)                         [B, G]
     (ties resampled)                                     2-GRPO+RS: groups that all tied, again
+    (episodes)                                           environment set: more turns per rollout (rl.episodes)
     adv      = advantage_fn(rewards)                     [B, G]
     stats    = trainer.train_step(batch)                 DeepSpeed ranks
     rollout.load_weights(trainer.publish_weights())      in place, no engine restart
@@ -26,6 +27,7 @@ import torch
 from rl import checkpoint as ckpt
 from rl.config import Recipe, RecipeError, recipe_to_yaml
 from rl.data import PromptSampler
+from rl.episodes import EpisodeRunner, apply_episode_outcomes, episode_metrics
 from rl.metrics import MetricsLogger, PhaseTimer, read_metrics
 from rl.prepare import (check_library_write, engine_spec, load_task, prepare_policy, reward_model_cpus, sampling, thread_counts,
                         trainer_memory)
@@ -85,6 +87,8 @@ class OnlineRun(Run):
         task = load_task(recipe)
         self.paths, self.tokenizer, self.scorer = task.paths, task.tokenizer, task.scorer
         self.train_set, self.test_set = task.train_set, task.test_set
+        # Multi-turn: each rollout is an episode with the recipe's environment (None: one completion).
+        self.episodes = EpisodeRunner(recipe.environment, self.tokenizer, recipe.rollout.max_model_len) if recipe.environment.name else None
         self.sampler = PromptSampler(len(self.train_set), recipe.data.prompts_per_step, recipe.seed, recipe.data.shuffle)
         check_library_write(recipe, resuming=self.resume_from is not None)
         # Resuming starts the policy from the checkpoint; the KL reference stays the original model.
@@ -117,7 +121,7 @@ class OnlineRun(Run):
         trainer_cfg = r.trainer.model_copy(update={"torch_threads": thread_counts(r)[0]}) if r.use_ray else r.trainer
         setup = TrainerSetup(
             policy=self.policy, dtype=r.model.dtype, trainer=trainer_cfg, algorithm=r.algorithm,
-            max_response_len=r.rollout.max_new_tokens, seed=r.seed, master_port=0,
+            max_response_len=r.rollout.max_new_tokens * (r.environment.max_turns if self.episodes else 1), seed=r.seed, master_port=0,
             master_addr=self.placement.master_addr if self.placement else "127.0.0.1",
             trust_remote_code=r.model.trust_remote_code, transport=get_transport(self.transport),
             max_staleness=r.rollout.max_staleness, log_dir=self.log_dir,
@@ -197,10 +201,13 @@ class OnlineRun(Run):
         return metrics
 
     def _train_batch(self, rows: list[Completion], advantages: list[float]) -> TrainBatch:
+        masked = any(c.loss_mask for c in rows)  # multi-turn: observation tokens are context, not trained
         return TrainBatch(
             prompt_token_ids=[c.prompt_token_ids for c in rows], response_token_ids=[c.token_ids for c in rows],
             advantages=advantages, rollout_logprobs=[c.logprobs for c in rows], num_sequences=len(rows),
-            num_tokens=sum(len(c.token_ids) for c in rows), unit=2 if self.recipe.algorithm.name == "online_dpo" else 1,
+            num_tokens=sum(sum(c.loss_mask) if masked else len(c.token_ids) for c in rows),
+            unit=2 if self.recipe.algorithm.name == "online_dpo" else 1,
+            loss_mask=[c.loss_mask or [1] * len(c.token_ids) for c in rows] if masked else [],
         )
 
     def _submit_rollout(self, indices: list[int], seed_step: int):
@@ -221,7 +228,7 @@ class OnlineRun(Run):
             if self.policy.routes_per_batch:
                 with timer.phase("weight_sync"):  # routed over the batch about to be sampled
                     self._publish([self.train_set.prompt_token_ids[i] for i in indices])
-            return indices, self.rollout.collect(self._submit_rollout(indices, self.step + 1))
+            return indices, self._generate(indices, self.step + 1)
         while len(self._prefetched) <= k and self.step + len(self._prefetched) < self.total_steps:
             state = self.sampler.state_dict()  # where a checkpoint must resume if this batch is not trained yet
             indices = self.sampler.next_batch()
@@ -230,17 +237,33 @@ class OnlineRun(Run):
         _, indices, pending = self._prefetched.popleft()
         return indices, self.rollout.collect(pending)
 
+    def _generate(self, indices: list[int], seed_step: int) -> list[list[Completion]]:
+        """G rollouts of each prompt at ``indices``, now: single completions, or episodes with the environment."""
+        if self.episodes is None:
+            return self.rollout.collect(self._submit_rollout(indices, seed_step))
+        prompts = [self.train_set.prompt_token_ids[i] for i in indices]
+        spec = sampling(self.recipe, seed_step, self.recipe.algorithm.group_size)
+        return self.episodes.run(self.rollout, prompts, [self.train_set.rows[i] for i in indices], spec)
+
     def _score(self, indices: list[int], groups: list, timer: PhaseTimer) -> Sampled:
         G = self.recipe.algorithm.group_size
         flat = [c for g in groups for c in g]
         with timer.phase("reward"):
             result = self.train_set.score(self.scorer, [indices[c.prompt_index] for c in flat], [c.text for c in flat])
+        failures = dict(result.failures)
+        if self.episodes is not None:  # the environment's rewards; failed episodes score the fallback
+            for kind, count in apply_episode_outcomes(result, flat, self.recipe.rewards.fallback).items():
+                if not self.scorer.total_failures.get(kind):  # said once per kind, counted always
+                    detail = next(c.failure_detail for c in flat if c.failure == kind)
+                    self.print(f"warning: an episode ended with {kind} ({detail}); it scores rewards.fallback, the run goes on")
+                failures[kind] = failures.get(kind, 0) + count
+                self.scorer.total_failures[kind] = self.scorer.total_failures.get(kind, 0) + count
         rewards = torch.tensor(result.total, dtype=torch.float32).view(len(indices), G)
-        return Sampled(indices, flat, rewards, {k: list(v) for k, v in result.per_reward.items()}, dict(result.failures))
+        return Sampled(indices, flat, rewards, {k: list(v) for k, v in result.per_reward.items()}, failures)
 
     def sample(self, indices: list[int], seed_step: int, timer: Optional[PhaseTimer] = None) -> Sampled:
         """Generate G completions for each prompt at ``indices`` and score them."""
-        return self._score(indices, self.rollout.collect(self._submit_rollout(indices, seed_step)), timer or PhaseTimer())
+        return self._score(indices, self._generate(indices, seed_step), timer or PhaseTimer())
 
     def _resample_ties(self, batch: Sampled, timer: PhaseTimer) -> None:
         """2-GRPO+RS: regenerate prompts whose whole group tied, for a bounded number of rounds (in place)."""
@@ -288,6 +311,7 @@ class OnlineRun(Run):
             **{f"reward_failures_{k}": float(v) for k, v in batch.failures.items()},
             **stats,
             **{f"reward/{name}": sum(s) / len(s) for name, s in batch.per_reward.items()},
+            **episode_metrics(flat),
         }
 
     # ------------------------------------------------------------------ evaluation, checkpoints
@@ -300,12 +324,13 @@ class OnlineRun(Run):
         if self.policy.routes_per_batch:
             self._publish(self.test_set.prompt_token_ids)
         r = self.recipe
-        ev = evaluate_prompts(self.rollout, self.test_set, self.scorer, r.accuracy_reward, sampling(r, 0, 1, greedy=True))
+        ev = evaluate_prompts(self.rollout, self.test_set, self.scorer, r.accuracy_reward, sampling(r, 0, 1, greedy=True),
+                              self.episodes, r.rewards.fallback)
         k = r.eval.samples
         if k > 1:  # the same seed at every evaluation: curves compare policies, not sampling noise
             spec = SamplingSpec(n=k, max_new_tokens=r.eval.max_new_tokens or r.rollout.max_new_tokens,
                                 temperature=r.eval.temperature, top_p=1.0, seed=r.seed)
-            sampled = evaluate_prompts(self.rollout, self.test_set, self.scorer, r.accuracy_reward, spec)
+            sampled = evaluate_prompts(self.rollout, self.test_set, self.scorer, r.accuracy_reward, spec, self.episodes, r.rewards.fallback)
             ev.update({f"mean@{k}": sampled["accuracy"], f"pass@{k}": sampled[f"pass@{k}"]})
             ev["seconds"] += sampled["seconds"]
         return ev

@@ -33,6 +33,9 @@ class Completion:
     logprobs: list[float]  # the sampler's logprob of each token in ``token_ids``
     finish_reason: str  # "stop" (EOS) or "length"
     policy_version: int = 0  # the policy version the engine held when it sampled this
+    # 1 where the policy sampled the token, 0 where it was given it (an environment's observation in a
+    # multi-turn episode, logprob 0.0 there); empty: every token was sampled.
+    loss_mask: list[int] = field(default_factory=list)
 
 
 @dataclass

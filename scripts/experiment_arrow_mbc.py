@@ -11,7 +11,7 @@ one LoRA per task.
 Protocol:
 1. Sub-tasks of ``rl.tasks.arithmetic_family``; ``--held-out`` ones are never trained on by any expert.
 2. Per-task library: one LoRA per remaining sub-task, trained by SFT from the embedded base: the very experts of
-   ``scripts/experiment_merging.py`` (imported from it: same settings, same cache).
+   ``scripts/experiment_merging.py`` (``rl.tasks.family_experts``: same settings, same cache).
 3. MBC library: ``adapters.cluster.cluster_experts`` (the mttl pipeline: flattened LoRA weights, entries below the
    0.8 quantile zeroed, TruncatedSVD, k-means on cosine similarity) groups the per-task experts into ``--clusters``
    clusters; one LoRA per cluster is trained by SFT on the union of its tasks' data, for as many steps as its tasks'
@@ -40,10 +40,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
+sys.path[:0] = [str(ROOT)]
 
-import experiment_merging as experts  # noqa: E402  the per-task experts and their SFT
 import torch  # noqa: E402
+
+from rl.tasks import family_experts as experts  # noqa: E402  the per-task experts and their SFT (shared with experiment_merging)
 
 from adapters.cluster import cluster_experts  # noqa: E402
 from adapters.library import AdapterLibrary  # noqa: E402
@@ -216,6 +217,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--held-out", nargs="+", default=["sub", "add3"])
     ap.add_argument("--clusters", type=int, default=2)
+    ap.add_argument("--sft-steps", type=int, default=None, help="per-task expert SFT steps (default: Settings'; "
+                    "experiment_merging's run used 400: the same value reuses its cached experts)")
     ap.add_argument("--top-k", type=int, default=2)
     ap.add_argument("--test-prompts", type=int, default=256, help="per task")
     ap.add_argument("--rl-seed", type=int, default=0)
@@ -231,6 +234,8 @@ def main() -> None:
     args = ap.parse_args()
     command = "python scripts/experiment_arrow_mbc.py" + (" " + " ".join(sys.argv[1:]) if len(sys.argv) > 1 else "")
     s = experts.Settings()
+    if args.sft_steps:
+        s = dataclasses.replace(s, sft_steps=args.sft_steps)
     if args.quick:
         args.seeds, args.test_prompts = args.seeds[:1], 16
         args.rl_steps, args.rl_prompts, args.rl_group = 1, 8, 4

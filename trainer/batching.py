@@ -44,7 +44,8 @@ def collate(batch: TrainBatch, pad_id: int, device) -> dict[str, torch.Tensor]:
     """Right-padded prompt+response tensors, aligned to next-token predictions.
 
     Returns input_ids/attention_mask [n, T] and, over the T-1 predicted positions,
-    labels/response_mask/rollout_logprobs [n, T-1] and advantages [n].
+    labels/response_mask/rollout_logprobs [n, T-1] and advantages [n]. ``response_mask`` is 1 on
+    the response tokens the loss trains: all of them, or those ``batch.loss_mask`` marks.
     """
     seqs = [p + r for p, r in zip(batch.prompt_token_ids, batch.response_token_ids)]
     n, T = len(seqs), max(len(s) for s in seqs)
@@ -58,7 +59,12 @@ def collate(batch: TrainBatch, pad_id: int, device) -> dict[str, torch.Tensor]:
         attention_mask[i, : len(s)] = 1
         # Response token j sits at position len(p)+j and is predicted at position len(p)+j-1.
         start = len(p) - 1
-        response_mask[i, start : start + len(r)] = 1.0
+        if batch.loss_mask and batch.loss_mask[i]:
+            if len(batch.loss_mask[i]) != len(r):
+                raise ValueError(f"row {i}: loss_mask has {len(batch.loss_mask[i])} entries for {len(r)} response tokens")
+            response_mask[i, start : start + len(r)] = torch.tensor(batch.loss_mask[i], dtype=torch.float32)
+        else:
+            response_mask[i, start : start + len(r)] = 1.0
         if batch.rollout_logprobs and batch.rollout_logprobs[i]:
             rollout_lp[i, start : start + len(r)] = torch.tensor(batch.rollout_logprobs[i], dtype=torch.float32)
     return {

@@ -19,6 +19,9 @@ class TrainBatch:
     num_sequences: int = 0
     num_tokens: int = 0
     unit: int = 1  # rows that must stay together when split (2: online-DPO pairs)
+    # [N][len(response)]: 1 for tokens the policy sampled, 0 for tokens it was given (a multi-turn episode's
+    # observations): those are context, not trained. Empty: every response token is trained.
+    loss_mask: list[list[int]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.prompt_token_ids)
@@ -32,6 +35,7 @@ class TrainBatch:
             num_sequences=self.num_sequences,
             num_tokens=self.num_tokens,
             unit=self.unit,
+            loss_mask=[self.loss_mask[i] for i in indices] if self.loss_mask else [],
         )
 
 
