@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import ast
 import difflib
-import importlib
 import operator
 import re
 import threading
@@ -34,7 +33,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Protocol, Sequence
 
-from rewards.registry import _load_file
+from rewards.registry import load_plugin
 
 
 @dataclass
@@ -87,11 +86,7 @@ def get_environment(spec: str) -> type:
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise KeyError(f"unknown environment {spec!r}{hint} registered: {', '.join(environment_names())}. "
                        "A plugin is named as 'path/to/file.py:Class' or 'package.module:Class'.")
-    target, _, attr = spec.rpartition(":")
-    module = _load_file(target, spec) if target.endswith(".py") or "/" in target else importlib.import_module(target)
-    obj = getattr(module, attr, None)
-    if obj is None:
-        raise AttributeError(f"environment {attr!r} not found in {target!r} (spec {spec!r})")
+    obj = load_plugin(spec, "environment")
     if not callable(getattr(obj, "step", None)) or not callable(getattr(obj, "reset", None)):
         raise TypeError(f"environment spec {spec!r} resolves to {obj!r}, which has no reset(row) and step(turn) methods")
     return obj

@@ -118,10 +118,23 @@ def get_reward(spec: str) -> Callable[..., list[float]]:
     if ":" not in spec:
         return _lookup_registered(spec)
 
+    obj = load_plugin(spec, "reward function")
+    if not callable(obj):
+        raise TypeError(
+            f"reward spec {spec!r} resolves to a {type(obj).__name__}, which is not callable; "
+            "it must be a function fn(prompts, completions, **columns) -> list[float]"
+        )
+    return obj
+
+
+def load_plugin(spec: str, what: str) -> Any:
+    """The object a ``path/to/file.py:name`` or ``package.module:name`` spec names (``name`` may be
+    dotted); errors say which file or module was searched and suggest a close name. ``what`` names
+    the kind of object in messages ("reward function", "environment")."""
     target, _, attr = spec.rpartition(":")
     if not target or not attr:
         raise ValueError(
-            f"malformed reward spec {spec!r}: expected 'path/to/file.py:fn' or 'package.module:fn'"
+            f"malformed {what} spec {spec!r}: expected 'path/to/file.py:name' or 'package.module:name'"
         )
     if target.endswith(".py") or "/" in target or os.sep in target:
         module = _load_file(target, spec)
@@ -130,24 +143,16 @@ def get_reward(spec: str) -> Callable[..., list[float]]:
         try:
             module = importlib.import_module(target)
         except ImportError as e:
-            raise ModuleNotFoundError(
-                f"cannot import module {target!r} for reward spec {spec!r}: {e}", name=target
-            ) from e
+            raise ModuleNotFoundError(f"cannot import module {target!r} for {what} spec {spec!r}: {e}", name=target) from e
         where = f"module {target!r}"
-
     obj: Any = module
     for part in attr.split("."):
         if not hasattr(obj, part):
             candidates = [n for n in dir(obj) if not n.startswith("_")]
             close = difflib.get_close_matches(part, candidates, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise AttributeError(f"reward function {attr!r} not found in {where} (spec {spec!r}){hint}")
+            raise AttributeError(f"{what} {attr!r} not found in {where} (spec {spec!r}){hint}")
         obj = getattr(obj, part)
-    if not callable(obj):
-        raise TypeError(
-            f"reward spec {spec!r} resolves to a {type(obj).__name__}, which is not callable; "
-            "it must be a function fn(prompts, completions, **columns) -> list[float]"
-        )
     return obj
 
 
