@@ -64,6 +64,13 @@ class RolloutWorker:
 
         self.spec = spec
         t0 = time.perf_counter()
+        from vllm.platforms import current_platform
+
+        # vLLM's CPU worker cannot rewind a seeded request's generator when a prompt's prefill is split
+        # over two engine steps ("CPU Generator does not use offset"), so on CPU every prompt is prefilled
+        # whole; the per-step token budget must then hold the longest one.
+        no_chunking = {"enable_chunked_prefill": False, "max_num_batched_tokens": max(spec.max_model_len, 4096)} \
+            if current_platform.is_cpu() else {}
         self.llm = LLM(
             model=spec.model_path,
             dtype=spec.dtype,
@@ -74,6 +81,7 @@ class RolloutWorker:
             seed=spec.seed,
             trust_remote_code=spec.trust_remote_code,
             worker_extension_cls="rollout.vllm_extension.WeightSyncExtension",
+            **no_chunking,
             **({"enable_lora": True, "max_lora_rank": spec.max_lora_rank, "max_loras": spec.max_loras,
                 "max_cpu_loras": spec.max_loras} if spec.max_lora_rank else {}),
         )

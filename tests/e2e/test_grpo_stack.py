@@ -101,6 +101,19 @@ def test_failing_reward_costs_samples_not_the_run(driver):
     assert driver.scorer.total_failures["exception"] + driver.scorer.total_failures["nan"] > 0
 
 
+def test_seeded_sampling_of_more_prompt_tokens_than_one_engine_step_holds(driver):
+    """64 prompts x G=4 of ~60 tokens are ~15k prefill tokens, over vLLM's 4096-token step budget: a
+    prompt split over two steps with a seeded generator crashed the CPU engine (vLLM 0.32)."""
+    from rollout.types import SamplingSpec
+
+    held_out = driver.test_set.prompt_token_ids
+    prompts = [(held_out[i % len(held_out)] * 20)[:56] for i in range(64)]
+    groups = driver.rollout.generate(prompts, SamplingSpec(n=4, max_new_tokens=4, seed=123))
+    assert [len(g) for g in groups] == [4] * 64
+    again = driver.rollout.generate(prompts, SamplingSpec(n=4, max_new_tokens=4, seed=123))
+    assert [[c.token_ids for c in g] for g in groups] == [[c.token_ids for c in g] for g in again]  # seeded: reproducible
+
+
 def test_evaluate_greedy_is_deterministic(driver):
     a, b = driver.evaluate(), driver.evaluate()
     assert a["accuracy"] == b["accuracy"]
