@@ -318,7 +318,7 @@ class OnlineRun(Run):
 
     def evaluate(self) -> dict[str, float]:
         """Greedy decoding on the held-out set through vLLM (accuracy = share the accuracy reward accepts); with
-        ``eval.samples`` k > 1 also mean@k and pass@k of k samples per prompt at ``eval.temperature``."""
+        ``eval.samples`` k > 1 also mean@k, pass@k and reward_mean@k of k samples per prompt at ``eval.temperature``."""
         from rl.evaluate import evaluate_prompts
 
         if self.policy.routes_per_batch:
@@ -331,7 +331,8 @@ class OnlineRun(Run):
             spec = SamplingSpec(n=k, max_new_tokens=r.eval.max_new_tokens or r.rollout.max_new_tokens,
                                 temperature=r.eval.temperature, top_p=1.0, seed=r.seed)
             sampled = evaluate_prompts(self.rollout, self.test_set, self.scorer, r.accuracy_reward, spec, self.episodes, r.rewards.fallback)
-            ev.update({f"mean@{k}": sampled["accuracy"], f"pass@{k}": sampled[f"pass@{k}"]})
+            # reward_mean@k: the reward the policy's own samples earn, what RL against a reward model raises
+            ev.update({f"mean@{k}": sampled["accuracy"], f"pass@{k}": sampled[f"pass@{k}"], f"reward_mean@{k}": sampled["reward_mean"]})
             ev["seconds"] += sampled["seconds"]
         return ev
 
@@ -351,7 +352,7 @@ class OnlineRun(Run):
         if when in ("before", "after"):
             summary[f"accuracy_{when}"] = ev["accuracy"]
             summary[f"reward_mean_{when}"] = ev["reward_mean"]  # the number to watch when the reward is a model
-            summary.update({f"{key}_{when}": value for key, value in ev.items() if key.startswith("mean@")})
+            summary.update({f"{key}_{when}": value for key, value in ev.items() if key.startswith(("mean@", "reward_mean@"))})
         if when == "before":
             self.print(f"held-out accuracy before RL: {ev['accuracy']:.3f} ({int(ev['num_examples'])} prompts, greedy)")
 
@@ -437,7 +438,10 @@ class OnlineRun(Run):
             gain = 100 * (s["accuracy_after"] - s["accuracy_before"])
             lines.append(f"held-out accuracy: {s['accuracy_before']:.3f} -> {s['accuracy_after']:.3f} ({gain:+.1f} points)")
         if "reward_mean_before" in s and "reward_mean_after" in s:
-            lines.append(f"held-out reward mean: {s['reward_mean_before']:.4f} -> {s['reward_mean_after']:.4f}")
+            lines.append(f"held-out reward mean: {s['reward_mean_before']:.4f} -> {s['reward_mean_after']:.4f} (greedy)")
+        for key in sorted(k[: -len("_before")] for k in s if k.startswith("reward_mean@") and k.endswith("_before")):
+            if f"{key}_after" in s:
+                lines.append(f"held-out {key}: {s[key + '_before']:.4f} -> {s[key + '_after']:.4f} (sampled at eval.temperature)")
         return lines
 
 

@@ -45,7 +45,7 @@ def rlhf_run(ray_session, tmp_path_factory):
         mp.setattr(RewardModelGroup, "score", recorded)
         recipe = load_recipe(ROOT / "recipes" / "rlhf-hh-tiny.yaml", [
             f"data.train={HH}", f"steps={STEPS}", f"data.prompts_per_step={B}", f"algorithm.group_size={G}",
-            f"data.max_test_examples={HELD_OUT}", "eval.every=0", "trainer.micro_batch_size=16",
+            f"data.max_test_examples={HELD_OUT}", "eval.every=0", "eval.samples=2", "trainer.micro_batch_size=16",
             "logging.progress=false", "logging.tensorboard=false", f"output_dir={run_dir}",
         ])
         run = OnlineRun(recipe)
@@ -72,8 +72,9 @@ def test_the_reward_model_actor_scored_every_sample(rlhf_run):
     assert sum(run.scorer.total_failures.values()) == 0 and s["reward_failures"] == run.scorer.total_failures
     assert calls and all(c["remote"] for c in calls)  # served by a Ray actor, not in this process
     held_out = len(run.test_set)
-    # Evaluation before, each step's batch (one call each: no failure, so no per-sample retries), evaluation after.
-    assert [len(c["completions"]) for c in calls] == [held_out] + [B * G] * STEPS + [held_out]
+    # Evaluation before (greedy, then 2 samples per prompt), each step's batch (one call each: no failure, so no
+    # per-sample retries), evaluation after.
+    assert [len(c["completions"]) for c in calls] == [held_out, 2 * held_out] + [B * G] * STEPS + [held_out, 2 * held_out]
     assert all(math.isfinite(x) for c in calls for x in c["scores"])
 
 
@@ -84,18 +85,21 @@ def test_actor_scores_match_the_model_in_process(rlhf_run):
     reward = run.scorer.fns[RM]
     assert isinstance(reward, ModelReward) and reward.server is None  # stopped with the other workers
     local = RewardModel(reward.spec)
-    for c in calls[1:3]:
+    for c in calls[2:4]:  # the first two training batches
         assert local.score(c["prompts"], c["completions"]) == pytest.approx(c["scores"], abs=1e-5)
     # The texts scored are the prompts as the policy saw them (the HH dialogue up to "Assistant:").
-    assert all(p.endswith("\n\nAssistant:") for p in calls[1]["prompts"])
+    assert all(p.endswith("\n\nAssistant:") for p in calls[2]["prompts"])
 
 
 def test_evaluation_reports_the_reward_model_mean(rlhf_run):
     _, s, rows, calls = rlhf_run
     evals = [r for r in rows if r["kind"] == "eval"]
     assert [r["step"] for r in evals] == [0, STEPS]
-    for r, c in zip(evals, (calls[0], calls[-1])):
-        assert r["reward_mean"] == pytest.approx(sum(c["scores"]) / len(c["scores"]), abs=1e-6)
+    mean = lambda c: sum(c["scores"]) / len(c["scores"])  # noqa: E731
+    for r, greedy, sampled in zip(evals, (calls[0], calls[-2]), (calls[1], calls[-1])):
+        assert r["reward_mean"] == pytest.approx(mean(greedy), abs=1e-6)
+        assert r["reward_mean@2"] == pytest.approx(mean(sampled), abs=1e-6)  # the policy's own samples' score
         assert r[f"reward/{RM}"] == pytest.approx(r["reward_mean"])  # the only reward, weight 1
         assert 0.0 <= r["accuracy"] <= 1.0  # computed (scores >= 0.5), not meaningful for a reward model
     assert s["reward_mean_before"] == evals[0]["reward_mean"] and s["reward_mean_after"] == evals[1]["reward_mean"]
+    assert s["reward_mean@2_before"] == evals[0]["reward_mean@2"] and s["reward_mean@2_after"] == evals[1]["reward_mean@2"]
