@@ -49,16 +49,14 @@ class EpisodeRunner:
     def __init__(self, cfg: EnvironmentConfig, tokenizer, max_model_len: int):
         self.cfg, self.tokenizer, self.max_model_len = cfg, tokenizer, max_model_len
         self.env_cls = get_environment(cfg.name)
-        self._turn_tokens = 0  # a turn's max_new_tokens, set by each run
 
     def run(self, rollout, prompt_token_ids: Sequence[list[int]], rows: Sequence[dict], sampling: SamplingSpec) -> list[list[Episode]]:
         """B prompts (with their dataset rows) -> B groups of ``sampling.n`` finished episodes."""
-        self._turn_tokens = sampling.max_new_tokens
         groups = [[self._start(c, rows[i]) for c in g] for i, g in enumerate(rollout.generate(list(prompt_token_ids), sampling))]
         flat = [e for g in groups for e in g]
         for turn in range(1, self.cfg.max_turns + 1):
             running = [e for e in flat if e._running]
-            self._step(running, last_turn=turn == self.cfg.max_turns)
+            self._step(running, last_turn=turn == self.cfg.max_turns, turn_tokens=sampling.max_new_tokens)
             running = [e for e in running if e._running]
             if not running:
                 break
@@ -81,8 +79,9 @@ class EpisodeRunner:
             self._fail(e, kind, out)
         return e
 
-    def _step(self, episodes: list[Episode], last_turn: bool) -> None:
-        """Each running episode's environment answers its latest turn (in parallel, time-limited)."""
+    def _step(self, episodes: list[Episode], last_turn: bool, turn_tokens: int) -> None:
+        """Each running episode's environment answers its latest turn (in parallel, time-limited); an
+        episode goes on only if its next turn of up to ``turn_tokens`` tokens fits the engine."""
         outcomes = guarded_calls([lambda e=e: e._env.step(e.text) for e in episodes], self.cfg.step_timeout_s)
         for e, (kind, out) in zip(episodes, outcomes):
             if kind is not None:
@@ -101,8 +100,8 @@ class EpisodeRunner:
             obs = self.tokenizer(out.observation, add_special_tokens=False)["input_ids"]
             # The next turn must fit: context + observation + a full turn within the engine's length.
             context = len(e.prompt_token_ids) + len(e.token_ids) + len(obs)
-            if context + self._turn_tokens > self.max_model_len:
-                self._fail(e, "episode_too_long", f"{context} tokens of context leave no room for a {self._turn_tokens}-token "
+            if context + turn_tokens > self.max_model_len:
+                self._fail(e, "episode_too_long", f"{context} tokens of context leave no room for a {turn_tokens}-token "
                            f"turn within rollout.max_model_len={self.max_model_len}")
                 continue
             self._append(e, obs, [0.0] * len(obs), sampled=False)

@@ -26,20 +26,18 @@ from trainer.algorithms.advantages import (
 from trainer.algorithms.losses import (
     aggregate_loss,
     clipped_policy_loss,
-    entropy_from_logits,
     kl_estimate,
     kl_k1,
     kl_k2,
     kl_k3,
     kl_reward_to_go,
-    logprobs_and_entropy,
-    logprobs_from_logits,
     masked_mean,
     seq_mean_token_mean,
     seq_mean_token_sum_norm,
     token_mean,
     truncated_is_weights,
 )
+from trainer.algorithms.logits import entropy_from_logits, logprobs_and_entropy, logprobs_from_logits
 from trainer.algorithms.dpo import dpo_loss, ipo_preference_loss, pairwise_dpo_loss, preference_wins, sigmoid_preference_loss
 
 __all__ = [

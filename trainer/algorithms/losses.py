@@ -1,5 +1,5 @@
-"""Token-level policy-gradient math: loss aggregation, the clipped surrogate, KL estimators,
-truncated importance weights, and logit helpers.
+"""Token-level policy-gradient math: loss aggregation, the clipped surrogate, KL estimators and
+truncated importance weights (per-token logprobs and entropy from logits: ``logits.py``).
 
 Axes: N sequences (N = B*G), L response tokens (padded), V vocabulary. ``mask`` is [N, L], bool or
 0/1, true on real response tokens. Positions where the mask is 0 never reach a result, even if
@@ -23,7 +23,7 @@ LOG_RATIO_CLAMP = 20.0
 # ----------------------------------------------------------------------------- helpers
 
 
-def _float_dtype(t: Tensor) -> torch.dtype:
+def float_dtype(t: Tensor) -> torch.dtype:
     """At least float32 (bf16/fp16 sums lose too much), float64 kept."""
     return torch.promote_types(t.dtype, torch.float32)
 
@@ -36,7 +36,7 @@ def _check_same_shape(**tensors: Tensor) -> None:
 
 def _masked(values: Tensor, mask: Tensor) -> Tensor:
     """[N, L] values with every masked-out position set to exactly 0, in >= float32."""
-    values = values.to(_float_dtype(values))
+    values = values.to(float_dtype(values))
     return torch.where(mask.bool(), values, torch.zeros_like(values))
 
 
@@ -56,7 +56,7 @@ def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
     0 (not NaN) when the mask is empty.
     """
     _check_same_shape(values=values, mask=mask)
-    count = mask.bool().sum().to(_float_dtype(values))
+    count = mask.bool().sum().to(float_dtype(values))
     return _divide(_masked(values, mask).sum(), count)
 
 
@@ -236,7 +236,7 @@ def truncated_is_weights(
     _check_same_shape(old_logprobs=old_logprobs, rollout_logprobs=rollout_logprobs)
     if cap <= 0:
         raise ValueError(f"cap must be > 0, got {cap}")
-    dtype = _float_dtype(old_logprobs)
+    dtype = float_dtype(old_logprobs)
     log_ratio = old_logprobs.detach().to(dtype) - rollout_logprobs.detach().to(dtype)
     return torch.exp(log_ratio.clamp(max=LOG_RATIO_CLAMP)).clamp(max=cap)
 
@@ -307,7 +307,7 @@ def clipped_policy_loss(
         raise ValueError(f"importance_sampling_level must be 'token' or 'sequence', got {importance_sampling_level!r}")
 
     keep = mask.bool()  # [N, L]
-    dtype = _float_dtype(logprobs)
+    dtype = float_dtype(logprobs)
     adv = advantages.detach().to(dtype)
     if adv.dim() == 1:
         adv = adv[:, None]  # [N, 1]: one advantage for every token of a sequence
@@ -350,62 +350,3 @@ def clipped_policy_loss(
             "ratio_max": torch.where(keep, ratio, 0.0).max(),  # ratios > 0: 0 only if no tokens
         }
     return loss, {name: value.detach() for name, value in metrics.items()}
-
-
-# ----------------------------------------------------------------------------- logits
-
-
-def logprobs_from_logits(logits: Tensor, labels: Tensor) -> Tensor:
-    """log softmax(logits)[label]: logits [N, L, V], labels [N, L] long -> [N, L], float32 math.
-
-    Computed as logit[label] - logsumexp(logits) without materialising the full log-softmax.
-    Every label must be a valid index (pad with any token id and mask the result, not with -100).
-    """
-    if logits.dim() != 3 or labels.shape != logits.shape[:2]:
-        raise ValueError(
-            f"need logits [N, L, V] and labels [N, L], got {tuple(logits.shape)}, "
-            f"{tuple(labels.shape)}"
-        )
-    logits = logits.to(_float_dtype(logits))
-    picked = logits.gather(dim=-1, index=labels.long().unsqueeze(-1)).squeeze(-1)  # [N, L]
-    return picked - torch.logsumexp(logits, dim=-1)
-
-
-def entropy_from_logits(logits: Tensor) -> Tensor:
-    """Entropy of softmax(logits) per position: logits [..., V] -> [...], e.g. [N, L, V] -> [N, L].
-
-    H = -sum_v p_v log p_v with log p from ``log_softmax`` (logsumexp-stable, float32 math).
-    Tokens with p = 0 (logit -inf) contribute 0, not 0 * -inf = NaN.
-    """
-    log_p = torch.log_softmax(logits.to(_float_dtype(logits)), dim=-1)
-    p = log_p.exp()
-    return -(p * torch.where(p > 0, log_p, 0.0)).sum(dim=-1)
-
-
-def logprobs_and_entropy(logits: Tensor, labels: Tensor, with_entropy: bool = True,
-                         chunk_rows: int = 1024) -> tuple[Tensor, Optional[Tensor]]:
-    """Per-row logprob of ``labels`` and entropy from one logsumexp: logits [R, V], labels [R] ->
-    (logprobs [R] with grad, entropy [R] without grad, or None).
-
-    The same numbers as ``logprobs_from_logits`` and ``entropy_from_logits`` (entropy to float
-    rounding), for less memory traffic: the entropy is ``lse - sum_v softmax_v * logit_v``, computed
-    over chunks of ``chunk_rows`` rows with one in-place exp and one dot product each, so no
-    [R, V] temporary is made beyond one chunk. Rows with an infinite logit take the exact formula.
-    """
-    if logits.dim() != 2 or labels.shape != logits.shape[:1]:
-        raise ValueError(f"need logits [R, V] and labels [R], got {tuple(logits.shape)}, {tuple(labels.shape)}")
-    logits = logits.to(_float_dtype(logits))
-    lse = torch.logsumexp(logits, dim=-1)  # [R]
-    logprobs = logits.gather(-1, labels.long().unsqueeze(-1)).squeeze(-1) - lse
-    if not with_entropy:
-        return logprobs, None
-    out = []
-    with torch.no_grad():
-        for c, l in zip(logits.detach().split(chunk_rows), lse.detach().split(chunk_rows)):
-            p = (c - l[:, None]).exp_()  # softmax, in place of the difference
-            h = l - torch.bmm(p[:, None, :], c[:, :, None]).view(-1)
-            bad = torch.isnan(h)  # a -inf logit makes 0 * -inf: those rows take the exact formula
-            if bad.any():
-                h[bad] = entropy_from_logits(c[bad])
-            out.append(h)
-    return logprobs, torch.cat(out) if out else lse.detach()

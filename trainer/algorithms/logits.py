@@ -1,0 +1,69 @@
+"""Per-token logprobs and entropy from LM-head logits, in float32 math.
+
+Axes: N sequences, L positions, R = the rows (positions) kept of a micro-batch, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from trainer.algorithms.losses import float_dtype as _float_dtype
+
+
+def logprobs_from_logits(logits: Tensor, labels: Tensor) -> Tensor:
+    """log softmax(logits)[label]: logits [N, L, V], labels [N, L] long -> [N, L], float32 math.
+
+    Computed as logit[label] - logsumexp(logits) without materialising the full log-softmax.
+    Every label must be a valid index (pad with any token id and mask the result, not with -100).
+    """
+    if logits.dim() != 3 or labels.shape != logits.shape[:2]:
+        raise ValueError(
+            f"need logits [N, L, V] and labels [N, L], got {tuple(logits.shape)}, "
+            f"{tuple(labels.shape)}"
+        )
+    logits = logits.to(_float_dtype(logits))
+    picked = logits.gather(dim=-1, index=labels.long().unsqueeze(-1)).squeeze(-1)  # [N, L]
+    return picked - torch.logsumexp(logits, dim=-1)
+
+
+def entropy_from_logits(logits: Tensor) -> Tensor:
+    """Entropy of softmax(logits) per position: logits [..., V] -> [...], e.g. [N, L, V] -> [N, L].
+
+    H = -sum_v p_v log p_v with log p from ``log_softmax`` (logsumexp-stable, float32 math).
+    Tokens with p = 0 (logit -inf) contribute 0, not 0 * -inf = NaN.
+    """
+    log_p = torch.log_softmax(logits.to(_float_dtype(logits)), dim=-1)
+    p = log_p.exp()
+    return -(p * torch.where(p > 0, log_p, 0.0)).sum(dim=-1)
+
+
+def logprobs_and_entropy(logits: Tensor, labels: Tensor, with_entropy: bool = True,
+                         chunk_rows: int = 1024) -> tuple[Tensor, Optional[Tensor]]:
+    """Per-row logprob of ``labels`` and entropy from one logsumexp: logits [R, V], labels [R] ->
+    (logprobs [R] with grad, entropy [R] without grad, or None).
+
+    The same numbers as ``logprobs_from_logits`` and ``entropy_from_logits`` (entropy to float
+    rounding), for less memory traffic: the entropy is ``lse - sum_v softmax_v * logit_v``, computed
+    over chunks of ``chunk_rows`` rows with one in-place exp and one dot product each, so no
+    [R, V] temporary is made beyond one chunk. Rows with an infinite logit take the exact formula.
+    """
+    if logits.dim() != 2 or labels.shape != logits.shape[:1]:
+        raise ValueError(f"need logits [R, V] and labels [R], got {tuple(logits.shape)}, {tuple(labels.shape)}")
+    logits = logits.to(_float_dtype(logits))
+    lse = torch.logsumexp(logits, dim=-1)  # [R]
+    logprobs = logits.gather(-1, labels.long().unsqueeze(-1)).squeeze(-1) - lse
+    if not with_entropy:
+        return logprobs, None
+    out = []
+    with torch.no_grad():
+        for c, l in zip(logits.detach().split(chunk_rows), lse.detach().split(chunk_rows)):
+            p = (c - l[:, None]).exp_()  # softmax, in place of the difference
+            h = l - torch.bmm(p[:, None, :], c[:, :, None]).view(-1)
+            bad = torch.isnan(h)  # a -inf logit makes 0 * -inf: those rows take the exact formula
+            if bad.any():
+                h[bad] = entropy_from_logits(c[bad])
+            out.append(h)
+    return logprobs, torch.cat(out) if out else lse.detach()
