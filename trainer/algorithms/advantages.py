@@ -17,6 +17,14 @@ def _as_float(rewards: Tensor) -> Tensor:
     return rewards if rewards.is_floating_point() else rewards.float()
 
 
+def _check_groups(rewards: Tensor, estimator: str = "", min_group: int = 1, why: str = "a lone sample has no group baseline") -> None:
+    """rewards must be [B, G] with G >= ``min_group``; else a ValueError naming ``estimator``."""
+    if rewards.dim() != 2:
+        raise ValueError(f"rewards must be [B, G], got shape {tuple(rewards.shape)}")
+    if rewards.shape[1] < min_group:
+        raise ValueError(f"{estimator} needs a group size G >= {min_group} ({why}), got G={rewards.shape[1]}")
+
+
 def tied_groups(rewards: Tensor, atol: float = 0.0) -> Tensor:
     """Which groups have all rewards equal (within ``atol``): rewards [B, G] -> bool [B].
 
@@ -24,8 +32,7 @@ def tied_groups(rewards: Tensor, atol: float = 0.0) -> Tensor:
     driver can use this to resample tied pairs for 2-GRPO (an option of ours, not part of the
     2-GRPO paper's method).
     """
-    if rewards.dim() != 2:
-        raise ValueError(f"rewards must be [B, G], got shape {tuple(rewards.shape)}")
+    _check_groups(rewards)
     rewards = _as_float(rewards)
     spread = rewards.amax(dim=-1) - rewards.amin(dim=-1)  # [B]
     return spread <= atol
@@ -54,10 +61,7 @@ def grpo_advantages(
 
     Raises ValueError if ``rewards`` is not 2-D or G < 2 (a lone sample has no group baseline).
     """
-    if rewards.dim() != 2:
-        raise ValueError(f"rewards must be [B, G], got shape {tuple(rewards.shape)}")
-    if rewards.shape[1] < 2:
-        raise ValueError(f"GRPO needs a group size G >= 2, got G={rewards.shape[1]}")
+    _check_groups(rewards, "GRPO", 2)
     rewards = _as_float(rewards)
     tied = tied_groups(rewards)[:, None]  # [B, 1]
     centered = rewards - rewards.mean(dim=-1, keepdim=True)  # [B, G]
@@ -113,11 +117,8 @@ def rloo_advantages(rewards: Tensor) -> Tensor:
     A group whose rewards are all equal gets exactly 0. Raises ValueError if ``rewards`` is not
     2-D or G < 2 (one sample has no other samples to be its baseline).
     """
-    if rewards.dim() != 2:
-        raise ValueError(f"rewards must be [B, G], got shape {tuple(rewards.shape)}")
+    _check_groups(rewards, "RLOO", 2, "a leave-one-out baseline")
     G = rewards.shape[1]
-    if G < 2:
-        raise ValueError(f"RLOO needs a group size G >= 2 (a leave-one-out baseline), got G={G}")
     rewards = _as_float(rewards)
     others = (rewards.sum(dim=-1, keepdim=True) - rewards) / (G - 1)  # [B, G]: mean of the other G-1
     advantages = rewards - others
@@ -164,8 +165,7 @@ def reinforce_pp_advantages(
     A batch whose rewards are all equal gets exactly 0 (never NaN). Raises ValueError if
     ``rewards`` is not 2-D.
     """
-    if rewards.dim() != 2:
-        raise ValueError(f"rewards must be [B, G], got shape {tuple(rewards.shape)}")
+    _check_groups(rewards)
     return _batch_normalized(_as_float(rewards), True, normalize_std, std_eps, unbiased_std)
 
 
@@ -194,9 +194,6 @@ def reinforce_pp_baseline_advantages(
     A tied group gets exactly 0; so does a batch whose groups all tie. Raises ValueError if
     ``rewards`` is not 2-D or G < 2 (a lone sample has no group baseline).
     """
-    if rewards.dim() != 2:
-        raise ValueError(f"rewards must be [B, G], got shape {tuple(rewards.shape)}")
-    if rewards.shape[1] < 2:
-        raise ValueError(f"REINFORCE++-baseline needs a group size G >= 2, got G={rewards.shape[1]}")
+    _check_groups(rewards, "REINFORCE++-baseline", 2)
     centered = grpo_advantages(rewards, normalize_std=False)  # [B, G]; tied groups exactly 0
     return _batch_normalized(centered, False, normalize_std, std_eps, unbiased_std)
