@@ -58,13 +58,15 @@ def test_arrow_mbc_quick(tmp_path):
     run_script("experiment_arrow_mbc.py", tmp_path)
     report = (tmp_path / "out" / "arrow-mbc.md").read_text()
     assert report.startswith("# Arrow routing and MBC") and "Reproduce: `python scripts/experiment_arrow_mbc.py --quick" in report
-    for start in ("base", "per-task merge", "per-task Arrow", "MBC merge", "MBC Arrow"):
+    for start in ("base", "own expert", "per-task merge", "per-task Arrow", "per-task Arrow top-1", "MBC merge", "MBC Arrow"):
         assert f"| {start} |" in report, start
     assert "## The paper's claims at this scale" in report and "## GRPO from each start" in report
     result = json.loads((tmp_path / "out" / "arrow-mbc.json").read_text())
     zero_shot = result["zero_shot"]["0"]
-    assert set(zero_shot) == {"base", "per-task merge", "per-task Arrow", "MBC merge", "MBC Arrow"}
+    starts = {"base", "per-task merge", "per-task Arrow", "MBC merge", "MBC Arrow"}
+    assert set(zero_shot) == starts | {"own expert", "per-task Arrow top-1", "MBC Arrow top-1"}
+    assert set(zero_shot["own expert"]) == set(result["library_tasks"])  # no expert of a held-out task
     assert all(0.0 <= a <= 1.0 for accs in zero_shot.values() for a in accs.values())
     clusters = result["clusters"]["0"]
     assert sorted(t for members in clusters for t in members) == sorted(result["library_tasks"])  # a partition
-    assert set(result["rl"]) == set(zero_shot) and all(0.0 <= r["after"] <= 1.0 for r in result["rl"].values())
+    assert set(result["rl"]) == starts and all(0.0 <= r["after"] <= 1.0 for r in result["rl"].values())
