@@ -227,6 +227,7 @@ def report(result: dict, args, command: str) -> str:
                   "| start | before | after | gain (points) |", "|---|---|---|---|"]
         for start, r in rl.items():
             lines.append(f"| {start} | {100 * r['before']:.1f} | {100 * r['after']:.1f} | {100 * (r['after'] - r['before']):+.1f} |")
+        lines += ["", "Curves (reward, held-out accuracy, KL, length, step time of each run): [arrow-mbc-rl.png](arrow-mbc-rl.png)."]
     return "\n".join(lines) + "\n"
 
 
@@ -313,6 +314,10 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "arrow-mbc.json").write_text(json.dumps(result, indent=1, default=str))
+    if result.get("rl"):
+        from rl.plot import plot_runs
+
+        plot_runs([r["run_dir"] for r in result["rl"].values()], str(out / "arrow-mbc-rl.png"), labels=list(result["rl"]))
     text = report(result, args, command)
     (out / "arrow-mbc.md").write_text(text)
     print(text)

@@ -61,6 +61,7 @@ def test_arrow_mbc_quick(tmp_path):
     for start in ("base", "own expert", "per-task merge", "per-task Arrow", "per-task Arrow top-1", "MBC merge", "MBC Arrow"):
         assert f"| {start} |" in report, start
     assert "## The paper's claims at this scale" in report and "## GRPO from each start" in report
+    assert (tmp_path / "out" / "arrow-mbc-rl.png").stat().st_size > 0
     result = json.loads((tmp_path / "out" / "arrow-mbc.json").read_text())
     zero_shot = result["zero_shot"]["0"]
     starts = {"base", "per-task merge", "per-task Arrow", "MBC merge", "MBC Arrow"}
