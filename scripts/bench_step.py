@@ -103,9 +103,37 @@ def side_framework(args, model: Path) -> dict:
             "startup_s": summary.get("startup_seconds"), "total_s": time.perf_counter() - t0}
 
 
-def side_raw(args, model: Path) -> dict:
+def raw_train_step(model: Path, seqs: list[tuple[list[int], list[int]]], micro_batch_size: int = 32):
+    """The raw training side: a plain HF model, its own shifted cross-entropy over the response tokens,
+    forward/backward in micro-batches, one AdamW step. Returns a function that runs and times one step."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
+
+    policy = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    opt = torch.optim.AdamW(policy.parameters(), lr=1e-6)
+
+    def step() -> float:
+        t0 = time.perf_counter()
+        for start in range(0, len(seqs), micro_batch_size):
+            chunk = seqs[start : start + micro_batch_size]
+            T = max(len(p) + len(c) for p, c in chunk)
+            ids = torch.zeros(len(chunk), T, dtype=torch.long)
+            labels = torch.full((len(chunk), T), -100, dtype=torch.long)
+            mask = torch.zeros(len(chunk), T, dtype=torch.long)
+            for i, (p, c) in enumerate(chunk):
+                ids[i, : len(p) + len(c)] = torch.tensor(p + c)
+                labels[i, len(p) : len(p) + len(c)] = torch.tensor(c)
+                mask[i, : len(p) + len(c)] = 1
+            policy(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return time.perf_counter() - t0
+
+    return step
+
+
+def side_raw(args, model: Path) -> dict:
+    from transformers import AutoTokenizer
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -125,26 +153,7 @@ def side_raw(args, model: Path) -> dict:
     seqs = [(list(o.prompt_token_ids), list(c.token_ids)) for o in outs for c in o.outputs]
     del llm
 
-    policy = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
-    opt = torch.optim.AdamW(policy.parameters(), lr=1e-6)
-
-    def fwd_bwd() -> float:
-        t0 = time.perf_counter()
-        for start in range(0, len(seqs), 32):
-            chunk = seqs[start : start + 32]
-            T = max(len(p) + len(c) for p, c in chunk)
-            ids = torch.zeros(len(chunk), T, dtype=torch.long)
-            labels = torch.full((len(chunk), T), -100, dtype=torch.long)
-            mask = torch.zeros(len(chunk), T, dtype=torch.long)
-            for i, (p, c) in enumerate(chunk):
-                ids[i, : len(p) + len(c)] = torch.tensor(p + c)
-                labels[i, len(p) : len(p) + len(c)] = torch.tensor(c)
-                mask[i, : len(p) + len(c)] = 1
-            policy(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return time.perf_counter() - t0
-
+    fwd_bwd = raw_train_step(model, seqs)
     fwd_bwd()  # warm-up (AdamW allocates its moments)
     t_train = statistics.median(fwd_bwd() for _ in range(2))
     return {"time_generate": t_gen, "time_train": t_train, "time_step": t_gen + t_train,

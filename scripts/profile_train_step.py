@@ -54,35 +54,10 @@ class TimedTrainer:
 
 
 def raw_step_fn(batch, micro_batch_size: int = 32):
-    """bench_step.py's raw side on ``batch``: a plain HF model, its own shifted cross-entropy loss over the
-    response tokens, forward/backward in micro-batches, one AdamW step. Returns a function timing one step."""
-    import torch
-    from transformers import AutoModelForCausalLM
+    """bench_step.py's raw training side on ``batch``; returns a function timing one step."""
+    from scripts.bench_step import build_model, raw_train_step
 
-    from scripts.bench_step import build_model
-
-    policy = AutoModelForCausalLM.from_pretrained(build_model(), dtype=torch.float32)
-    opt = torch.optim.AdamW(policy.parameters(), lr=1e-6)
-    seqs = list(zip(batch.prompt_token_ids, batch.response_token_ids))
-
-    def step() -> float:
-        t0 = time.perf_counter()
-        for start in range(0, len(seqs), micro_batch_size):
-            chunk = seqs[start : start + micro_batch_size]
-            T = max(len(p) + len(c) for p, c in chunk)
-            ids = torch.zeros(len(chunk), T, dtype=torch.long)
-            labels = torch.full((len(chunk), T), -100, dtype=torch.long)
-            mask = torch.zeros(len(chunk), T, dtype=torch.long)
-            for i, (p, c) in enumerate(chunk):
-                ids[i, : len(p) + len(c)] = torch.tensor(p + c)
-                labels[i, len(p) : len(p) + len(c)] = torch.tensor(c)
-                mask[i, : len(p) + len(c)] = 1
-            policy(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return time.perf_counter() - t0
-
-    return step
+    return raw_train_step(build_model(), list(zip(batch.prompt_token_ids, batch.response_token_ids)), micro_batch_size)
 
 
 def main() -> None:
