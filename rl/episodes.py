@@ -137,6 +137,18 @@ def apply_episode_outcomes(result, episodes: Sequence[Completion], fallback: flo
     return failures
 
 
+def count_episode_failures(result, episodes: Sequence[Completion], fallback: float, step_failures: dict[str, int],
+                           total_failures: dict[str, int], warn) -> None:
+    """``apply_episode_outcomes``, then add its failure counts to this step's and the run's totals (in place);
+    the first episode of each kind in the run is reported through ``warn``, every one is counted."""
+    for kind, count in apply_episode_outcomes(result, episodes, fallback).items():
+        if not total_failures.get(kind):
+            detail = next(e.failure_detail for e in episodes if e.failure == kind)
+            warn(f"warning: an episode ended with {kind} ({detail}); it scores rewards.fallback, the run goes on")
+        step_failures[kind] = step_failures.get(kind, 0) + count
+        total_failures[kind] = total_failures.get(kind, 0) + count
+
+
 def episode_metrics(episodes: Sequence[Completion]) -> dict[str, float]:
     """Turns per episode, the share of observation tokens, and how episodes ended."""
     eps = [e for e in episodes if isinstance(e, Episode)]
@@ -152,4 +164,4 @@ def episode_metrics(episodes: Sequence[Completion]) -> dict[str, float]:
     }
 
 
-__all__ = ["Episode", "EpisodeRunner", "apply_episode_outcomes", "episode_metrics", "TURN_SEED_STRIDE"]
+__all__ = ["Episode", "EpisodeRunner", "apply_episode_outcomes", "count_episode_failures", "episode_metrics", "TURN_SEED_STRIDE"]

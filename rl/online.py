@@ -27,7 +27,7 @@ import torch
 from rl import checkpoint as ckpt
 from rl.config import Recipe, RecipeError, recipe_to_yaml
 from rl.data import PromptSampler
-from rl.episodes import EpisodeRunner, apply_episode_outcomes, episode_metrics
+from rl.episodes import EpisodeRunner, count_episode_failures, episode_metrics
 from rl.metrics import MetricsLogger, PhaseTimer, read_metrics
 from rl.prepare import (check_library_write, engine_spec, load_task, prepare_policy, reward_model_cpus, sampling, thread_counts,
                         trainer_memory)
@@ -252,12 +252,7 @@ class OnlineRun(Run):
             result = self.train_set.score(self.scorer, [indices[c.prompt_index] for c in flat], [c.text for c in flat])
         failures = dict(result.failures)
         if self.episodes is not None:  # the environment's rewards; failed episodes score the fallback
-            for kind, count in apply_episode_outcomes(result, flat, self.recipe.rewards.fallback).items():
-                if not self.scorer.total_failures.get(kind):  # said once per kind, counted always
-                    detail = next(c.failure_detail for c in flat if c.failure == kind)
-                    self.print(f"warning: an episode ended with {kind} ({detail}); it scores rewards.fallback, the run goes on")
-                failures[kind] = failures.get(kind, 0) + count
-                self.scorer.total_failures[kind] = self.scorer.total_failures.get(kind, 0) + count
+            count_episode_failures(result, flat, self.recipe.rewards.fallback, failures, self.scorer.total_failures, self.print)
         rewards = torch.tensor(result.total, dtype=torch.float32).view(len(indices), G)
         return Sampled(indices, flat, rewards, {k: list(v) for k, v in result.per_reward.items()}, failures)
 
