@@ -110,6 +110,11 @@ def sensitivity_inputs(model: nn.Module, names: list[str]) -> tuple[dict[str, to
     return weights, grads
 
 
+def _holders(model: nn.Module, param: torch.Tensor) -> list[tuple[nn.Module, str]]:
+    """Every (module, attribute) holding ``param`` itself: two for a tied embedding and LM head."""
+    return [(m, attr) for m in model.modules() for attr, p in m._parameters.items() if p is param]
+
+
 def _lookup(params: Mapping[str, torch.Tensor], name: str) -> torch.Tensor:
     if name not in params:
         close = difflib.get_close_matches(name, list(params), n=3)
@@ -178,7 +183,7 @@ class SparseAdapter(nn.Module):
                     raise ValueError(f"SparseAdapter: {n!r} has {idx.numel()} masked entries but {v.numel()} values")
             deltas.append(_SparseDelta(mask.shape, idx, v))
         self.deltas = nn.ModuleList(deltas)
-        self._attached: list[tuple[nn.Module, str]] = []
+        self._attached: list[list[tuple[nn.Module, str]]] = []
 
     # ---- views -------------------------------------------------------------------------------
     def masks(self) -> dict[str, torch.Tensor]:
@@ -211,19 +216,24 @@ class SparseAdapter(nn.Module):
             for p in model.parameters():
                 p.requires_grad_(False)
         for n, d in zip(self.names, self.deltas):
-            mod_name, _, attr = n.rpartition(".")
-            module = model.get_submodule(mod_name)
-            d.to(getattr(module, attr).device)
-            parametrize.register_parametrization(module, attr, d)
-            self._attached.append((module, attr))
+            holders = _holders(model, _lookup(params, n))  # a tied weight: the embedding and the LM head
+            d.to(_lookup(params, n).device)
+            for module, attr in holders:
+                parametrize.register_parametrization(module, attr, d)
+            self._attached.append(holders)
         for d in self.deltas:
             d.values.requires_grad_(True)
         return model
 
     def detach(self, model: nn.Module, merge: bool = False) -> nn.Module:
-        """Remove the parametrizations; ``merge=True`` leaves ``W + delta`` in the weights, else the base ``W``."""
-        for module, attr in self._attached:
-            parametrize.remove_parametrizations(module, attr, leave_parametrized=merge)
+        """Remove the parametrizations; ``merge=True`` leaves ``W + delta`` in the weights, else the base ``W``.
+        A weight several modules shared stays shared."""
+        for holders in self._attached:
+            (first, first_attr), rest = holders[0], holders[1:]
+            parametrize.remove_parametrizations(first, first_attr, leave_parametrized=merge)
+            for module, attr in rest:
+                parametrize.remove_parametrizations(module, attr, leave_parametrized=False)
+                setattr(module, attr, getattr(first, first_attr))
         self._attached = []
         return model
 

@@ -121,7 +121,8 @@ class OnlineRun(Run):
         trainer_cfg = r.trainer.model_copy(update={"torch_threads": thread_counts(r)[0]}) if r.use_ray else r.trainer
         setup = TrainerSetup(
             policy=self.policy, dtype=r.model.dtype, trainer=trainer_cfg, algorithm=r.algorithm,
-            max_response_len=r.rollout.max_new_tokens * (r.environment.max_turns if self.episodes else 1), seed=r.seed, master_port=0,
+            max_response_len=r.rollout.max_new_tokens * (r.environment.max_turns if self.episodes else 1),
+            temperature=r.rollout.temperature, seed=r.seed, master_port=0,
             master_addr=self.placement.master_addr if self.placement else "127.0.0.1",
             trust_remote_code=r.model.trust_remote_code, transport=get_transport(self.transport),
             max_staleness=r.rollout.max_staleness, log_dir=self.log_dir,

@@ -288,6 +288,7 @@ def engine_spec(recipe: Recipe, policy: PolicySpec):
         gpu_memory_utilization=r.rollout.gpu_memory_utilization,
         cpu_kvcache_gib=r.rollout.cpu_kvcache_gib,
         enforce_eager=r.rollout.enforce_eager,
+        kv_block_size=r.rollout.kv_block_size,
         tensor_parallel_size=r.rollout.tensor_parallel_size,
         engine_in_process=r.rollout.engine_in_process,
         seed=r.seed,

@@ -22,6 +22,9 @@ class RolloutConfig(Section):
     gpu_memory_utilization: float = Field(0.3, gt=0.0, le=1.0)
     cpu_kvcache_gib: int = Field(1, ge=1, description="VLLM_CPU_KVCACHE_SPACE on CPU machines.")
     enforce_eager: bool = True
+    kv_block_size: int = Field(
+        0, ge=0, description="Tokens per KV-cache block (vLLM's block_size; the unit of prefix-cache reuse). 0: vLLM's "
+        "default for the platform (16 on GPU, 128 on CPU, where it must be a multiple of 32).")
     tensor_parallel_size: int = Field(1, ge=1)
     engine_in_process: bool = Field(
         True,

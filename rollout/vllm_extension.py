@@ -41,6 +41,7 @@ class WeightSyncExtension:
         h = WeightHandle(**handle)
         # reload_weights (not model.load_weights) also repacks CPU linear weights and resets LoRA caches.
         self.reload_weights(weights_iterator=get_transport(h.transport).receive(h))
+        self._rl_refresh_tied_layers()
         return time.perf_counter() - t0
 
     def rl_load_sparse_delta(self, handle: dict) -> float:
@@ -69,7 +70,31 @@ class WeightSyncExtension:
 
         with _quiet(_PARTIAL_RELOAD_LOGGERS):
             self.reload_weights(weights_iterator=weights())
+        self._rl_refresh_tied_layers()
         return time.perf_counter() - t0
+
+    def _rl_refresh_tied_layers(self) -> int:
+        """Re-derive what layers sharing one weight (a tied LM head and embedding) built from it at load time.
+
+        The checkpoint has no ``lm_head.weight`` when it is tied, so an in-place reload fills only the
+        embedding; the new values land in the storage both layers share, but the LM head's own
+        post-load processing never runs again. On CPU that processing packs the weight into a
+        oneDNN/SGL kernel copy, so the engine kept computing logits with the head it loaded at start
+        while the embedding moved: a vLLM-vs-trainer logprob gap growing with every push. Returns
+        the number of layers refreshed.
+        """
+        by_storage: dict[int, list[torch.nn.Module]] = {}
+        for module in self.model_runner.get_model().modules():
+            weight, method = getattr(module, "weight", None), getattr(module, "quant_method", None)
+            if isinstance(weight, torch.Tensor) and weight.numel() and hasattr(method, "process_weights_after_loading"):
+                by_storage.setdefault(weight.data_ptr(), []).append(module)
+        refreshed = 0
+        for modules in by_storage.values():
+            if len(modules) > 1:
+                for module in modules:
+                    module.quant_method.process_weights_after_loading(module)
+                    refreshed += 1
+        return refreshed
 
     def _rl_with_packed_partners(self, names: set[str]) -> set[str]:
         """Add the checkpoint weights vLLM packs into one layer with any of ``names``."""

@@ -24,6 +24,7 @@ class EngineSpec:
     gpu_memory_utilization: float = 0.3
     cpu_kvcache_gib: int = 1
     enforce_eager: bool = True
+    kv_block_size: int = 0  # 0: vLLM's default for the platform
     tensor_parallel_size: int = 1
     engine_in_process: bool = True
     seed: int = 0
@@ -81,7 +82,11 @@ class RolloutWorker:
             seed=spec.seed,
             trust_remote_code=spec.trust_remote_code,
             worker_extension_cls="rollout.vllm_extension.WeightSyncExtension",
+            # The logprob of each sampled token under the distribution it was sampled from (after
+            # temperature), which is what the trainer computes; vLLM's default is the raw T = 1 one.
+            logprobs_mode="processed_logprobs",
             **no_chunking,
+            **({"block_size": spec.kv_block_size} if spec.kv_block_size else {}),
             **({"enable_lora": True, "max_lora_rank": spec.max_lora_rank, "max_loras": spec.max_loras,
                 "max_cpu_loras": spec.max_loras} if spec.max_lora_rank else {}),
         )
@@ -218,12 +223,21 @@ class RolloutWorker:
             for lora in old:
                 if lora is not None:
                     self.llm.llm_engine.remove_lora(lora.lora_int_id)
+            self._forget_cached_prefixes()
             self.weight_version = handle.version
             self.local_copies.loaded()
             return time.perf_counter() - t0
         method = "rl_load_sparse_delta" if handle.kind == "sparse_delta" else "rl_load_weights"
         self.llm.collective_rpc(method, args=(dataclasses.asdict(handle),))
+        self._forget_cached_prefixes()
         self.weight_version = handle.version
         self.local_copies.loaded()
         return time.perf_counter() - t0
+
+    def _forget_cached_prefixes(self) -> None:
+        """Drop the prefix cache: its KV blocks were computed with the weights just replaced, and a
+        prompt sharing a cached prefix (a chat template, a held-out prompt seen before) would reuse
+        them. (A new LoRA's name is part of its blocks' hashes already; resetting costs nothing here either.)"""
+        if not self.llm.reset_prefix_cache():
+            raise RuntimeError("vLLM refused to reset its prefix cache after a weight load (requests still running?)")
 

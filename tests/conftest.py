@@ -27,6 +27,19 @@ def tiny_model_root() -> Path:
 
 
 @pytest.fixture(scope="session")
+def tied_gqa_model_root() -> Path:
+    """The tiny model's build with the two features most small instruct models have and the default
+    lacks: the LM head tied to the embedding, and grouped-query attention (4 heads, 2 KV heads)."""
+    from rl.tasks.tiny_model import TinyModelSpec, build_tiny_model
+
+    spec = TinyModelSpec(
+        hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, tie_word_embeddings=True, intermediate_size=128,
+        sft_steps=150, n_train_rows=1024, n_test_rows=64,
+    )
+    return Path(build_tiny_model(spec, cache_dir=ROOT / ".cache" / "test-models", log=lambda s: None))
+
+
+@pytest.fixture(scope="session")
 def ray_session():
     import ray
 

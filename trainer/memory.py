@@ -25,6 +25,7 @@ def count_parameters(model_path: str, trust_remote_code: bool = False) -> tuple[
     config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    model.tie_weights()  # on the meta device the tie is not made by construction: count a tied matrix once
     return sum(p.numel() for p in model.parameters()), int(config.vocab_size)
 
 

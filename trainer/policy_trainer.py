@@ -60,6 +60,7 @@ class TrainerSetup:
     trainer: TrainerConfig
     algorithm: AlgorithmConfig
     max_response_len: int
+    temperature: float = 1.0  # the rollout's sampling temperature: every logprob is of softmax(logits / temperature), as sampled
     seed: int = 0
     rank: int = 0
     world_size: int = 1
@@ -183,18 +184,25 @@ class PolicyTrainer:
 
         Only the positions that predict a response token go through the LM head and the softmax:
         prompt and padding positions would each cost a [H x V] matmul and a [V] log-softmax for a
-        value the mask drops. Same numbers as the full logits, up to float rounding.
+        value the mask drops. Same numbers as the full logits, up to float rounding. Logits are divided by
+        the rollout's sampling temperature first: ratios, KL and the mismatch to vLLM's logprobs are all
+        of the distribution the tokens were sampled from.
         """
         mask = mb["response_mask"].bool()  # [n, T-1]
         parts = _decoder_and_head(model)
+        temperature = self.setup.temperature
         if parts is None:  # logits that are not the LM head's plain output (soft-capping, scaling, custom code)
             logits = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits[:, :-1]
+            if temperature != 1.0:
+                logits = logits / temperature
             logprobs = algorithms.logprobs_from_logits(logits, mb["labels"])
             entropy = algorithms.entropy_from_logits(logits.detach()) if with_entropy else None
             return logprobs, entropy
         decoder, head = parts
         hidden = decoder(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).last_hidden_state[:, :-1]
         logits = head(hidden[mask])  # [R, V]: R response tokens of the micro-batch
+        if temperature != 1.0:
+            logits = logits / temperature  # the distribution vLLM sampled from (it returns processed logprobs)
         picked, ent = algorithms.logprobs_and_entropy(logits, mb["labels"][mask], with_entropy)  # [R] each
         logprobs = torch.zeros(mask.shape, dtype=picked.dtype, device=picked.device).masked_scatter(mask, picked)
         entropy = None if ent is None else torch.zeros(mask.shape, dtype=ent.dtype, device=ent.device).masked_scatter(mask, ent)

@@ -105,6 +105,8 @@ class TinyModelSpec:
     hidden_size: int = 128
     num_layers: int = 4
     num_heads: int = 4
+    num_kv_heads: int = 0  # 0: num_heads (multi-head); fewer: grouped-query attention
+    tie_word_embeddings: bool = False  # True: the LM head is the embedding matrix (most small instruct models)
     intermediate_size: int = 512
     max_position_embeddings: int = 64
     # -- SFT ----------------------------------------------------------------------------------
@@ -128,6 +130,8 @@ class TinyModelSpec:
             raise ValueError(f"unknown task {self.task!r}; known: {TASKS}")
         if self.hidden_size % self.num_heads:
             raise ValueError("hidden_size must be a multiple of num_heads")
+        if self.num_kv_heads and self.num_heads % self.num_kv_heads:
+            raise ValueError("num_heads must be a multiple of num_kv_heads")
         longest = 2 * self.digits + 2 + self.digits + 2  # "a+b=" + answer + <eos>
         if self.max_position_embeddings < longest:
             raise ValueError(f"max_position_embeddings must be >= {longest} for {self.digits} digits")
@@ -145,7 +149,11 @@ class TinyModelSpec:
     @property
     def hash12(self) -> str:
         """First 12 hex digits of a hash of every field (and of ``BUILD_FORMAT``)."""
-        blob = json.dumps({"format": BUILD_FORMAT, **dataclasses.asdict(self)}, sort_keys=True)
+        fields = dataclasses.asdict(self)
+        for name in _HASHED_ONLY_WHEN_SET:  # added later: builds made before them keep their keys
+            if fields[name] == _DEFAULTS[name]:
+                del fields[name]
+        blob = json.dumps({"format": BUILD_FORMAT, **fields}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
     @property
@@ -193,6 +201,10 @@ def build_tokenizer(alphabet: str = arithmetic.ALPHABET, model_max_length: int =
     )
 
 
+_HASHED_ONLY_WHEN_SET = ("num_kv_heads", "tie_word_embeddings")
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TinyModelSpec)}
+
+
 def build_model(spec: TinyModelSpec, tokenizer):
     """A randomly initialised float32 ``LlamaForCausalLM`` (seeded by ``spec.seed``)."""
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
@@ -203,12 +215,12 @@ def build_model(spec: TinyModelSpec, tokenizer):
         intermediate_size=spec.intermediate_size,
         num_hidden_layers=spec.num_layers,
         num_attention_heads=spec.num_heads,
-        num_key_value_heads=spec.num_heads,
+        num_key_value_heads=spec.num_kv_heads or spec.num_heads,
         max_position_embeddings=spec.max_position_embeddings,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
+        tie_word_embeddings=spec.tie_word_embeddings,
         dtype="float32",
     )
     torch.manual_seed(spec.seed)

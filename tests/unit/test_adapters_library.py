@@ -321,3 +321,30 @@ def test_arrow_refuses_experts_of_different_ranks(base, tmp_path):
     lib.add("r8", _lora(model, seed=2, r=8), _meta(base_dir))
     with pytest.raises(LibraryError, match="rank"):
         lib.check_mergeable(["r4", "r8"])
+
+
+def test_sparse_adapter_on_a_tied_lm_head_moves_embedding_and_head_together():
+    """On a tied model the LM head's weight is the embedding: the adapter names it once (by the
+    embedding's name, as the checkpoint and vLLM do), and both uses of the matrix see W + delta."""
+    from trainer.policies.sparse import target_weight_names
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    assert sorted(target_weight_names(model, ["lm_head", "q_proj"])) == ["model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight"]
+    name = "model.embed_tokens.weight"
+    w = model.get_input_embeddings().weight
+    mask = torch.rand(w.shape) < 0.1
+    adapter = SparseAdapter({name: mask}, {name: torch.randn(w.shape) * mask})
+    expected = copy.deepcopy(model)
+    with torch.no_grad():
+        expected.get_input_embeddings().weight.add_(adapter.dense_deltas()[name])  # tied: the head moves too
+    ids = torch.tensor([[1, 5, 9, 3]])
+    adapter.attach(model)
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, expected(ids).logits, atol=1e-5)
+    adapter.detach(model, merge=True)
+    assert model.lm_head.weight is model.get_input_embeddings().weight  # still tied after the merge
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, expected(ids).logits, atol=1e-5)

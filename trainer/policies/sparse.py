@@ -20,9 +20,15 @@ from trainer.policies.base import Policy
 
 
 def target_weight_names(model: nn.Module, target_modules: Sequence[str]) -> list[str]:
-    """``<module>.weight`` of every Linear whose last name component is in ``target_modules``."""
-    names = [f"{n}.weight" for n, m in model.named_modules()
-             if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in set(target_modules)]
+    """The parameter name of the weight of every Linear whose last name component is in ``target_modules``.
+
+    A weight shared by two modules goes by its first name in ``named_parameters``: a tied LM head's is
+    the embedding's (``model.embed_tokens.weight``), which is also the only name the tied checkpoint
+    and vLLM know it by.
+    """
+    canonical = {id(p): name for name, p in model.named_parameters()}
+    names = list(dict.fromkeys(canonical[id(m.weight)] for n, m in model.named_modules()
+                               if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in set(target_modules)))
     if not names:
         raise ValueError(f"adapter.target_modules {list(target_modules)} match no Linear layer of the model")
     return names
