@@ -22,6 +22,7 @@ from trainer.policies import PolicySpec
 _log: Callable[[str], None] = lambda s: print(f"[rl] {s}", flush=True)  # noqa: E731
 TINY_TEXT = "builtin:tiny-text"
 TINY_HH_RM = "builtin:tiny-hh-rm"
+CHAT_ARITHMETIC = "builtin:arithmetic-chat"
 
 
 @dataclass
@@ -32,15 +33,29 @@ class ResolvedPaths:
 
 
 def resolve_builtins(recipe: Recipe, log_fn=_log) -> ResolvedPaths:
-    """Build (or reuse from cache) the embedded tiny model and task when the recipe asks for them."""
+    """Build (or reuse from cache) the embedded models and tasks a recipe names: the tiny model and its
+    task, a pretrained model from the package index, the chat arithmetic task."""
+    from rl.tasks.pretrained import PACKAGED, PretrainedBuildError, build_pretrained
+
     model, train, test = recipe.model.path, recipe.data.train, recipe.data.test
     if model == TINY_TEXT:
         model = _tiny_text_model(recipe, log_fn)
+    if model in PACKAGED:
+        try:
+            model = str(build_pretrained(model, log=log_fn))
+        except PretrainedBuildError as e:
+            raise RecipeError(f"recipe field 'model.path': {model}: {e}") from None
+    if CHAT_ARITHMETIC in (train, test):
+        data = _chat_arithmetic_data()
+        if train == CHAT_ARITHMETIC:
+            train, test = str(data / "train.jsonl"), test or CHAT_ARITHMETIC
+        if test == CHAT_ARITHMETIC:
+            test = str(data / "test.jsonl")
     if not any(v and v.startswith(BUILTIN_PREFIX) for v in (model, train, test)):
         return ResolvedPaths(model=model, train=train, test=test)
     from rl.tasks.tiny_model import TinyModelSpec, build_tiny_model
 
-    known_models, known_data = {"builtin:tiny-arithmetic"}, {"builtin:arithmetic"}
+    known_models, known_data = {"builtin:tiny-arithmetic", *PACKAGED}, {"builtin:arithmetic", CHAT_ARITHMETIC}
     if model.startswith(BUILTIN_PREFIX) and model not in known_models:
         raise RecipeError(f"recipe field 'model.path': unknown builtin '{model}' (known: {sorted(known_models)})")
     for field, v in (("data.train", train), ("data.test", test)):
@@ -56,6 +71,25 @@ def resolve_builtins(recipe: Recipe, log_fn=_log) -> ResolvedPaths:
     if test and test.startswith(BUILTIN_PREFIX):
         test = str(root / "data" / "test.jsonl")
     return ResolvedPaths(model=model, train=train, test=test)
+
+
+def _chat_arithmetic_data() -> Path:
+    """``builtin:arithmetic-chat``: the embedded task's problems asked in words ("What is 23 + 45?"),
+    held out by the same split; the whole train split (shuffled) and 1,000 held-out problems."""
+    import json
+
+    from rl.tasks.arithmetic import chat_rows, make_problems, split_size
+    from rl.tasks.tiny_model import default_cache_dir
+
+    out = default_cache_dir() / "data" / "arithmetic-chat-d2"
+    if (out / "test.jsonl").is_file():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", split_size()["train"]), ("test", 1000)):
+        tmp = out / f".{split}.jsonl.{os.getpid()}"
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in chat_rows(make_problems(n, seed=0, split=split))))
+        os.replace(tmp, out / f"{split}.jsonl")  # test.jsonl last: its presence means both are whole
+    return out
 
 
 def _tiny_text_model(recipe: Recipe, log_fn) -> str:
@@ -91,10 +125,45 @@ def load_task(recipe: Recipe) -> Task:
     from transformers import AutoTokenizer
 
     paths = resolve_builtins(recipe)
+    check_engine_can_serve(paths.model, recipe, builtin=recipe.model.path.startswith(BUILTIN_PREFIX))
     tokenizer = AutoTokenizer.from_pretrained(paths.model, trust_remote_code=recipe.model.trust_remote_code)
     max_prompt = recipe.rollout.max_model_len - recipe.rollout.max_new_tokens
     train_set, test_set = load_prompt_sets(recipe.data, paths.train, paths.test, tokenizer, recipe.seed, max_prompt)
     return Task(paths, tokenizer, train_set, test_set, make_scorer(recipe))
+
+
+def check_engine_can_serve(model_dir: str, recipe: Recipe, builtin: bool = False) -> None:
+    """What vLLM would refuse minutes later, inside an actor, refused here with the field to change: an
+    architecture vLLM has no implementation of, a head size or KV block size the CPU engine lacks.
+    (A builtin model is known to be servable: its run skips importing vLLM here.)"""
+    block = recipe.rollout.kv_block_size
+    if block and block % 32 and _on_cpu():
+        raise RecipeError(f"recipe field 'rollout.kv_block_size': the CPU engine needs a multiple of 32, got {block}")
+    if builtin:
+        return
+    from transformers import AutoConfig
+    from vllm.model_executor.models import ModelRegistry
+    from vllm.platforms import current_platform
+
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=recipe.model.trust_remote_code)
+    archs = list(getattr(config, "architectures", None) or [])
+    if archs and not set(archs) & set(ModelRegistry.get_supported_archs()) and not recipe.model.trust_remote_code:
+        raise RecipeError(f"recipe field 'model.path': vLLM cannot serve {archs} ({model_dir}/config.json 'architectures'); "
+                          "see vLLM's list of supported models")
+    if current_platform.is_cpu():
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+        text = getattr(config, "text_config", None) or config
+        head = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        if head not in CPUAttentionBackend.get_supported_head_sizes():
+            raise RecipeError(f"recipe field 'model.path': head size {head} of {model_dir} is not one vLLM's CPU engine "
+                              f"supports ({CPUAttentionBackend.get_supported_head_sizes()}); it runs on a GPU machine")
+
+
+def _on_cpu() -> bool:
+    import torch
+
+    return not torch.cuda.is_available()
 
 
 def make_scorer(recipe: Recipe, log_fn=_log) -> RewardScorer:

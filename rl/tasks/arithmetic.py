@@ -106,6 +106,19 @@ def make_problems(
     return out
 
 
+def chat_rows(problems: list[dict]) -> list[dict]:
+    """The same problems asked in words, for a chat model: ``question`` and ``answer`` columns.
+
+    >>> chat_rows([format_problem(23, 45)])
+    [{'question': 'What is 23 + 45?', 'answer': '68'}]
+    """
+    out = []
+    for p in problems:
+        a, b = p["prompt"].rstrip("=").split("+")
+        out.append({"question": f"What is {a} + {b}?", "answer": p["answer"]})
+    return out
+
+
 def is_correct(completion: str, answer: str) -> bool:
     """Exact-match check of a completion (surrounding whitespace ignored).
 
