@@ -72,6 +72,12 @@ class TrainerSetup:
     log_dir: Optional[str] = None  # each rank's stdout/stderr go to <log_dir>/trainer-rank<r>.log instead of the terminal
 
 
+def _clips_in_hook(cfg: TrainerConfig, dtype: str) -> bool:
+    """ZeRO-0 in float32 hands us the plain torch optimizer, whose step we hook; in bf16/fp16 DeepSpeed
+    wraps it in its own mixed-precision optimizer (no step hooks), which clips and reports the norm itself."""
+    return cfg.zero_stage == 0 and dtype == "float32"
+
+
 def deepspeed_config(cfg: TrainerConfig, dtype: str) -> dict:
     """The DeepSpeed config of one rank: we own the accumulation boundary and, under ZeRO-0, the clipping."""
     ds = {
@@ -79,8 +85,8 @@ def deepspeed_config(cfg: TrainerConfig, dtype: str) -> dict:
         "gradient_accumulation_steps": 1,
         # Any number of micro-batches, then step().
         "managed_gradient_accumulation": False,
-        # ZeRO-0 discards the norm it clips with; there we clip (and measure) in an optimizer hook.
-        "gradient_clipping": cfg.max_grad_norm if cfg.zero_stage > 0 else 0.0,
+        # ZeRO-0 in float32 discards the norm it clips with; there we clip (and measure) in an optimizer hook.
+        "gradient_clipping": 0.0 if _clips_in_hook(cfg, dtype) else cfg.max_grad_norm,
         "zero_optimization": {"stage": cfg.zero_stage},
         "optimizer": {
             "type": "AdamW",
@@ -128,7 +134,8 @@ class PolicyTrainer:
             config=deepspeed_config(self.cfg, setup.dtype),
         )
         self._grad_norm: Optional[float] = None
-        if self.cfg.zero_stage == 0:
+        self._clip_in_hook = _clips_in_hook(self.cfg, setup.dtype)
+        if self._clip_in_hook:
             self.optimizer.register_step_pre_hook(self._clip_and_measure)
         self.transport = setup.transport if setup.rank == 0 else None
         self.version = 0
@@ -174,7 +181,7 @@ class PolicyTrainer:
         self._grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
 
     def _last_grad_norm(self) -> Optional[float]:
-        norm = self._grad_norm if self.cfg.zero_stage == 0 else self.engine.get_global_grad_norm()
+        norm = self._grad_norm if self._clip_in_hook else self.engine.get_global_grad_norm()
         return None if norm is None else float(norm)
 
     # ------------------------------------------------------------------ forward

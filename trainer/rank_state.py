@@ -30,6 +30,8 @@ def save_rank_state(trainer, path: str) -> None:
     optimizer, named = _optimizer_params(trainer)
     names = {id(p): n for n, p in named}
     tensors: dict[str, torch.Tensor] = {"rng/torch": torch.get_rng_state()}
+    if trainer.device.type == "cuda":  # dropout and any sampling on the GPU draw from its own generator
+        tensors["rng/cuda"] = torch.cuda.get_rng_state(trainer.device)
     if trainer.cfg.zero_stage in (1, 2):  # the fp32 master partitions (more precise than bf16 model weights)
         tensors.update({f"master/{n}": p.detach().cpu().contiguous() for n, p in named})
     scalars: dict[str, dict] = {}
@@ -75,5 +77,7 @@ def load_rank_state(trainer, path: str) -> int:
     if trainer.scheduler is not None and meta.get("scheduler") is not None:
         trainer.scheduler.load_state_dict(meta["scheduler"])
     torch.set_rng_state(tensors["rng/torch"])
+    if "rng/cuda" in tensors and trainer.device.type == "cuda":
+        torch.cuda.set_rng_state(tensors["rng/cuda"], trainer.device)
     trainer.version = int(meta["version"])
     return trainer.version

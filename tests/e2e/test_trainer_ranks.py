@@ -56,3 +56,27 @@ def test_two_zero2_ranks_equal_one_rank(tiny_model_root, ray_session, aggregatio
         diff = (one[k] - two[k]).abs()
         assert diff.max().item() <= 0.05 * 1e-2, k
         assert (diff > 1e-5).float().mean().item() < 1e-3, k
+
+
+def test_bf16_without_zero_trains_and_reports_its_clipped_norm(tiny_model_root, ray_session):
+    """bf16 (or fp16) with ZeRO-0: DeepSpeed wraps the optimizer in its own mixed-precision one, which has
+    no step hooks; the trainer then lets DeepSpeed clip and reads the norm from it."""
+    from transformers import AutoTokenizer
+
+    from rl.workers import TrainerGroup
+    from trainer.policies import PolicySpec
+    from trainer.policy_trainer import TrainerSetup
+
+    model = str(tiny_model_root / "model")
+    batch = random_train_batch(AutoTokenizer.from_pretrained(model))
+    setup = TrainerSetup(
+        policy=PolicySpec(kind="full", base_model=model), dtype="bfloat16", algorithm=AlgorithmConfig(group_size=4),
+        max_response_len=6, master_port=0,
+        trainer=TrainerConfig(num_ranks=1, zero_stage=0, lr=1e-2, micro_batch_size=12, max_grad_norm=1e-3),
+    )
+    group = TrainerGroup.create(setup, 1, use_ray=True, num_cpus=0.5)
+    try:
+        stats = group.train_step(batch, micro_batch_size=12)
+    finally:
+        group.close()
+    assert stats["updates_applied"] == 1 and stats["grad_norm"] > 1e-3  # measured before clipping to 1e-3
