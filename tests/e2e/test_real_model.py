@@ -2,8 +2,8 @@
 fetched from the package index and dequantized once; tied embeddings, grouped-query attention, ChatML).
 
 Kept short (small batches, short replies) but real: every policy kind is pushed 10 times and vLLM
-must serve what the trainer holds after each push; a run's final checkpoint evaluates to the run's
-own accuracy; prompts go through the model's chat template and replies stop at ``<|im_end|>``.
+must serve what the trainer holds after each push; the full model's final checkpoint evaluates to
+the run's own accuracy; prompts go through the model's chat template and replies stop at ``<|im_end|>``.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ KINDS = {
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
-def test_every_push_serves_the_trainers_policy_and_the_checkpoint_evaluates_the_same(kind, smollm2, ray_session, tmp_path):
+def test_every_push_serves_the_trainers_policy(kind, smollm2, ray_session, tmp_path):
     from rl.evaluate import run_eval
     from rl.online import OnlineRun
 
@@ -69,6 +69,8 @@ def test_every_push_serves_the_trainers_policy_and_the_checkpoint_evaluates_the_
         assert r["logprob_mismatch_max"] < LOGPROB_TOL, (r["step"], r["logprob_mismatch_max"])
     assert rows[-1]["policy_version"] == PUSHES
     assert rows[-1]["grad_norm"] > 0
+    if kind != "full":  # adapters' checkpoints are evaluated on the tiny model (test_eval_checkpoint.py)
+        return
     # `rl eval --checkpoint` serves the final policy from its files alone, as the run served it.
     result = run_eval(recipe, checkpoint=str(tmp_path / "run"))
     assert result["policy"] == kind and result["checkpoint"] == summary["checkpoint"]
