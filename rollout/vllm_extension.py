@@ -74,7 +74,7 @@ class WeightSyncExtension:
         return time.perf_counter() - t0
 
     def _rl_refresh_tied_layers(self) -> int:
-        """Re-derive what layers sharing one weight (a tied LM head and embedding) built from it at load time.
+        """Redo the post-load processing of layers that share one weight (a tied LM head and embedding).
 
         The checkpoint has no ``lm_head.weight`` when it is tied, so an in-place reload fills only the
         embedding; the new values land in the storage both layers share, but the LM head's own

@@ -237,7 +237,6 @@ class RolloutWorker:
     def _forget_cached_prefixes(self) -> None:
         """Drop the prefix cache: its KV blocks were computed with the weights just replaced, and a
         prompt sharing a cached prefix (a chat template, a held-out prompt seen before) would reuse
-        them. (A new LoRA's name is part of its blocks' hashes already; resetting costs nothing here either.)"""
+        them. (A new LoRA's name is already part of its blocks' hashes; one rule for every kind of load is simpler.)"""
         if not self.llm.reset_prefix_cache():
             raise RuntimeError("vLLM refused to reset its prefix cache after a weight load (requests still running?)")
-

@@ -215,12 +215,12 @@ def build_model(spec: TinyModelSpec, tokenizer):
         intermediate_size=spec.intermediate_size,
         num_hidden_layers=spec.num_layers,
         num_attention_heads=spec.num_heads,
-        num_key_value_heads=spec.num_kv_heads or spec.num_heads,
+        num_key_value_heads=getattr(spec, "num_kv_heads", 0) or spec.num_heads,  # also built from a TinyTextSpec
         max_position_embeddings=spec.max_position_embeddings,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=spec.tie_word_embeddings,
+        tie_word_embeddings=getattr(spec, "tie_word_embeddings", False),
         dtype="float32",
     )
     torch.manual_seed(spec.seed)
