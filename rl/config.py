@@ -310,8 +310,35 @@ def load_recipe(path: str | os.PathLike | None, overrides: list[str] | None = No
         recipe = Recipe.model_validate(tree)
     except ValidationError as e:
         raise RecipeError(_format_errors(e)) from None
+    default_gpu_counts(recipe, _cuda_devices())
     if check_paths:
         check_recipe_paths(recipe)
+    return recipe
+
+
+def _cuda_devices() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def default_gpu_counts(recipe: Recipe, cuda_devices: int) -> Recipe:
+    """GPU counts the recipe leaves unset follow the machine: on one with a GPU, each engine reserves
+    ``rollout.tensor_parallel_size`` GPUs and each trainer rank one, so Ray places them on GPUs it has
+    reserved (it no longer hides devices from zero-GPU actors: they would all land on cuda:0 unreserved).
+    On a CPU machine they stay 0. A count set in the recipe is kept.
+
+    >>> r = Recipe()
+    >>> default_gpu_counts(r, 1).rollout.num_gpus_per_actor, r.trainer.num_gpus_per_rank
+    (1.0, 1.0)
+    >>> default_gpu_counts(Recipe(), 0).trainer.num_gpus_per_rank
+    0.0
+    """
+    if cuda_devices:
+        if "num_gpus_per_actor" not in recipe.rollout.model_fields_set:
+            recipe.rollout.num_gpus_per_actor = float(recipe.rollout.tensor_parallel_size)
+        if "num_gpus_per_rank" not in recipe.trainer.model_fields_set:
+            recipe.trainer.num_gpus_per_rank = 1.0
     return recipe
 
 

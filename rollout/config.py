@@ -36,7 +36,8 @@ class RolloutConfig(Section):
         0, ge=0, description="OpenMP threads of each CPU engine. 0: automatic: the node's cores shared by the engines "
         "that generate at once (with asynchronous rollout, also by the trainer ranks); set num_cpus_per_actor instead "
         "to keep Ray's pinning (one thread per reserved CPU).")
-    num_gpus_per_actor: float = Field(0.0, ge=0.0)
+    num_gpus_per_actor: float = Field(
+        0.0, ge=0.0, description="GPUs each engine reserves. Unset: tensor_parallel_size on a machine with a GPU, else 0.")
     resources: dict[str, float] = Field(
         default_factory=dict, description="Custom Ray resources each rollout actor asks for, e.g. {worker: 1} to pin the "
         "engines to nodes started with that resource.")

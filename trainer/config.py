@@ -29,7 +29,9 @@ class TrainerConfig(Section):
         3, ge=1, description="A non-finite loss or gradient skips that update; this many steps in a row stop the run."
     )
     num_cpus_per_rank: float = Field(1.0, ge=0.0)
-    num_gpus_per_rank: float = Field(0.0, ge=0.0)
+    num_gpus_per_rank: float = Field(
+        0.0, ge=0.0, description="GPUs each rank reserves; the rank trains on CUDA only with one. Unset: 1 on a machine "
+        "with a GPU, else 0.")
     resources: dict[str, float] = Field(
         default_factory=dict, description="Custom Ray resources each trainer rank asks for, e.g. {head: 1}.")
     torch_threads: int = Field(

@@ -152,7 +152,12 @@ class PolicyTrainer:
             MASTER_ADDR=s.master_addr, MASTER_PORT=str(s.master_port), RANK=str(s.rank), WORLD_SIZE=str(s.world_size),
             LOCAL_RANK="0" if not torch.cuda.is_available() else str(s.rank % torch.cuda.device_count()),
         )
-        self.device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if torch.cuda.is_available() else torch.device("cpu")
+        if self.cfg.num_gpus_per_rank > 0 and not torch.cuda.is_available():
+            raise RuntimeError(f"trainer.num_gpus_per_rank={self.cfg.num_gpus_per_rank:g}, but CUDA is not usable in this "
+                               "rank's process: no silent fall-back to the CPU")
+        # Only a rank that reserved a GPU uses one (Ray shows every device to zero-GPU actors too).
+        on_gpu = self.cfg.num_gpus_per_rank > 0
+        self.device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if on_gpu else torch.device("cpu")
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         else:

@@ -172,3 +172,29 @@ def test_adapter_kind_and_source_are_checked_before_anything_starts():
     assert r.adapter.kind == "arrow" and r.algorithm.tis_cap == 2.0
     r = load_recipe(str(ROOT / "recipes" / "sparse-arithmetic.yaml"), [], check_paths=False)
     assert r.adapter.kind == "sparse" and r.adapter.keep_ratio == 0.05
+
+
+def test_gpu_counts_left_unset_follow_the_machine():
+    from rl.config import default_gpu_counts
+
+    r = default_gpu_counts(load_recipe(None, ["rollout.tensor_parallel_size=2"], check_paths=False), cuda_devices=2)
+    assert (r.rollout.num_gpus_per_actor, r.trainer.num_gpus_per_rank) == (2.0, 1.0)
+    r = default_gpu_counts(load_recipe(None, ["trainer.num_gpus_per_rank=0"], check_paths=False), cuda_devices=1)
+    assert (r.rollout.num_gpus_per_actor, r.trainer.num_gpus_per_rank) == (1.0, 0.0)  # what the recipe set is kept
+    r = default_gpu_counts(load_recipe(None, [], check_paths=False), cuda_devices=0)
+    assert (r.rollout.num_gpus_per_actor, r.trainer.num_gpus_per_rank) == (0.0, 0.0)
+
+
+def test_a_rank_asked_for_a_gpu_without_cuda_stops_instead_of_training_on_the_cpu():
+    import torch
+
+    from trainer.config import AlgorithmConfig, TrainerConfig
+    from trainer.policies import PolicySpec
+    from trainer.policy_trainer import PolicyTrainer, TrainerSetup
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    setup = TrainerSetup(policy=PolicySpec(kind="full", base_model="unused"), dtype="float32", algorithm=AlgorithmConfig(),
+                         max_response_len=4, trainer=TrainerConfig(num_gpus_per_rank=1))
+    with pytest.raises(RuntimeError, match="num_gpus_per_rank=1, but CUDA is not usable"):
+        PolicyTrainer(setup)
