@@ -194,6 +194,14 @@ class Recipe(Section):
                              "weights these adapters read)")
         return self
 
+    @model_validator(mode="after")
+    def _check_tensor_parallel(self) -> "Recipe":
+        if self.rollout.tensor_parallel_size > 1 and self.use_ray:
+            raise ValueError("rollout.tensor_parallel_size > 1 is not supported yet: each engine's GPUs are reserved as "
+                             "one Ray bundle, which vLLM's Ray executor does not accept (one bundle per GPU is needed); "
+                             "use rollout.num_actors engines of one GPU each")
+        return self
+
     # Derived sizes, computed in one place.
     @property
     def rollouts_per_step(self) -> int:

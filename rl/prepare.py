@@ -344,6 +344,15 @@ def trainer_memory(recipe: Recipe, policy: PolicySpec) -> dict[str, float]:
     return {**gib, "total": sum(gib.values())}
 
 
+def published_bytes(recipe: Recipe, policy: PolicySpec) -> int:
+    """Bytes of one published full-model version (adapters publish a few MB: 0 here)."""
+    from trainer.memory import BYTES, count_parameters
+
+    if policy.kind != "full":
+        return 0
+    return count_parameters(policy.base_model, recipe.model.trust_remote_code)[0] * BYTES[recipe.model.dtype]
+
+
 def engine_spec(recipe: Recipe, policy: PolicySpec):
     """How each vLLM engine starts: the policy's weights, or its base plus room for the LoRA it serves."""
     from rollout.vllm_worker import EngineSpec

@@ -79,8 +79,13 @@ def get_transport(name: str, **kwargs) -> WeightTransport:
     return _TRANSPORTS[name](**kwargs)
 
 
-def default_shared_dir() -> Path:
-    base = Path("/dev/shm") if Path("/dev/shm").is_dir() and os.access("/dev/shm", os.W_OK) else Path(tempfile.gettempdir())
+def default_shared_dir(room_bytes: int = 0) -> Path:
+    """A new directory in ``/dev/shm`` (RAM) when it is writable and has ``room_bytes`` free, else in the
+    temporary directory on disk: Docker gives a container 64 MB of ``/dev/shm`` by default, where a
+    real model's first push would fail half-written."""
+    shm = Path("/dev/shm")
+    roomy = shm.is_dir() and os.access(shm, os.W_OK) and shutil.disk_usage(shm).free >= room_bytes
+    base = shm if roomy else Path(tempfile.gettempdir())
     return base / f"rl-weights-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
@@ -88,8 +93,9 @@ def default_shared_dir() -> Path:
 class SharedFileTransport:
     """One safetensors file per version in a RAM-backed directory; older versions are released by the caller."""
 
-    def __init__(self, directory: str | os.PathLike | None = None):
-        self.directory = Path(directory) if directory else default_shared_dir()
+    def __init__(self, directory: str | os.PathLike | None = None, room_bytes: int = 0):
+        """``room_bytes``: what the versions kept at once need (``directory`` unset: /dev/shm if it has that)."""
+        self.directory = Path(directory) if directory else default_shared_dir(room_bytes)
 
     def publish(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int, kind: str = "weights") -> WeightHandle:
         self.directory.mkdir(parents=True, exist_ok=True)

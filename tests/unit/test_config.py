@@ -177,7 +177,7 @@ def test_adapter_kind_and_source_are_checked_before_anything_starts():
 def test_gpu_counts_left_unset_follow_the_machine():
     from rl.config import default_gpu_counts
 
-    r = default_gpu_counts(load_recipe(None, ["rollout.tensor_parallel_size=2"], check_paths=False), cuda_devices=2)
+    r = default_gpu_counts(load_recipe(None, ["rollout.tensor_parallel_size=2", "use_ray=false"], check_paths=False), cuda_devices=2)
     assert (r.rollout.num_gpus_per_actor, r.trainer.num_gpus_per_rank) == (2.0, 1.0)
     r = default_gpu_counts(load_recipe(None, ["trainer.num_gpus_per_rank=0"], check_paths=False), cuda_devices=1)
     assert (r.rollout.num_gpus_per_actor, r.trainer.num_gpus_per_rank) == (1.0, 0.0)  # what the recipe set is kept
@@ -198,3 +198,8 @@ def test_a_rank_asked_for_a_gpu_without_cuda_stops_instead_of_training_on_the_cp
                          max_response_len=4, trainer=TrainerConfig(num_gpus_per_rank=1))
     with pytest.raises(RuntimeError, match="num_gpus_per_rank=1, but CUDA is not usable"):
         PolicyTrainer(setup)
+
+
+def test_tensor_parallel_engines_are_refused_until_supported():
+    with pytest.raises(RecipeError, match="tensor_parallel_size > 1 is not supported yet"):
+        load_recipe(None, ["rollout.tensor_parallel_size=2"], check_paths=False)

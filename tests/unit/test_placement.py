@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from rl.placement import Placement, PlacementError, bundle, check_fits, choose_transport
@@ -47,3 +49,21 @@ def test_transport_follows_the_placement():
 def test_group_nodes_only_when_the_run_spans_nodes():
     assert _placement(["10.0.0.1", "10.0.0.1"]).group_nodes("rollout", 5.0) is None
     assert _placement(["10.0.0.1", "10.0.0.2"]).group_nodes("rollout", 5.0) == {"node_ips": ["10.0.0.2"], "node_loss_wait_s": 5.0}
+
+
+def test_shared_file_weights_leave_a_small_dev_shm_for_the_disk(monkeypatch):
+    """Docker's default /dev/shm is 64 MB: a model whose published versions need more goes through a
+    directory on disk instead of failing at its first push."""
+    import shutil
+    import tempfile
+    from collections import namedtuple
+
+    from rollout.weight_sync import get_transport
+
+    if not os.path.isdir("/dev/shm") or not os.access("/dev/shm", os.W_OK):
+        pytest.skip("no writable /dev/shm here")
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(64 << 20, 0, 64 << 20))
+    assert str(get_transport("shared_file", room_bytes=32 << 20).directory).startswith("/dev/shm/")
+    roomless = get_transport("shared_file", room_bytes=3 * 538 << 20)  # three versions of a 538 MB model
+    assert str(roomless.directory).startswith(tempfile.gettempdir() + "/")
