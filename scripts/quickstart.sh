@@ -10,4 +10,4 @@ bash "$ROOT/scripts/setup.sh"
 cd "$ROOT"
 RECIPE=recipes/smollm2-arithmetic.yaml
 if [[ $# -gt 0 && "$1" == *.yaml ]]; then RECIPE="$1"; shift; fi
-exec "$ROOT/.venv/bin/rl" train "$RECIPE" "$@"
+exec "${RL_VENV:-$ROOT/.venv}/bin/rl" train "$RECIPE" "$@"

