@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import collections
 import inspect
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Optional
@@ -31,7 +30,7 @@ from rl.data import PromptSampler
 from rl.episodes import EpisodeRunner, count_episode_failures, episode_metrics
 from rl.metrics import MetricsLogger, PhaseTimer, read_metrics
 from rl.prepare import (check_library_write, engine_spec, load_task, prepare_policy, reward_model_cpus, sampling, thread_counts,
-                        trainer_memory)
+                        trainer_memory, weight_transport)
 from rl.run import Run
 from rollout.types import Completion, SamplingSpec
 from trainer import algorithms
@@ -110,7 +109,6 @@ class OnlineRun(Run):
         from rl.placement import choose_transport, place_recipe
         from rl.watchdog import Watchdog
         from rl.workers import RolloutGroup, TrainerGroup, init_ray, join_weight_group, start_reward_models
-        from rollout.weight_sync import get_transport
         from trainer.policy_trainer import TrainerSetup
 
         r = self.recipe
@@ -125,7 +123,7 @@ class OnlineRun(Run):
             max_response_len=r.rollout.max_new_tokens * (r.environment.max_turns if self.episodes else 1),
             temperature=r.rollout.temperature, seed=r.seed, master_port=0,
             master_addr=self.placement.master_addr if self.placement else "127.0.0.1",
-            trust_remote_code=r.model.trust_remote_code, transport=self._weight_transport(),
+            trust_remote_code=r.model.trust_remote_code, transport=weight_transport(r, self.policy, self.transport, self.print),
             max_staleness=r.rollout.max_staleness, log_dir=self.log_dir,
         )
         dog = Watchdog(**r.watchdog.model_dump())
@@ -147,21 +145,6 @@ class OnlineRun(Run):
             self.print(f"placed on {p.nodes} nodes: trainer rank 0 on {p.master_addr}, rollout on {where}; weights travel by {self.transport}")
         if self.policy.is_adapter and not self.policy.routes_per_batch:
             self._publish()  # the engines hold the base; the adapter is pushed before the first rollout
-
-    def _weight_transport(self):
-        """The transport object the trainer publishes through; ``shared_file`` checks /dev/shm has room for
-        the versions kept at once (a full model: the one being written, the served one, k queued ones)."""
-        from rl.prepare import published_bytes
-        from rollout.weight_sync import get_transport
-
-        if self.transport != "shared_file":
-            return get_transport(self.transport)
-        need = published_bytes(self.recipe, self.policy) * (2 + self.recipe.rollout.max_staleness)
-        transport = get_transport("shared_file", room_bytes=need)
-        if not str(transport.directory).startswith("/dev/shm") and os.path.isdir("/dev/shm"):
-            self.print(f"weights travel through {transport.directory} on disk: /dev/shm has less than the {need / 2**20:.0f} MiB "
-                     "the published versions need")
-        return transport
 
     def stop_workers(self) -> dict:
         final = {"rollout_peak_rss_gib": self.rollout.peak_rss_gib()} if self.rollout is not None and self.rollout.remote else {}

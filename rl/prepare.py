@@ -344,13 +344,23 @@ def trainer_memory(recipe: Recipe, policy: PolicySpec) -> dict[str, float]:
     return {**gib, "total": sum(gib.values())}
 
 
-def published_bytes(recipe: Recipe, policy: PolicySpec) -> int:
-    """Bytes of one published full-model version (adapters publish a few MB: 0 here)."""
+def weight_transport(recipe: Recipe, policy: PolicySpec, name: str, log_fn=_log):
+    """The transport object the trainer publishes through; ``shared_file`` checks /dev/shm has room for
+    the versions kept at once (a full model: the one being written, the served one, k queued ones;
+    adapters publish a few MB)."""
+    from rollout.weight_sync import get_transport
     from trainer.memory import BYTES, count_parameters
 
-    if policy.kind != "full":
-        return 0
-    return count_parameters(policy.base_model, recipe.model.trust_remote_code)[0] * BYTES[recipe.model.dtype]
+    if name != "shared_file":
+        return get_transport(name)
+    full = policy.kind == "full"
+    one = count_parameters(policy.base_model, recipe.model.trust_remote_code)[0] * BYTES[recipe.model.dtype] if full else 0
+    need = one * (2 + recipe.rollout.max_staleness)
+    transport = get_transport("shared_file", room_bytes=need)
+    if not str(transport.directory).startswith("/dev/shm") and os.path.isdir("/dev/shm"):
+        log_fn(f"weights travel through {transport.directory} on disk: /dev/shm has less than the {need / 2**20:.0f} MiB "
+               "the published versions need")
+    return transport
 
 
 def engine_spec(recipe: Recipe, policy: PolicySpec):
