@@ -318,13 +318,14 @@ def load_recipe(path: str | os.PathLike | None, overrides: list[str] | None = No
         recipe = Recipe.model_validate(tree)
     except ValidationError as e:
         raise RecipeError(_format_errors(e)) from None
-    default_gpu_counts(recipe, _cuda_devices())
+    default_gpu_counts(recipe, cuda_devices())
     if check_paths:
         check_recipe_paths(recipe)
     return recipe
 
 
-def _cuda_devices() -> int:
+def cuda_devices() -> int:
+    """CUDA devices this process can use (0 on a CPU machine)."""
     import torch
 
     return torch.cuda.device_count() if torch.cuda.is_available() else 0

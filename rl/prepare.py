@@ -13,7 +13,7 @@ from typing import Callable, Optional
 from rewards import ModelReward, RewardModelError, RewardModelSpec, RewardScorer, RewardSpec, get_reward
 from rewards.config import DEFAULT_MAX_LENGTH
 from rewards.model_reward import check_reward_model
-from rl.config import BUILTIN_PREFIX, Recipe, RecipeError
+from rl.config import BUILTIN_PREFIX, Recipe, RecipeError, cuda_devices
 from rl.data import PromptSet, load_prompt_sets
 from rollout.config import LORA_RANKS
 from rollout.types import SamplingSpec
@@ -137,7 +137,7 @@ def check_engine_can_serve(model_dir: str, recipe: Recipe, builtin: bool = False
     architecture vLLM has no implementation of, a head size or KV block size the CPU engine lacks.
     (A builtin model is known to be servable: its run skips importing vLLM here.)"""
     block = recipe.rollout.kv_block_size
-    if block and block % 32 and _on_cpu():
+    if block and block % 32 and not cuda_devices():
         raise RecipeError(f"recipe field 'rollout.kv_block_size': the CPU engine needs a multiple of 32, got {block}")
     if builtin:
         return
@@ -158,12 +158,6 @@ def check_engine_can_serve(model_dir: str, recipe: Recipe, builtin: bool = False
         if head not in CPUAttentionBackend.get_supported_head_sizes():
             raise RecipeError(f"recipe field 'model.path': head size {head} of {model_dir} is not one vLLM's CPU engine "
                               f"supports ({CPUAttentionBackend.get_supported_head_sizes()}); it runs on a GPU machine")
-
-
-def _on_cpu() -> bool:
-    import torch
-
-    return not torch.cuda.is_available()
 
 
 def make_scorer(recipe: Recipe, log_fn=_log) -> RewardScorer:
