@@ -1,5 +1,6 @@
 """The experiment scripts of docs/experiments/ run end to end (``--quick``: a few steps each), so the
-reports cannot rot. They assert that the tables are produced, not what they say."""
+reports cannot rot. They assert that the tables and verdict lines are produced; the verdict logic itself is
+unit-tested (tests/unit/test_claims.py)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,8 @@ def test_2grpo_quick(tmp_path):
     for arm in ("16-GRPO", "2-GRPO lr 1x", "2-GRPO+RS lr 8x", "online DPO lr 8x"):
         assert f"| {arm} |" in report, arm
     assert "## The paper's claims at this scale" in report
+    # One seed: each claim is stated on both metrics, without an interval (rl/claims.py decides from intervals).
+    assert report.count("**no interval (one seed)**") == 6 and "  - mean@2: " in report and "  - greedy: " in report
     results = json.loads((tmp_path / "out" / "2-grpo.json").read_text())
     assert {r["arm"] for r in results} == {"16-GRPO", "2-GRPO lr 1x", "2-GRPO+RS lr 8x", "online DPO lr 8x"}
     for r in results:
