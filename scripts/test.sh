@@ -5,4 +5,5 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$ROOT/scripts/setup.sh"
 cd "$ROOT"
-exec "${RL_VENV:-$ROOT/.venv}/bin/python" -m pytest -q -p no:cacheprovider "$@"
+# --durations: the 15 slowest tests at the end of every run, so a slow addition shows where it lands.
+exec "${RL_VENV:-$ROOT/.venv}/bin/python" -m pytest -q -p no:cacheprovider --durations=15 "$@"
