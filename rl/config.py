@@ -18,8 +18,8 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from rewards.config import EnvironmentConfig, RewardItem, RewardsConfig
-from rollout.config import LORA_RANKS, RolloutConfig
+from rewards.config import EnvironmentConfig, RewardsConfig
+from rollout.config import RolloutConfig
 from trainer.config import AdapterConfig, AlgorithmConfig, TrainerConfig
 
 BUILTIN_PREFIX = "builtin:"

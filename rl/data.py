@@ -161,13 +161,9 @@ def _check_columns(rows, cfg: DataConfig, source: str) -> None:
 
 def load_prompt_sets(cfg: DataConfig, train_path: str, test_path: Optional[str], tokenizer, seed: int, max_prompt_tokens: int):
     """(train, held-out) prompt sets. Without a test file, ``test_fraction`` of train is held out.
-
-    HH dialogues (``data.preference_format: hh_dialogue``): the prompts are the dialogues' shared
-    turns up to the last ``Assistant:``, split and held out exactly as offline DPO splits the pairs
-    (``rl.preference_data.load_preference_texts``); each row keeps ``chosen`` / ``rejected`` replies
-    as columns."""
+    (HH dialogues: ``rl.preference_data.hh_prompt_sets``.)"""
     if cfg.preference_format == "hh_dialogue":
-        return _hh_prompt_sets(cfg, train_path, test_path, tokenizer, seed, max_prompt_tokens)
+        raise ValueError("HH dialogues' prompt sets come from rl.preference_data.hh_prompt_sets")
     train_rows = load_rows(train_path, cfg.skip_bad_lines)
     _check_columns(train_rows, cfg, train_path)
     if test_path:
@@ -183,19 +179,6 @@ def load_prompt_sets(cfg: DataConfig, train_path: str, test_path: Optional[str],
         build_prompt_set(train_rows, cfg, tokenizer, max_prompt_tokens),
         build_prompt_set(test_rows, cfg, tokenizer, max_prompt_tokens),
     )
-
-
-def _hh_prompt_sets(cfg: DataConfig, train_path: str, test_path: Optional[str], tokenizer, seed: int, max_prompt_tokens: int):
-    from rl.preference_data import load_preference_texts  # here: rl.preference_data imports this module
-
-    if cfg.template != "{prompt}":
-        raise RecipeError("recipe field 'data.template': HH dialogues carry their own turns; the prompt is the dialogue "
-                          "up to the last 'Assistant:' (leave data.template at '{prompt}')")
-    train, test = load_preference_texts(cfg, train_path, test_path, seed)
-    rows = lambda texts: [{"prompt": t.prompt, "chosen": t.chosen, "rejected": t.rejected} for t in texts]  # noqa: E731
-    raw = cfg.model_copy(update={"chat_template": "never"})  # as offline DPO: the dialogue is the whole prompt
-    return (build_prompt_set(rows(train), raw, tokenizer, max_prompt_tokens),
-            build_prompt_set(rows(test), raw, tokenizer, max_prompt_tokens))
 
 
 class PromptSampler:

@@ -22,12 +22,10 @@ the ranks are ``rl.workers.PreferenceTrainerGroup``.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import sys
 import time
-from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 from rl.config import BUILTIN_PREFIX, Recipe, RecipeError
 from rl.data import PromptSampler
@@ -66,18 +64,6 @@ def check_dpo_recipe(recipe: Recipe) -> None:
         raise RecipeError("recipe field 'algorithm.dpo_label_smoothing': not defined for ipo; set it to 0")
 
 
-def resolve_model(recipe: Recipe, train_texts: list[str], log: Callable[[str], None] = print) -> str:
-    """The model directory: ``model.path``, or ``builtin:tiny-text`` built from the training texts."""
-    if recipe.model.path != TINY_TEXT:
-        return recipe.model.path
-    from rl.tasks.tiny_text import TinyTextSpec, build_tiny_text
-
-    spec = TinyTextSpec()
-    if recipe.rollout.max_model_len > spec.max_position_embeddings:
-        spec = dataclasses.replace(spec, max_position_embeddings=recipe.rollout.max_model_len)
-    return str(Path(build_tiny_text(train_texts, spec, log=log)) / "model")
-
-
 class OfflineDPORun(Run):
     """One offline-DPO run. Everything that can fail on bad input happens in ``__init__``, before Ray starts."""
 
@@ -89,7 +75,12 @@ class OfflineDPORun(Run):
         super().__init__(recipe)
         r = recipe
         train_texts, test_texts = load_preference_texts(r.data, r.data.train, r.data.test, r.seed)
-        self.model_path = resolve_model(r, training_texts(train_texts), lambda s: print(f"[dpo] {s}", flush=True))
+        self.model_path = r.model.path
+        if r.model.path == TINY_TEXT:
+            from rl.tasks.tiny_text import tiny_text_model
+
+            self.model_path = tiny_text_model(training_texts(train_texts), r.rollout.max_model_len,
+                                              lambda s: print(f"[dpo] {s}", flush=True))
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(self.model_path, trust_remote_code=r.model.trust_remote_code)

@@ -19,7 +19,7 @@ rewards are added on top (``Episode.env_reward``).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 from rewards.config import EnvironmentConfig
 from rewards.environments import check_step, get_environment, guarded_calls

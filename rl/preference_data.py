@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from rl.config import DataConfig, RecipeError
-from rl.data import load_rows
+from rl.data import build_prompt_set, load_rows
 from trainer.types import PreferencePairs
 
 HH_ASSISTANT = "\n\nAssistant:"
@@ -257,3 +257,17 @@ def tokenize_pairs(
             "(raise rollout.max_model_len)"
         )
     return pairs, report
+
+
+def hh_prompt_sets(cfg: DataConfig, train_path: str, test_path: Optional[str], tokenizer, seed: int, max_prompt_tokens: int):
+    """(train, held-out) prompt sets of HH dialogues (``data.preference_format: hh_dialogue``): the prompts are
+    the dialogues' shared turns up to the last ``Assistant:``, split and held out exactly as offline DPO splits
+    the pairs (``load_preference_texts``); each row keeps ``chosen`` / ``rejected`` replies as columns."""
+    if cfg.template != "{prompt}":
+        raise RecipeError("recipe field 'data.template': HH dialogues carry their own turns; the prompt is the dialogue "
+                          "up to the last 'Assistant:' (leave data.template at '{prompt}')")
+    train, test = load_preference_texts(cfg, train_path, test_path, seed)
+    rows = lambda texts: [{"prompt": t.prompt, "chosen": t.chosen, "rejected": t.rejected} for t in texts]  # noqa: E731
+    raw = cfg.model_copy(update={"chat_template": "never"})  # as offline DPO: the dialogue is the whole prompt
+    return (build_prompt_set(rows(train), raw, tokenizer, max_prompt_tokens),
+            build_prompt_set(rows(test), raw, tokenizer, max_prompt_tokens))

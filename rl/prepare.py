@@ -15,6 +15,7 @@ from rewards.config import DEFAULT_MAX_LENGTH
 from rewards.model_reward import check_reward_model
 from rl.config import BUILTIN_PREFIX, Recipe, RecipeError, cuda_devices
 from rl.data import PromptSet, load_prompt_sets
+from rl.preference_data import hh_prompt_sets
 from rollout.config import LORA_RANKS
 from rollout.types import SamplingSpec
 from trainer.policies import PolicySpec
@@ -96,8 +97,8 @@ def _tiny_text_model(recipe: Recipe, log_fn) -> str:
     """``builtin:tiny-text`` for an online run: built from the texts of the preference pairs in
     ``data.train`` (HH dialogues: ``data.preference_format: hh_dialogue``) as offline DPO builds it,
     so an RLHF run on HH starts from the model DPO starts from (the same cached build)."""
-    from rl.dpo import resolve_model
     from rl.preference_data import load_preference_texts, training_texts
+    from rl.tasks.tiny_text import tiny_text_model
 
     d = recipe.data
     if d.train.startswith(BUILTIN_PREFIX):
@@ -107,7 +108,7 @@ def _tiny_text_model(recipe: Recipe, log_fn) -> str:
         train_texts, _ = load_preference_texts(d, d.train, d.test, recipe.seed)
     except RecipeError as e:
         raise RecipeError(f"recipe field 'model.path': {TINY_TEXT} is built from the preference pairs of data.train: {e}") from None
-    return resolve_model(recipe, training_texts(train_texts), log_fn)
+    return tiny_text_model(training_texts(train_texts), recipe.rollout.max_model_len, log_fn)
 
 
 @dataclass
@@ -128,7 +129,8 @@ def load_task(recipe: Recipe) -> Task:
     check_engine_can_serve(paths.model, recipe, builtin=recipe.model.path.startswith(BUILTIN_PREFIX))
     tokenizer = AutoTokenizer.from_pretrained(paths.model, trust_remote_code=recipe.model.trust_remote_code)
     max_prompt = recipe.rollout.max_model_len - recipe.rollout.max_new_tokens
-    train_set, test_set = load_prompt_sets(recipe.data, paths.train, paths.test, tokenizer, recipe.seed, max_prompt)
+    load = hh_prompt_sets if recipe.data.preference_format == "hh_dialogue" else load_prompt_sets
+    train_set, test_set = load(recipe.data, paths.train, paths.test, tokenizer, recipe.seed, max_prompt)
     return Task(paths, tokenizer, train_set, test_set, make_scorer(recipe))
 
 

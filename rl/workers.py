@@ -230,7 +230,6 @@ class RolloutGroup(_Group):
     def _collect(self, submitted):
         if not self.remote:
             return super()._collect(submitted)
-        import ray
         from ray.exceptions import ActorUnavailableError, RayActorError
 
         out = []

@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 
 from rl.tasks.arithmetic_family import SUBTASKS, make_subtask_problems, split_sizes
-from rl.tasks.family_experts import KINDS, MAX_NEW_TOKENS, PROJECTIONS, Settings, evaluate, train_expert
+from rl.tasks.family_experts import KINDS, PROJECTIONS, Settings, evaluate, train_expert
 from rl.tasks.tiny_model import TinyModelSpec, build_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]

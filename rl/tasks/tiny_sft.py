@@ -8,14 +8,25 @@ is the answer's characters followed by ``<eos>`` (the tokenization contract of
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from typing import Callable, Protocol
 
 import torch
 
 from rl.tasks import arithmetic
 
-if TYPE_CHECKING:  # pragma: no cover
-    from rl.tasks.tiny_model import TinyModelSpec
+
+
+class SFTSchedule(Protocol):
+    """What ``run_sft`` reads of a model spec (``rl.tasks.tiny_model.TinyModelSpec`` is one)."""
+
+    seed: int
+    sft_steps: int
+    sft_batch_size: int
+    sft_lr: float
+    sft_weight_decay: float
+    sft_warmup_steps: int
+
+    def task_kwargs(self) -> dict: ...
 
 
 def encode_sft_batch(tokenizer, problems: list[dict]) -> dict[str, torch.Tensor]:
@@ -53,7 +64,7 @@ def sft_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 def run_sft(
     model,
     tokenizer,
-    spec: TinyModelSpec,
+    spec: SFTSchedule,
     log: Callable[[str], None] = print,
     on_step: Callable[[int, object], bool] | None = None,
 ) -> list[float]:

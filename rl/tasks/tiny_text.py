@@ -211,6 +211,15 @@ def build_tiny_text(
     return final
 
 
+def tiny_text_model(texts: Sequence[str], max_model_len: int, log: Callable[[str], None] = print) -> str:
+    """The model directory of ``builtin:tiny-text`` built from ``texts``, with room for ``max_model_len``
+    positions (offline DPO and online runs on preference data build the same cached model)."""
+    spec = TinyTextSpec()
+    if max_model_len > spec.max_position_embeddings:
+        spec = dataclasses.replace(spec, max_position_embeddings=max_model_len)
+    return str(build_tiny_text(texts, spec, log=log) / "model")
+
+
 def _build_into(spec: TinyTextSpec, texts: list[str], out: Path, log: Callable[[str], None]) -> dict:
     import transformers
 

@@ -403,32 +403,31 @@ def test_builtin_rm_resolves_to_the_build_and_its_length(tmp_path, monkeypatch):
 
 
 def test_hh_prompts_for_online_runs_split_as_dpo_splits_pairs(tmp_path):
-    from rl.data import load_prompt_sets
-    from rl.preference_data import load_preference_texts
+    from rl.preference_data import hh_prompt_sets, load_preference_texts
 
     path = _hh_file(tmp_path / "hh.jsonl.gz", n=20)
     recipe = load_recipe(None, [f"data.train={path}", "data.preference_format=hh_dialogue", "data.test_fraction=0.25"])
-    train, test = load_prompt_sets(recipe.data, str(path), None, _tokenizer(), seed=0, max_prompt_tokens=200)
+    train, test = hh_prompt_sets(recipe.data, str(path), None, _tokenizer(), seed=0, max_prompt_tokens=200)
     pairs_train, pairs_test = load_preference_texts(recipe.data, str(path), None, 0)
     assert [r["prompt"] for r in test.rows] == [t.prompt for t in pairs_test]
     assert [r["prompt"] for r in train.rows] == [t.prompt for t in pairs_train]
     assert all(r["_prompt_text"].endswith("\n\nAssistant:") for r in train.rows + test.rows)
     with pytest.raises(RecipeError, match="'data.template'"):
-        load_prompt_sets(recipe.data.model_copy(update={"template": "Q: {prompt}"}), str(path), None, _tokenizer(), 0, 200)
+        hh_prompt_sets(recipe.data.model_copy(update={"template": "Q: {prompt}"}), str(path), None, _tokenizer(), 0, 200)
 
 
 def test_builtin_tiny_text_for_an_online_run_is_built_from_the_pairs(tmp_path, monkeypatch):
-    import rl.dpo
+    import rl.tasks.tiny_text
     from rl.prepare import resolve_builtins
 
     path = _hh_file(tmp_path / "hh.jsonl.gz", n=20)
     seen = {}
 
-    def resolve_model(recipe, texts, log):
+    def tiny_text_model(texts, max_model_len, log):
         seen["texts"] = texts
         return "/built/model"
 
-    monkeypatch.setattr(rl.dpo, "resolve_model", resolve_model)
+    monkeypatch.setattr(rl.tasks.tiny_text, "tiny_text_model", tiny_text_model)
     recipe = load_recipe(None, ["model.path=builtin:tiny-text", f"data.train={path}", "data.preference_format=hh_dialogue"])
     assert resolve_builtins(recipe).model == "/built/model"
     assert len(seen["texts"]) == 2 * 18 and seen["texts"][0].endswith("I can't help with that.")

@@ -7,7 +7,6 @@ Implicit rewards are ``beta * (log pi(y) - log pi_ref(y))``, returned detached f
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 

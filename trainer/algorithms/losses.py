@@ -9,7 +9,6 @@ would turn inf into NaN). Sums run in at least float32.
 
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
 from torch import Tensor
