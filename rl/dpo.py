@@ -101,39 +101,13 @@ class OfflineDPORun(Run):
         self.schedule = [sampler.next_batch() for _ in range(self.total_steps)]
 
     def start_workers(self) -> None:
-        from rl.placement import place_recipe
-        from rl.prepare import thread_counts
-        from rl.watchdog import Watchdog
-        from rl.workers import PreferenceTrainerGroup, init_ray
+        from rl.launch import Workers
         from trainer.policies import PolicySpec
-        from trainer.policy_trainer import TrainerSetup
 
-        r = self.recipe
-        if r.use_ray:
-            init_ray(r.trainer.num_ranks * r.trainer.num_cpus_per_rank, verbose=r.logging.verbose)
-        self.placement = place_recipe(r, rollout_actors=0)
-        setup = TrainerSetup(
-            policy=PolicySpec(kind="full", base_model=self.model_path), dtype=r.model.dtype,
-            trainer=r.trainer.model_copy(update={"torch_threads": thread_counts(r)[0]}) if r.use_ray else r.trainer,
-            algorithm=r.algorithm, max_response_len=self.max_len, seed=r.seed, master_port=0,
-            master_addr=self.placement.master_addr if self.placement else "127.0.0.1",
-            trust_remote_code=r.model.trust_remote_code, log_dir=self.log_dir,
-        )
-        self.trainer = PreferenceTrainerGroup.create(setup, r.trainer.num_ranks, r.use_ray, r.trainer.num_cpus_per_rank, r.trainer.num_gpus_per_rank,
-                                                     watchdog=Watchdog(**r.watchdog.model_dump()), resources=r.trainer.resources,
-                                                     placement=self.placement and self.placement.trainer_options(),
-                                                     group_nodes=self.placement and self.placement.group_nodes("trainer", r.cluster.node_loss_wait_s))
-        self.trainer.wait_ready()
+        self.workers = Workers(self.recipe, policy=PolicySpec(kind="full", base_model=self.model_path), trainer_kind="preference",
+                               max_response_len=self.max_len, log_dir=self.log_dir, say=self.print)
+        self.workers.setup()
         self._compute_reference()
-
-    def stop_workers(self) -> None:
-        if self.trainer is not None:
-            self.trainer.close()
-            self.trainer.shutdown()
-            self.trainer = None
-        if self.placement is not None:
-            self.placement.remove()
-            self.placement = None
 
     def _compute_reference(self) -> None:
         """Reference log-probs of the visited training pairs and of the held-out pairs, once, before any update."""

@@ -117,39 +117,32 @@ def run_eval(recipe: Recipe, k: int = 1, temperature: float | None = None, out_p
     """Evaluate the recipe's policy (or the one in ``checkpoint``) on its held-out set (greedy when k == 1)."""
     import tempfile
 
-    from rl.prepare import engine_spec, load_task, prepare_policy, reward_model_cpus, sampling as training_sampling
-    from rl.watchdog import Watchdog
-    from rl.workers import RolloutGroup, init_ray, start_reward_models, stop_reward_models
+    from rl.episodes import EpisodeRunner
+    from rl.launch import Workers
+    from rl.prepare import engine_spec, load_task, prepare_policy, sampling as training_sampling
 
     task = load_task(recipe)
     start = str(resolve_checkpoint(checkpoint, recipe)) if checkpoint else None
     ro = recipe.rollout
     with tempfile.TemporaryDirectory(prefix="rl-eval-") as scratch:  # a merge-start recipe merges here
         policy = prepare_policy(recipe, task.paths.model, task.train_set, start_from=start, merge_into=Path(scratch) / "merge")
-        if recipe.use_ray:
-            init_ray(ro.num_actors * ro.num_cpus_per_actor + reward_model_cpus(task.scorer))
-        dog = Watchdog(**recipe.watchdog.model_dump())
-        rollout = RolloutGroup.create(engine_spec(recipe, policy), ro.num_actors, recipe.use_ray, ro.num_cpus_per_actor, ro.num_gpus_per_actor,
-                                      watchdog=dog)
-        transport, reward_models = None, []
+        workers, transport = Workers(recipe, engine=engine_spec(recipe, policy), scorer=task.scorer), None
         try:
-            reward_models = start_reward_models(task.scorer.fns.values(), recipe.use_ray, dog)  # none without a reward model
+            workers.setup()
             if policy.is_adapter:
-                transport = serve_policy(policy, rollout, task.test_set.prompt_token_ids, recipe.model.dtype, recipe.model.trust_remote_code)
+                transport = serve_policy(policy, workers.rollout, task.test_set.prompt_token_ids, recipe.model.dtype,
+                                         recipe.model.trust_remote_code)
             temp = temperature if temperature is not None else (0.0 if k == 1 else ro.temperature)
             if k == 1 and temp == 0:  # the training run's own held-out setting
                 sampling = training_sampling(recipe, 0, 1, greedy=True)
             else:
                 sampling = SamplingSpec(n=k, max_new_tokens=recipe.eval.max_new_tokens or ro.max_new_tokens, temperature=temp,
                                         top_p=1.0 if temp == 0 else ro.top_p, seed=recipe.seed)
-            from rl.episodes import EpisodeRunner
-
             episodes = EpisodeRunner(recipe.environment, task.tokenizer, ro.max_model_len) if recipe.environment.name else None
-            result = evaluate_prompts(rollout, task.test_set, task.scorer, recipe.accuracy_reward, sampling, episodes,
+            result = evaluate_prompts(workers.rollout, task.test_set, task.scorer, recipe.accuracy_reward, sampling, episodes,
                                       recipe.rewards.fallback)
         finally:
-            stop_reward_models(task.scorer.fns.values(), reward_models)
-            rollout.shutdown()
+            workers.cleanup()
             if transport is not None:
                 transport.close()
     result = {"model": task.paths.model, "policy": policy.kind, "checkpoint": start,

@@ -29,8 +29,7 @@ from rl.config import Recipe, RecipeError, recipe_to_yaml
 from rl.data import PromptSampler
 from rl.episodes import EpisodeRunner, count_episode_failures, episode_metrics
 from rl.metrics import MetricsLogger, PhaseTimer, read_metrics
-from rl.prepare import (check_library_write, engine_spec, load_task, prepare_policy, reward_model_cpus, sampling, thread_counts,
-                        trainer_memory, weight_transport)
+from rl.prepare import check_library_write, engine_spec, load_task, prepare_policy, sampling, trainer_memory
 from rl.run import Run
 from rollout.types import Completion, SamplingSpec
 from trainer import algorithms
@@ -98,73 +97,24 @@ class OnlineRun(Run):
         self._handle = None  # the policy version the engines hold
         self._prefetched: collections.deque = collections.deque()  # (sampler state, indices, pending rollout)
         self._nonfinite_in_a_row = 0
-        self.rollout = None
-        self.reward_models: list = []  # rl.workers.RewardModelGroup per reward model of the recipe, while running
-        self.transport = "shared_file"
         self.memory_estimate = trainer_memory(recipe, self.policy)  # GiB per trainer rank by part, said at start
 
     # ------------------------------------------------------------------ workers
 
     def start_workers(self) -> None:
-        from rl.placement import choose_transport, place_recipe
-        from rl.watchdog import Watchdog
-        from rl.workers import RolloutGroup, TrainerGroup, init_ray, join_weight_group, start_reward_models
-        from trainer.policy_trainer import TrainerSetup
+        from rl.launch import Workers
 
         r = self.recipe
-        if r.use_ray:
-            init_ray(r.rollout.num_actors * r.rollout.num_cpus_per_actor + r.trainer.num_ranks * r.trainer.num_cpus_per_rank
-                     + reward_model_cpus(self.scorer), verbose=r.logging.verbose)
-        self.placement = place_recipe(r, r.rollout.num_actors)  # fails here, with what is missing, if the cluster cannot hold the run
-        self.transport = choose_transport(r.cluster.weight_transport, self.placement)
-        trainer_cfg = r.trainer.model_copy(update={"torch_threads": thread_counts(r)[0]}) if r.use_ray else r.trainer
-        setup = TrainerSetup(
-            policy=self.policy, dtype=r.model.dtype, trainer=trainer_cfg, algorithm=r.algorithm,
-            max_response_len=r.rollout.max_new_tokens * (r.environment.max_turns if self.episodes else 1),
-            temperature=r.rollout.temperature, seed=r.seed, master_port=0,
-            master_addr=self.placement.master_addr if self.placement else "127.0.0.1",
-            trust_remote_code=r.model.trust_remote_code, transport=weight_transport(r, self.policy, self.transport, self.print),
-            max_staleness=r.rollout.max_staleness, log_dir=self.log_dir,
-        )
-        dog = Watchdog(**r.watchdog.model_dump())
-        p = self.placement
-        self.trainer = TrainerGroup.create(setup, r.trainer.num_ranks, r.use_ray, r.trainer.num_cpus_per_rank, r.trainer.num_gpus_per_rank,
-                                           watchdog=dog, resources=r.trainer.resources, placement=p and p.trainer_options(),
-                                           group_nodes=p and p.group_nodes("trainer", r.cluster.node_loss_wait_s))
-        self.rollout = RolloutGroup.create(engine_spec(r, self.policy), r.rollout.num_actors, r.use_ray, r.rollout.num_cpus_per_actor,
-                                           r.rollout.num_gpus_per_actor, max_restarts=r.rollout.max_restarts, watchdog=dog,
-                                           resources=r.rollout.resources, placement=p and p.rollout_options(),
-                                           group_nodes=p and p.group_nodes("rollout", r.cluster.node_loss_wait_s),
-                                           log_dir=self.log_dir)
-        self.trainer.wait_ready()  # the ranks started beside the engines
-        self.reward_models = start_reward_models(self.scorer.fns.values(), r.use_ray, dog)  # none without a reward model
-        if self.transport == "collective":
-            join_weight_group(self.trainer, self.rollout, p.master_addr)
-        if p is not None and p.nodes > 1:
-            where = ", ".join(sorted({p.bundle_node_ips[b] for b in p.rollout_bundles}))
-            self.print(f"placed on {p.nodes} nodes: trainer rank 0 on {p.master_addr}, rollout on {where}; weights travel by {self.transport}")
+        self.workers = Workers(r, policy=self.policy, engine=engine_spec(r, self.policy), scorer=self.scorer,
+                               max_response_len=r.rollout.max_new_tokens * (r.environment.max_turns if self.episodes else 1),
+                               log_dir=self.log_dir, say=self.print)
+        self.workers.setup()
         if self.policy.is_adapter and not self.policy.routes_per_batch:
             self._publish()  # the engines hold the base; the adapter is pushed before the first rollout
 
     def stop_workers(self) -> dict:
-        final = {"rollout_peak_rss_gib": self.rollout.peak_rss_gib()} if self.rollout is not None and self.rollout.remote else {}
-        if self.placement is not None:
-            final.update(weight_transport=self.transport, nodes=self.placement.nodes)
+        final = super().stop_workers()
         final["trainer_memory_estimate_gib"] = {k: round(v, 3) for k, v in self.memory_estimate.items()}
-        if self.trainer is not None:
-            self.trainer.close()
-            self.trainer.shutdown()
-        if self.rollout is not None:
-            self.rollout.call_all_bounded("close", timeout_s=10.0)  # node-local copies of published versions
-            self.rollout.shutdown()
-        if self.reward_models:
-            from rl.workers import stop_reward_models
-
-            stop_reward_models(self.scorer.fns.values(), self.reward_models)
-            self.reward_models = []
-        if self.placement is not None:
-            self.placement.remove()
-        self.trainer = self.rollout = self.placement = None
         self._prefetched.clear()  # batches in flight died with the engines
         return final
 

@@ -51,7 +51,7 @@ class Interrupted(SystemExit):
 
 
 class Run:
-    """Subclasses set ``total_steps``, ``trainer`` (a trainer group) and implement the hooks below."""
+    """Subclasses set ``total_steps``, start their ``workers`` (``rl.launch.Workers``) and implement the hooks below."""
 
     progress_label = "GRPO"
     log_prefix = "[rl]"
@@ -64,20 +64,28 @@ class Run:
         self.total_steps = recipe.steps
         self.resume_state: Optional[dict] = None  # set (with resume_from) by runs that can resume
         self.resume_from: Optional[Path] = None
-        self.trainer = None
-        self.placement = None  # rl.placement.Placement: where the actors run, while they do
+        self.workers = None  # rl.launch.Workers: the run's trainer ranks, engines and reward models, while they run
         # Each actor's own output (vLLM, DeepSpeed, Ray worker lines) goes here unless logging.verbose.
         self.log_dir = None if recipe.logging.verbose or not recipe.use_ray else str((self.run_dir / "logs").resolve())
         self._logger: Optional[MetricsLogger] = None  # while fit() runs: lines go above the progress bar
 
     # ------------------------------------------------------------------ hooks
 
+    @property
+    def trainer(self):
+        return self.workers.trainer if self.workers is not None else None
+
+    @property
+    def rollout(self):
+        return self.workers.rollout if self.workers is not None else None
+
     def start_workers(self) -> None:
+        """Build ``self.workers`` and call its ``setup()``."""
         raise NotImplementedError
 
-    def stop_workers(self) -> Optional[dict]:
-        """Stop every actor; may return final numbers for the summary (e.g. peak memory)."""
-        raise NotImplementedError
+    def stop_workers(self) -> dict:
+        """Stop every actor; returns final numbers for the summary (e.g. peak memory, where it ran)."""
+        return self.workers.cleanup() if self.workers is not None else {}
 
     def train_one_step(self) -> dict[str, float]:
         raise NotImplementedError

@@ -30,7 +30,7 @@ def test_cross_node_transports_serve_the_trainers_policy(kind, transport, tiny_m
     t = OnlineRun(recipe)
     t.start_workers()
     try:
-        assert t.transport == transport
+        assert t.workers.transport == transport
         before = t.rollout.score(t.test_set.prompt_token_ids[:2], [[5, 6], [7, 8]])
         metrics = [t.train_one_step() for _ in range(2)]
         assert vllm_trainer_gap(t) < LOGPROB_TOL

@@ -1,0 +1,129 @@
+"""Starting and stopping a run's workers: one ``setup()`` / ``cleanup()`` for every entry point.
+
+    workers = Workers(recipe, policy=..., engine=..., scorer=...)
+    workers.setup()      Ray, placement, watchdog, trainer ranks, rollout engines, reward models, weight group
+    ...                  workers.trainer / .rollout / .transport while the run trains or evaluates
+    workers.cleanup()    everything stopped in reverse; returns what the run's summary records
+
+What starts is what the run needs: a ``policy`` gives trainer ranks (``trainer_kind``: the policy-gradient
+``PolicyTrainer`` or offline DPO's ``PreferenceTrainer``) and reserves the recipe's placement; an ``engine``
+gives rollout actors; a ``scorer`` with reward models gives their actors. GRPO and online DPO start all
+three (``rl.online``), offline DPO trainer ranks only (``rl.dpo``), ``rl eval`` engines and reward models
+(``rl.evaluate``). ``cleanup()`` is safe after a ``setup()`` that failed half way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal, Optional
+
+from rl.config import Recipe
+
+
+@dataclass
+class Workers:
+    recipe: Recipe
+    policy: Any = None                   # trainer.policies.PolicySpec: trainer ranks train it; None: no ranks
+    trainer_kind: Literal["policy", "preference"] = "policy"
+    engine: Any = None                   # rollout.vllm_worker.EngineSpec: rollout actors serve it; None: no engines
+    scorer: Any = None                   # rewards.RewardScorer: its reward models get actors
+    max_response_len: int = 0            # tokens the trainer sees per response (all turns of an episode)
+    log_dir: Optional[str] = None        # each actor's log file goes here (None: the terminal)
+    say: Callable[[str], None] = print
+
+    trainer: Any = field(default=None, init=False)       # rl.workers.TrainerGroup / PreferenceTrainerGroup
+    rollout: Any = field(default=None, init=False)       # rl.workers.RolloutGroup
+    placement: Any = field(default=None, init=False)     # rl.placement.Placement (None without Ray or ranks)
+    transport: str = field(default="shared_file", init=False)  # how weights reach the engines
+    reward_models: list = field(default_factory=list, init=False)
+
+    def cpus_needed(self) -> float:
+        t, ro = self.recipe.trainer, self.recipe.rollout
+        from rl.prepare import reward_model_cpus
+
+        return ((t.num_ranks * t.num_cpus_per_rank if self.policy is not None else 0)
+                + (ro.num_actors * ro.num_cpus_per_actor if self.engine is not None else 0)
+                + (reward_model_cpus(self.scorer) if self.scorer is not None else 0))
+
+    def setup(self) -> None:
+        from rl.placement import choose_transport, place_recipe
+        from rl.watchdog import Watchdog
+        from rl.workers import init_ray, join_weight_group, start_reward_models
+
+        r = self.recipe
+        if r.use_ray:
+            init_ray(self.cpus_needed(), verbose=r.logging.verbose)
+        dog = Watchdog(**r.watchdog.model_dump())
+        if self.policy is not None:
+            # Fails here, naming what is missing, if the cluster cannot hold the run.
+            self.placement = place_recipe(r, r.rollout.num_actors if self.engine is not None else 0)
+            if self.engine is not None:
+                self.transport = choose_transport(r.cluster.weight_transport, self.placement)
+            self.trainer = self._start_trainer(dog)
+        if self.engine is not None:
+            self.rollout = self._start_rollout(dog)
+        if self.trainer is not None:
+            self.trainer.wait_ready()  # the ranks started beside the engines
+        if self.scorer is not None:
+            self.reward_models = start_reward_models(self.scorer.fns.values(), r.use_ray, dog)  # none without a reward model
+        p = self.placement
+        if self.engine is not None and self.trainer is not None:
+            if self.transport == "collective":
+                join_weight_group(self.trainer, self.rollout, p.master_addr)
+            if p is not None and p.nodes > 1:
+                where = ", ".join(sorted({p.bundle_node_ips[b] for b in p.rollout_bundles}))
+                self.say(f"placed on {p.nodes} nodes: trainer rank 0 on {p.master_addr}, rollout on {where}; "
+                         f"weights travel by {self.transport}")
+
+    def _start_trainer(self, dog):
+        from rl.prepare import thread_counts, weight_transport
+        from rl.workers import PreferenceTrainerGroup, TrainerGroup
+        from trainer.policy_trainer import TrainerSetup
+
+        r, p = self.recipe, self.placement
+        # With engines, the trainer's logprobs are those of the sampling distribution and weights travel to them.
+        sampled = {} if self.engine is None else dict(
+            temperature=r.rollout.temperature, max_staleness=r.rollout.max_staleness,
+            transport=weight_transport(r, self.policy, self.transport, self.say))
+        setup = TrainerSetup(
+            policy=self.policy, dtype=r.model.dtype, algorithm=r.algorithm, max_response_len=self.max_response_len,
+            trainer=r.trainer.model_copy(update={"torch_threads": thread_counts(r)[0]}) if r.use_ray else r.trainer,
+            seed=r.seed, master_port=0, master_addr=p.master_addr if p else "127.0.0.1",
+            trust_remote_code=r.model.trust_remote_code, log_dir=self.log_dir, **sampled,
+        )
+        group = TrainerGroup if self.trainer_kind == "policy" else PreferenceTrainerGroup
+        return group.create(setup, r.trainer.num_ranks, r.use_ray, r.trainer.num_cpus_per_rank, r.trainer.num_gpus_per_rank,
+                            watchdog=dog, resources=r.trainer.resources, placement=p and p.trainer_options(),
+                            group_nodes=p and p.group_nodes("trainer", r.cluster.node_loss_wait_s))
+
+    def _start_rollout(self, dog):
+        from rl.workers import RolloutGroup
+
+        r, ro, p = self.recipe, self.recipe.rollout, self.placement
+        return RolloutGroup.create(self.engine, ro.num_actors, r.use_ray, ro.num_cpus_per_actor, ro.num_gpus_per_actor,
+                                   max_restarts=ro.max_restarts, watchdog=dog, resources=ro.resources,
+                                   placement=p and p.rollout_options(),
+                                   group_nodes=p and p.group_nodes("rollout", r.cluster.node_loss_wait_s), log_dir=self.log_dir)
+
+    def cleanup(self) -> dict:
+        """Stop everything that started; returns the summary's record of where the run ran."""
+        final = {"rollout_peak_rss_gib": self.rollout.peak_rss_gib()} if self.rollout is not None and self.rollout.remote else {}
+        if self.placement is not None:
+            final["nodes"] = self.placement.nodes
+            if self.engine is not None:
+                final["weight_transport"] = self.transport
+        if self.trainer is not None:
+            self.trainer.close()
+            self.trainer.shutdown()
+        if self.rollout is not None:
+            self.rollout.call_all_bounded("close", timeout_s=10.0)  # node-local copies of published versions
+            self.rollout.shutdown()
+        if self.reward_models:
+            from rl.workers import stop_reward_models
+
+            stop_reward_models(self.scorer.fns.values(), self.reward_models)
+        if self.placement is not None:
+            self.placement.remove()
+        self.trainer = self.rollout = self.placement = None
+        self.reward_models = []
+        return final
