@@ -9,7 +9,7 @@
 - ``adapters.cli``: ``rl library ...``
 """
 
-from adapters.arrow import arrow_lora_forward, arrow_route, build_peft_arrow_model, expert_prototypes
+from adapters.arrow import arrow_lora_forward, arrow_route, build_peft_arrow_model, expert_prototypes, peft_arrow_routing
 from adapters.cluster import cluster_experts, expert_vectors, kmeans_labels, reduce_svd, sparsify_quantile, write_cluster_data
 from adapters.files import LibraryError, base_model_hash, lora_pairs, lora_scaling, pairs_to_state
 from adapters.library import AdapterLibrary, Expert, validate_name
@@ -38,6 +38,7 @@ __all__ = [
     "merge_lora_weighted",
     "merge_sparse",
     "pairs_to_state",
+    "peft_arrow_routing",
     "read_sparse_dir",
     "reduce_svd",
     "refactor_to_lora",

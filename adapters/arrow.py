@@ -135,3 +135,37 @@ def build_peft_arrow_model(
             library.check_compatible(n, base_model_dir)
     cfg = ArrowConfig(top_k=top_k, router_temperature=temperature, use_gks=False, rng_seed=rng_seed)
     return create_arrow_model(base_model, [str(e.path) for e in experts], arrow_config=cfg)
+
+
+@torch.no_grad()
+def peft_arrow_routing(arrow_model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Where a PEFT Arrow model (``build_peft_arrow_model``) routes the tokens of one batch.
+
+    input_ids, attention_mask: [N, L] -> {routed module name: [E]}: the mean routing weight each expert gets
+    over the batch's non-padding tokens (``arrow_route`` with the layer's own prototypes, top_k and temperature;
+    each entry sums to 1). Expert ``e`` is ``names[e]`` of ``build_peft_arrow_model`` (PEFT adapter ``task_e``).
+    With top_k == 1 it is the share of tokens sent to each expert. Runs one forward pass of ``arrow_model``.
+    """
+    mask = (torch.ones_like(input_ids) if attention_mask is None else attention_mask).reshape(-1).bool()  # [N*L]
+    routed = {n: m for n, m in arrow_model.named_modules() if "arrow_router" in getattr(m, "lora_arrow", {})}
+    if not routed:
+        raise ValueError("peft_arrow_routing: the model has no Arrow-routed module (build it with build_peft_arrow_model)")
+    out: dict[str, torch.Tensor] = {}
+
+    def hook(name):
+        def record(module, inputs, _output):
+            router = module.lora_arrow["arrow_router"]
+            x = inputs[0].reshape(-1, inputs[0].shape[-1])[mask]  # [T, in]
+            w = arrow_route(x, router.prototypes, router.top_k, router.temperature)  # [T, E] in the layer's order
+            # The layer orders experts by its adapter names (task_<e>); report them in library order.
+            order = torch.tensor([int(a.removeprefix("task_")) for a in router.task_adapter_names])
+            out[name] = torch.zeros(w.shape[1]).index_copy(0, order, w.mean(0).cpu())
+        return record
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in routed.items()]
+    try:
+        arrow_model(input_ids=input_ids, attention_mask=attention_mask)
+    finally:
+        for h in handles:
+            h.remove()
+    return out

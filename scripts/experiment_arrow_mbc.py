@@ -19,6 +19,8 @@ Protocol:
 4. Zero-shot greedy accuracy on the held-out sub-tasks (and on the library's own tasks) of: the base; each library
    merged uniformly (mean of the experts' deltas); Arrow over each library (PEFT ``create_arrow_model``: per token
    and layer, the top-k experts by |<h, prototype>|, softmax weights; ``--top-k``).
+   Checks reported first (``## Arrow checks``): Arrow over a library of one per-task expert gives that expert's logits
+   (merged into the base), and where each task's tokens are routed (share to its own expert, against chance).
 5. GRPO from each start as the policy on the held-out sub-tasks through ``rl train``'s stack (Ray, vLLM, DeepSpeed):
    a new LoRA on the base, a LoRA starting from each library's uniform merge, and a new LoRA beside each library's
    Arrow-routed experts (vLLM serves the routing averaged over each batch's prompts; truncated IS corrects the gap).
@@ -46,11 +48,12 @@ import torch  # noqa: E402
 
 from rl.tasks import family_experts as experts  # noqa: E402  the per-task experts and their SFT (shared with experiment_merging)
 
+from adapters.arrow import peft_arrow_routing  # noqa: E402
 from adapters.cluster import cluster_experts  # noqa: E402
 from adapters.library import AdapterLibrary  # noqa: E402
 from rl.tasks.arithmetic_family import SUBTASKS, make_subtask_problems  # noqa: E402
 from rl.tasks.tiny_model import TinyModelSpec, build_tiny_model, cached_build  # noqa: E402
-from rl.tasks.tiny_sft import greedy_accuracy  # noqa: E402
+from rl.tasks.tiny_sft import encode_sft_batch, greedy_accuracy  # noqa: E402
 
 STARTS = ("base", "per-task merge", "per-task Arrow", "MBC merge", "MBC Arrow")  # the compared starts (RL from each too)
 OWN = "own expert"  # each library task scored with its own per-task expert alone: the ceiling a library start aims at
@@ -92,18 +95,49 @@ def make_library(root: Path, dirs: dict[str, Path], model_dir: Path) -> AdapterL
     return lib
 
 
-def zero_shot(lib: AdapterLibrary, dirs: dict[str, Path], s, base, tokenizer, test_rows: dict, top_ks: list[int]) -> dict[str, dict[str, float]]:
+def zero_shot(lib: AdapterLibrary, dirs: dict[str, Path], s, base, tokenizer, test_rows: dict, top_ks: list[int]) -> dict[str, dict]:
     """Greedy accuracy per task of the library (expert name -> its PEFT directory) merged uniformly ("merge") and
-    Arrow-routed with each of ``top_ks`` experts per token ("arrow" for the first, "arrow top-k" for the others)."""
+    Arrow-routed with each of ``top_ks`` experts per token ("arrow" for the first, "arrow top-k" for the others);
+    "routing": {k: {task: {expert: mean routing weight}}} of each Arrow model (``arrow_routing``)."""
     kind = experts.LoraKind(tokenizer, s)
     base_state = {n: p.detach().clone() for n, p in base.state_dict().items()}
     deltas = kind.merge([kind.load(d) for d in dirs.values()])
-    out = {"merge": experts.evaluate(copy.deepcopy(base), base_state, deltas, tokenizer, list(test_rows), test_rows)}
+    out = {"merge": experts.evaluate(copy.deepcopy(base), base_state, deltas, tokenizer, list(test_rows), test_rows), "routing": {}}
     for i, k in enumerate(top_ks):
         arrow_model = experts_arrow(lib, list(dirs), base, k)
         out["arrow" if i == 0 else f"arrow top-{k}"] = {
             t: greedy_accuracy(arrow_model, tokenizer, rows, experts.MAX_NEW_TOKENS) for t, rows in test_rows.items()}
+        out["routing"][str(min(k, len(dirs)))] = arrow_routing(arrow_model, list(dirs), tokenizer, test_rows)
     return out
+
+
+def arrow_routing(arrow_model, names: list[str], tokenizer, test_rows: dict, n_rows: int = 64) -> dict[str, dict[str, float]]:
+    """{task: {expert: mean routing weight}} over every routed module and the tokens of ``n_rows`` teacher-forced test
+    rows (prompt + answer) of each task: with top-1 routing, the share of (token, module) pairs sent to each expert."""
+    out = {}
+    for t, rows in test_rows.items():
+        batch = encode_sft_batch(tokenizer, rows[:n_rows])
+        per_module = peft_arrow_routing(arrow_model, batch["input_ids"], batch["attention_mask"])  # {module: [E]}
+        mean = torch.stack(list(per_module.values())).mean(0)
+        out[t] = {name: round(w.item(), 4) for name, w in zip(names, mean)}
+    return out
+
+
+@torch.no_grad()
+def one_expert_gap(lib: AdapterLibrary, dirs: dict[str, Path], s, base, tokenizer, test_rows: dict, n_rows: int = 64) -> float:
+    """Largest |logit| difference between Arrow over a library of one expert and that expert merged into the base
+    (the "own expert" row), over each expert and ``n_rows`` teacher-forced test rows of its task: float error when the
+    Arrow model is evaluated as it should be (tests/unit/test_adapters_arrow.py)."""
+    kind = experts.LoraKind(tokenizer, s)
+    base_state = {n: p.detach().clone() for n, p in base.state_dict().items()}
+    merged, gap = copy.deepcopy(base), 0.0
+    for t, d in dirs.items():
+        batch = encode_sft_batch(tokenizer, test_rows[t][:n_rows])
+        experts.evaluate(merged, base_state, kind.merge([kind.load(d)]), tokenizer, [], test_rows)
+        arrow_model = experts_arrow(lib, [t], base, 1).eval()
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        gap = max(gap, (arrow_model(**inputs).logits - merged(**inputs).logits).abs().max().item())
+    return gap
 
 
 def own_expert(dirs: dict[str, Path], s, base, tokenizer, test_rows: dict) -> dict[str, float]:
@@ -209,6 +243,7 @@ def report(result: dict, args, command: str) -> str:
         if max(held_mean(a), held_mean(b)) < 0.02:
             return "not testable here: both below 2%"
         return "holds" if held_mean(a) - held_mean(b) > 0.01 else "does not hold"
+    lines += arrow_check_lines(result, seeds)
     lines += ["", "## The paper's claims at this scale", "",
               f"- Arrow beats the uniform merge on held-out tasks: per-task library {100 * held_mean('per-task Arrow'):.1f}% vs "
               f"{100 * held_mean('per-task merge'):.1f}% ({verdict('per-task Arrow', 'per-task merge')}); MBC library "
@@ -229,6 +264,42 @@ def report(result: dict, args, command: str) -> str:
             lines.append(f"| {start} | {100 * r['before']:.1f} | {100 * r['after']:.1f} | {100 * (r['after'] - r['before']):+.1f} |")
         lines += ["", "Curves (reward, held-out accuracy, KL, length, step time of each run): [arrow-mbc-rl.png](arrow-mbc-rl.png)."]
     return "\n".join(lines) + "\n"
+
+
+def arrow_check_lines(result: dict, seeds: list[int]) -> list[str]:
+    """The report's "Arrow checks" section: the one-expert identity and where the routing sends each task's tokens."""
+    checks = result.get("arrow_checks")
+    if not checks:
+        return []
+    lib_tasks, first = result["library_tasks"], checks[str(seeds[0])]["routing"]["per-task"]  # {k: {task: {expert: w}}}
+    k1 = "1" if "1" in first else next(iter(first))  # the detailed table: top-1 if it was run
+    all_tasks = list(first[k1])
+
+    def own(label: str, seed: int, task: str) -> str:
+        """The expert of ``task`` in a library: itself (per-task) or the cluster that holds it (MBC)."""
+        return task if label == "per-task" else f"mbc-{next(i for i, m in enumerate(result['clusters'][str(seed)]) if task in m)}"
+
+    gap = max(checks[str(sd)]["one_expert_max_logit_gap"] for sd in seeds)
+    lines = ["", "## Arrow checks", "",
+             f"- A library of one expert is that expert: the largest |logit| gap between Arrow (top-1) over one per-task "
+             f"expert and that expert merged into the base is {gap:.1e} over the experts, seeds and (up to) 64 test rows of its task "
+             "(float error; `tests/unit/test_adapters_arrow.py` checks logits and greedy accuracy on the test model).",
+             "- Routing: the mean routing weight that a task's tokens (up to 64 teacher-forced test rows, prompt + answer, every "
+             "routed module) give to the task's own expert (per-task library) or to its cluster's expert (MBC), in %; with "
+             "top-1 it is the share of (token, module) pairs sent there. Chance is 1/E.", "",
+             "| library | top-k | " + " | ".join(f"`{t}`" for t in lib_tasks) + " | chance |", "|---|---|" + "---|" * (len(lib_tasks) + 1)]
+    for label in ("per-task", "MBC"):
+        for k in checks[str(seeds[0])]["routing"][label]:
+            r = {sd: checks[str(sd)]["routing"][label][k] for sd in seeds}
+            cells = [mean_std([r[sd][t][own(label, sd, t)] for sd in seeds]) for t in lib_tasks]
+            lines.append(f"| {label} | {k} | " + " | ".join(cells) + f" | {100 / len(r[seeds[0]][lib_tasks[0]]):.1f} |")
+    lines += ["", f"Per-task library, top-{k1}: where each task's tokens go (%, mean over seeds). Rows that look alike mean "
+              "the routing does not tell the tasks apart.", "",
+              "| task | " + " | ".join(f"→ `{e}`" for e in lib_tasks) + " |", "|---|" + "---|" * len(lib_tasks)]
+    for t in all_tasks:
+        w = [statistics.mean(checks[str(sd)]["routing"]["per-task"][k1][t][e] for sd in seeds) for e in lib_tasks]
+        lines.append(f"| `{t}`{' (held out)' if t not in lib_tasks else ''} | " + " | ".join(f"{100 * x:.1f}" for x in w) + " |")
+    return lines
 
 
 def main() -> None:
@@ -294,13 +365,16 @@ def main() -> None:
         lib_mbc = make_library(runs / f"library-mbc-seed{seed}", mbc, model_dir)
         zs = {"base": {t: greedy_accuracy(base, tokenizer, rows, experts.MAX_NEW_TOKENS) for t, rows in test_rows.items()},
               OWN: own_expert(per_task, s, base, tokenizer, test_rows)}
+        checks = {"one_expert_max_logit_gap": one_expert_gap(lib_task, per_task, s, base, tokenizer, test_rows), "routing": {}}
         for label, lib, dirs in (("per-task", lib_task, per_task), ("MBC", lib_mbc, mbc)):
             r = zero_shot(lib, dirs, s, base, tokenizer, test_rows, [args.top_k, *args.diagnostic_top_k])
+            checks["routing"][label] = r["routing"]
             zs[f"{label} merge"], zs[f"{label} Arrow"] = r["merge"], r["arrow"]
             zs.update({f"{label} Arrow {k[len('arrow '):]}": v for k, v in r.items() if k.startswith("arrow top-")})
             if seed == args.rl_seed:
                 libs_for_rl[label] = (lib.root, list(dirs))
         result["zero_shot"][str(seed)] = zs
+        result.setdefault("arrow_checks", {})[str(seed)] = checks
         log(f"seed {seed}: clusters {members}; " + json.dumps({k: {t: round(v, 3) for t, v in d.items()} for k, d in zs.items()}))
 
     if not args.no_rl and args.rl_seed in args.seeds:

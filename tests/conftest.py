@@ -77,3 +77,39 @@ def cut_and_resume(tmp_path):
         return rows(tmp_path / "ref"), rows(tmp_path / "cut")
 
     return run
+
+
+# ---------------------------------------------------------------------------------------------- skips
+# A skip that depends on the machine (no GPU, no namespaces, data not present) is allowed; any other skip
+# fails the run, so a broken install or a test that quietly stopped running cannot pass as green.
+MACHINE_SKIPS = (
+    "this machine has CUDA",
+    "no writable /dev/shm here",
+    "user + network namespaces are not permitted here",
+    "no network namespace here",
+    "simulated nodes need root",
+    "HH data not found",
+    # Linux exempts uid 0 from RLIMIT_NPROC, and CI runs as root: the fork-bomb check cannot run there until
+    # sandboxed code runs as an unprivileged user.
+    "RLIMIT_NPROC is not enforced for this user",
+)
+_UNEXPECTED_SKIPS: list[str] = []
+
+
+def pytest_runtest_logreport(report):
+    if report.skipped and not hasattr(report, "wasxfail"):
+        reason = str(report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr)
+        if not any(allowed in reason for allowed in MACHINE_SKIPS):
+            _UNEXPECTED_SKIPS.append(f"{report.nodeid}: {reason}")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _UNEXPECTED_SKIPS and exitstatus == 0:
+        session.exitstatus = 1
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _UNEXPECTED_SKIPS:
+        terminalreporter.section("skipped tests that should have run here (each fails the run)", red=True)
+        for line in _UNEXPECTED_SKIPS:
+            terminalreporter.line(line)

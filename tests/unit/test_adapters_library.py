@@ -16,8 +16,8 @@ from adapters.library import AdapterLibrary, LibraryError, base_model_hash, lora
 from adapters.merge import merge_lora_uniform
 from adapters.sparse import SparseAdapter, connection_sensitivity_mask
 
-peft = pytest.importorskip("peft")
-transformers = pytest.importorskip("transformers")
+import peft  # noqa: E402 -- hard dependencies: a broken install fails here, never shows as a skip
+import transformers  # noqa: E402
 
 
 def _tiny_llama(seed: int):

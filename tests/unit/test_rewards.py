@@ -164,7 +164,7 @@ def test_file_plugin_with_register_reward_loads_once(tmp_path, isolated_registry
 
 def test_file_plugin_functions_pickle_by_value(tmp_path, isolated_registry):
     """The plugin's synthetic module is not importable elsewhere, so Ray must ship the function by value."""
-    cloudpickle = pytest.importorskip("cloudpickle")
+    import cloudpickle  # Ray ships functions with it: a hard dependency, never a skip
     plugin = write_plugin(tmp_path / "shipped.py", """
         import dataclasses
 
