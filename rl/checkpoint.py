@@ -28,10 +28,27 @@ STATE_FILE = "driver_state.json"
 _RESUMABLE_CHANGES = {"resume", "resume_force", "steps", "logging", "eval", "checkpoint", "output_dir", "use_ray", "watchdog"}
 
 
+# Where the actors run and how many threads they use: a resumed run may move (say, its engine to the trainer's node
+# after losing the engine's node) without changing what it trains.
+_PLACEMENT_FIELDS = {
+    "cluster": None,  # the whole section: placement strategy, timeouts, weight transport
+    "rollout": {"num_cpus_per_actor", "num_gpus_per_actor", "cpu_threads", "resources", "max_restarts"},
+    "trainer": {"num_cpus_per_rank", "num_gpus_per_rank", "torch_threads", "resources"},
+}
+
+
 def recipe_fingerprint(recipe: Recipe) -> str:
-    """A hash of what the recipe sets away from its defaults (resumable fields aside): a field added to the
-    recipe later, at its default, leaves the fingerprint of existing checkpoints unchanged."""
+    """A hash of what the recipe sets away from its defaults, resumable and placement fields aside: a field added to
+    the recipe later, at its default, leaves the fingerprint of existing checkpoints unchanged."""
     data = {k: v for k, v in recipe.model_dump(mode="json", exclude_defaults=True).items() if k not in _RESUMABLE_CHANGES}
+    for section, fields in _PLACEMENT_FIELDS.items():
+        if fields is None:
+            data.pop(section, None)
+        elif section in data:
+            kept = {k: v for k, v in data[section].items() if k not in fields}
+            data.pop(section)
+            if kept:  # a section left empty hashes as if it were never set
+                data[section] = kept
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -97,7 +114,8 @@ def read_state(ckpt: Path, recipe: Recipe) -> dict:
     if state["recipe_fingerprint"] != recipe_fingerprint(recipe) and not recipe.resume_force:
         raise RecipeError(
             f"recipe field 'resume': {ckpt} was written by a different recipe (fingerprint {state['recipe_fingerprint']} vs "
-            f"{recipe_fingerprint(recipe)}); only steps, logging, eval, checkpoint and output_dir may change. "
+            f"{recipe_fingerprint(recipe)}); only steps, logging, eval, checkpoint, output_dir and where the actors run "
+            "(cluster, resources, CPUs/GPUs/threads per actor) may change. "
             "Set resume_force=true to resume anyway."
         )
     return state

@@ -203,3 +203,16 @@ def test_a_rank_asked_for_a_gpu_without_cuda_stops_instead_of_training_on_the_cp
 def test_tensor_parallel_engines_are_refused_until_supported():
     with pytest.raises(RecipeError, match="tensor_parallel_size > 1 is not supported yet"):
         load_recipe(None, ["rollout.tensor_parallel_size=2"], check_paths=False)
+
+
+def test_where_actors_run_may_change_on_resume_what_they_train_may_not():
+    from rl.checkpoint import recipe_fingerprint
+
+    base = recipe_fingerprint(load_recipe(None, ["trainer.lr=1e-3"]))
+    # A run that lost its engine's node resumes with the engine elsewhere: the same training, the same fingerprint.
+    moved = ["rollout.resources={}", "trainer.resources={head: 1}", "cluster.weight_transport=shared_file",
+             "cluster.placement=strict_pack", "rollout.num_cpus_per_actor=2", "trainer.torch_threads=1",
+             "rollout.max_restarts=0", "rollout.cpu_threads=1"]
+    assert recipe_fingerprint(load_recipe(None, ["trainer.lr=1e-3", *moved])) == base
+    for changed in ("trainer.lr=2e-3", "trainer.num_ranks=2", "rollout.num_actors=2", "algorithm.group_size=4", "seed=1"):
+        assert recipe_fingerprint(load_recipe(None, ["trainer.lr=1e-3", changed])) != base, changed
