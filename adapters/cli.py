@@ -50,7 +50,8 @@ def _cmd_add(args) -> int:
         meta = _json_arg(Path(args.meta).read_text(), f"--meta file {args.meta}")
         if not isinstance(meta, dict):
             raise LibraryError(f"--meta file {args.meta} must hold a JSON object")
-    for key, value in (("base_model", args.base_model), ("base_model_hash", args.base_model_hash), ("task", args.task), ("data", args.data), ("steps", args.steps)):
+    for key, value in (("base_model", args.base_model), ("base_model_hash", args.base_model_hash), ("task", args.task),
+                       ("data", args.data), ("steps", args.steps)):
         if value is not None:
             meta[key] = value
     if args.recipe:
@@ -76,7 +77,8 @@ def _cmd_list(args) -> int:
     rows = [("name", "type", "rank", "modules", "steps", "task", "created")]
     for e in experts:
         rows.append((e.name, e.adapter_type, str(e.rank if e.rank is not None else "-"), ",".join(e.target_modules),
-                     str(e.meta.get("steps") if e.meta.get("steps") is not None else "-"), str(e.meta.get("task") or "-"), e.meta.get("created", "-")))
+                     str(e.meta.get("steps") if e.meta.get("steps") is not None else "-"), str(e.meta.get("task") or "-"),
+                     e.meta.get("created", "-")))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
@@ -248,7 +250,8 @@ def register(subparsers) -> argparse.ArgumentParser:
                        "cluster's union of training data and prints the `rl train` line for its LoRA.")
     p.add_argument("names", nargs="*", help="experts to cluster (default: all LoRA experts)")
     p.add_argument("-k", type=int, required=True, help="number of clusters (at most the number of experts)")
-    p.add_argument("--quantile", type=float, default=0.8, help="per expert, zero entries with |x| below this quantile (0.8: keep the top 20%%; 0: keep all)")
+    p.add_argument("--quantile", type=float, default=0.8,
+                   help="per expert, zero entries with |x| below this quantile (0.8: keep the top 20%%; 0: keep all)")
     p.add_argument("--svd-dims", type=int, default=64, help="TruncatedSVD dimensions (capped at the number of experts)")
     p.add_argument("--seed", type=int, default=0, help="random_state of the SVD and of k-means")
     p.add_argument("--mode", choices=("params", "delta"), default="params",

@@ -74,7 +74,8 @@ def merge_lora_weighted(
             A, B = expert[name]
             d = float(w) * float(s) * (B.float() @ A.float())  # [out, in]
             if total is not None and d.shape != total.shape:
-                raise ValueError(f"merge: module {name!r} has delta shape {tuple(d.shape)} in one expert and {tuple(total.shape)} in another")
+                raise ValueError(f"merge: module {name!r} has delta shape {tuple(d.shape)} in one expert and "
+                                 f"{tuple(total.shape)} in another")
             total = d if total is None else total + d
         out[name] = total
     return out
@@ -138,7 +139,8 @@ def merge_sparse(
             if delta.shape != mask.shape:
                 raise ValueError(f"merge_sparse: {name!r} delta {tuple(delta.shape)} vs mask {tuple(mask.shape)}")
             if total is not None and delta.shape != total.shape:
-                raise ValueError(f"merge_sparse: {name!r} has shape {tuple(delta.shape)} in one adapter and {tuple(total.shape)} in another")
+                raise ValueError(f"merge_sparse: {name!r} has shape {tuple(delta.shape)} in one adapter and "
+                                 f"{tuple(total.shape)} in another")
             contrib = torch.where(mask, delta, torch.zeros_like(delta))
             total = contrib if total is None else total + contrib
             count = mask.float() if count is None else count + mask.float()

@@ -22,7 +22,7 @@ from rl.config import RecipeError, load_recipe, recipe_to_yaml
 def _cmd_config(args) -> int:
     recipe = load_recipe(args.recipe, args.overrides, check_paths=False)
     print(recipe_to_yaml(recipe), end="")
-    if recipe.algorithm.name == "dpo":  # offline: no rollouts
+    if not recipe.algorithm.spec.online:  # offline: no rollouts
         print(f"# derived: preference pairs per step = data.prompts_per_step = {recipe.data.prompts_per_step}")
     else:
         print(f"# derived: rollouts_per_step = {recipe.data.prompts_per_step} x {recipe.algorithm.group_size} = {recipe.rollouts_per_step}")
@@ -31,7 +31,7 @@ def _cmd_config(args) -> int:
 
 def _cmd_train(args) -> int:
     recipe = load_recipe(args.recipe, [*args.overrides, *(["logging.verbose=true"] if args.verbose else [])])
-    if recipe.algorithm.name == "dpo":
+    if not recipe.algorithm.spec.online:
         from rl.dpo import OfflineDPORun as RunClass
     else:
         from rl.online import OnlineRun as RunClass

@@ -98,7 +98,8 @@ class WatchdogConfig(Section):
     """How long the driver waits on an actor that makes no progress (rl.workers.Watchdog)."""
 
     warn_seconds: float = Field(180.0, gt=0.0, description="Say on the terminal which actor and phase it waits on, every this often.")
-    stop_seconds: float = Field(1800.0, gt=0.0, description="Stop the run (exit 4, last checkpoint intact) after this long without progress.")
+    stop_seconds: float = Field(1800.0, gt=0.0, description="Stop the run (exit 4, last checkpoint intact) after this long "
+                                "without progress.")
     first_call_factor: float = Field(3.0, ge=1.0, description="Both limits times this for an actor's first call of a kind "
                                      "(start-up, engine start, the first step).")
 
@@ -180,8 +181,8 @@ class Recipe(Section):
         if self.rollout.max_staleness > 0:
             raise ValueError("environment.name needs rollout.max_staleness=0 (an episode's later turns are sampled by the "
                              "policy of the step that trains on it)")
-        if self.algorithm.name != "grpo":
-            raise ValueError(f"environment.name runs with algorithm.name=grpo (got {self.algorithm.name})")
+        if not self.algorithm.spec.policy_gradient:
+            raise ValueError(f"environment.name runs with a policy-gradient algorithm such as grpo (got {self.algorithm.name})")
         if self.adapter.kind == "arrow":
             raise ValueError("environment.name does not combine with adapter.kind=arrow (Arrow routes each prompt, and an "
                              "episode's later turns are new prompts)")

@@ -41,10 +41,11 @@ EVAL_KEYS = ("loss", "reward_accuracy", "reward_margin", "chosen_reward", "rejec
 def check_dpo_recipe(recipe: Recipe) -> None:
     """Settings that would not reach offline DPO's math fail here, naming the field."""
     r = recipe
-    if r.algorithm.name != "dpo":
+    if r.algorithm.spec.online:
         raise RecipeError(f"recipe field 'algorithm.name': train_dpo runs offline DPO (got {r.algorithm.name!r})")
     if r.trainer.mini_batches != 1:
-        raise RecipeError("recipe field 'trainer.mini_batches': offline DPO takes one optimizer step per batch of data.prompts_per_step pairs; set it to 1")
+        raise RecipeError("recipe field 'trainer.mini_batches': offline DPO takes one optimizer step per batch of data.prompts_per_step "
+                          "pairs; set it to 1")
     if r.algorithm.kl_coef != 0:
         raise RecipeError("recipe field 'algorithm.kl_coef': DPO's KL strength is algorithm.dpo_beta; set kl_coef to 0")
     if r.adapter.kind != "none":
@@ -55,7 +56,8 @@ def check_dpo_recipe(recipe: Recipe) -> None:
         if value and value.startswith(BUILTIN_PREFIX):
             raise RecipeError(f"recipe field '{field}': offline DPO needs a preference file (no builtin preference data: {value})")
     if r.model.path.startswith(BUILTIN_PREFIX) and r.model.path != TINY_TEXT:
-        raise RecipeError(f"recipe field 'model.path': offline DPO on text needs an HF model directory or '{TINY_TEXT}' (got {r.model.path!r})")
+        raise RecipeError(f"recipe field 'model.path': offline DPO on text needs an HF model directory or '{TINY_TEXT}' "
+                          f"(got {r.model.path!r})")
     try:
         algorithms.get("preference_loss", r.algorithm.dpo_loss)
     except KeyError as e:
@@ -157,7 +159,8 @@ class OfflineDPORun(Run):
             self.print(f"held-out at {when}: loss {ev['loss']:.4f}, reward accuracy {ev['reward_accuracy']:.3f}")
 
     def _begin(self, summary: dict, logger: MetricsLogger) -> None:
-        summary.update(algorithm="dpo", model=self.model_path, reference_seconds=self.reference_seconds, **self.data_report)
+        summary.update(algorithm=self.recipe.algorithm.name, model=self.model_path, reference_seconds=self.reference_seconds,
+                       **self.data_report)
         super()._begin(summary, logger)
 
     def summary_lines(self, s: dict) -> list[str]:

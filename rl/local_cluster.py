@@ -74,7 +74,8 @@ class LocalCluster:
         if os.geteuid() != 0:
             raise PermissionError("a local cluster needs root (network and mount namespaces)")
         if self.state_file.exists():
-            raise RuntimeError(f"cluster '{self.name}' is already up ({self.state_file}); `python -m rl.local_cluster down --name {self.name}` first")
+            raise RuntimeError(f"cluster '{self.name}' is already up ({self.state_file}); "
+                               f"`python -m rl.local_cluster down --name {self.name}` first")
         veth = {r: f"{self.name[:10]}-{r[0]}" for r in ("head", "worker")}  # interface names: 15 characters at most
         try:
             for role, last in (("head", 1), ("worker", 2)):

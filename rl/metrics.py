@@ -144,7 +144,8 @@ class MetricsLogger:
             self._progress.start()
 
     def log(self, step: int, metrics: dict[str, float], kind: str = "train") -> None:
-        clean = {k: (float(v) if isinstance(v, (int, float)) and math.isfinite(float(v)) else None) if not isinstance(v, str) else v for k, v in metrics.items()}
+        clean = {k: (float(v) if isinstance(v, (int, float)) and math.isfinite(float(v)) else None) if not isinstance(v, str) else v
+                 for k, v in metrics.items()}
         record = {"step": step, "kind": kind, **clean}
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()

@@ -16,20 +16,16 @@ answers for itself in the trainer, so nothing here branches on its kind except t
 
 from __future__ import annotations
 
-import collections
 import inspect
 import time
-from dataclasses import dataclass, field
 from typing import Optional
-
-import torch
 
 from rl import checkpoint as ckpt
 from rl.config import Recipe, RecipeError, recipe_to_yaml
-from rl.data import PromptSampler
-from rl.episodes import EpisodeRunner, count_episode_failures, episode_metrics
+from rl.episodes import EpisodeRunner, episode_metrics
 from rl.metrics import MetricsLogger, PhaseTimer, read_metrics
 from rl.prepare import check_library_write, engine_spec, load_task, prepare_policy, sampling, trainer_memory
+from rl.rollouts import Rollouts, Sampled
 from rl.run import Run
 from rollout.types import Completion, SamplingSpec
 from trainer import algorithms
@@ -48,31 +44,6 @@ def advantage_fn(recipe: Recipe):
     return lambda rewards: fn(rewards, **bound)
 
 
-def discordant_pairs(completions: list[Completion], advantages: torch.Tensor) -> tuple[list[Completion], list[float]]:
-    """Online DPO's training rows: discordant pairs only, each as (chosen, rejected); advantages [B, 2]."""
-    keep, adv = [], []
-    for b in range(advantages.shape[0]):
-        a0, a1 = advantages[b].tolist()
-        if a0 == a1:
-            continue  # a tie carries no preference
-        first, second = (2 * b, 2 * b + 1) if a0 > a1 else (2 * b + 1, 2 * b)
-        keep += [completions[first], completions[second]]
-        adv += [1.0, -1.0]
-    return keep, adv
-
-
-@dataclass
-class Sampled:
-    """One step's scored rollouts: ``completions`` N = B*G, prompt-major; ``rewards`` [B, G]."""
-
-    indices: list[int]
-    completions: list[Completion]
-    rewards: torch.Tensor
-    per_reward: dict[str, list[float]]
-    failures: dict[str, int] = field(default_factory=dict)
-    extra_rollouts: int = 0
-
-
 class OnlineRun(Run):
     """One GRPO / 2-GRPO / online-DPO run. Everything that can fail on bad input happens here, before Ray starts."""
 
@@ -82,20 +53,20 @@ class OnlineRun(Run):
         self.resume_from = resume_from
         self.resume_state = ckpt.read_state(self.resume_from, recipe) if self.resume_from else None
         self.advantages = advantage_fn(recipe)
+        self.algorithm = recipe.algorithm.spec  # which rows train, under which loss
         algorithms.get("policy_loss", recipe.algorithm.policy_loss)
         task = load_task(recipe)
         self.paths, self.tokenizer, self.scorer = task.paths, task.tokenizer, task.scorer
         self.train_set, self.test_set = task.train_set, task.test_set
         # Multi-turn: each rollout is an episode with the recipe's environment (None: one completion).
         self.episodes = EpisodeRunner(recipe.environment, self.tokenizer, recipe.rollout.max_model_len) if recipe.environment.name else None
-        self.sampler = PromptSampler(len(self.train_set), recipe.data.prompts_per_step, recipe.seed, recipe.data.shuffle)
+        self.rollouts = Rollouts(recipe, self.train_set, self.scorer, self.episodes, self.print)
         check_library_write(recipe, resuming=self.resume_from is not None)
         # Resuming starts the policy from the checkpoint; the KL reference stays the original model.
         self.policy = prepare_policy(recipe, self.paths.model, self.train_set,
                                      start_from=str(self.resume_from) if self.resume_from else None,
                                      merge_into=self.run_dir / "start-adapter")
         self._handle = None  # the policy version the engines hold
-        self._prefetched: collections.deque = collections.deque()  # (sampler state, indices, pending rollout)
         self._nonfinite_in_a_row = 0
         self.memory_estimate = trainer_memory(recipe, self.policy)  # GiB per trainer rank by part, said at start
 
@@ -109,13 +80,14 @@ class OnlineRun(Run):
                                max_response_len=r.rollout.max_new_tokens * (r.environment.max_turns if self.episodes else 1),
                                log_dir=self.log_dir, say=self.print)
         self.workers.setup()
+        self.rollouts.engines = self.workers.rollout
         if self.policy.is_adapter and not self.policy.routes_per_batch:
             self._publish()  # the engines hold the base; the adapter is pushed before the first rollout
 
     def stop_workers(self) -> dict:
         final = super().stop_workers()
         final["trainer_memory_estimate_gib"] = {k: round(v, 3) for k, v in self.memory_estimate.items()}
-        self._prefetched.clear()  # batches in flight died with the engines
+        self.rollouts.forget_prefetched()  # batches in flight died with the engines
         return final
 
     def _publish(self, prompts: Optional[list[list[int]]] = None) -> None:
@@ -130,16 +102,15 @@ class OnlineRun(Run):
         timer, t0 = PhaseTimer(), time.perf_counter()
         policy_version = self._handle.version if self._handle else 0  # the policy this step trains
         with timer.phase("generate"):  # async: the time spent waiting for the batch
-            indices, groups = self._next_batch(timer)
-            batch = self._score(indices, groups, timer)
+            batch = self.rollouts.next_batch(self.step, self.total_steps, timer,
+                                             self._publish if self.policy.routes_per_batch else None)
             tied_sampled = float(algorithms.tied_groups(batch.rewards).float().mean())
             if r.algorithm.tie_handling == "resample":
-                self._resample_ties(batch, timer)
-        with timer.phase("reward"):
+                self.rollouts.resample_ties(batch, self.step, timer)
+        with timer.phase("advantage"):
             advantages = self.advantages(batch.rewards)  # [B, G]
-            rows, row_adv = batch.completions, advantages.flatten().tolist()
-            if r.algorithm.name == "online_dpo":
-                rows, row_adv = discordant_pairs(batch.completions, advantages)
+            keep, row_adv = self.algorithm.select_rows(advantages)  # every rollout, or discordant pairs (online DPO)
+            rows = [batch.completions[i] for i in keep]
         with timer.phase("train"):
             stats = self.trainer.train_step(self._train_batch(rows, row_adv), r.trainer.micro_batch_size) if rows else {}
         with timer.phase("weight_sync"):
@@ -156,80 +127,17 @@ class OnlineRun(Run):
             prompt_token_ids=[c.prompt_token_ids for c in rows], response_token_ids=[c.token_ids for c in rows],
             advantages=advantages, rollout_logprobs=[c.logprobs for c in rows], num_sequences=len(rows),
             num_tokens=sum(sum(c.loss_mask) if masked else len(c.token_ids) for c in rows),
-            unit=2 if self.recipe.algorithm.name == "online_dpo" else 1,
+            unit=self.algorithm.rows_per_unit,
             loss_mask=[c.loss_mask or [1] * len(c.token_ids) for c in rows] if masked else [],
         )
 
-    def _submit_rollout(self, indices: list[int], seed_step: int):
-        G = self.recipe.algorithm.group_size
-        return self.rollout.submit_generate([self.train_set.prompt_token_ids[i] for i in indices], sampling(self.recipe, seed_step, G))
-
-    def _next_batch(self, timer: PhaseTimer) -> tuple[list[int], list[list[Completion]]]:
-        """This step's prompt indices and completion groups (B groups of G).
-
-        Synchronous (``rollout.max_staleness`` 0): sampled now, by the current policy. Asynchronous
-        (k > 0): the batches of the next k steps are submitted too, so the engines sample them while
-        this step trains; the policy pushed after this step reaches only batches submitted later.
-        A batch is thus sampled by a policy at most k versions old.
-        """
-        k = self.recipe.rollout.max_staleness
-        if k == 0:
-            indices = self.sampler.next_batch()
-            if self.policy.routes_per_batch:
-                with timer.phase("weight_sync"):  # routed over the batch about to be sampled
-                    self._publish([self.train_set.prompt_token_ids[i] for i in indices])
-            return indices, self._generate(indices, self.step + 1)
-        while len(self._prefetched) <= k and self.step + len(self._prefetched) < self.total_steps:
-            state = self.sampler.state_dict()  # where a checkpoint must resume if this batch is not trained yet
-            indices = self.sampler.next_batch()
-            step = self.step + len(self._prefetched) + 1
-            self._prefetched.append((state, indices, self._submit_rollout(indices, step)))
-        _, indices, pending = self._prefetched.popleft()
-        return indices, self.rollout.collect(pending)
-
-    def _generate(self, indices: list[int], seed_step: int) -> list[list[Completion]]:
-        """G rollouts of each prompt at ``indices``, now: single completions, or episodes with the environment."""
-        if self.episodes is None:
-            return self.rollout.collect(self._submit_rollout(indices, seed_step))
-        prompts = [self.train_set.prompt_token_ids[i] for i in indices]
-        spec = sampling(self.recipe, seed_step, self.recipe.algorithm.group_size)
-        return self.episodes.run(self.rollout, prompts, [self.train_set.rows[i] for i in indices], spec)
-
-    def _score(self, indices: list[int], groups: list, timer: PhaseTimer) -> Sampled:
-        G = self.recipe.algorithm.group_size
-        flat = [c for g in groups for c in g]
-        with timer.phase("reward"):
-            result = self.train_set.score(self.scorer, [indices[c.prompt_index] for c in flat], [c.text for c in flat])
-        failures = dict(result.failures)
-        if self.episodes is not None:  # the environment's rewards; failed episodes score the fallback
-            count_episode_failures(result, flat, self.recipe.rewards.fallback, failures, self.scorer.total_failures, self.print)
-        rewards = torch.tensor(result.total, dtype=torch.float32).view(len(indices), G)
-        return Sampled(indices, flat, rewards, {k: list(v) for k, v in result.per_reward.items()}, failures)
+    @property
+    def sampler(self):
+        return self.rollouts.sampler
 
     def sample(self, indices: list[int], seed_step: int, timer: Optional[PhaseTimer] = None) -> Sampled:
         """Generate G completions for each prompt at ``indices`` and score them."""
-        return self._score(indices, self._generate(indices, seed_step), timer or PhaseTimer())
-
-    def _resample_ties(self, batch: Sampled, timer: PhaseTimer) -> None:
-        """2-GRPO+RS: regenerate prompts whose whole group tied, for a bounded number of rounds (in place)."""
-        G = self.recipe.algorithm.group_size
-        for round_ in range(1, self.recipe.algorithm.max_resample_rounds + 1):
-            tied = algorithms.tied_groups(batch.rewards).nonzero().flatten().tolist()
-            if not tied:
-                break
-            # A seed per (step, round), offset by 1e6 so it never meets a main rollout's seed.
-            again = self.sample([batch.indices[b] for b in tied], self.step * 16 + round_ + 1_000_000, timer)
-            batch.extra_rollouts += len(again.completions)
-            for kind, count in again.failures.items():  # the resampling rounds' failures count too
-                batch.failures[kind] = batch.failures.get(kind, 0) + count
-            for j, b in enumerate(tied):
-                for g in range(G):
-                    c = again.completions[j * G + g]
-                    c.prompt_index = b
-                    batch.completions[b * G + g] = c
-                    for k in batch.per_reward:
-                        batch.per_reward[k][b * G + g] = again.per_reward[k][j * G + g]
-                batch.rewards[b] = again.rewards[j]
+        return self.rollouts.sample(indices, seed_step, timer)
 
     def _step_metrics(self, batch: Sampled, rows: list, stats: dict, timer: PhaseTimer, policy_version: int) -> dict:
         r, flat, rewards = self.recipe, batch.completions, batch.rewards
@@ -247,7 +155,7 @@ class OnlineRun(Run):
             "response_length": sum(lengths) / len(lengths),
             "truncated_fraction": sum(c.finish_reason == "length" for c in flat) / len(flat),
             "tokens_per_second": sum(lengths) / max(times.get("time_generate", 0.0), 1e-9),
-            **{k: times.get(k, 0.0) for k in ("time_generate", "time_reward", "time_train", "time_weight_sync")},
+            **{k: times.get(k, 0.0) for k in ("time_generate", "time_reward", "time_advantage", "time_train", "time_weight_sync")},
             "weight_sync_bytes": float(self._handle.num_bytes) if stats and self._handle else 0.0,
             "policy_version": float(self._handle.version) if self._handle else 0.0,
             # Versions between the policy this step trained and the one that sampled its batch.
@@ -306,7 +214,7 @@ class OnlineRun(Run):
         return {
             "step": self.step,
             # Prefetched batches (asynchronous rollout) are not trained yet: resume draws them again.
-            "sampler": self._prefetched[0][0] if self._prefetched else self.sampler.state_dict(),
+            "sampler": self.rollouts.resume_point(),
             "policy_version": self._handle.version if self._handle else 0,
             "reward_failures": dict(self.scorer.total_failures),
             "recipe_fingerprint": ckpt.recipe_fingerprint(self.recipe),
@@ -390,4 +298,4 @@ class OnlineRun(Run):
         return lines
 
 
-__all__ = ["OnlineRun", "RecipeError", "Sampled", "TrainingDiverged", "advantage_fn", "discordant_pairs"]
+__all__ = ["OnlineRun", "RecipeError", "Sampled", "TrainingDiverged", "advantage_fn"]

@@ -38,10 +38,11 @@ def check_fits(bundles: list[tuple[str, dict[str, float]]], nodes: list[dict]) -
 
     >>> nodes = [{"Alive": True, "NodeManagerAddress": "10.0.0.1", "Resources": {"CPU": 2.0}}]
     >>> check_fits([("rollout actor 0", {"CPU": 1.0})], nodes)
-    >>> check_fits([("rollout actor 0", {"CPU": 1.0, "GPU": 1.0})], nodes)
+    >>> check_fits([("rollout actor 0", {"CPU": 1.0, "GPU": 1.0})], nodes)  # doctest: +NORMALIZE_WHITESPACE
     Traceback (most recent call last):
     ...
-    rl.placement.PlacementError: rollout actor 0 asks for 1 CPU, 1 GPU, which no node of the cluster has (10.0.0.1: 2 CPU); lower rollout.num_gpus_per_actor or add such a node
+    rl.placement.PlacementError: rollout actor 0 asks for 1 CPU, 1 GPU, which no node of the cluster has (10.0.0.1: 2 CPU);
+        lower rollout.num_gpus_per_actor or add such a node
     """
     alive = [n for n in nodes if n.get("Alive")]
     for who, b in bundles:

@@ -334,7 +334,7 @@ def trainer_memory(recipe: Recipe, policy: PolicySpec) -> dict[str, float]:
     params, vocab = count_parameters(policy.base_model, r.model.trust_remote_code)
     full = policy.kind == "full"
     parts = training_memory(params, vocab, r.model.dtype, params if full else 0, r.trainer.zero_stage, r.trainer.num_ranks,
-                            reference=full and (r.algorithm.kl_coef > 0 or r.algorithm.name == "online_dpo"),
+                            reference=full and r.algorithm.spec.needs_reference(r.algorithm.kl_coef),
                             micro_batch_tokens=r.trainer.micro_batch_size * r.rollout.max_new_tokens)
     gib = {k: v / 2**30 for k, v in parts.items()}
     return {**gib, "total": sum(gib.values())}

@@ -251,7 +251,8 @@ class Run:
         tail = f"checkpoint: {s.get('checkpoint')}   metrics: {s['run_dir']}/metrics.jsonl   summary: {s['run_dir']}/summary.json"
         extra = [f"curves: {s['curves']}"] if s.get("curves") else []
         if self.log_dir:
-            extra.append(f"engine and trainer logs: {self.log_dir}/ (rollout-<i>.log, trainer-rank<r>.log; logging.verbose=true shows them here)")
+            extra.append(f"engine and trainer logs: {self.log_dir}/ (rollout-<i>.log, trainer-rank<r>.log; "
+                         "logging.verbose=true shows them here)")
         return [head, *self.summary_lines(s), tail, *extra]
 
     def _install_stop_handlers(self) -> list:

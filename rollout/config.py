@@ -41,7 +41,8 @@ class RolloutConfig(Section):
     resources: dict[str, float] = Field(
         default_factory=dict, description="Custom Ray resources each rollout actor asks for, e.g. {worker: 1} to pin the "
         "engines to nodes started with that resource.")
-    max_restarts: int = Field(3, ge=0, description="Times Ray restarts a dead rollout actor; the call is then retried with the current weights.")
+    max_restarts: int = Field(3, ge=0, description="Times Ray restarts a dead rollout actor; the call is then retried with the "
+                              "current weights.")
     max_staleness: int = Field(
         0, ge=0, description="Asynchronous rollout: generate up to k batches ahead while the trainer updates, so a batch "
         "may come from a policy up to k versions old (metric rollout_staleness; pair with algorithm.tis_cap). "

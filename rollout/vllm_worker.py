@@ -207,7 +207,8 @@ class RolloutWorker:
     def load_weights(self, handle: WeightHandle) -> float:
         """Load a published policy version in place; returns seconds spent (max over TP workers).
 
-        A LoRA (kind ``lora``) is a PEFT directory: it becomes the LoRA every request uses, under a fresh id (vLLM caches adapters by id); the base weights never move.
+        A LoRA (kind ``lora``) is a PEFT directory: it becomes the LoRA every request uses, under a fresh id (vLLM caches
+        adapters by id); the base weights never move.
         A sparse adapter (kind ``sparse_delta``) arrives as indices/values; the worker adds it to
         its copy of the base values of the touched weights and reloads those weights in place.
         """

@@ -67,15 +67,18 @@ def main() -> None:
         "# Synchronous vs asynchronous rollout",
         "",
         f"`python scripts/bench_async.py --steps {args.steps} --staleness {' '.join(map(str, args.staleness))}"
-        + (f" {' '.join(args.overrides)}" if args.overrides else "") + f"` on {describe_machine()}: recipes/quickstart.yaml (64 prompts x 8, "
+        + (f" {' '.join(args.overrides)}" if args.overrides else "")
+        + f"` on {describe_machine()}: recipes/quickstart.yaml (64 prompts x 8, "
         "1 rollout actor, 1 trainer rank), TIS cap 2. Seconds are means over steps 2..N.",
         "",
-        "| max_staleness | s/step | speed-up vs sync | waiting for rollout | train | weight sync | staleness | logprob mismatch | accuracy before -> after |",
+        "| max_staleness | s/step | speed-up vs sync | waiting for rollout | train | weight sync | staleness | logprob mismatch | "
+        "accuracy before -> after |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         lines.append(
-            f"| {r['max_staleness']} | {r['seconds_per_step']:.2f} | {base / r['seconds_per_step']:.2f}x | {r['waiting_for_rollout']:.2f} | "
+            f"| {r['max_staleness']} | {r['seconds_per_step']:.2f} | {base / r['seconds_per_step']:.2f}x | "
+            f"{r['waiting_for_rollout']:.2f} | "
             f"{r['train']:.2f} | {r['weight_sync']:.3f} | {r['staleness_mean']:.2f} | {r['logprob_mismatch']:.2e} | "
             f"{r['accuracy_before']:.3f} -> {r['accuracy_after']:.3f} |"
         )

@@ -44,7 +44,8 @@ def report(args) -> None:
     # the process defaults, so the ratio separates the framework's overhead from thread settings.
     for key, side, env in (("framework", "framework", {}), ("raw", "raw", {"OMP_NUM_THREADS": "1"}), ("raw_default", "raw", {})):
         cmd = [sys.executable, __file__, "--side", side, "--prompts", str(args.prompts), "--n", str(args.n),
-               "--max-new-tokens", str(args.max_new_tokens), "--repeats", str(args.repeats)] + (["--model", args.model] if args.model else [])
+               "--max-new-tokens", str(args.max_new_tokens), "--repeats", str(args.repeats)] + (
+                   ["--model", args.model] if args.model else [])
         out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=True, env={**os.environ, **env}).stdout
         results[key] = json.loads(next(l for l in out.splitlines() if l.startswith("RESULT "))[len("RESULT "):])
     fw, raw, model = results["framework"]["tps"], results["raw"]["tps"], results["raw"]["model"]
@@ -62,7 +63,8 @@ def report(args) -> None:
         "one warm-up call, then the repeats.\n\n"
         "| side | generated tokens/s (median of repeats) | all repeats |\n|---|---|---|\n"
         f"| framework (`RolloutGroup.generate`, 1 Ray actor) | {fw_m:,.0f} | {', '.join(f'{x:,.0f}' for x in fw)} |\n"
-        f"| raw vLLM (`LLM.generate`, in-process, OMP_NUM_THREADS=1 as in the actor) | {raw_m:,.0f} | {', '.join(f'{x:,.0f}' for x in raw)} |\n"
+        f"| raw vLLM (`LLM.generate`, in-process, OMP_NUM_THREADS=1 as in the actor) | {raw_m:,.0f} | "
+        f"{', '.join(f'{x:,.0f}' for x in raw)} |\n"
         f"| raw vLLM (`LLM.generate`, in-process, default threads) | {raw_dm:,.0f} | {', '.join(f'{x:,.0f}' for x in raw_d)} |\n\n"
         f"Ratio framework / raw vLLM with the same threads: **{fw_m / raw_m:.2f}**; with default threads: {fw_m / raw_dm:.2f}\n"
     )

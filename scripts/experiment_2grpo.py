@@ -80,15 +80,18 @@ def protocol_overrides(arm: Arm, args, seed: int, run_dir: Path) -> list[str]:
     ]
 
 
-# The real model's scale on 2 cores (~25 s per 32-rollout step): one epoch over 64 prompts, 16-GRPO at the
-# recipe's working rate (1e-5) with 2 x 16 rollouts per step, evaluated 4 times per epoch on 100 held-out prompts.
+# The real model's scale on 2 cores (~25 s per 32-rollout step, ~100 s per evaluation): one epoch over 64
+# prompts, 16-GRPO at the recipe's working rate (1e-5) with 2 x 16 rollouts per step, 100 held-out prompts
+# evaluated before and after.
 REAL_DEFAULTS = dict(epochs=1, prompts=64, prompts_per_step=2, test_prompts=100, k=4, lr=1e-5, lr_ratios=[1, 8],
-                     pair_lr_ratio=8, warmup_steps=0, evals_per_epoch=4,
+                     pair_lr_ratio=8, warmup_steps=0, evals_per_epoch=1, shared_start_eval=True,
                      runs=str(ROOT / "runs" / "experiment-2grpo-smollm2"))
 
 
-def run_arm(arm: Arm, args, seed: int) -> dict:
-    """Train one arm for one seed (or read the finished run); returns its curve and totals."""
+def run_arm(arm: Arm, args, seed: int, start: dict | None = None) -> dict:
+    """Train one arm for one seed (or read the finished run); returns its curve and totals. ``start``: the
+    seed's evaluation before training, measured by its first arm; later arms skip their own (every arm of a
+    seed starts from the same model and evaluates with the same sampling seed, so it would be the same)."""
     from rl.config import load_recipe
     from rl.metrics import read_metrics
     from rl.online import OnlineRun
@@ -98,8 +101,11 @@ def run_arm(arm: Arm, args, seed: int) -> dict:
     done = summary_path.exists() and json.loads(summary_path.read_text()).get("status") == "finished"
     if args.fresh or not done:
         shutil.rmtree(run_dir, ignore_errors=True)  # an unfinished run starts over, its old metrics gone
-        OnlineRun(load_recipe(arm.recipe, protocol_overrides(arm, args, seed, run_dir))).fit()
+        skip = ["eval.before=false"] if start is not None and args.shared_start_eval else []
+        OnlineRun(load_recipe(arm.recipe, protocol_overrides(arm, args, seed, run_dir) + skip)).fit()
     train, evals = read_metrics(run_dir, "train"), read_metrics(run_dir, "eval")
+    if evals and evals[0]["step"] != 0:
+        evals = [start, *evals]
     cum_rollouts, cum_seconds, rollouts, seconds = {0: 0.0}, {0: 0.0}, 0.0, 0.0
     for row in train:
         rollouts += row["rollouts"]
@@ -108,7 +114,8 @@ def run_arm(arm: Arm, args, seed: int) -> dict:
     mean_key = f"mean@{args.k}"
     curve = [{"step": e["step"], "rollouts": cum_rollouts[e["step"]], "seconds": cum_seconds[e["step"]],
               "greedy": e["accuracy"], "mean_at_k": e[mean_key]} for e in evals]
-    return {"arm": arm.name, "seed": seed, "lr": arm.lr, "prompts_per_step": arm.prompts_per_step, "steps": len(train),
+    return {"start_eval": evals[0], "arm": arm.name, "seed": seed, "lr": arm.lr, "prompts_per_step": arm.prompts_per_step,
+            "steps": len(train),
             "rollouts": rollouts, "train_seconds": seconds, "curve": curve, "run_dir": str(run_dir)}
 
 
@@ -212,7 +219,8 @@ def report(results: list[dict], arm_list: list[Arm], args, command: str) -> str:
         "",
         f"## Results ({len(args.seeds)} seeds: {', '.join(map(str, args.seeds))}; mean ± std)",
         "",
-        f"| arm | lr | steps | final mean@{k} | final greedy | best mean@{k} | rollouts | train s | rollouts vs 16-GRPO | wall-clock vs 16-GRPO |",
+        f"| arm | lr | steps | final mean@{k} | final greedy | best mean@{k} | rollouts | train s | rollouts vs 16-GRPO | "
+        "wall-clock vs 16-GRPO |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     base_ro, base_s = totals(base, "rollouts"), totals(base, "train_seconds")
@@ -271,6 +279,8 @@ def main() -> None:
     ap.add_argument("--pair-lr-ratio", type=float, default=8, help="2-GRPO+RS's and online DPO's lr over 16-GRPO's")
     ap.add_argument("--warmup-steps", type=int, default=10)
     ap.add_argument("--evals-per-epoch", type=int, default=1)
+    ap.add_argument("--shared-start-eval", action="store_true",
+                    help="evaluate each seed's start once (its first arm) instead of once per arm: the same model and seed")
     ap.add_argument("--quick", action="store_true", help="a few steps per arm, one seed: checks that the tables are produced")
     ap.add_argument("--fresh", action="store_true", help="train again even where a finished run exists")
     ap.add_argument("--report-only", action="store_true",
@@ -295,8 +305,10 @@ def main() -> None:
     else:
         results = []
         for seed in args.seeds:
+            start = None
             for arm in arm_list:
-                results.append(run_arm(arm, args, seed))
+                results.append(run_arm(arm, args, seed, start))
+                start = start or results[-1]["start_eval"]
                 r = results[-1]
                 print(json.dumps({k: r[k] for k in ("arm", "seed", "rollouts", "train_seconds")} | {"final": r["curve"][-1]}),
                       flush=True)

@@ -72,7 +72,9 @@ def main() -> None:
     for r in results:
         lines.append(f"| {r['arm']} | {r['seed']} | {r['before']:.3f} | {r['after']:.3f} | {100 * (r['after'] - r['before']):+.1f} | "
                      f"{r['rollouts']:,.0f} | {r['train_seconds']:.0f} |")
-    lines += ["", "Means over seeds:", "", "| arm | accuracy after | rollouts | train wall-clock (s) | accuracy vs 16-GRPO | rollouts vs 16-GRPO | wall-clock vs 16-GRPO |",
+    lines += ["", "Means over seeds:", "",
+              "| arm | accuracy after | rollouts | train wall-clock (s) | accuracy vs 16-GRPO | rollouts vs 16-GRPO | "
+              "wall-clock vs 16-GRPO |",
               "|---|---|---|---|---|---|---|"]
     means = {}
     for arm, _ in ARMS:
@@ -81,7 +83,8 @@ def main() -> None:
                       statistics.mean(r["train_seconds"] for r in rs))
     base = means["16-GRPO"]
     for arm, (acc, ro, sec) in means.items():
-        lines.append(f"| {arm} | {acc:.3f} | {ro:,.0f} | {sec:.0f} | {100 * acc / base[0]:.0f}% | {100 * ro / base[1]:.1f}% | {100 * sec / base[2]:.0f}% |")
+        lines.append(f"| {arm} | {acc:.3f} | {ro:,.0f} | {sec:.0f} | {100 * acc / base[0]:.0f}% | {100 * ro / base[1]:.1f}% | "
+                     f"{100 * sec / base[2]:.0f}% |")
     lines += ["", f"Curves (first seed, x = cumulative rollouts): ![curves](2-vs-16{args.tag}-curves.png)", "",
               "The paper (arXiv:2510.00977) reports 2-GRPO keeping ~98% of 16-GRPO's accuracy with 12.5% of the rollouts and",
               "70-80% less wall-clock, on math benchmarks with billion-parameter models."]

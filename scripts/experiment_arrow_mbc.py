@@ -172,7 +172,8 @@ def rl_runs(args, libs: dict[str, tuple[Path, list[str]]], model_dir: Path, trai
               f"eval.every={max(1, args.rl_steps // 4)}", "algorithm.kl_coef=0.0"]
     plan = {"base": ("recipes/lora-arithmetic.yaml", ["adapter.library=null"])}
     for lib_name, (root, names) in libs.items():
-        plan[f"{lib_name} merge"] = ("recipes/lora-merge-arithmetic.yaml", [f"adapter.library={root}", f"adapter.experts={json.dumps(names)}"])
+        plan[f"{lib_name} merge"] = ("recipes/lora-merge-arithmetic.yaml",
+                                     [f"adapter.library={root}", f"adapter.experts={json.dumps(names)}"])
         plan[f"{lib_name} Arrow"] = ("recipes/arrow-arithmetic.yaml", [f"adapter.library={root}", f"adapter.experts={json.dumps(names)}",
                                                                       f"adapter.top_k={min(args.top_k, len(names))}"])
     out = {}

@@ -226,7 +226,8 @@ def report(result: dict, s: Settings, command: str) -> str:
         for size in s.sizes():
             cell = summary[kind][size]
             per = [mean_std([p["ratio"][t] for p in cell["per_seed"] if p["ratio"][t] is not None]) for t in tasks]
-            lines.append(f"| {kind} | {size} | " + " | ".join(per) + f" | {mean_std([p['mean_ratio'] for p in cell['per_seed'] if p['mean_ratio'] is not None])} |")
+            lines.append(f"| {kind} | {size} | " + " | ".join(per)
+                         + f" | {mean_std([p['mean_ratio'] for p in cell['per_seed'] if p['mean_ratio'] is not None])} |")
     lines += [
         "",
         "A sub-task's cell averages the subsets that contain it (\"–\": in none of them).",

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from trainer import algorithms
 
 
 class Section(BaseModel):
@@ -40,7 +42,7 @@ class TrainerConfig(Section):
 
 
 class AlgorithmConfig(Section):
-    name: Literal["grpo", "dpo", "online_dpo"] = Field(
+    name: str = Field(
         "grpo",
         description="`grpo` (any G >= 2; G=2 with `advantage: contrastive_pair` is 2-GRPO); `dpo`: offline on preference "
         "pairs; `online_dpo`: two completions per prompt ranked by the rewards, DPO loss on discordant pairs.",
@@ -81,12 +83,27 @@ class AlgorithmConfig(Section):
         None, gt=0.0, description="Truncated importance-sampling cap for vLLM-vs-trainer logprob mismatch; None disables."
     )
 
+    @field_validator("name")
+    @classmethod
+    def _registered(cls, name: str) -> str:
+        try:
+            algorithms.get("algorithm", name)
+        except KeyError as e:
+            raise ValueError(e.args[0]) from None
+        return name
+
+    @property
+    def spec(self) -> algorithms.Algorithm:
+        """What ``name`` means to the driver and the trainer (``trainer.algorithms.objectives``)."""
+        return algorithms.get("algorithm", self.name)
+
     @model_validator(mode="after")
     def _check_group(self) -> "AlgorithmConfig":
-        if self.name == "grpo" and self.group_size < 2:
-            raise ValueError(f"algorithm.group_size must be >= 2 for GRPO (got {self.group_size})")
-        if self.name == "online_dpo" and self.group_size != 2:
-            raise ValueError(f"algorithm.group_size must be 2 for online_dpo (got {self.group_size})")
+        spec = self.spec
+        if spec.online and spec.group_size is None and self.group_size < 2:
+            raise ValueError(f"algorithm.group_size must be >= 2 for {self.name} (got {self.group_size})")
+        if spec.group_size is not None and self.group_size != spec.group_size:
+            raise ValueError(f"algorithm.group_size must be {spec.group_size} for {self.name} (got {self.group_size})")
         if self.kl_penalty == "reward":
             if self.kl_coef <= 0:
                 raise ValueError("algorithm.kl_penalty=reward needs algorithm.kl_coef > 0 (the beta of the per-token "
@@ -95,10 +112,10 @@ class AlgorithmConfig(Section):
                 raise ValueError("algorithm.kl_penalty=reward puts the k1 estimate (log pi_old - log pi_ref) in the "
                                  f"reward, as REINFORCE++; set algorithm.kl_estimator=k1 (got {self.kl_estimator!r}, "
                                  "an estimator for kl_penalty=loss)")
-            if self.name != "grpo":
+            if not spec.policy_gradient:
                 raise ValueError(f"algorithm.kl_penalty=reward shapes GRPO-style advantages; algorithm.name={self.name} "
                                  "has none (use kl_penalty=loss)")
-        if self.importance_sampling_level == "sequence" and self.name != "grpo":
+        if self.importance_sampling_level == "sequence" and not spec.policy_gradient:
             raise ValueError(f"algorithm.importance_sampling_level=sequence sets the ratio of the clipped policy loss; "
                              f"algorithm.name={self.name} does not use it")
         return self
@@ -164,7 +181,8 @@ class AdapterConfig(Section):
         if self.source == "continue" and len(self.experts) != 1:
             raise ValueError(f"adapter.experts must name exactly one expert to continue (got {self.experts})")
         if (self.source == "merge" or self.kind == "arrow") and len(self.experts) < 2:
-            raise ValueError(f"adapter.experts must name at least two experts to {'route' if self.kind == 'arrow' else 'merge'} (got {self.experts})")
+            raise ValueError(f"adapter.experts must name at least two experts to {'route' if self.kind == 'arrow' else 'merge'} "
+                             f"(got {self.experts})")
         if self.source == "new" and self.kind != "arrow" and self.experts:
             raise ValueError(f"adapter.experts {self.experts} are only read by adapter.source continue | merge or adapter.kind arrow")
         if self.merge_weights is not None and len(self.merge_weights) != len(self.experts):

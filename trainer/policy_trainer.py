@@ -125,7 +125,7 @@ class PolicyTrainer:
         if self.cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         # A reference is loaded only when a loss uses one (KL with beta > 0, or online DPO).
-        needs_reference = self.alg.kl_coef > 0 or self.alg.name == "online_dpo"
+        needs_reference = self.alg.spec.needs_reference(self.alg.kl_coef)
         self.policy = build_policy(spec, model.to(self.device), pad_id=self.pad_id,
                                    load_reference=(lambda: self._load(spec.base_model).to(self.device)) if needs_reference else None)
         model = self.policy.model
@@ -316,7 +316,7 @@ class PolicyTrainer:
         mask = mb["response_mask"]
         old = mb.get("old_logprobs", logprobs.detach())
         ntok = float(mask.sum())
-        if alg.name == "online_dpo":
+        if alg.spec.loss == "pairwise_dpo":
             pg_loss, dpo = algorithms.pairwise_dpo_loss(
                 logprobs, self._reference_logprobs(mb), mask, beta=alg.dpo_beta, loss_type=alg.dpo_loss,
                 label_smoothing=alg.dpo_label_smoothing, num_pairs=counts["num_sequences"] / 2,

@@ -38,7 +38,8 @@ from trainer.types import PreferencePairs, TrainBatch
 STAT_KEYS = ("loss", "reward_accuracy", "reward_margin", "chosen_reward", "rejected_reward", "chosen_logp", "rejected_logp")
 
 
-def pair_stats_sums(losses: Tensor, chosen_rewards: Tensor, rejected_rewards: Tensor, chosen_logps: Tensor, rejected_logps: Tensor) -> dict[str, float]:
+def pair_stats_sums(losses: Tensor, chosen_rewards: Tensor, rejected_rewards: Tensor, chosen_logps: Tensor,
+                    rejected_logps: Tensor) -> dict[str, float]:
     """Sums over n pairs ([n] each) of what a DPO step reports; divide by the pair count for means.
 
     ``reward_accuracy`` counts wins as ``algorithms.preference_wins`` does (a tie is 1/2).

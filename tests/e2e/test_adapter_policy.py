@@ -205,7 +205,8 @@ def test_adapter_for_another_base_model_is_refused(tiny_model_root, tmp_path):
     from rl.online import OnlineRun as Trainer
 
     with pytest.raises(RecipeError, match="adapter"):
-        Trainer(_recipe(tiny_model_root, tmp_path / "x", tiny_model_root / "data" / "train.jsonl", "adapter.kind=lora", "adapter.source=continue",
+        Trainer(_recipe(tiny_model_root, tmp_path / "x", tiny_model_root / "data" / "train.jsonl", "adapter.kind=lora",
+                        "adapter.source=continue",
                         f"adapter.library={tmp_path / 'missing-library'}", "adapter.experts=[nope]"))
 
 
@@ -237,15 +238,18 @@ def test_sparse_library_merge_and_continue(tiny_model_root, ray_session, tmp_pat
     for name, keep in (("sp-low", lambda a: a < 50), ("sp-high", lambda a: a >= 50)):
         data = _subtask_file(tiny_model_root, tmp_path, name, keep)
         # checkpoint.every=1: written back at the checkpoint, then replaced by the final write-back.
-        Trainer(_recipe(tiny_model_root, tmp_path / name, data, "steps=1", "checkpoint.every=1", "adapter.kind=sparse", "adapter.keep_ratio=0.02",
+        Trainer(_recipe(tiny_model_root, tmp_path / name, data, "steps=1", "checkpoint.every=1", "adapter.kind=sparse",
+                        "adapter.keep_ratio=0.02",
                         "eval.after=false", "trainer.lr=1e-3", f"adapter.library={lib}", f"adapter.save_as={name}")).fit()
     library = AdapterLibrary(lib)
     masks = [library.load_sparse(n)[0] for n in ("sp-low", "sp-high")]
     union = sum(int((masks[0][w] | masks[1][w]).sum()) for w in masks[0])
     train = tiny_model_root / "data" / "train.jsonl"
-    Trainer(_recipe(tiny_model_root, tmp_path / "m", train, "steps=1", "adapter.kind=sparse", "adapter.source=merge", "adapter.experts=[sp-low, sp-high]",
+    Trainer(_recipe(tiny_model_root, tmp_path / "m", train, "steps=1", "adapter.kind=sparse", "adapter.source=merge",
+                    "adapter.experts=[sp-low, sp-high]",
                     "eval.after=false", f"adapter.library={lib}", "adapter.save_as=sp-merged")).fit()
-    Trainer(_recipe(tiny_model_root, tmp_path / "c", train, "steps=1", "adapter.kind=sparse", "adapter.source=continue", "adapter.experts=[sp-low]",
+    Trainer(_recipe(tiny_model_root, tmp_path / "c", train, "steps=1", "adapter.kind=sparse", "adapter.source=continue",
+                    "adapter.experts=[sp-low]",
                     "eval.after=false", f"adapter.library={lib}", "adapter.save_as=sp-low-more")).fit()
     library = AdapterLibrary(lib)
     merged, more = library.get("sp-merged"), library.get("sp-low-more")

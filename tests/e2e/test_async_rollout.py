@@ -34,7 +34,7 @@ def test_async_rollout_is_at_most_k_versions_stale_and_resumes_at_the_untrained_
         assert [m["rollout_staleness"] for m in metrics] == [0.0, 1.0, 1.0]
         assert metrics[0]["logprob_mismatch"] < 1e-4  # same weights in vLLM and the trainer
         assert all(m["logprob_mismatch"] > 1e-4 for m in metrics[1:])  # stale by one update: measured, IS-corrected
-        assert len(t._prefetched) == 1  # step 4's batch is in flight
+        assert t.rollouts.in_flight == 1  # step 4's batch is in flight
         path = t.save_checkpoint()
     finally:
         t.stop_workers()

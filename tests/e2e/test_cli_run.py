@@ -57,7 +57,9 @@ def test_summary_and_checkpoints(cli_run):
     run_dir, _ = cli_run
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 4
-    assert 0.0 <= summary["accuracy_before"] <= 1.0 and 0.0 <= summary["accuracy_after"] <= 1.0
+    # The summary's before/after are the evaluations the metrics recorded at steps 0 and 4.
+    evals = {r["step"]: r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "eval"}
+    assert (summary["accuracy_before"], summary["accuracy_after"]) == (evals[0]["accuracy"], evals[4]["accuracy"])
     ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     assert ckpts == ["step_000004"]  # keep_last=1 removed step 2; no .tmp left behind
     assert summary["checkpoint"].endswith("step_000004")

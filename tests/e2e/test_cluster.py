@@ -143,7 +143,8 @@ def test_losing_the_worker_node_stops_with_the_checkpoint_and_resumes(cluster, t
     killed = cluster.kill_node("worker")
     assert killed
     deadline = time.monotonic() + 300
-    while (status := rl(cluster, "status", jid, "--address", cluster.jobs_address).stdout.strip().splitlines()[-1]) not in ("FAILED", "SUCCEEDED"):
+    while (status := rl(cluster, "status", jid, "--address",
+                        cluster.jobs_address).stdout.strip().splitlines()[-1]) not in ("FAILED", "SUCCEEDED"):
         assert time.monotonic() < deadline, status
         time.sleep(2.0)
     logs = rl(cluster, "logs", jid, "--address", cluster.jobs_address).stdout

@@ -113,7 +113,8 @@ def test_two_zero2_ranks_with_uneven_shards_equal_one_rank(dpo_run):
     results = []
     for ranks, stage, micro in ((1, 0, 16), (2, 2, 1)):
         setup = TrainerSetup(
-            policy=PolicySpec(kind="full", base_model=model), dtype="float32", algorithm=AlgorithmConfig(name="dpo"), max_response_len=96, master_port=0,
+            policy=PolicySpec(kind="full", base_model=model), dtype="float32", algorithm=AlgorithmConfig(name="dpo"), max_response_len=96,
+            master_port=0,
             trainer=TrainerConfig(num_ranks=ranks, zero_stage=stage, lr=1e-2, micro_batch_size=micro, max_grad_norm=1e6),
         )
         group = PreferenceTrainerGroup.create(setup, ranks, use_ray=True, num_cpus=0.5)

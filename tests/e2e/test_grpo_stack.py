@@ -36,7 +36,8 @@ def driver(tiny_model_root, ray_session, tmp_path_factory):
             "trainer.lr=3e-3",
             "trainer.micro_batch_size=32",
             # length_penalty gives every group some reward variance, so the policy must move.
-            "rewards.functions=[{fn: arithmetic_exact}, {fn: length_penalty, weight: 1.0}, {fn: tests/fixtures/flaky_reward.py:flaky, weight: 0.0}]",
+            "rewards.functions=[{fn: arithmetic_exact}, {fn: length_penalty, weight: 1.0}, "
+            "{fn: tests/fixtures/flaky_reward.py:flaky, weight: 0.0}]",
             f"output_dir={run_dir}",
         ],
     )
@@ -94,11 +95,22 @@ def test_weight_push_changes_vllm_and_matches_trainer(driver):
 
 def test_failing_reward_costs_samples_not_the_run(driver):
     m = driver.train_one_step()
-    # The flaky plugin raises on prompts with a "7" and returns NaN on those with a "3"; both are
-    # counted, the run goes on, and the other rewards are still scored.
-    assert m["reward_failures_exception"] + m["reward_failures_nan"] > 0
-    assert m["reward/arithmetic_exact"] >= 0.0
+    # The flaky plugin raises on prompts with a "7" and returns NaN on those with a "3": each such sample
+    # is counted once, the run goes on, and the other rewards are still scored.
+    assert m["reward_failures_exception"] + m["reward_failures_nan"] > 0 and m["updates_applied"] == 1
     assert driver.scorer.total_failures["exception"] + driver.scorer.total_failures["nan"] > 0
+    # One batch, sample by sample: exactly the samples the plugin fails on are counted (isolated, not the
+    # whole batch), and arithmetic_exact is the exact-match score on every sample, failing prompts included.
+    indices = driver.sampler.next_batch()
+    sampled = driver.sample(indices, seed_step=99)
+    prompts = [driver.train_set.columns([indices[c.prompt_index]])["_prompt_text"][0] for c in sampled.completions]
+    answers = [driver.train_set.rows[indices[c.prompt_index]]["answer"] for c in sampled.completions]
+    assert sampled.failures.get("exception", 0) == sum("7" in p for p in prompts) > 0
+    assert sampled.failures.get("nan", 0) == sum("3" in p and "7" not in p for p in prompts) > 0
+    from rewards.builtin import arithmetic_exact
+
+    assert sampled.per_reward["arithmetic_exact"] == arithmetic_exact(prompts, [c.text for c in sampled.completions], answer=answers)
+    assert sampled.per_reward["tests/fixtures/flaky_reward.py:flaky"] == [0.0] * len(prompts)  # failures score the fallback
 
 
 def test_seeded_sampling_of_more_prompt_tokens_than_one_engine_step_holds(driver):

@@ -100,6 +100,7 @@ def test_evaluation_reports_the_reward_model_mean(rlhf_run):
         assert r["reward_mean"] == pytest.approx(mean(greedy), abs=1e-6)
         assert r["reward_mean@2"] == pytest.approx(mean(sampled), abs=1e-6)  # the policy's own samples' score
         assert r[f"reward/{RM}"] == pytest.approx(r["reward_mean"])  # the only reward, weight 1
-        assert 0.0 <= r["accuracy"] <= 1.0  # computed (scores >= 0.5), not meaningful for a reward model
+        # accuracy is the share of greedy replies the reward model scores >= 0.5 (not meaningful for a reward model)
+        assert r["accuracy"] == pytest.approx(sum(x >= 0.5 for x in greedy["scores"]) / len(greedy["scores"]))
     assert s["reward_mean_before"] == evals[0]["reward_mean"] and s["reward_mean_after"] == evals[1]["reward_mean"]
     assert s["reward_mean@2_before"] == evals[0]["reward_mean@2"] and s["reward_mean@2_after"] == evals[1]["reward_mean@2"]

@@ -84,7 +84,8 @@ def test_resume_refuses_a_different_recipe(tiny_model_root, tmp_path):
     run_dir = tmp_path / "run"
     first = subprocess.run(_cmd(tiny_model_root, run_dir, "steps=2"), capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert first.returncode == 0, first.stderr[-4000:]
-    other = subprocess.run(_cmd(tiny_model_root, run_dir, "resume=auto", "trainer.lr=1e-2"), capture_output=True, text=True, timeout=120, cwd=ROOT)
+    other = subprocess.run(_cmd(tiny_model_root, run_dir, "resume=auto", "trainer.lr=1e-2"), capture_output=True, text=True, timeout=120,
+                           cwd=ROOT)
     assert other.returncode == 2
     assert "different recipe" in other.stderr and "resume_force" in other.stderr
 

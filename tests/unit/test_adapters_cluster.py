@@ -194,7 +194,8 @@ def test_cli_cluster_writes_the_union_data_and_the_train_lines(tmp_path, capsys)
     assert cli_main(["library", "cluster", "-k", "5", "--root", root]) == 2
     assert "-k 5: need 1 <= k <= the number of experts (4" in capsys.readouterr().err
     (tmp_path / "typo.json").write_text(json.dumps({"f9-9": str(f11)}))
-    assert cli_main(["library", "cluster", "-k", "2", "--root", root, "--write-data", str(out), "--data-map", str(tmp_path / "typo.json")]) == 2
+    assert cli_main(["library", "cluster", "-k", "2", "--root", root, "--write-data", str(out),
+                     "--data-map", str(tmp_path / "typo.json")]) == 2
     assert "--data-map names experts not in" in capsys.readouterr().err
     assert cli_main(["library", "cluster", "-k", "2", "--root", root, "--prefix", "f0-", "--write-data", str(out)]) == 2
     assert "already exist" in capsys.readouterr().err

@@ -332,7 +332,8 @@ def test_sparse_adapter_on_a_tied_lm_head_moves_embedding_and_head_together():
     cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                                    num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
     model = transformers.LlamaForCausalLM(cfg).eval()
-    assert sorted(target_weight_names(model, ["lm_head", "q_proj"])) == ["model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight"]
+    assert sorted(target_weight_names(model, ["lm_head", "q_proj"])) == ["model.embed_tokens.weight",
+                                                                         "model.layers.0.self_attn.q_proj.weight"]
     name = "model.embed_tokens.weight"
     w = model.get_input_embeddings().weight
     mask = torch.rand(w.shape) < 0.1

@@ -63,3 +63,36 @@ def test_registered_variant_equals_public_entry_point():
     lp = torch.tensor([[-1.0, -2.0]])
     ref = torch.tensor([[-2.0, -1.0]])
     torch.testing.assert_close(alg.get("kl", "k2")(lp, ref), alg.kl_estimate(lp, ref, "k2"))
+
+
+# ------------------------------------------------------------------------- algorithms (objectives.Algorithm)
+
+
+def test_algorithms_are_registered_objects():
+    assert alg.names("algorithm") == ["dpo", "grpo", "online_dpo"]
+    grpo, online_dpo, dpo = (alg.get("algorithm", n) for n in ("grpo", "online_dpo", "dpo"))
+    assert grpo.online and online_dpo.online and not dpo.online
+    assert grpo.policy_gradient and not online_dpo.policy_gradient and not dpo.policy_gradient
+    # The reference model: DPO's loss needs it always, GRPO only for a KL term.
+    assert not grpo.needs_reference(0.0) and grpo.needs_reference(0.01)
+    assert online_dpo.needs_reference(0.0) and dpo.needs_reference(0.0)
+    assert (grpo.rows_per_unit, online_dpo.rows_per_unit) == (1, 2) and online_dpo.group_size == 2
+
+
+def test_rows_each_algorithm_trains_on():
+    adv = torch.tensor([[1.0, -1.0], [0.0, 0.0], [-1.0, 1.0]])  # B=3 pairs: discordant, tied, discordant
+    assert alg.get("algorithm", "grpo").select_rows(adv) == ([0, 1, 2, 3, 4, 5], [1.0, -1.0, 0.0, 0.0, -1.0, 1.0])
+    # Online DPO: (chosen, rejected) per discordant pair, the tie dropped.
+    assert alg.get("algorithm", "online_dpo").select_rows(adv) == ([0, 1, 5, 4], [1.0, -1.0, 1.0, -1.0])
+
+
+def test_recipe_names_an_algorithm_from_the_registry():
+    from trainer.config import AlgorithmConfig
+
+    with pytest.raises(ValueError, match="did you mean 'online_dpo'"):
+        AlgorithmConfig(name="online-dpo")
+    with pytest.raises(ValueError, match="group_size must be 2 for online_dpo"):
+        AlgorithmConfig(name="online_dpo", group_size=4)
+    with pytest.raises(ValueError, match="group_size must be >= 2 for grpo"):
+        AlgorithmConfig(name="grpo", group_size=1)
+    assert AlgorithmConfig(name="online_dpo", group_size=2).spec is alg.get("algorithm", "online_dpo")

@@ -84,7 +84,8 @@ GOOD_HH = {"chosen": "\n\nHuman: q\n\nAssistant: yes", "rejected": "\n\nHuman: q
 @pytest.mark.parametrize(
     "bad, field, what",
     [
-        ({"chosen": "\n\nHuman: q\n\nAssistant: same", "rejected": "\n\nHuman: q\n\nAssistant: same"}, "fields 'chosen'/'rejected'", "chosen == rejected"),
+        ({"chosen": "\n\nHuman: q\n\nAssistant: same", "rejected": "\n\nHuman: q\n\nAssistant: same"}, "fields 'chosen'/'rejected'",
+         "chosen == rejected"),
         ({"chosen": "\n\nHuman: q\n\nAssistant:", "rejected": "\n\nHuman: q\n\nAssistant: no"}, "field 'chosen'", "empty response"),
         ({"chosen": "\n\nHuman: q\n\nAssistant: a", "rejected": "\n\nHuman: q\n\nAssistant:"}, "field 'rejected'", "empty response"),
         ({"chosen": "\n\nHuman: a", "rejected": "\n\nHuman: b"}, "fields 'chosen'/'rejected'", "no prompt can be split"),
@@ -102,7 +103,8 @@ def test_hh_errors_name_file_row_and_field(bad, field, what):
 def test_prompt_chosen_rejected_errors_name_row_and_field():
     good = {"prompt": "p", "chosen": "a", "rejected": "b"}
     with pytest.raises(PreferenceDataError) as e:
-        validate_rows(_rows([good, {"prompt": "", "chosen": "a", "rejected": "b"}, {"prompt": "p", "chosen": "a", "rejected": ""}]), PCR, "f.jsonl")
+        validate_rows(_rows([good, {"prompt": "", "chosen": "a", "rejected": "b"}, {"prompt": "p", "chosen": "a", "rejected": ""}]),
+                      PCR, "f.jsonl")
     msg = str(e.value)
     assert "2 problem(s)" in msg
     assert "row 1, field 'prompt': empty" in msg and "row 2, field 'rejected': empty" in msg
@@ -240,7 +242,8 @@ def test_bad_pair_stops_the_run_before_any_worker(tmp_path):
     from rl.dpo import OfflineDPORun
 
     path = _write(tmp_path / "hh.jsonl", [GOOD_HH, GOOD_HH, {"chosen": GOOD_HH["chosen"], "rejected": GOOD_HH["chosen"]}])
-    recipe = load_recipe(None, ["algorithm.name=dpo", "data.preference_format=hh_dialogue", f"data.train={path}", "model.path=builtin:tiny-text"])
+    recipe = load_recipe(None, ["algorithm.name=dpo", "data.preference_format=hh_dialogue", f"data.train={path}",
+                                "model.path=builtin:tiny-text"])
     with pytest.raises(PreferenceDataError, match="row 2, fields 'chosen'/'rejected': chosen == rejected"):
         OfflineDPORun(recipe)
 

