@@ -9,9 +9,9 @@ model-based clustering (MBC: one LoRA per cluster of tasks, trained on the union
 one LoRA per task.
 
 Protocol:
-1. Sub-tasks of ``rl.tasks.arithmetic_family``; ``--held-out`` ones are never trained on by any expert.
+1. Sub-tasks of ``experiments.arithmetic_family``; ``--held-out`` ones are never trained on by any expert.
 2. Per-task library: one LoRA per remaining sub-task, trained by SFT from the embedded base: the very experts of
-   ``scripts/experiment_merging.py`` (``rl.tasks.family_experts``: same settings, same cache).
+   ``scripts/experiment_merging.py`` (``experiments.family_experts``: same settings, same cache).
 3. MBC library: ``adapters.cluster.cluster_experts`` (the mttl pipeline: flattened LoRA weights, entries below the
    0.8 quantile zeroed, TruncatedSVD, k-means on cosine similarity) groups the per-task experts into ``--clusters``
    clusters; one LoRA per cluster is trained by SFT on the union of its tasks' data, for as many steps as its tasks'
@@ -46,12 +46,12 @@ sys.path[:0] = [str(ROOT)]
 
 import torch  # noqa: E402
 
-from rl.tasks import family_experts as experts  # noqa: E402  the per-task experts and their SFT (shared with experiment_merging)
+from experiments import family_experts as experts  # noqa: E402  the per-task experts and their SFT (shared with experiment_merging)
 
 from adapters.arrow import peft_arrow_routing  # noqa: E402
 from adapters.cluster import cluster_experts  # noqa: E402
 from adapters.library import AdapterLibrary  # noqa: E402
-from rl.tasks.arithmetic_family import SUBTASKS, make_subtask_problems  # noqa: E402
+from experiments.arithmetic_family import SUBTASKS, make_subtask_problems  # noqa: E402
 from rl.tasks.tiny_model import TinyModelSpec, build_tiny_model, cached_build  # noqa: E402
 from rl.tasks.tiny_sft import encode_sft_batch, greedy_accuracy  # noqa: E402
 

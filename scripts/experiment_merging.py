@@ -9,7 +9,7 @@ of each expert's in-distribution performance than merged LoRA or merged full fin
 
 Protocol (what departs from the paper is listed in the report, ``DEPARTURES``):
 1. Base: the embedded model, ``build_tiny_model(TinyModelSpec())`` (2-digit addition, SFT to ~30%).
-2. One expert per sub-task of :mod:`rl.tasks.arithmetic_family` and per kind, trained by SFT from the
+2. One expert per sub-task of :mod:`experiments.arithmetic_family` and per kind, trained by SFT from the
    base with the same data stream, steps, batch and seed for every kind (only the lr differs):
    ``full`` (every weight), ``lora`` (PEFT, r=8, alpha=16, q/k/v/o/gate/up/down) and ``sparse``
    (5% of the entries of the same projections, SNIP mask on a calibration batch of the sub-task,
@@ -39,13 +39,14 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
-
-from rl.tasks.arithmetic_family import SUBTASKS, make_subtask_problems, split_sizes
-from rl.tasks.family_experts import KINDS, PROJECTIONS, Settings, evaluate, train_expert
-from rl.tasks.tiny_model import TinyModelSpec, build_tiny_model
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT)]  # experiments/ is beside the package, not in it
+
+import torch  # noqa: E402
+
+from experiments.arithmetic_family import SUBTASKS, make_subtask_problems, split_sizes  # noqa: E402
+from experiments.family_experts import KINDS, PROJECTIONS, Settings, evaluate, train_expert  # noqa: E402
+from rl.tasks.tiny_model import TinyModelSpec, build_tiny_model  # noqa: E402
 
 DEPARTURES = [
     "Scale: a 1.05M-parameter Llama (4 layers, hidden 128) and up to 6 synthetic arithmetic sub-tasks, not a "
@@ -184,7 +185,7 @@ def report(result: dict, s: Settings, command: str) -> str:
         "## Protocol",
         "",
         f"- Base: the embedded model `{result['base']}` (2-digit addition, SFT stopped at ~30% accuracy).",
-        "- Sub-tasks (rl/tasks/arithmetic_family.py; train/test split by a stable hash of the prompt, 10% test):",
+        "- Sub-tasks (experiments/arithmetic_family.py; train/test split by a stable hash of the prompt, 10% test):",
     ]
     for t in tasks:
         sz = split_sizes(t)

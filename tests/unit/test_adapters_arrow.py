@@ -7,7 +7,7 @@
    logits agree; where they are not, they differ.
 
 The embedded arithmetic model (the test build) and one LoRA expert trained on it for a few seconds, through
-the experiment's own paths: ``rl.tasks.family_experts`` (SFT, merge, evaluate) and ``greedy_accuracy``.
+the experiment's own paths: ``experiments.family_experts`` (SFT, merge, evaluate) and ``greedy_accuracy``.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ import transformers
 
 from adapters.arrow import build_peft_arrow_model, peft_arrow_routing
 from adapters.library import AdapterLibrary
-from rl.tasks import family_experts as fx
-from rl.tasks.arithmetic_family import make_subtask_problems
+from experiments import family_experts as fx
+from experiments.arithmetic_family import make_subtask_problems
 from rl.tasks.tiny_sft import encode_sft_batch, greedy_accuracy
 
 TASK = "mul"  # the base scores 0% on it: a trained expert changes accuracy, so "equal accuracy" is not vacuous

@@ -1,4 +1,4 @@
-"""The arithmetic sub-task family (rl/tasks/arithmetic_family.py): answers, splits, alphabet, lengths."""
+"""The arithmetic sub-task family (experiments/arithmetic_family.py): answers, splits, alphabet, lengths."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import re
 import pytest
 
 from rl.tasks import arithmetic
-from rl.tasks.arithmetic_family import MAX_ANSWER_CHARS, SUBTASKS, check_alphabet, make_subtask_problems, split_sizes
+from experiments.arithmetic_family import MAX_ANSWER_CHARS, SUBTASKS, check_alphabet, make_subtask_problems, split_sizes
 
 # What each sub-task's prompt looks like, and the check its answer must pass.
 SHAPES = {

@@ -88,6 +88,6 @@ def test_no_import_circles():
 def test_ruff():
     ruff = shutil.which("ruff", path=str(Path(sys.executable).parent))
     assert ruff, "ruff is in the dev extra (scripts/setup.sh installs it)"
-    proc = subprocess.run([ruff, "check", "--output-format", "concise", *PACKAGES, "scripts", "tests"],
+    proc = subprocess.run([ruff, "check", "--output-format", "concise", *PACKAGES, "experiments", "scripts", "tests"],
                           cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]

@@ -1,4 +1,4 @@
-"""Experts of the embedded arithmetic family (:mod:`rl.tasks.arithmetic_family`): one per sub-task and
+"""Experts of the embedded arithmetic family (:mod:`experiments.arithmetic_family`): one per sub-task and
 kind, trained by SFT from the embedded base and cached (safetensors + JSON) by every setting that changes
 what it trains. Three kinds: ``full`` (every weight; stored as the delta from the base), ``lora`` (PEFT on
 the seven projections) and ``sparse`` (a fixed SNIP mask of ``keep_ratio`` of the same projections'
@@ -31,7 +31,7 @@ from adapters.sparse import (
     read_sparse_dir,
     sensitivity_inputs,
 )
-from rl.tasks.arithmetic_family import MAX_ANSWER_CHARS, SUBTASKS, make_subtask_problems
+from experiments.arithmetic_family import MAX_ANSWER_CHARS, SUBTASKS, make_subtask_problems
 from rl.tasks.tiny_model import cached_build
 from rl.tasks.tiny_sft import encode_sft_batch, greedy_accuracy, sft_loss
 
