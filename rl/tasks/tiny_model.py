@@ -306,21 +306,22 @@ def build_tiny_model(
     half-written cache; when two processes build the same spec at once, the first rename wins
     and the other discards its copy.
     """
+    from rl.tasks.shipped_model import shipped_builder
+
     parent = Path(cache_dir if cache_dir is not None else default_cache_dir()).expanduser() / "tiny"
-    final, info = cached_build(parent, f"{spec.name}-{spec.hash12}", lambda out: _build_into(spec, out, log), "tiny model", log)
+    shipped = shipped_builder(spec, lambda out: _write_task_data(spec, out))
+    # A shipped build gets its own cache entry: a machine's earlier local build of the same spec is not it.
+    name = f"{spec.name}-{spec.hash12}" + ("-shipped" if shipped else "")
+    final, info = cached_build(parent, name, shipped or (lambda out: _build_into(spec, out, log)), "tiny model", log)
     if info is None:
         return final
-    log(
-        f"tiny model: SFT held-out greedy accuracy {info['sft_test_accuracy']:.1%} "
-        f"({info['build_seconds']:.0f} s) -> {final}"
-    )
+    how = "shipped weights" if shipped else f"{info['build_seconds']:.0f} s"
+    log(f"tiny model: SFT held-out greedy accuracy {info['sft_test_accuracy']:.1%} ({how}) -> {final}")
     return final
 
 
-def _build_into(spec: TinyModelSpec, out: Path, log: Callable[[str], None]) -> dict:
-    """Tokenizer + model + SFT + data files into ``out``; returns the build info."""
-    import transformers
-
+def _write_task_data(spec: TinyModelSpec, out: Path) -> tuple[list[dict], list[dict]]:
+    """The task's train and held-out rows into ``out/data`` (generated, the same on every machine)."""
     kw = spec.task_kwargs()
     if spec.n_train_rows <= 0 or spec.n_test_rows <= 0:
         if spec.digits > 3:
@@ -333,7 +334,15 @@ def _build_into(spec: TinyModelSpec, out: Path, log: Callable[[str], None]) -> d
     (out / "data").mkdir()
     _write_jsonl(out / "data" / "train.jsonl", train_rows)
     _write_jsonl(out / "data" / "test.jsonl", test_rows)
+    return train_rows, test_rows
 
+
+def _build_into(spec: TinyModelSpec, out: Path, log: Callable[[str], None]) -> dict:
+    """Tokenizer + model + SFT + data files into ``out``; returns the build info."""
+    import transformers
+
+    kw = spec.task_kwargs()
+    train_rows, test_rows = _write_task_data(spec, out)
     tokenizer = build_tokenizer(model_max_length=spec.max_position_embeddings)
     model = build_model(spec, tokenizer)
     n_params = sum(p.numel() for p in model.parameters())

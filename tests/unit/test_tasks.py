@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -278,3 +279,25 @@ def test_two_builds_in_fresh_caches_are_identical(tmp_path):
     assert digests[0] == digests[1]
     assert infos[0]["sft_test_accuracy"] == infos[1]["sft_test_accuracy"]
     assert infos[0]["sft_final_loss"] == infos[1]["sft_final_loss"]
+
+
+def test_default_model_is_the_shipped_one_on_every_machine(tmp_path, monkeypatch):
+    """The default spec is not trained here: the shipped weights (checksum-checked) and generated data, the same
+    build on every CPU; a damaged copy is refused, never used."""
+    import hashlib
+
+    from rl.tasks import shipped_model
+
+    path = build_tiny_model(TinyModelSpec(), cache_dir=tmp_path, log=lambda s: None)
+    info = load_build_info(path)
+    assert info["shipped"] and info["spec_hash"] == TinyModelSpec().hash12 and path.name.endswith("-shipped")
+    weights = (path / "model" / "model.safetensors").read_bytes()
+    assert hashlib.sha256(weights).hexdigest() == shipped_model.SHIPPED_SHA256
+    rows = [json.loads(line) for line in (path / "data" / "test.jsonl").read_text().splitlines()]
+    assert len(rows) == info["sft_test_problems"]
+    damaged = tmp_path / "damaged"
+    shutil.copytree(shipped_model.SHIPPED_DIR, damaged)
+    (damaged / "model.safetensors").write_bytes(weights[:-1] + bytes([weights[-1] ^ 1]))
+    monkeypatch.setattr(shipped_model, "SHIPPED_DIR", damaged)
+    with pytest.raises(RuntimeError, match="sha256"):
+        build_tiny_model(TinyModelSpec(), cache_dir=tmp_path / "other", log=lambda s: None)
