@@ -11,8 +11,9 @@ CPU time           ``RLIMIT_CPU`` = ``cpu_seconds`` (``SIGXCPU``), ``SIGKILL`` o
 memory             ``RLIMIT_AS`` = ``memory_mb`` MiB of address space (allocations raise ``MemoryError``)
 files              ``RLIMIT_FSIZE`` (:data:`FILE_SIZE_LIMIT_BYTES` per file), ``RLIMIT_CORE`` = 0,
                    a fresh temporary directory as cwd (deleted afterwards), a minimal environment
-processes          ``RLIMIT_NPROC``: at most ``max_processes`` tasks (processes and threads) for the
-                   run -- only where the kernel enforces it, see :func:`nproc_limit_enforced`
+processes          at most ``max_processes`` tasks (processes and threads) for the run: a pids cgroup
+                   where one can be made (root included), else ``RLIMIT_NPROC`` (not for root), see
+                   :func:`nproc_limit_enforced`
 output             the first ``max_output_bytes`` of stdout and of stderr are kept; the rest is
                    read and dropped (``truncated``), so a chatty program cannot fill memory
 network            see below
@@ -53,9 +54,9 @@ A guard against accidents and runaway generated code (infinite loops, memory blo
 loops where ``RLIMIT_NPROC`` works, stray network calls), not a security boundary against a
 hostile program: the child runs as the same user as the trainer, so it can read and write
 that user's files and signal that user's processes (the trainer included); a process that calls
-``setsid`` leaves the process group and survives the end-of-run kill (it keeps its CPU,
-memory and file limits). For untrusted code at scale run the trainer as an unprivileged user,
-or the sandbox inside a container or VM.
+``setsid`` leaves the process group and survives the end-of-run kill where no pids cgroup could be
+made (it keeps its CPU, memory and file limits; with the cgroup it is killed with the rest). For
+untrusted code at scale run the trainer as an unprivileged user, or the sandbox inside a container or VM.
 
 ``preexec_fn`` is documented as unsafe with threads in the parent (the child could deadlock
 before ``exec``); the function here only makes system calls through objects created
@@ -82,6 +83,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 # The parent's side of a run (stdin/output, the deadline kill, reaping) is in rewards.sandbox_process.
+from rewards.sandbox_cgroup import PidsCgroup
 from rewards.sandbox_process import communicate, killed_reason, reap
 
 __all__ = [
@@ -170,6 +172,7 @@ def run_python(
     cpu = max(1, math.ceil(cpu_seconds))  # RLIMIT_CPU counts whole seconds
     net_flags = _net_flags()
     workdir = tempfile.mkdtemp(prefix="rl-sandbox-")
+    cgroup = PidsCgroup.create(max_processes)  # caps tasks where RLIMIT_NPROC cannot (root); None where unavailable
     try:
         with open(os.path.join(workdir, "main.py"), "w", encoding="utf-8", errors="replace") as f:
             f.write(code)
@@ -192,7 +195,7 @@ def run_python(
                 stderr=subprocess.PIPE,
                 start_new_session=True,  # its own process group: killed as a whole
                 close_fds=True,
-                preexec_fn=_make_preexec(limits, net_flags),
+                preexec_fn=_make_preexec(limits, net_flags, cgroup.procs if cgroup else None),
             )
         except subprocess.SubprocessError as e:  # preexec_fn failed: no namespace or limits -> do not run
             raise OSError(f"could not start the sandboxed process (namespace or limits refused): {e}") from e
@@ -202,6 +205,8 @@ def run_python(
         )
         cpu_used = reap(proc)
     finally:
+        if cgroup is not None:
+            cgroup.remove()  # every process the run started, those that left its process group too
         shutil.rmtree(workdir, ignore_errors=True)
 
     out_text = stdout.decode("utf-8", errors="replace")
@@ -225,13 +230,14 @@ def network_isolation() -> str:
 
 
 def nproc_limit_enforced() -> bool:
-    """Whether the kernel enforces ``RLIMIT_NPROC`` on :func:`run_python`'s children, probed
-    once: a sandboxed program with ``max_processes=1`` tries to fork.
+    """Whether :func:`run_python`'s ``max_processes`` holds here, probed once: a sandboxed program with
+    ``max_processes=1`` tries to fork.
 
-    False when the trainer runs as root: Linux exempts uid 0 (and holders of
-    ``CAP_SYS_RESOURCE``/``CAP_SYS_ADMIN`` at fork time) from ``RLIMIT_NPROC``, so a fork loop
-    is then bounded only by the wall-clock kill of the process group, the per-process CPU
-    and memory limits, and the machine's ``pid_max``.
+    Two mechanisms: ``RLIMIT_NPROC``, which Linux does not apply to uid 0 (nor to holders of
+    ``CAP_SYS_RESOURCE``/``CAP_SYS_ADMIN`` at fork time), and a pids cgroup per run
+    (``rewards/sandbox_cgroup.py``), which binds root too where this process can create one. False when
+    neither works (root without a writable pids cgroup): a fork loop is then bounded only by the wall-clock
+    kill of the process group, the per-process CPU and memory limits, and the machine's ``pid_max``.
     """
     global _NPROC_ENFORCED
     with _PROBE_LOCK:
@@ -308,7 +314,8 @@ def _cap_last() -> int:
 _CAPS = tuple(range(_cap_last() + 1))
 
 
-def _make_preexec(limits: list[tuple[int, int, int | None]], net_flags: int) -> Callable[[], None]:
+def _make_preexec(limits: list[tuple[int, int, int | None]], net_flags: int,
+                  cgroup_procs: str | None = None) -> Callable[[], None]:
     """The function run in the child between fork and exec. Everything it uses exists already."""
     hard_limits = []
     for res, soft, hard in limits:
@@ -322,6 +329,12 @@ def _make_preexec(limits: list[tuple[int, int, int | None]], net_flags: int) -> 
     prctl = _LIBC.prctl if _LIBC is not None else None
 
     def preexec() -> None:
+        if cgroup_procs is not None:  # first: every task the program starts is counted against pids.max
+            fd = os.open(cgroup_procs, os.O_WRONLY)
+            try:
+                os.write(fd, b"0")  # "0": the writing process itself
+            finally:
+                os.close(fd)
         if unshare is not None:
             if unshare(net_flags) != 0:  # before dropping capabilities: it needs CAP_SYS_ADMIN
                 raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNET) failed")

@@ -417,3 +417,25 @@ def test_extract_python():
     assert extract_python("```\nplain = 1\n```") == "plain = 1\n"
     assert extract_python("```\nbare\n```\n```python\ntagged\n```") == "tagged\n"
     assert extract_python("no fence") == "no fence"
+
+
+def test_a_process_that_left_the_process_group_is_killed_too():
+    """setsid() takes a process out of the group the end-of-run kill reaches; the run's pids cgroup still holds it."""
+    from rewards.sandbox_cgroup import PidsCgroup
+
+    probe = PidsCgroup.create(4)
+    if probe is None:
+        pytest.skip("no writable pids cgroup here (not root, no delegated cgroup): setsid escapers outlive the run")
+    probe.remove()
+    code = """
+import os, time
+pid = os.fork()
+if pid == 0:
+    os.setsid()
+    time.sleep(60)
+    os._exit(0)
+print(pid, flush=True)
+"""
+    result = run_python(code, timeout_seconds=10)
+    [pid] = [int(line) for line in result.stdout.split()]
+    assert result.returncode == 0 and _wait_dead([pid]) == []
