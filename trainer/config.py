@@ -27,6 +27,10 @@ class TrainerConfig(Section):
         1, ge=1, description="Optimizer steps per rollout batch (>1 makes later updates off-policy; the clip matters then)."
     )
     gradient_checkpointing: bool = False
+    logits_chunk_rows: int = Field(
+        0, ge=0, description="Response tokens per pass through the LM head in training (0: all of a micro-batch at "
+        "once). k > 0 caps the logits held at once at [k x vocab] instead of [response tokens x vocab], for one more "
+        "LM-head forward per micro-batch (the chunks are recomputed in the backward); the same numbers.")
     max_nonfinite_steps: int = Field(
         3, ge=1, description="A non-finite loss or gradient skips that update; this many steps in a row stop the run."
     )

@@ -212,10 +212,9 @@ class PolicyTrainer:
             return logprobs, entropy
         decoder, head = parts
         hidden = decoder(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).last_hidden_state[:, :-1]
-        logits = head(hidden[mask])  # [R, V]: R response tokens of the micro-batch
-        if temperature != 1.0:
-            logits = logits / temperature  # the distribution vLLM sampled from (it returns processed logprobs)
-        picked, ent = algorithms.logprobs_and_entropy(logits, mb["labels"][mask], with_entropy)  # [R] each
+        # [R] each, R response tokens of the micro-batch; logits / temperature: the distribution vLLM sampled from
+        picked, ent = algorithms.head_logprobs_and_entropy(hidden[mask], head, mb["labels"][mask], temperature, with_entropy,
+                                                           chunk_rows=self.cfg.logits_chunk_rows)
         logprobs = torch.zeros(mask.shape, dtype=picked.dtype, device=picked.device).masked_scatter(mask, picked)
         entropy = None if ent is None else torch.zeros(mask.shape, dtype=ent.dtype, device=ent.device).masked_scatter(mask, ent)
         return logprobs, entropy

@@ -444,3 +444,29 @@ def test_sequence_level_differs_from_token_level_and_bad_level_raises():
     assert not torch.allclose(token, sequence)  # the setting reaches the math
     with pytest.raises(ValueError, match="importance_sampling_level"):
         clipped_policy_loss(gspo_logprobs(), OLD, ADV, GSPO_MASK, importance_sampling_level="seq")
+
+
+@pytest.mark.parametrize("chunk_rows", [8, 36, 37])
+def test_lm_head_in_chunks_gives_the_same_logprobs_entropy_and_gradients(chunk_rows):
+    """Chunked under activation checkpointing or in one block: same values, same gradients (head and hidden)."""
+    from trainer.algorithms import head_logprobs_and_entropy
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=False)
+    hidden = torch.randn(37, 16, requires_grad=True)  # R = 37 rows: the last chunk is a partial one
+    labels = torch.randint(0, 50, (37,))
+    weights = torch.randn(37)
+    out = {}
+    for k in (0, chunk_rows):
+        head.zero_grad()
+        hidden.grad = None
+        lp, ent = head_logprobs_and_entropy(hidden, head, labels, temperature=0.7, chunk_rows=k)
+        (lp * weights).sum().backward()
+        out[k] = (lp.detach(), ent, hidden.grad.clone(), head.weight.grad.clone())
+        assert not ent.requires_grad and lp.shape == ent.shape == (37,)
+    for a, b in zip(out[0], out[chunk_rows]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # The values are the plain formula's: log_softmax(head(h) / T)[label], and its entropy.
+    logits = head(hidden.detach()) / 0.7
+    torch.testing.assert_close(out[chunk_rows][0], torch.log_softmax(logits, -1).gather(-1, labels[:, None]).squeeze(-1))
+    assert head_logprobs_and_entropy(hidden, head, labels, with_entropy=False, chunk_rows=8)[1] is None

@@ -38,7 +38,7 @@ from trainer.algorithms.losses import (
     token_mean,
     truncated_is_weights,
 )
-from trainer.algorithms.logits import entropy_from_logits, logprobs_and_entropy, logprobs_from_logits
+from trainer.algorithms.logits import entropy_from_logits, head_logprobs_and_entropy, logprobs_and_entropy, logprobs_from_logits
 from trainer.algorithms.dpo import dpo_loss, ipo_preference_loss, pairwise_dpo_loss, preference_wins, sigmoid_preference_loss
 from trainer.algorithms.objectives import Algorithm, all_rows, discordant_pair_rows
 
@@ -54,6 +54,7 @@ __all__ = [
     "entropy_from_logits",
     "get",
     "grpo_advantages",
+    "head_logprobs_and_entropy",
     "ipo_preference_loss",
     "kl_estimate",
     "kl_k1",

@@ -74,3 +74,32 @@ def logprobs_and_entropy(logits: Tensor, labels: Tensor, with_entropy: bool = Tr
                 h[bad] = entropy_from_logits(c[bad])
             out.append(h)
     return logprobs, torch.cat(out) if out else lse.detach()
+
+
+def head_logprobs_and_entropy(hidden: Tensor, head, labels: Tensor, temperature: float = 1.0, with_entropy: bool = True,
+                              chunk_rows: int = 0) -> tuple[Tensor, Optional[Tensor]]:
+    """The LM head and ``logprobs_and_entropy`` on hidden states: hidden [R, H], labels [R] ->
+    (logprobs [R] with grad, entropy [R] without grad, or None); ``head`` maps [r, H] -> [r, V] logits,
+    which are divided by ``temperature``.
+
+    ``chunk_rows`` 0: one [R, V] logits block, kept for the backward. ``chunk_rows`` k > 0: the rows go through
+    the head k at a time, each chunk under activation checkpointing, so no more than one [k, V] block exists at
+    once, forward or backward; the backward recomputes each chunk's head matmul (one more head forward per
+    micro-batch). The same numbers either way, to float rounding (unit-tested).
+    """
+
+    def rows(h: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        logits = head(h)
+        if temperature != 1.0:
+            logits = logits / temperature
+        lp, ent = logprobs_and_entropy(logits, y, with_entropy)
+        return lp, (ent if ent is not None else lp.detach())  # checkpoint needs tensors out
+
+    if chunk_rows <= 0 or hidden.shape[0] <= chunk_rows:
+        lp, ent = rows(hidden, labels)
+        return lp, ent if with_entropy else None
+    from torch.utils.checkpoint import checkpoint
+
+    parts = [checkpoint(rows, h, y, use_reentrant=False) for h, y in zip(hidden.split(chunk_rows), labels.split(chunk_rows))]
+    logprobs = torch.cat([lp for lp, _ in parts])
+    return logprobs, torch.cat([ent.detach() for _, ent in parts]) if with_entropy else None
