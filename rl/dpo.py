@@ -48,8 +48,6 @@ def check_dpo_recipe(recipe: Recipe) -> None:
                           "pairs; set it to 1")
     if r.algorithm.kl_coef != 0:
         raise RecipeError("recipe field 'algorithm.kl_coef': DPO's KL strength is algorithm.dpo_beta; set kl_coef to 0")
-    if r.adapter.kind != "none":
-        raise RecipeError("recipe field 'adapter.kind': offline DPO trains the full model; adapter policies are not wired into it yet")
     if r.resume:
         raise RecipeError("recipe field 'resume': offline DPO does not resume yet; start a fresh run")
     for field, value in (("data.train", r.data.train), ("data.test", r.data.test)):
@@ -95,6 +93,15 @@ class OfflineDPORun(Run):
             "pairs_truncated": train_report.truncated + test_report.truncated,
             "pairs_dropped_identical_after_truncation": len(train_report.dropped_identical) + len(test_report.dropped_identical),
         }
+        from types import SimpleNamespace
+
+        from rl.prepare import check_library_write, prepare_policy
+
+        check_library_write(r, resuming=False)
+        # The policy as the online path decides it (full, LoRA, sparse, merged or Arrow-routed experts); a sparse
+        # adapter's mask is calibrated on the pairs' prompts.
+        self.policy = prepare_policy(r, self.model_path, SimpleNamespace(prompt_token_ids=self.train_pairs.prompt_ids),
+                                     merge_into=self.run_dir / "start-adapter")
         B = r.data.prompts_per_step
         self.steps_per_epoch = math.ceil(len(self.train_pairs) / B)
         self.total_steps = min(r.steps, r.algorithm.dpo_epochs * self.steps_per_epoch)
@@ -104,9 +111,8 @@ class OfflineDPORun(Run):
 
     def start_workers(self) -> None:
         from rl.launch import Workers
-        from trainer.policies import PolicySpec
 
-        self.workers = Workers(self.recipe, policy=PolicySpec(kind="full", base_model=self.model_path), trainer_kind="preference",
+        self.workers = Workers(self.recipe, policy=self.policy, trainer_kind="preference",
                                max_response_len=self.max_len, log_dir=self.log_dir, say=self.print)
         self.workers.setup()
         self._compute_reference()
@@ -149,6 +155,10 @@ class OfflineDPORun(Run):
                 f"{r.trainer.num_ranks} rank(s), ZeRO-{r.trainer.zero_stage}; pairs: {d['pairs_train']} train / "
                 f"{d['pairs_test']} held-out, {d['pairs_truncated']} cut to {self.max_len} tokens; "
                 f"model {self.model_path}; run dir {self.run_dir}")
+
+    def after_checkpoint(self, path: str, summary: dict) -> None:
+        summary["library_expert"] = self.write_back_adapter(path, summary, self.model_path, self.recipe.data.train,
+                                                            ("reward_accuracy_before", "reward_accuracy_after"))
 
     def record_eval(self, when: str, ev: dict, summary: dict, logger: MetricsLogger) -> None:
         if when in ("before", "after"):

@@ -21,19 +21,15 @@ import time
 from typing import Optional
 
 from rl import checkpoint as ckpt
-from rl.config import Recipe, RecipeError, recipe_to_yaml
+from rl.config import Recipe, RecipeError
 from rl.episodes import EpisodeRunner, episode_metrics
 from rl.metrics import MetricsLogger, PhaseTimer, read_metrics
 from rl.prepare import check_library_write, engine_spec, load_task, prepare_policy, sampling, trainer_memory
 from rl.rollouts import Rollouts, Sampled
-from rl.run import Run
+from rl.run import Run, TrainingDiverged
 from rollout.types import Completion, SamplingSpec
 from trainer import algorithms
 from trainer.types import TrainBatch
-
-
-class TrainingDiverged(RuntimeError):
-    """Too many non-finite updates in a row; the last good policy was checkpointed."""
 
 
 def advantage_fn(recipe: Recipe):
@@ -67,7 +63,6 @@ class OnlineRun(Run):
                                      start_from=str(self.resume_from) if self.resume_from else None,
                                      merge_into=self.run_dir / "start-adapter")
         self._handle = None  # the policy version the engines hold
-        self._nonfinite_in_a_row = 0
         self.memory_estimate = trainer_memory(recipe, self.policy)  # GiB per trainer rank by part, said at start
 
     # ------------------------------------------------------------------ workers
@@ -242,48 +237,10 @@ class OnlineRun(Run):
                 if "reward_mean" in before[0]:
                     summary["reward_mean_before"] = before[0]["reward_mean"]
 
-    def on_step(self, metrics: dict, logger: MetricsLogger) -> None:
-        """Skipped (non-finite) updates are logged; ``trainer.max_nonfinite_steps`` in a row stop the run."""
-        if not metrics.get("updates_skipped_nonfinite"):
-            self._nonfinite_in_a_row = 0
-            return
-        self._nonfinite_in_a_row += 1
-        self.print(f"step {self.step}: non-finite loss or gradient, update skipped ({self._nonfinite_in_a_row} in a row)")
-        if self._nonfinite_in_a_row >= self.recipe.trainer.max_nonfinite_steps:
-            path = self.save_checkpoint()  # skipped updates never touched the weights: the last good policy
-            raise TrainingDiverged(
-                f"{self._nonfinite_in_a_row} steps in a row had a non-finite loss or gradient (trainer.max_nonfinite_steps); "
-                f"stopped at step {self.step}. The last good policy is in {path}."
-            )
-
     def after_checkpoint(self, path: str, summary: dict) -> None:
-        summary["library_expert"] = self.write_back_adapter(path, summary)
+        summary["library_expert"] = self.write_back_adapter(path, summary, self.paths.model, self.paths.train,
+                                                            ("accuracy_before", "accuracy_after"))
         summary["reward_failures"] = dict(self.scorer.total_failures)
-
-    def write_back_adapter(self, checkpoint: str, summary: dict):
-        """Save the trained adapter(s) into the library with their provenance; each call replaces
-        the run's previous version (called at every checkpoint and at the end)."""
-        ad = self.recipe.adapter
-        if not self.policy.is_adapter or not ad.save_as:
-            return None
-        from adapters import AdapterLibrary
-
-        meta = {
-            "base_model": self.paths.model,
-            "task": f"{self.recipe.algorithm.name} on {self.paths.train}",
-            "data": self.paths.train,
-            "recipe": {"yaml": recipe_to_yaml(self.recipe)},
-            "metrics": {k: summary[k] for k in ("accuracy_before", "accuracy_after") if k in summary},
-            "parents": list(ad.experts),
-            "steps": self.step,
-        }
-        if ad.kind == "arrow":
-            meta["extra"] = {"arrow": {"experts": list(ad.experts), "top_k": ad.top_k, "temperature": ad.router_temperature,
-                                       "trained": ad.arrow_train}}
-        library = AdapterLibrary(ad.library, create=True)
-        paths = [str(library.add(ad.save_as + suffix, source, meta, replace=True).path)
-                 for suffix, source in self.trainer.library_sources(checkpoint).items()]
-        return paths[0] if len(paths) == 1 else paths
 
     def summary_lines(self, s: dict) -> list[str]:
         lines = []

@@ -50,6 +50,10 @@ class Interrupted(SystemExit):
         super().__init__(128 + signum)
 
 
+class TrainingDiverged(RuntimeError):
+    """Too many non-finite updates in a row; the last good policy was checkpointed."""
+
+
 class Run:
     """Subclasses set ``total_steps``, start their ``workers`` (``rl.launch.Workers``) and implement the hooks below."""
 
@@ -68,6 +72,7 @@ class Run:
         # Each actor's own output (vLLM, DeepSpeed, Ray worker lines) goes here unless logging.verbose.
         self.log_dir = None if recipe.logging.verbose or not recipe.use_ray else str((self.run_dir / "logs").resolve())
         self._logger: Optional[MetricsLogger] = None  # while fit() runs: lines go above the progress bar
+        self._nonfinite_in_a_row = 0
 
     # ------------------------------------------------------------------ hooks
 
@@ -104,12 +109,49 @@ class Run:
     def after_checkpoint(self, path: str, summary: dict) -> None:
         """Called after every checkpoint (e.g. write an adapter back into its library)."""
 
+    def write_back_adapter(self, checkpoint: str, summary: dict, base_model: str, data: str, metric_keys: tuple = ()):
+        """Save the trained adapter(s) of ``self.policy`` into the library with their provenance; each call replaces
+        the run's previous version (called at every checkpoint and at the end). None without an adapter to save."""
+        ad, policy = self.recipe.adapter, getattr(self, "policy", None)
+        if policy is None or not policy.is_adapter or not ad.save_as:
+            return None
+        from adapters import AdapterLibrary
+        from rl.config import recipe_to_yaml
+
+        meta = {
+            "base_model": base_model,
+            "task": f"{self.recipe.algorithm.name} on {data}",
+            "data": data,
+            "recipe": {"yaml": recipe_to_yaml(self.recipe)},
+            "metrics": {k: summary[k] for k in metric_keys if k in summary},
+            "parents": list(ad.experts),
+            "steps": self.step,
+        }
+        if ad.kind == "arrow":
+            meta["extra"] = {"arrow": {"experts": list(ad.experts), "top_k": ad.top_k, "temperature": ad.router_temperature,
+                                       "trained": ad.arrow_train}}
+        library = AdapterLibrary(ad.library, create=True)
+        paths = [str(library.add(ad.save_as + suffix, source, meta, replace=True).path)
+                 for suffix, source in self.trainer.library_sources(checkpoint).items()]
+        return paths[0] if len(paths) == 1 else paths
+
     def restore(self) -> None:
         """Continue from ``self.resume_state`` (only runs that can resume set it)."""
         raise NotImplementedError
 
     def on_step(self, metrics: dict, logger: MetricsLogger) -> None:
-        """After each logged step (e.g. stop on repeated non-finite updates)."""
+        """Skipped (non-finite) updates are logged; ``trainer.max_nonfinite_steps`` in a row stop the run."""
+        if not metrics.get("updates_skipped_nonfinite"):
+            self._nonfinite_in_a_row = 0
+            return
+        self._nonfinite_in_a_row += 1
+        self.print(f"step {self.step}: non-finite loss or gradient, update skipped ({self._nonfinite_in_a_row} in a row)")
+        if self._nonfinite_in_a_row >= self.recipe.trainer.max_nonfinite_steps:
+            path = self.save_checkpoint()  # skipped updates never touched the weights: the last good policy
+            raise TrainingDiverged(
+                f"{self._nonfinite_in_a_row} steps in a row had a non-finite loss or gradient (trainer.max_nonfinite_steps); "
+                f"stopped at step {self.step}. The last good policy is in {path}."
+            )
 
     def record_eval(self, when: str, ev: dict, summary: dict, logger: MetricsLogger) -> None:
         """Put an evaluation's numbers into the summary (``when``: before, after) and say them."""

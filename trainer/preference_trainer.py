@@ -163,6 +163,7 @@ class PreferenceTrainer(PolicyTrainer):
         world = self.setup.world_size
         batch_pairs = shard.batch_pairs or len(shard)
         sums: dict[str, float] = {}
+        finite = True
         for idx in self._micro_chunks(len(shard), num_micro_batches):
             if not idx:
                 loss = self._idle_pass(self.engine)
@@ -172,15 +173,26 @@ class PreferenceTrainer(PolicyTrainer):
                 loss = losses.sum() / batch_pairs  # this micro-batch's share of the whole batch's mean
                 for k, v in pair_stats_sums(losses, c_rew, r_rew, pc, pr).items():
                     sums[k] = sums.get(k, 0.0) + v
+            finite = self._all_ranks_agree(bool(torch.isfinite(loss)))
+            if not finite:
+                break  # every rank stops at the same micro-batch: collectives stay matched
             # DeepSpeed averages gradients over ranks; the 1/batch_pairs normalization already sums them.
             self.engine.backward(loss * world, scale_wrt_gas=False)
-        self.engine.step()
-        self.version += 1
-        grad_norm = self._last_grad_norm()
+        if finite and self.cfg.zero_stage == 0:
+            finite = self._all_ranks_agree(all(bool(torch.isfinite(p.grad).all())
+                                               for p in self.engine.module.parameters() if p.grad is not None))
+        grad_norm = None
+        if finite:
+            self.engine.step()
+            self.version += 1
+            grad_norm = self._last_grad_norm()
+        else:  # a non-finite loss or gradient, as in the policy-gradient step: the update is dropped
+            self.engine.zero_grad()
         stats = _pair_means(sums, len(shard), Stats())
         stats.sum("tokens", shard.num_tokens)
         stats.max("grad_norm", grad_norm if grad_norm is not None else float("nan"))
         stats.same("lr", float(self.optimizer.param_groups[0]["lr"]))
-        stats.same("updates_applied", 1)
+        stats.same("updates_applied", int(finite))
+        stats.same("updates_skipped_nonfinite", int(not finite))
         stats.max("train_seconds", time.perf_counter() - t0)
         return stats

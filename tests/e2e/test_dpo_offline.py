@@ -21,23 +21,10 @@ HH = ROOT / ".." / "shared" / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
 N_PAIRS = 64
 
 
-@pytest.fixture(scope="module")
-def dpo_run(ray_session, tmp_path_factory):
-    if not HH.exists():
-        pytest.skip(f"HH data not found at {HH}")
-    from rl.config import DataConfig, load_recipe
-    from rl.dpo import train_dpo
-    from rl.preference_data import load_preference_texts, training_texts
-    from rl.tasks.tiny_text import TinyTextSpec, build_tiny_text
+def _dpo_recipe(build: Path, pairs_file: Path, run_dir: Path, *extra: str):
+    from rl.config import load_recipe
 
-    tmp = tmp_path_factory.mktemp("dpo")
-    pairs_file = tmp / "hh64.jsonl"
-    with gzip.open(HH, "rt") as src:
-        pairs_file.write_text("".join(islice(src, N_PAIRS)))
-    texts, _ = load_preference_texts(DataConfig(preference_format="hh_dialogue"), str(pairs_file), str(pairs_file), seed=0)
-    spec = TinyTextSpec(vocab_size=500, pretrain_steps=60, pretrain_batch_size=8, pretrain_seq_len=64)
-    build = build_tiny_text(training_texts(texts), spec, cache_dir=ROOT / ".cache" / "test-models", log=lambda s: None)
-    recipe = load_recipe(
+    return load_recipe(
         ROOT / "recipes" / "dpo-hh-tiny.yaml",
         [
             f"model.path={build / 'model'}",
@@ -50,10 +37,47 @@ def dpo_run(ray_session, tmp_path_factory):
             "eval.every=0",
             "logging.progress=false",
             "logging.tensorboard=false",
-            f"output_dir={tmp / 'run'}",
+            f"output_dir={run_dir}",
+            *extra,
         ],
     )
-    return train_dpo(recipe), build
+
+
+@pytest.fixture(scope="module")
+def dpo_run(ray_session, tmp_path_factory):
+    if not HH.exists():
+        pytest.skip(f"HH data not found at {HH}")
+    from rl.config import DataConfig
+    from rl.dpo import train_dpo
+    from rl.preference_data import load_preference_texts, training_texts
+    from rl.tasks.tiny_text import TinyTextSpec, build_tiny_text
+
+    tmp = tmp_path_factory.mktemp("dpo")
+    pairs_file = tmp / "hh64.jsonl"
+    with gzip.open(HH, "rt") as src:
+        pairs_file.write_text("".join(islice(src, N_PAIRS)))
+    texts, _ = load_preference_texts(DataConfig(preference_format="hh_dialogue"), str(pairs_file), str(pairs_file), seed=0)
+    spec = TinyTextSpec(vocab_size=500, pretrain_steps=60, pretrain_batch_size=8, pretrain_seq_len=64)
+    build = build_tiny_text(training_texts(texts), spec, cache_dir=ROOT / ".cache" / "test-models", log=lambda s: None)
+    return train_dpo(_dpo_recipe(build, pairs_file, tmp / "run")), build
+
+
+def test_dpo_trains_a_lora_adapter_and_writes_it_to_the_library(dpo_run, tmp_path):
+    """The same pairs with a LoRA policy: the adapter alone trains (the base stays frozen), DPO fits the pairs,
+    and the adapter lands in the library with its provenance."""
+    from adapters import AdapterLibrary
+    from rl.dpo import train_dpo
+
+    s_full, build = dpo_run
+    pairs_file = Path(s_full["run_dir"]).parent / "hh64.jsonl"
+    library = tmp_path / "library"
+    s = train_dpo(_dpo_recipe(build, pairs_file, tmp_path / "run", "adapter.kind=lora", "adapter.rank=8", "trainer.lr=1e-2",
+                              f"adapter.library={library}", "adapter.save_as=hh-dpo"))
+    assert s["loss_before"] == pytest.approx(math.log(2), abs=1e-6) and s["reward_accuracy_before"] == 0.5
+    assert s["loss_after"] < 0.6 and s["reward_accuracy_after"] > 0.6, s
+    expert = AdapterLibrary(library).get("hh-dpo")
+    assert expert.adapter_type == "lora" and expert.rank == 8 and s["library_expert"] == str(expert.path)
+    assert expert.meta["steps"] == 12 and expert.meta["metrics"]["reward_accuracy_after"] == s["reward_accuracy_after"]
 
 
 def test_dpo_fits_the_training_pairs(dpo_run):

@@ -222,7 +222,6 @@ def test_dpo_recipe_validates_and_reaches_dpo():
         ("algorithm.dpo_loss=sigmoidd", "algorithm.dpo_loss"),
         ("model.path=builtin:tiny-arithmetic", "model.path"),
         ("data.train=builtin:arithmetic", "data.train"),
-        ("adapter.kind=lora", "adapter.kind"),
     ],
 )
 def test_settings_that_dpo_would_ignore_fail_naming_the_field(override, field):
