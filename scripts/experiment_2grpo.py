@@ -133,18 +133,20 @@ def plot(results: list[dict], arm_names: list[str], path: Path, k: int) -> None:
     fig, axes = plt.subplots(2, 2, figsize=(12, 9))
     for name in arm_names:
         runs = [r for r in results if r["arm"] == name]
-        n = min(len(r["curve"]) for r in runs)
+        # The steps every seed evaluated (seeds may have been evaluated at different steps), each seed's point there.
+        steps = sorted(set.intersection(*({p["step"] for p in r["curve"]} for r in runs)))
+        points = [[next(p for p in r["curve"] if p["step"] == step) for r in runs] for step in steps]
         for row, key in enumerate(("mean_at_k", "greedy")):
             for col, x in enumerate(("rollouts", "seconds")):
-                xs = [statistics.mean(r["curve"][i][x] for r in runs) for i in range(n)]
-                ys = [[r["curve"][i][key] for r in runs] for i in range(n)]
+                xs = [statistics.mean(p[x] for p in at) for at in points]
+                ys = [[p[key] for p in at] for at in points]
                 ax = axes[row][col]
                 line, = ax.plot(xs, [statistics.mean(y) for y in ys], marker="o", markersize=3, label=name)
                 ax.fill_between(xs, [min(y) for y in ys], [max(y) for y in ys], color=line.get_color(), alpha=0.15)
                 ax.set_xlabel("cumulative rollouts" if x == "rollouts" else "cumulative training seconds")
                 ax.set_ylabel(f"held-out mean@{k}" if key == "mean_at_k" else "held-out greedy accuracy")
                 if x == "rollouts":
-                    ax.set_xscale("log")
+                    ax.set_xscale("symlog", linthresh=max(1.0, min(xs[1:], default=1.0)))  # the start is at 0
     axes[0][0].legend(fontsize=8)
     fig.suptitle("2-GRPO vs 16-GRPO (mean over seeds, band: min-max)")
     fig.tight_layout()
@@ -193,6 +195,8 @@ def report(results: list[dict], arm_list: list[Arm], args, command: str) -> str:
     k, text = args.k, TASKS[args.task]
     start = {key: statistics.mean(r["curve"][0][key] for r in results) for key, _ in METRICS}
     evals = (f"{args.evals_per_epoch} times per epoch" if args.evals_per_epoch > 1 else "at every epoch")
+    if args.shared_start_eval:
+        evals += " (the start once per seed: every arm of a seed starts from the same model and sampling seed)"
     has_dpo = any(a.name.startswith("online DPO") for a in arm_list)
     lines = [
         f"# 2-GRPO vs 16-GRPO with the paper's protocol, {text['title']}",
