@@ -237,13 +237,19 @@ def report(result: dict, args, command: str) -> str:
     for start in [start for start in zs[str(seeds[0])] if start in (*STARTS, OWN) or " top-" in start]:
         lines.append(f"| {start} | " + " | ".join(cell(start, [t]) for t in held) + f" | {cell(start, held)} | {cell(start, lib_tasks)} |")
 
+    def held_per_seed(start: str) -> list[float]:
+        return [statistics.mean(zs[str(s)][start][t] for t in held) for s in seeds]
+
     def held_mean(start: str) -> float:
-        return statistics.mean(statistics.mean(zs[str(s)][start][t] for t in held) for s in seeds)
+        return statistics.mean(held_per_seed(start))
 
     def verdict(a: str, b: str) -> str:
+        """``a >= b`` from the 95% interval over seeds of the difference (``rl.claims``)."""
+        from rl.claims import at_least
+
         if max(held_mean(a), held_mean(b)) < 0.02:
             return "not testable here: both below 2%"
-        return "holds" if held_mean(a) - held_mean(b) > 0.01 else "does not hold"
+        return at_least(held_per_seed(a), held_per_seed(b)).verdict
     lines += arrow_check_lines(result, seeds)
     lines += ["", "## The paper's claims at this scale", "",
               f"- Arrow beats the uniform merge on held-out tasks: per-task library {100 * held_mean('per-task Arrow'):.1f}% vs "
