@@ -157,8 +157,10 @@ class OfflineDPORun(Run):
                 f"model {self.model_path}; run dir {self.run_dir}")
 
     def after_checkpoint(self, path: str, summary: dict) -> None:
-        summary["library_expert"] = self.write_back_adapter(path, summary, self.model_path, self.recipe.data.train,
-                                                            ("reward_accuracy_before", "reward_accuracy_after"))
+        summary["library_expert"] = self.write_back_adapter(path, summary)
+
+    def adapter_provenance(self) -> tuple[str, str, tuple[str, ...]]:
+        return self.model_path, self.recipe.data.train, ("reward_accuracy_before", "reward_accuracy_after")
 
     def record_eval(self, when: str, ev: dict, summary: dict, logger: MetricsLogger) -> None:
         if when in ("before", "after"):

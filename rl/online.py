@@ -237,9 +237,11 @@ class OnlineRun(Run):
                 if "reward_mean" in before[0]:
                     summary["reward_mean_before"] = before[0]["reward_mean"]
 
+    def adapter_provenance(self) -> tuple[str, str, tuple[str, ...]]:
+        return self.paths.model, self.paths.train, ("accuracy_before", "accuracy_after")
+
     def after_checkpoint(self, path: str, summary: dict) -> None:
-        summary["library_expert"] = self.write_back_adapter(path, summary, self.paths.model, self.paths.train,
-                                                            ("accuracy_before", "accuracy_after"))
+        summary["library_expert"] = self.write_back_adapter(path, summary)
         summary["reward_failures"] = dict(self.scorer.total_failures)
 
     def summary_lines(self, s: dict) -> list[str]:

@@ -109,7 +109,11 @@ class Run:
     def after_checkpoint(self, path: str, summary: dict) -> None:
         """Called after every checkpoint (e.g. write an adapter back into its library)."""
 
-    def write_back_adapter(self, checkpoint: str, summary: dict, base_model: str, data: str, metric_keys: tuple = ()):
+    def adapter_provenance(self) -> tuple[str, str, tuple[str, ...]]:
+        """(base model, training data, summary keys) recorded with an adapter written back to its library."""
+        raise NotImplementedError
+
+    def write_back_adapter(self, checkpoint: str, summary: dict):
         """Save the trained adapter(s) of ``self.policy`` into the library with their provenance; each call replaces
         the run's previous version (called at every checkpoint and at the end). None without an adapter to save."""
         ad, policy = self.recipe.adapter, getattr(self, "policy", None)
@@ -118,6 +122,7 @@ class Run:
         from adapters import AdapterLibrary
         from rl.config import recipe_to_yaml
 
+        base_model, data, metric_keys = self.adapter_provenance()
         meta = {
             "base_model": base_model,
             "task": f"{self.recipe.algorithm.name} on {data}",
