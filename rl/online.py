@@ -1,12 +1,11 @@
 """Online RL from the policy's own samples: GRPO (any G), 2-GRPO (+RS) and online DPO. One step:
 
-    prompts  = sampler.next_batch()                      B prompts
-    groups   = rollout.generate(prompts, n=G)            B x G completions + logprobs (vLLM actors)
-    rewards  = scorer.score(...)                         [B, G]
+    batch    = rollouts.next_batch(...)                  B prompts x G completions + logprobs, scored [B, G]
+                                                         (rl.rollouts: vLLM actors, episodes, prefetch)
     (ties resampled)                                     2-GRPO+RS: groups that all tied, again
-    (episodes)                                           environment set: more turns per rollout (rl.episodes)
-    adv      = advantage_fn(rewards)                     [B, G]
-    stats    = trainer.train_step(batch)                 DeepSpeed ranks
+    adv      = advantage_fn(batch.rewards)               [B, G]
+    rows     = algorithm.select_rows(adv)                every rollout (GRPO) or discordant pairs (online DPO)
+    stats    = trainer.train_step(rows)                  DeepSpeed ranks
     rollout.load_weights(trainer.publish_weights())      in place, no engine restart
 
 The loop, checkpoints and summary are ``rl.run.Run``'s; the policy (full model or an adapter)
