@@ -293,10 +293,14 @@ class PolicyTrainer:
                 return False  # every rank stops at the same micro-batch: collectives stay matched
             # DeepSpeed averages gradients over ranks; our normalization already sums them.
             self.engine.backward(loss * self.setup.world_size, scale_wrt_gas=False)
-        if self.cfg.zero_stage == 0:
-            grads_finite = all(bool(torch.isfinite(p.grad).all()) for p in self.engine.module.parameters() if p.grad is not None)
-            return self._all_ranks_agree(grads_finite)
-        return True
+        return self._grads_finite()
+
+    def _grads_finite(self) -> bool:
+        """Every rank's gradients are finite (checked with ZeRO-0, where they sit on the parameters)."""
+        if self.cfg.zero_stage != 0:
+            return True
+        return self._all_ranks_agree(all(bool(torch.isfinite(p.grad).all()) for p in self.engine.module.parameters()
+                                         if p.grad is not None))
 
     def _all_ranks_agree(self, ok: bool) -> bool:
         """True only if ``ok`` holds on every rank."""

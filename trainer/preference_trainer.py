@@ -178,9 +178,7 @@ class PreferenceTrainer(PolicyTrainer):
                 break  # every rank stops at the same micro-batch: collectives stay matched
             # DeepSpeed averages gradients over ranks; the 1/batch_pairs normalization already sums them.
             self.engine.backward(loss * world, scale_wrt_gas=False)
-        if finite and self.cfg.zero_stage == 0:
-            finite = self._all_ranks_agree(all(bool(torch.isfinite(p.grad).all())
-                                               for p in self.engine.module.parameters() if p.grad is not None))
+        finite = finite and self._grads_finite()
         grad_norm = None
         if finite:
             self.engine.step()
