@@ -299,7 +299,7 @@ def main() -> None:
     command = "python scripts/experiment_2grpo.py" + (" " + " ".join(argv) if argv else "")
     if args.quick:
         args.seeds, args.epochs, args.prompts, args.test_prompts, args.k = args.seeds[:1], 1, 64, 16, 2
-        args.lr_ratios, args.warmup_steps = args.lr_ratios[:1], 0
+        args.lr_ratios, args.warmup_steps, args.shared_start_eval = args.lr_ratios[:1], 0, True
     os.chdir(ROOT)
 
     arm_list = arms(args)

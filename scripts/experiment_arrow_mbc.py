@@ -326,6 +326,8 @@ def main() -> None:
     ap.add_argument("--rl-group", type=int, default=8)
     ap.add_argument("--rl-lr", type=float, default=2e-3)
     ap.add_argument("--no-rl", action="store_true")
+    ap.add_argument("--rl-libraries", nargs="*", default=["per-task", "MBC"], choices=["per-task", "MBC"],
+                    help="the libraries whose merge and Arrow starts get a GRPO run (base always does)")
     ap.add_argument("--quick", action="store_true", help="a few SFT and RL steps, one seed: checks the tables are produced")
     ap.add_argument("--runs", default=str(ROOT / "runs" / "experiment-arrow-mbc"))
     ap.add_argument("--expert-runs", default=None, help="where the per-task experts are cached (default: experiment_merging's)")
@@ -338,6 +340,7 @@ def main() -> None:
     if args.quick:
         args.seeds, args.test_prompts = args.seeds[:1], 16
         args.rl_steps, args.rl_prompts, args.rl_group = 1, 8, 4
+        args.rl_libraries = ["MBC"]  # one library runs every policy kind (LoRA, merge, Arrow) through GRPO
         s = dataclasses.replace(s, sft_steps=10, warmup_steps=2)
     os.chdir(ROOT)
     torch.set_num_threads(os.cpu_count() or 1)
@@ -378,7 +381,7 @@ def main() -> None:
             checks["routing"][label] = r["routing"]
             zs[f"{label} merge"], zs[f"{label} Arrow"] = r["merge"], r["arrow"]
             zs.update({f"{label} Arrow {k[len('arrow '):]}": v for k, v in r.items() if k.startswith("arrow top-")})
-            if seed == args.rl_seed:
+            if seed == args.rl_seed and label in args.rl_libraries:
                 libs_for_rl[label] = (lib.root, list(dirs))
         result["zero_shot"][str(seed)] = zs
         result.setdefault("arrow_checks", {})[str(seed)] = checks
