@@ -189,6 +189,21 @@ class Recipe(Section):
         return self
 
     @model_validator(mode="after")
+    def _check_allocation(self) -> "Recipe":
+        a, B = self.algorithm, self.data.prompts_per_step
+        if a.allocation == "knapsack":
+            if self.rollout.max_staleness > 0:
+                raise ValueError("algorithm.allocation=knapsack needs rollout.max_staleness=0 (each batch's rollouts are "
+                                 "shared out from the success rates the steps before it measured)")
+            if a.rollout_budget is not None and a.rollout_budget < B * a.group_size:
+                raise ValueError(f"algorithm.rollout_budget ({a.rollout_budget}) must be >= data.prompts_per_step x "
+                                 f"algorithm.group_size ({B * a.group_size}): a prompt without history gets G rollouts")
+        if a.allocation == "reinforce_ada" and a.rollout_budget is not None and a.rollout_budget < B * a.ada_round_size:
+            raise ValueError(f"algorithm.rollout_budget ({a.rollout_budget}) must be >= data.prompts_per_step x "
+                             f"algorithm.ada_round_size ({B * a.ada_round_size}): the first round samples every prompt")
+        return self
+
+    @model_validator(mode="after")
     def _check_adapter_zero(self) -> "Recipe":
         if self.adapter.kind in ("sparse", "arrow") and self.trainer.zero_stage == 3:
             raise ValueError(f"adapter.kind={self.adapter.kind} needs trainer.zero_stage <= 2 (ZeRO-3 partitions the "

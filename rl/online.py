@@ -1,10 +1,11 @@
 """Online RL from the policy's own samples: GRPO (any G), 2-GRPO (+RS) and online DPO. One step:
 
-    batch    = rollouts.next_batch(...)                  B prompts x G completions + logprobs, scored [B, G]
+    batch    = rollouts.next_batch(...)                  B prompts, each with its rollouts + logprobs, scored
                                                          (rl.rollouts: vLLM actors, episodes, prefetch)
-    (ties resampled)                                     2-GRPO+RS: groups that all tied, again
-    adv      = advantage_fn(batch.rewards)               [B, G]
-    rows     = algorithm.select_rows(adv)                every rollout (GRPO) or discordant pairs (online DPO)
+    allocation.complete(batch)                           further rounds: tied groups again (2-GRPO+RS),
+                                                         Reinforce-Ada until each prompt has signal
+    rows, adv = training_rows(batch)                     rewards shaped, advantages per group; every rollout
+                                                         (GRPO), a pool's subset, or discordant pairs (online DPO)
     stats    = trainer.train_step(rows)                  DeepSpeed ranks
     rollout.load_weights(trainer.publish_weights())      in place, no engine restart
 
@@ -20,6 +21,7 @@ import time
 from typing import Optional
 
 from rl import checkpoint as ckpt
+from rl.allocation import allocation_metrics, make_allocation, training_rows
 from rl.config import Recipe, RecipeError
 from rl.episodes import EpisodeRunner, episode_metrics
 from rl.metrics import MetricsLogger, PhaseTimer, read_metrics
@@ -55,7 +57,8 @@ class OnlineRun(Run):
         self.train_set, self.test_set = task.train_set, task.test_set
         # Multi-turn: each rollout is an episode with the recipe's environment (None: one completion).
         self.episodes = EpisodeRunner(recipe.environment, self.tokenizer, recipe.rollout.max_model_len) if recipe.environment.name else None
-        self.rollouts = Rollouts(recipe, self.train_set, self.scorer, self.episodes, self.print)
+        self.allocation = make_allocation(recipe)  # how many rollouts each prompt gets
+        self.rollouts = Rollouts(recipe, self.train_set, self.scorer, self.episodes, self.allocation, self.print)
         check_library_write(recipe, resuming=self.resume_from is not None)
         # Resuming starts the policy from the checkpoint; the KL reference stays the original model.
         self.policy = prepare_policy(recipe, self.paths.model, self.train_set,
@@ -98,18 +101,18 @@ class OnlineRun(Run):
         with timer.phase("generate"):  # async: the time spent waiting for the batch
             batch = self.rollouts.next_batch(self.step, self.total_steps, timer,
                                              self._publish if self.policy.routes_per_batch else None)
-            tied_sampled = float(algorithms.tied_groups(batch.rewards).float().mean())
-            if r.algorithm.tie_handling == "resample":
-                self.rollouts.resample_ties(batch, self.step, timer)
+            tied_sampled = batch.tied_share()
+            self.allocation.complete(batch, self.step, self.rollouts, timer)
         with timer.phase("advantage"):
-            advantages = self.advantages(batch.rewards)  # [B, G]
-            keep, row_adv = self.algorithm.select_rows(advantages)  # every rollout, or discordant pairs (online DPO)
-            rows = [batch.completions[i] for i in keep]
+            keep, row_adv = training_rows(batch, self.advantages, r)
+            flat = batch.completions
+            rows = [flat[i] for i in keep]
         with timer.phase("train"):
             stats = self.trainer.train_step(self._train_batch(rows, row_adv), r.trainer.micro_batch_size) if rows else {}
         with timer.phase("weight_sync"):
             if stats.get("updates_applied") and not self.policy.routes_per_batch:  # nothing to push without an update
                 self._publish()
+        self.allocation.observe(batch)
         self.step += 1
         metrics = self._step_metrics(batch, rows, stats, timer, policy_version)
         metrics.update(zero_variance_groups_sampled=tied_sampled, time_step=time.perf_counter() - t0)  # ties: before resampling
@@ -134,7 +137,7 @@ class OnlineRun(Run):
         return self.rollouts.sample(indices, seed_step, timer)
 
     def _step_metrics(self, batch: Sampled, rows: list, stats: dict, timer: PhaseTimer, policy_version: int) -> dict:
-        r, flat, rewards = self.recipe, batch.completions, batch.rewards
+        r, flat, rewards = self.recipe, batch.completions, batch.rewards  # rewards [N], every rollout kept
         acc = batch.per_reward[r.accuracy_reward]
         lengths = [len(c.token_ids) for c in flat]
         times = timer.metrics()
@@ -142,8 +145,8 @@ class OnlineRun(Run):
             "reward_mean": rewards.mean().item(),
             "reward_std": rewards.std().item() if rewards.numel() > 1 else 0.0,
             "accuracy": sum(acc) / len(acc),
-            "zero_variance_groups": float(algorithms.tied_groups(rewards).float().mean()),
-            "rollouts": float(len(flat) + batch.extra_rollouts),
+            "zero_variance_groups": batch.tied_share(),
+            "rollouts": float(batch.sampled_rollouts),
             "resampled_rollouts": float(batch.extra_rollouts),
             "trained_sequences": float(len(rows)),
             "response_length": sum(lengths) / len(lengths),
@@ -159,6 +162,7 @@ class OnlineRun(Run):
             **stats,
             **{f"reward/{name}": sum(s) / len(s) for name, s in batch.per_reward.items()},
             **episode_metrics(flat),
+            **(allocation_metrics(batch, self.allocation.budget) if r.algorithm.allocation not in ("fixed", "resample_ties") else {}),
         }
 
     # ------------------------------------------------------------------ evaluation, checkpoints
@@ -209,6 +213,7 @@ class OnlineRun(Run):
             "step": self.step,
             # Prefetched batches (asynchronous rollout) are not trained yet: resume draws them again.
             "sampler": self.rollouts.resume_point(),
+            "allocation": self.allocation.state_dict(),  # Knapsack's success estimates
             "policy_version": self._handle.version if self._handle else 0,
             "reward_failures": dict(self.scorer.total_failures),
             "recipe_fingerprint": ckpt.recipe_fingerprint(self.recipe),
@@ -223,6 +228,7 @@ class OnlineRun(Run):
         self.trainer.load_state(str(self.resume_from / "trainer_state"))
         self.step = int(state["step"])
         self.sampler.load_state_dict(state["sampler"])
+        self.allocation.load_state_dict(state.get("allocation", {}))
         for kind, count in state["reward_failures"].items():
             self.scorer.total_failures[kind] = count
 

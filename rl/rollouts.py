@@ -1,64 +1,110 @@
-"""Where an online step's scored batch comes from: prompts drawn, G completions of each sampled by the
-engines (or episodes run with the environment), scored, tied groups resampled (2-GRPO+RS), and under
-asynchronous rollout the next k batches already in flight.
+"""Where an online step's scored batch comes from: prompts drawn, their rollouts sampled by the engines
+(or episodes run with the environment) and scored, and under asynchronous rollout the next k batches
+already in flight. How many rollouts each prompt gets, and any further rounds, is the allocation's
+(``rl.allocation``).
 
-    batch = rollouts.next_batch(step, total_steps, timer, publish)      a Sampled: B x G, scored
-    rollouts.resample_ties(batch, step, timer)                          in place, bounded rounds
+    batch = rollouts.next_batch(step, total_steps, timer, publish)      a Sampled: B groups, scored
+    again = rollouts.sample(indices, seed_step, timer, counts)          more rollouts of some prompts, now
     rollouts.resume_point()                                             the sampler state a checkpoint keeps
 """
 
 from __future__ import annotations
 
 import collections
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
 
 import torch
 
+from rl.allocation import Allocation
 from rl.config import Recipe
 from rl.data import PromptSampler
 from rl.episodes import count_episode_failures
 from rl.metrics import PhaseTimer
 from rl.prepare import sampling
 from rollout.types import Completion
-from trainer import algorithms
 
-# Tie resampling's seeds sit above every main rollout's (a step's seed is its step number).
-RESAMPLE_SEED_OFFSET = 1_000_000_000
+@dataclass
+class Group:
+    """One prompt's scored rollouts: ``rewards`` (the total) and ``per_reward`` (each function) per completion."""
+
+    completions: list[Completion]
+    rewards: list[float]
+    per_reward: dict[str, list[float]]
+
+    @property
+    def tied(self) -> bool:
+        """All rewards equal: the group carries no group-relative signal."""
+        return max(self.rewards) == min(self.rewards)
+
+    def extended(self, more: "Group") -> "Group":
+        return Group(self.completions + more.completions, self.rewards + more.rewards,
+                     {k: v + more.per_reward[k] for k, v in self.per_reward.items()})
 
 
 @dataclass
 class Sampled:
-    """One step's scored rollouts: ``completions`` N = B*G, prompt-major; ``rewards`` [B, G]."""
+    """One step's scored rollouts: a group per prompt at ``indices`` (B), prompt-major when flattened.
+
+    ``trained``: per group, which of its rollouts train (None: all; Reinforce-Ada trains a subset of its pool).
+    ``sampled_rollouts``: every rollout sampled for the step, those a resampling replaced included;
+    ``extra_rollouts``: those sampled after the first request (resampled ties, later Reinforce-Ada rounds).
+    """
 
     indices: list[int]
-    completions: list[Completion]
-    rewards: torch.Tensor
-    per_reward: dict[str, list[float]]
+    groups: list[Group]
     failures: dict[str, int] = field(default_factory=dict)
+    sampled_rollouts: int = 0
     extra_rollouts: int = 0
+    trained: Optional[list[list[int]]] = None
 
+    @property
+    def completions(self) -> list[Completion]:
+        return [c for g in self.groups for c in g.completions]
 
-def resample_seed(step: int, round_: int, max_rounds: int) -> int:
-    """A distinct seed per (step, round) for ``round_`` in 1..max_rounds, never a main rollout's.
+    @property
+    def rewards(self) -> torch.Tensor:
+        """Every rollout's reward, flat [N]."""
+        return torch.tensor([r for g in self.groups for r in g.rewards], dtype=torch.float32)
 
-    >>> [resample_seed(s, r, 20) for s, r in ((1, 1), (1, 20), (2, 1))]
-    [1000000022, 1000000041, 1000000043]
-    """
-    return RESAMPLE_SEED_OFFSET + step * (max_rounds + 1) + round_
+    @property
+    def per_reward(self) -> dict[str, list[float]]:
+        return {k: [v for g in self.groups for v in g.per_reward[k]] for k in self.groups[0].per_reward}
+
+    @property
+    def num_rollouts(self) -> int:
+        return sum(len(g.completions) for g in self.groups)
+
+    def reward_matrix(self) -> torch.Tensor:
+        """Rewards [B, G] of a batch whose groups all have G rollouts."""
+        sizes = {len(g.rewards) for g in self.groups}
+        if len(sizes) != 1:
+            raise ValueError(f"the groups have different sizes {sorted(sizes)}; there is no [B, G] matrix")
+        return torch.tensor([g.rewards for g in self.groups], dtype=torch.float32)
+
+    def tied_share(self) -> float:
+        return sum(g.tied for g in self.groups) / len(self.groups)
+
+    def absorb(self, more: "Sampled") -> None:
+        """Count a further round's rollouts and failures as this step's (its groups are placed by the caller)."""
+        self.extra_rollouts += more.num_rollouts
+        self.sampled_rollouts += more.num_rollouts
+        for kind, count in more.failures.items():
+            self.failures[kind] = self.failures.get(kind, 0) + count
 
 
 class Rollouts:
     """The prompt sampler, the engines and the scorer of an online run, seen as a source of scored batches."""
 
-    def __init__(self, recipe: Recipe, train_set, scorer, episodes, say: Callable[[str], None] = print):
+    def __init__(self, recipe: Recipe, train_set, scorer, episodes, allocation: Allocation, say: Callable[[str], None] = print):
         self.recipe, self.train_set, self.scorer, self.episodes, self.say = recipe, train_set, scorer, episodes, say
+        self.allocation = allocation
         self.sampler = PromptSampler(len(train_set), recipe.data.prompts_per_step, recipe.seed, recipe.data.shuffle)
         self.engines = None  # rl.workers.RolloutGroup, while the run's workers run
         self._prefetched: collections.deque = collections.deque()  # (sampler state, indices, pending rollout)
 
     def next_batch(self, step: int, total_steps: int, timer: PhaseTimer, publish: Optional[Callable] = None) -> Sampled:
-        """Step ``step + 1``'s scored batch (B groups of G).
+        """Step ``step + 1``'s scored batch: B prompts, each with the rollouts the allocation gives it first.
 
         Synchronous (``rollout.max_staleness`` 0): sampled now, by the current policy (an Arrow policy is
         first routed over the batch: ``publish(prompts)``). Asynchronous (k > 0): the batches of the next k
@@ -72,37 +118,21 @@ class Rollouts:
             if publish is not None:
                 with timer.phase("weight_sync"):
                     publish([self.train_set.prompt_token_ids[i] for i in indices])
-            return self._score(indices, self._generate(indices, step + 1), timer)
+            counts = self.allocation.first_counts(indices)
+            return self._score(indices, self._generate(indices, step + 1, counts), timer)
         while len(self._prefetched) <= k and step + len(self._prefetched) < total_steps:
             state = self.sampler.state_dict()  # where a checkpoint must resume if this batch is not trained yet
             indices = self.sampler.next_batch()
-            self._prefetched.append((state, indices, self._submit(indices, step + len(self._prefetched) + 1)))
+            counts = self.allocation.first_counts(indices)
+            self._prefetched.append((state, indices, self._submit(indices, step + len(self._prefetched) + 1, counts)))
         _, indices, pending = self._prefetched.popleft()
-        return self._score(indices, self.engines.collect(pending), timer)
+        return self._score(indices, self._collect(pending), timer)
 
-    def sample(self, indices: list[int], seed_step: int, timer: Optional[PhaseTimer] = None) -> Sampled:
-        """G completions of each prompt at ``indices``, sampled now and scored."""
-        return self._score(indices, self._generate(indices, seed_step), timer or PhaseTimer())
-
-    def resample_ties(self, batch: Sampled, step: int, timer: PhaseTimer) -> None:
-        """2-GRPO+RS: regenerate prompts whose whole group tied, for a bounded number of rounds (in place)."""
-        G, rounds = self.recipe.algorithm.group_size, self.recipe.algorithm.max_resample_rounds
-        for round_ in range(1, rounds + 1):
-            tied = algorithms.tied_groups(batch.rewards).nonzero().flatten().tolist()
-            if not tied:
-                break
-            again = self.sample([batch.indices[b] for b in tied], resample_seed(step, round_, rounds), timer)
-            batch.extra_rollouts += len(again.completions)
-            for kind, count in again.failures.items():  # the resampling rounds' failures count too
-                batch.failures[kind] = batch.failures.get(kind, 0) + count
-            for j, b in enumerate(tied):
-                for g in range(G):
-                    c = again.completions[j * G + g]
-                    c.prompt_index = b
-                    batch.completions[b * G + g] = c
-                    for k in batch.per_reward:
-                        batch.per_reward[k][b * G + g] = again.per_reward[k][j * G + g]
-                batch.rewards[b] = again.rewards[j]
+    def sample(self, indices: list[int], seed_step: int, timer: Optional[PhaseTimer] = None,
+               counts: Optional[list[int]] = None) -> Sampled:
+        """Rollouts of each prompt at ``indices`` (``counts`` each; G by default), sampled now and scored."""
+        counts = counts or [self.recipe.algorithm.group_size] * len(indices)
+        return self._score(indices, self._generate(indices, seed_step, counts), timer or PhaseTimer())
 
     def resume_point(self) -> dict:
         """The sampler state a checkpoint keeps: prefetched batches are not trained yet, so resume draws them again."""
@@ -116,24 +146,57 @@ class Rollouts:
     def in_flight(self) -> int:
         return len(self._prefetched)
 
-    def _submit(self, indices: list[int], seed_step: int):
-        prompts = [self.train_set.prompt_token_ids[i] for i in indices]
-        return self.engines.submit_generate(prompts, sampling(self.recipe, seed_step, self.recipe.algorithm.group_size))
+    def _requests(self, indices: list[int], seed_step: int, counts: list[int]):
+        """One engine request per distinct count: (positions in the batch, the spec). The prompts of all requests
+        take consecutive seeds from the step's (a uniform batch: one request, prompt b seeded step seed + b)."""
+        buckets: dict[int, list[int]] = {}
+        for b, n in enumerate(counts):
+            buckets.setdefault(n, []).append(b)
+        offset = 0
+        for n, members in buckets.items():
+            spec = sampling(self.recipe, seed_step, n)
+            yield members, spec if spec.seed is None else replace(spec, seed=spec.seed + offset)
+            offset += len(members)
 
-    def _generate(self, indices: list[int], seed_step: int) -> list[list[Completion]]:
-        """G rollouts of each prompt at ``indices``, now: single completions, or episodes with the environment."""
+    def _submit(self, indices: list[int], seed_step: int, counts: list[int]):
+        pending = []
+        for members, spec in self._requests(indices, seed_step, counts):
+            pending.append((members, self.engines.submit_generate([self.train_set.prompt_token_ids[indices[b]] for b in members], spec)))
+        return len(indices), pending
+
+    def _collect(self, pending) -> list[list[Completion]]:
+        size, parts = pending
+        groups: list[list[Completion]] = [[] for _ in range(size)]
+        for members, request in parts:
+            for b, g in zip(members, self.engines.collect(request)):
+                groups[b] = g
+        return groups
+
+    def _generate(self, indices: list[int], seed_step: int, counts: list[int]) -> list[list[Completion]]:
+        """``counts[b]`` rollouts of each prompt at ``indices``, now: single completions, or episodes with the environment."""
         if self.episodes is None:
-            return self.engines.collect(self._submit(indices, seed_step))
-        prompts = [self.train_set.prompt_token_ids[i] for i in indices]
-        spec = sampling(self.recipe, seed_step, self.recipe.algorithm.group_size)
-        return self.episodes.run(self.engines, prompts, [self.train_set.rows[i] for i in indices], spec)
+            return self._collect(self._submit(indices, seed_step, counts))
+        groups: list[list[Completion]] = [[] for _ in indices]
+        for members, spec in self._requests(indices, seed_step, counts):
+            prompts = [self.train_set.prompt_token_ids[indices[b]] for b in members]
+            for b, g in zip(members, self.episodes.run(self.engines, prompts, [self.train_set.rows[indices[b]] for b in members], spec)):
+                groups[b] = g
+        return groups
 
-    def _score(self, indices: list[int], groups: list, timer: PhaseTimer) -> Sampled:
+    def _score(self, indices: list[int], groups: list[list[Completion]], timer: PhaseTimer) -> Sampled:
+        for b, g in enumerate(groups):
+            for c in g:
+                c.prompt_index = b  # its position in this batch, whichever request sampled it
         flat = [c for g in groups for c in g]
         with timer.phase("reward"):
             result = self.train_set.score(self.scorer, [indices[c.prompt_index] for c in flat], [c.text for c in flat])
         failures = dict(result.failures)
         if self.episodes is not None:  # the environment's rewards; failed episodes score the fallback
             count_episode_failures(result, flat, self.recipe.rewards.fallback, failures, self.scorer.total_failures, self.say)
-        rewards = torch.tensor(result.total, dtype=torch.float32).view(len(indices), self.recipe.algorithm.group_size)
-        return Sampled(indices, flat, rewards, {k: list(v) for k, v in result.per_reward.items()}, failures)
+        out, start = [], 0
+        for g in groups:
+            end = start + len(g)
+            out.append(Group(list(g), list(result.total[start:end]), {k: list(v[start:end]) for k, v in result.per_reward.items()}))
+            start = end
+        return Sampled(indices, out, failures, sampled_rollouts=len(flat))
+

@@ -58,6 +58,30 @@ class AlgorithmConfig(Section):
         "prompts (2-GRPO+RS) for up to `max_resample_rounds` extra rounds.",
     )
     max_resample_rounds: int = Field(2, ge=0)
+    allocation: Literal["fixed", "resample_ties", "reinforce_ada", "knapsack"] = Field(
+        "fixed",
+        description="How many rollouts each prompt gets. `fixed`: G each. `resample_ties`: G each, tied groups sampled "
+        "again (what `tie_handling: resample` selects). `reinforce_ada`: rounds of `ada_round_size` until a prompt has "
+        "signal (`ada_rule`), then a training group of G from its pool, the baseline the pool's mean (Reinforce-Ada). "
+        "`knapsack`: B*G rollouts shared out by each prompt's success rate at its last visit (Knapsack RL).",
+    )
+    rollout_budget: Optional[int] = Field(
+        None, ge=1, description="Rollouts per step an adaptive allocation may spend. None: B*G for knapsack; "
+        "B x ada_round_size x ada_max_rounds for reinforce_ada (only the rounds bound it).")
+    success_threshold: float = Field(
+        0.5, description="A rollout succeeds when its reward is above this (Reinforce-Ada's positives, Knapsack's "
+        "success rate).")
+    ada_rule: Literal["balance", "positive"] = Field(
+        "balance", description="When Reinforce-Ada stops sampling a prompt: `balance`, once its pool holds G//2 "
+        "successes and G - G//2 failures; `positive`, once it holds one success.")
+    ada_round_size: int = Field(8, ge=1, description="Rollouts per prompt in each Reinforce-Ada round (>= G).")
+    ada_max_rounds: int = Field(4, ge=1, description="Reinforce-Ada rounds per step at most.")
+    knapsack_min: int = Field(2, ge=1, description="Knapsack: rollouts a prompt gets at least (and a solved or "
+                              "never-solved one gets).")
+    knapsack_max: int = Field(32, ge=2, description="Knapsack: rollouts a prompt gets at most.")
+    unlikeliness_beta: float = Field(
+        0.0, ge=0.0, lt=1.0, description="Rewarding the Unlikely: scale each reward by 1 - beta * rank / G, rank 0 the "
+        "least likely rollout of its group under the sampler (0: off; the authors use 0.25).")
     advantage: str = Field(
         "grpo", description="Registered advantage estimator (`trainer.algorithms.names('advantage')`): grpo, "
         "contrastive_pair (2-GRPO), rloo, reinforce_pp, reinforce_pp_baseline.")
@@ -119,10 +143,37 @@ class AlgorithmConfig(Section):
             if not spec.policy_gradient:
                 raise ValueError(f"algorithm.kl_penalty=reward shapes GRPO-style advantages; algorithm.name={self.name} "
                                  "has none (use kl_penalty=loss)")
+        self._check_allocation(spec)
         if self.importance_sampling_level == "sequence" and not spec.policy_gradient:
             raise ValueError(f"algorithm.importance_sampling_level=sequence sets the ratio of the clipped policy loss; "
                              f"algorithm.name={self.name} does not use it")
         return self
+
+
+    def _check_allocation(self, spec: algorithms.Algorithm) -> None:
+        if self.tie_handling == "resample":  # 2-GRPO+RS's spelling of the resample_ties allocation
+            if self.allocation not in ("fixed", "resample_ties"):
+                raise ValueError(f"algorithm.tie_handling=resample is the resample_ties allocation; it cannot combine with "
+                                 f"algorithm.allocation={self.allocation}")
+            object.__setattr__(self, "allocation", "resample_ties")
+        if self.allocation in ("fixed", "resample_ties"):
+            return
+        if not spec.policy_gradient:
+            raise ValueError(f"algorithm.allocation={self.allocation} gives prompts different numbers of rollouts; "
+                             f"algorithm.name={self.name} needs fixed pairs (use allocation fixed or resample_ties)")
+        if self.advantage not in ("grpo", "rloo"):
+            raise ValueError(f"algorithm.allocation={self.allocation} needs a group-relative advantage (grpo or rloo): "
+                             f"'{self.advantage}' normalizes over the batch or needs groups of 2")
+        if self.allocation == "reinforce_ada":
+            if self.advantage != "grpo":
+                raise ValueError("algorithm.allocation=reinforce_ada computes GRPO's advantage against the pool's "
+                                 f"statistics; set algorithm.advantage=grpo (got {self.advantage})")
+            if self.ada_round_size < self.group_size:
+                raise ValueError(f"algorithm.ada_round_size ({self.ada_round_size}) must be >= algorithm.group_size "
+                                 f"({self.group_size}): the first round must be able to fill a training group")
+        if self.allocation == "knapsack" and not self.knapsack_min <= self.group_size <= self.knapsack_max:
+            raise ValueError(f"algorithm.group_size ({self.group_size}), the mean rollouts per prompt, must lie within "
+                             f"[knapsack_min, knapsack_max] = [{self.knapsack_min}, {self.knapsack_max}]")
 
 
 class AdapterConfig(Section):

@@ -4,6 +4,7 @@ Importing this package registers every built-in variant:
 
 - advantage: "grpo" (GRPO / Dr.GRPO), "contrastive_pair" (2-GRPO), "rloo" (RLOO),
   "reinforce_pp" and "reinforce_pp_baseline" (REINFORCE++, batch-normalized)
+- reward_shaping: "unlikeliness" (Rewarding the Unlikely's rank penalty, before the advantage)
 - policy_loss: "clipped" (PPO/GRPO clip, DAPO clip-higher, dual-clip, truncated IS; GSPO with
   ``importance_sampling_level="sequence"``)
 - kl: "k1", "k2", "k3" (in the loss; ``kl_reward_to_go`` turns a per-token KL into REINFORCE++'s
@@ -11,6 +12,9 @@ Importing this package registers every built-in variant:
 - aggregation: "token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"
 - preference_loss: "sigmoid" (DPO, conservative DPO), "ipo"
 - algorithm: "grpo", "online_dpo", "dpo" (``objectives.Algorithm``: what ``algorithm.name`` means)
+
+``allocation`` holds the math of adaptive sampling (Reinforce-Ada's stopping rule and training subset,
+Knapsack RL's rollouts per prompt); ``rl.allocation`` drives it.
 
 Axes everywhere: B prompts, G group size, N = B*G sequences, L response tokens, V vocabulary.
 """
@@ -41,10 +45,26 @@ from trainer.algorithms.losses import (
 from trainer.algorithms.logits import entropy_from_logits, head_logprobs_and_entropy, logprobs_and_entropy, logprobs_from_logits
 from trainer.algorithms.dpo import dpo_loss, ipo_preference_loss, pairwise_dpo_loss, preference_wins, sigmoid_preference_loss
 from trainer.algorithms.objectives import Algorithm, all_rows, discordant_pair_rows
+from trainer.algorithms.allocation import (
+    ada_done,
+    ada_training_subset,
+    grouped_apply,
+    knapsack_allocation,
+    knapsack_value,
+    pool_baseline_advantages,
+    unlikeliness_rewards,
+)
 
 __all__ = [
     "KINDS",
     "Algorithm",
+    "ada_done",
+    "ada_training_subset",
+    "grouped_apply",
+    "knapsack_allocation",
+    "knapsack_value",
+    "pool_baseline_advantages",
+    "unlikeliness_rewards",
     "all_rows",
     "discordant_pair_rows",
     "aggregate_loss",

@@ -11,6 +11,8 @@ P preference pairs):
 
 - ``advantage``: ``fn(rewards [B, G], **options) -> advantages [B, G]`` (the driver binds the
   options the function takes among ``normalize_std`` and ``std_eps``)
+- ``reward_shaping``: ``fn(rewards [B, G], logprobs [B, G], **options) -> rewards [B, G]``, applied to
+  each group before the advantage (``logprobs``: each rollout's mean token logprob under the sampler)
 - ``policy_loss``: ``fn(logprobs, old_logprobs, advantages, mask, **options) -> (scalar, metrics)``;
   advantages [N] or [N, L] (per token with ``kl_penalty: reward``); the trainer passes
   ``clip_low, clip_high, dual_clip, aggregation, is_weights, importance_sampling_level`` and the
@@ -35,7 +37,7 @@ from typing import Callable, TypeVar
 
 F = TypeVar("F", bound=Callable)
 
-KINDS = ("advantage", "policy_loss", "kl", "aggregation", "preference_loss", "algorithm")
+KINDS = ("advantage", "reward_shaping", "policy_loss", "kl", "aggregation", "preference_loss", "algorithm")
 
 _REGISTRY: dict[str, dict[str, Callable]] = {kind: {} for kind in KINDS}
 

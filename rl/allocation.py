@@ -1,0 +1,215 @@
+"""How many rollouts each prompt of a step gets (``algorithm.allocation``), and which of them train.
+
+    counts = allocation.first_counts(indices)             rollouts per prompt of the first request (may be prefetched)
+    allocation.complete(batch, step, rollouts, timer)     further rounds, in place: tied groups again, Reinforce-Ada
+    rows, advantages = training_rows(batch, ...)          the rows the trainer gets and their advantages
+    allocation.observe(batch)                             per-prompt history (Knapsack's success rates)
+
+- ``fixed``: G each.
+- ``resample_ties``: G each; groups whose rewards all tie are sampled again, up to ``max_resample_rounds``
+  (2-GRPO+RS).
+- ``reinforce_ada``: rounds of ``ada_round_size`` rollouts for every prompt still without signal
+  (``ada_rule``), at most ``ada_max_rounds`` and ``rollout_budget``; each prompt then trains G rollouts of
+  its pool (balanced successes and failures) against the pool's mean.
+- ``knapsack``: B*G rollouts (or ``rollout_budget``) shared out by each prompt's success rate over its
+  recent rollouts (``trainer.algorithms.knapsack_allocation``); the estimates are checkpointed.
+
+The math is in ``trainer.algorithms.allocation``; this module samples and keeps state.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from rl.config import Recipe
+from rl.metrics import PhaseTimer
+from trainer import algorithms
+
+# Knapsack's success rate of a prompt: the mean over its most recent outcomes (at most WINDOW), trusted once it
+# has MIN_HISTORY of them (Knapsack RL's released code: 16 and 8). Before that the prompt gets G.
+KNAPSACK_WINDOW = 16
+KNAPSACK_MIN_HISTORY = 8
+# Seeds of extra rounds (tie resampling, Reinforce-Ada) sit above every main rollout's (a step's seed is its step number).
+RESAMPLE_SEED_OFFSET = 1_000_000_000
+
+
+def resample_seed(step: int, round_: int, max_rounds: int) -> int:
+    """A distinct seed per (step, round) for ``round_`` in 1..max_rounds, never a main rollout's.
+
+    >>> [resample_seed(s, r, 20) for s, r in ((1, 1), (1, 20), (2, 1))]
+    [1000000022, 1000000041, 1000000043]
+    """
+    return RESAMPLE_SEED_OFFSET + step * (max_rounds + 1) + round_
+
+
+class Allocation:
+    """``fixed``: every prompt gets G rollouts and trains all of them."""
+
+    name = "fixed"
+
+    def __init__(self, recipe: Recipe):
+        self.recipe, self.algo = recipe, recipe.algorithm
+        self.group_size = recipe.algorithm.group_size
+
+    @property
+    def budget(self) -> int:
+        """Rollouts one step may spend."""
+        return self.algo.rollout_budget or self.recipe.data.prompts_per_step * self.group_size
+
+    def first_counts(self, indices: list[int]) -> list[int]:
+        return [self.group_size] * len(indices)
+
+    def complete(self, batch, step: int, rollouts, timer: PhaseTimer) -> None:
+        """Further rounds of sampling for ``batch`` (a ``rl.rollouts.Sampled``), in place."""
+
+    def observe(self, batch) -> None:
+        """What this step's rewards teach about its prompts."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def success(self, rewards: list[float]) -> list[int]:
+        return [int(r > self.algo.success_threshold) for r in rewards]
+
+
+class ResampleTies(Allocation):
+    """``resample_ties`` (2-GRPO+RS): prompts whose whole group tied are sampled again, G at a time."""
+
+    name = "resample_ties"
+
+    def complete(self, batch, step: int, rollouts, timer: PhaseTimer) -> None:
+        rounds = self.algo.max_resample_rounds
+        for round_ in range(1, rounds + 1):
+            tied = [b for b, g in enumerate(batch.groups) if g.tied]
+            if not tied:
+                break
+            again = rollouts.sample([batch.indices[b] for b in tied], resample_seed(step, round_, rounds), timer)
+            batch.absorb(again)
+            for j, b in enumerate(tied):
+                batch.groups[b] = again.groups[j]
+
+
+class ReinforceAda(Allocation):
+    """``reinforce_ada``: sample in rounds until each prompt has signal, then train a balanced subset of G."""
+
+    name = "reinforce_ada"
+
+    @property
+    def budget(self) -> int:
+        return self.algo.rollout_budget or self.recipe.data.prompts_per_step * self.algo.ada_round_size * self.algo.ada_max_rounds
+
+    def first_counts(self, indices: list[int]) -> list[int]:
+        return [self.algo.ada_round_size] * len(indices)
+
+    def _done(self, group) -> bool:
+        return algorithms.ada_done(torch.tensor(group.rewards), self.algo.ada_rule, self.group_size, self.algo.success_threshold)
+
+    def complete(self, batch, step: int, rollouts, timer: PhaseTimer) -> None:
+        M, rounds = self.algo.ada_round_size, self.algo.ada_max_rounds
+        for round_ in range(1, rounds):  # round 0 is the first request
+            active = [b for b, g in enumerate(batch.groups) if not self._done(g)]
+            active = active[: max(0, self.budget - batch.sampled_rollouts) // M]  # the step's cap: whole rounds only
+            if not active:
+                break
+            more = rollouts.sample([batch.indices[b] for b in active], resample_seed(step, round_, rounds), timer, counts=[M] * len(active))
+            batch.absorb(more)
+            for j, b in enumerate(active):
+                batch.groups[b] = batch.groups[b].extended(more.groups[j])
+        batch.trained = [algorithms.ada_training_subset(torch.tensor(g.rewards), self.group_size, self.algo.success_threshold)
+                         for g in batch.groups]
+
+
+class Knapsack(Allocation):
+    """``knapsack``: each prompt's rollouts from its success rate over its recent rollouts (Knapsack RL)."""
+
+    name = "knapsack"
+
+    def __init__(self, recipe: Recipe):
+        super().__init__(recipe)
+        self.history: dict[int, list[int]] = {}  # prompt index -> its most recent outcomes (1 success), oldest first
+
+    def estimate(self, index: int) -> Optional[float]:
+        outcomes = self.history.get(index, [])
+        return sum(outcomes) / len(outcomes) if len(outcomes) >= KNAPSACK_MIN_HISTORY else None
+
+    def first_counts(self, indices: list[int]) -> list[int]:
+        a = self.algo
+        return algorithms.knapsack_allocation([self.estimate(i) for i in indices], self.budget, a.knapsack_min, a.knapsack_max,
+                                              default=self.group_size)
+
+    def observe(self, batch) -> None:
+        for index, group in zip(batch.indices, batch.groups):
+            self.history[index] = (self.history.get(index, []) + self.success(group.rewards))[-KNAPSACK_WINDOW:]
+
+    def state_dict(self) -> dict:
+        return {"history": {str(i): h for i, h in sorted(self.history.items())}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history = {int(i): list(h) for i, h in state.get("history", {}).items()}
+
+
+ALLOCATIONS: dict[str, type[Allocation]] = {cls.name: cls for cls in (Allocation, ResampleTies, ReinforceAda, Knapsack)}
+
+
+def make_allocation(recipe: Recipe) -> Allocation:
+    return ALLOCATIONS[recipe.algorithm.allocation](recipe)
+
+
+def training_rows(batch, advantage_fn: Callable[[torch.Tensor], torch.Tensor], recipe: Recipe) -> tuple[list[int], list[float]]:
+    """The rows of ``batch.completions`` the trainer gets and their advantages.
+
+    Each group's rewards are first shaped (``algorithm.unlikeliness_beta``). Every rollout of a group trains
+    unless the allocation chose a subset (Reinforce-Ada: its advantage is taken against the whole pool's
+    mean). A uniform batch goes through the algorithm's own row selection (online DPO's discordant pairs).
+    """
+    a = recipe.algorithm
+    groups = shaped_rewards(batch, a.unlikeliness_beta)
+    if batch.trained is not None:
+        rows, adv, start = [], [], 0
+        for pool, subset in zip(groups, batch.trained):
+            adv += algorithms.pool_baseline_advantages(pool[subset], pool, normalize_std=a.normalize_std, std_eps=a.std_eps).tolist()
+            rows += [start + i for i in subset]
+            start += pool.numel()
+        return rows, adv
+    sizes = {g.numel() for g in groups}
+    if len(sizes) == 1:  # [B, G]: the algorithm picks its rows (every rollout, or online DPO's discordant pairs)
+        return a.spec.select_rows(advantage_fn(torch.stack(groups)))
+    return algorithms.all_rows(torch.cat(algorithms.grouped_apply(advantage_fn, groups)))
+
+
+def shaped_rewards(batch, beta: float) -> list[torch.Tensor]:
+    """Each group's rewards [m], after Rewarding the Unlikely's rank penalty when ``beta`` > 0 (ranked within the
+    group by each rollout's mean token logprob under the policy that sampled it)."""
+    groups = [torch.tensor(g.rewards, dtype=torch.float32) for g in batch.groups]
+    if beta <= 0:
+        return groups
+    shape = algorithms.get("reward_shaping", "unlikeliness")
+    logprobs = [torch.tensor([mean_logprob(c) for c in g.completions], dtype=torch.float32) for g in batch.groups]
+    return [shape(r[None], lp[None], beta=beta)[0] for r, lp in zip(groups, logprobs)]  # ranks are within a group
+
+
+def mean_logprob(completion) -> float:
+    """A rollout's mean token logprob under its sampler (0 for an empty one). Multi-turn: the policy's tokens only."""
+    lps = completion.logprobs
+    if completion.loss_mask:
+        lps = [lp for lp, m in zip(lps, completion.loss_mask) if m]
+    return sum(lps) / len(lps) if lps else 0.0
+
+
+def allocation_metrics(batch, budget: int) -> dict[str, float]:
+    """Rollouts per prompt (min / median / max: a histogram in three numbers), the share of prompts with signal
+    (rewards not all equal), and the rollouts spent against the step's budget."""
+    counts = sorted(len(g.completions) for g in batch.groups)
+    signal = [not g.tied for g in batch.groups]
+    return {
+        "rollouts_per_prompt_min": float(counts[0]),
+        "rollouts_per_prompt_median": float(counts[len(counts) // 2]),
+        "rollouts_per_prompt_max": float(counts[-1]),
+        "prompts_with_signal": sum(signal) / len(signal),
+        "rollout_budget_used": batch.sampled_rollouts / budget,
+    }
