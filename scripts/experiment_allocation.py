@@ -195,7 +195,7 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=8)
     ap.add_argument("--arms", nargs="+", default=None, help="a subset of the arms (by name)")
     ap.add_argument("--quick", action="store_true",
-                    help="two arms (fixed G=8, Reinforce-Ada + unlikely), a few steps, one seed: checks the tables are produced")
+                    help="two arms (fixed G=8, Reinforce-Ada), a few steps, one seed: checks the tables are produced")
     ap.add_argument("--fresh", action="store_true")
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument("--runs", default=str(ROOT / "runs" / "experiment-allocation"))
@@ -204,7 +204,7 @@ def main() -> None:
     command = "python scripts/experiment_allocation.py" + "".join(f" {a}" for a in sys.argv[1:] if a != "--report-only")
     if args.quick:
         args.seeds, args.steps, args.prompts, args.test_prompts, args.eval_every, args.k = args.seeds[:1], 2, 128, 16, 2, 2
-        args.arms = args.arms or ["fixed G=8", "Reinforce-Ada + unlikely"]
+        args.arms = args.arms or ["fixed G=8", "Reinforce-Ada"]
     chosen = [a for a in arms() if args.arms is None or a.name in args.arms]
     if args.arms and len(chosen) != len(args.arms):
         ap.error(f"--arms: unknown arm in {args.arms}; the arms are {[a.name for a in arms()]}")

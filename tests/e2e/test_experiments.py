@@ -80,11 +80,11 @@ def test_allocation_quick(tmp_path):
     run_script("experiment_allocation.py", tmp_path)
     report = (tmp_path / "out" / "allocation.md").read_text()
     assert report.startswith("# Rollout allocation") and "Reproduce: `python scripts/experiment_allocation.py --quick" in report
-    for arm in ("fixed G=8", "Reinforce-Ada + unlikely"):
+    for arm in ("fixed G=8", "Reinforce-Ada"):
         assert f"| {arm} |" in report, arm
     assert "## The claims at this scale" in report and "**no interval (one seed)**" in report
     results = json.loads((tmp_path / "out" / "allocation.json").read_text())
-    fixed, ada = (next(r for r in results if r["arm"] == name) for name in ("fixed G=8", "Reinforce-Ada + unlikely"))
+    fixed, ada = (next(r for r in results if r["arm"] == name) for name in ("fixed G=8", "Reinforce-Ada"))
     assert fixed["rollouts"] == 2 * 256 and fixed["trained_sequences"] == 2 * 256  # 32 prompts x 8, every rollout trained
     assert 2 * 128 <= ada["rollouts"] <= 2 * 256 and ada["trained_sequences"] == 2 * 32 * 4  # capped; 4 of each pool
     assert [p["step"] for p in fixed["curve"]] == [0, 2] and all(0.0 <= p["pass_at_k"] <= 1.0 for p in fixed["curve"])
