@@ -1,5 +1,5 @@
 """No silent waits: what the driver knows about an actor that makes no progress or whose node is
-gone (``rl.workers._Group.wait_for`` applies it to every wait)."""
+gone (``rl.workers.WorkerGroup.wait_for`` applies it to every wait)."""
 
 from __future__ import annotations
 
