@@ -32,7 +32,7 @@ from adapters.sparse import (
     sensitivity_inputs,
 )
 from experiments.arithmetic_family import MAX_ANSWER_CHARS, SUBTASKS, make_subtask_problems
-from rl.tasks.tiny_model import cached_build
+from rl.tasks.cache import cached_build
 from rl.tasks.tiny_sft import encode_sft_batch, greedy_accuracy, sft_loss
 
 # Bump when a code change alters what given settings train: it is part of an expert's cache key.

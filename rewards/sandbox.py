@@ -69,7 +69,6 @@ beforehand -- no imports, no allocation-heavy work, no locks -- which keeps that
 
 from __future__ import annotations
 
-import ctypes
 import math
 import os
 import resource
@@ -77,13 +76,12 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
-from typing import Callable
 
 # The parent's side of a run (stdin/output, the deadline kill, reaping) is in rewards.sandbox_process.
 from rewards.sandbox_cgroup import PidsCgroup
+from rewards.sandbox_child import PROBE_LOCK, make_preexec, net_flags
 from rewards.sandbox_process import communicate, killed_reason, reap
 
 __all__ = [
@@ -97,11 +95,6 @@ __all__ = [
 FILE_SIZE_LIMIT_BYTES = 16 * 1024 * 1024
 """``RLIMIT_FSIZE`` of the child: no single file it writes grows past this (pipes are not files)."""
 
-# Linux constants (sched.h, linux/prctl.h); the network namespace is Linux-only.
-_CLONE_NEWUSER = 0x10000000
-_CLONE_NEWNET = 0x40000000
-_PR_CAPBSET_DROP = 24
-_PR_SET_NO_NEW_PRIVS = 38
 
 
 @dataclass
@@ -170,7 +163,7 @@ def run_python(
             f"memory_mb={memory_mb!r}, max_output_bytes={max_output_bytes!r}, max_processes={max_processes!r}"
         )
     cpu = max(1, math.ceil(cpu_seconds))  # RLIMIT_CPU counts whole seconds
-    net_flags = _net_flags()
+    namespace_flags = net_flags()
     workdir = tempfile.mkdtemp(prefix="rl-sandbox-")
     cgroup = PidsCgroup.create(max_processes)  # caps tasks where RLIMIT_NPROC cannot (root); None where unavailable
     try:
@@ -195,7 +188,7 @@ def run_python(
                 stderr=subprocess.PIPE,
                 start_new_session=True,  # its own process group: killed as a whole
                 close_fds=True,
-                preexec_fn=_make_preexec(limits, net_flags, cgroup.procs if cgroup else None),
+                preexec_fn=make_preexec(limits, namespace_flags, cgroup.procs if cgroup else None),
             )
         except subprocess.SubprocessError as e:  # preexec_fn failed: no namespace or limits -> do not run
             raise OSError(f"could not start the sandboxed process (namespace or limits refused): {e}") from e
@@ -226,7 +219,7 @@ def network_isolation() -> str:
     """How :func:`run_python` cuts the network here: ``"namespace"`` (a kernel network
     namespace, plus the in-process guard) or ``"guard"`` (the in-process guard only).
     Probed once per process by starting a child in a new namespace."""
-    return "namespace" if _net_flags() else "guard"
+    return "namespace" if net_flags() else "guard"
 
 
 def nproc_limit_enforced() -> bool:
@@ -240,7 +233,7 @@ def nproc_limit_enforced() -> bool:
     kill of the process group, the per-process CPU and memory limits, and the machine's ``pid_max``.
     """
     global _NPROC_ENFORCED
-    with _PROBE_LOCK:
+    with PROBE_LOCK:
         if _NPROC_ENFORCED is None:
             probe = run_python(_NPROC_PROBE, timeout_seconds=10.0, max_processes=1)
             _NPROC_ENFORCED = probe.stdout.strip() == "limited"
@@ -294,96 +287,9 @@ else:
     print("unlimited")
 """
 
-_LIBC = None
-if sys.platform.startswith("linux"):
-    try:
-        _LIBC = ctypes.CDLL(None, use_errno=True)  # the C library this interpreter is linked with
-        _LIBC.unshare, _LIBC.prctl  # noqa: B018 -- both must exist
-    except (OSError, AttributeError):
-        _LIBC = None
-
-
-def _cap_last() -> int:
-    try:
-        with open("/proc/sys/kernel/cap_last_cap") as f:
-            return int(f.read())
-    except (OSError, ValueError):
-        return 40
-
-
-_CAPS = tuple(range(_cap_last() + 1))
-
-
-def _make_preexec(limits: list[tuple[int, int, int | None]], net_flags: int,
-                  cgroup_procs: str | None = None) -> Callable[[], None]:
-    """The function run in the child between fork and exec. Everything it uses exists already."""
-    hard_limits = []
-    for res, soft, hard in limits:
-        _, current_hard = resource.getrlimit(res)
-        hard = soft if hard is None else hard
-        if current_hard != resource.RLIM_INFINITY:  # lowering only: never ask for more than allowed
-            soft, hard = min(soft, current_hard), min(hard, current_hard)
-        hard_limits.append((res, (soft, hard)))
-    # Looked up here, in the parent: the child should only make calls.
-    unshare = _LIBC.unshare if _LIBC is not None and net_flags else None
-    prctl = _LIBC.prctl if _LIBC is not None else None
-
-    def preexec() -> None:
-        if cgroup_procs is not None:  # first: every task the program starts is counted against pids.max
-            fd = os.open(cgroup_procs, os.O_WRONLY)
-            try:
-                os.write(fd, b"0")  # "0": the writing process itself
-            finally:
-                os.close(fd)
-        if unshare is not None:
-            if unshare(net_flags) != 0:  # before dropping capabilities: it needs CAP_SYS_ADMIN
-                raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNET) failed")
-        for res, value in hard_limits:
-            try:
-                resource.setrlimit(res, value)
-            except (ValueError, OSError):
-                if res != resource.RLIMIT_NPROC:  # NPROC "where it works"; the others must hold
-                    raise
-        if prctl is not None:
-            for cap in _CAPS:  # fails harmlessly (EPERM/EINVAL) where there is nothing to drop
-                prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0)
-            prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
-
-    return preexec
-
-
 # --- probes -------------------------------------------------------------------------------------
 
-_PROBE_LOCK = threading.RLock()  # nproc_limit_enforced -> run_python -> _net_flags
-_NET_FLAGS: int | None = None  # 0: no namespace available
 _NPROC_ENFORCED: bool | None = None
-
-
-def _net_flags() -> int:
-    """The ``unshare`` flags that work here, tried once: a network namespace, else a user +
-    network namespace (unprivileged users, where allowed), else 0 (guard only)."""
-    global _NET_FLAGS
-    with _PROBE_LOCK:
-        if _NET_FLAGS is None:
-            _NET_FLAGS = 0
-            if _LIBC is not None:
-                for flags in (_CLONE_NEWNET, _CLONE_NEWUSER | _CLONE_NEWNET):
-                    if _namespace_works(flags):
-                        _NET_FLAGS = flags
-                        break
-        return _NET_FLAGS
-
-
-def _namespace_works(flags: int) -> bool:
-    try:
-        probe = subprocess.run(
-            [sys.executable, "-I", "-c", "import socket; print(len(socket.if_nameindex()))"],
-            preexec_fn=_make_preexec([], flags), stdin=subprocess.DEVNULL, capture_output=True,
-            timeout=30, env={"PATH": "/usr/bin:/bin"},
-        )
-    except (OSError, subprocess.SubprocessError):
-        return False
-    return probe.returncode == 0 and probe.stdout.strip() == b"1"  # only the loopback interface
 
 
 def _tasks_of_user(uid: int) -> int:

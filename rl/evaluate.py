@@ -101,7 +101,7 @@ def serve_policy(policy, rollout, prompts: list[list[int]], dtype: str, trust_re
 
     from rollout.weight_sync import get_transport
     from trainer.policies import build_policy
-    from trainer.policy_trainer import DTYPES
+    from trainer.engine import DTYPES
 
     tokenizer = AutoTokenizer.from_pretrained(policy.base_model, trust_remote_code=trust_remote_code)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

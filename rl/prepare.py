@@ -80,7 +80,7 @@ def _chat_arithmetic_data() -> Path:
     import json
 
     from rl.tasks.arithmetic import chat_rows, make_problems, split_size
-    from rl.tasks.tiny_model import default_cache_dir
+    from rl.tasks.cache import default_cache_dir
 
     out = default_cache_dir() / "data" / "arithmetic-chat-d2"
     if (out / "test.jsonl").is_file():

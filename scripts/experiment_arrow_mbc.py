@@ -46,13 +46,13 @@ sys.path[:0] = [str(ROOT)]
 
 import torch  # noqa: E402
 
-from experiments import family_experts as experts  # noqa: E402  the per-task experts and their SFT (shared with experiment_merging)
-
 from adapters.arrow import peft_arrow_routing  # noqa: E402
 from adapters.cluster import cluster_experts  # noqa: E402
 from adapters.library import AdapterLibrary  # noqa: E402
+from experiments import family_experts as experts  # noqa: E402  the per-task experts and their SFT (shared with experiment_merging)
 from experiments.arithmetic_family import SUBTASKS, make_subtask_problems  # noqa: E402
-from rl.tasks.tiny_model import TinyModelSpec, build_tiny_model, cached_build  # noqa: E402
+from rl.tasks.cache import cached_build  # noqa: E402
+from rl.tasks.tiny_model import TinyModelSpec, build_tiny_model  # noqa: E402
 from rl.tasks.tiny_sft import encode_sft_batch, greedy_accuracy  # noqa: E402
 
 STARTS = ("base", "per-task merge", "per-task Arrow", "MBC merge", "MBC Arrow")  # the compared starts (RL from each too)

@@ -1,6 +1,6 @@
 """The policy trainer: one data-parallel rank that owns a DeepSpeed engine.
 
-It is a plain class; ``rl/workers.py`` runs one per rank as a Ray actor (or in-process).
+It is a plain class; ``rl.workers`` runs one per rank as a Ray actor (or in-process).
 Per rollout batch: ``train_step(shard)`` runs ``trainer.mini_batches`` optimizer steps, each
 accumulating gradients over micro-batches. Every micro-batch loss is normalized by counts
 over the *whole* batch (``TrainBatch.num_tokens`` / ``num_sequences``), so the update is the
@@ -23,27 +23,12 @@ import torch
 from trainer import algorithms
 from trainer.batching import collate, length_order, split_units
 from trainer.config import AlgorithmConfig, TrainerConfig
+from trainer.engine import DTYPES, clips_in_hook, decoder_and_head, deepspeed_config
 from trainer.policies import PolicySpec, build_policy
 from trainer.process import interface_of, node_ip, peak_rss_gib, redirect_output, skip_cpu_shm_op
 from trainer.rank_state import load_rank_state, save_rank_state
 from trainer.stats import Stats
 from trainer.types import TrainBatch
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def _decoder_and_head(model):
-    """(decoder, LM head) of an HF causal LM whose logits are ``head(decoder(...).last_hidden_state)``,
-    else None. ``model`` may be a DeepSpeed engine, a PEFT model or the plain model."""
-    module = getattr(model, "module", model) if type(model).__name__ == "DeepSpeedEngine" else model
-    try:
-        decoder, head = module.get_decoder(), module.get_output_embeddings()
-    except (AttributeError, NotImplementedError):
-        return None
-    cfg = getattr(module, "config", None)
-    if decoder is None or head is None or cfg is None or getattr(cfg, "final_logit_softcapping", None) or hasattr(cfg, "logit_scale"):
-        return None
-    return decoder, head
 
 
 @dataclass
@@ -70,38 +55,6 @@ class TrainerSetup:
     transport: Any = None
     max_staleness: int = 0  # asynchronous rollout: batches may still use the k previous versions
     log_dir: Optional[str] = None  # each rank's stdout/stderr go to <log_dir>/trainer-rank<r>.log instead of the terminal
-
-
-def _clips_in_hook(cfg: TrainerConfig, dtype: str) -> bool:
-    """ZeRO-0 in float32 hands us the plain torch optimizer, whose step we hook; in bf16/fp16 DeepSpeed
-    wraps it in its own mixed-precision optimizer (no step hooks), which clips and reports the norm itself."""
-    return cfg.zero_stage == 0 and dtype == "float32"
-
-
-def deepspeed_config(cfg: TrainerConfig, dtype: str) -> dict:
-    """The DeepSpeed config of one rank: we own the accumulation boundary and, under ZeRO-0, the clipping."""
-    ds = {
-        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
-        "gradient_accumulation_steps": 1,
-        # Any number of micro-batches, then step().
-        "managed_gradient_accumulation": False,
-        # ZeRO-0 in float32 discards the norm it clips with; there we clip (and measure) in an optimizer hook.
-        "gradient_clipping": 0.0 if _clips_in_hook(cfg, dtype) else cfg.max_grad_norm,
-        "zero_optimization": {"stage": cfg.zero_stage},
-        "optimizer": {
-            "type": "AdamW",
-            "params": {"lr": cfg.lr, "betas": list(cfg.adam_betas), "weight_decay": cfg.weight_decay,
-                       "torch_adam": True},  # no op compilation on CPU
-        },
-        "bf16": {"enabled": dtype == "bfloat16"},
-        "fp16": {"enabled": dtype == "float16"},
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
-    if cfg.warmup_steps > 0:
-        ds["scheduler"] = {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": cfg.lr,
-                                                          "warmup_num_steps": cfg.warmup_steps, "warmup_type": "linear"}}
-    return ds
 
 
 class PolicyTrainer:
@@ -134,7 +87,7 @@ class PolicyTrainer:
             config=deepspeed_config(self.cfg, setup.dtype),
         )
         self._grad_norm: Optional[float] = None
-        self._clip_in_hook = _clips_in_hook(self.cfg, setup.dtype)
+        self._clip_in_hook = clips_in_hook(self.cfg, setup.dtype)
         if self._clip_in_hook:
             self.optimizer.register_step_pre_hook(self._clip_and_measure)
         self.transport = setup.transport if setup.rank == 0 else None
@@ -201,7 +154,7 @@ class PolicyTrainer:
         of the distribution the tokens were sampled from.
         """
         mask = mb["response_mask"].bool()  # [n, T-1]
-        parts = _decoder_and_head(model)
+        parts = decoder_and_head(model)
         temperature = self.setup.temperature
         if parts is None:  # logits that are not the LM head's plain output (soft-capping, scaling, custom code)
             logits = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits[:, :-1]

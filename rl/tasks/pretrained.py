@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from rl.tasks.tiny_model import cached_build, default_cache_dir
+from rl.tasks.cache import cached_build, default_cache_dir
 
 
 class PretrainedBuildError(RuntimeError):

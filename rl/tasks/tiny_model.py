@@ -28,9 +28,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +36,8 @@ from typing import Callable
 import torch
 
 from rl.tasks import arithmetic
+from rl.tasks.cache import cached_build, default_cache_dir
+
 # SFT and evaluation live in rl.tasks.tiny_sft; importable from here too. The build looks
 # teacher_forced_accuracy up in this module, so a test can replace it here.
 from rl.tasks.tiny_sft import (  # noqa: F401 -- encode_sft_batch, generate, sft_loss: re-exported
@@ -165,12 +164,6 @@ class TinyModelSpec:
         return {"digits": self.digits, "test_fraction": self.test_fraction}
 
 
-def default_cache_dir() -> Path:
-    """``$RL_CACHE_DIR`` if set, else ``~/.cache/rl-post-train``."""
-    env = os.environ.get("RL_CACHE_DIR")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "rl-post-train"
-
-
 # ------------------------------------------------------------------------------------------
 # tokenizer and model
 # ------------------------------------------------------------------------------------------
@@ -242,56 +235,6 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
     with open(path, "w") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
-
-
-def _remove_stale_temps(parent: Path, name: str) -> None:
-    """Delete temp build dirs of ``name`` left by processes that no longer run."""
-    for tmp in parent.glob(f".tmp-{name}-*"):
-        try:
-            pid = int(tmp.name.rsplit("-", 2)[-2])
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            shutil.rmtree(tmp, ignore_errors=True)
-        except (ValueError, IndexError, PermissionError):
-            pass
-
-
-def cached_build(parent: Path, dirname: str, build: Callable[[Path], dict], label: str,
-                 log: Callable[[str], None]) -> tuple[Path, dict | None]:
-    """``parent/dirname``, built once by ``build(tmp_dir) -> info`` and reused after.
-
-    Complete when ``build_info.json`` exists. The build goes into a temporary sibling directory
-    renamed into place, so a killed build never leaves a half-written cache; when two processes
-    build at once, the first rename wins and the other discards its copy. Returns (directory,
-    info) with info None when an existing build was reused.
-    """
-    final = parent / dirname
-    if (final / "build_info.json").is_file():
-        log(f"{label}: reusing {final}")
-        return final, None
-    parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temps(parent, dirname)
-    t0 = time.time()
-    log(f"{label}: building {dirname} (once; cached in {parent})")
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{dirname}-{os.getpid()}-", dir=parent))
-    try:
-        info = build(tmp)
-        info["build_seconds"] = round(time.time() - t0, 1)
-        (tmp / "build_info.json").write_text(json.dumps(info, indent=2) + "\n")
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if (final / "build_info.json").is_file():  # another process won the race
-                log(f"{label}: another process finished the same build first; using it")
-                shutil.rmtree(tmp, ignore_errors=True)
-                return final, None
-            # A directory without build_info.json is not a build (e.g. made by hand): replace it.
-            shutil.rmtree(final, ignore_errors=True)
-            os.rename(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final, info
 
 
 def build_tiny_model(

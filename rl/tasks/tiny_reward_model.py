@@ -44,7 +44,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from rl.tasks.tiny_model import cached_build, default_cache_dir
+from rl.tasks.cache import cached_build, default_cache_dir
 from rl.tasks.tiny_text import TinyTextSpec
 
 BUILTIN = "builtin:tiny-hh-rm"

@@ -15,7 +15,6 @@ import torch
 from rl.tasks import arithmetic
 
 
-
 class SFTSchedule(Protocol):
     """What ``run_sft`` reads of a model spec (``rl.tasks.tiny_model.TinyModelSpec`` is one)."""
 

@@ -37,7 +37,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from rl.tasks.tiny_model import build_model, cached_build, default_cache_dir
+from rl.tasks.cache import cached_build, default_cache_dir
+from rl.tasks.tiny_model import build_model
 
 # Bump when a code change alters what a given spec builds: it is part of the cache key.
 BUILD_FORMAT = 1

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from rewards import RewardScorer, RewardSpec, register_reward, registry, sandbox, scoring
+from rewards import RewardScorer, RewardSpec, register_reward, registry, sandbox, sandbox_child, scoring
 from rewards import builtin
 from rewards.builtin import extract_python, python_tests
 from rewards.sandbox import run_python
@@ -230,7 +230,7 @@ def test_limits_cannot_be_raised_from_inside():
     assert result.returncode == 1 and "ValueError: not allowed to raise maximum limit" in result.stderr
     caps = run_python("print(open('/proc/self/status').read())").stdout
     assert "CapEff:\t0000000000000000" in caps  # no capabilities, even with a root parent
-    if os.geteuid() == 0 and sandbox._LIBC is not None:
+    if os.geteuid() == 0 and sandbox_child.LIBC is not None:
         assert "CapBnd:\t0000000000000000" in caps  # and no way back to any by exec
 
 
@@ -304,10 +304,10 @@ def test_kernel_namespace_stops_what_the_guard_cannot(listener):
 
 
 def test_user_namespace_variant(listener, monkeypatch):
-    flags = sandbox._CLONE_NEWUSER | sandbox._CLONE_NEWNET
-    if sandbox._LIBC is None or not sandbox._namespace_works(flags):
+    flags = sandbox_child.CLONE_NEWUSER | sandbox_child.CLONE_NEWNET
+    if sandbox_child.LIBC is None or not sandbox_child.namespace_works(flags):
         pytest.skip("user + network namespaces are not permitted here")
-    monkeypatch.setattr(sandbox, "_NET_FLAGS", flags)
+    monkeypatch.setattr(sandbox_child, "_NET_FLAGS", flags)
     result = run_python(BYPASS.format(port=listener.getsockname()[1]) + "\nimport os\nprint(os.getuid())")
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == ["OSError: [Errno 101] Network is unreachable", "65534"]
@@ -316,7 +316,7 @@ def test_user_namespace_variant(listener, monkeypatch):
 
 def test_guard_alone_is_in_process_only(listener, monkeypatch):
     """Without a namespace, the guard stops the program's own sockets -- and nothing else."""
-    monkeypatch.setattr(sandbox, "_NET_FLAGS", 0)
+    monkeypatch.setattr(sandbox_child, "_NET_FLAGS", 0)
     assert sandbox.network_isolation() == "guard"
     port = listener.getsockname()[1]
     own = run_python(f"import socket\nsocket.create_connection(('127.0.0.1', {port}))")

@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from rl.tasks import arithmetic
+from rl.tasks.cache import default_cache_dir
 from rl.tasks.tiny_model import (
     TinyModelSpec,
-    build_tiny_model,
     build_model,
+    build_tiny_model,
     build_tokenizer,
-    default_cache_dir,
     encode_sft_batch,
     load_build_info,
     run_sft,
