@@ -60,6 +60,8 @@ def arms(args) -> list[Arm]:
     out = [Arm("16-GRPO", "recipes/grpo16-arithmetic.yaml", b, lr)]
     out += [Arm(f"2-GRPO lr {r:g}x", "recipes/grpo2-arithmetic.yaml", GROUP_RATIO * b, r * lr) for r in args.lr_ratios]
     out.append(Arm(f"2-GRPO+RS lr {args.pair_lr_ratio:g}x", "recipes/grpo2-rs-arithmetic.yaml", GROUP_RATIO * b, pair_lr))
+    if args.quick:  # the report's arms; online DPO's own path runs in tests/e2e/test_pairwise_algorithms.py
+        return out
     # Online DPO on exactly 2-GRPO's pairs: ties dropped, not resampled.
     out.append(Arm(f"online DPO lr {args.pair_lr_ratio:g}x", "recipes/online-dpo-arithmetic.yaml", GROUP_RATIO * b, pair_lr,
                    ["algorithm.tie_handling=keep", f"trainer.micro_batch_size={2 * GROUP_RATIO * b}"]))
