@@ -119,6 +119,30 @@ class ClusterConfig(Section):
         "cannot rejoin it).")
 
 
+class AgentConfig(Section):
+    """Rollouts made by your own agent code through the OpenAI API (``rl/agents.py``, ``rl/gateway.py``)."""
+
+    fn: Optional[str] = Field(
+        None, description="`path/to/file.py:run_episode` or `package.module:run_episode`: run_episode(client, prompt, "
+        "**columns) -> reward or None, with `client` an openai.OpenAI served by the rollout engines. Unset: no agent.")
+    concurrency: int = Field(16, ge=1, description="Episodes running at once (their requests are batched into one engine call).")
+    timeout_s: float = Field(60.0, gt=0.0, description="An episode past this is abandoned: it scores rewards.fallback "
+                             "(counted as agent_timeout).")
+
+    @model_validator(mode="after")
+    def _check_fn(self) -> "AgentConfig":
+        if self.fn is not None:
+            from rewards.registry import load_plugin
+
+            try:
+                fn = load_plugin(self.fn, "agent function")
+            except (AttributeError, ValueError, FileNotFoundError, ImportError, SyntaxError) as e:
+                raise ValueError(f"agent.fn {self.fn!r}: {e}") from None
+            if not callable(fn):
+                raise ValueError(f"agent.fn {self.fn!r} is not a function run_episode(client, prompt, **columns)")
+        return self
+
+
 class LoggingConfig(Section):
     tensorboard: bool = True
     progress: bool = True
@@ -156,6 +180,7 @@ class Recipe(Section):
     algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
     rewards: RewardsConfig = Field(default_factory=RewardsConfig)
     environment: EnvironmentConfig = Field(default_factory=EnvironmentConfig)
+    agent: AgentConfig = Field(default_factory=AgentConfig)
     adapter: AdapterConfig = Field(default_factory=AdapterConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
@@ -182,6 +207,19 @@ class Recipe(Section):
         if self.adapter.kind == "arrow":
             raise ValueError("environment.name does not combine with adapter.kind=arrow (Arrow routes each prompt, and an "
                              "episode's later turns are new prompts)")
+        return self
+
+    @model_validator(mode="after")
+    def _check_agent(self) -> "Recipe":
+        if self.agent.fn is None:
+            return self
+        if self.environment.name is not None:
+            raise ValueError("agent.fn and environment.name both make the episodes; set one")
+        if self.rollout.max_staleness > 0:
+            raise ValueError("agent.fn needs rollout.max_staleness=0 (an episode's calls are sampled by the policy of the "
+                             "step that trains on it)")
+        if not self.algorithm.spec.policy_gradient or self.adapter.kind == "arrow":
+            raise ValueError("agent.fn runs with a policy-gradient algorithm such as grpo and a policy that is not Arrow-routed")
         return self
 
     @model_validator(mode="after")

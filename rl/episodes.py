@@ -50,6 +50,9 @@ class EpisodeRunner:
         self.cfg, self.tokenizer, self.max_model_len = cfg, tokenizer, max_model_len
         self.env_cls = get_environment(cfg.name)
 
+    def close(self) -> None:
+        """Nothing outlives a batch of episodes."""
+
     def run(self, rollout, prompt_token_ids: Sequence[list[int]], rows: Sequence[dict], sampling: SamplingSpec) -> list[list[Episode]]:
         """B prompts (with their dataset rows) -> B groups of ``sampling.n`` finished episodes."""
         groups = [[self._start(c, rows[i]) for c in g] for i, g in enumerate(rollout.generate(list(prompt_token_ids), sampling))]

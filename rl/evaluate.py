@@ -16,7 +16,6 @@ import json
 import math
 import time
 from pathlib import Path
-
 from typing import Optional
 
 from rl.config import Recipe, RecipeError
@@ -100,8 +99,8 @@ def serve_policy(policy, rollout, prompts: list[list[int]], dtype: str, trust_re
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from rollout.weight_sync import get_transport
-    from trainer.policies import build_policy
     from trainer.engine import DTYPES
+    from trainer.policies import build_policy
 
     tokenizer = AutoTokenizer.from_pretrained(policy.base_model, trust_remote_code=trust_remote_code)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -117,9 +116,10 @@ def run_eval(recipe: Recipe, k: int = 1, temperature: float | None = None, out_p
     """Evaluate the recipe's policy (or the one in ``checkpoint``) on its held-out set (greedy when k == 1)."""
     import tempfile
 
-    from rl.episodes import EpisodeRunner
+    from rl.agents import make_episode_runner
     from rl.launch import Workers
-    from rl.prepare import engine_spec, load_task, prepare_policy, sampling as training_sampling
+    from rl.prepare import engine_spec, load_task, prepare_policy
+    from rl.prepare import sampling as training_sampling
 
     task = load_task(recipe)
     start = str(resolve_checkpoint(checkpoint, recipe)) if checkpoint else None
@@ -138,9 +138,13 @@ def run_eval(recipe: Recipe, k: int = 1, temperature: float | None = None, out_p
             else:
                 sampling = SamplingSpec(n=k, max_new_tokens=recipe.eval.max_new_tokens or ro.max_new_tokens, temperature=temp,
                                         top_p=1.0 if temp == 0 else ro.top_p, seed=recipe.seed)
-            episodes = EpisodeRunner(recipe.environment, task.tokenizer, ro.max_model_len) if recipe.environment.name else None
-            result = evaluate_prompts(workers.rollout, task.test_set, task.scorer, recipe.accuracy_reward, sampling, episodes,
-                                      recipe.rewards.fallback)
+            episodes = make_episode_runner(recipe, task.tokenizer)
+            try:
+                result = evaluate_prompts(workers.rollout, task.test_set, task.scorer, recipe.accuracy_reward, sampling, episodes,
+                                          recipe.rewards.fallback)
+            finally:
+                if episodes is not None:
+                    episodes.close()
         finally:
             workers.cleanup()
             if transport is not None:

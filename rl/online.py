@@ -21,9 +21,10 @@ import time
 from typing import Optional
 
 from rl import checkpoint as ckpt
+from rl.agents import make_episode_runner
 from rl.allocation import allocation_metrics, make_allocation, training_rows
 from rl.config import Recipe, RecipeError
-from rl.episodes import EpisodeRunner, episode_metrics
+from rl.episodes import episode_metrics
 from rl.metrics import MetricsLogger, PhaseTimer, read_metrics
 from rl.prepare import check_library_write, engine_spec, load_task, prepare_policy, sampling, trainer_memory
 from rl.rollouts import Rollouts, Sampled
@@ -55,8 +56,8 @@ class OnlineRun(Run):
         task = load_task(recipe)
         self.paths, self.tokenizer, self.scorer = task.paths, task.tokenizer, task.scorer
         self.train_set, self.test_set = task.train_set, task.test_set
-        # Multi-turn: each rollout is an episode with the recipe's environment (None: one completion).
-        self.episodes = EpisodeRunner(recipe.environment, self.tokenizer, recipe.rollout.max_model_len) if recipe.environment.name else None
+        # Multi-turn: each rollout is an episode with the recipe's environment or agent (None: one completion).
+        self.episodes = make_episode_runner(recipe, self.tokenizer)
         self.allocation = make_allocation(recipe)  # how many rollouts each prompt gets
         self.rollouts = Rollouts(recipe, self.train_set, self.scorer, self.episodes, self.allocation, self.print)
         check_library_write(recipe, resuming=self.resume_from is not None)
@@ -85,6 +86,8 @@ class OnlineRun(Run):
         final = super().stop_workers()
         final["trainer_memory_estimate_gib"] = {k: round(v, 3) for k, v in self.memory_estimate.items()}
         self.rollouts.forget_prefetched()  # batches in flight died with the engines
+        if self.episodes is not None:
+            self.episodes.close()  # an agent's gateway
         return final
 
     def _publish(self, prompts: Optional[list[list[int]]] = None) -> None:

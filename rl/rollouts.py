@@ -24,6 +24,7 @@ from rl.metrics import PhaseTimer
 from rl.prepare import sampling
 from rollout.types import Completion
 
+
 @dataclass
 class Group:
     """One prompt's scored rollouts: ``rewards`` (the total) and ``per_reward`` (each function) per completion."""

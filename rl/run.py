@@ -27,7 +27,6 @@ from rl.config import Recipe, recipe_to_yaml
 from rl.metrics import MetricsLogger, make_trackers
 from rl.watchdog import WorkerStalled
 
-
 RUN_STATUS = "run.json"  # what `rl runs` reads: status, pid and host while running, the reason when stopped
 
 

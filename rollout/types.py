@@ -20,6 +20,7 @@ class SamplingSpec:
     top_k: int = -1
     logprobs: bool = True
     seed: Optional[int] = None  # per-request seeds are derived from it: seed + prompt index
+    seeds: Optional[list[int]] = None  # one seed per prompt instead (requests gathered from several sources)
 
 
 @dataclass

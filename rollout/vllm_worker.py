@@ -142,10 +142,8 @@ class RolloutWorker:
 
         prompts = [TokensPrompt(prompt_token_ids=ids) for ids in prompt_token_ids]
         # One seed per prompt, derived from the step's seed, so a step's samples are reproducible.
-        params = [
-            self._sampling_params(sampling, None if sampling.seed is None else sampling.seed + i)
-            for i in range(len(prompts))
-        ]
+        seeds = sampling.seeds or [None if sampling.seed is None else sampling.seed + i for i in range(len(prompts))]
+        params = [self._sampling_params(sampling, seed) for seed in seeds]
         outputs = self.llm.generate(prompts, params, use_tqdm=False, lora_request=self._lora_for(prompt_token_ids))
         result = []
         for i, out in enumerate(outputs):

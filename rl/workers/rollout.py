@@ -114,7 +114,8 @@ class RolloutGroup(WorkerGroup):
         parts = [r for r in split_units(len(prompt_token_ids), len(self.workers)) if r]
         calls = []
         for w, r in zip(self.workers, parts):
-            s = SamplingSpec(**{**sampling.__dict__, "seed": None if sampling.seed is None else sampling.seed + r[0]})
+            s = SamplingSpec(**{**sampling.__dict__, "seed": None if sampling.seed is None else sampling.seed + r[0],
+                                "seeds": [sampling.seeds[i] for i in r] if sampling.seeds else None})
             calls.append((w, "generate", ([prompt_token_ids[i] for i in r], s)))
         return parts, self._submit(calls)
 

@@ -129,9 +129,12 @@ def test_knapsack_history_window_and_state_round_trip():
 def test_unlikeliness_rewards_hand_values():
     rewards = torch.tensor([[1.0, 1.0, 0.0, 1.0], [0.0, 1.0, 1.0, 0.0]])
     logprobs = torch.tensor([[-0.1, -2.0, -0.5, -1.0], [-1.0, -1.0, -3.0, -0.2]])
-    # group 1 ranks (0 = least likely): [3, 0, 2, 1]; group 2: [1, 2, 0, 3] (equal logprobs: group order)
+    # group 1 ranks (rollouts less likely): [3, 0, 2, 1]; group 2: [1, 1, 0, 3] (equally likely: one rank)
     got = unlikeliness_rewards(rewards, logprobs, beta=0.25)
-    torch.testing.assert_close(got, torch.tensor([[1 - 0.25 * 3 / 4, 1.0, 0.0, 1 - 0.25 / 4], [0.0, 1 - 0.25 * 2 / 4, 1.0, 0.0]]))
+    torch.testing.assert_close(got, torch.tensor([[1 - 0.25 * 3 / 4, 1.0, 0.0, 1 - 0.25 / 4], [0.0, 1 - 0.25 / 4, 1.0, 0.0]]))
+    # Copies of one answer keep equal rewards, so their updates do not cancel.
+    copies = unlikeliness_rewards(torch.tensor([[1.0, 1.0, 0.0]]), torch.tensor([[-0.3, -0.3, -2.0]]), beta=0.5)
+    assert copies[0, 0] == copies[0, 1] == 1 - 0.5 / 3
     assert algorithms.get("reward_shaping", "unlikeliness") is unlikeliness_rewards
     assert torch.equal(unlikeliness_rewards(rewards, logprobs, beta=0.0), rewards)
     # An unlikely correct rollout ends with a larger GRPO advantage than a likely correct one.

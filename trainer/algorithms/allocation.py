@@ -172,11 +172,15 @@ def unlikeliness_rewards(rewards: Tensor, logprobs: Tensor, *, beta: float) -> T
     """Rewarding the Unlikely's rank penalty: rewards [B, G], logprobs [B, G] -> rewards [B, G].
 
     Within each group the rollouts are ranked by their likelihood under the sampling policy (``logprobs``:
-    each rollout's mean token logprob), 0 = least likely ... G-1 = most likely, and each reward is scaled by
-    ``1 - beta * rank / G``: a correct but unlikely rollout keeps its reward, the most likely loses the most,
-    so GRPO no longer reinforces mostly what the policy already prefers. Applied before the advantage, so
-    the group's mean and std are those of the shaped rewards (the authors' released code; beta 0.25 there).
-    Incorrect rollouts (reward 0) stay 0 but hold their rank. Equal logprobs rank in group order.
+    each rollout's mean token logprob), rank = how many rollouts of the group are less likely (0 = least
+    likely), and each reward is scaled by ``1 - beta * rank / G``: a correct but unlikely rollout keeps its
+    reward, the most likely loses the most, so GRPO no longer reinforces mostly what the policy already
+    prefers. Applied before the advantage, so the group's mean and std are those of the shaped rewards (the
+    authors' released code; beta 0.25 there). Incorrect rollouts (reward 0) stay 0 but hold their rank.
+
+    Difference from the released code: equally likely rollouts (identical completions, in practice) share a
+    rank here; the released code orders them arbitrarily, so copies of one answer got different rewards and
+    their updates partly cancelled.
 
     >>> unlikeliness_rewards(torch.tensor([[1., 1., 0., 1.]]), torch.tensor([[-0.1, -2.0, -0.5, -1.0]]), beta=0.5).tolist()
     [[0.625, 1.0, 0.0, 0.875]]
@@ -184,5 +188,5 @@ def unlikeliness_rewards(rewards: Tensor, logprobs: Tensor, *, beta: float) -> T
     if rewards.shape != logprobs.shape or rewards.dim() != 2:
         raise ValueError(f"rewards and logprobs must both be [B, G], got {tuple(rewards.shape)} and {tuple(logprobs.shape)}")
     G = rewards.shape[1]
-    rank = logprobs.argsort(dim=-1, stable=True).argsort(dim=-1, stable=True).to(torch.float32)  # [B, G]
+    rank = (logprobs.unsqueeze(-2) < logprobs.unsqueeze(-1)).sum(dim=-1).to(torch.float32)  # [B, G]: rollouts less likely
     return rewards.float() * (1.0 - beta * rank / G)

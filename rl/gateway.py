@@ -1,0 +1,309 @@
+"""An OpenAI-compatible endpoint in front of the rollout engines, for agents written against the OpenAI API.
+
+``POST /v1/chat/completions`` and ``POST /v1/completions`` (no streaming) are answered by the run's vLLM actors.
+Each agent episode calls with its own API key (the episode's id), and the gateway keeps that episode's tokens:
+
+    request 1    text -> token ids (the prompt)                        the engine samples; ids appended, mask 1
+    request k    text must extend what the agent has seen so far       only the new part is tokenized, mask 0,
+                 (prompt, replies, what it added in between)           appended to the ids; the engine samples
+                                                                       from exactly those ids
+
+So the episode the trainer gets is the engine's own token sequence (token in, token out): nothing is
+re-tokenized, and tokens the agent or its tools added are masked out of the loss. A request whose history
+differs from what the episode sampled, that asks for another temperature, n > 1, stop strings, or a context
+past ``rollout.max_model_len`` is refused with HTTP 400 and marks its episode failed. Requests of all running
+episodes are batched into one engine call; each request's seed is fixed by its episode and call index.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+import uuid
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from fastapi import FastAPI, Request  # module level: the endpoints' annotations are resolved in these globals
+from fastapi.responses import JSONResponse
+
+from rollout.types import Completion, SamplingSpec
+
+BATCH_WINDOW_S = 0.01  # how long the batcher waits for more requests after the first
+
+
+class BadRequest(ValueError):
+    """A request the gateway refuses (HTTP 400); its episode is marked failed."""
+
+
+@dataclass
+class EpisodeTokens:
+    """One agent episode's token sequence as the engine saw it. ``seen``: the text the agent has been shown
+    (prompts and replies), which each new request's text must extend."""
+
+    seed: Optional[int]
+    prompt_ids: list[int] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)  # everything after the first prompt
+    logprobs: list[float] = field(default_factory=list)
+    loss_mask: list[int] = field(default_factory=list)
+    seen: str = ""
+    calls: int = 0
+    last_text: str = ""
+    finish_reason: str = "stop"
+    policy_version: Optional[int] = None
+    added_tokens: int = 0  # tokens the agent added between calls (masked out)
+    rejected: str = ""  # why a request was refused (the episode then fails)
+    closed: bool = False
+    last_special: str = ""  # the decoded stop token the last reply ended with ("" if none)
+
+    def context(self, text: str, tokenizer) -> list[int]:
+        """The ids to sample from for a request whose full text is ``text``; appends the agent's new tokens."""
+        if self.calls == 0:
+            self.prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            self.seen = text
+            return list(self.prompt_ids)
+        if not text.startswith(self.seen):
+            at = next((i for i, (a, b) in enumerate(zip(text, self.seen)) if a != b), min(len(text), len(self.seen)))
+            raise BadRequest(f"the conversation differs from what this episode sampled at character {at} "
+                             f"({self.seen[at:at + 40]!r} sampled, {text[at:at + 40]!r} sent): send the replies back unchanged")
+        delta = text[len(self.seen):]
+        if self.last_special and delta.startswith(self.last_special):
+            delta = delta[len(self.last_special):]  # a chat template writes again the stop token the engine emitted
+        ids = tokenizer(delta, add_special_tokens=False)["input_ids"] if delta else []
+        self.token_ids += ids
+        self.logprobs += [0.0] * len(ids)
+        self.loss_mask += [0] * len(ids)
+        self.added_tokens += len(ids)
+        self.seen = text
+        return self.prompt_ids + self.token_ids
+
+    def record(self, reply: Completion, special_text: str) -> None:
+        """Append a sampled reply: its ids are trained (mask 1), its text is what the agent sees next."""
+        self.token_ids += reply.token_ids
+        self.logprobs += reply.logprobs
+        self.loss_mask += [1] * len(reply.token_ids)
+        self.seen += reply.text
+        self.last_text, self.finish_reason, self.calls = reply.text, reply.finish_reason, self.calls + 1
+        self.policy_version = reply.policy_version if self.policy_version is None else min(self.policy_version, reply.policy_version)
+        self.last_special = special_text
+
+
+@dataclass
+class _Pending:
+    ids: list[int]
+    max_tokens: int
+    seed: Optional[int]
+    future: Future
+
+
+class Gateway:
+    """The HTTP server (uvicorn in a thread) and the batcher that feeds the engines. ``open_episode`` gives an
+    agent its API key; ``close_episode`` takes its tokens back."""
+
+    def __init__(self, tokenizer, sampling: SamplingSpec, max_model_len: int, model_name: str = "policy"):
+        self.tokenizer, self.sampling, self.max_model_len, self.model_name = tokenizer, sampling, max_model_len, model_name
+        self.episodes: dict[str, EpisodeTokens] = {}
+        self._lock = threading.Lock()
+        self._queue: queue.Queue = queue.Queue()
+        self.engines = None  # the RolloutGroup, set for each batch of episodes
+        self._server = self._thread = self._batcher = None
+        self.port = 0
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> str:
+        """Serve on a free local port; returns the base URL (``.../v1``)."""
+        import uvicorn
+
+        from rl.workers import free_port
+
+        self.port = free_port()
+        self._server = uvicorn.Server(uvicorn.Config(self.app(), host="127.0.0.1", port=self.port, log_level="warning",
+                                                     access_log=False))
+        self._thread = threading.Thread(target=self._server.run, name="rl-gateway", daemon=True)
+        self._thread.start()
+        self._batcher = threading.Thread(target=self._batch_loop, name="rl-gateway-batcher", daemon=True)
+        self._batcher.start()
+        deadline = time.monotonic() + 30
+        while not self._server.started:
+            if time.monotonic() > deadline or not self._thread.is_alive():
+                raise RuntimeError(f"the OpenAI gateway did not start on 127.0.0.1:{self.port}")
+            time.sleep(0.02)
+        return self.url
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def stop(self) -> None:
+        """Stop serving (a second call does nothing)."""
+        if self._server is not None:
+            self._server.should_exit = True
+            self._thread.join(timeout=10)
+            self._queue.put(None)
+            self._batcher.join(timeout=10)
+            self._server = None
+
+    def open_episode(self, seed: Optional[int]) -> str:
+        key = f"ep-{uuid.uuid4().hex}"
+        with self._lock:
+            self.episodes[key] = EpisodeTokens(seed=seed)
+        return key
+
+    def close_episode(self, key: str) -> EpisodeTokens:
+        """No more calls for ``key`` (a late one gets 400); returns its tokens."""
+        with self._lock:
+            ep = self.episodes.pop(key)
+            ep.closed = True
+        return ep
+
+    # ------------------------------------------------------------------ requests
+
+    def reject(self, key: str, message: str) -> None:
+        """A refused request fails its episode (the first reason is kept)."""
+        with self._lock:
+            ep = self.episodes.get(key)
+        if ep is not None and not ep.rejected:
+            ep.rejected = message
+
+    def complete(self, key: str, text: str, body: dict) -> tuple[EpisodeTokens, Completion]:
+        """Sample the reply to one request of episode ``key`` whose full text is ``text``."""
+        with self._lock:
+            ep = self.episodes.get(key)
+        if ep is None:
+            raise BadRequest("unknown or finished episode: use the API key the run gave this episode")
+        try:
+            if int(body.get("n", 1) or 1) != 1:
+                raise BadRequest("n must be 1: an episode is one sequence of calls")
+            if body.get("stop"):
+                raise BadRequest("stop strings are not supported (the reply's tokens would not match its text); the "
+                                 "model stops at its end-of-turn token or max_tokens")
+            temperature = body.get("temperature")
+            if temperature is not None and float(temperature) != self.sampling.temperature:
+                raise BadRequest(f"temperature {temperature} differs from the run's rollout.temperature "
+                                 f"{self.sampling.temperature} (the trainer's logprobs are of that temperature); leave it unset")
+            max_tokens = min(int(body.get("max_tokens") or body.get("max_completion_tokens") or self.sampling.max_new_tokens),
+                             self.sampling.max_new_tokens)
+            ids = ep.context(text, self.tokenizer)
+            if len(ids) + max_tokens > self.max_model_len:
+                raise BadRequest(f"{len(ids)} tokens of context + {max_tokens} new tokens pass rollout.max_model_len="
+                                 f"{self.max_model_len}")
+        except BadRequest as e:
+            ep.rejected = ep.rejected or str(e)
+            raise
+        seed = None if ep.seed is None else ep.seed + ep.calls
+        future: Future = Future()
+        self._queue.put(_Pending(ids, max_tokens, seed, future))
+        reply = future.result()
+        special = ""
+        if reply.token_ids and reply.token_ids[-1] in self.tokenizer.all_special_ids:
+            special = self.tokenizer.convert_ids_to_tokens(reply.token_ids[-1])
+        ep.record(reply, special)
+        return ep, reply
+
+    def _batch_loop(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            time.sleep(BATCH_WINDOW_S)
+            batch = [first]
+            while True:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    self._queue.put(None)
+                    break
+                batch.append(item)
+            by_length: dict[int, list[_Pending]] = {}
+            for p in batch:
+                by_length.setdefault(p.max_tokens, []).append(p)
+            for max_tokens, items in by_length.items():
+                spec = SamplingSpec(**{**self.sampling.__dict__, "n": 1, "max_new_tokens": max_tokens, "seed": None,
+                                       "seeds": [p.seed for p in items] if all(p.seed is not None for p in items) else None})
+                try:
+                    groups = self.engines.generate([p.ids for p in items], spec)
+                except BaseException as e:  # every waiting request learns of it
+                    for p in items:
+                        p.future.set_exception(e)
+                    continue
+                for p, (reply,) in zip(items, groups):
+                    p.future.set_result(reply)
+
+    # ------------------------------------------------------------------ HTTP
+
+    def app(self) -> FastAPI:
+        app = FastAPI()
+
+        def key_of(request: Request) -> str:
+            auth = request.headers.get("authorization", "")
+            return auth[len("Bearer "):] if auth.startswith("Bearer ") else ""
+
+        def error(message: str, status: int = 400) -> JSONResponse:
+            return JSONResponse({"error": {"message": message, "type": "invalid_request_error"}}, status_code=status)
+
+        def answer(kind: str, ep: EpisodeTokens, reply: Completion, choice: dict) -> dict:
+            return {
+                "id": f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{uuid.uuid4().hex[:24]}", "object": kind,
+                "created": int(time.time()), "model": self.model_name,
+                "system_fingerprint": f"policy-v{reply.policy_version}", "policy_version": reply.policy_version,
+                "choices": [{"index": 0, "finish_reason": "stop" if reply.finish_reason == "stop" else "length", "logprobs": None,
+                             **choice}],
+                "usage": {"prompt_tokens": len(ep.prompt_ids) + len(ep.token_ids) - len(reply.token_ids),
+                          "completion_tokens": len(reply.token_ids),
+                          "total_tokens": len(ep.prompt_ids) + len(ep.token_ids)},
+            }
+
+        def serve(request_key: str, text_of, body: dict, kind: str, choice_of) -> Any:
+            try:
+                try:
+                    text = text_of(body)
+                except BadRequest as e:
+                    self.reject(request_key, str(e))
+                    raise
+                ep, reply = self.complete(request_key, text, body)
+            except BadRequest as e:
+                return error(str(e))
+            except Exception as e:  # the engines failed: the agent sees a server error, the run finds out too
+                return error(f"{type(e).__name__}: {e}", 500)
+            return answer(kind, ep, reply, choice_of(reply))
+
+        def chat_text(body: dict) -> str:
+            messages = body.get("messages")
+            if not isinstance(messages, list) or not messages:
+                raise BadRequest("messages must be a non-empty list")
+            if not getattr(self.tokenizer, "chat_template", None):
+                raise BadRequest("this model has no chat template: use /v1/completions with a prompt")
+            try:
+                return self.tokenizer.apply_chat_template([{"role": m["role"], "content": m.get("content") or ""} for m in messages],
+                                                          tokenize=False, add_generation_prompt=True)
+            except (KeyError, TypeError) as e:
+                raise BadRequest(f"malformed messages: {e}") from None
+
+        def prompt_text(body: dict) -> str:
+            prompt = body.get("prompt")
+            if not isinstance(prompt, str):
+                raise BadRequest("prompt must be one string")
+            return prompt
+
+        @app.post("/v1/chat/completions")
+        def chat(body: dict, request: Request):
+            if body.get("stream"):
+                return error("streaming is not supported")
+            return serve(key_of(request), chat_text, body, "chat.completion",
+                         lambda r: {"message": {"role": "assistant", "content": r.text}})
+
+        @app.post("/v1/completions")
+        def completions(body: dict, request: Request):
+            if body.get("stream"):
+                return error("streaming is not supported")
+            return serve(key_of(request), prompt_text, body, "text_completion", lambda r: {"text": r.text})
+
+        @app.get("/v1/models")
+        def models():
+            return {"object": "list", "data": [{"id": self.model_name, "object": "model", "owned_by": "rl"}]}
+
+        return app
