@@ -191,6 +191,15 @@ def report(results: list[dict], names: list[str], args, command: str) -> str:
         lines += claim_lines(results, "2-GRPO+RS", base, k)
     for name in ("fixed G=8", "Reinforce-Ada", "Knapsack", "2-GRPO+RS"):
         lines.append(f"- The unlikeliness reward raises pass@{k} (A = {name} + unlikely, B = {name}):")
+        with_bonus, without = of(f"{name} + unlikely"), of(name)
+        def evals(runs: list[dict]) -> list:
+            return [[(p["step"], p["greedy"], p["mean_at_k"], p["pass_at_k"]) for p in r["curve"]] for r in runs]
+
+        if with_bonus and evals(with_bonus) == evals(without):
+            lines.append("  - every evaluation equal to the arm without it, seed for seed: with contrastive +1/-1 advantages only "
+                         "which rollout of a pair is better matters, and the bonus never reorders a pair here (copies of one "
+                         "correct answer share a rank)")
+            continue
         lines += claim_lines(results, f"{name} + unlikely", name, k)
     finals = {n: statistics.mean(r["curve"][-1]["mean_at_k"] for r in of(n)) for n in names}
     best = max(finals, key=finals.get)
