@@ -55,6 +55,7 @@ class EpisodeTokens:
     added_tokens: int = 0  # tokens the agent added between calls (masked out)
     rejected: str = ""  # why a request was refused (the episode then fails)
     closed: bool = False
+    busy: bool = False  # a call is in flight (an episode is one sequence: its calls come one after another)
     last_special: str = ""  # the decoded stop token the last reply ended with ("" if none)
 
     def context(self, text: str, tokenizer) -> list[int]:
@@ -171,8 +172,20 @@ class Gateway:
         """Sample the reply to one request of episode ``key`` whose full text is ``text``."""
         with self._lock:
             ep = self.episodes.get(key)
+            if ep is not None and ep.busy:
+                message = "one call at a time per episode: wait for the reply before the next request"
+                ep.rejected = ep.rejected or message
+                raise BadRequest(message)
+            if ep is not None:
+                ep.busy = True
         if ep is None:
             raise BadRequest("unknown or finished episode: use the API key the run gave this episode")
+        try:
+            return self._complete(ep, text, body)
+        finally:
+            ep.busy = False
+
+    def _complete(self, ep: EpisodeTokens, text: str, body: dict) -> tuple[EpisodeTokens, Completion]:
         try:
             if int(body.get("n", 1) or 1) != 1:
                 raise BadRequest("n must be 1: an episode is one sequence of calls")

@@ -57,3 +57,35 @@ def test_a_rewritten_end_of_turn_token_is_not_added_twice(tok):
     ep.record(reply, special_text=tok.eos_token)
     ids = ep.context("Q:4" + tok.eos_token + "1+1=", tok)
     assert ids == ep.prompt_ids + reply.token_ids + tok("1+1=", add_special_tokens=False)["input_ids"]
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"n": 2}, "n must be 1"),
+    ({"stop": ["\n"]}, "stop strings are not supported"),
+    ({"temperature": 0.7}, "differs from the run's rollout.temperature 1.0"),
+    ({"max_tokens": 4, "_long": True}, "pass rollout.max_model_len=16"),
+])
+def test_refused_requests_fail_their_episode_before_reaching_an_engine(tok, body, message):
+    from rl.gateway import Gateway
+    from rollout.types import SamplingSpec
+
+    gw = Gateway(tok, SamplingSpec(max_new_tokens=8, temperature=1.0), max_model_len=16)  # not started: no engine is needed
+    key = gw.open_episode(seed=0)
+    text = "1+2=" * (4 if body.pop("_long", False) else 1)
+    with pytest.raises(BadRequest, match=message) as refused:
+        gw.complete(key, text, body)
+    assert gw.close_episode(key).rejected == str(refused.value)  # the episode fails with that reason
+    with pytest.raises(BadRequest, match="unknown or finished episode"):
+        gw.complete(key, "1+2=", {})
+
+
+def test_one_call_at_a_time_per_episode(tok):
+    from rl.gateway import Gateway
+    from rollout.types import SamplingSpec
+
+    gw = Gateway(tok, SamplingSpec(), max_model_len=64)
+    key = gw.open_episode(seed=0)
+    gw.episodes[key].busy = True  # a call in flight
+    with pytest.raises(BadRequest, match="one call at a time per episode"):
+        gw.complete(key, "1+2=", {})
+    assert gw.episodes[key].busy  # the call in flight keeps its claim
