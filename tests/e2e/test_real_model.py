@@ -97,3 +97,30 @@ def test_chat_prompts_and_replies_that_stop_at_im_end(smollm2, ray_session, tmp_
             assert c.token_ids[-1] == end and end not in c.token_ids[:-1] and "<|im_end|>" not in c.text
     finally:
         run.stop_workers()
+
+
+def test_gateway_keeps_a_chat_episodes_tokens_through_the_chat_template(smollm2):
+    """SmolLM2's ChatML: a reply ends with the engine's ``<|im_end|>``; the next request's messages re-render it
+    (``<|im_end|>\\n<|im_start|>user ...``). The episode keeps the engine's ids and adds only the new turn once."""
+    from transformers import AutoTokenizer
+
+    from rl.gateway import EpisodeTokens
+    from rollout.types import Completion
+
+    tok = AutoTokenizer.from_pretrained(smollm2)
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    first = [{"role": "user", "content": "What is 2+2?"}]
+    ep = EpisodeTokens(seed=0)
+    ids = ep.context(tok.apply_chat_template(first, tokenize=False, add_generation_prompt=True), tok)
+    assert ids == tok(tok.apply_chat_template(first, tokenize=False, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+    assert tok.decode(ids) == tok.apply_chat_template(first, tokenize=False, add_generation_prompt=True)
+    reply_ids = tok("It is 4.", add_special_tokens=False)["input_ids"] + [end]
+    ep.record(Completion(0, ids, reply_ids, "It is 4.", [-0.1] * len(reply_ids), "stop"), special_text="<|im_end|>")
+    second = first + [{"role": "assistant", "content": "It is 4."}, {"role": "user", "content": "And 3+3?"}]
+    text = tok.apply_chat_template(second, tokenize=False, add_generation_prompt=True)
+    ids = ep.context(text, tok)
+    added = ep.token_ids[len(reply_ids):]
+    assert ids == ep.prompt_ids + reply_ids + added and ep.loss_mask == [1] * len(reply_ids) + [0] * len(added)
+    assert tok.decode(added).startswith("\n<|im_start|>user\nAnd 3+3?") and added.count(end) == 1  # the new turn's own end
+    # What the engine sees is the conversation as the template writes it, token for token.
+    assert tok.decode(ids) == text
