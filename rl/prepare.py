@@ -196,7 +196,7 @@ def model_reward(recipe: Recipe, index: int, log_fn=_log) -> ModelReward:
             raise RecipeError(f"recipe field 'rewards.functions.{index}.kind': {TINY_HH_RM} is a classifier (got {item.kind})")
         from rl.tasks.tiny_reward_model import TinyRewardModelSpec, build_tiny_reward_model
 
-        built = TinyRewardModelSpec()
+        built = TinyRewardModelSpec(data=recipe.data.train)  # the run's own HH pairs (its held-out split stays unseen)
         path = str(Path(build_tiny_reward_model(built, log=log_fn)) / "model")
         if item.max_length is None:
             max_length = built.max_length  # score texts cut as it was trained on them

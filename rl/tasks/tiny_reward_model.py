@@ -3,8 +3,8 @@
 A recipe names it as a reward model (``rewards.functions: [{model: builtin:tiny-hh-rm}]``); the
 first run builds it (see :data:`TinyRewardModelSpec` for the measured numbers):
 
-- pairs: the HH harmless-base file (``../shared/data/hh-rlhf/harmless-base-test.jsonl.gz`` from
-  the repository root) split exactly as ``recipes/dpo-hh-tiny.yaml`` and
+- pairs: the HH harmless-base file the recipe trains on (its ``data.train``, e.g. your copy of
+  ``harmless-base/test.jsonl.gz``) split exactly as ``recipes/dpo-hh-tiny.yaml`` and
   ``recipes/rlhf-hh-tiny.yaml`` split it (``rl.preference_data.load_preference_texts``, seed 0,
   ``test_fraction`` 0.1): the model trains on the train split only, so the RLHF recipe's held-out
   prompts are prompts it never saw;
@@ -49,7 +49,6 @@ from rl.tasks.tiny_text import TinyTextSpec
 
 BUILTIN = "builtin:tiny-hh-rm"
 BUILD_FORMAT = 1
-ROOT = Path(__file__).resolve().parents[2]  # the repository root: the data path is relative to it
 
 
 @dataclass(frozen=True)
@@ -65,7 +64,7 @@ class TinyRewardModelSpec:
     (train 0.85: overfitting); 128 / 3e-3: 0.593; 96 / 1e-3: 0.602.
     """
 
-    data: str = "../shared/data/hh-rlhf/harmless-base-test.jsonl.gz"  # relative to the repository root
+    data: str = ""  # the HH harmless-base pairs file (a run passes its data.train); relative to the working directory
     test_fraction: float = 0.1  # the held-out split of the DPO / RLHF recipes (seed below)
     split_seed: int = 0
     max_length: int = 128  # tokens per prompt + response (the end kept: the reply and the last turns)
@@ -83,8 +82,7 @@ class TinyRewardModelSpec:
 
 
 def data_path(spec: TinyRewardModelSpec) -> Path:
-    p = Path(spec.data).expanduser()
-    return p if p.is_absolute() else (ROOT / p).resolve()
+    return Path(spec.data).expanduser().resolve()
 
 
 def load_pairs(spec: TinyRewardModelSpec):
@@ -94,7 +92,8 @@ def load_pairs(spec: TinyRewardModelSpec):
 
     path = data_path(spec)
     if not path.is_file():
-        raise RecipeError(f"{BUILTIN} is trained on the HH harmless-base pairs, not found at {path} (TinyRewardModelSpec.data)")
+        raise RecipeError(f"{BUILTIN} trains on the HH harmless-base pairs of data.train, and {spec.data!r} is not a file "
+                          "(data.train=path/to/harmless-base-test.jsonl.gz)")
     cfg = DataConfig(train=str(path), preference_format="hh_dialogue", test_fraction=spec.test_fraction,
                      max_test_examples=1_000_000)
     return load_preference_texts(cfg, str(path), None, spec.split_seed)
@@ -118,7 +117,8 @@ def build_tiny_reward_model(spec: TinyRewardModelSpec = TinyRewardModelSpec(), c
     train, test = load_pairs(spec)
     text_dir = Path(build_tiny_text(training_texts(train), spec.text, cache_dir=cache_dir, log=log))
     key = hashlib.sha256(json.dumps({"format": BUILD_FORMAT, "pairs": pairs_hash(train) + pairs_hash(test),
-                                     "text_model": text_dir.name, **dataclasses.asdict(spec)}, sort_keys=True).encode()).hexdigest()[:12]
+                                     "text_model": text_dir.name, **{k: v for k, v in dataclasses.asdict(spec).items() if k != "data"}},
+                                    sort_keys=True).encode()).hexdigest()[:12]  # the pairs' content, not where the file is
     parent = Path(cache_dir if cache_dir is not None else default_cache_dir()).expanduser() / "tiny-rm"
     final, info = cached_build(parent, f"{spec.name}-{key}", lambda out: _build_into(spec, train, test, text_dir, out, log),
                                "tiny reward model", log)
@@ -229,8 +229,10 @@ def _build_into(spec: TinyRewardModelSpec, train: list, test: list, text_dir: Pa
     }
 
 
-def _main() -> None:  # pragma: no cover - manual use: python -m rl.tasks.tiny_reward_model
-    path = build_tiny_reward_model()
+def _main() -> None:  # pragma: no cover - manual use: python -m rl.tasks.tiny_reward_model path/to/harmless-base-test.jsonl.gz
+    import sys
+
+    path = build_tiny_reward_model(TinyRewardModelSpec(data=sys.argv[1]))
     print(json.dumps(json.loads((path / "build_info.json").read_text()), indent=2))
 
 

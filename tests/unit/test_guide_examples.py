@@ -196,6 +196,6 @@ def test_readme_docs_and_recipe_comments_speak_about_the_software():
     for recipe in [*sorted((ROOT / "recipes").glob("*.yaml")), EXAMPLES / "recipe.yaml"]:
         for i, line in enumerate(recipe.read_text().splitlines(), 1):
             comment = line.partition("#")[2] if "#" in line else ""
-            if ORGANISATION.search(comment):
+            if ORGANISATION.search(comment) or "../shared" in line:  # values too: a path only this workspace has
                 found.append(f"{recipe.relative_to(ROOT)}:{i}: {line.strip()}")
     assert found == []
