@@ -61,7 +61,7 @@ def sample(run_dir: Path, step: int, step_times: list[float]) -> dict:
 def slope_per_1000(rows: list[dict], key: str) -> float:
     import numpy as np
 
-    pts = [(r["step"], r[key]) for r in rows[1:] if key in r]
+    pts = [(r["step"], r[key]) for r in rows if key in r]
     if len(pts) < 2:
         return float("nan")
     x, y = np.array(pts, dtype=float).T
@@ -76,11 +76,16 @@ def report(rows: list[dict], args, command: str) -> str:
              f"Machine: {describe_machine()}. recipes/quickstart.yaml for {rows[-1]['step']} steps, rollout.max_staleness=1 "
              f"(truncated IS, cap 2), a checkpoint every {args.checkpoint_every} steps with keep_last=2, sampled every "
              f"{args.every} steps.", "",
-             "| series | first sample | last sample | min | max | slope per 1,000 steps (from the 2nd sample) |",
-             "|---|---|---|---|---|---|"]
+             "| series | first sample | last sample | min | max | slope per 1,000 steps (from the 2nd sample) | "
+             "slope per 1,000 steps (second half) |",
+             "|---|---|---|---|---|---|---|"]
+    half = len(rows) // 2
     for k in keys:
         vals = [r[k] for r in rows if k in r]
-        lines.append(f"| {k} | {vals[0]:.2f} | {vals[-1]:.2f} | {min(vals):.2f} | {max(vals):.2f} | {slope_per_1000(rows, k):+.3f} |")
+        lines.append(f"| {k} | {vals[0]:.2f} | {vals[-1]:.2f} | {min(vals):.2f} | {max(vals):.2f} | "
+                     f"{slope_per_1000(rows[1:], k):+.3f} | {slope_per_1000(rows[half:], k):+.3f} |")
+    lines += ["", "A series that grows and then levels off (an allocator or cache warming up) has a first-slope above "
+              "zero and a second-half slope near zero; a leak keeps its slope in the second half."]
     return "\n".join(lines) + "\n"
 
 
@@ -91,10 +96,17 @@ def main() -> None:
     ap.add_argument("--checkpoint-every", type=int, default=50)
     ap.add_argument("--runs", default=str(ROOT / "runs" / "soak"))
     ap.add_argument("--out", default=str(ROOT / "docs" / "benchmarks"))
+    ap.add_argument("--report-only", action="store_true", help="write the report again from <out>/soak.json")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
-    command = "python scripts/soak.py" + (" " + " ".join(os.sys.argv[1:]) if len(os.sys.argv) > 1 else "")
+    argv = [a for a in os.sys.argv[1:] if a != "--report-only"]
+    command = "python scripts/soak.py" + (" " + " ".join(argv) if argv else "")
     os.chdir(ROOT)
+    out = Path(args.out)
+    if args.report_only:
+        rows = json.loads((out / "soak.json").read_text())
+        (out / "soak.md").write_text(report(rows, args, command))
+        return
 
     from rl.config import load_recipe
     from rl.online import OnlineRun
@@ -118,7 +130,6 @@ def main() -> None:
         f"checkpoint.every={args.checkpoint_every}", "checkpoint.keep_last=2", "logging.progress=false",
         f"output_dir={run_dir}", *args.overrides])
     SoakRun(recipe).fit()
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "soak.json").write_text(json.dumps(rows, indent=1))
     text = report(rows, args, command)
