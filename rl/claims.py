@@ -81,3 +81,17 @@ def describe(c: Comparison, fraction: float = 1.0) -> str:
     if c.low is not None:
         parts.append(f"95% interval of A - {fraction:g} x B: [{c.low:+.3f}, {c.high:+.3f}]")
     return "; ".join(parts) + f": **{c.verdict}**"
+
+
+def mean_std(values: Sequence[float], percent: bool = False) -> str:
+    """A report's cell for per-seed values: ``mean ± std`` (the mean alone for one seed, ``–`` for none); ``percent``
+    writes fractions as percentages to 0.1, else values to 0.001.
+
+    >>> mean_std([0.5, 0.7]), mean_std([0.5, 0.7], percent=True), mean_std([0.25]), mean_std([])
+    ('0.600 ± 0.141', '60.0 ± 14.1', '0.250', '–')
+    """
+    if not values:
+        return "–"
+    scale, digits = (100, 1) if percent else (1, 3)
+    m = statistics.mean(values) * scale
+    return f"{m:.{digits}f} ± {statistics.stdev(values) * scale:.{digits}f}" if len(values) > 1 else f"{m:.{digits}f}"

@@ -3,7 +3,9 @@ response length, step time), read from each run's ``metrics.jsonl``."""
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
+from typing import Callable
 
 from rl.metrics import read_metrics
 
@@ -79,3 +81,38 @@ def plot_runs(run_dirs: list[str], out: str, x: str = "step", labels: list[str] 
     fig.savefig(out_path, dpi=110)
     plt.close(fig)
     return out_path
+
+
+def plot_arm_curves(results: list[dict], arms: list[str], metrics: list[tuple[str, str]], out: Path, title: str,
+                    dashed: Callable[[str], bool] = lambda arm: False) -> None:
+    """An experiment's arms over seeds: a row per metric (``(key, y label)``), held-out value against cumulative
+    rollouts and against training seconds; the mean over seeds with a min-max band. ``results``: one dict per
+    (arm, seed) with ``curve``, a list of evaluations (``step``, ``rollouts``, ``seconds`` and the metric keys)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(metrics), 2, figsize=(12, 4.5 * len(metrics)), squeeze=False)
+    for arm in arms:
+        runs = [r for r in results if r["arm"] == arm]
+        # The steps every seed evaluated (seeds may have been evaluated at different steps), each seed's point there.
+        steps = sorted(set.intersection(*({p["step"] for p in r["curve"]} for r in runs)))
+        points = [[next(p for p in r["curve"] if p["step"] == step) for r in runs] for step in steps]
+        for row, (key, ylabel) in enumerate(metrics):
+            for col, x in enumerate(("rollouts", "seconds")):
+                xs = [statistics.mean(p[x] for p in at) for at in points]
+                ys = [[p[key] for p in at] for at in points]
+                ax = axes[row][col]
+                line, = ax.plot(xs, [statistics.mean(y) for y in ys], marker="o", markersize=3, label=arm,
+                                linestyle="--" if dashed(arm) else "-")
+                ax.fill_between(xs, [min(y) for y in ys], [max(y) for y in ys], color=line.get_color(), alpha=0.15)
+                ax.set_xlabel("cumulative rollouts" if x == "rollouts" else "cumulative training seconds")
+                ax.set_ylabel(ylabel)
+                if x == "rollouts":
+                    ax.set_xscale("symlog", linthresh=max(1.0, min(xs[1:], default=1.0)))  # the start is at 0
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out, dpi=90)
+    plt.close(fig)

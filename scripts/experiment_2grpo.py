@@ -28,6 +28,9 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rl.claims import mean_std
+from rl.plot import plot_arm_curves
+
 ROOT = Path(__file__).resolve().parents[1]
 GROUP_RATIO = 8  # 16-GRPO's G over 2-GRPO's: 2-GRPO takes 8x the prompts per step
 
@@ -119,41 +122,6 @@ def run_arm(arm: Arm, args, seed: int, start: dict | None = None) -> dict:
     return {"start_eval": evals[0], "arm": arm.name, "seed": seed, "lr": arm.lr, "prompts_per_step": arm.prompts_per_step,
             "steps": len(train),
             "rollouts": rollouts, "train_seconds": seconds, "curve": curve, "run_dir": str(run_dir)}
-
-
-def mean_std(values: list[float]) -> str:
-    m = statistics.mean(values)
-    return f"{m:.3f} ± {statistics.stdev(values):.3f}" if len(values) > 1 else f"{m:.3f}"
-
-
-def plot(results: list[dict], arm_names: list[str], path: Path, k: int) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(2, 2, figsize=(12, 9))
-    for name in arm_names:
-        runs = [r for r in results if r["arm"] == name]
-        # The steps every seed evaluated (seeds may have been evaluated at different steps), each seed's point there.
-        steps = sorted(set.intersection(*({p["step"] for p in r["curve"]} for r in runs)))
-        points = [[next(p for p in r["curve"] if p["step"] == step) for r in runs] for step in steps]
-        for row, key in enumerate(("mean_at_k", "greedy")):
-            for col, x in enumerate(("rollouts", "seconds")):
-                xs = [statistics.mean(p[x] for p in at) for at in points]
-                ys = [[p[key] for p in at] for at in points]
-                ax = axes[row][col]
-                line, = ax.plot(xs, [statistics.mean(y) for y in ys], marker="o", markersize=3, label=name)
-                ax.fill_between(xs, [min(y) for y in ys], [max(y) for y in ys], color=line.get_color(), alpha=0.15)
-                ax.set_xlabel("cumulative rollouts" if x == "rollouts" else "cumulative training seconds")
-                ax.set_ylabel(f"held-out mean@{k}" if key == "mean_at_k" else "held-out greedy accuracy")
-                if x == "rollouts":
-                    ax.set_xscale("symlog", linthresh=max(1.0, min(xs[1:], default=1.0)))  # the start is at 0
-    axes[0][0].legend(fontsize=8)
-    fig.suptitle("2-GRPO vs 16-GRPO (mean over seeds, band: min-max)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
 
 
 TASKS = {
@@ -320,7 +288,8 @@ def main() -> None:
                       flush=True)
         out.mkdir(parents=True, exist_ok=True)
         (out / f"{stem}.json").write_text(json.dumps(results, indent=1))
-    plot(results, [a.name for a in arm_list], out / f"{stem}-curves.png", args.k)
+    plot_arm_curves(results, [a.name for a in arm_list], [("mean_at_k", f"held-out mean@{args.k}"), ("greedy", "held-out greedy accuracy")],
+                    out / f"{stem}-curves.png", "2-GRPO vs 16-GRPO (mean over seeds, band: min-max)")
     text = report(results, arm_list, args, command).replace("2-grpo-curves.png", f"{stem}-curves.png")
     (out / f"{stem}.md").write_text(text)
     print(text)

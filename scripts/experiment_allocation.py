@@ -24,6 +24,9 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rl.claims import mean_std
+from rl.plot import plot_arm_curves
+
 ROOT = Path(__file__).resolve().parents[1]
 BETA = 0.25  # the unlikeliness reward's beta in the authors' release
 
@@ -83,11 +86,6 @@ def run_arm(arm: Arm, args, seed: int) -> dict:
 METRICS = (("greedy", "greedy"), ("mean_at_k", "mean@{k}"), ("pass_at_k", "pass@{k}"))
 
 
-def mean_std(values: list[float]) -> str:
-    m = statistics.mean(values)
-    return f"{m:.3f} ± {statistics.stdev(values):.3f}" if len(values) > 1 else f"{m:.3f}"
-
-
 def claim_lines(results: list[dict], a: str, b: str, k: int, keys=("greedy", "mean_at_k", "pass_at_k")) -> list[str]:
     from rl.claims import at_least, describe
 
@@ -101,32 +99,6 @@ def claim_lines(results: list[dict], a: str, b: str, k: int, keys=("greedy", "me
         start = statistics.mean(r["curve"][0][key] for r in results)
         lines.append(f"  - {label.format(k=k)}: {describe(at_least(finals[a], finals[b], start=start))}")
     return lines
-
-
-def plot(results: list[dict], names: list[str], path: Path, k: int) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(3, 2, figsize=(12, 12))
-    for name in names:
-        runs = [r for r in results if r["arm"] == name]
-        steps = sorted(set.intersection(*({p["step"] for p in r["curve"]} for r in runs)))
-        points = [[next(p for p in r["curve"] if p["step"] == s) for r in runs] for s in steps]
-        for row, (key, label) in enumerate(METRICS):
-            for col, x in enumerate(("rollouts", "seconds")):
-                ax = axes[row][col]
-                ys = [[p[key] for p in at] for at in points]
-                ax.plot([statistics.mean(p[x] for p in at) for at in points], [statistics.mean(y) for y in ys], marker="o",
-                        markersize=3, label=name, linestyle="--" if "unlikely" in name else "-")
-                ax.set_xlabel("cumulative rollouts" if x == "rollouts" else "cumulative training seconds")
-                ax.set_ylabel(f"held-out {label.format(k=k)}")
-    axes[0][0].legend(fontsize=7)
-    fig.suptitle("Rollout allocation at <= 256 rollouts per step (mean over seeds)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
 
 
 def most_rollouts(runs: list[dict]) -> str:
@@ -239,7 +211,8 @@ def main() -> None:
         results = [run_arm(arm, args, seed) for seed in args.seeds for arm in chosen]
         out.mkdir(parents=True, exist_ok=True)
         (out / "allocation.json").write_text(json.dumps(results, indent=1))
-    plot(results, names, out / "allocation-curves.png", args.k)
+    plot_arm_curves(results, names, [(key, f"held-out {label.format(k=args.k)}") for key, label in METRICS], out / "allocation-curves.png",
+                    "Rollout allocation at <= 256 rollouts per step (mean over seeds, band: min-max)", dashed=lambda arm: "unlikely" in arm)
     text = report(results, names, args, command)
     (out / "allocation.md").write_text(text)
     print(text)

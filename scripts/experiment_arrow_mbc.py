@@ -51,6 +51,7 @@ from adapters.cluster import cluster_experts  # noqa: E402
 from adapters.library import AdapterLibrary  # noqa: E402
 from experiments import family_experts as experts  # noqa: E402  the per-task experts and their SFT (shared with experiment_merging)
 from experiments.arithmetic_family import SUBTASKS, make_subtask_problems  # noqa: E402
+from rl.claims import mean_std  # noqa: E402
 from rl.tasks.cache import cached_build  # noqa: E402
 from rl.tasks.tiny_model import TinyModelSpec, build_tiny_model  # noqa: E402
 from rl.tasks.tiny_sft import encode_sft_batch, greedy_accuracy  # noqa: E402
@@ -188,11 +189,6 @@ def rl_runs(args, libs: dict[str, tuple[Path, list[str]]], model_dir: Path, trai
     return out
 
 
-def mean_std(values: list[float]) -> str:
-    m = statistics.mean(values)
-    return f"{100 * m:.1f} ± {100 * statistics.stdev(values):.1f}" if len(values) > 1 else f"{100 * m:.1f}"
-
-
 def report(result: dict, args, command: str) -> str:
     from rl.metrics import describe_machine
 
@@ -202,7 +198,7 @@ def report(result: dict, args, command: str) -> str:
     def cell(start: str, tasks: list[str]) -> str:
         if any(t not in zs[str(s)][start] for s in seeds for t in tasks):
             return "–"
-        return mean_std([statistics.mean(zs[str(s)][start][t] for t in tasks) for s in seeds])
+        return mean_std([statistics.mean(zs[str(s)][start][t] for t in tasks) for s in seeds], percent=True)
 
     lines = [
         "# Arrow routing and MBC libraries on held-out sub-tasks (arXiv:2405.11157)",
@@ -298,7 +294,7 @@ def arrow_check_lines(result: dict, seeds: list[int]) -> list[str]:
     for label in ("per-task", "MBC"):
         for k in checks[str(seeds[0])]["routing"][label]:
             r = {sd: checks[str(sd)]["routing"][label][k] for sd in seeds}
-            cells = [mean_std([r[sd][t][own(label, sd, t)] for sd in seeds]) for t in lib_tasks]
+            cells = [mean_std([r[sd][t][own(label, sd, t)] for sd in seeds], percent=True) for t in lib_tasks]
             lines.append(f"| {label} | {k} | " + " | ".join(cells) + f" | {100 / len(r[seeds[0]][lib_tasks[0]]):.1f} |")
     lines += ["", f"Per-task library, top-{k1}: where each task's tokens go (%, mean over seeds). Rows that look alike mean "
               "the routing does not tell the tasks apart.", "",

@@ -45,6 +45,7 @@ import torch  # noqa: E402
 
 from experiments.arithmetic_family import SUBTASKS, make_subtask_problems, split_sizes  # noqa: E402
 from experiments.family_experts import KINDS, PROJECTIONS, Settings, evaluate, train_expert  # noqa: E402
+from rl.claims import mean_std  # noqa: E402
 from rl.tasks.tiny_model import TinyModelSpec, build_tiny_model  # noqa: E402
 
 DEPARTURES = [
@@ -74,14 +75,6 @@ def choose_subsets(s: Settings) -> dict[int, list[tuple[str, ...]]]:
 # ------------------------------------------------------------------------------------------
 # summary, report, plot
 # ------------------------------------------------------------------------------------------
-
-
-def mean_std(values: list[float]) -> str:
-    """Fractions as percentages, ``mean ± std`` over seeds (``–`` when there is none)."""
-    if not values:
-        return "–"
-    m = statistics.mean(values)
-    return f"{100 * m:.1f} ± {100 * statistics.stdev(values):.1f}" if len(values) > 1 else f"{100 * m:.1f}"
 
 
 def summarize(merges: list[dict], s: Settings, seeds: list[int]) -> dict:
@@ -227,9 +220,9 @@ def report(result: dict, s: Settings, command: str) -> str:
     for kind in KINDS:
         for size in s.sizes():
             cell = summary[kind][size]
-            per = [mean_std([p["ratio"][t] for p in cell["per_seed"] if p["ratio"][t] is not None]) for t in tasks]
+            per = [mean_std([p["ratio"][t] for p in cell["per_seed"] if p["ratio"][t] is not None], percent=True) for t in tasks]
             lines.append(f"| {kind} | {size} | " + " | ".join(per)
-                         + f" | {mean_std([p['mean_ratio'] for p in cell['per_seed'] if p['mean_ratio'] is not None])} |")
+                         + f" | {mean_std([p['mean_ratio'] for p in cell['per_seed'] if p['mean_ratio'] is not None], percent=True)} |")
     lines += [
         "",
         "A sub-task's cell averages the subsets that contain it (\"–\": in none of them).",
@@ -245,8 +238,9 @@ def report(result: dict, s: Settings, command: str) -> str:
         for size in [1, *s.sizes()]:
             cell = summary[kind][size]
             label = f"{kind} expert (own sub-task)" if size == 1 else f"{kind} merge of {size}"
-            per = [mean_std([p["accuracy"][t] for p in cell["per_seed"] if p["accuracy"][t] is not None]) for t in tasks]
-            lines.append(f"| {label} | " + " | ".join(per) + f" | {mean_std([p['mean_accuracy'] for p in cell['per_seed']])} |")
+            per = [mean_std([p["accuracy"][t] for p in cell["per_seed"] if p["accuracy"][t] is not None], percent=True) for t in tasks]
+            mean = mean_std([p["mean_accuracy"] for p in cell["per_seed"]], percent=True)
+            lines.append(f"| {label} | " + " | ".join(per) + f" | {mean} |")
     lines += [
         "",
         "### Mean normalized accuracy per seed (%)",
@@ -272,7 +266,8 @@ def report(result: dict, s: Settings, command: str) -> str:
                      f"{statistics.mean(e['final_loss'] for e in es):.4f} | {statistics.mean(e['train_seconds'] for e in es):.1f} |")
     overlap = [d["mask_overlap"] for d in result["diagnostics"] if "mask_overlap" in d]
     if overlap:
-        lines += ["", f"Sparse masks: on average {mean_std(overlap)}% of one expert's entries are also trained by another expert "
+        lines += ["", f"Sparse masks: on average {mean_std(overlap, percent=True)}% of one expert's entries are also trained by "
+                  "another expert "
                   "(mean over ordered pairs of all the family's experts; mean ± std over seeds). Only outside these overlaps does "
                   "the sparse merge keep an expert's values unchanged."]
     return "\n".join(lines) + "\n"
