@@ -73,8 +73,9 @@ class Allocation:
     def load_state_dict(self, state: dict) -> None:
         pass
 
-    def success(self, rewards: list[float]) -> list[int]:
-        return [int(r > self.algo.success_threshold) for r in rewards]
+    def metrics(self, batch) -> dict[str, float]:
+        """What this allocation did in a step, for the step's metrics (fixed G: nothing beyond the run's own)."""
+        return {}
 
 
 class ResampleTies(Allocation):
@@ -98,6 +99,9 @@ class ReinforceAda(Allocation):
     """``reinforce_ada``: sample in rounds until each prompt has signal, then train a balanced subset of G."""
 
     name = "reinforce_ada"
+
+    def metrics(self, batch) -> dict[str, float]:
+        return allocation_metrics(batch, self.budget)
 
     @property
     def budget(self) -> int:
@@ -133,6 +137,9 @@ class Knapsack(Allocation):
         super().__init__(recipe)
         self.history: dict[int, list[int]] = {}  # prompt index -> its most recent outcomes (1 success), oldest first
 
+    def metrics(self, batch) -> dict[str, float]:
+        return allocation_metrics(batch, self.budget)
+
     def estimate(self, index: int) -> Optional[float]:
         outcomes = self.history.get(index, [])
         return sum(outcomes) / len(outcomes) if len(outcomes) >= KNAPSACK_MIN_HISTORY else None
@@ -144,7 +151,8 @@ class Knapsack(Allocation):
 
     def observe(self, batch) -> None:
         for index, group in zip(batch.indices, batch.groups):
-            self.history[index] = (self.history.get(index, []) + self.success(group.rewards))[-KNAPSACK_WINDOW:]
+            outcomes = [int(r > self.algo.success_threshold) for r in group.rewards]
+            self.history[index] = (self.history.get(index, []) + outcomes)[-KNAPSACK_WINDOW:]
 
     def state_dict(self) -> dict:
         return {"history": {str(i): h for i, h in sorted(self.history.items())}}

@@ -22,7 +22,7 @@ from typing import Optional
 
 from rl import checkpoint as ckpt
 from rl.agents import make_episode_runner
-from rl.allocation import allocation_metrics, make_allocation, training_rows
+from rl.allocation import make_allocation, training_rows
 from rl.config import Recipe, RecipeError
 from rl.episodes import episode_metrics
 from rl.metrics import MetricsLogger, PhaseTimer, read_metrics
@@ -165,7 +165,7 @@ class OnlineRun(Run):
             **stats,
             **{f"reward/{name}": sum(s) / len(s) for name, s in batch.per_reward.items()},
             **episode_metrics(flat),
-            **(allocation_metrics(batch, self.allocation.budget) if r.algorithm.allocation not in ("fixed", "resample_ties") else {}),
+            **self.allocation.metrics(batch),
         }
 
     # ------------------------------------------------------------------ evaluation, checkpoints

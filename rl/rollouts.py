@@ -23,6 +23,7 @@ from rl.episodes import count_episode_failures
 from rl.metrics import PhaseTimer
 from rl.prepare import sampling
 from rollout.types import Completion
+from trainer import algorithms
 
 
 @dataclass
@@ -35,8 +36,8 @@ class Group:
 
     @property
     def tied(self) -> bool:
-        """All rewards equal: the group carries no group-relative signal."""
-        return max(self.rewards) == min(self.rewards)
+        """All rewards equal: the group carries no group-relative signal (``trainer.algorithms.tied_groups``)."""
+        return bool(algorithms.tied_groups(torch.tensor([self.rewards]))[0])
 
     def extended(self, more: "Group") -> "Group":
         return Group(self.completions + more.completions, self.rewards + more.rewards,
