@@ -176,6 +176,9 @@ def training_rows(batch, advantage_fn: Callable[[torch.Tensor], torch.Tensor], r
     mean). A uniform batch goes through the algorithm's own row selection (online DPO's discordant pairs).
     """
     a = recipe.algorithm
+    if a.spec.critic:  # PPO: every rollout; its advantage comes per token from the critic (GAE), not from its group
+        n = len(batch.completions)
+        return list(range(n)), [0.0] * n
     groups = shaped_rewards(batch, a.unlikeliness_beta)
     if batch.trained is not None:
         rows, adv, start = [], [], 0

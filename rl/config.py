@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from rewards.config import EnvironmentConfig, RewardsConfig
 from rl.overrides import RecipeError, format_errors, parse_overrides, set_dotted
 from rollout.config import RolloutConfig
-from trainer.config import AdapterConfig, AlgorithmConfig, TrainerConfig
+from trainer.config import AdapterConfig, AlgorithmConfig, CriticConfig, TrainerConfig
 
 BUILTIN_PREFIX = "builtin:"
 
@@ -143,6 +143,19 @@ class AgentConfig(Section):
         return self
 
 
+class TeacherConfig(Section):
+    """On-policy distillation: a teacher model on its own vLLM actors scores every token the policy samples."""
+
+    model: Optional[str] = Field(
+        None, description="The teacher: a model directory or a builtin, with the policy's tokenizer. Unset: no teacher.")
+    kl_coef: float = Field(1.0, gt=0.0, description="Weight of each token's negative reverse KL, log p_teacher - "
+                           "log p_policy, added to its advantage.")
+    reward_coef: float = Field(0.0, ge=0.0, description="Weight of the task's own advantage beside it (0: pure distillation).")
+    num_actors: int = Field(1, ge=1, description="Teacher engines; the batch is split across them.")
+    num_cpus_per_actor: float = Field(1.0, ge=0.0)
+    num_gpus_per_actor: float = Field(0.0, ge=0.0, description="Unset: 1 on a machine with a GPU, else 0.")
+
+
 class LoggingConfig(Section):
     tensorboard: bool = True
     progress: bool = True
@@ -181,6 +194,8 @@ class Recipe(Section):
     rewards: RewardsConfig = Field(default_factory=RewardsConfig)
     environment: EnvironmentConfig = Field(default_factory=EnvironmentConfig)
     agent: AgentConfig = Field(default_factory=AgentConfig)
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    critic: CriticConfig = Field(default_factory=CriticConfig)
     adapter: AdapterConfig = Field(default_factory=AdapterConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
@@ -220,6 +235,19 @@ class Recipe(Section):
                              "step that trains on it)")
         if not self.algorithm.spec.policy_gradient or self.adapter.kind == "arrow":
             raise ValueError("agent.fn runs with a policy-gradient algorithm such as grpo and a policy that is not Arrow-routed")
+        return self
+
+    @model_validator(mode="after")
+    def _check_teacher_and_critic(self) -> "Recipe":
+        a = self.algorithm
+        if self.teacher.model is not None and (not a.spec.policy_gradient or a.spec.critic):
+            raise ValueError(f"teacher.model adds a per-token advantage to the group's; it runs with algorithm.name=grpo "
+                             f"(got {a.name})")
+        if self.critic.model_fields_set and not a.spec.critic:
+            raise ValueError(f"the critic section is read by algorithm.name=ppo only (got {a.name})")
+        if a.spec.critic and self.trainer.zero_stage == 3:
+            raise ValueError("algorithm.name=ppo needs trainer.zero_stage <= 2 (each rank scores its own shard with the "
+                             "critic; ZeRO-3 would make every forward a collective)")
         return self
 
     @model_validator(mode="after")
@@ -320,6 +348,8 @@ def default_gpu_counts(recipe: Recipe, cuda_devices: int) -> Recipe:
             recipe.rollout.num_gpus_per_actor = float(recipe.rollout.tensor_parallel_size)
         if "num_gpus_per_rank" not in recipe.trainer.model_fields_set:
             recipe.trainer.num_gpus_per_rank = 1.0
+        if recipe.teacher.model is not None and "num_gpus_per_actor" not in recipe.teacher.model_fields_set:
+            recipe.teacher.num_gpus_per_actor = 1.0
     return recipe
 
 

@@ -14,6 +14,7 @@ three (``rl.online``), offline DPO trainer ranks only (``rl.dpo``), ``rl eval`` 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Optional
 
@@ -26,6 +27,8 @@ class Workers:
     policy: Any = None                   # trainer.policies.PolicySpec: trainer ranks train it; None: no ranks
     trainer_kind: Literal["policy", "preference"] = "policy"
     engine: Any = None                   # rollout.vllm_worker.EngineSpec: rollout actors serve it; None: no engines
+    teacher_engine: Any = None           # EngineSpec of a distillation teacher: its own actors score the samples
+    critic_model: Optional[str] = None   # PPO: where the critic's decoder starts (None: the policy's base model)
     scorer: Any = None                   # rewards.RewardScorer: its reward models get actors
     max_response_len: int = 0            # tokens the trainer sees per response (all turns of an episode)
     log_dir: Optional[str] = None        # each actor's log file goes here (None: the terminal)
@@ -33,6 +36,7 @@ class Workers:
 
     trainer: Any = field(default=None, init=False)       # rl.workers.TrainerGroup / PreferenceTrainerGroup
     rollout: Any = field(default=None, init=False)       # rl.workers.RolloutGroup
+    teacher: Any = field(default=None, init=False)       # rl.workers.RolloutGroup serving the teacher (scores only)
     placement: Any = field(default=None, init=False)     # rl.placement.Placement (None without Ray or ranks)
     transport: str = field(default="shared_file", init=False)  # how weights reach the engines
     reward_models: list = field(default_factory=list, init=False)
@@ -43,7 +47,8 @@ class Workers:
 
         return ((t.num_ranks * t.num_cpus_per_rank if self.policy is not None else 0)
                 + (ro.num_actors * ro.num_cpus_per_actor if self.engine is not None else 0)
-                + (reward_model_cpus(self.scorer) if self.scorer is not None else 0))
+                + (reward_model_cpus(self.scorer) if self.scorer is not None else 0)
+                + (self.recipe.teacher.num_actors * self.recipe.teacher.num_cpus_per_actor if self.teacher_engine is not None else 0))
 
     def setup(self) -> None:
         from rl.placement import choose_transport, place_recipe
@@ -62,6 +67,8 @@ class Workers:
             self.trainer = self._start_trainer(dog)
         if self.engine is not None:
             self.rollout = self._start_rollout(dog)
+        if self.teacher_engine is not None:
+            self.teacher = self._start_teacher(dog)
         if self.trainer is not None:
             self.trainer.wait_ready()  # the ranks started beside the engines
         if self.scorer is not None:
@@ -89,7 +96,8 @@ class Workers:
             policy=self.policy, dtype=r.model.dtype, algorithm=r.algorithm, max_response_len=self.max_response_len,
             trainer=r.trainer.model_copy(update={"torch_threads": thread_counts(r)[0]}) if r.use_ray else r.trainer,
             seed=r.seed, master_port=0, master_addr=p.master_addr if p else "127.0.0.1",
-            trust_remote_code=r.model.trust_remote_code, log_dir=self.log_dir, **sampled,
+            trust_remote_code=r.model.trust_remote_code, log_dir=self.log_dir, critic=r.critic, critic_model_path=self.critic_model,
+            **sampled,
         )
         group = TrainerGroup if self.trainer_kind == "policy" else PreferenceTrainerGroup
         return group.create(setup, r.trainer.num_ranks, r.use_ray, r.trainer.num_cpus_per_rank, r.trainer.num_gpus_per_rank,
@@ -105,6 +113,18 @@ class Workers:
                                    placement=p and p.rollout_options(),
                                    group_nodes=p and p.group_nodes("rollout", r.cluster.node_loss_wait_s), log_dir=self.log_dir)
 
+    def _start_teacher(self, dog):
+        """The teacher's engines, outside the run's placement group (like reward models): they only score."""
+        from rl.workers import RolloutGroup
+
+        t = self.recipe.teacher
+        log_dir = os.path.join(self.log_dir, "teacher") if self.log_dir else None
+        if log_dir:
+            os.makedirs(log_dir, exist_ok=True)
+        return RolloutGroup.create(self.teacher_engine, t.num_actors, self.recipe.use_ray, t.num_cpus_per_actor,
+                                   t.num_gpus_per_actor, max_restarts=self.recipe.rollout.max_restarts, watchdog=dog,
+                                   log_dir=log_dir)
+
     def cleanup(self) -> dict:
         """Stop everything that started; returns the summary's record of where the run ran."""
         final = {"rollout_peak_rss_gib": self.rollout.peak_rss_gib()} if self.rollout is not None and self.rollout.remote else {}
@@ -118,12 +138,14 @@ class Workers:
         if self.rollout is not None:
             self.rollout.call_all_bounded("close", timeout_s=10.0)  # node-local copies of published versions
             self.rollout.shutdown()
+        if self.teacher is not None:
+            self.teacher.shutdown()
         if self.reward_models:
             from rl.workers import stop_reward_models
 
             stop_reward_models(self.scorer.fns.values(), self.reward_models)
         if self.placement is not None:
             self.placement.remove()
-        self.trainer = self.rollout = self.placement = None
+        self.trainer = self.rollout = self.teacher = self.placement = None
         self.reward_models = []
         return final

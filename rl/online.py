@@ -16,6 +16,7 @@ answers for itself in the trainer, so nothing here branches on its kind except t
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import time
 from typing import Optional
@@ -26,9 +27,11 @@ from rl.allocation import make_allocation, training_rows
 from rl.config import Recipe, RecipeError
 from rl.episodes import episode_metrics
 from rl.metrics import MetricsLogger, PhaseTimer, read_metrics
-from rl.prepare import check_library_write, engine_spec, load_task, prepare_policy, sampling, trainer_memory
+from rl.prepare import (check_library_write, check_same_tokenizer, engine_spec, load_task, prepare_policy, resolve_model_path,
+                        sampling, trainer_memory)
 from rl.rollouts import Rollouts, Sampled
 from rl.run import Run, TrainingDiverged
+from rl.token_advantages import ppo_targets, teacher_token_advantages
 from rollout.types import Completion, SamplingSpec
 from trainer import algorithms
 from trainer.types import TrainBatch
@@ -65,6 +68,13 @@ class OnlineRun(Run):
         self.policy = prepare_policy(recipe, self.paths.model, self.train_set,
                                      start_from=str(self.resume_from) if self.resume_from else None,
                                      merge_into=self.run_dir / "start-adapter")
+        # On-policy distillation: the teacher scores every sampled token (its own engines, the policy's tokenizer).
+        self.teacher_model = None
+        if recipe.teacher.model is not None:
+            self.teacher_model = resolve_model_path(recipe.teacher.model, "teacher.model")
+            check_same_tokenizer(self.teacher_model, self.paths.model, "teacher.model", recipe.model.trust_remote_code)
+        # PPO: the critic starts from critic.model, by default the policy's base model (on resume: its checkpoint).
+        self.critic_model = resolve_model_path(recipe.critic.model, "critic.model") if recipe.critic.model else None
         self._handle = None  # the policy version the engines hold
         self.memory_estimate = trainer_memory(recipe, self.policy)  # GiB per trainer rank by part, said at start
 
@@ -74,7 +84,10 @@ class OnlineRun(Run):
         from rl.launch import Workers
 
         r = self.recipe
-        self.workers = Workers(r, policy=self.policy, engine=engine_spec(r, self.policy), scorer=self.scorer,
+        engine = engine_spec(r, self.policy)
+        teacher = dataclasses.replace(engine, model_path=self.teacher_model, max_lora_rank=0, max_loras=1) if self.teacher_model else None
+        self.workers = Workers(r, policy=self.policy, engine=engine, scorer=self.scorer, teacher_engine=teacher,
+                               critic_model=self.critic_model,
                                max_response_len=r.rollout.max_new_tokens * (r.environment.max_turns if self.episodes else 1),
                                log_dir=self.log_dir, say=self.print)
         self.workers.setup()
@@ -110,14 +123,19 @@ class OnlineRun(Run):
             keep, row_adv = training_rows(batch, self.advantages, r)
             flat = batch.completions
             rows = [flat[i] for i in keep]
+            train_batch, token_metrics = self._train_batch(rows, row_adv), {}
+        if rows and (self.workers.teacher is not None or self.algorithm.critic):
+            with timer.phase("token_advantage"):  # the teacher's or the critic's pass over the batch
+                token_metrics = self._add_token_advantages(train_batch, rows, batch.rewards[keep].tolist())
         with timer.phase("train"):
-            stats = self.trainer.train_step(self._train_batch(rows, row_adv), r.trainer.micro_batch_size) if rows else {}
+            stats = self.trainer.train_step(train_batch, r.trainer.micro_batch_size) if rows else {}
         with timer.phase("weight_sync"):
             if stats.get("updates_applied") and not self.policy.routes_per_batch:  # nothing to push without an update
                 self._publish()
         self.allocation.observe(batch)
         self.step += 1
         metrics = self._step_metrics(batch, rows, stats, timer, policy_version)
+        metrics.update(token_metrics)
         metrics.update(zero_variance_groups_sampled=tied_sampled, time_step=time.perf_counter() - t0)  # ties: before resampling
         return metrics
 
@@ -130,6 +148,19 @@ class OnlineRun(Run):
             unit=self.algorithm.rows_per_unit,
             loss_mask=[c.loss_mask or [1] * len(c.token_ids) for c in rows] if masked else [],
         )
+
+    def _add_token_advantages(self, batch: TrainBatch, rows: list[Completion], rewards: list[float]) -> dict[str, float]:
+        """A teacher's per-token term (on-policy distillation) or PPO's GAE advantages and critic targets, in place."""
+        r = self.recipe
+        if self.workers.teacher is not None:
+            batch.advantages = [r.teacher.reward_coef * a for a in batch.advantages]
+            batch.token_advantages, metrics = teacher_token_advantages(self.workers.teacher, rows, r.teacher.kl_coef)
+            return metrics
+        values = self.trainer.compute_values(batch)
+        batch.token_advantages, batch.returns, metrics = ppo_targets(values, rows, rewards, r.algorithm.gae_gamma,
+                                                                    r.algorithm.gae_lambda)
+        batch.old_values = values
+        return metrics
 
     @property
     def sampler(self):
@@ -155,7 +186,8 @@ class OnlineRun(Run):
             "response_length": sum(lengths) / len(lengths),
             "truncated_fraction": sum(c.finish_reason == "length" for c in flat) / len(flat),
             "tokens_per_second": sum(lengths) / max(times.get("time_generate", 0.0), 1e-9),
-            **{k: times.get(k, 0.0) for k in ("time_generate", "time_reward", "time_advantage", "time_train", "time_weight_sync")},
+            **{k: times.get(k, 0.0) for k in ("time_generate", "time_reward", "time_advantage", "time_token_advantage", "time_train",
+                                                   "time_weight_sync")},
             "weight_sync_bytes": float(self._handle.num_bytes) if stats and self._handle else 0.0,
             "policy_version": float(self._handle.version) if self._handle else 0.0,
             # Versions between the policy this step trained and the one that sampled its batch.

@@ -134,6 +134,43 @@ def load_task(recipe: Recipe) -> Task:
     return Task(paths, tokenizer, train_set, test_set, make_scorer(recipe))
 
 
+def resolve_model_path(value: str, field: str, log_fn=_log) -> str:
+    """The model directory a recipe field other than ``model.path`` names (``teacher.model``, ``critic.model``):
+    a directory, or a builtin model built (or reused from cache) as for ``model.path``."""
+    from rl.tasks.pretrained import PACKAGED, PretrainedBuildError, build_pretrained
+
+    if value in PACKAGED:
+        try:
+            return str(build_pretrained(value, log=log_fn))
+        except PretrainedBuildError as e:
+            raise RecipeError(f"recipe field '{field}': {value}: {e}") from None
+    if value == "builtin:tiny-arithmetic":
+        from rl.tasks.tiny_model import TinyModelSpec, build_tiny_model
+
+        return str(Path(build_tiny_model(TinyModelSpec(), log=log_fn)) / "model")
+    if value.startswith(BUILTIN_PREFIX):
+        raise RecipeError(f"recipe field '{field}': unknown builtin '{value}' (known: "
+                          f"{sorted({'builtin:tiny-arithmetic', *PACKAGED})})")
+    if not (Path(value) / "config.json").is_file():
+        raise RecipeError(f"recipe field '{field}': not a model directory (no config.json): {value}")
+    return value
+
+
+def check_same_tokenizer(model_dir: str, policy_dir: str, field: str, trust_remote_code: bool = False) -> None:
+    """A model that scores the policy's token ids (a distillation teacher) must read them as the policy does."""
+    from transformers import AutoTokenizer
+
+    mine = AutoTokenizer.from_pretrained(policy_dir, trust_remote_code=trust_remote_code).get_vocab()
+    theirs = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code).get_vocab()
+    if mine == theirs:
+        return
+    differ = sorted(t for t in set(mine) | set(theirs) if mine.get(t) != theirs.get(t))
+    example = differ[0]
+    raise RecipeError(f"recipe field '{field}': {model_dir} has another tokenizer than the policy ({policy_dir}): "
+                      f"{len(differ)} tokens differ, e.g. {example!r} is id {mine.get(example)} for the policy and "
+                      f"{theirs.get(example)} for {field}; it would score other tokens than the ones sampled")
+
+
 def check_engine_can_serve(model_dir: str, recipe: Recipe, builtin: bool = False) -> None:
     """What vLLM would refuse minutes later, inside an actor, refused here with the field to change: an
     architecture vLLM has no implementation of, a head size or KV block size the CPU engine lacks.

@@ -18,24 +18,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from rl.claims import mean_std
-from rl.plot import plot_arm_curves
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT)]
+
+from experiments.arms import Arm, run_arm  # noqa: E402  (shared with experiment_ppo_distill)
+from rl.claims import mean_std  # noqa: E402
+from rl.plot import plot_arm_curves  # noqa: E402
+
 BETA = 0.25  # the unlikeliness reward's beta in the authors' release
-
-
-@dataclass
-class Arm:
-    name: str
-    recipe: str
-    overrides: list[str] = field(default_factory=list)
 
 
 def arms() -> list[Arm]:
@@ -52,35 +46,6 @@ def arms() -> list[Arm]:
         out.append(Arm(arm.name, arm.recipe, [*arm.overrides, "algorithm.unlikeliness_beta=0"]))
         out.append(Arm(f"{arm.name} + unlikely", arm.recipe, [*arm.overrides, f"algorithm.unlikeliness_beta={BETA}"]))
     return out
-
-
-def run_arm(arm: Arm, args, seed: int) -> dict:
-    """Train one arm for one seed (or read its finished run): its evaluations against cumulative rollouts and
-    training seconds, and its allocation metrics averaged over steps."""
-    from rl.config import load_recipe
-    from rl.metrics import read_metrics
-    from rl.online import OnlineRun
-
-    run_dir = Path(args.runs) / f"{arm.name.replace(' ', '_').replace('+', 'p').replace('=', '')}-seed{seed}"
-    summary = run_dir / "summary.json"
-    if args.fresh or not (summary.exists() and json.loads(summary.read_text()).get("status") == "finished"):
-        shutil.rmtree(run_dir, ignore_errors=True)
-        overrides = [f"seed={seed}", f"output_dir={run_dir}", "logging.progress=false", f"steps={args.steps}",
-                     f"data.max_train_examples={args.prompts}", f"data.max_test_examples={args.test_prompts}",
-                     f"eval.every={args.eval_every}", f"eval.samples={args.k}", "checkpoint.save_final=false", *arm.overrides]
-        OnlineRun(load_recipe(arm.recipe, overrides)).fit()
-    train, evals = read_metrics(run_dir, "train"), read_metrics(run_dir, "eval")
-    cum, rollouts, seconds = {0: (0.0, 0.0)}, 0.0, 0.0
-    for row in train:
-        rollouts, seconds = rollouts + row["rollouts"], seconds + row["time_step"]
-        cum[row["step"]] = (rollouts, seconds)
-    curve = [{"step": e["step"], "rollouts": cum[e["step"]][0], "seconds": cum[e["step"]][1], "greedy": e["accuracy"],
-              "mean_at_k": e[f"mean@{args.k}"], "pass_at_k": e[f"pass@{args.k}"]} for e in evals]
-    signal = [1.0 - row["zero_variance_groups"] for row in train]
-    return {"arm": arm.name, "seed": seed, "steps": len(train), "rollouts": rollouts, "train_seconds": seconds,
-            "trained_sequences": sum(row["trained_sequences"] for row in train), "prompts_with_signal": statistics.mean(signal),
-            "max_rollouts_per_prompt": max((row.get("rollouts_per_prompt_max", 0.0) for row in train), default=0.0) or None,
-            "curve": curve, "run_dir": str(run_dir)}
 
 
 METRICS = (("greedy", "greedy"), ("mean_at_k", "mean@{k}"), ("pass_at_k", "pass@{k}"))

@@ -45,7 +45,9 @@ def collate(batch: TrainBatch, pad_id: int, device) -> dict[str, torch.Tensor]:
 
     Returns input_ids/attention_mask [n, T] and, over the T-1 predicted positions,
     labels/response_mask/rollout_logprobs [n, T-1] and advantages [n]. ``response_mask`` is 1 on
-    the response tokens the loss trains: all of them, or those ``batch.loss_mask`` marks.
+    the response tokens the loss trains: all of them, or those ``batch.loss_mask`` marks. Per-token
+    fields the batch carries (``token_advantages``, ``returns``, ``old_values``) come as [n, T-1]
+    under the same names, 0 off the response.
     """
     seqs = [p + r for p, r in zip(batch.prompt_token_ids, batch.response_token_ids)]
     n, T = len(seqs), max(len(s) for s in seqs)
@@ -53,6 +55,8 @@ def collate(batch: TrainBatch, pad_id: int, device) -> dict[str, torch.Tensor]:
     attention_mask = torch.zeros((n, T), dtype=torch.long)
     response_mask = torch.zeros((n, T - 1), dtype=torch.float32)
     rollout_lp = torch.zeros((n, T - 1), dtype=torch.float32)
+    per_token = {name: getattr(batch, name) for name in ("token_advantages", "returns", "old_values") if getattr(batch, name)}
+    aligned = {name: torch.zeros((n, T - 1), dtype=torch.float32) for name in per_token}
     for i, (p, r) in enumerate(zip(batch.prompt_token_ids, batch.response_token_ids)):
         s = p + r
         input_ids[i, : len(s)] = torch.tensor(s)
@@ -67,7 +71,12 @@ def collate(batch: TrainBatch, pad_id: int, device) -> dict[str, torch.Tensor]:
             response_mask[i, start : start + len(r)] = 1.0
         if batch.rollout_logprobs and batch.rollout_logprobs[i]:
             rollout_lp[i, start : start + len(r)] = torch.tensor(batch.rollout_logprobs[i], dtype=torch.float32)
+        for name, rows in per_token.items():
+            if len(rows[i]) != len(r):
+                raise ValueError(f"row {i}: {name} has {len(rows[i])} entries for {len(r)} response tokens")
+            aligned[name][i, start : start + len(r)] = torch.tensor(rows[i], dtype=torch.float32)
     return {
+        **{name: t.to(device) for name, t in aligned.items()},
         "input_ids": input_ids.to(device),
         "attention_mask": attention_mask.to(device),
         "labels": input_ids[:, 1:].to(device),

@@ -48,10 +48,11 @@ class TrainerConfig(Section):
 class AlgorithmConfig(Section):
     name: str = Field(
         "grpo",
-        description="`grpo` (any G >= 2; G=2 with `advantage: contrastive_pair` is 2-GRPO); `dpo`: offline on preference "
+        description="`grpo` (any G >= 2; G=2 with `advantage: contrastive_pair` is 2-GRPO); `ppo`: the clipped loss on "
+        "GAE advantages from a value model (the `critic` section), any G >= 1; `dpo`: offline on preference "
         "pairs; `online_dpo`: two completions per prompt ranked by the rewards, DPO loss on discordant pairs.",
     )
-    group_size: int = Field(8, description="G: completions sampled per prompt (>= 2).")
+    group_size: int = Field(8, description="G: completions sampled per prompt (>= 2; ppo: >= 1).")
     tie_handling: Literal["keep", "resample"] = Field(
         "keep",
         description="Groups whose rewards all tie carry no signal: `keep` them (zero advantage) or `resample` those "
@@ -107,6 +108,8 @@ class AlgorithmConfig(Section):
     dpo_loss: str = Field("sigmoid", description="Registered preference loss: sigmoid (DPO) or ipo.")
     dpo_label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)
     dpo_epochs: int = Field(1, ge=1, description="Offline DPO: passes over the preference pairs.")
+    gae_gamma: float = Field(1.0, ge=0.0, le=1.0, description="ppo: GAE's discount per token.")
+    gae_lambda: float = Field(0.95, ge=0.0, le=1.0, description="ppo: GAE's lambda (1: Monte-Carlo returns, 0: one-step TD).")
     tis_cap: Optional[float] = Field(
         None, gt=0.0, description="Truncated importance-sampling cap for vLLM-vs-trainer logprob mismatch; None disables."
     )
@@ -128,8 +131,8 @@ class AlgorithmConfig(Section):
     @model_validator(mode="after")
     def _check_group(self) -> "AlgorithmConfig":
         spec = self.spec
-        if spec.online and spec.group_size is None and self.group_size < 2:
-            raise ValueError(f"algorithm.group_size must be >= 2 for {self.name} (got {self.group_size})")
+        if spec.online and spec.group_size is None and self.group_size < spec.min_group_size:
+            raise ValueError(f"algorithm.group_size must be >= {spec.min_group_size} for {self.name} (got {self.group_size})")
         if spec.group_size is not None and self.group_size != spec.group_size:
             raise ValueError(f"algorithm.group_size must be {spec.group_size} for {self.name} (got {self.group_size})")
         if self.kl_penalty == "reward":
@@ -140,7 +143,7 @@ class AlgorithmConfig(Section):
                 raise ValueError("algorithm.kl_penalty=reward puts the k1 estimate (log pi_old - log pi_ref) in the "
                                  f"reward, as REINFORCE++; set algorithm.kl_estimator=k1 (got {self.kl_estimator!r}, "
                                  "an estimator for kl_penalty=loss)")
-            if not spec.policy_gradient:
+            if not spec.policy_gradient or spec.critic:
                 raise ValueError(f"algorithm.kl_penalty=reward shapes GRPO-style advantages; algorithm.name={self.name} "
                                  "has none (use kl_penalty=loss)")
         self._check_allocation(spec)
@@ -156,6 +159,9 @@ class AlgorithmConfig(Section):
                 raise ValueError(f"algorithm.tie_handling=resample is the resample_ties allocation; it cannot combine with "
                                  f"algorithm.allocation={self.allocation}")
             object.__setattr__(self, "allocation", "resample_ties")
+        if spec.critic and self.allocation != "fixed":
+            raise ValueError(f"algorithm.allocation={self.allocation} decides rollouts from group statistics; "
+                             f"algorithm.name={self.name} takes its baseline from the critic (use allocation fixed)")
         if self.allocation in ("fixed", "resample_ties"):
             return
         if not spec.policy_gradient:
@@ -174,6 +180,17 @@ class AlgorithmConfig(Section):
         if self.allocation == "knapsack" and not self.knapsack_min <= self.group_size <= self.knapsack_max:
             raise ValueError(f"algorithm.group_size ({self.group_size}), the mean rollouts per prompt, must lie within "
                              f"[knapsack_min, knapsack_max] = [{self.knapsack_min}, {self.knapsack_max}]")
+
+
+class CriticConfig(Section):
+    """PPO's value model: the policy's architecture with a scalar head, trained beside it on its own optimizer."""
+
+    model: Optional[str] = Field(None, description="Where the critic's decoder starts. None: the policy's base model.")
+    lr: float = Field(1e-5, gt=0.0, description="The critic's learning rate (its own AdamW; betas, decay and clipping "
+                      "as `trainer`).")
+    value_clip: Optional[float] = Field(
+        0.2, gt=0.0, description="A value moves at most this far from where the batch found it (PPO2's value clipping); "
+        "None: the plain squared error.")
 
 
 class AdapterConfig(Section):

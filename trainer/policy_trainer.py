@@ -22,7 +22,7 @@ import torch
 
 from trainer import algorithms
 from trainer.batching import collate, length_order, split_units
-from trainer.config import AlgorithmConfig, TrainerConfig
+from trainer.config import AlgorithmConfig, CriticConfig, TrainerConfig
 from trainer.engine import DTYPES, clips_in_hook, decoder_and_head, deepspeed_config
 from trainer.policies import PolicySpec, build_policy
 from trainer.process import interface_of, node_ip, peak_rss_gib, redirect_output, skip_cpu_shm_op
@@ -55,6 +55,8 @@ class TrainerSetup:
     transport: Any = None
     max_staleness: int = 0  # asynchronous rollout: batches may still use the k previous versions
     log_dir: Optional[str] = None  # each rank's stdout/stderr go to <log_dir>/trainer-rank<r>.log instead of the terminal
+    critic: Optional[CriticConfig] = None  # PPO's value model (read when the algorithm has a critic)
+    critic_model_path: Optional[str] = None  # where the critic's decoder starts (None: the policy's base model)
 
 
 class PolicyTrainer:
@@ -86,6 +88,12 @@ class PolicyTrainer:
             model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
             config=deepspeed_config(self.cfg, setup.dtype),
         )
+        self.critic = None
+        if self.alg.spec.critic:  # PPO: a value model beside the policy, on its own engine and optimizer
+            from trainer.critic import Critic
+
+            self.critic = Critic(setup.critic or CriticConfig(), self.cfg, self._load(setup.critic_model_path or spec.base_model),
+                                 setup.dtype, self.device, setup)
         self._grad_norm: Optional[float] = None
         self._clip_in_hook = clips_in_hook(self.cfg, setup.dtype)
         if self._clip_in_hook:
@@ -185,6 +193,10 @@ class PolicyTrainer:
                     out.append(row[mask.bool()].tolist())
         return out
 
+    def compute_values(self, batch: TrainBatch) -> list[list[float]]:
+        """The critic's value of every response token (no grad): PPO's baseline, and the centre of its value clip."""
+        return self.critic.values(batch, self.pad_id, self.cfg.micro_batch_size)
+
     def _reference_logprobs(self, mb: dict) -> torch.Tensor:
         with torch.no_grad(), self.policy.reference() as reference:
             return self._token_logprobs(reference, mb)[0]
@@ -219,6 +231,8 @@ class PolicyTrainer:
                         mb["old_logprobs"] = self._token_logprobs(self.engine.module, mb)[0]
             if self._accumulate(micro, counts, stats):
                 self.engine.step()
+                if self.critic is not None:
+                    self.critic.step()
                 applied += 1
                 grad_norm = self._last_grad_norm()
                 if grad_norm is not None:
@@ -226,6 +240,8 @@ class PolicyTrainer:
             else:
                 # A non-finite loss or gradient: drop this update, keep the weights as they were.
                 self.engine.zero_grad()
+                if self.critic is not None:
+                    self.critic.zero_grad()
                 skipped += 1
         if applied:
             self.version += 1
@@ -242,18 +258,21 @@ class PolicyTrainer:
         """Forward/backward every micro-batch of one update; False when any loss or gradient is non-finite."""
         for mb in micro:
             loss = self._micro_batch_loss(mb, counts, stats)
-            if not self._all_ranks_agree(bool(torch.isfinite(loss))):
+            value_loss = self.critic.loss(mb, counts, stats) if self.critic is not None else loss.new_zeros(())
+            if not self._all_ranks_agree(bool(torch.isfinite(loss)) and bool(torch.isfinite(value_loss))):
                 return False  # every rank stops at the same micro-batch: collectives stay matched
             # DeepSpeed averages gradients over ranks; our normalization already sums them.
             self.engine.backward(loss * self.setup.world_size, scale_wrt_gas=False)
+            if self.critic is not None:
+                self.critic.backward(value_loss, self.setup.world_size)
         return self._grads_finite()
 
     def _grads_finite(self) -> bool:
         """Every rank's gradients are finite (checked with ZeRO-0, where they sit on the parameters)."""
         if self.cfg.zero_stage != 0:
             return True
-        return self._all_ranks_agree(all(bool(torch.isfinite(p.grad).all()) for p in self.engine.module.parameters()
-                                         if p.grad is not None))
+        finite = all(bool(torch.isfinite(p.grad).all()) for p in self.engine.module.parameters() if p.grad is not None)
+        return self._all_ranks_agree(finite and (self.critic is None or self.critic.grads_finite()))
 
     def _all_ranks_agree(self, ok: bool) -> bool:
         """True only if ``ok`` holds on every rank."""
@@ -282,11 +301,13 @@ class PolicyTrainer:
             stats.sum("dpo_reward_margin", dpo["reward_margin"])
         else:
             advantages = mb["advantages"]  # [n]
+            if "token_advantages" in mb:  # a teacher's per-token term, or PPO's GAE: [n, T-1]
+                advantages = advantages[:, None] + mb["token_advantages"]
             if alg.kl_coef > 0 and alg.kl_penalty == "reward":
                 # REINFORCE++: the KL is a per-token reward -beta * k1, k1 = log pi_old - log pi_ref (no grad);
                 # each token's advantage loses beta times its reward-to-go. Nothing is added to the loss.
                 kl = algorithms.get("kl", "k1")(old, self._reference_logprobs(mb)).detach()  # [n, T-1]
-                advantages = advantages[:, None] - alg.kl_coef * algorithms.kl_reward_to_go(kl, mask)  # [n, T-1]
+                advantages = advantages.reshape(len(kl), -1) - alg.kl_coef * algorithms.kl_reward_to_go(kl, mask)  # [n, T-1]
                 stats.mean("kl", (kl * mask).sum(), ntok)
             is_weights = None
             if alg.tis_cap is not None:
@@ -360,9 +381,14 @@ class PolicyTrainer:
 
     def save_state(self, path: str) -> None:
         save_rank_state(self, path)
+        if self.critic is not None:
+            self.critic.save(path)
 
     def load_state(self, path: str) -> int:
-        return load_rank_state(self, path)
+        version = load_rank_state(self, path)
+        if self.critic is not None:
+            self.critic.load(path)
+        return version
 
     def library_sources(self, checkpoint: str) -> dict[str, str]:
         """{name suffix: adapter directory inside ``checkpoint``} to write into the adapter library."""

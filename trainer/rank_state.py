@@ -23,8 +23,11 @@ def _optimizer_params(trainer) -> tuple[dict, list[tuple[str, torch.Tensor]]]:
     raise NotImplementedError("exact resume needs trainer.zero_stage 0, 1 or 2 (ZeRO-3 partitions the parameters too)")
 
 
-def save_rank_state(trainer, path: str) -> None:
-    """Optimizer state, RNG state and policy version of this rank: safetensors + JSON, no pickle."""
+def save_rank_state(trainer, path: str, stem: str = "trainer") -> None:
+    """Optimizer state, RNG state and policy version of this rank: safetensors + JSON, no pickle.
+
+    ``trainer`` is anything with a DeepSpeed engine and its optimizer, scheduler, ``cfg``, ``setup``, ``device``
+    and ``version`` (the policy's trainer; PPO's critic under ``stem="critic"``)."""
     from safetensors.torch import save_file
 
     optimizer, named = _optimizer_params(trainer)
@@ -47,20 +50,20 @@ def save_rank_state(trainer, path: str) -> None:
             "world_size": trainer.setup.world_size, "zero_stage": trainer.cfg.zero_stage,
             "scheduler": trainer.scheduler.state_dict() if trainer.scheduler is not None else None}
     Path(path).mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(Path(path) / f"trainer-rank{trainer.setup.rank}.safetensors"))
-    (Path(path) / f"trainer-rank{trainer.setup.rank}.json").write_text(json.dumps(meta, default=list))
+    save_file(tensors, str(Path(path) / f"{stem}-rank{trainer.setup.rank}.safetensors"))
+    (Path(path) / f"{stem}-rank{trainer.setup.rank}.json").write_text(json.dumps(meta, default=list))
 
 
-def load_rank_state(trainer, path: str) -> int:
-    """Restore what ``save_state`` wrote (the weights come from the checkpoint's model files)."""
+def load_rank_state(trainer, path: str, stem: str = "trainer") -> int:
+    """Restore what ``save_state`` wrote (the policy's weights come from the checkpoint's model files)."""
     from safetensors.torch import load_file
 
-    meta = json.loads((Path(path) / f"trainer-rank{trainer.setup.rank}.json").read_text())
+    meta = json.loads((Path(path) / f"{stem}-rank{trainer.setup.rank}.json").read_text())
     saved = (meta.get("zero_stage", 0), meta.get("world_size", 1))
     if trainer.cfg.zero_stage != saved[0] or (trainer.cfg.zero_stage > 0 and trainer.setup.world_size != saved[1]):
         raise ValueError(f"{path}: optimizer state of ZeRO-{saved[0]} on {saved[1]} rank(s) cannot be loaded by "
                          f"ZeRO-{trainer.cfg.zero_stage} on {trainer.setup.world_size} rank(s)")
-    tensors = load_file(str(Path(path) / f"trainer-rank{trainer.setup.rank}.safetensors"))
+    tensors = load_file(str(Path(path) / f"{stem}-rank{trainer.setup.rank}.safetensors"))
     optimizer, named = _optimizer_params(trainer)
     params = dict(named)
     with torch.no_grad():

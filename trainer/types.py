@@ -22,6 +22,13 @@ class TrainBatch:
     # [N][len(response)]: 1 for tokens the policy sampled, 0 for tokens it was given (a multi-turn episode's
     # observations): those are context, not trained. Empty: every response token is trained.
     loss_mask: list[list[int]] = field(default_factory=list)
+    # [N][len(response)]: a per-token term added to the sequence's advantage (a teacher's reverse KL, PPO's GAE).
+    # Empty: each token takes its sequence's advantage.
+    token_advantages: list[list[float]] = field(default_factory=list)
+    # PPO's critic targets, [N][len(response)] each: the GAE returns, and the values the critic gave when the batch
+    # was scored (the centre of the value clip). Empty without a critic.
+    returns: list[list[float]] = field(default_factory=list)
+    old_values: list[list[float]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.prompt_token_ids)
@@ -36,6 +43,9 @@ class TrainBatch:
             num_tokens=self.num_tokens,
             unit=self.unit,
             loss_mask=[self.loss_mask[i] for i in indices] if self.loss_mask else [],
+            token_advantages=[self.token_advantages[i] for i in indices] if self.token_advantages else [],
+            returns=[self.returns[i] for i in indices] if self.returns else [],
+            old_values=[self.old_values[i] for i in indices] if self.old_values else [],
         )
 
 

@@ -138,4 +138,8 @@ class RolloutGroup(WorkerGroup):
         return max(answers) if answers else None
 
     def score(self, prompt_token_ids, completion_token_ids) -> list[list[float]]:
-        return self.call_each("score", [(prompt_token_ids, completion_token_ids)])[0]
+        """The engines' logprob of every completion token (at temperature 1), the rows split across the actors."""
+        parts = [r for r in split_units(len(prompt_token_ids), len(self.workers)) if r]
+        answers = self._gather([(w, "score", ([prompt_token_ids[i] for i in r], [completion_token_ids[i] for i in r]))
+                                for w, r in zip(self.workers, parts)])
+        return [row for part in answers for row in part]

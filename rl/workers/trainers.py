@@ -85,6 +85,12 @@ class TrainerGroup(WorkerGroup):
     def compute_logprobs(self, batch: TrainBatch) -> list[list[float]]:
         return self.call_each("compute_logprobs", [(batch,)])[0]
 
+    def compute_values(self, batch: TrainBatch) -> list[list[float]]:
+        """PPO's critic values of every response token, each rank scoring one shard (whole units, in order)."""
+        shards, _ = self._shards(len(batch), 1, batch.unit)
+        parts = self.call_each("compute_values", [(batch.select(s),) for s in shards])
+        return [row for part in parts for row in part]
+
     def close(self) -> None:
         """Release what the ranks published; a rank that does not answer is killed by ``shutdown`` anyway."""
         self.call_all_bounded("close")

@@ -69,7 +69,9 @@ def test_registered_variant_equals_public_entry_point():
 
 
 def test_algorithms_are_registered_objects():
-    assert alg.names("algorithm") == ["dpo", "grpo", "online_dpo"]
+    assert alg.names("algorithm") == ["dpo", "grpo", "online_dpo", "ppo"]
+    ppo = alg.get("algorithm", "ppo")
+    assert ppo.critic and ppo.policy_gradient and ppo.min_group_size == 1 and not ppo.needs_reference(0.0)
     grpo, online_dpo, dpo = (alg.get("algorithm", n) for n in ("grpo", "online_dpo", "dpo"))
     assert grpo.online and online_dpo.online and not dpo.online
     assert grpo.policy_gradient and not online_dpo.policy_gradient and not dpo.policy_gradient

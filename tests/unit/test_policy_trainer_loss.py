@@ -79,3 +79,18 @@ def test_importance_sampling_level_reaches_the_loss():
                                                importance_sampling_level="sequence", **COUNTS)
     token, _, _ = loss_of(AlgorithmConfig(loss_aggregation="seq-mean-token-mean"), old=old)
     assert torch.equal(loss.detach(), direct) and not torch.allclose(loss, token)
+
+
+def test_token_advantages_add_to_the_sequence_advantage():
+    """A teacher's (or PPO's) per-token term reaches the loss: A_t = A + token_advantages_t."""
+    lp = LOGPROBS.clone().requires_grad_(True)
+    t = PolicyTrainer.__new__(PolicyTrainer)
+    t.alg, t.engine = AlgorithmConfig(), None
+    t._token_logprobs = lambda model, mb, with_entropy=False: (lp, torch.zeros_like(LOGPROBS))
+    per_token = torch.tensor([[0.5, -1.0, 0.0], [1.0, 2.0, 9.0]])  # 9.0 sits on padding: never read
+    mb = {"response_mask": MASK, "advantages": ADV, "rollout_logprobs": LOGPROBS, "token_advantages": per_token}
+    loss = t._micro_batch_loss(mb, COUNTS, Stats())
+    loss.backward()
+    # on-policy: per-token loss -A_t; A_t = [2.5, 1, 2], [0, 1]; token-mean over 5: -(5.5 + 1)/5
+    torch.testing.assert_close(loss, torch.tensor(-1.3))
+    torch.testing.assert_close(lp.grad, torch.tensor([[-0.5, -0.2, -0.4], [0.0, -0.2, 0.0]]))

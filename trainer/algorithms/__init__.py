@@ -11,7 +11,9 @@ Importing this package registers every built-in variant:
   per-token reward instead)
 - aggregation: "token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"
 - preference_loss: "sigmoid" (DPO, conservative DPO), "ipo"
-- algorithm: "grpo", "online_dpo", "dpo" (``objectives.Algorithm``: what ``algorithm.name`` means)
+- token_advantage: "reverse_kl" (on-policy distillation: a teacher's per-token verdict on the samples)
+- value_loss: "clipped" (PPO's critic; ``critic`` also holds GAE and whitening)
+- algorithm: "grpo", "ppo", "online_dpo", "dpo" (``objectives.Algorithm``: what ``algorithm.name`` means)
 
 ``allocation`` holds the math of adaptive sampling (Reinforce-Ada's stopping rule and training subset,
 Knapsack RL's rollouts per prompt); ``rl.allocation`` drives it.
@@ -44,6 +46,8 @@ from trainer.algorithms.losses import (
 )
 from trainer.algorithms.logits import entropy_from_logits, head_logprobs_and_entropy, logprobs_and_entropy, logprobs_from_logits
 from trainer.algorithms.dpo import dpo_loss, ipo_preference_loss, pairwise_dpo_loss, preference_wins, sigmoid_preference_loss
+from trainer.algorithms.critic import clipped_value_loss, gae_advantages, outcome_token_rewards, whiten
+from trainer.algorithms.distillation import reverse_kl_advantages
 from trainer.algorithms.objectives import Algorithm, all_rows, discordant_pair_rows
 from trainer.algorithms.allocation import (
     ada_done,
@@ -69,6 +73,11 @@ __all__ = [
     "discordant_pair_rows",
     "aggregate_loss",
     "clipped_policy_loss",
+    "clipped_value_loss",
+    "gae_advantages",
+    "outcome_token_rewards",
+    "reverse_kl_advantages",
+    "whiten",
     "contrastive_pair_advantages",
     "dpo_loss",
     "entropy_from_logits",

@@ -6,6 +6,8 @@ loss needs a frozen reference. Nothing outside this module tests an algorithm's 
 
 - ``grpo``: the policy-gradient family (GRPO, Dr.GRPO, 2-GRPO, RLOO, REINFORCE++, GSPO: the advantage
   and policy-loss registries pick the variant); every rollout is a row.
+- ``ppo``: the clipped policy loss on per-token advantages from a learned value model (GAE), any G >= 1;
+  every rollout is a row, and its group's other rollouts do not enter its advantage.
 - ``online_dpo``: two rollouts per prompt ranked by their rewards; each discordant pair is a
   (chosen, rejected) row pair under the DPO loss against the initial policy.
 - ``dpo``: offline, on preference pairs from a file; no rollouts.
@@ -54,7 +56,9 @@ class Algorithm:
     select_rows: Optional[Callable[[torch.Tensor], tuple[list[int], list[float]]]] = None  # online: advantages [B, G] -> rows
     rows_per_unit: int = 1  # rows that must stay together in a micro-batch (a chosen/rejected pair: 2)
     reference_always: bool = False  # the loss itself compares with the initial policy (DPO), even at kl_coef 0
-    group_size: Optional[int] = None  # the only G it is defined for (None: any G >= 2)
+    group_size: Optional[int] = None  # the only G it is defined for (None: any G >= min_group_size)
+    min_group_size: int = 2  # a group baseline needs two rollouts; a critic's baseline does not
+    critic: bool = False  # advantages per token from a value model trained beside the policy (GAE), not from the group
 
     def needs_reference(self, kl_coef: float) -> bool:
         """Whether the trainer loads a frozen copy of the initial policy."""
@@ -68,6 +72,7 @@ class Algorithm:
 
 for _algorithm in (
     Algorithm("grpo", online=True, loss="policy_gradient", select_rows=all_rows),
+    Algorithm("ppo", online=True, loss="policy_gradient", select_rows=all_rows, min_group_size=1, critic=True),
     Algorithm("online_dpo", online=True, loss="pairwise_dpo", select_rows=discordant_pair_rows, rows_per_unit=2,
               reference_always=True, group_size=2),
     Algorithm("dpo", online=False, loss="preference", reference_always=True),

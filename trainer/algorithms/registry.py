@@ -23,6 +23,10 @@ P preference pairs):
 - ``preference_loss``: ``fn(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
   ref_rejected_logps, *, beta, label_smoothing) -> (losses [P], chosen_rewards [P],
   rejected_rewards [P])``
+- ``token_advantage``: ``fn(student_logprobs [N, L], teacher_logprobs [N, L], mask [N, L]) -> [N, L]``, a
+  per-token term added to each sequence's advantage (on-policy distillation's negative reverse KL)
+- ``value_loss``: ``fn(values, old_values, returns, mask [N, L], *, clip, aggregation, global counts) ->
+  (scalar, metrics)``: PPO's critic loss
 - ``algorithm``: not a function but an ``objectives.Algorithm``: what ``algorithm.name`` means to the
   driver and the trainer (rollouts or pairs, the rows trained on, the loss, the reference)
 
@@ -37,7 +41,8 @@ from typing import Callable, TypeVar
 
 F = TypeVar("F", bound=Callable)
 
-KINDS = ("advantage", "reward_shaping", "policy_loss", "kl", "aggregation", "preference_loss", "algorithm")
+KINDS = ("advantage", "reward_shaping", "policy_loss", "kl", "aggregation", "preference_loss", "token_advantage", "value_loss",
+         "algorithm")
 
 _REGISTRY: dict[str, dict[str, Callable]] = {kind: {} for kind in KINDS}
 

@@ -1,0 +1,122 @@
+"""PPO's critic on one trainer rank: a value model (the policy's decoder architecture with a scalar head)
+on its own DeepSpeed engine and optimizer. ``PolicyTrainer`` owns one when the algorithm needs it
+(``Algorithm.critic``); the math (GAE, value loss) is ``trainer.algorithms.critic``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from trainer import algorithms
+from trainer.batching import collate
+from trainer.config import CriticConfig
+from trainer.engine import decoder_and_head, deepspeed_config
+from trainer.stats import Stats
+from trainer.types import TrainBatch
+
+
+class ValueModel(torch.nn.Module):
+    """decoder + Linear(hidden, 1): one value per position, of the state before the token it predicts."""
+
+    def __init__(self, causal_lm):
+        super().__init__()
+        parts = decoder_and_head(causal_lm)
+        if parts is None:
+            raise ValueError(f"{type(causal_lm).__name__}: the critic needs a causal LM with a plain decoder + LM head")
+        self.decoder = parts[0]
+        hidden = causal_lm.config.hidden_size
+        self.value_head = torch.nn.Linear(hidden, 1, dtype=parts[1].weight.dtype)
+        # Values start near 0 (the rewards' scale is unknown here); the decoder's features are the policy's.
+        torch.nn.init.normal_(self.value_head.weight, std=1.0 / (hidden + 1))
+        torch.nn.init.zeros_(self.value_head.bias)
+
+    def forward(self, input_ids, attention_mask):
+        hidden = self.decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return self.value_head(hidden).squeeze(-1).float()  # [n, T]
+
+
+class Critic:
+    """The value model of one rank. ``values(batch)`` scores a batch (no grad); ``loss(mb, counts, stats)``
+    is a micro-batch's value loss; ``step()`` / ``zero_grad()`` follow the policy's update."""
+
+    def __init__(self, cfg: CriticConfig, trainer_cfg, model, dtype: str, device, setup):
+        import deepspeed
+
+        self.critic_cfg = cfg
+        # Batching, betas, decay, clipping and ZeRO as the policy's; its own learning rate.
+        self.cfg = trainer_cfg.model_copy(update={"lr": cfg.lr})
+        self.setup, self.device, self.version = setup, device, 0
+        module = ValueModel(model).to(device)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=module, model_parameters=[p for p in module.parameters() if p.requires_grad],
+            config=deepspeed_config(self.cfg, dtype))
+
+    def _values(self, mb: dict) -> torch.Tensor:
+        """[n, T-1] values at the positions that predict each response token; 0 elsewhere."""
+        values = self.engine(mb["input_ids"], mb["attention_mask"])[:, :-1]
+        return torch.where(mb["response_mask"].bool(), values, 0.0)
+
+    def values(self, batch: TrainBatch, pad_id: int, micro_batch_size: int) -> list[list[float]]:
+        """The critic's value of every response token of ``batch`` (no grad), per row."""
+        self.engine.eval()
+        out: list[list[float]] = []
+        with torch.no_grad():
+            for start in range(0, len(batch), micro_batch_size):
+                rows = batch.select(list(range(start, min(start + micro_batch_size, len(batch)))))
+                mb = collate(rows, pad_id, self.device)
+                values = self.engine(mb["input_ids"], mb["attention_mask"])[:, :-1]
+                for v, p, r in zip(values, rows.prompt_token_ids, rows.response_token_ids):
+                    out.append(v[len(p) - 1 : len(p) - 1 + len(r)].tolist())  # every response token, masked or not
+        return out
+
+    def loss(self, mb: dict, counts: dict, stats: Stats) -> torch.Tensor:
+        """The clipped value loss of one micro-batch, normalized by whole-batch token counts (always token-mean:
+        each token's value is its own regression target)."""
+        self.engine.train()
+        mask = mb["response_mask"]
+        loss, metrics = algorithms.get("value_loss", "clipped")(
+            self._values(mb), mb["old_values"], mb["returns"], mask, clip=self.critic_cfg.value_clip,
+            aggregation="token-mean", **counts)
+        ntok = float(mask.sum())
+        stats.sum("value_loss", loss.detach())
+        stats.mean("value_clip_frac", metrics["value_clip_frac"] * ntok, ntok)
+        stats.mean("value_error", metrics["value_error"] * ntok, ntok)
+        return loss
+
+    def backward(self, loss: torch.Tensor, world_size: int) -> None:
+        self.engine.backward(loss * world_size, scale_wrt_gas=False)
+
+    def grads_finite(self) -> bool:
+        return all(bool(torch.isfinite(p.grad).all()) for p in self.engine.module.parameters() if p.grad is not None)
+
+    def step(self) -> None:
+        self.engine.step()
+
+    def zero_grad(self) -> None:
+        self.engine.zero_grad()
+
+    # ------------------------------------------------------------------ checkpoint
+
+    def save(self, path: str) -> None:
+        """Weights (rank 0, safetensors) and this rank's optimizer state, beside the policy's in ``path``."""
+        from safetensors.torch import save_file
+
+        from trainer.rank_state import save_rank_state
+
+        if self.setup.rank == 0:
+            Path(path).mkdir(parents=True, exist_ok=True)
+            weights = {k: v.detach().cpu().contiguous() for k, v in self.engine.module.state_dict().items()}
+            save_file(weights, str(Path(path) / "critic-weights.safetensors"))
+        save_rank_state(self, path, stem="critic")
+
+    def load(self, path: str) -> None:
+        from safetensors.torch import load_file
+
+        from trainer.rank_state import load_rank_state
+
+        weights = load_file(str(Path(path) / "critic-weights.safetensors"))
+        with torch.no_grad():
+            for name, param in self.engine.module.state_dict().items():
+                param.copy_(weights[name].to(param.device))
+        load_rank_state(self, path, stem="critic")
