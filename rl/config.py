@@ -152,7 +152,9 @@ class TeacherConfig(Section):
                            "log p_policy, added to its advantage.")
     reward_coef: float = Field(0.0, ge=0.0, description="Weight of the task's own advantage beside it (0: pure distillation).")
     num_actors: int = Field(1, ge=1, description="Teacher engines; the batch is split across them.")
-    num_cpus_per_actor: float = Field(1.0, ge=0.0)
+    num_cpus_per_actor: float = Field(
+        0.0, ge=0.0, description="CPUs each teacher engine reserves. 0: none; it scores between sampling and the update, "
+        "when the rollout engines and the trainer wait, so it shares their cores (as they share them with each other).")
     num_gpus_per_actor: float = Field(0.0, ge=0.0, description="Unset: 1 on a machine with a GPU, else 0.")
 
 

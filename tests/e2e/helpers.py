@@ -3,7 +3,26 @@ scripts put it there themselves)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from trainer.types import TrainBatch
+
+ROOT = Path(__file__).resolve().parents[2]
+QUICKSTART_CLI_STEPS = 6
+
+
+def quickstart_cli_cmd(tiny_model_root: Path, out: Path, *extra: str) -> list[str]:
+    """`rl train recipes/quickstart.yaml` on the tiny test model as a user types it: 6 steps, a checkpoint and an
+    evaluation every 2, lr high enough that the policy visibly moves, W&B (offline) and MLflow (file store) on."""
+    import sys
+
+    return [
+        sys.executable, "-m", "rl.cli", "train", str(ROOT / "recipes" / "quickstart.yaml"),
+        f"model.path={tiny_model_root / 'model'}", f"data.train={tiny_model_root / 'data' / 'train.jsonl'}",
+        f"data.test={tiny_model_root / 'data' / 'test.jsonl'}", f"steps={QUICKSTART_CLI_STEPS}", "data.prompts_per_step=8",
+        "algorithm.group_size=4", "data.max_test_examples=16", "trainer.lr=2e-3", "eval.every=2", "checkpoint.every=2",
+        "checkpoint.keep_last=1", "logging.progress=false", "logging.wandb=true", "logging.mlflow=true", f"output_dir={out}", *extra,
+    ]
 
 
 def random_train_batch(tok, n: int = 12, seed: int = 0) -> TrainBatch:

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,27 +11,10 @@ pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def cli_run(tiny_model_root, tmp_path_factory):
-    """A fresh torch-extensions cache holding the lock an interrupted DeepSpeed op build leaves
-    behind: before, every later run waited on it forever; now no op is built at run time."""
-    run_dir = tmp_path_factory.mktemp("cli") / "run"
-    extensions = run_dir.parent / "torch_extensions"
-    (extensions / "deepspeed_shm_comm").mkdir(parents=True)
-    (extensions / "deepspeed_shm_comm" / "lock").touch()
-    cmd = [
-        sys.executable, "-m", "rl.cli", "train", str(ROOT / "recipes" / "quickstart.yaml"),
-        f"model.path={tiny_model_root / 'model'}",
-        f"data.train={tiny_model_root / 'data' / 'train.jsonl'}",
-        f"data.test={tiny_model_root / 'data' / 'test.jsonl'}",
-        "steps=4", "data.prompts_per_step=8", "algorithm.group_size=4", "data.max_test_examples=16",
-        "eval.every=2", "checkpoint.every=2", "checkpoint.keep_last=1", "logging.progress=false",
-        "logging.wandb=true", "logging.mlflow=true", f"output_dir={run_dir}",
-    ]
-    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(extensions)}  # the actors inherit it
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return run_dir, proc
+@pytest.fixture
+def cli_run(quickstart_cli_run):
+    """The session's `rl train` subprocess (tests/conftest.py: 6 steps, a checkpoint and an evaluation every 2)."""
+    return quickstart_cli_run
 
 
 def test_no_op_is_compiled_at_run_time(cli_run):
@@ -47,8 +27,8 @@ def test_every_step_logged_once_with_evals(cli_run):
     run_dir, proc = cli_run
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train_steps = [r["step"] for r in rows if r["kind"] == "train"]
-    assert train_steps == [1, 2, 3, 4]
-    assert [r["step"] for r in rows if r["kind"] == "eval"] == [0, 2, 4]
+    assert train_steps == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in rows if r["kind"] == "eval"] == [0, 2, 4, 6]
     assert "held-out accuracy:" in proc.stdout
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
 
@@ -56,13 +36,13 @@ def test_every_step_logged_once_with_evals(cli_run):
 def test_summary_and_checkpoints(cli_run):
     run_dir, _ = cli_run
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["steps"] == 4
-    # The summary's before/after are the evaluations the metrics recorded at steps 0 and 4.
+    assert summary["steps"] == 6
+    # The summary's before/after are the evaluations the metrics recorded at steps 0 and 6.
     evals = {r["step"]: r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "eval"}
-    assert (summary["accuracy_before"], summary["accuracy_after"]) == (evals[0]["accuracy"], evals[4]["accuracy"])
+    assert (summary["accuracy_before"], summary["accuracy_after"]) == (evals[0]["accuracy"], evals[6]["accuracy"])
     ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
-    assert ckpts == ["step_000004"]  # keep_last=1 removed step 2; no .tmp left behind
-    assert summary["checkpoint"].endswith("step_000004")
+    assert ckpts == ["step_000006"]  # keep_last=1 removed steps 2 and 4; no .tmp left behind
+    assert summary["checkpoint"].endswith("step_000006")
     assert (run_dir / "recipe.resolved.yaml").exists()
 
 
@@ -76,7 +56,7 @@ def test_curves_status_and_run_list(cli_run):
     from rl.runs import describe_run
 
     row = describe_run(run_dir)
-    assert (row["status"], row["steps"], row["planned_steps"]) == ("finished", 4, 4)
+    assert (row["status"], row["steps"], row["planned_steps"]) == ("finished", 6, 6)
     assert row["accuracy_after"] == summary["accuracy_after"]
 
 
@@ -91,11 +71,11 @@ def test_wandb_offline_and_mlflow_file_store_get_the_run(cli_run, monkeypatch):
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3's opt-in for reading its file store
     client = mlflow.MlflowClient(tracking_uri=(run_dir / "mlruns").as_uri())
     (run,) = client.search_runs([client.get_experiment_by_name("rl-post-train").experiment_id])
-    assert run.data.params["algorithm.group_size"] == "4" and run.data.params["steps"] == "4"
+    assert run.data.params["algorithm.group_size"] == "4" and run.data.params["steps"] == "6"
     history = client.get_metric_history(run.info.run_id, "train/reward_mean")
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [(m.step, m.value) for m in history] == [(r["step"], r["reward_mean"]) for r in rows if r["kind"] == "train"]
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "eval/accuracy")] == [0, 2, 4]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "eval/accuracy")] == [0, 2, 4, 6]
     assert run.info.status == "FINISHED"
 
 
@@ -107,7 +87,7 @@ def test_checkpoint_loads_in_transformers_and_vllm(cli_run, ray_session):
     from rollout.vllm_worker import EngineSpec, RolloutWorker
 
     run_dir, _ = cli_run
-    ckpt = run_dir / "checkpoints" / "step_000004"
+    ckpt = run_dir / "checkpoints" / "step_000006"
     model = AutoModelForCausalLM.from_pretrained(ckpt)
     tok = AutoTokenizer.from_pretrained(ckpt)
     prompt = tok("12+34=")["input_ids"]

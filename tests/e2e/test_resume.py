@@ -11,27 +11,16 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from helpers import QUICKSTART_CLI_STEPS, quickstart_cli_cmd
+
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
-STEPS = 6
-
-
-def _cmd(tiny_model_root, out: Path, *extra: str) -> list[str]:
-    return [
-        sys.executable, "-m", "rl.cli", "train", str(ROOT / "recipes" / "quickstart.yaml"),
-        f"model.path={tiny_model_root / 'model'}",
-        f"data.train={tiny_model_root / 'data' / 'train.jsonl'}",
-        f"data.test={tiny_model_root / 'data' / 'test.jsonl'}",
-        f"steps={STEPS}", "data.prompts_per_step=16", "algorithm.group_size=4", "data.max_test_examples=16",
-        "trainer.lr=2e-3", "eval.every=0", "checkpoint.every=2", "checkpoint.keep_last=5", "logging.progress=false",
-        f"output_dir={out}", *extra,
-    ]
+STEPS = QUICKSTART_CLI_STEPS
 
 
 def _train_rows(run_dir: Path) -> list[dict]:
@@ -41,10 +30,13 @@ def _train_rows(run_dir: Path) -> list[dict]:
     return [r for r in map(json.loads, path.read_text().splitlines()) if r["kind"] == "train"]
 
 
-def test_sigkill_then_resume_matches_uninterrupted_and_refuses_another_recipe(tiny_model_root, tmp_path):
-    ref_dir, run_dir = tmp_path / "reference", tmp_path / "interrupted"
-    ref = subprocess.run(_cmd(tiny_model_root, ref_dir), capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert ref.returncode == 0, ref.stderr[-4000:]
+def _cmd(tiny_model_root, out: Path, *extra: str) -> list[str]:
+    """The reference's command (the session's uninterrupted `rl train`), its trackers off: they change no number."""
+    return quickstart_cli_cmd(tiny_model_root, out, "logging.wandb=false", "logging.mlflow=false", *extra)
+
+
+def test_sigkill_then_resume_matches_uninterrupted_and_refuses_another_recipe(tiny_model_root, quickstart_cli_run, tmp_path):
+    ref_dir, run_dir = quickstart_cli_run[0], tmp_path / "interrupted"
 
     # The whole process group, Ray's own processes included: like a preempted node.
     proc = subprocess.Popen(_cmd(tiny_model_root, run_dir), cwd=ROOT, start_new_session=True,
@@ -60,7 +52,9 @@ def test_sigkill_then_resume_matches_uninterrupted_and_refuses_another_recipe(ti
         proc.wait()
     killed_at = max(r["step"] for r in _train_rows(run_dir))
     assert 3 <= killed_at < STEPS, f"the run was not interrupted mid-way (last step {killed_at})"
-    assert (run_dir / "checkpoints" / "step_000002" / "driver_state.json").exists()
+    from rl import checkpoint as ckpt
+
+    assert ckpt.complete_checkpoints(run_dir), "no checkpoint to resume from"  # step 2 (or 4: keep_last=1)
 
     resumed = subprocess.run(_cmd(tiny_model_root, run_dir, "resume=auto"), capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
