@@ -19,7 +19,7 @@ from trainer.types import TrainBatch
 class ValueModel(torch.nn.Module):
     """decoder + Linear(hidden, 1): one value per position, of the state before the token it predicts."""
 
-    def __init__(self, causal_lm):
+    def __init__(self, causal_lm, seed: int = 0):
         super().__init__()
         parts = decoder_and_head(causal_lm)
         if parts is None:
@@ -27,8 +27,9 @@ class ValueModel(torch.nn.Module):
         self.decoder = parts[0]
         hidden = causal_lm.config.hidden_size
         self.value_head = torch.nn.Linear(hidden, 1, dtype=parts[1].weight.dtype)
-        # Values start near 0 (the rewards' scale is unknown here); the decoder's features are the policy's.
-        torch.nn.init.normal_(self.value_head.weight, std=1.0 / (hidden + 1))
+        # Values start near 0 (the rewards' scale is unknown here); the decoder's features are the policy's. The same
+        # head on every rank and in every run of one seed (not the rank-offset global generator).
+        torch.nn.init.normal_(self.value_head.weight, std=1.0 / (hidden + 1), generator=torch.Generator().manual_seed(seed))
         torch.nn.init.zeros_(self.value_head.bias)
 
     def forward(self, input_ids, attention_mask):
@@ -47,7 +48,7 @@ class Critic:
         # Batching, betas, decay, clipping and ZeRO as the policy's; its own learning rate.
         self.cfg = trainer_cfg.model_copy(update={"lr": cfg.lr})
         self.setup, self.device, self.version = setup, device, 0
-        module = ValueModel(model).to(device)
+        module = ValueModel(model, seed=setup.seed).to(device)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=module, model_parameters=[p for p in module.parameters() if p.requires_grad],
             config=deepspeed_config(self.cfg, dtype))
