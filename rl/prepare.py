@@ -364,7 +364,7 @@ def thread_counts(recipe: Recipe, cores: Optional[int] = None) -> tuple[int, int
 
 def trainer_memory(recipe: Recipe, policy: PolicySpec) -> dict[str, float]:
     """GiB one trainer rank holds by part (``trainer.memory``, counted on the meta device) and their
-    ``total``; an adapter policy's own parameters are not counted."""
+    ``total``; an adapter policy's own parameters are not counted; PPO's critic is its own part."""
     from trainer.memory import count_parameters, training_memory
 
     r = recipe
@@ -373,6 +373,9 @@ def trainer_memory(recipe: Recipe, policy: PolicySpec) -> dict[str, float]:
     parts = training_memory(params, vocab, r.model.dtype, params if full else 0, r.trainer.zero_stage, r.trainer.num_ranks,
                             reference=full and r.algorithm.spec.needs_reference(r.algorithm.kl_coef),
                             micro_batch_tokens=r.trainer.micro_batch_size * r.rollout.max_new_tokens)
+    if r.algorithm.spec.critic:  # PPO's value model: the base architecture again, every weight trained (its head aside)
+        parts["critic"] = sum(training_memory(params, 0, r.model.dtype, params, r.trainer.zero_stage, r.trainer.num_ranks,
+                                              reference=False, micro_batch_tokens=0).values())
     gib = {k: v / 2**30 for k, v in parts.items()}
     return {**gib, "total": sum(gib.values())}
 
