@@ -1,4 +1,5 @@
-"""Online RL from the policy's own samples: GRPO (any G), 2-GRPO (+RS) and online DPO. One step:
+"""Online RL from the policy's own samples: GRPO (any G), 2-GRPO (+RS), PPO with a critic, on-policy distillation
+and online DPO. One step:
 
     batch    = rollouts.next_batch(...)                  B prompts, each with its rollouts + logprobs, scored
                                                          (rl.rollouts: vLLM actors, episodes, prefetch)
@@ -6,7 +7,9 @@
                                                          Reinforce-Ada until each prompt has signal
     rows, adv = training_rows(batch)                     rewards shaped, advantages per group; every rollout
                                                          (GRPO), a pool's subset, or discordant pairs (online DPO)
-    stats    = trainer.train_step(rows)                  DeepSpeed ranks
+    _add_token_advantages(rows)                          per token: a teacher's verdict on each sampled token, or
+                                                         PPO's GAE from the critic's values (rl.token_advantages)
+    stats    = trainer.train_step(rows)                  DeepSpeed ranks (PPO: the critic steps beside the policy)
     rollout.load_weights(trainer.publish_weights())      in place, no engine restart
 
 The loop, checkpoints and summary are ``rl.run.Run``'s; the policy (full model or an adapter)

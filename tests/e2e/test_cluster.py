@@ -126,14 +126,16 @@ def test_rl_stop_ends_a_job_with_a_checkpoint(cluster, tmp_path):
     assert Path(summary["checkpoint"]).name == f"step_{summary['steps']:06d}"
 
 
-def test_losing_the_worker_node_stops_with_the_checkpoint_and_resumes(cluster, tmp_path):
+def test_losing_the_worker_node_stops_with_the_checkpoint_and_resumes_on_the_node_left(cluster, tmp_path):
     """Every process of the worker node is killed mid-run. Its engine cannot come back (the head's
-    one CPU is the trainer's): the run stops naming the node, its last checkpoint intact; with the
-    node back, ``resume=auto`` finishes the run with every step once."""
+    one CPU is the trainer's): the run stops naming the node, its last checkpoint intact. Resumed with
+    the engine moved onto the head (no CPU reserved: it takes turns with the trainer), without
+    ``resume_force``: where actors run does not change what is trained. Every step once.
+    (Last in this module: the worker node stays down.)"""
     out = tmp_path / "run"
-    args = ["steps=14", "checkpoint.every=4", "eval.before=false", "eval.after=false", "cluster.node_loss_wait_s=10", *SPLIT,
-            f"output_dir={out}"]
-    proc = submit(cluster, *args, wait=False)
+    common = ["steps=14", "checkpoint.every=4", "eval.before=false", "eval.after=false", "cluster.node_loss_wait_s=10",
+              f"output_dir={out}"]
+    proc = submit(cluster, *common, *SPLIT, wait=False)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     jid = job_id(proc)
     deadline = time.monotonic() + 300
@@ -155,8 +157,9 @@ def test_losing_the_worker_node_stops_with_the_checkpoint_and_resumes(cluster, t
     kept = Path(summary["checkpoint"])
     assert (kept / "driver_state.json").exists() and int(kept.name.split("_")[1]) % 4 == 0
 
-    cluster.start_node("worker")
-    cluster.wait_for_nodes(2)
-    proc = submit(cluster, *args, "resume=auto")
+    moved = ["trainer.resources={head: 1}", "rollout.resources={}", "rollout.num_cpus_per_actor=0"]
+    proc = submit(cluster, *common, *moved, "resume=auto")
     assert proc.returncode == 0 and "SUCCEEDED" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert [r["step"] for r in train_rows(out)] == list(range(1, 15))  # none repeated, none skipped
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["nodes"] == 1 and summary["steps"] == 14, summary
