@@ -129,7 +129,7 @@ def test_rl_stop_ends_a_job_with_a_checkpoint(cluster, tmp_path):
 def test_losing_the_worker_node_stops_with_the_checkpoint_and_resumes_on_the_node_left(cluster, tmp_path):
     """Every process of the worker node is killed mid-run. Its engine cannot come back (the head's
     one CPU is the trainer's): the run stops naming the node, its last checkpoint intact. Resumed with
-    the engine moved onto the head (no CPU reserved: it takes turns with the trainer), without
+    the engine moved onto the head (the trainer and the engine half a CPU each), without
     ``resume_force``: where actors run does not change what is trained. Every step once.
     (Last in this module: the worker node stays down.)"""
     out = tmp_path / "run"
@@ -157,7 +157,8 @@ def test_losing_the_worker_node_stops_with_the_checkpoint_and_resumes_on_the_nod
     kept = Path(summary["checkpoint"])
     assert (kept / "driver_state.json").exists() and int(kept.name.split("_")[1]) % 4 == 0
 
-    moved = ["trainer.resources={head: 1}", "rollout.resources={}", "rollout.num_cpus_per_actor=0"]
+    # The head's one CPU shared: half for the trainer rank, half for the engine (they take turns in a synchronous run).
+    moved = ["trainer.resources={head: 1}", "trainer.num_cpus_per_rank=0.5", "rollout.resources={}", "rollout.num_cpus_per_actor=0.5"]
     proc = submit(cluster, *common, *moved, "resume=auto")
     assert proc.returncode == 0 and "SUCCEEDED" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert [r["step"] for r in train_rows(out)] == list(range(1, 15))  # none repeated, none skipped
