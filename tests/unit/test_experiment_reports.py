@@ -1,0 +1,29 @@
+"""The committed experiment reports are what their scripts write from the committed results: re-rendered with
+``--report-only`` from the JSON, every line but the machine and the command line is the same, so no number in
+them was edited by hand."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+DOCS = ROOT / "docs" / "experiments"
+
+
+@pytest.mark.parametrize("script, stem", [("experiment_ppo_distill.py", "ppo-distill"), ("experiment_allocation.py", "allocation")])
+def test_report_is_the_scripts_rendering_of_its_results(script, stem, tmp_path):
+    shutil.copy(DOCS / f"{stem}.json", tmp_path / f"{stem}.json")
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / script), "--report-only", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    def lines(path: Path) -> list[str]:
+        return [line for line in path.read_text().splitlines() if not line.startswith(("Reproduce:", "Machine:"))]
+
+    assert lines(tmp_path / f"{stem}.md") == lines(DOCS / f"{stem}.md")
+    assert (tmp_path / f"{stem}-curves.png").stat().st_size > 10_000
