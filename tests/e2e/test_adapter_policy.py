@@ -150,8 +150,9 @@ def test_arrow_routed_policy(serving, tiny_model_root, subtask_library, tmp_path
     for m in train:
         # One LoRA per step, or one per distinct prompt of the step (16 here: one epoch has no repeats).
         assert m["weight_sync_bytes"] == served * (1 if serving == "batch" else 16)
-        # Per-token top-1 routing vs one averaged LoRA: a real, measured gap (not float noise), bounded.
-        assert 1e-4 < m["logprob_mismatch"] < 1.0
+        # Per-token top-1 routing vs one averaged LoRA: a real gap, not float noise, and bounded (measured 0.093-0.102
+        # per step served per batch, 0.077-0.095 per prompt); a LoRA served wrong would be far outside.
+        assert 1e-2 < m["logprob_mismatch"] < 0.25, m["logprob_mismatch"]
         # The trainer holds the base once, the frozen experts (2 LoRAs) and the new LoRA.
         assert m["params_in_memory"] == sum(p.numel() for p in base.parameters()) + 3 * lora
     expert = AdapterLibrary(subtask_library).get(name)
