@@ -11,7 +11,7 @@ import torch
 from trainer import algorithms
 from trainer.batching import collate
 from trainer.config import CriticConfig
-from trainer.engine import clips_in_hook, decoder_and_head, deepspeed_config
+from trainer.engine import clip_gradients, clips_in_hook, decoder_and_head, deepspeed_config
 from trainer.stats import Stats
 from trainer.types import TrainBatch
 
@@ -53,12 +53,7 @@ class Critic:
             model=module, model_parameters=[p for p in module.parameters() if p.requires_grad],
             config=deepspeed_config(self.cfg, dtype))
         if clips_in_hook(self.cfg, dtype):  # ZeRO-0 in float32: DeepSpeed leaves clipping to us, as for the policy
-            self.optimizer.register_step_pre_hook(self._clip)
-
-    def _clip(self, optimizer, args, kwargs) -> None:
-        if self.cfg.max_grad_norm > 0:
-            params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-            torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
+            self.optimizer.register_step_pre_hook(lambda optimizer, args, kwargs: clip_gradients(optimizer, self.cfg.max_grad_norm))
 
     def _values(self, mb: dict) -> torch.Tensor:
         """[n, T-1] values at the positions that predict each response token; 0 elsewhere."""

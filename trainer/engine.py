@@ -25,6 +25,13 @@ def decoder_and_head(model):
 
 
 
+def clip_gradients(optimizer, max_grad_norm: float) -> float:
+    """Clip the gradients of ``optimizer``'s parameters to ``max_grad_norm`` (0: measure only); their norm before.
+    Registered as an optimizer step pre-hook where DeepSpeed leaves clipping to us (``clips_in_hook``)."""
+    params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    return float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf")))
+
+
 def clips_in_hook(cfg: TrainerConfig, dtype: str) -> bool:
     """ZeRO-0 in float32 hands us the plain torch optimizer, whose step we hook; in bf16/fp16 DeepSpeed
     wraps it in its own mixed-precision optimizer (no step hooks), which clips and reports the norm itself."""

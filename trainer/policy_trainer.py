@@ -23,7 +23,7 @@ import torch
 from trainer import algorithms
 from trainer.batching import collate, length_order, split_units
 from trainer.config import AlgorithmConfig, CriticConfig, TrainerConfig
-from trainer.engine import DTYPES, clips_in_hook, decoder_and_head, deepspeed_config
+from trainer.engine import DTYPES, clip_gradients, clips_in_hook, decoder_and_head, deepspeed_config
 from trainer.policies import PolicySpec, build_policy
 from trainer.process import interface_of, node_ip, peak_rss_gib, redirect_output, skip_cpu_shm_op
 from trainer.rank_state import load_rank_state, save_rank_state
@@ -142,9 +142,7 @@ class PolicyTrainer:
 
     def _clip_and_measure(self, optimizer, args, kwargs) -> None:
         """Runs after the gradient all-reduce, right before the optimizer update."""
-        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-        max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
-        self._grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        self._grad_norm = clip_gradients(optimizer, self.cfg.max_grad_norm)
 
     def _last_grad_norm(self) -> Optional[float]:
         norm = self._grad_norm if self._clip_in_hook else self.engine.get_global_grad_norm()
