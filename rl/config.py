@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from rewards.config import EnvironmentConfig, RewardsConfig
 from rl.overrides import RecipeError, format_errors, parse_overrides, set_dotted
-from rollout.config import RolloutConfig
+from rollout.config import RolloutConfig, TeacherConfig
 from trainer.config import AdapterConfig, AlgorithmConfig, CriticConfig, TrainerConfig
 
 BUILTIN_PREFIX = "builtin:"
@@ -141,21 +141,6 @@ class AgentConfig(Section):
             if not callable(fn):
                 raise ValueError(f"agent.fn {self.fn!r} is not a function run_episode(client, prompt, **columns)")
         return self
-
-
-class TeacherConfig(Section):
-    """On-policy distillation: a teacher model on its own vLLM actors scores every token the policy samples."""
-
-    model: Optional[str] = Field(
-        None, description="The teacher: a model directory or a builtin, with the policy's tokenizer. Unset: no teacher.")
-    kl_coef: float = Field(1.0, gt=0.0, description="Weight of each token's negative reverse KL, log p_teacher - "
-                           "log p_policy, added to its advantage.")
-    reward_coef: float = Field(0.0, ge=0.0, description="Weight of the task's own advantage beside it (0: pure distillation).")
-    num_actors: int = Field(1, ge=1, description="Teacher engines; the batch is split across them.")
-    num_cpus_per_actor: float = Field(
-        0.0, ge=0.0, description="CPUs each teacher engine reserves. 0: none; it scores between sampling and the update, "
-        "when the rollout engines and the trainer wait, so it shares their cores (as they share them with each other).")
-    num_gpus_per_actor: float = Field(0.0, ge=0.0, description="Unset: 1 on a machine with a GPU, else 0.")
 
 
 class LoggingConfig(Section):

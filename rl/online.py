@@ -30,8 +30,8 @@ from rl.allocation import make_allocation, training_rows
 from rl.config import Recipe, RecipeError
 from rl.episodes import episode_metrics
 from rl.metrics import MetricsLogger, PhaseTimer, read_metrics
-from rl.prepare import (check_library_write, check_same_tokenizer, engine_spec, load_task, prepare_policy, resolve_model_path,
-                        sampling, trainer_memory)
+from rl.models import check_same_tokenizer, resolve_model_path
+from rl.prepare import check_library_write, engine_spec, load_task, prepare_policy, sampling, trainer_memory
 from rl.rollouts import Rollouts, Sampled
 from rl.run import Run, TrainingDiverged
 from rl.token_advantages import ppo_targets, teacher_token_advantages

@@ -1,6 +1,9 @@
-"""The recipe's `rollout` section: how the vLLM rollout actors sample (owned here, composed by ``rl.config``)."""
+"""The recipe's `rollout` and `teacher` sections: how the vLLM rollout actors sample, and the engines of a
+distillation teacher that score the samples (owned here, composed by ``rl.config``)."""
 
 from __future__ import annotations
+
+from typing import Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -47,3 +50,18 @@ class RolloutConfig(Section):
         0, ge=0, description="Asynchronous rollout: generate up to k batches ahead while the trainer updates, so a batch "
         "may come from a policy up to k versions old (metric rollout_staleness; pair with algorithm.tis_cap). "
         "0: synchronous, on-policy.")
+
+
+class TeacherConfig(Section):
+    """On-policy distillation: a teacher model on its own vLLM actors scores every token the policy samples."""
+
+    model: Optional[str] = Field(
+        None, description="The teacher: a model directory or a builtin, with the policy's tokenizer. Unset: no teacher.")
+    kl_coef: float = Field(1.0, gt=0.0, description="Weight of each token's negative reverse KL, log p_teacher - "
+                           "log p_policy, added to its advantage.")
+    reward_coef: float = Field(0.0, ge=0.0, description="Weight of the task's own advantage beside it (0: pure distillation).")
+    num_actors: int = Field(1, ge=1, description="Teacher engines; the batch is split across them.")
+    num_cpus_per_actor: float = Field(
+        0.0, ge=0.0, description="CPUs each teacher engine reserves. 0: none; it scores between sampling and the update, "
+        "when the rollout engines and the trainer wait, so it shares their cores (as they share them with each other).")
+    num_gpus_per_actor: float = Field(0.0, ge=0.0, description="Unset: 1 on a machine with a GPU, else 0.")

@@ -109,7 +109,7 @@ def test_a_teacher_with_another_tokenizer_is_refused_naming_a_token(tmp_path):
     import json
     import shutil
 
-    from rl.prepare import check_same_tokenizer
+    from rl.models import check_same_tokenizer
     from rl.tasks.shipped_model import SHIPPED_DIR
 
     mine, theirs = tmp_path / "policy", tmp_path / "teacher"

@@ -57,7 +57,7 @@ def test_a_model_the_engine_cannot_serve_is_refused_before_start(change, message
     import transformers
 
     from rl.config import RecipeError, load_recipe
-    from rl.prepare import check_engine_can_serve
+    from rl.models import check_engine_can_serve
 
     cfg = transformers.LlamaConfig(vocab_size=32, hidden_size=128, intermediate_size=64, num_hidden_layers=1,
                                    num_attention_heads=4, architectures=["LlamaForCausalLM"])
