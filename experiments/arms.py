@@ -1,15 +1,20 @@
 """An experiment's arms on the embedded task: one recipe plus overrides each, trained per seed (or read back from
-a finished run) into the curve its report and plots use. Shared by ``scripts/experiment_allocation.py`` and
+a finished run) into the curve its report and plots use, the command-line options every such experiment takes,
+and the verdict lines of its report. Shared by ``scripts/experiment_allocation.py`` and
 ``scripts/experiment_ppo_distill.py``."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
+
+# The held-out metrics every arm is evaluated on: (curve key, report label with k).
+METRICS = (("greedy", "greedy"), ("mean_at_k", "mean@{k}"), ("pass_at_k", "pass@{k}"))
 
 
 @dataclass
@@ -52,3 +57,45 @@ def run_arm(arm: Arm, args, seed: int, extra: dict[str, Callable[[list[dict]], f
             "max_rollouts_per_prompt": max((row.get("rollouts_per_prompt_max", 0.0) for row in train), default=0.0) or None,
             **{name: fn(train) for name, fn in (extra or {}).items()},
             "curve": curve, "run_dir": str(run_dir)}
+
+
+def add_arm_options(ap: argparse.ArgumentParser, steps: int, runs: Path, out: Path, quick_help: str) -> None:
+    """The options of an arm experiment: seeds, protocol sizes, a subset of arms, --quick, --fresh, --report-only,
+    where runs and the report go."""
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--steps", type=int, default=steps)
+    ap.add_argument("--prompts", type=int, default=512, help="the fixed set of training prompts every arm draws from")
+    ap.add_argument("--test-prompts", type=int, default=256)
+    ap.add_argument("--eval-every", type=int, default=16)
+    ap.add_argument("--k", type=int, default=8)
+    ap.add_argument("--arms", nargs="+", default=None, help="a subset of the arms (by name)")
+    ap.add_argument("--quick", action="store_true", help=quick_help)
+    ap.add_argument("--fresh", action="store_true")
+    ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--runs", default=str(runs))
+    ap.add_argument("--out", default=str(out))
+
+
+def choose_arms(arms: Sequence[Arm], names: Sequence[str] | None, ap: argparse.ArgumentParser) -> list[Arm]:
+    """The arms ``--arms`` names (all when None), in their own order; an unknown name is a usage error."""
+    chosen = [a for a in arms if names is None or a.name in names]
+    if names and len(chosen) != len(names):
+        ap.error(f"--arms: unknown arm in {list(names)}; the arms are {[a.name for a in arms]}")
+    return chosen
+
+
+def claim_lines(results: list[dict], a: str, b: str, k: int, keys=("greedy", "mean_at_k", "pass_at_k")) -> list[str]:
+    """A report's verdict lines on "arm A reaches arm B", one per metric in ``keys`` (rl/claims.py: from the interval
+    over seeds of the final values, with the share of B's gain over the start)."""
+    from rl.claims import at_least, describe
+
+    if not any(r["arm"] == a for r in results) or not any(r["arm"] == b for r in results):
+        return ["  - not run"]
+    lines = []
+    for key, label in METRICS:
+        if key not in keys:
+            continue
+        finals = {name: [r["curve"][-1][key] for r in results if r["arm"] == name] for name in (a, b)}
+        start = statistics.mean(r["curve"][0][key] for r in results)
+        lines.append(f"  - {label.format(k=k)}: {describe(at_least(finals[a], finals[b], start=start))}")
+    return lines

@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT)]
 
-from experiments.arms import Arm, run_arm  # noqa: E402  (shared with experiment_ppo_distill)
+from experiments.arms import METRICS, Arm, add_arm_options, choose_arms, claim_lines, run_arm  # noqa: E402
 from rl.claims import mean_std  # noqa: E402
 from rl.plot import plot_arm_curves  # noqa: E402
 
@@ -46,24 +46,6 @@ def arms() -> list[Arm]:
         out.append(Arm(arm.name, arm.recipe, [*arm.overrides, "algorithm.unlikeliness_beta=0"]))
         out.append(Arm(f"{arm.name} + unlikely", arm.recipe, [*arm.overrides, f"algorithm.unlikeliness_beta={BETA}"]))
     return out
-
-
-METRICS = (("greedy", "greedy"), ("mean_at_k", "mean@{k}"), ("pass_at_k", "pass@{k}"))
-
-
-def claim_lines(results: list[dict], a: str, b: str, k: int, keys=("greedy", "mean_at_k", "pass_at_k")) -> list[str]:
-    from rl.claims import at_least, describe
-
-    if not any(r["arm"] == a for r in results) or not any(r["arm"] == b for r in results):
-        return ["  - not run"]
-    lines = []
-    for key, label in METRICS:
-        if key not in keys:
-            continue
-        finals = {name: [r["curve"][-1][key] for r in results if r["arm"] == name] for name in (a, b)}
-        start = statistics.mean(r["curve"][0][key] for r in results)
-        lines.append(f"  - {label.format(k=k)}: {describe(at_least(finals[a], finals[b], start=start))}")
-    return lines
 
 
 def most_rollouts(runs: list[dict]) -> str:
@@ -147,27 +129,14 @@ def report(results: list[dict], names: list[str], args, command: str) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--steps", type=int, default=64)
-    ap.add_argument("--prompts", type=int, default=512, help="the fixed training prompt set (Knapsack needs prompts to recur)")
-    ap.add_argument("--test-prompts", type=int, default=256)
-    ap.add_argument("--eval-every", type=int, default=16)
-    ap.add_argument("--k", type=int, default=8)
-    ap.add_argument("--arms", nargs="+", default=None, help="a subset of the arms (by name)")
-    ap.add_argument("--quick", action="store_true",
-                    help="two arms (fixed G=8, Reinforce-Ada), a few steps, one seed: checks the tables are produced")
-    ap.add_argument("--fresh", action="store_true")
-    ap.add_argument("--report-only", action="store_true")
-    ap.add_argument("--runs", default=str(ROOT / "runs" / "experiment-allocation"))
-    ap.add_argument("--out", default=str(ROOT / "docs" / "experiments"))
+    add_arm_options(ap, steps=64, runs=ROOT / "runs" / "experiment-allocation", out=ROOT / "docs" / "experiments",
+                    quick_help="two arms (fixed G=8, Reinforce-Ada), a few steps, one seed: checks the tables are produced")
     args = ap.parse_args()
     command = "python scripts/experiment_allocation.py" + "".join(f" {a}" for a in sys.argv[1:] if a != "--report-only")
     if args.quick:
         args.seeds, args.steps, args.prompts, args.test_prompts, args.eval_every, args.k = args.seeds[:1], 2, 128, 16, 2, 2
         args.arms = args.arms or ["fixed G=8", "Reinforce-Ada"]
-    chosen = [a for a in arms() if args.arms is None or a.name in args.arms]
-    if args.arms and len(chosen) != len(args.arms):
-        ap.error(f"--arms: unknown arm in {args.arms}; the arms are {[a.name for a in arms()]}")
+    chosen = choose_arms(arms(), args.arms, ap)
     names = [a.name for a in chosen]
     out = Path(args.out)
     if args.report_only:

@@ -23,11 +23,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT)]
 
-from experiments.arms import Arm, run_arm  # noqa: E402  (shared with experiment_allocation)
-from rl.claims import at_least, describe, mean_std  # noqa: E402
+from experiments.arms import METRICS, Arm, add_arm_options, choose_arms, claim_lines, run_arm  # noqa: E402
+from rl.claims import mean_std  # noqa: E402
 from rl.plot import plot_arm_curves  # noqa: E402
 
-METRICS = (("greedy", "greedy"), ("mean_at_k", "mean@{k}"), ("pass_at_k", "pass@{k}"))
 GRPO = "GRPO G=8"
 
 
@@ -73,17 +72,6 @@ def first_value(key: str):
 
 EXTRA = {"reverse_kl_first": first_value("teacher_reverse_kl"), "reverse_kl_last": last_mean("teacher_reverse_kl"),
          "value_explained_variance_last": last_mean("value_explained_variance")}
-
-
-def claim_lines(results: list[dict], a: str, b: str, k: int) -> list[str]:
-    if not any(r["arm"] == a for r in results) or not any(r["arm"] == b for r in results):
-        return ["  - not run"]
-    lines = []
-    for key, label in METRICS:
-        finals = {name: [r["curve"][-1][key] for r in results if r["arm"] == name] for name in (a, b)}
-        start = statistics.mean(r["curve"][0][key] for r in results)
-        lines.append(f"  - {label.format(k=k)}: {describe(at_least(finals[a], finals[b], start=start))}")
-    return lines
 
 
 def report(results: list[dict], names: list[str], args, command: str, teacher_accuracy: float) -> str:
@@ -141,19 +129,9 @@ def report(results: list[dict], names: list[str], args, command: str, teacher_ac
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--steps", type=int, default=48)
-    ap.add_argument("--prompts", type=int, default=512)
-    ap.add_argument("--test-prompts", type=int, default=256)
-    ap.add_argument("--eval-every", type=int, default=16)
-    ap.add_argument("--k", type=int, default=8)
+    add_arm_options(ap, steps=48, runs=ROOT / "runs" / "experiment-ppo-distill", out=ROOT / "docs" / "experiments",
+                    quick_help="three arms, a few steps, one seed: checks the tables are produced")
     ap.add_argument("--teacher-steps", type=int, default=150)
-    ap.add_argument("--arms", nargs="+", default=None, help="a subset of the arms (by name)")
-    ap.add_argument("--quick", action="store_true", help="three arms, a few steps, one seed: checks the tables are produced")
-    ap.add_argument("--fresh", action="store_true")
-    ap.add_argument("--report-only", action="store_true")
-    ap.add_argument("--runs", default=str(ROOT / "runs" / "experiment-ppo-distill"))
-    ap.add_argument("--out", default=str(ROOT / "docs" / "experiments"))
     args = ap.parse_args()
     command = "python scripts/experiment_ppo_distill.py" + "".join(f" {a}" for a in sys.argv[1:] if a != "--report-only")
     if args.quick:
@@ -167,9 +145,7 @@ def main() -> None:
         names = [n for n in (a.name for a in arms("")) if any(r["arm"] == n for r in results)]
     else:
         teacher, teacher_accuracy = train_teacher(args)
-        chosen = [a for a in arms(teacher) if args.arms is None or a.name in args.arms]
-        if args.arms and len(chosen) != len(args.arms):
-            ap.error(f"--arms: unknown arm in {args.arms}; the arms are {[a.name for a in arms('')]}")
+        chosen = choose_arms(arms(teacher), args.arms, ap)
         names = [a.name for a in chosen]
         results = [run_arm(arm, args, seed, EXTRA) for seed in args.seeds for arm in chosen]
         out.mkdir(parents=True, exist_ok=True)
