@@ -70,15 +70,13 @@ def ppo_targets(values: Sequence[Sequence[float]], rows: Sequence[Completion], r
     token_rewards = algorithms.outcome_token_rewards(torch.tensor(list(rewards), dtype=torch.float32), mask)
     advantages, returns = algorithms.gae_advantages(token_rewards, v, mask, gamma=gamma, lam=lam)
     whitened = algorithms.whiten(advantages, mask)
-    resid = torch.where(mask, returns - v, 0.0)
-    ntok = max(int(mask.sum()), 1)
-    ret_var = float(torch.where(mask, returns - returns[mask].mean(), 0.0).pow(2).sum()) / ntok if mask.any() else 0.0
+    values_t, returns_t = v[mask], returns[mask]  # the sampled tokens, flat
+    return_var = float(returns_t.var(unbiased=False)) if returns_t.numel() else 0.0
     metrics = {
-        "value_mean": float(torch.where(mask, v, 0.0).sum()) / ntok,
-        "return_mean": float(torch.where(mask, returns, 0.0).sum()) / ntok,
+        "value_mean": float(values_t.mean()) if values_t.numel() else 0.0,
+        "return_mean": float(returns_t.mean()) if returns_t.numel() else 0.0,
         # 1 - Var(R - V) / Var(R): how much of the returns' spread the critic already explains (1 perfect, <= 0 none).
-        "value_explained_variance": 1.0 - (float(resid.pow(2).sum()) / ntok - (float(resid.sum()) / ntok) ** 2) / ret_var
-        if ret_var > 0 else 0.0,
+        "value_explained_variance": 1.0 - float((returns_t - values_t).var(unbiased=False)) / return_var if return_var > 0 else 0.0,
     }
     ids = [c.token_ids for c in rows]
     return unpadded(whitened, ids), unpadded(returns, ids), metrics
