@@ -53,7 +53,10 @@ class Critic:
             model=module, model_parameters=[p for p in module.parameters() if p.requires_grad],
             config=deepspeed_config(self.cfg, dtype))
         if clips_in_hook(self.cfg, dtype):  # ZeRO-0 in float32: DeepSpeed leaves clipping to us, as for the policy
-            self.optimizer.register_step_pre_hook(lambda optimizer, args, kwargs: clip_gradients(optimizer, self.cfg.max_grad_norm))
+            self.optimizer.register_step_pre_hook(self._clip)
+
+    def _clip(self, optimizer, args, kwargs) -> None:  # a step pre-hook must return None
+        clip_gradients(optimizer, self.cfg.max_grad_norm)
 
     def _values(self, mb: dict) -> torch.Tensor:
         """[n, T-1] values at the positions that predict each response token; 0 elsewhere."""
