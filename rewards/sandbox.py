@@ -35,7 +35,7 @@ Two layers, the first only where the kernel allows it (probed once, :func:`netwo
    process it starts. This is a kernel guarantee, with one caveat: it holds against a program
    that cannot re-enter the host namespace with ``setns``, which needs ``CAP_SYS_ADMIN``, so the
    child also drops every capability from its bounding set (a root parent's child then runs as
-   uid 0 without capabilities) and sets ``no_new_privs``. Unix-domain sockets bound to file
+   ``nobody`` in the jail, see below) and sets ``no_new_privs``. Unix-domain sockets bound to file
    paths are not scoped by network namespaces: code that gets past the guard below can still
    reach a local service listening on such a path (a Docker or D-Bus socket, say) if file
    permissions let it.
@@ -48,15 +48,20 @@ Two layers, the first only where the kernel allows it (probed once, :func:`netwo
    ``ctypes``, or digs the original socket type out of an object gets past it.
    ``socket.socketpair()`` keeps working (it is local), so ``asyncio`` event loops still start.
 
-What this is not
-----------------
-A guard against accidents and runaway generated code (infinite loops, memory blow-ups, fork
-loops where ``RLIMIT_NPROC`` works, stray network calls), not a security boundary against a
-hostile program: the child runs as the same user as the trainer, so it can read and write
-that user's files and signal that user's processes (the trainer included); a process that calls
-``setsid`` leaves the process group and survives the end-of-run kill where no pids cgroup could be
-made (it keeps its CPU, memory and file limits; with the cgroup it is killed with the rest). For
-untrusted code at scale run the trainer as an unprivileged user, or the sandbox inside a container or VM.
+Who it runs as
+--------------
+A root trainer (CI, most containers) runs the program in a jail (``rewards.sandbox_jail``, probed once by
+:func:`jail_isolation`): as ``nobody``, in its own PID and mount namespaces, seeing only read-only system and
+Python files and its scratch directory. It cannot read or delete the run's files or signal the trainer, and
+every process it starts dies with it.
+
+Where the trainer is not root, the jail cannot be built and the child runs as the trainer's user: it can
+then read and write that user's files and signal that user's processes (the trainer included), and a process
+that calls ``setsid`` leaves the process group and survives the end-of-run kill where no pids cgroup could
+be made (it keeps its CPU, memory and file limits). This mode guards against accidents and runaway generated
+code (infinite loops, memory blow-ups, fork loops where ``RLIMIT_NPROC`` works, stray network calls), not
+against a hostile program. Even the jail shares the kernel with the trainer: for hostile code at scale, run
+the sandbox inside a VM.
 
 ``preexec_fn`` is documented as unsafe with threads in the parent (the child could deadlock
 before ``exec``); the function here only makes system calls through objects created
@@ -82,12 +87,14 @@ from dataclasses import dataclass
 # The parent's side of a run (stdin/output, the deadline kill, reaping) is in rewards.sandbox_process.
 from rewards.sandbox_cgroup import PidsCgroup
 from rewards.sandbox_child import PROBE_LOCK, make_preexec, net_flags
+from rewards.sandbox_jail import jail_user, plan
 from rewards.sandbox_process import communicate, killed_reason, reap
 
 __all__ = [
     "SandboxResult",
     "run_python",
     "network_isolation",
+    "jail_isolation",
     "nproc_limit_enforced",
     "FILE_SIZE_LIMIT_BYTES",
 ]
@@ -162,13 +169,23 @@ def run_python(
             f"run_python limits must be positive: timeout_seconds={timeout_seconds!r}, cpu_seconds={cpu_seconds!r}, "
             f"memory_mb={memory_mb!r}, max_output_bytes={max_output_bytes!r}, max_processes={max_processes!r}"
         )
+    return _run(code, stdin, timeout_seconds, cpu_seconds, memory_mb, max_output_bytes, max_processes, jailed=jail_isolation())
+
+
+def _run(code: str, stdin: str, timeout_seconds: float, cpu_seconds: float, memory_mb: int, max_output_bytes: int,
+         max_processes: int, jailed: bool) -> SandboxResult:
     cpu = max(1, math.ceil(cpu_seconds))  # RLIMIT_CPU counts whole seconds
     namespace_flags = net_flags()
     workdir = tempfile.mkdtemp(prefix="rl-sandbox-")
+    jail_root = tempfile.mkdtemp(prefix="rl-sandbox-root-") if jailed else None
     cgroup = PidsCgroup.create(max_processes)  # caps tasks where RLIMIT_NPROC cannot (root); None where unavailable
     try:
         with open(os.path.join(workdir, "main.py"), "w", encoding="utf-8", errors="replace") as f:
             f.write(code)
+        jail = plan(jail_root, workdir) if jailed else None
+        if jail is not None:  # the scratch directory is the jail user's
+            for path in (workdir, os.path.join(workdir, "main.py")):
+                os.chown(path, jail.uid, jail.gid)
         limits = [
             (resource.RLIMIT_CPU, cpu, cpu + 1),
             (resource.RLIMIT_AS, int(memory_mb) * 1024 * 1024, None),
@@ -176,7 +193,7 @@ def run_python(
             (resource.RLIMIT_CORE, 0, None),
             # RLIMIT_NPROC counts every task of the real user, not just this run's: allow
             # what the user already has plus max_processes.
-            (resource.RLIMIT_NPROC, _tasks_of_user(os.getuid()) + int(max_processes), None),
+            (resource.RLIMIT_NPROC, _tasks_of_user(jail.uid if jail else os.getuid()) + int(max_processes), None),
         ]
         try:
             proc = subprocess.Popen(
@@ -188,7 +205,7 @@ def run_python(
                 stderr=subprocess.PIPE,
                 start_new_session=True,  # its own process group: killed as a whole
                 close_fds=True,
-                preexec_fn=make_preexec(limits, namespace_flags, cgroup.procs if cgroup else None),
+                preexec_fn=make_preexec(limits, namespace_flags, cgroup.procs if cgroup else None, jail),
             )
         except subprocess.SubprocessError as e:  # preexec_fn failed: no namespace or limits -> do not run
             raise OSError(f"could not start the sandboxed process (namespace or limits refused): {e}") from e
@@ -201,6 +218,8 @@ def run_python(
         if cgroup is not None:
             cgroup.remove()  # every process the run started, those that left its process group too
         shutil.rmtree(workdir, ignore_errors=True)
+        if jail_root is not None:
+            os.rmdir(jail_root)  # the jail's tmpfs lived in the child's mount namespace: empty here
 
     out_text = stdout.decode("utf-8", errors="replace")
     err_text = stderr.decode("utf-8", errors="replace")
@@ -213,6 +232,23 @@ def run_python(
         killed_reason=reason,
         truncated=truncated,
     )
+
+
+def jail_isolation() -> bool:
+    """Whether :func:`run_python` runs programs in the jail (``rewards.sandbox_jail``: an unprivileged user in
+    its own PID and mount namespaces, seeing only the system's read-only files and its scratch directory).
+    Only a root process can build it; probed once by running a program in it."""
+    global _JAIL
+    with PROBE_LOCK:
+        if _JAIL is None:
+            _JAIL = False
+            if os.geteuid() == 0 and sys.platform.startswith("linux"):
+                try:
+                    probe = _run(_JAIL_PROBE, "", 10.0, 5, 512, 4096, 8, jailed=True)
+                except OSError:
+                    probe = None
+                _JAIL = probe is not None and probe.stdout.split() == [str(jail_user()[0]), "1", "False"]
+        return _JAIL
 
 
 def network_isolation() -> str:
@@ -290,6 +326,9 @@ else:
 # --- probes -------------------------------------------------------------------------------------
 
 _NPROC_ENFORCED: bool | None = None
+_JAIL: bool | None = None
+# uid, pid (1: its namespace's init) and whether anything beside the scratch directory shows in its parent
+_JAIL_PROBE = "import os; print(os.getuid(), os.getpid(), os.listdir('..') != [os.path.basename(os.getcwd())])"
 
 
 def _tasks_of_user(uid: int) -> int:

@@ -189,10 +189,29 @@ def _alive(pid: int) -> bool:
 
 
 def _wait_dead(pids, within=3.0) -> list[int]:
+    """The run's processes still alive after ``within`` seconds: ``pids`` as the program printed them, or, in
+    the jail (where a program sees its own PID namespace's numbers), every process of the jail's user."""
+    if sandbox.jail_isolation():
+        uid = sandbox.jail_user()[0]
+        alive = lambda: _processes_of_uid(uid)  # noqa: E731
+    else:
+        alive = lambda: [p for p in pids if _alive(p)]  # noqa: E731
     deadline = time.monotonic() + within
-    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+    while time.monotonic() < deadline and alive():
         time.sleep(0.02)
-    return [p for p in pids if _alive(p)]
+    return alive()
+
+
+def _processes_of_uid(uid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/status") as f:
+                if any(line.split()[1] == str(uid) for line in f if line.startswith("Uid:")):
+                    found.append(int(entry))
+        except (OSError, ValueError):
+            continue
+    return found
 
 
 @pytest.fixture
