@@ -253,6 +253,13 @@ class Recipe(Section):
         return self
 
     @model_validator(mode="after")
+    def _check_packing(self) -> "Recipe":
+        if self.trainer.max_tokens_per_micro_batch and not self.algorithm.spec.online:
+            raise ValueError(f"trainer.max_tokens_per_micro_batch packs rollouts for the online algorithms; offline "
+                             f"algorithm.name={self.algorithm.name} batches its pairs by trainer.micro_batch_size")
+        return self
+
+    @model_validator(mode="after")
     def _check_adapter_zero(self) -> "Recipe":
         if self.adapter.kind in ("sparse", "arrow") and self.trainer.zero_stage == 3:
             raise ValueError(f"adapter.kind={self.adapter.kind} needs trainer.zero_stage <= 2 (ZeRO-3 partitions the "

@@ -306,9 +306,10 @@ def trainer_memory(recipe: Recipe, policy: PolicySpec) -> dict[str, float]:
     r = recipe
     params, vocab = count_parameters(policy.base_model, r.model.trust_remote_code)
     full = policy.kind == "full"
+    micro_batch_tokens = r.trainer.max_tokens_per_micro_batch or r.trainer.micro_batch_size * r.rollout.max_new_tokens
     parts = training_memory(params, vocab, r.model.dtype, params if full else 0, r.trainer.zero_stage, r.trainer.num_ranks,
                             reference=full and r.algorithm.spec.needs_reference(r.algorithm.kl_coef),
-                            micro_batch_tokens=r.trainer.micro_batch_size * r.rollout.max_new_tokens)
+                            micro_batch_tokens=micro_batch_tokens)
     if r.algorithm.spec.critic:  # PPO's value model: the base architecture again, every weight trained (its head aside)
         parts["critic"] = sum(training_memory(params, 0, r.model.dtype, params, r.trainer.zero_stage, r.trainer.num_ranks,
                                               reference=False, micro_batch_tokens=0).values())

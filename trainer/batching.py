@@ -1,5 +1,6 @@
 """How a batch is cut and laid out: one helper splits it into units (across ranks, mini- and
-micro-batches alike), one pads it into tensors."""
+micro-batches alike), one fills micro-batches up to a token budget, one pads them into tensors (and packs
+them into one row without padding)."""
 
 from __future__ import annotations
 
@@ -40,7 +41,42 @@ def length_order(lengths: Sequence[int], unit: int = 1) -> list[int]:
     return [r for rows in units for r in rows]
 
 
-def collate(batch: TrainBatch, pad_id: int, device) -> dict[str, torch.Tensor]:
+def token_budget_bins(lengths: Sequence[int], budget: int, unit: int = 1, min_bins: int = 1) -> list[list[int]]:
+    """Row indices grouped into micro-batches of at most ``budget`` tokens, whole ``unit``-sized groups
+    together: first fit by decreasing length (a unit longer than the budget gets a bin of its own). Bins
+    are then split (the one holding the most units, in halves) until there are ``min_bins`` of them, and
+    empty bins added where there are fewer units than that: every rank runs the same number of micro-batches.
+
+    >>> token_budget_bins([5, 1, 3, 2, 4], 6)
+    [[0, 1], [4, 3], [2]]
+    >>> token_budget_bins([5, 1, 3, 2], 6, unit=2), token_budget_bins([5, 1, 3, 2, 4], 6, min_bins=5)
+    ([[0, 1], [2, 3]], [[0], [1], [4], [3], [2]])
+    >>> token_budget_bins([3], 6, min_bins=2)
+    [[0], []]
+    """
+    units = [list(range(i, min(i + unit, len(lengths)))) for i in range(0, len(lengths), unit)]
+    size = [sum(lengths[r] for r in rows) for rows in units]
+    bins: list[list[int]] = []  # unit indices
+    loads: list[int] = []
+    for u in sorted(range(len(units)), key=lambda u: -size[u]):
+        k = next((k for k, load in enumerate(loads) if load + size[u] <= budget), None)
+        if k is None:
+            bins.append([u])
+            loads.append(size[u])
+        else:
+            bins[k].append(u)
+            loads[k] += size[u]
+    while len(bins) < min_bins:
+        k = max(range(len(bins)), key=lambda k: len(bins[k]), default=None)
+        if k is None or len(bins[k]) < 2:
+            bins.append([])
+            continue
+        half = len(bins[k]) // 2
+        bins[k:k + 1] = [bins[k][:half], bins[k][half:]]
+    return [[r for u in b for r in units[u]] for b in bins]
+
+
+def collate(batch: TrainBatch, pad_id: int, device, packed: bool = False) -> dict[str, torch.Tensor]:
     """Right-padded prompt+response tensors, aligned to next-token predictions.
 
     Returns input_ids/attention_mask [n, T] and, over the T-1 predicted positions,
@@ -48,6 +84,12 @@ def collate(batch: TrainBatch, pad_id: int, device) -> dict[str, torch.Tensor]:
     the response tokens the loss trains: all of them, or those ``batch.loss_mask`` marks. Per-token
     fields the batch carries (``token_advantages``, ``returns``, ``old_values``) come as [n, T-1]
     under the same names, 0 off the response.
+
+    ``packed``: the forward pass also gets the rows end to end in one row without padding,
+    ``packed_input_ids``/``packed_position_ids`` [1, sum of lengths] (positions restart at 0 per row, so
+    attention stays within a row), and ``packed_index`` [n, T-1]: where predicted position t of row i sits
+    in the packed row (0 past the row's end). The forward is gathered back into the padded layout, so all
+    loss math is the same however the rows were laid out.
     """
     seqs = [p + r for p, r in zip(batch.prompt_token_ids, batch.response_token_ids)]
     n, T = len(seqs), max(len(s) for s in seqs)
@@ -75,6 +117,13 @@ def collate(batch: TrainBatch, pad_id: int, device) -> dict[str, torch.Tensor]:
             if len(rows[i]) != len(r):
                 raise ValueError(f"row {i}: {name} has {len(rows[i])} entries for {len(r)} response tokens")
             aligned[name][i, start : start + len(r)] = torch.tensor(rows[i], dtype=torch.float32)
+    if packed:
+        lengths = [len(s) for s in seqs]
+        offsets = torch.tensor([0] + lengths[:-1]).cumsum(0)
+        positions = torch.arange(T - 1)
+        aligned["packed_input_ids"] = torch.tensor([t for s in seqs for t in s]).unsqueeze(0)
+        aligned["packed_position_ids"] = torch.cat([torch.arange(n_) for n_ in lengths]).unsqueeze(0)
+        aligned["packed_index"] = torch.where(positions < torch.tensor(lengths)[:, None] - 1, offsets[:, None] + positions, 0)
     return {
         **{name: t.to(device) for name, t in aligned.items()},
         "input_ids": input_ids.to(device),

@@ -23,6 +23,11 @@ class TrainerConfig(Section):
     warmup_steps: int = Field(0, ge=0, description="Linear learning-rate warm-up, in optimizer steps.")
     max_grad_norm: float = Field(1.0, ge=0.0, description="0 disables clipping.")
     micro_batch_size: int = Field(64, ge=1, description="Sequences per forward/backward on one rank.")
+    max_tokens_per_micro_batch: int = Field(
+        0, ge=0, description="0: micro-batches of `micro_batch_size` sequences, padded to the longest. k > 0: each "
+        "micro-batch is filled with whole sequences up to k tokens (prompt + response) and packed into one row without "
+        "padding (position ids restart per sequence, so attention stays within it; a model that ignores them is "
+        "refused at start); the same loss, for the tokens alone. Policy, reference, old-logprob and critic passes alike.")
     mini_batches: int = Field(
         1, ge=1, description="Optimizer steps per rollout batch (>1 makes later updates off-policy; the clip matters then)."
     )
@@ -113,6 +118,12 @@ class AlgorithmConfig(Section):
     tis_cap: Optional[float] = Field(
         None, gt=0.0, description="Truncated importance-sampling cap for vLLM-vs-trainer logprob mismatch; None disables."
     )
+    sequence_mask: Optional[str] = Field(
+        None, description="Drop whole sequences sampled off the trainer's policy from the policy loss: a registered "
+        "`sequence_mask` (`geometric_mean`: the per-token geometric mean of pi_old / pi_rollout; `token_extremes`: "
+        "every token's ratio) outside [sequence_mask_low, sequence_mask_high]. None: keep all.")
+    sequence_mask_low: float = Field(0.5, gt=0.0)
+    sequence_mask_high: float = Field(2.0, gt=0.0)
 
     @field_validator("name")
     @classmethod
@@ -150,7 +161,21 @@ class AlgorithmConfig(Section):
         if self.importance_sampling_level == "sequence" and not spec.policy_gradient:
             raise ValueError(f"algorithm.importance_sampling_level=sequence sets the ratio of the clipped policy loss; "
                              f"algorithm.name={self.name} does not use it")
+        self._check_sequence_mask(spec)
         return self
+
+    def _check_sequence_mask(self, spec: algorithms.Algorithm) -> None:
+        if self.sequence_mask is None:
+            return
+        if self.sequence_mask not in algorithms.names("sequence_mask"):
+            raise ValueError(f"algorithm.sequence_mask={self.sequence_mask!r} is not registered; registered: "
+                             f"{algorithms.names('sequence_mask')}")
+        if not spec.policy_gradient:
+            raise ValueError(f"algorithm.sequence_mask masks sequences of the clipped policy loss; algorithm.name={self.name} "
+                             "does not use it")
+        if not self.sequence_mask_low <= 1.0 <= self.sequence_mask_high:
+            raise ValueError(f"algorithm.sequence_mask_low <= 1 <= sequence_mask_high is needed (a sample exactly on "
+                             f"policy is kept); got [{self.sequence_mask_low}, {self.sequence_mask_high}]")
 
 
     def _check_allocation(self, spec: algorithms.Algorithm) -> None:

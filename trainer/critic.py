@@ -9,9 +9,8 @@ from pathlib import Path
 import torch
 
 from trainer import algorithms
-from trainer.batching import collate
 from trainer.config import CriticConfig
-from trainer.engine import clip_gradients, clips_in_hook, decoder_and_head, deepspeed_config
+from trainer.engine import clip_gradients, clips_in_hook, decoder_and_head, deepspeed_config, forward_packed_or_padded, unpack
 from trainer.stats import Stats
 from trainer.types import TrainBatch
 
@@ -32,9 +31,10 @@ class ValueModel(torch.nn.Module):
         torch.nn.init.normal_(self.value_head.weight, std=1.0 / (hidden + 1), generator=torch.Generator().manual_seed(seed))
         torch.nn.init.zeros_(self.value_head.bias)
 
-    def forward(self, input_ids, attention_mask):
-        hidden = self.decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return self.value_head(hidden).squeeze(-1).float()  # [n, T]
+    def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=False):
+        hidden = self.decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                              use_cache=use_cache).last_hidden_state
+        return self.value_head(hidden).squeeze(-1).float()  # [rows, T]
 
 
 class Critic:
@@ -60,20 +60,20 @@ class Critic:
 
     def _values(self, mb: dict) -> torch.Tensor:
         """[n, T-1] values at the positions that predict each response token; 0 elsewhere."""
-        values = self.engine(mb["input_ids"], mb["attention_mask"])[:, :-1]
+        values = unpack(forward_packed_or_padded(self.engine, mb), mb)
         return torch.where(mb["response_mask"].bool(), values, 0.0)
 
-    def values(self, batch: TrainBatch, pad_id: int, micro_batch_size: int) -> list[list[float]]:
-        """The critic's value of every response token of ``batch`` (no grad), per row."""
+    def values(self, batch: TrainBatch, micro_batches: list[tuple[list[int], dict]]) -> list[list[float]]:
+        """The critic's value of every response token of ``batch`` (no grad), per row; ``micro_batches`` are the
+        batch collated as the policy trainer cuts it, each with its row indices."""
         self.engine.eval()
-        out: list[list[float]] = []
+        out: list[list[float]] = [[] for _ in range(len(batch))]
         with torch.no_grad():
-            for start in range(0, len(batch), micro_batch_size):
-                rows = batch.select(list(range(start, min(start + micro_batch_size, len(batch)))))
-                mb = collate(rows, pad_id, self.device)
-                values = self.engine(mb["input_ids"], mb["attention_mask"])[:, :-1]
-                for v, p, r in zip(values, rows.prompt_token_ids, rows.response_token_ids):
-                    out.append(v[len(p) - 1 : len(p) - 1 + len(r)].tolist())  # every response token, masked or not
+            for rows, mb in micro_batches:
+                values = unpack(forward_packed_or_padded(self.engine, mb), mb)  # [n, T-1]
+                for i, v in zip(rows, values):
+                    start = len(batch.prompt_token_ids[i]) - 1  # every response token, masked or not
+                    out[i] = v[start : start + len(batch.response_token_ids[i])].tolist()
         return out
 
     def loss(self, mb: dict, counts: dict, stats: Stats) -> torch.Tensor:

@@ -24,6 +24,45 @@ def decoder_and_head(model):
     return decoder, head
 
 
+def forward_packed_or_padded(module, mb: dict, **kwargs):
+    """``module``'s output on a collated micro-batch: on its one packed row where ``collate(packed=True)``
+    made one (position ids restarting per sequence, no attention mask: the model keeps the sequences apart),
+    else on the padded rows. Gather positions back with ``unpack``."""
+    if "packed_input_ids" in mb:  # no cache: transformers reads packed sequences from the position ids only without one
+        return module(input_ids=mb["packed_input_ids"], position_ids=mb["packed_position_ids"], use_cache=False, **kwargs)
+    return module(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"], **kwargs)
+
+
+def unpack(per_position: torch.Tensor, mb: dict) -> torch.Tensor:
+    """[rows, T, ...] from ``forward_packed_or_padded`` -> [n, T-1, ...]: the values at the predicting
+    positions of the padded layout (packed: gathered by ``packed_index``; padded rows: the last position dropped)."""
+    if "packed_input_ids" in mb:
+        return per_position[0][mb["packed_index"]]
+    return per_position[:, :-1]
+
+
+def check_packing(model) -> None:
+    """Refuse a model whose attention crosses packed sequences (it ignores restarting position ids): two
+    short sequences give the same output packed into one row as each alone, or training with
+    ``trainer.max_tokens_per_micro_batch`` would silently mix them."""
+    seqs = [[5, 9, 2, 7, 3], [4, 8, 6]]
+    parts = decoder_and_head(model)
+    module = parts[0] if parts else model
+
+    def out(o):
+        return (o.last_hidden_state if parts else o.logits).float()
+
+    with torch.no_grad():
+        alone = [out(module(input_ids=torch.tensor([s]), attention_mask=torch.ones(1, len(s), dtype=torch.long)))[0] for s in seqs]
+        packed = out(module(input_ids=torch.tensor([seqs[0] + seqs[1]]), use_cache=False,
+                            position_ids=torch.tensor([list(range(len(seqs[0]))) + list(range(len(seqs[1])))])))[0]
+    together = torch.cat(alone)
+    gap = float((packed - together).abs().max() / together.abs().max().clamp(min=1e-6))
+    if gap > 1e-2:
+        raise ValueError(f"{type(model).__name__} does not keep packed sequences apart (relative gap {gap:.3g} between a "
+                         "sequence packed after another and alone): set trainer.max_tokens_per_micro_batch=0")
+
+
 
 def clip_gradients(optimizer, max_grad_norm: float) -> float:
     """Clip the gradients of ``optimizer``'s parameters to ``max_grad_norm`` (0: measure only); their norm before.

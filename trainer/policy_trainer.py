@@ -21,9 +21,10 @@ from typing import Any, Iterator, Optional
 import torch
 
 from trainer import algorithms
-from trainer.batching import collate, length_order, split_units
+from trainer.batching import collate, length_order, split_units, token_budget_bins
 from trainer.config import AlgorithmConfig, CriticConfig, TrainerConfig
-from trainer.engine import DTYPES, clip_gradients, clips_in_hook, decoder_and_head, deepspeed_config
+from trainer.engine import (DTYPES, check_packing, clip_gradients, clips_in_hook, decoder_and_head, deepspeed_config,
+                            forward_packed_or_padded, unpack)
 from trainer.policies import PolicySpec, build_policy
 from trainer.process import interface_of, node_ip, peak_rss_gib, redirect_output, skip_cpu_shm_op
 from trainer.rank_state import load_rank_state, save_rank_state
@@ -77,6 +78,8 @@ class PolicyTrainer:
         self.tokenizer = AutoTokenizer.from_pretrained(spec.model_path, trust_remote_code=setup.trust_remote_code)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         model = self._load(spec.model_path)
+        if self.cfg.max_tokens_per_micro_batch:
+            check_packing(model)
         if self.cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         # A reference is loaded only when a loss uses one (KL with beta > 0, or online DPO).
@@ -163,14 +166,14 @@ class PolicyTrainer:
         parts = decoder_and_head(model)
         temperature = self.setup.temperature
         if parts is None:  # logits that are not the LM head's plain output (soft-capping, scaling, custom code)
-            logits = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits[:, :-1]
+            logits = unpack(forward_packed_or_padded(model, mb).logits, mb)
             if temperature != 1.0:
                 logits = logits / temperature
             logprobs = algorithms.logprobs_from_logits(logits, mb["labels"])
             entropy = algorithms.entropy_from_logits(logits.detach()) if with_entropy else None
             return logprobs, entropy
         decoder, head = parts
-        hidden = decoder(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).last_hidden_state[:, :-1]
+        hidden = unpack(forward_packed_or_padded(decoder, mb).last_hidden_state, mb)
         # [R] each, R response tokens of the micro-batch; logits / temperature: the distribution vLLM sampled from
         picked, ent = algorithms.head_logprobs_and_entropy(hidden[mask], head, mb["labels"][mask], temperature, with_entropy,
                                                            chunk_rows=self.cfg.logits_chunk_rows)
@@ -178,22 +181,45 @@ class PolicyTrainer:
         entropy = None if ent is None else torch.zeros(mask.shape, dtype=ent.dtype, device=ent.device).masked_scatter(mask, ent)
         return logprobs, entropy
 
+    def _micro_batches(self, batch: TrainBatch, num: Optional[int] = None) -> list[tuple[list[int], dict]]:
+        """``batch`` collated into micro-batches, each with its row indices: ``num`` of them in length order
+        (``micro_batch_size`` rows each when None), or with ``trainer.max_tokens_per_micro_batch`` filled up
+        to that many tokens and packed. Training passes ``num`` (the same on every rank: ZeRO-2/3 communicate
+        at every backward): packed, every rank then runs the most micro-batches any rank needs, and with several
+        ranks one short of rows gets micro-batches the loss masks out entirely."""
+        lengths = [len(p) + len(r) for p, r in zip(batch.prompt_token_ids, batch.response_token_ids)]
+        budget = self.cfg.max_tokens_per_micro_batch
+        if budget:
+            bins = token_budget_bins(lengths, budget, batch.unit)
+            if num is not None:
+                bins = token_budget_bins(lengths, budget, batch.unit, min_bins=self._all_ranks_max(max(len(bins), num)))
+        else:
+            order = length_order(lengths, batch.unit)
+            parts = num or max(1, -(-len(batch) // self.cfg.micro_batch_size))
+            bins = [[order[i] for i in c] for c in split_units(len(batch), parts, unit=batch.unit)]
+        micro = []
+        for rows in bins:
+            if rows or (num is not None and self.setup.world_size > 1):
+                mb = collate(batch.select(rows or [0]), self.pad_id, self.device, packed=bool(budget))
+                if not rows:
+                    mb["response_mask"].zero_()
+                micro.append((rows, mb))
+        return micro
+
     def compute_logprobs(self, batch: TrainBatch) -> list[list[float]]:
         """The trainer's own logprob of every response token (no grad)."""
         self.engine.eval()
-        out = []
+        out: list[list[float]] = [[] for _ in range(len(batch))]
         with torch.no_grad():
-            for start in range(0, len(batch), self.cfg.micro_batch_size):
-                idx = list(range(start, min(start + self.cfg.micro_batch_size, len(batch))))
-                mb = collate(batch.select(idx), self.pad_id, self.device)
+            for rows, mb in self._micro_batches(batch):
                 lp, _ = self._token_logprobs(self.engine.module, mb)
-                for row, mask in zip(lp, mb["response_mask"]):
-                    out.append(row[mask.bool()].tolist())
+                for i, row, mask in zip(rows, lp, mb["response_mask"]):
+                    out[i] = row[mask.bool()].tolist()
         return out
 
     def compute_values(self, batch: TrainBatch) -> list[list[float]]:
         """The critic's value of every response token (no grad): PPO's baseline, and the centre of its value clip."""
-        return self.critic.values(batch, self.pad_id, self.cfg.micro_batch_size)
+        return self.critic.values(batch, self._micro_batches(batch))
 
     def _reference_logprobs(self, mb: dict) -> torch.Tensor:
         with torch.no_grad(), self.policy.reference() as reference:
@@ -219,9 +245,7 @@ class PolicyTrainer:
             # Counts over all ranks for this mini-batch: an equal slice of the full-batch counts.
             counts = dict(num_sequences=shard.num_sequences / self.cfg.mini_batches,
                           num_tokens=shard.num_tokens / self.cfg.mini_batches, max_response_len=self.setup.max_response_len)
-            order = length_order([len(p) + len(r) for p, r in zip(mini_batch.prompt_token_ids, mini_batch.response_token_ids)], shard.unit)
-            micro = [collate(mini_batch.select([order[i] for i in c]), self.pad_id, self.device)
-                     for c in split_units(len(mini_batch), num_micro_batches, unit=shard.unit) if c]
+            micro = [mb for _, mb in self._micro_batches(mini_batch, num_micro_batches)]
             if self.cfg.mini_batches > 1:
                 # Later mini-batches are off-policy: freeze the behaviour logprobs before any update.
                 with torch.no_grad():
@@ -272,6 +296,16 @@ class PolicyTrainer:
         finite = all(bool(torch.isfinite(p.grad).all()) for p in self.engine.module.parameters() if p.grad is not None)
         return self._all_ranks_agree(finite and (self.critic is None or self.critic.grads_finite()))
 
+    def _all_ranks_max(self, value: int) -> int:
+        """The largest ``value`` any rank has."""
+        if self.setup.world_size == 1:
+            return value
+        import torch.distributed as dist
+
+        t = torch.tensor([float(value)], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
+
     def _all_ranks_agree(self, ok: bool) -> bool:
         """True only if ``ok`` holds on every rank."""
         if self.setup.world_size == 1:
@@ -310,8 +344,15 @@ class PolicyTrainer:
             is_weights = None
             if alg.tis_cap is not None:
                 is_weights = algorithms.truncated_is_weights(old, mb["rollout_logprobs"], cap=alg.tis_cap)
+            pg_mask = mask
+            if alg.sequence_mask is not None:  # sequences sampled too far off pi_old leave the policy loss
+                keep = algorithms.get("sequence_mask", alg.sequence_mask)(
+                    old, mb["rollout_logprobs"], mask, low=alg.sequence_mask_low, high=alg.sequence_mask_high)  # [n]
+                has_tokens = mask.sum(-1) > 0
+                stats.mean("sequences_masked_frac", ((1 - keep) * has_tokens).sum(), float(has_tokens.sum()))
+                pg_mask = mask * keep[:, None]
             pg_loss, pg_metrics = algorithms.get("policy_loss", alg.policy_loss)(
-                logprobs, old, advantages, mask, clip_low=alg.clip_low, clip_high=alg.clip_high,
+                logprobs, old, advantages, pg_mask, clip_low=alg.clip_low, clip_high=alg.clip_high,
                 dual_clip=alg.dual_clip, aggregation=alg.loss_aggregation, is_weights=is_weights,
                 importance_sampling_level=alg.importance_sampling_level, **counts,
             )

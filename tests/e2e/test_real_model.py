@@ -2,8 +2,9 @@
 fetched from the package index and dequantized once; tied embeddings, grouped-query attention, ChatML).
 
 Kept short (small batches, short replies) but real: every policy kind is pushed 3 times and vLLM
-must serve what the trainer holds after each push; the full model's final checkpoint evaluates to
-the run's own accuracy; prompts go through the model's chat template and replies stop at ``<|im_end|>``.
+must serve what the trainer holds after each push (the full model and LoRA train on packed micro-batches);
+the full model's final checkpoint evaluates to the run's own accuracy; prompts go through the model's chat
+template and replies stop at ``<|im_end|>``.
 """
 
 from __future__ import annotations
@@ -46,9 +47,10 @@ def _train_rows(run_dir: Path) -> list[dict]:
     return [r for r in rows if r["kind"] == "train"]
 
 
+PACKED = "trainer.max_tokens_per_micro_batch=128"  # rows packed into token-budget micro-batches (sparse stays padded)
 KINDS = {
-    "full": ["trainer.lr=1e-5"],
-    "lora": ["adapter.kind=lora", "adapter.rank=8", "trainer.lr=1e-3"],
+    "full": ["trainer.lr=1e-5", PACKED],
+    "lora": ["adapter.kind=lora", "adapter.rank=8", "trainer.lr=1e-3", PACKED],
     # the sparse adapter includes the tied LM head (= the embedding), the matrix the bug was in
     "sparse": ["adapter.kind=sparse", "adapter.keep_ratio=0.01", "trainer.lr=1e-4",
                "adapter.target_modules=[lm_head, q_proj, v_proj]"],

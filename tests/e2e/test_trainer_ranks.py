@@ -1,5 +1,6 @@
 """Data-parallel DeepSpeed ranks as Ray actors: two ZeRO-2 ranks take the same update as one rank, PPO's critic
-included. (That the loss is the same however a batch is split, for every aggregation, is unit-tested.)"""
+included, and with PPO the two ranks pack their rows into token-budget micro-batches (as many on each rank as the
+rank that needs the most). (That the loss is the same however a batch is split or packed is unit-tested.)"""
 
 from __future__ import annotations
 
@@ -34,10 +35,11 @@ def test_two_zero2_ranks_equal_one_rank(tiny_model_root, ray_session, algorithm)
         batch.old_values = [[0.0] * len(r) for r in batch.response_token_ids]
         batch.advantages = [0.0] * len(batch)
     published = []
-    for ranks, stage, micro in ((1, 0, 12), (2, 2, 3)):
+    for ranks, stage, micro, budget in ((1, 0, 12, 0), (2, 2, 3, 24 if algorithm == "ppo" else 0)):
         setup = TrainerSetup(
             policy=PolicySpec(kind="full", base_model=model), dtype="float32", algorithm=alg, max_response_len=6, master_port=0,
-            trainer=TrainerConfig(num_ranks=ranks, zero_stage=stage, lr=1e-2, micro_batch_size=micro, max_grad_norm=1e6),
+            trainer=TrainerConfig(num_ranks=ranks, zero_stage=stage, lr=1e-2, micro_batch_size=micro, max_grad_norm=1e6,
+                                  max_tokens_per_micro_batch=budget),
             transport=get_transport("shared_file"),
         )
         group = TrainerGroup.create(setup, ranks, use_ray=True, num_cpus=0.5)

@@ -18,14 +18,14 @@ ADV = torch.tensor([2.0, -1.0])
 COUNTS = dict(num_sequences=2, num_tokens=5, max_response_len=3)
 
 
-def loss_of(alg: AlgorithmConfig, old=None):
-    """(loss, logprobs grad, reduced stats) of one micro-batch under ``alg``."""
+def loss_of(alg: AlgorithmConfig, old=None, rollout=LOGPROBS):
+    """(loss, logprobs grad, reduced stats) of one micro-batch under ``alg``; vLLM sampled with ``rollout``."""
     lp = LOGPROBS.clone().requires_grad_(True)
     t = PolicyTrainer.__new__(PolicyTrainer)
     t.alg, t.engine = alg, None
     t._token_logprobs = lambda model, mb, with_entropy=False: (lp, torch.zeros_like(LOGPROBS))
     t._reference_logprobs = lambda mb: REF
-    mb = {"response_mask": MASK, "advantages": ADV, "rollout_logprobs": LOGPROBS}
+    mb = {"response_mask": MASK, "advantages": ADV, "rollout_logprobs": rollout}
     if old is not None:
         mb["old_logprobs"] = old
     stats = Stats()
@@ -94,3 +94,16 @@ def test_token_advantages_add_to_the_sequence_advantage():
     # on-policy: per-token loss -A_t; A_t = [2.5, 1, 2], [0, 1]; token-mean over 5: -(5.5 + 1)/5
     torch.testing.assert_close(loss, torch.tensor(-1.3))
     torch.testing.assert_close(lp.grad, torch.tensor([[-0.5, -0.2, -0.4], [0.0, -0.2, 0.0]]))
+
+
+def test_a_sequence_sampled_far_off_policy_leaves_the_policy_loss():
+    """vLLM gave row 1's tokens e^2 the trainer's probability (pi_old / pi_rollout = e^-2 = 0.14 < 0.5): the
+    geometric-mean mask drops row 1; row 0 (ratio 1) trains as before, normalized by the same 5 tokens."""
+    rollout = LOGPROBS + torch.tensor([[0.0, 0.0, 0.0], [2.0, 2.0, 0.0]])
+    loss, grad, stats = loss_of(AlgorithmConfig(sequence_mask="geometric_mean"), rollout=rollout)
+    torch.testing.assert_close(loss, torch.tensor(-1.2))  # -(3 x 2) / 5
+    torch.testing.assert_close(grad, torch.tensor([[-0.4, -0.4, -0.4], [0.0, 0.0, 0.0]]))
+    assert stats["sequences_masked_frac"] == 0.5
+    kept, _, stats = loss_of(AlgorithmConfig(sequence_mask="geometric_mean", sequence_mask_low=0.1), rollout=rollout)
+    torch.testing.assert_close(kept, torch.tensor(-0.8))  # the band holds 0.14: nothing dropped, the plain loss
+    assert stats["sequences_masked_frac"] == 0.0

@@ -7,6 +7,8 @@ Importing this package registers every built-in variant:
 - reward_shaping: "unlikeliness" (Rewarding the Unlikely's rank penalty, before the advantage)
 - policy_loss: "clipped" (PPO/GRPO clip, DAPO clip-higher, dual-clip, truncated IS; GSPO with
   ``importance_sampling_level="sequence"``)
+- sequence_mask: "geometric_mean", "token_extremes" (drop sequences whose pi_old / pi_rollout ratio
+  leaves a band: masked importance sampling; ``off_policy``)
 - kl: "k1", "k2", "k3" (in the loss; ``kl_reward_to_go`` turns a per-token KL into REINFORCE++'s
   per-token reward instead)
 - aggregation: "token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"
@@ -48,6 +50,7 @@ from trainer.algorithms.logits import entropy_from_logits, head_logprobs_and_ent
 from trainer.algorithms.dpo import dpo_loss, ipo_preference_loss, pairwise_dpo_loss, preference_wins, sigmoid_preference_loss
 from trainer.algorithms.critic import clipped_value_loss, gae_advantages, outcome_token_rewards, whiten
 from trainer.algorithms.distillation import reverse_kl_advantages
+from trainer.algorithms.off_policy import geometric_mean_mask, token_extremes_mask
 from trainer.algorithms.objectives import Algorithm, all_rows, discordant_pair_rows
 from trainer.algorithms.allocation import (
     ada_done,
@@ -75,6 +78,7 @@ __all__ = [
     "clipped_policy_loss",
     "clipped_value_loss",
     "gae_advantages",
+    "geometric_mean_mask",
     "outcome_token_rewards",
     "reverse_kl_advantages",
     "whiten",
@@ -104,6 +108,7 @@ __all__ = [
     "seq_mean_token_sum_norm",
     "sigmoid_preference_loss",
     "tied_groups",
+    "token_extremes_mask",
     "token_mean",
     "truncated_is_weights",
 ]

@@ -41,8 +41,8 @@ from typing import Callable, TypeVar
 
 F = TypeVar("F", bound=Callable)
 
-KINDS = ("advantage", "reward_shaping", "policy_loss", "kl", "aggregation", "preference_loss", "token_advantage", "value_loss",
-         "algorithm")
+KINDS = ("advantage", "reward_shaping", "policy_loss", "sequence_mask", "kl", "aggregation", "preference_loss",
+         "token_advantage", "value_loss", "algorithm")
 
 _REGISTRY: dict[str, dict[str, Callable]] = {kind: {} for kind in KINDS}
 
