@@ -10,7 +10,8 @@ import torch
 
 from trainer import algorithms
 from trainer.config import CriticConfig
-from trainer.engine import clip_gradients, clips_in_hook, decoder_and_head, deepspeed_config, forward_packed_or_padded, unpack
+from trainer.engine import (check_packing, clip_gradients, clips_in_hook, decoder_and_head, deepspeed_config,
+                            forward_packed_or_padded, unpack)
 from trainer.stats import Stats
 from trainer.types import TrainBatch
 
@@ -48,6 +49,8 @@ class Critic:
         # Batching, betas, decay, clipping and ZeRO as the policy's; its own learning rate.
         self.cfg = trainer_cfg.model_copy(update={"lr": cfg.lr})
         self.setup, self.device, self.version = setup, device, 0
+        if trainer_cfg.max_tokens_per_micro_batch:  # its micro-batches are packed like the policy's
+            check_packing(model)
         module = ValueModel(model, seed=setup.seed).to(device)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=module, model_parameters=[p for p in module.parameters() if p.requires_grad],
