@@ -52,7 +52,9 @@ def sample(args, out: Path) -> None:
     prompts = [tok.apply_chat_template([{"role": "user", "content": TEMPLATE.format(question=r["question"])}],
                                        add_generation_prompt=True, tokenize=True) for r in rows]
     prompts = [list(p["input_ids"]) if isinstance(p, dict) or hasattr(p, "keys") else list(p) for p in prompts]
-    llm = LLM(model=model, dtype="float32", max_model_len=args.new_tokens + 256, seed=0, enable_prefix_caching=False)
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    llm = LLM(model=model, dtype="float32", max_model_len=args.new_tokens + 256, seed=0, enable_prefix_caching=False,
+              gpu_memory_utilization=0.3, enforce_eager=True)
     params = SamplingParams(temperature=1.0, max_tokens=args.new_tokens, n=args.group, seed=0)
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     batch = {"prompts": [], "responses": []}

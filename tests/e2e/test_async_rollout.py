@@ -49,11 +49,13 @@ def test_async_rollout_is_at_most_k_versions_stale_and_resumes_at_the_untrained_
 
 
 def test_async_rollout_with_a_lora_policy(tiny_model_root, ray_session, tmp_path):
-    """vLLM reads a LoRA at its first use: versions a queued batch may still use stay on disk."""
+    """vLLM reads a LoRA at its first use: versions a queued batch may still use stay on disk. With a tight
+    sequence mask, the on-policy first batch keeps every sequence and the stale ones lose some."""
     from rl.online import OnlineRun as Trainer
 
     t = Trainer(_recipe(tiny_model_root, tmp_path / "lora", "steps=4", "rollout.max_staleness=1", "algorithm.tis_cap=2.0",
-                        "adapter.kind=lora"))
+                        "adapter.kind=lora", "algorithm.sequence_mask=token_extremes", "algorithm.sequence_mask_low=0.999",
+                        "algorithm.sequence_mask_high=1.001"))
     t.start_workers()
     try:
         metrics = [t.train_one_step() for _ in range(4)]
@@ -61,6 +63,8 @@ def test_async_rollout_with_a_lora_policy(tiny_model_root, ray_session, tmp_path
         t.stop_workers()
     assert [m["rollout_staleness"] for m in metrics] == [0.0, 1.0, 1.0, 1.0]
     assert all(m["updates_applied"] == 1 for m in metrics)
+    assert metrics[0]["sequences_masked_frac"] == 0.0  # vLLM served the trainer's weights: every ratio within 1e-3
+    assert max(m["sequences_masked_frac"] for m in metrics[1:]) > 0.0  # one update stale: some sequences leave the loss
 
 
 def test_arrow_policies_are_refused_with_async_rollout(tmp_path):
