@@ -4,7 +4,7 @@ them into one row without padding)."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -74,6 +74,26 @@ def token_budget_bins(lengths: Sequence[int], budget: int, unit: int = 1, min_bi
         half = len(bins[k]) // 2
         bins[k:k + 1] = [bins[k][:half], bins[k][half:]]
     return [[r for u in b for r in units[u]] for b in bins]
+
+
+def micro_batch_rows(lengths: Sequence[int], unit: int, rows_per_micro_batch: int, token_budget: int = 0,
+                     num: Optional[int] = None, most_any_rank: Callable[[int], int] = lambda k: k) -> list[list[int]]:
+    """Row indices of each micro-batch. Without a ``token_budget``: ``num`` micro-batches (``rows_per_micro_batch``
+    rows each when None) cut from the rows in length order. With one: bins of at most ``token_budget`` tokens
+    (``token_budget_bins``), at least ``num`` of them, and when ``num`` is given as many as ``most_any_rank``
+    says the rank with the most needs (a collective in training: ZeRO-2/3 communicate at every backward).
+
+    >>> micro_batch_rows([5, 1, 3, 2], 1, 2), micro_batch_rows([5, 1, 3, 2], 1, 2, token_budget=6)
+    ([[1, 3], [2, 0]], [[0, 1], [2, 3]])
+    """
+    if token_budget:
+        bins = token_budget_bins(lengths, token_budget, unit)
+        if num is None:
+            return bins
+        return token_budget_bins(lengths, token_budget, unit, min_bins=most_any_rank(max(len(bins), num)))
+    order = length_order(lengths, unit)
+    parts = num or max(1, -(-len(lengths) // rows_per_micro_batch))
+    return [[order[i] for i in c] for c in split_units(len(lengths), parts, unit=unit)]
 
 
 def collate(batch: TrainBatch, pad_id: int, device, packed: bool = False) -> dict[str, torch.Tensor]:

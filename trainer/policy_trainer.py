@@ -21,12 +21,12 @@ from typing import Any, Iterator, Optional
 import torch
 
 from trainer import algorithms
-from trainer.batching import collate, length_order, split_units, token_budget_bins
+from trainer.batching import collate, micro_batch_rows, split_units
 from trainer.config import AlgorithmConfig, CriticConfig, TrainerConfig
 from trainer.engine import (DTYPES, check_packing, clip_gradients, clips_in_hook, decoder_and_head, deepspeed_config,
                             forward_packed_or_padded, unpack)
 from trainer.policies import PolicySpec, build_policy
-from trainer.process import interface_of, node_ip, peak_rss_gib, redirect_output, skip_cpu_shm_op
+from trainer.process import all_ranks_max, interface_of, node_ip, peak_rss_gib, redirect_output, skip_cpu_shm_op
 from trainer.rank_state import load_rank_state, save_rank_state
 from trainer.stats import Stats
 from trainer.types import TrainBatch
@@ -189,14 +189,8 @@ class PolicyTrainer:
         ranks one short of rows gets micro-batches the loss masks out entirely."""
         lengths = [len(p) + len(r) for p, r in zip(batch.prompt_token_ids, batch.response_token_ids)]
         budget = self.cfg.max_tokens_per_micro_batch
-        if budget:
-            bins = token_budget_bins(lengths, budget, batch.unit)
-            if num is not None:
-                bins = token_budget_bins(lengths, budget, batch.unit, min_bins=self._all_ranks_max(max(len(bins), num)))
-        else:
-            order = length_order(lengths, batch.unit)
-            parts = num or max(1, -(-len(batch) // self.cfg.micro_batch_size))
-            bins = [[order[i] for i in c] for c in split_units(len(batch), parts, unit=batch.unit)]
+        bins = micro_batch_rows(lengths, batch.unit, self.cfg.micro_batch_size, budget, num,
+                                most_any_rank=lambda k: int(all_ranks_max(k, self.setup.world_size, self.device)))
         micro = []
         for rows in bins:
             if rows or (num is not None and self.setup.world_size > 1):
@@ -296,25 +290,9 @@ class PolicyTrainer:
         finite = all(bool(torch.isfinite(p.grad).all()) for p in self.engine.module.parameters() if p.grad is not None)
         return self._all_ranks_agree(finite and (self.critic is None or self.critic.grads_finite()))
 
-    def _all_ranks_max(self, value: int) -> int:
-        """The largest ``value`` any rank has."""
-        if self.setup.world_size == 1:
-            return value
-        import torch.distributed as dist
-
-        t = torch.tensor([float(value)], device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return int(t.item())
-
     def _all_ranks_agree(self, ok: bool) -> bool:
         """True only if ``ok`` holds on every rank."""
-        if self.setup.world_size == 1:
-            return ok
-        import torch.distributed as dist
-
-        flag = torch.tensor([0.0 if ok else 1.0], device=self.device)
-        dist.all_reduce(flag)
-        return flag.item() == 0.0
+        return all_ranks_max(0.0 if ok else 1.0, self.setup.world_size, self.device) == 0.0
 
     def _micro_batch_loss(self, mb: dict, counts: dict, stats: Stats) -> torch.Tensor:
         """The loss of one micro-batch (normalized by whole-batch counts); adds its metrics to ``stats``."""

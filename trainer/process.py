@@ -1,5 +1,6 @@
 """What a trainer rank's process sets up around DeepSpeed: no run-time op build, the network
-interface of a multi-node rendezvous, its own log file, its peak memory."""
+interface of a multi-node rendezvous, its own log file, its peak memory, and the one collective
+its ranks use to agree on a number."""
 
 from __future__ import annotations
 
@@ -49,3 +50,15 @@ def peak_rss_gib() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def all_ranks_max(value: float, world_size: int, device) -> float:
+    """The largest ``value`` of any rank: a collective, so every rank calls it at the same point."""
+    if world_size == 1:
+        return value
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([float(value)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
