@@ -26,7 +26,7 @@ from trainer.config import AlgorithmConfig, CriticConfig, TrainerConfig
 from trainer.engine import (DTYPES, check_packing, clip_gradients, clips_in_hook, decoder_and_head, deepspeed_config,
                             forward_packed_or_padded, unpack)
 from trainer.policies import PolicySpec, build_policy
-from trainer.process import all_ranks_max, interface_of, node_ip, peak_rss_gib, redirect_output, skip_cpu_shm_op
+from trainer.process import all_ranks_max, init_distributed, peak_rss_gib, redirect_output
 from trainer.rank_state import load_rank_state, save_rank_state
 from trainer.stats import Stats
 from trainer.types import TrainBatch
@@ -72,7 +72,8 @@ class PolicyTrainer:
         self.alg = setup.algorithm
         if self.cfg.torch_threads:
             torch.set_num_threads(self.cfg.torch_threads)
-        self._init_distributed()
+        self.device = init_distributed(setup.rank, setup.world_size, setup.master_addr, setup.master_port,
+                                       self.cfg.num_gpus_per_rank)
         torch.manual_seed(setup.seed + setup.rank)
         spec = setup.policy
         self.tokenizer = AutoTokenizer.from_pretrained(spec.model_path, trust_remote_code=setup.trust_remote_code)
@@ -107,32 +108,6 @@ class PolicyTrainer:
         # asynchronous rollout a batch sampled by an older version may still be queued: keep k+1.
         self._published: list = []
         self._keep_published = 1 + setup.max_staleness
-
-    def _init_distributed(self) -> None:
-        import deepspeed
-
-        s = self.setup
-        os.environ.update(
-            MASTER_ADDR=s.master_addr, MASTER_PORT=str(s.master_port), RANK=str(s.rank), WORLD_SIZE=str(s.world_size),
-            LOCAL_RANK="0" if not torch.cuda.is_available() else str(s.rank % torch.cuda.device_count()),
-        )
-        if self.cfg.num_gpus_per_rank > 0 and not torch.cuda.is_available():
-            raise RuntimeError(f"trainer.num_gpus_per_rank={self.cfg.num_gpus_per_rank:g}, but CUDA is not usable in this "
-                               "rank's process: no silent fall-back to the CPU")
-        # Only a rank that reserved a GPU uses one (Ray shows every device to zero-GPU actors too).
-        on_gpu = self.cfg.num_gpus_per_rank > 0
-        self.device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if on_gpu else torch.device("cpu")
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
-        else:
-            skip_cpu_shm_op()
-        if s.world_size > 1 and s.master_addr not in ("127.0.0.1", "localhost"):
-            # Ranks on several nodes: gloo would take the address the host name resolves to, which
-            # need not be the one the nodes reach each other on. Use the interface of this node's Ray IP.
-            iface = interface_of(node_ip())
-            if iface and "GLOO_SOCKET_IFNAME" not in os.environ:
-                os.environ["GLOO_SOCKET_IFNAME"] = iface
-        deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo")
 
     def _load(self, path: str):
         from transformers import AutoModelForCausalLM

@@ -1,11 +1,13 @@
-"""What a trainer rank's process sets up around DeepSpeed: no run-time op build, the network
-interface of a multi-node rendezvous, its own log file, its peak memory, and the one collective
-its ranks use to agree on a number."""
+"""What a trainer rank's process sets up around DeepSpeed: its device and process group (no run-time
+op build, the network interface of a multi-node rendezvous), its own log file, its peak memory, and the
+one collective its ranks use to agree on a number."""
 
 from __future__ import annotations
 
 import os
 from typing import Optional
+
+import torch
 
 
 def skip_cpu_shm_op() -> None:
@@ -56,9 +58,35 @@ def all_ranks_max(value: float, world_size: int, device) -> float:
     """The largest ``value`` of any rank: a collective, so every rank calls it at the same point."""
     if world_size == 1:
         return value
-    import torch
     import torch.distributed as dist
 
     t = torch.tensor([float(value)], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.item()
+
+
+def init_distributed(rank: int, world_size: int, master_addr: str, master_port: int, num_gpus_per_rank: float) -> torch.device:
+    """Join the ranks' process group (nccl on a GPU, gloo on the CPU); the device this rank trains on."""
+    import deepspeed
+
+    os.environ.update(
+        MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank), WORLD_SIZE=str(world_size),
+        LOCAL_RANK="0" if not torch.cuda.is_available() else str(rank % torch.cuda.device_count()),
+    )
+    if num_gpus_per_rank > 0 and not torch.cuda.is_available():
+        raise RuntimeError(f"trainer.num_gpus_per_rank={num_gpus_per_rank:g}, but CUDA is not usable in this "
+                           "rank's process: no silent fall-back to the CPU")
+    # Only a rank that reserved a GPU uses one (Ray shows every device to zero-GPU actors too).
+    device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if num_gpus_per_rank > 0 else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    else:
+        skip_cpu_shm_op()
+    if world_size > 1 and master_addr not in ("127.0.0.1", "localhost"):
+        # Ranks on several nodes: gloo would take the address the host name resolves to, which
+        # need not be the one the nodes reach each other on. Use the interface of this node's Ray IP.
+        iface = interface_of(node_ip())
+        if iface and "GLOO_SOCKET_IFNAME" not in os.environ:
+            os.environ["GLOO_SOCKET_IFNAME"] = iface
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    return device
