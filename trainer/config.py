@@ -22,7 +22,8 @@ class TrainerConfig(Section):
     adam_betas: tuple[float, float] = (0.9, 0.999)
     warmup_steps: int = Field(0, ge=0, description="Linear learning-rate warm-up, in optimizer steps.")
     max_grad_norm: float = Field(1.0, ge=0.0, description="0 disables clipping.")
-    micro_batch_size: int = Field(64, ge=1, description="Sequences per forward/backward on one rank.")
+    micro_batch_size: int = Field(64, ge=1, description="Sequences per forward/backward on one rank (padded; unused "
+                                  "while max_tokens_per_micro_batch is set).")
     max_tokens_per_micro_batch: int = Field(
         0, ge=0, description="0: micro-batches of `micro_batch_size` sequences, padded to the longest. k > 0: each "
         "micro-batch is filled with whole sequences up to k tokens (prompt + response) and packed into one row without "
