@@ -65,12 +65,14 @@ class Workers:
             if self.engine is not None:
                 self.transport = choose_transport(r.cluster.weight_transport, self.placement)
             self.trainer = self._start_trainer(dog)
+        # Trainer ranks, engines and a teacher's engines start side by side; then each group is waited for.
         if self.engine is not None:
             self.rollout = self._start_rollout(dog)
         if self.teacher_engine is not None:
             self.teacher = self._start_teacher(dog)
-        if self.trainer is not None:
-            self.trainer.wait_ready()  # the ranks started beside the engines
+        for group in (self.rollout, self.teacher, self.trainer):
+            if group is not None:
+                group.wait_ready()
         if self.scorer is not None:
             self.reward_models = start_reward_models(self.scorer.fns.values(), r.use_ray, dog)  # none without a reward model
         p = self.placement
@@ -111,7 +113,8 @@ class Workers:
         return RolloutGroup.create(self.engine, ro.num_actors, r.use_ray, ro.num_cpus_per_actor, ro.num_gpus_per_actor,
                                    max_restarts=ro.max_restarts, watchdog=dog, resources=ro.resources,
                                    placement=p and p.rollout_options(),
-                                   group_nodes=p and p.group_nodes("rollout", r.cluster.node_loss_wait_s), log_dir=self.log_dir)
+                                   group_nodes=p and p.group_nodes("rollout", r.cluster.node_loss_wait_s), log_dir=self.log_dir,
+                                   wait=False)
 
     def _start_teacher(self, dog):
         """The teacher's engines, outside the run's placement group (like reward models): they only score."""
@@ -132,7 +135,7 @@ class Workers:
             os.makedirs(log_dir, exist_ok=True)
         return RolloutGroup.create(self.teacher_engine, t.num_actors, self.recipe.use_ray, t.num_cpus_per_actor,
                                    t.num_gpus_per_actor, max_restarts=self.recipe.rollout.max_restarts, watchdog=dog,
-                                   log_dir=log_dir)
+                                   log_dir=log_dir, wait=False)
 
     def cleanup(self) -> dict:
         """Stop everything that started; returns the summary's record of where the run ran."""

@@ -31,10 +31,12 @@ class RolloutGroup(WorkerGroup):
     @classmethod
     def create(cls, spec: EngineSpec, num_actors: int, use_ray: bool, num_cpus: float = 1.0, num_gpus: float = 0.0,
                max_restarts: int = 3, watchdog: Optional[Watchdog] = None, resources: Optional[dict] = None,
-               placement: Optional[list[dict]] = None, group_nodes: Optional[dict] = None, log_dir: Optional[str] = None):
+               placement: Optional[list[dict]] = None, group_nodes: Optional[dict] = None, log_dir: Optional[str] = None,
+               wait: bool = True):
         """``placement``: each actor's scheduling options (its placement-group bundle, ``rl.placement``);
         ``group_nodes``: ``node_ips`` and ``node_loss_wait_s`` for naming a lost node; ``log_dir``: each
-        engine's output goes to ``<log_dir>/rollout-<i>.log`` instead of the terminal."""
+        engine's output goes to ``<log_dir>/rollout-<i>.log`` instead of the terminal. ``wait=False``: return
+        while the engines start (the caller starts other actors meanwhile, then calls ``wait_ready``)."""
         if not use_ray:
             return cls([RolloutWorker(spec) for _ in range(num_actors)], remote=False)
         import ray
@@ -50,12 +52,19 @@ class RolloutGroup(WorkerGroup):
         ]
         group = cls(workers, remote=True, max_restarts=max_restarts, watchdog=watchdog,
                     resources=describe_asks(num_cpus, num_gpus, resources), **(group_nodes or {}))
-        try:
-            group.call_all("ready")  # surface start-up errors here, not at the first step
-        except BaseException:
-            group.shutdown()  # an actor that never started (or is waiting for resources) must not linger
-            raise
+        if wait:
+            group.wait_ready()
         return group
+
+    def wait_ready(self) -> None:
+        """Returns once every engine is up: start-up errors surface here, not at the first step."""
+        if not self.remote:
+            return
+        try:
+            self.call_all("ready")
+        except BaseException:
+            self.shutdown()  # an actor that never started (or is waiting for resources) must not linger
+            raise
 
     def _collect(self, submitted):
         if not self.remote:
