@@ -112,7 +112,9 @@ class PolicyTrainer:
     def _load(self, path: str):
         from transformers import AutoModelForCausalLM
 
-        return AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[self.setup.dtype], trust_remote_code=self.setup.trust_remote_code)
+        kernel = {"attn_implementation": self.cfg.attn_implementation} if self.cfg.attn_implementation else {}
+        return AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[self.setup.dtype], trust_remote_code=self.setup.trust_remote_code,
+                                                    **kernel)
 
     def ready(self) -> bool:
         """Returns once the rank is up (the group waits on it, so start-up errors surface at start)."""

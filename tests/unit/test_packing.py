@@ -146,3 +146,13 @@ def test_packing_is_refused_for_offline_dpo():
 
     with pytest.raises((RecipeError, ValueError), match="max_tokens_per_micro_batch"):
         load_recipe(None, ["algorithm.name=dpo", "trainer.max_tokens_per_micro_batch=256"], check_paths=False)
+
+
+@pytest.mark.parametrize("kernel", [None, "eager"])
+def test_the_trainer_loads_the_attention_kernel_the_recipe_names(tmp_path, kernel):
+    tiny_llama().save_pretrained(tmp_path)
+    trainer = bare_trainer(None, budget=16)
+    trainer.cfg = TrainerConfig(max_tokens_per_micro_batch=16, attn_implementation=kernel)
+    model = trainer._load(str(tmp_path))
+    assert model.config._attn_implementation == (kernel or "sdpa")
+    check_packing(model)  # packed sequences stay apart with either kernel
