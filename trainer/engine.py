@@ -58,7 +58,8 @@ def check_packing(model) -> None:
                             position_ids=torch.tensor([list(range(len(seqs[0]))) + list(range(len(seqs[1])))])))[0]
     together = torch.cat(alone)
     gap = float((packed - together).abs().max() / together.abs().max().clamp(min=1e-6))
-    if gap > 1e-2:
+    # Rounding alone stays well below these (a model that mixes the sequences: ~0.18 on a 2-layer random Llama).
+    if gap > (1e-2 if next(model.parameters()).dtype == torch.float32 else 5e-2):
         raise ValueError(f"{type(model).__name__} does not keep packed sequences apart (relative gap {gap:.3g} between a "
                          "sequence packed after another and alone): set trainer.max_tokens_per_micro_batch=0")
 
