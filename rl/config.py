@@ -195,6 +195,11 @@ class Recipe(Section):
         if self.rollout.max_staleness > 0 and self.adapter.kind == "arrow":
             raise ValueError("rollout.max_staleness > 0 does not combine with adapter.kind=arrow (an Arrow policy is "
                              "routed for each batch right before it is sampled)")
+        if self.rollout.partial_rollouts and self.rollout.max_staleness == 0:
+            raise ValueError("rollout.partial_rollouts=true needs rollout.max_staleness >= 1 (a generation continued after "
+                             "a weight update trains one version or more after its first tokens were sampled)")
+        if "partial_overdraw" in self.rollout.model_fields_set and not self.rollout.partial_rollouts:
+            raise ValueError("rollout.partial_overdraw is read only with rollout.partial_rollouts=true")
         return self
 
     @model_validator(mode="after")

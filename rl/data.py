@@ -200,11 +200,13 @@ class PromptSampler:
             random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
         return order
 
-    def next_batch(self) -> list[int]:
+    def next_batch(self, size: Optional[int] = None) -> list[int]:
+        """The next ``size`` prompts (``batch_size`` by default)."""
+        size = size or self.batch_size
         out: list[int] = []
-        while len(out) < self.batch_size:
+        while len(out) < size:
             order = self._order(self.epoch)
-            take = order[self.position : self.position + self.batch_size - len(out)]
+            take = order[self.position : self.position + size - len(out)]
             out.extend(take)
             self.position += len(take)
             if self.position >= self.size:

@@ -119,7 +119,7 @@ class OnlineRun(Run):
         policy_version = self._handle.version if self._handle else 0  # the policy this step trains
         with timer.phase("generate"):  # async: the time spent waiting for the batch
             batch = self.rollouts.next_batch(self.step, self.total_steps, timer,
-                                             self._publish if self.policy.routes_per_batch else None)
+                                             self._publish if self.policy.routes_per_batch else None, policy_version)
             tied_sampled = batch.tied_share()
             self.allocation.complete(batch, self.step, self.rollouts, timer)
         with timer.phase("advantage"):
@@ -201,6 +201,7 @@ class OnlineRun(Run):
             **{f"reward/{name}": sum(s) / len(s) for name, s in batch.per_reward.items()},
             **episode_metrics(flat),
             **self.allocation.metrics(batch),
+            **batch.partial_metrics,
         }
 
     # ------------------------------------------------------------------ evaluation, checkpoints
@@ -251,6 +252,7 @@ class OnlineRun(Run):
             "step": self.step,
             # Prefetched batches (asynchronous rollout) are not trained yet: resume draws them again.
             "sampler": self.rollouts.resume_point(),
+            "partial_rollouts": self.rollouts.carried_state(),  # unfinished generations continue after resume
             "allocation": self.allocation.state_dict(),  # Knapsack's success estimates
             "policy_version": self._handle.version if self._handle else 0,
             "reward_failures": dict(self.scorer.total_failures),
@@ -266,6 +268,7 @@ class OnlineRun(Run):
         self.trainer.load_state(str(self.resume_from / "trainer_state"))
         self.step = int(state["step"])
         self.sampler.load_state_dict(state["sampler"])
+        self.rollouts.load_carried(state.get("partial_rollouts", []))
         self.allocation.load_state_dict(state.get("allocation", {}))
         for kind, count in state["reward_failures"].items():
             self.scorer.total_failures[kind] = count

@@ -175,7 +175,7 @@ def model_reward(recipe: Recipe, index: int, log_fn=_log) -> ModelReward:
             max_length = built.max_length  # score texts cut as it was trained on them
     threads = item.torch_threads
     if recipe.use_ray and not threads:
-        sync = recipe.rollout.max_staleness == 0
+        sync = recipe.rollout.batches_ahead == 0
         threads = len(os.sched_getaffinity(0)) if sync else max(1, int(item.num_cpus))
     spec = RewardModelSpec(path=path, kind=item.kind, batch_size=item.batch_size, max_length=max_length,
                            template=item.template, yes_token=item.yes_token, no_token=item.no_token, dtype=item.dtype,
@@ -285,7 +285,7 @@ def thread_counts(recipe: Recipe, cores: Optional[int] = None) -> tuple[int, int
     cores = cores or len(os.sched_getaffinity(0))
     t, ro = recipe.trainer, recipe.rollout
     together = t.num_ranks + ro.num_actors
-    sync = ro.max_staleness == 0
+    sync = ro.batches_ahead == 0
 
     def threads(explicit: int, cpus_field: str, section, share: int) -> int:
         if explicit:

@@ -5,14 +5,19 @@ already in flight. How many rollouts each prompt gets, and any further rounds, i
 
     batch = rollouts.next_batch(step, total_steps, timer, publish)      a Sampled: B groups, scored
     again = rollouts.sample(indices, seed_step, timer, counts)          more rollouts of some prompts, now
-    rollouts.resume_point()                                             the sampler state a checkpoint keeps
+    rollouts.resume_point(), rollouts.carried_state()                   what a checkpoint keeps
+
+With partial rollouts (``rollout.partial_rollouts``) more prompts are in flight than a step trains: each engine
+call stops once B prompts have all their rollouts finished, and the unfinished ones are carried into the next
+call, which continues them under the weights loaded by then.
 """
 
 from __future__ import annotations
 
 import collections
-from dataclasses import dataclass, field, replace
-from typing import Callable, Optional
+import math
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Callable, NamedTuple, Optional
 
 import torch
 
@@ -59,6 +64,7 @@ class Sampled:
     sampled_rollouts: int = 0
     extra_rollouts: int = 0
     trained: Optional[list[list[int]]] = None
+    partial_metrics: dict[str, float] = field(default_factory=dict)  # partial rollouts: carried, restarted, token staleness
 
     @property
     def completions(self) -> list[Completion]:
@@ -95,6 +101,48 @@ class Sampled:
             self.failures[kind] = self.failures.get(kind, 0) + count
 
 
+@dataclass
+class InFlight:
+    """A prompt whose rollouts are generated across engine calls (partial rollouts): ``index`` is its row in the
+    training set, ``completions`` its G rollouts so far (``finish_reason`` "" while unfinished)."""
+
+    index: int
+    seed: int
+    completions: list[Completion]
+
+    @property
+    def finished(self) -> bool:
+        return all(c.finished for c in self.completions)
+
+    def oldest_version(self) -> Optional[int]:
+        versions = [v for c in self.completions for v in c.versions()]
+        return min(versions) if versions else None
+
+    def restarted(self) -> "InFlight":
+        return InFlight(self.index, self.seed, [_fresh(c.prompt_token_ids) for c in self.completions])
+
+    def to_dict(self) -> dict:
+        return {"index": self.index, "seed": self.seed, "completions": [asdict(c) for c in self.completions]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "InFlight":
+        return cls(int(d["index"]), d["seed"], [Completion(**c) for c in d["completions"]])
+
+
+class _PartialCall(NamedTuple):
+    """An engine call of partial rollouts in flight: the sampler state before it drew its new prompts, its prompts,
+    the pending call, and its carried prompts as they were when it took them (for a checkpoint)."""
+
+    sampler_state: dict
+    entries: list[InFlight]
+    pending: Any
+    taken: list[dict]
+
+
+def _fresh(prompt_token_ids: list[int]) -> Completion:
+    return Completion(prompt_index=0, prompt_token_ids=list(prompt_token_ids), token_ids=[], text="", logprobs=[], finish_reason="")
+
+
 class Rollouts:
     """The prompt sampler, the engines and the scorer of an online run, seen as a source of scored batches."""
 
@@ -104,17 +152,22 @@ class Rollouts:
         self.sampler = PromptSampler(len(train_set), recipe.data.prompts_per_step, recipe.seed, recipe.data.shuffle)
         self.engines = None  # rl.workers.RolloutGroup, while the run's workers run
         self._prefetched: collections.deque = collections.deque()  # (sampler state, indices, pending rollout)
+        self._carried: list[InFlight] = []  # partial rollouts: unfinished prompts between engine calls, oldest first
+        self._restarted = 0  # partial rollouts restarted since the last batch (they would have grown too stale)
 
-    def next_batch(self, step: int, total_steps: int, timer: PhaseTimer, publish: Optional[Callable] = None) -> Sampled:
+    def next_batch(self, step: int, total_steps: int, timer: PhaseTimer, publish: Optional[Callable] = None,
+                   policy_version: int = 0) -> Sampled:
         """Step ``step + 1``'s scored batch: B prompts, each with the rollouts the allocation gives it first.
 
         Synchronous (``rollout.max_staleness`` 0): sampled now, by the current policy (an Arrow policy is
         first routed over the batch: ``publish(prompts)``). Asynchronous (k > 0): the batches of the next k
         steps are submitted too, so the engines sample them while this step trains; the policy pushed after
         this step reaches only batches submitted later. A batch is thus sampled by a policy at most k
-        versions old.
+        versions old. ``policy_version``: the version this step trains (partial rollouts bound every token by it).
         """
         k = self.recipe.rollout.max_staleness
+        if self.recipe.rollout.partial_rollouts:
+            return self._next_partial_batch(step, total_steps, timer, policy_version)
         if k == 0:
             indices = self.sampler.next_batch()
             if publish is not None:
@@ -140,9 +193,70 @@ class Rollouts:
         """The sampler state a checkpoint keeps: prefetched batches are not trained yet, so resume draws them again."""
         return self._prefetched[0][0] if self._prefetched else self.sampler.state_dict()
 
+    def carried_state(self) -> list[dict]:
+        """Partial rollouts a checkpoint keeps: the unfinished prompts as they were when the calls in flight took them
+        (what those calls sampled since is lost with them) and those no call has taken yet."""
+        taken = [entry for call in self._prefetched if isinstance(call, _PartialCall) for entry in call.taken]
+        return taken + [e.to_dict() for e in self._carried]
+
+    def load_carried(self, state: list[dict]) -> None:
+        self._carried = [InFlight.from_dict(d) for d in state]
+
     def forget_prefetched(self) -> None:
         """Batches in flight died with the engines."""
         self._prefetched.clear()
+
+    # ------------------------------------------------------------------ partial rollouts
+
+    def _next_partial_batch(self, step: int, total_steps: int, timer: PhaseTimer, policy_version: int) -> Sampled:
+        """The first B prompts whose rollouts all finished, oldest first; the rest stay in flight. The engines run
+        k - 1 calls ahead, so a token is at most k - 1 versions old when its call ends, and a carried one is
+        started again before it could be more than k old when it trains."""
+        B, k = self.recipe.data.prompts_per_step, self.recipe.rollout.max_staleness
+        if not self._prefetched:
+            self._prefetched.append(self._submit_partial(step + 1, step, policy_version))
+        entries, pending = self._prefetched[0].entries, self._prefetched.popleft().pending
+        for entry, groups in zip(entries, self.engines.collect_groups(pending)):
+            entry.completions = groups
+        done = [e for e in entries if e.finished][:B]
+        if len(done) < B:
+            raise RuntimeError(f"partial rollouts: an engine call returned {len(done)} finished prompts, fewer than {B}")
+        self._carried = [e for e in entries if not any(e is d for d in done)] + self._carried
+        while len(self._prefetched) < k - 1 and step + 1 + len(self._prefetched) < total_steps:
+            self._prefetched.append(self._submit_partial(step + 2 + len(self._prefetched), step, policy_version))
+        batch = self._score([e.index for e in done], [e.completions for e in done], timer)
+        tokens = [(policy_version - v) for e in done for c in e.completions for v in c.versions()]
+        batch.partial_metrics = {
+            "partial_mixed_versions_frac": sum(len(set(c.versions())) > 1 for e in done for c in e.completions) / batch.num_rollouts,
+            "partial_token_staleness": sum(tokens) / max(len(tokens), 1),
+            "partial_restarted": float(self._restarted),
+            "partial_in_flight": float(len(self._carried) + sum(len(call.entries) for call in self._prefetched)),
+        }
+        self._restarted = 0
+        return batch
+
+    def _submit_partial(self, train_step: int, step: int, policy_version: int):
+        """The engine call for step ``train_step``'s batch (submitted during step ``step + 1``, whose policy is
+        ``policy_version``): the carried prompts, restarted where too stale, then new ones up to B x (1 + overdraw)."""
+        ro, B = self.recipe.rollout, self.recipe.data.prompts_per_step
+        # At most one version per step: the batch of train_step trains with a policy no newer than this.
+        trains_with = policy_version + (train_step - step - 1)
+        carried, self._carried = self._carried, []
+        for i, e in enumerate(carried):
+            oldest = e.oldest_version()
+            if oldest is not None and trains_with - oldest > ro.max_staleness:
+                carried[i] = e.restarted()
+                self._restarted += 1
+        taken = [e.to_dict() for e in carried]  # as submitted: what a checkpoint taken meanwhile resumes from
+        state = self.sampler.state_dict()
+        want = B + math.ceil(ro.partial_overdraw * B)
+        new = self.sampler.next_batch(want - len(carried)) if want > len(carried) else []
+        counts = self.allocation.first_counts(new) if new else []
+        spec = sampling(self.recipe, train_step, 1)
+        entries = carried + [InFlight(i, spec.seed + b, [_fresh(self.train_set.prompt_token_ids[i]) for _ in range(n)])
+                             for b, (i, n) in enumerate(zip(new, counts))]
+        pending = self.engines.submit_generate_until([e.completions for e in entries], replace(spec, seeds=[e.seed for e in entries]), B)
+        return _PartialCall(state, entries, pending, taken)
 
     @property
     def in_flight(self) -> int:

@@ -50,6 +50,22 @@ class RolloutConfig(Section):
         0, ge=0, description="Asynchronous rollout: generate up to k batches ahead while the trainer updates, so a batch "
         "may come from a policy up to k versions old (metric rollout_staleness; pair with algorithm.tis_cap). "
         "0: synchronous, on-policy.")
+    partial_rollouts: bool = Field(
+        False, description="Partial rollouts (needs max_staleness >= 1): more prompts are in flight than a step trains "
+        "(partial_overdraw); each engine call stops once the step's prompts have all their rollouts finished, and the "
+        "unfinished generations continue in the next call, under the weights loaded by then, so a long tail does not "
+        "hold up the step. Each token keeps the logprob and the version of the policy that sampled it; no token trains "
+        "more than max_staleness versions after it was sampled (a generation that would is started again). The engines "
+        "run max_staleness - 1 batches ahead.")
+    partial_overdraw: float = Field(
+        0.5, gt=0.0, description="Partial rollouts: prompts in flight beyond the step's data.prompts_per_step, as a share "
+        "of it (0.5 with 16 prompts per step: 24 in flight, the first 16 to finish train).")
+
+    @property
+    def batches_ahead(self) -> int:
+        """Batches the engines sample while the trainer updates: max_staleness, one fewer with partial rollouts
+        (whose carried tokens take the last version of the bound)."""
+        return self.max_staleness - 1 if self.partial_rollouts else self.max_staleness
 
 
 class TeacherConfig(Section):

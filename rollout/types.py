@@ -32,11 +32,21 @@ class Completion:
     token_ids: list[int]
     text: str
     logprobs: list[float]  # the sampler's logprob of each token in ``token_ids``
-    finish_reason: str  # "stop" (EOS) or "length"
-    policy_version: int = 0  # the policy version the engine held when it sampled this
+    finish_reason: str  # "stop" (EOS) or "length"; "" while a partial rollout is unfinished
+    policy_version: int = 0  # the policy version the engine held when it sampled this (the oldest, if several did)
     # 1 where the policy sampled the token, 0 where it was given it (an environment's observation in a
     # multi-turn episode, logprob 0.0 there); empty: every token was sampled.
     loss_mask: list[int] = field(default_factory=list)
+    # A partial rollout continued across weight updates: the version that sampled each token; empty: one version.
+    token_versions: list[int] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return bool(self.finish_reason)
+
+    def versions(self) -> list[int]:
+        """The policy version that sampled each token."""
+        return self.token_versions or [self.policy_version] * len(self.token_ids)
 
 
 @dataclass

@@ -93,6 +93,7 @@ class RolloutWorker:
         self.lora_request = None  # set by load_weights when the policy is an adapter
         self.prompt_loras: dict = {}  # prompt_key -> LoRARequest, when the policy is served one LoRA per prompt
         self._lora_loads = 0
+        self._partial_requests = 0  # request ids of generate_until's requests
         self.startup_seconds = time.perf_counter() - t0
         self.weight_version = 0
         self.local_copies = LocalCopies()  # versions that crossed nodes, pulled into this node's RAM
@@ -164,6 +165,61 @@ class RolloutWorker:
                 )
             result.append(group)
         return result
+
+    def generate_until(self, groups: list[list[Completion]], sampling: SamplingSpec, groups_wanted: int) -> list[list[Completion]]:
+        """Partial rollouts: continue every unfinished completion of ``groups`` (``finish_reason`` "", a fresh one
+        with no tokens) until ``groups_wanted`` groups have all their completions finished, then stop the rest where
+        they are. Returns the groups, each completion extended by the tokens sampled now (each token's version in
+        ``token_versions``); the unfinished ones continue in a later call, under whatever weights are loaded then.
+
+        A continued completion is a new request of prompt + its tokens so far: its KV cache is computed again, with
+        the current weights. ``sampling.seeds``: one per group; a request's seed also depends on its completion's
+        index and length, so a continuation never repeats the random stream of the request it continues.
+        """
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+
+        engine = self.llm.llm_engine
+        loras = self._lora_for([g[0].prompt_token_ids for g in groups]) if groups else None
+        running: dict[str, tuple[int, Completion]] = {}
+        for g, group in enumerate(groups):
+            for i, c in enumerate(group):
+                if c.finished:
+                    continue
+                if not c.token_versions:
+                    c.token_versions = [c.policy_version] * len(c.token_ids)
+                seed = None if not sampling.seeds else (sampling.seeds[g] + 7919 * i + 104729 * len(c.token_ids)) % 2**31
+                rest = dataclasses.replace(sampling, n=1, max_new_tokens=sampling.max_new_tokens - len(c.token_ids))
+                params = self._sampling_params(rest, seed, output_kind=RequestOutputKind.DELTA)
+                self._partial_requests += 1
+                request_id = f"partial-{self._partial_requests}"
+                engine.add_request(request_id, TokensPrompt(prompt_token_ids=c.prompt_token_ids + c.token_ids), params,
+                                   lora_request=loras[g] if isinstance(loras, list) else loras)
+                running[request_id] = (g, c)
+        open_per_group = [sum(not c.finished for c in group) for group in groups]
+        done = sum(n == 0 for n in open_per_group)
+        while running and done < groups_wanted:
+            for out in engine.step():
+                if out.request_id not in running:
+                    continue
+                g, c = running[out.request_id]
+                o = out.outputs[0]
+                ids = list(o.token_ids)
+                c.token_ids += ids
+                c.logprobs += [float(step[tok].logprob) for tok, step in zip(ids, o.logprobs)] if o.logprobs else []
+                c.token_versions += [self.weight_version] * len(ids)
+                c.text += o.text
+                if out.finished:
+                    c.finish_reason = str(o.finish_reason)
+                    del running[out.request_id]
+                    open_per_group[g] -= 1
+                    done += open_per_group[g] == 0
+        if running:
+            engine.abort_request(list(running))
+        for group in groups:
+            for c in group:
+                c.policy_version = min(c.token_versions, default=self.weight_version)
+        return groups
 
     def score(self, prompt_token_ids: list[list[int]], completion_token_ids: list[list[int]]) -> list[list[float]]:
         """Logprob the engine gives each token of fixed completions (for checking weight sync)."""

@@ -88,14 +88,13 @@ def arm(args, spec: str, batch_file: Path, out: Path) -> None:
                          master_port=free_port())
     trainer = PolicyTrainer(setup)
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    num = max(1, -(-len(batch) // cfg.micro_batch_size)) if kind == "padded" else 1
-    micro = trainer._micro_batches(batch, num)
+    micro = trainer._micro_batches(batch)  # the micro-batches a training step cuts (one rank)
     positions = sum(mb["packed_input_ids"].numel() if "packed_input_ids" in mb else mb["input_ids"].numel() for _, mb in micro)
     real = sum(len(p) + len(r) for p, r in zip(batch.prompt_token_ids, batch.response_token_ids))
     seconds, losses = [], []
     for _ in range(1 + args.steps):
         t0 = time.perf_counter()
-        stats = trainer.train_step(batch, num)
+        stats = trainer.train_step(batch, len(micro))
         seconds.append(time.perf_counter() - t0)
         losses.append(reduce_stats([stats])["loss"])
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

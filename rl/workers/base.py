@@ -149,6 +149,17 @@ class WorkerGroup:
         except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError):
             return None
 
+    def wait_ready(self) -> None:
+        """Returns once every actor is up, so start-up errors surface here, not at the first call. On a failure the
+        group is shut down first: an actor that never started (or still waits for resources) must not linger."""
+        if not self.remote:
+            return  # a local worker is up once constructed
+        try:
+            self.call_all("ready")
+        except BaseException:
+            self.shutdown()
+            raise
+
     def shutdown(self) -> None:
         if self.remote:
             import ray

@@ -56,16 +56,6 @@ class RolloutGroup(WorkerGroup):
             group.wait_ready()
         return group
 
-    def wait_ready(self) -> None:
-        """Returns once every engine is up: start-up errors surface here, not at the first step."""
-        if not self.remote:
-            return
-        try:
-            self.call_all("ready")
-        except BaseException:
-            self.shutdown()  # an actor that never started (or is waiting for resources) must not linger
-            raise
-
     def _collect(self, submitted):
         if not self.remote:
             return super()._collect(submitted)
@@ -137,6 +127,20 @@ class RolloutGroup(WorkerGroup):
                     c.prompt_index += r[0]
             out.extend(groups)
         return out
+
+    def submit_generate_until(self, groups: list[list[Completion]], sampling: SamplingSpec, groups_wanted: int):
+        """Partial rollouts: start continuing ``groups`` (``RolloutWorker.generate_until``), whole groups split across
+        the actors, each asked for its share of ``groups_wanted`` (rounded up); ``collect_groups`` returns them."""
+        parts = [r for r in split_units(len(groups), len(self.workers)) if r]
+        calls = []
+        for w, r in zip(self.workers, parts):
+            s = SamplingSpec(**{**sampling.__dict__, "seeds": [sampling.seeds[i] for i in r] if sampling.seeds else None})
+            calls.append((w, "generate_until", ([groups[i] for i in r], s, -(-groups_wanted * len(r) // len(groups)))))
+        return self._submit(calls)
+
+    def collect_groups(self, submitted) -> list[list[Completion]]:
+        """The groups of a ``submit_generate_until``, in the order given."""
+        return [group for part in self._collect(submitted) for group in part]
 
     def load_weights(self, handle: WeightHandle) -> float:
         self.current_handle = handle  # what a restarted actor must load

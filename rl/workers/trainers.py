@@ -53,10 +53,6 @@ class TrainerGroup(WorkerGroup):
                                    **(placement[i] if placement else {})).remote(s) for i, s in enumerate(setups)]
         return cls(ranks, remote=True, watchdog=watchdog, resources=describe_asks(num_cpus, num_gpus, resources), **(group_nodes or {}))
 
-    def wait_ready(self) -> None:
-        """Returns once every rank is up; surfaces start-up errors here, not at the first step."""
-        self.call_all("ready")
-
     def _shards(self, n: int, micro_batch_size: int, unit: int = 1) -> tuple[list[list[int]], int]:
         """One contiguous shard per rank (whole units; sizes differ by at most one unit) and the
         micro-batch count every rank runs (ZeRO-2/3 communicate at every backward)."""
