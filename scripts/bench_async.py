@@ -1,8 +1,10 @@
 """Synchronous vs asynchronous rollout, with and without partial rollouts, side by side in one run.
 
-    .venv/bin/python scripts/bench_async.py [--steps 30] [--arms 0 1 2] [key=value ...]
-    .venv/bin/python scripts/bench_async.py --recipe recipes/smollm2-gsm8k.yaml --name async-smollm2 --steps 5 \
-        --arms 0 1 1p data.train=../shared/data/gsm8k/train.jsonl data.test=../shared/data/gsm8k/test.jsonl
+    .venv/bin/python scripts/bench_async.py [key=value ...] [--steps 30] [--arms 0 1 2]
+    .venv/bin/python scripts/bench_async.py eval.before=false eval.after=false \\
+        --recipe recipes/smollm2-gsm8k.yaml --name async-smollm2 --arms 0 1 1p 2p      # GSM8K in data/gsm8k/
+
+(key=value overrides go before the options: ``--arms`` takes every word after it.)
 
 Each arm runs the recipe (recipes/quickstart.yaml by default, plus overrides) for the same steps, seed and prompts,
 with ``rollout.max_staleness`` = k (0 is synchronous; k > 0 samples up to k batches ahead while the trainer
@@ -30,7 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--arms", "--staleness", nargs="+", default=["0", "1", "2"], help="max_staleness per arm; a trailing p adds partial rollouts")
+    ap.add_argument("--arms", "--staleness", nargs="+", default=["0", "1", "2"],
+                    help="max_staleness per arm; a trailing p adds partial rollouts")
     ap.add_argument("--recipe", default="recipes/quickstart.yaml")
     ap.add_argument("--name", default="async", help="writes docs/benchmarks/<name>.md and .json")
     ap.add_argument("--runs", default=str(ROOT / "runs" / "bench-async"))
@@ -76,9 +79,9 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{args.name}.json").write_text(json.dumps(results, indent=2))
     base = results[0]["seconds_per_step"]
-    command = " ".join(["python scripts/bench_async.py", *(["--recipe", args.recipe] if args.recipe != "recipes/quickstart.yaml" else []),
-                        *(["--name", args.name] if args.name != "async" else []), "--steps", str(args.steps), "--arms", *args.arms,
-                        *args.overrides])
+    command = " ".join(["python scripts/bench_async.py", *args.overrides,
+                        *(["--recipe", args.recipe] if args.recipe != "recipes/quickstart.yaml" else []),
+                        *(["--name", args.name] if args.name != "async" else []), "--steps", str(args.steps), "--arms", *args.arms])
     lines = [
         "# Synchronous vs asynchronous rollout" + (" (p: with partial rollouts)" if any(r["partial_rollouts"] for r in results) else ""),
         "",
