@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -54,7 +55,7 @@ class WandbTracker:
     def __init__(self, run_dir: Path, name: str, config: dict, project: str, mode: str):
         import wandb
 
-        run_id = "rl-" + __import__("hashlib").sha1(str(run_dir.resolve()).encode()).hexdigest()[:12]
+        run_id = "rl-" + hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:12]
         self.run = wandb.init(project=project, name=name, id=run_id, resume="allow", dir=str(run_dir), config=config,
                               mode=mode, settings=wandb.Settings(silent=True, console="off"))
 

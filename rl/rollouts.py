@@ -206,58 +206,6 @@ class Rollouts:
         """Batches in flight died with the engines."""
         self._prefetched.clear()
 
-    # ------------------------------------------------------------------ partial rollouts
-
-    def _next_partial_batch(self, step: int, total_steps: int, timer: PhaseTimer, policy_version: int) -> Sampled:
-        """The first B prompts whose rollouts all finished, oldest first; the rest stay in flight. The engines run
-        k - 1 calls ahead, so a token is at most k - 1 versions old when its call ends, and a carried one is
-        started again before it could be more than k old when it trains."""
-        B, k = self.recipe.data.prompts_per_step, self.recipe.rollout.max_staleness
-        if not self._prefetched:
-            self._prefetched.append(self._submit_partial(step + 1, step, policy_version))
-        entries, pending = self._prefetched[0].entries, self._prefetched.popleft().pending
-        for entry, groups in zip(entries, self.engines.collect_groups(pending)):
-            entry.completions = groups
-        done = [e for e in entries if e.finished][:B]
-        if len(done) < B:
-            raise RuntimeError(f"partial rollouts: an engine call returned {len(done)} finished prompts, fewer than {B}")
-        self._carried = [e for e in entries if not any(e is d for d in done)] + self._carried
-        while len(self._prefetched) < k - 1 and step + 1 + len(self._prefetched) < total_steps:
-            self._prefetched.append(self._submit_partial(step + 2 + len(self._prefetched), step, policy_version))
-        batch = self._score([e.index for e in done], [e.completions for e in done], timer)
-        tokens = [(policy_version - v) for e in done for c in e.completions for v in c.versions()]
-        batch.partial_metrics = {
-            "partial_mixed_versions_frac": sum(len(set(c.versions())) > 1 for e in done for c in e.completions) / batch.num_rollouts,
-            "partial_token_staleness": sum(tokens) / max(len(tokens), 1),
-            "partial_restarted": float(self._restarted),
-            "partial_in_flight": float(len(self._carried) + sum(len(call.entries) for call in self._prefetched)),
-        }
-        self._restarted = 0
-        return batch
-
-    def _submit_partial(self, train_step: int, step: int, policy_version: int):
-        """The engine call for step ``train_step``'s batch (submitted during step ``step + 1``, whose policy is
-        ``policy_version``): the carried prompts, restarted where too stale, then new ones up to B x (1 + overdraw)."""
-        ro, B = self.recipe.rollout, self.recipe.data.prompts_per_step
-        # At most one version per step: the batch of train_step trains with a policy no newer than this.
-        trains_with = policy_version + (train_step - step - 1)
-        carried, self._carried = self._carried, []
-        for i, e in enumerate(carried):
-            oldest = e.oldest_version()
-            if oldest is not None and trains_with - oldest > ro.max_staleness:
-                carried[i] = e.restarted()
-                self._restarted += 1
-        taken = [e.to_dict() for e in carried]  # as submitted: what a checkpoint taken meanwhile resumes from
-        state = self.sampler.state_dict()
-        want = B + math.ceil(ro.partial_overdraw * B)
-        new = self.sampler.next_batch(want - len(carried)) if want > len(carried) else []
-        counts = self.allocation.first_counts(new) if new else []
-        spec = sampling(self.recipe, train_step, 1)
-        entries = carried + [InFlight(i, spec.seed + b, [_fresh(self.train_set.prompt_token_ids[i]) for _ in range(n)])
-                             for b, (i, n) in enumerate(zip(new, counts))]
-        pending = self.engines.submit_generate_until([e.completions for e in entries], replace(spec, seeds=[e.seed for e in entries]), B)
-        return _PartialCall(state, entries, pending, taken)
-
     @property
     def in_flight(self) -> int:
         return len(self._prefetched)
@@ -316,3 +264,55 @@ class Rollouts:
             start = end
         return Sampled(indices, out, failures, sampled_rollouts=len(flat))
 
+    # ------------------------------------------------------------------ partial rollouts
+
+    def _next_partial_batch(self, step: int, total_steps: int, timer: PhaseTimer, policy_version: int) -> Sampled:
+        """The first B prompts whose rollouts all finished, oldest first; the rest stay in flight. The engines run
+        k - 1 calls ahead, so a token is at most k - 1 versions old when its call ends, and a carried one is
+        started again before it could be more than k old when it trains."""
+        B, k = self.recipe.data.prompts_per_step, self.recipe.rollout.max_staleness
+        if not self._prefetched:
+            self._prefetched.append(self._submit_partial(step + 1, step, policy_version))
+        call = self._prefetched.popleft()
+        entries = call.entries
+        for entry, groups in zip(entries, self.engines.collect_groups(call.pending)):
+            entry.completions = groups
+        done = [e for e in entries if e.finished][:B]
+        if len(done) < B:
+            raise RuntimeError(f"partial rollouts: an engine call returned {len(done)} finished prompts, fewer than {B}")
+        self._carried = [e for e in entries if not any(e is d for d in done)] + self._carried
+        while len(self._prefetched) < k - 1 and step + 1 + len(self._prefetched) < total_steps:
+            self._prefetched.append(self._submit_partial(step + 2 + len(self._prefetched), step, policy_version))
+        batch = self._score([e.index for e in done], [e.completions for e in done], timer)
+        tokens = [(policy_version - v) for e in done for c in e.completions for v in c.versions()]
+        batch.partial_metrics = {
+            "partial_mixed_versions_frac": sum(len(set(c.versions())) > 1 for e in done for c in e.completions) / batch.num_rollouts,
+            "partial_token_staleness": sum(tokens) / max(len(tokens), 1),
+            "partial_restarted": float(self._restarted),
+            "partial_in_flight": float(len(self._carried) + sum(len(call.entries) for call in self._prefetched)),
+        }
+        self._restarted = 0
+        return batch
+
+    def _submit_partial(self, train_step: int, step: int, policy_version: int):
+        """The engine call for step ``train_step``'s batch (submitted during step ``step + 1``, whose policy is
+        ``policy_version``): the carried prompts, restarted where too stale, then new ones up to B x (1 + overdraw)."""
+        ro, B = self.recipe.rollout, self.recipe.data.prompts_per_step
+        # At most one version per step: the batch of train_step trains with a policy no newer than this.
+        trains_with = policy_version + (train_step - step - 1)
+        carried, self._carried = self._carried, []
+        for i, e in enumerate(carried):
+            oldest = e.oldest_version()
+            if oldest is not None and trains_with - oldest > ro.max_staleness:
+                carried[i] = e.restarted()
+                self._restarted += 1
+        taken = [e.to_dict() for e in carried]  # as submitted: what a checkpoint taken meanwhile resumes from
+        state = self.sampler.state_dict()
+        want = B + math.ceil(ro.partial_overdraw * B)
+        new = self.sampler.next_batch(want - len(carried)) if want > len(carried) else []
+        counts = self.allocation.first_counts(new) if new else []
+        spec = sampling(self.recipe, train_step, 1)
+        entries = carried + [InFlight(i, spec.seed + b, [_fresh(self.train_set.prompt_token_ids[i]) for _ in range(n)])
+                             for b, (i, n) in enumerate(zip(new, counts))]
+        pending = self.engines.submit_generate_until([e.completions for e in entries], replace(spec, seeds=[e.seed for e in entries]), B)
+        return _PartialCall(state, entries, pending, taken)

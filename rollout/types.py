@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any, Optional, Sequence
 
 
@@ -49,20 +50,36 @@ class Completion:
         return self.token_versions or [self.policy_version] * len(self.token_ids)
 
 
-@dataclass
+class WeightKind(str, Enum):
+    """What a published version carries."""
+
+    WEIGHTS = "weights"  # full named tensors
+    SPARSE_DELTA = "sparse_delta"  # a sparse adapter's indices/values, added to the base in place
+    LORA = "lora"  # a PEFT LoRA directory
+    LORA_PER_PROMPT = "lora_per_prompt"  # a directory of LoRAs named by ``prompt_key`` (``names``)
+
+
+@dataclass(frozen=True)
 class WeightHandle:
-    """Where a published policy version can be read from. Opaque to the driver."""
+    """Where a published policy version can be read from. Opaque to the driver; never changed once made
+    (a transport that moves a version makes a new handle)."""
 
     version: int
-    transport: str
+    transport: str  # the registered name of the transport that reads it
     location: str  # a file path, a shared-memory name, ...
     num_bytes: int = 0
     names: list[str] = field(default_factory=list)
-    # "weights": full named tensors; "sparse_delta": a sparse adapter's indices/values, added to the base in place;
-    # "lora": a PEFT LoRA directory; "lora_per_prompt": a directory of LoRAs named by ``prompt_key`` (``names``).
-    kind: str = "weights"
+    kind: WeightKind = WeightKind.WEIGHTS
     # The data itself, for transports that carry it (``object_store``: a Ray ObjectRef of {file name: bytes}).
     payload: Any = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "kind", WeightKind(self.kind))  # a plain string (a handle rebuilt from a dict) too
+
+    @property
+    def is_lora(self) -> bool:
+        """vLLM reads it from a directory, as a LoRA served over the unchanged base weights."""
+        return self.kind in (WeightKind.LORA, WeightKind.LORA_PER_PROMPT)
 
 
 def prompt_key(prompt_token_ids: Sequence[int]) -> str:

@@ -40,7 +40,7 @@ class WeightSyncExtension:
         t0 = time.perf_counter()
         h = WeightHandle(**handle)
         # reload_weights (not model.load_weights) also repacks CPU linear weights and resets LoRA caches.
-        self.reload_weights(weights_iterator=get_transport(h.transport).receive(h))
+        self.reload_weights(weights_iterator=self._rl_transport(h.transport).receive(h))
         self._rl_refresh_tied_layers()
         return time.perf_counter() - t0
 
@@ -54,7 +54,7 @@ class WeightSyncExtension:
         t0 = time.perf_counter()
         h = WeightHandle(**handle)
         deltas: dict[str, dict[str, torch.Tensor]] = {}
-        for key, t in get_transport(h.transport).receive(h):
+        for key, t in self._rl_transport(h.transport).receive(h):
             weight, _, part = key.rpartition(".")
             deltas.setdefault(weight, {})[part] = t
         names = self._rl_with_packed_partners(set(deltas))
@@ -72,6 +72,13 @@ class WeightSyncExtension:
             self.reload_weights(weights_iterator=weights())
         self._rl_refresh_tied_layers()
         return time.perf_counter() - t0
+
+    def _rl_transport(self, name: str):
+        """This worker's reading side of transport ``name``, kept for the run."""
+        transports = self.__dict__.setdefault("_rl_transports", {})
+        if name not in transports:
+            transports[name] = get_transport(name)
+        return transports[name]
 
     def _rl_refresh_tied_layers(self) -> int:
         """Redo the post-load processing of layers that share one weight (a tied LM head and embedding).

@@ -12,8 +12,8 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
-from rollout.types import Completion, SamplingSpec, WeightHandle, prompt_key
-from rollout.weight_sync import LocalCopies, get_transport
+from rollout.types import Completion, SamplingSpec, WeightHandle, WeightKind, prompt_key
+from rollout.weight_sync import LocalCopies
 
 
 @dataclass
@@ -117,7 +117,7 @@ class RolloutWorker:
         if not self.spec.engine_in_process or self.spec.tensor_parallel_size != 1:
             raise ValueError("cluster.weight_transport=collective needs rollout.engine_in_process=true and "
                              "rollout.tensor_parallel_size=1 (the group lives in the actor's process)")
-        get_transport("collective").join(addr, port, world_size, rank, ray.util.get_node_ip_address())
+        self.local_copies.transport("collective").join(addr, port, world_size, rank, ray.util.get_node_ip_address())
         return True
 
     def local_copies_dir(self) -> str:
@@ -268,9 +268,9 @@ class RolloutWorker:
         """
         t0 = time.perf_counter()
         handle = self.local_copies.localize(handle)
-        if handle.kind in ("lora", "lora_per_prompt"):
+        if handle.is_lora:
             old = [self.lora_request, *self.prompt_loras.values()]
-            if handle.kind == "lora_per_prompt":
+            if handle.kind == WeightKind.LORA_PER_PROMPT:
                 self.lora_request = None
                 self.prompt_loras = {key: self._new_lora(f"{handle.location}/{key}") for key in handle.names}
             else:
@@ -282,7 +282,7 @@ class RolloutWorker:
             self.weight_version = handle.version
             self.local_copies.loaded()
             return time.perf_counter() - t0
-        method = "rl_load_sparse_delta" if handle.kind == "sparse_delta" else "rl_load_weights"
+        method = "rl_load_sparse_delta" if handle.kind == WeightKind.SPARSE_DELTA else "rl_load_weights"
         self.llm.collective_rpc(method, args=(dataclasses.asdict(handle),))
         self._forget_cached_prefixes()
         self.weight_version = handle.version

@@ -9,10 +9,14 @@ One small interface, several implementations (CPU and GPU differ):
 
 The trainer side sees only the publishing half (``publish``, ``publish_lora``,
 ``publish_prompt_loras``, ``release``, ``close``); ``rl`` builds the transport and hands it to the
-trainer, so ``trainer/`` never imports this module. A handle's ``kind`` says what it carries:
-``weights`` (full named tensors), ``sparse_delta`` (a sparse adapter's indices/values, added to the
-base in place), ``lora`` (a PEFT LoRA directory), ``lora_per_prompt`` (a directory of LoRAs named
-by ``prompt_key``, one per prompt).
+trainer, so ``trainer/`` never imports this module. A handle's ``kind`` (``WeightKind``) says what it carries:
+full named tensors, a sparse adapter's indices/values (added to the base in place), a PEFT LoRA
+directory, or a directory of LoRAs named by ``prompt_key``, one per prompt.
+
+The rollout side keeps one transport object per kind of handle for the run (``LocalCopies``, and
+the vLLM worker's own): ``localize(handle, directory)`` makes a handle this node can read (a pull
+from the object store, LoRA files received over the collective group), ``receive(handle)`` yields
+its tensors.
 
 ``shared_file`` writes one safetensors file (or LoRA directory) to a RAM-backed directory
 (``/dev/shm`` when it exists): works for every process on one node, CPU or GPU, and costs
@@ -35,20 +39,23 @@ import shutil
 import tempfile
 import uuid
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Protocol, Sequence
+from dataclasses import replace
+from typing import Callable, ClassVar, Iterable, Iterator, Protocol, Sequence
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save as save_bytes
 from safetensors.torch import save_file
 
-from rollout.types import WeightHandle, prompt_key
+from rollout.types import WeightHandle, WeightKind, prompt_key
 
 
 class WeightTransport(Protocol):
     name: str
 
     def publish(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int, kind: str = "weights") -> WeightHandle: ...
+
+    def localize(self, handle: WeightHandle, directory: Path) -> WeightHandle: ...
 
     def publish_lora(self, version: int, write: Callable[[Path], int]) -> WeightHandle: ...
 
@@ -113,6 +120,9 @@ class SharedFileTransport:
             kind=kind,
         )
 
+    def localize(self, handle: WeightHandle, directory: Path) -> WeightHandle:
+        return handle  # a file on this node already
+
     def _fresh_dir(self, stem: str) -> tuple[Path, Path]:
         """A (temporary, final) pair of directory names no earlier publish used (a version can be re-published)."""
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -124,7 +134,7 @@ class SharedFileTransport:
         tmp, final = self._fresh_dir(f"lora-v{version:06d}")
         num_bytes = write(tmp)
         os.replace(tmp, final)
-        return WeightHandle(version=version, transport=self.name, location=str(final), num_bytes=num_bytes, kind="lora")
+        return WeightHandle(version=version, transport=self.name, location=str(final), num_bytes=num_bytes, kind=WeightKind.LORA)
 
     def publish_prompt_loras(self, version: int, prompts: Sequence[Sequence[int]], write: Callable[[Path, int], int]) -> WeightHandle:
         """One LoRA per distinct prompt: ``write(directory, i)`` writes prompt i's; engines find it by ``prompt_key``."""
@@ -137,7 +147,7 @@ class SharedFileTransport:
                 keys.append(key)
         os.replace(tmp, final)
         return WeightHandle(version=version, transport=self.name, location=str(final), num_bytes=num_bytes,
-                            names=keys, kind="lora_per_prompt")
+                            names=keys, kind=WeightKind.LORA_PER_PROMPT)
 
     def receive(self, handle: WeightHandle) -> Iterator[tuple[str, torch.Tensor]]:
         with safe_open(handle.location, framework="pt", device="cpu") as f:
@@ -145,7 +155,7 @@ class SharedFileTransport:
                 yield name, f.get_tensor(name)
 
     def release(self, handle: WeightHandle) -> None:
-        if handle.kind in ("lora", "lora_per_prompt"):
+        if handle.is_lora:
             shutil.rmtree(handle.location, ignore_errors=True)
         else:
             Path(handle.location).unlink(missing_ok=True)
@@ -168,9 +178,8 @@ class ObjectStoreTransport:
         import ray
 
         # uint8 arrays travel without a copy through the object store (bytes would be copied once more).
-        handle.payload = ray.put({name: np.frombuffer(data, dtype=np.uint8) for name, data in files.items()})
-        handle.transport = self.name
-        return handle
+        arrays = {name: np.frombuffer(data, dtype=np.uint8) for name, data in files.items()}
+        return replace(handle, transport=self.name, payload=ray.put(arrays))
 
     def publish(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int, kind: str = "weights") -> WeightHandle:
         tensors = {name: t.detach().to("cpu").contiguous() for name, t in named_tensors}
@@ -183,8 +192,7 @@ class ObjectStoreTransport:
         root = Path(handle.location)
         files = {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
         shutil.rmtree(root, ignore_errors=True)
-        handle.location = root.name
-        return self._put(files, handle)
+        return self._put(files, replace(handle, location=root.name))
 
     def publish_lora(self, version: int, write: Callable[[Path], int]) -> WeightHandle:
         return self._packed(self._staging.publish_lora(version, write))
@@ -192,7 +200,7 @@ class ObjectStoreTransport:
     def publish_prompt_loras(self, version: int, prompts: Sequence[Sequence[int]], write: Callable[[Path, int], int]) -> WeightHandle:
         return self._packed(self._staging.publish_prompt_loras(version, prompts, write))
 
-    def fetch(self, handle: WeightHandle, directory: Path) -> WeightHandle:
+    def localize(self, handle: WeightHandle, directory: Path) -> WeightHandle:
         """Pull the version to this node: its files under ``directory``; returns a ``shared_file`` handle to them."""
         import ray
 
@@ -202,21 +210,16 @@ class ObjectStoreTransport:
             path = dest / name
             path.parent.mkdir(parents=True, exist_ok=True)
             data.tofile(path)
-        single = handle.kind in ("weights", "sparse_delta")
-        return WeightHandle(version=handle.version, transport="shared_file", location=str(dest / handle.location if single else dest),
-                            num_bytes=handle.num_bytes, names=list(handle.names), kind=handle.kind)
+        return replace(handle, transport="shared_file", location=str(dest if handle.is_lora else dest / handle.location), payload=None)
 
     def receive(self, handle: WeightHandle) -> Iterator[tuple[str, torch.Tensor]]:
         raise RuntimeError("object_store handles are read after `localize` (a Ray worker pulls them to its node first)")
 
     def release(self, handle: WeightHandle) -> None:
-        handle.payload = None  # the trainer's reference: the object is freed once no engine holds it either
+        pass  # the object is freed once no handle refers to it: the trainer drops its own after this call
 
     def close(self) -> None:
         self._staging.close()
-
-
-_WEIGHT_GROUPS: dict[str, "torch.distributed.ProcessGroup"] = {}  # this process's side of each collective group
 
 
 def join_weight_group(name: str, addr: str, port: int, world_size: int, rank: int, local_ip: str, timeout_s: float = 300.0):
@@ -233,9 +236,7 @@ def join_weight_group(name: str, addr: str, port: int, world_size: int, rank: in
     opts = dist.ProcessGroupGloo._Options()
     opts._timeout = timeout
     opts._devices = [dist.ProcessGroupGloo.create_device(hostname=local_ip)]  # the address the nodes reach each other on
-    group = dist.ProcessGroupGloo(dist.PrefixStore(name, store), rank, world_size, opts)
-    _WEIGHT_GROUPS[name] = group
-    return group
+    return dist.ProcessGroupGloo(dist.PrefixStore(name, store), rank, world_size, opts)
 
 
 @register_transport("collective")
@@ -249,19 +250,23 @@ class CollectiveTransport:
     engine's node. The engines must load every version published (they do: one load per publish).
     """
 
+    # This process's side of each group, by name. Per process, not per object: on the engine side the rollout
+    # actor joins, and the vLLM worker it runs in process (reached only through plain-dict RPCs) receives.
+    groups: ClassVar[dict[str, "torch.distributed.ProcessGroup"]] = {}
+
     def __init__(self, group: str = "rl-weights"):
         self.group = group
         self._sender = None
         self._staging = SharedFileTransport()
 
     def join(self, addr: str, port: int, world_size: int, rank: int, local_ip: str) -> None:
-        join_weight_group(self.group, addr, port, world_size, rank, local_ip)
+        self.groups[self.group] = join_weight_group(self.group, addr, port, world_size, rank, local_ip)
 
     def _send(self, tensors: list[torch.Tensor]) -> None:
         import threading
 
         self.wait()  # versions go out in order
-        group = _WEIGHT_GROUPS[self.group]
+        group = self.groups[self.group]
 
         def run():
             for t in tensors:
@@ -290,8 +295,7 @@ class CollectiveTransport:
         shutil.rmtree(root, ignore_errors=True)
         sizes = torch.tensor([t.numel() for t in files.values()], dtype=torch.int64)
         self._send([sizes, *files.values()])
-        handle.transport, handle.location, handle.payload = self.name, root.name, list(files)
-        return handle
+        return replace(handle, transport=self.name, location=root.name, payload=list(files))
 
     def publish_lora(self, version: int, write: Callable[[Path], int]) -> WeightHandle:
         return self._files(self._staging.publish_lora(version, write))
@@ -300,15 +304,18 @@ class CollectiveTransport:
         return self._files(self._staging.publish_prompt_loras(version, prompts, write))
 
     def receive(self, handle: WeightHandle) -> Iterator[tuple[str, torch.Tensor]]:
-        group = _WEIGHT_GROUPS[self.group]
+        group = self.groups[self.group]
         for name, (shape, dtype) in zip(handle.names, handle.payload):
             t = torch.empty(shape, dtype=getattr(torch, dtype))
             group.broadcast(t, 0).wait()
             yield name, t
 
-    def fetch_files(self, handle: WeightHandle, directory: Path) -> WeightHandle:
-        """A LoRA version: receive its files into ``directory``; returns a ``shared_file`` handle to them."""
-        group = _WEIGHT_GROUPS[self.group]
+    def localize(self, handle: WeightHandle, directory: Path) -> WeightHandle:
+        """Tensors are received while vLLM loads them; a LoRA version's files are received here, into ``directory``
+        (vLLM reads a LoRA from a directory): returns a ``shared_file`` handle to them."""
+        if not handle.is_lora:
+            return handle
+        group = self.groups[self.group]
         sizes = torch.empty(len(handle.payload), dtype=torch.int64)
         group.broadcast(sizes, 0).wait()
         dest = directory / f"v{handle.version:06d}-{uuid.uuid4().hex[:8]}"
@@ -317,8 +324,7 @@ class CollectiveTransport:
             group.broadcast(t, 0).wait()
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             (dest / name).write_bytes(t.numpy().tobytes())
-        return WeightHandle(version=handle.version, transport="shared_file", location=str(dest), num_bytes=handle.num_bytes,
-                            names=list(handle.names), kind=handle.kind)
+        return replace(handle, transport="shared_file", location=str(dest), payload=None)
 
     def release(self, handle: WeightHandle) -> None:
         pass  # nothing is kept once the broadcast is done
@@ -336,15 +342,18 @@ class LocalCopies:
         self.directory = default_shared_dir()
         self._current: list[Path] = []  # the served version's copy
         self._previous: list[Path] = []  # copies to remove once the new version is loaded
+        self._transports: dict[str, WeightTransport] = {}
+
+    def transport(self, name: str) -> WeightTransport:
+        """This process's reading side of transport ``name``, kept for the run."""
+        if name not in self._transports:
+            self._transports[name] = get_transport(name)
+        return self._transports[name]
 
     def localize(self, handle: WeightHandle) -> WeightHandle:
-        if handle.transport == "object_store":
-            local = get_transport("object_store").fetch(handle, self.directory)
-        elif handle.transport == "collective" and handle.kind in ("lora", "lora_per_prompt"):
-            local = get_transport("collective").fetch_files(handle, self.directory)  # vLLM reads a LoRA from a directory
-        else:
-            return handle  # readable here as it is (a node-local file, or tensors broadcast while vLLM loads them)
-        self._previous, self._current = self._current, [Path(local.location)]
+        local = self.transport(handle.transport).localize(handle, self.directory)
+        if local is not handle:  # a copy on this node, kept until a newer version is loaded
+            self._previous, self._current = self._current, [Path(local.location)]
         return local
 
     def loaded(self) -> None:

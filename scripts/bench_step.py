@@ -2,11 +2,18 @@
 
     .venv/bin/python scripts/bench_step.py [--prompts 16] [--group 8] [--new-tokens 128] [--steps 3] [--skip-trl]
     .venv/bin/python scripts/bench_step.py --scaling        # step time against G, prompts per step, response length
+    .venv/bin/python scripts/bench_step.py --workload gsm8k --prompts 8 --group 4 --new-tokens 256 --packing 1024
 
 The model: a random-initialised Llama of 51.7M parameters (hidden 512, 6 layers, 8 heads,
 intermediate 1376, vocab 32,000, untied embeddings) with a word-level tokenizer over 32,000
 synthetic tokens, built once and cached in .cache/bench-models/. Prompts: 32 random tokens each.
 A random model rarely ends a sequence, so completions run to the length limit on every side.
+
+``--workload gsm8k`` is the realistic shape instead: SmolLM2-135M-Instruct (``builtin:smollm2-135m-instruct``,
+vocabulary 49,152, tied embeddings) on the first GSM8K training questions in its chat template (the
+smollm2-gsm8k recipe's wording), sampled at temperature 1: replies end where the model stops, so their
+lengths vary widely and differ between sides; the report gives each side's mean reply length and reply
+tokens per second. ``--packing K`` adds a side of this project with token-budget micro-batches of K tokens.
 
 Sides, each in a fresh process so none inherits another's threads or engine:
 - ``framework``: ``rl train`` at recipe defaults (one rollout actor, one trainer rank, GRPO, no
@@ -71,9 +78,38 @@ def prompt_texts(n: int) -> list[str]:
     return [" ".join(f"w{rng.randrange(10, 31000)}" for _ in range(PROMPT_TOKENS)) for _ in range(n)]
 
 
-def write_prompts(n: int) -> Path:
-    path = CACHE / "bench-models" / f"prompts-{n}.jsonl"
-    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompt_texts(n)))
+GSM8K = ROOT.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
+GSM8K_ASK = "{question}\nLet's think step by step and put the final answer after '####'."
+
+
+def model_for(workload: str) -> Path:
+    if workload == "gsm8k":
+        from rl.tasks.pretrained import build_pretrained
+
+        return build_pretrained("builtin:smollm2-135m-instruct", log=lambda s: None)
+    return build_model()
+
+
+def prompts_for(workload: str, n: int) -> list[str]:
+    """n prompt texts, ready to tokenize as they are (the GSM8K ones already in the chat template)."""
+    if workload != "gsm8k":
+        return prompt_texts(n)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_for(workload))
+    rows = [json.loads(line) for line in GSM8K.read_text().splitlines()[:n]]
+    return [tok.apply_chat_template([{"role": "user", "content": GSM8K_ASK.format(question=r["question"])}], tokenize=False,
+                                    add_generation_prompt=True) for r in rows]
+
+
+def max_model_len(args) -> int:
+    return 512 if args.workload == "gsm8k" else PROMPT_TOKENS + args.new_tokens + 8
+
+
+def write_prompts(workload: str, n: int) -> Path:
+    path = CACHE / "bench-models" / f"prompts-{workload}-{n}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts_for(workload, n)))
     return path
 
 
@@ -87,10 +123,11 @@ def side_framework(args, model: Path) -> dict:
 
     run_dir = CACHE / "bench-runs" / f"framework-{int(time.time())}"
     recipe = load_recipe(None, [
-        f"model.path={model}", f"data.train={write_prompts(max(256, args.prompts * args.steps))}", "data.test_fraction=0.05",
-        "data.chat_template=never", f"data.prompts_per_step={args.prompts}", f"algorithm.group_size={args.group}",
-        f"rollout.max_new_tokens={args.new_tokens}", f"rollout.max_model_len={PROMPT_TOKENS + args.new_tokens + 8}",
-        "trainer.micro_batch_size=32", "trainer.lr=1e-6", f"steps={args.steps}", "eval.before=false", "eval.after=false",
+        f"model.path={model}", f"data.train={write_prompts(args.workload, max(256, args.prompts * args.steps))}",
+        "data.test_fraction=0.05", "data.chat_template=never", f"data.prompts_per_step={args.prompts}",
+        f"algorithm.group_size={args.group}", f"rollout.max_new_tokens={args.new_tokens}", f"rollout.max_model_len={max_model_len(args)}",
+        "trainer.micro_batch_size=32", f"trainer.max_tokens_per_micro_batch={args.packing}", "trainer.lr=1e-6", f"steps={args.steps}",
+        "eval.before=false", "eval.after=false",
         "checkpoint.save_final=false", "logging.progress=false", "logging.tensorboard=false",
         f"rewards.functions=[{{fn: '{REWARD_FILE}:pseudo_random'}}]", f"output_dir={run_dir}",
     ])
@@ -141,8 +178,8 @@ def side_raw(args, model: Path) -> dict:
     from vllm.inputs import TokensPrompt
 
     tok = AutoTokenizer.from_pretrained(model)
-    prompts = [tok(p, add_special_tokens=False)["input_ids"] for p in prompt_texts(args.prompts)]
-    llm = LLM(model=str(model), dtype="float32", max_model_len=PROMPT_TOKENS + args.new_tokens + 8,
+    prompts = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts_for(args.workload, args.prompts)]
+    llm = LLM(model=str(model), dtype="float32", max_model_len=max_model_len(args),
               gpu_memory_utilization=0.3, enforce_eager=True, seed=0)
     params = [SamplingParams(n=args.group, max_tokens=args.new_tokens, temperature=1.0, logprobs=0, seed=i) for i in range(len(prompts))]
     reqs = [TokensPrompt(prompt_token_ids=p) for p in prompts]
@@ -184,7 +221,8 @@ ds = Dataset.from_list([{"prompt": p} for p in a["prompts_text"]])
 trainer = GRPOTrainer(model=model, reward_funcs=pseudo_random, args=cfg, train_dataset=ds, processing_class=tok, callbacks=[Clock()])
 trainer.train()
 begins = [t for k, t in stamps if k == "begin"]; ends = [t for k, t in stamps if k == "end"]
-print("RESULT " + json.dumps({"steps_s": [e - b for b, e in zip(begins, ends)]}))
+lengths = [h["completions/mean_length"] for h in trainer.state.log_history if "completions/mean_length" in h]
+print("RESULT " + json.dumps({"steps_s": [e - b for b, e in zip(begins, ends)], "response_length": lengths[-1] if lengths else None}))
 '''
 
 
@@ -205,12 +243,15 @@ def ensure_trl_venv() -> Path:
 def side_trl(args, model: Path) -> dict:
     py = ensure_trl_venv()
     payload = {"model": str(model), "prompts": args.prompts, "group": args.group, "new_tokens": args.new_tokens,
-               "steps": args.steps, "out": str(CACHE / "bench-runs" / "trl"), "prompts_text": prompt_texts(args.prompts * args.steps)}
+               "steps": args.steps, "out": str(CACHE / "bench-runs" / "trl"),
+               "prompts_text": prompts_for(args.workload, args.prompts * args.steps)}
     proc = subprocess.run([str(py), "-c", TRL_SCRIPT, json.dumps(payload)], capture_output=True, text=True, cwd=ROOT)
     if proc.returncode != 0:
         raise RuntimeError(f"TRL side failed:\n{proc.stderr[-4000:]}")
-    steps = json.loads(next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))[7:])["steps_s"]
-    return {"time_step": statistics.median(steps[1:] or steps), "steps_s": steps, "versions": (TRL_VENV / ".ok").read_text().strip()}
+    result = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    steps = result["steps_s"]
+    return {"time_step": statistics.median(steps[1:] or steps), "steps_s": steps, "versions": (TRL_VENV / ".ok").read_text().strip(),
+            "response_length": result.get("response_length")}
 
 
 SIDES = {"framework": side_framework, "raw": side_raw, "trl": side_trl}
@@ -223,7 +264,7 @@ def run_side(side: str, args, **overrides) -> dict:
     """One side in a fresh process (its own threads, engine and Ray)."""
     a = {**vars(args), **overrides}
     cmd = [sys.executable, __file__, "--side", side, "--prompts", str(a["prompts"]), "--group", str(a["group"]),
-           "--new-tokens", str(a["new_tokens"]), "--steps", str(a["steps"])]
+           "--new-tokens", str(a["new_tokens"]), "--steps", str(a["steps"]), "--workload", a["workload"], "--packing", str(a["packing"])]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if proc.returncode != 0:
         raise RuntimeError(f"side {side} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
@@ -242,39 +283,72 @@ def _median_of(results: list[dict]) -> dict:
     return out
 
 
+def _reply_rate(side: dict, args) -> str:
+    """Reply tokens sampled per second of the step (the sides' replies differ in length on a real model)."""
+    if not side.get("response_length"):
+        return "–"
+    return f"{side['response_length'] * args.prompts * args.group / side['time_step']:.0f}"
+
+
 def report(args) -> None:
     from rl.metrics import describe_machine
 
-    build_model()
+    model_for(args.workload)
     # The machine's speed drifts over minutes: alternate the two sides being compared, and take the
     # median per phase over the rounds.
-    rounds = [{side: run_side(side, args) for side in ("framework", "raw")} for _ in range(args.rounds)]
+    rounds = [{side: run_side(side, args, packing=0) for side in ("framework", "raw")} for _ in range(args.rounds)]
     res = {side: _median_of([r[side] for r in rounds]) for side in ("framework", "raw")}
+    if args.packing:
+        res["framework_packed"] = run_side("framework", args)
     if not args.skip_trl:
         res["trl"] = run_side("trl", args)
     fw, raw = res["framework"], res["raw"]
+    real = args.workload == "gsm8k"
+    title = ("SmolLM2-135M-Instruct on GSM8K questions" if real else "a 51.7M Llama")
+    model_text = ("SmolLM2-135M-Instruct (135M parameters, vocabulary 49,152, tied embeddings), fp32. Prompts: the first "
+                  f"{args.prompts} GSM8K training questions in the chat template; replies end where the model stops (up to "
+                  f"{args.new_tokens} tokens)" if real else
+                  "random-init Llama, hidden 512, 6 layers, vocab 32,000, untied (51.7M parameters), fp32. Batch: "
+                  f"{PROMPT_TOKENS}-token prompts, {args.new_tokens} new tokens")
+    command = (f".venv/bin/python scripts/bench_step.py{' --workload gsm8k' if real else ''} --prompts {args.prompts} "
+               f"--group {args.group} --new-tokens {args.new_tokens} --steps {args.steps} --rounds {args.rounds}"
+               + (f" --packing {args.packing}" if args.packing else "") + (" --skip-trl" if args.skip_trl else ""))
     lines = [
-        "# One GRPO step on a 51.7M Llama: this project vs raw parts vs TRL", "",
-        f"Command: `.venv/bin/python scripts/bench_step.py --prompts {args.prompts} --group {args.group} "
-        f"--new-tokens {args.new_tokens} --steps {args.steps} --rounds {args.rounds}`", "",
-        f"Machine: {describe_machine()}. Measured {time.strftime('%Y-%m-%d')}. Model: random-init Llama, hidden 512, 6 layers, "
-        f"vocab 32,000, untied (51.7M parameters), fp32. Batch: {args.prompts} prompts x G={args.group}, {PROMPT_TOKENS}-token "
-        f"prompts, {args.new_tokens} new tokens, temperature 1, one update per batch, no KL, micro-batch 32. Each side in a "
-        "fresh process; medians over the steps after the first, then over the rounds (framework and raw alternate).", "",
-        "| side | s/step | generate | train | weight sync | other |", "|---|---|---|---|---|---|",
-        f"| this project, recipe defaults | {fw['time_step']:.1f} | {fw['time_generate']:.1f} | {fw['time_train']:.1f} | "
-        f"{fw['time_weight_sync']:.2f} | {fw['time_step'] - fw['time_generate'] - fw['time_train'] - fw['time_weight_sync']:.2f} |",
-        f"| raw parts: vLLM `LLM.generate` + torch forward/backward + AdamW | {raw['time_step']:.1f} | {raw['time_generate']:.1f} | "
-        f"{raw['time_train']:.1f} | – | – |",
+        f"# One GRPO step on {title}: this project vs raw parts vs TRL", "",
+        f"Command: `{command}`", "",
+        f"Machine: {describe_machine()}. Measured {time.strftime('%Y-%m-%d')}. Model: {model_text}. {args.prompts} prompts x "
+        f"G={args.group}, temperature 1, one update per batch, no KL, micro-batch 32. Each side in a fresh process; medians over "
+        "the steps after the first, then over the rounds (framework and raw alternate).", "",
+        "| side | s/step | generate | train | weight sync | other | mean reply tokens | reply tokens / s |",
+        "|---|---|---|---|---|---|---|---|",
     ]
+
+    def framework_row(name: str, side: dict) -> str:
+        other = side["time_step"] - side["time_generate"] - side["time_train"] - side["time_weight_sync"]
+        return (f"| {name} | {side['time_step']:.1f} | {side['time_generate']:.1f} | {side['time_train']:.1f} | "
+                f"{side['time_weight_sync']:.2f} | {other:.2f} | {side['response_length']:.0f} | {_reply_rate(side, args)} |")
+
+    lines.append(framework_row("this project, recipe defaults (padded micro-batches)", fw))
+    if "framework_packed" in res:
+        lines.append(framework_row(f"this project, packed micro-batches of {args.packing} tokens", res["framework_packed"]))
+    lines.append(f"| raw parts: vLLM `LLM.generate` + torch forward/backward + AdamW | {raw['time_step']:.1f} | "
+                 f"{raw['time_generate']:.1f} | {raw['time_train']:.1f} | – | – | {raw['response_length']:.0f} | "
+                 f"{_reply_rate(raw, args)} |")
     if "trl" in res:
-        lines.append(f"| TRL GRPOTrainer, HF generate ({res['trl']['versions']}) | {res['trl']['time_step']:.1f} | | | | |")
+        trl = res["trl"]
+        length = f"{trl['response_length']:.0f}" if trl.get("response_length") else "–"
+        lines.append(f"| TRL GRPOTrainer, HF generate ({trl['versions']}) | {trl['time_step']:.1f} | | | | | {length} | "
+                     f"{_reply_rate(trl, args)} |")
     lines += ["", "Ratios:", f"- this project / raw parts: **{fw['time_step'] / raw['time_step']:.2f}**",
               f"- train phase / raw forward-backward: {fw['time_train'] / raw['time_train']:.2f}",
               f"- generate phase / raw vLLM: {fw['time_generate'] / raw['time_generate']:.2f} (rollout throughput ratio "
               f"{raw['time_generate'] / fw['time_generate']:.2f})"]
+    if "framework_packed" in res:
+        lines.append(f"- packed / padded (this project): {res['framework_packed']['time_step'] / fw['time_step']:.2f}")
     if "trl" in res:
         lines.append(f"- TRL / this project: **{res['trl']['time_step'] / fw['time_step']:.2f}**")
+    if real:
+        lines.append("- The sides sample their own replies, so their lengths differ; compare reply tokens per second too.")
     lines += ["", f"Framework steps (s): {', '.join(f'{s:.1f}' for s in fw['steps_s'])}; trainer parameters in memory "
               f"{fw['params_in_memory'] / 1e6:.1f}M; mean response length {fw['response_length']:.0f} (raw {raw['response_length']:.0f})."]
     if "trl" in res:
@@ -282,7 +356,7 @@ def report(args) -> None:
     if args.rounds > 1:
         lines.append("Per round (framework / raw s/step): " + "; ".join(
             f"{a['time_step']:.1f} / {b['time_step']:.1f}" for a, b in zip(fw["rounds"], raw["rounds"])) + ".")
-    out = ROOT / "docs" / "benchmarks" / "step.md"
+    out = ROOT / "docs" / "benchmarks" / ("step-smollm2.md" if real else "step.md")
     kept = ""
     if out.exists() and PROFILE_HEADING in out.read_text():  # the profile section is written by hand from profile_train_step.py
         kept = "\n" + out.read_text()[out.read_text().index(PROFILE_HEADING):]
@@ -324,10 +398,12 @@ def main() -> None:
     ap.add_argument("--skip-trl", action="store_true")
     ap.add_argument("--rounds", type=int, default=2, help="framework and raw sides alternate this many times (medians reported)")
     ap.add_argument("--scaling", action="store_true")
+    ap.add_argument("--workload", choices=("synthetic", "gsm8k"), default="synthetic")
+    ap.add_argument("--packing", type=int, default=0, help="also run this project with trainer.max_tokens_per_micro_batch=K")
     ap.add_argument("--side", choices=list(SIDES), default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.side:
-        print("RESULT " + json.dumps(SIDES[args.side](args, build_model())), flush=True)
+        print("RESULT " + json.dumps(SIDES[args.side](args, model_for(args.workload))), flush=True)
     elif args.scaling:
         scaling(args)
     else:
