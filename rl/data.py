@@ -202,7 +202,7 @@ class PromptSampler:
 
     def next_batch(self, size: Optional[int] = None) -> list[int]:
         """The next ``size`` prompts (``batch_size`` by default)."""
-        size = size or self.batch_size
+        size = self.batch_size if size is None else size
         out: list[int] = []
         while len(out) < size:
             order = self._order(self.epoch)
