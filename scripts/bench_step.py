@@ -126,7 +126,8 @@ def side_framework(args, model: Path) -> dict:
         f"model.path={model}", f"data.train={write_prompts(args.workload, max(256, args.prompts * args.steps))}",
         "data.test_fraction=0.05", "data.chat_template=never", f"data.prompts_per_step={args.prompts}",
         f"algorithm.group_size={args.group}", f"rollout.max_new_tokens={args.new_tokens}", f"rollout.max_model_len={max_model_len(args)}",
-        "trainer.micro_batch_size=32", f"trainer.max_tokens_per_micro_batch={args.packing}", "trainer.lr=1e-6", f"steps={args.steps}",
+        f"trainer.micro_batch_size={args.micro_batch}", f"trainer.max_tokens_per_micro_batch={args.packing}", "trainer.lr=1e-6",
+        f"steps={args.steps}",
         "eval.before=false", "eval.after=false",
         "checkpoint.save_final=false", "logging.progress=false", "logging.tensorboard=false",
         f"rewards.functions=[{{fn: '{REWARD_FILE}:pseudo_random'}}]", f"output_dir={run_dir}",
@@ -190,7 +191,7 @@ def side_raw(args, model: Path) -> dict:
     seqs = [(list(o.prompt_token_ids), list(c.token_ids)) for o in outs for c in o.outputs]
     del llm
 
-    fwd_bwd = raw_train_step(model, seqs)
+    fwd_bwd = raw_train_step(model, seqs, args.micro_batch)
     fwd_bwd()  # warm-up (AdamW allocates its moments)
     t_train = statistics.median(fwd_bwd() for _ in range(2))
     return {"time_generate": t_gen, "time_train": t_train, "time_step": t_gen + t_train,
@@ -212,7 +213,7 @@ stamps = []
 class Clock(TrainerCallback):
     def on_step_begin(self, args, state, control, **kw): stamps.append(("begin", time.perf_counter()))
     def on_step_end(self, args, state, control, **kw): stamps.append(("end", time.perf_counter()))
-micro = min(32, a["prompts"] * a["group"])
+micro = min(a["micro"], a["prompts"] * a["group"])
 cfg = GRPOConfig(output_dir=a["out"], use_cpu=True, bf16=False, per_device_train_batch_size=micro,
                  gradient_accumulation_steps=a["prompts"] * a["group"] // micro, num_generations=a["group"],
                  max_completion_length=a["new_tokens"], max_steps=a["steps"], learning_rate=1e-6, beta=0.0,
@@ -242,7 +243,7 @@ def ensure_trl_venv() -> Path:
 
 def side_trl(args, model: Path) -> dict:
     py = ensure_trl_venv()
-    payload = {"model": str(model), "prompts": args.prompts, "group": args.group, "new_tokens": args.new_tokens,
+    payload = {"model": str(model), "prompts": args.prompts, "group": args.group, "new_tokens": args.new_tokens, "micro": args.micro_batch,
                "steps": args.steps, "out": str(CACHE / "bench-runs" / "trl"),
                "prompts_text": prompts_for(args.workload, args.prompts * args.steps)}
     proc = subprocess.run([str(py), "-c", TRL_SCRIPT, json.dumps(payload)], capture_output=True, text=True, cwd=ROOT)
@@ -264,7 +265,8 @@ def run_side(side: str, args, **overrides) -> dict:
     """One side in a fresh process (its own threads, engine and Ray)."""
     a = {**vars(args), **overrides}
     cmd = [sys.executable, __file__, "--side", side, "--prompts", str(a["prompts"]), "--group", str(a["group"]),
-           "--new-tokens", str(a["new_tokens"]), "--steps", str(a["steps"]), "--workload", a["workload"], "--packing", str(a["packing"])]
+           "--new-tokens", str(a["new_tokens"]), "--steps", str(a["steps"]), "--workload", a["workload"], "--packing", str(a["packing"]),
+           "--micro-batch", str(a["micro_batch"])]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if proc.returncode != 0:
         raise RuntimeError(f"side {side} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
@@ -312,12 +314,14 @@ def report(args) -> None:
                   f"{PROMPT_TOKENS}-token prompts, {args.new_tokens} new tokens")
     command = (f".venv/bin/python scripts/bench_step.py{' --workload gsm8k' if real else ''} --prompts {args.prompts} "
                f"--group {args.group} --new-tokens {args.new_tokens} --steps {args.steps} --rounds {args.rounds}"
+               + (f" --micro-batch {args.micro_batch}" if args.micro_batch != 32 else "")
                + (f" --packing {args.packing}" if args.packing else "") + (" --skip-trl" if args.skip_trl else ""))
     lines = [
         f"# One GRPO step on {title}: this project vs raw parts vs TRL", "",
         f"Command: `{command}`", "",
         f"Machine: {describe_machine()}. Measured {time.strftime('%Y-%m-%d')}. Model: {model_text}. {args.prompts} prompts x "
-        f"G={args.group}, temperature 1, one update per batch, no KL, micro-batch 32. Each side in a fresh process; medians over "
+        f"G={args.group}, temperature 1, one update per batch, no KL, micro-batch {args.micro_batch}. Each side in a fresh process; "
+        "medians over "
         "the steps after the first, then over the rounds (framework and raw alternate).", "",
         "| side | s/step | generate | train | weight sync | other | mean reply tokens | reply tokens / s |",
         "|---|---|---|---|---|---|---|---|",
@@ -344,9 +348,13 @@ def report(args) -> None:
               f"- generate phase / raw vLLM: {fw['time_generate'] / raw['time_generate']:.2f} (rollout throughput ratio "
               f"{raw['time_generate'] / fw['time_generate']:.2f})"]
     if "framework_packed" in res:
-        lines.append(f"- packed / padded (this project): {res['framework_packed']['time_step'] / fw['time_step']:.2f}")
+        packed = res["framework_packed"]
+        lines.append(f"- packed / padded (this project): {packed['time_step'] / fw['time_step']:.2f}")
+        lines.append(f"- this project packed / raw parts: **{packed['time_step'] / raw['time_step']:.2f}**")
     if "trl" in res:
         lines.append(f"- TRL / this project: **{res['trl']['time_step'] / fw['time_step']:.2f}**")
+        if "framework_packed" in res:
+            lines.append(f"- TRL / this project packed: **{res['trl']['time_step'] / res['framework_packed']['time_step']:.2f}**")
     if real:
         lines.append("- The sides sample their own replies, so their lengths differ; compare reply tokens per second too.")
     lines += ["", f"Framework steps (s): {', '.join(f'{s:.1f}' for s in fw['steps_s'])}; trainer parameters in memory "
@@ -399,6 +407,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="framework and raw sides alternate this many times (medians reported)")
     ap.add_argument("--scaling", action="store_true")
     ap.add_argument("--workload", choices=("synthetic", "gsm8k"), default="synthetic")
+    ap.add_argument("--micro-batch", type=int, default=32, help="rows per micro-batch on every side (padded)")
     ap.add_argument("--packing", type=int, default=0, help="also run this project with trainer.max_tokens_per_micro_batch=K")
     ap.add_argument("--side", choices=list(SIDES), default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
