@@ -309,7 +309,7 @@ class Rollouts:
         taken = [e.to_dict() for e in carried]  # as submitted: what a checkpoint taken meanwhile resumes from
         state = self.sampler.state_dict()
         want = B + math.ceil(ro.partial_overdraw * B)
-        new = self.sampler.next_batch(want - len(carried)) if want > len(carried) else []
+        new = self.sampler.next_batch(max(0, want - len(carried)))
         counts = self.allocation.first_counts(new) if new else []
         spec = sampling(self.recipe, train_step, 1)
         entries = carried + [InFlight(i, spec.seed + b, [_fresh(self.train_set.prompt_token_ids[i]) for _ in range(n)])

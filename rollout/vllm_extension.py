@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from rollout.types import WeightHandle
-from rollout.weight_sync import get_transport
+from rollout.weight_sync import Transports
 
 # Loggers that warn about every layer a partial reload leaves alone (expected for sparse deltas).
 _PARTIAL_RELOAD_LOGGERS = ("vllm.model_executor.model_loader.reload.layerwise", "vllm.model_executor.model_loader.reload.inplace")
@@ -75,10 +75,7 @@ class WeightSyncExtension:
 
     def _rl_transport(self, name: str):
         """This worker's reading side of transport ``name``, kept for the run."""
-        transports = self.__dict__.setdefault("_rl_transports", {})
-        if name not in transports:
-            transports[name] = get_transport(name)
-        return transports[name]
+        return self.__dict__.setdefault("_rl_transports", Transports())[name]
 
     def _rl_refresh_tied_layers(self) -> int:
         """Redo the post-load processing of layers that share one weight (a tied LM head and embedding).

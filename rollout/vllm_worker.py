@@ -117,7 +117,7 @@ class RolloutWorker:
         if not self.spec.engine_in_process or self.spec.tensor_parallel_size != 1:
             raise ValueError("cluster.weight_transport=collective needs rollout.engine_in_process=true and "
                              "rollout.tensor_parallel_size=1 (the group lives in the actor's process)")
-        self.local_copies.transport("collective").join(addr, port, world_size, rank, ray.util.get_node_ip_address())
+        self.local_copies.transports["collective"].join(addr, port, world_size, rank, ray.util.get_node_ip_address())
         return True
 
     def local_copies_dir(self) -> str:

@@ -86,6 +86,14 @@ def get_transport(name: str, **kwargs) -> WeightTransport:
     return _TRANSPORTS[name](**kwargs)
 
 
+class Transports(dict):
+    """One transport object per name, made at first use and kept: a process's reading side of each transport."""
+
+    def __missing__(self, name: str) -> WeightTransport:
+        self[name] = transport = get_transport(name)
+        return transport
+
+
 def default_shared_dir(room_bytes: int = 0) -> Path:
     """A new directory in ``/dev/shm`` (RAM) when it is writable and has ``room_bytes`` free, else in the
     temporary directory on disk: Docker gives a container 64 MB of ``/dev/shm`` by default, where a
@@ -342,16 +350,10 @@ class LocalCopies:
         self.directory = default_shared_dir()
         self._current: list[Path] = []  # the served version's copy
         self._previous: list[Path] = []  # copies to remove once the new version is loaded
-        self._transports: dict[str, WeightTransport] = {}
-
-    def transport(self, name: str) -> WeightTransport:
-        """This process's reading side of transport ``name``, kept for the run."""
-        if name not in self._transports:
-            self._transports[name] = get_transport(name)
-        return self._transports[name]
+        self.transports = Transports()  # this process's reading side of each transport, kept for the run
 
     def localize(self, handle: WeightHandle) -> WeightHandle:
-        local = self.transport(handle.transport).localize(handle, self.directory)
+        local = self.transports[handle.transport].localize(handle, self.directory)
         if local is not handle:  # a copy on this node, kept until a newer version is loaded
             self._previous, self._current = self._current, [Path(local.location)]
         return local
