@@ -332,7 +332,7 @@ def report(args) -> None:
         return (f"| {name} | {side['time_step']:.1f} | {side['time_generate']:.1f} | {side['time_train']:.1f} | "
                 f"{side['time_weight_sync']:.2f} | {other:.2f} | {side['response_length']:.0f} | {_reply_rate(side, args)} |")
 
-    lines.append(framework_row("this project, recipe defaults (padded micro-batches)", fw))
+    lines.append(framework_row(f"this project, padded micro-batches of {args.micro_batch} rows", fw))
     if "framework_packed" in res:
         lines.append(framework_row(f"this project, packed micro-batches of {args.packing} tokens", res["framework_packed"]))
     lines.append(f"| raw parts: vLLM `LLM.generate` + torch forward/backward + AdamW | {raw['time_step']:.1f} | "
