@@ -52,22 +52,20 @@ def ray_session():
 
 @pytest.fixture(scope="session")
 def quickstart_cli_run(tiny_model_root, tmp_path_factory):
-    """One uninterrupted `rl train` subprocess (its own Ray), shared by the CLI tests and as the reference of the
-    SIGKILL-resume test. Its torch-extensions cache holds the lock an interrupted DeepSpeed op build leaves behind:
-    before, every later run waited on it forever; now no op is built at run time. Returns (run_dir, process)."""
-    import subprocess
-
-    from helpers import quickstart_cli_cmd  # tests/e2e: on sys.path once an e2e module is collected
+    """One uninterrupted `rl train` on a pseudo-terminal (its own Ray), shared by the CLI and terminal tests and as
+    the reference of the SIGKILL-resume test. Its torch-extensions cache holds the lock an interrupted DeepSpeed op
+    build leaves behind: before, every later run waited on it forever; now no op is built at run time.
+    Returns (run_dir, TerminalRun)."""
+    from helpers import quickstart_cli_cmd, run_on_a_terminal  # tests/e2e: on sys.path once an e2e module is collected
 
     run_dir = tmp_path_factory.mktemp("cli") / "run"
     extensions = run_dir.parent / "torch_extensions"
     (extensions / "deepspeed_shm_comm").mkdir(parents=True)
     (extensions / "deepspeed_shm_comm" / "lock").touch()
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(extensions)}  # the actors inherit it
-    proc = subprocess.run(quickstart_cli_cmd(tiny_model_root, run_dir), capture_output=True, text=True, timeout=600, cwd=ROOT,
-                          env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return run_dir, proc
+    run = run_on_a_terminal(quickstart_cli_cmd(tiny_model_root, run_dir), env=env)
+    assert run.returncode == 0, run.screen[-6000:]
+    return run_dir, run
 
 
 @pytest.fixture

@@ -3,7 +3,15 @@ scripts put it there themselves)."""
 
 from __future__ import annotations
 
+import os
+import pty
+import re
+import select
+import subprocess
+import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 from trainer.types import TrainBatch
 
@@ -13,7 +21,8 @@ QUICKSTART_CLI_STEPS = 6
 
 def quickstart_cli_cmd(tiny_model_root: Path, out: Path, *extra: str) -> list[str]:
     """`rl train recipes/quickstart.yaml` on the tiny test model as a user types it: 6 steps, a checkpoint and an
-    evaluation every 2, lr high enough that the policy visibly moves, W&B (offline) and MLflow (file store) on."""
+    evaluation every 2, lr high enough that the policy visibly moves, W&B (offline) and MLflow (file store) on, the
+    progress bar on (it shows only on a terminal)."""
     import sys
 
     return [
@@ -21,8 +30,41 @@ def quickstart_cli_cmd(tiny_model_root: Path, out: Path, *extra: str) -> list[st
         f"model.path={tiny_model_root / 'model'}", f"data.train={tiny_model_root / 'data' / 'train.jsonl'}",
         f"data.test={tiny_model_root / 'data' / 'test.jsonl'}", f"steps={QUICKSTART_CLI_STEPS}", "data.prompts_per_step=8",
         "algorithm.group_size=4", "data.max_test_examples=16", "trainer.lr=2e-3", "eval.every=2", "checkpoint.every=2",
-        "checkpoint.keep_last=1", "logging.progress=false", "logging.wandb=true", "logging.mlflow=true", f"output_dir={out}", *extra,
+        "checkpoint.keep_last=1", "logging.wandb=true", "logging.mlflow=true", f"output_dir={out}", *extra,
     ]
+
+
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+@dataclass
+class TerminalRun:
+    returncode: int
+    screen: str  # what the terminal showed, colours and cursor moves taken out
+
+
+def run_on_a_terminal(cmd: list[str], timeout: float = 600, env: Optional[dict] = None) -> TerminalRun:
+    """Run ``cmd`` with a pseudo-terminal as its stdin/stdout/stderr, as a user's shell would."""
+    main, secondary = pty.openpty()
+    proc = subprocess.Popen(cmd, stdin=secondary, stdout=secondary, stderr=secondary, cwd=ROOT, close_fds=True,
+                            env={**(env or os.environ), "COLUMNS": "160", "TERM": "xterm"})
+    os.close(secondary)
+    out, deadline = b"", time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([main], [], [], 1.0)
+        if ready:
+            try:
+                chunk = os.read(main, 65536)
+            except OSError:  # the child closed the terminal
+                break
+            if not chunk:
+                break
+            out += chunk
+        elif proc.poll() is not None:
+            break
+    proc.wait(timeout=60)
+    os.close(main)
+    return TerminalRun(proc.returncode, ANSI.sub(" ", out.decode(errors="replace")).replace("\r", "\n"))
 
 
 def random_train_batch(tok, n: int = 12, seed: int = 0) -> TrainBatch:

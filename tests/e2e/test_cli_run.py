@@ -1,4 +1,4 @@
-"""`rl train` as a user runs it: a subprocess, its own Ray, a recipe file plus overrides."""
+"""`rl train` as a user runs it: a subprocess on a terminal, its own Ray, a recipe file plus overrides."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture
 def cli_run(quickstart_cli_run):
-    """The session's `rl train` subprocess (tests/conftest.py: 6 steps, a checkpoint and an evaluation every 2)."""
+    """The session's `rl train` on a pseudo-terminal (tests/conftest.py: 6 steps, a checkpoint and an evaluation
+    every 2)."""
     return quickstart_cli_run
 
 
@@ -24,12 +25,12 @@ def test_no_op_is_compiled_at_run_time(cli_run):
 
 
 def test_every_step_logged_once_with_evals(cli_run):
-    run_dir, proc = cli_run
+    run_dir, terminal = cli_run
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train_steps = [r["step"] for r in rows if r["kind"] == "train"]
     assert train_steps == [1, 2, 3, 4, 5, 6]
     assert [r["step"] for r in rows if r["kind"] == "eval"] == [0, 2, 4, 6]
-    assert "held-out accuracy:" in proc.stdout
+    assert "held-out accuracy:" in terminal.screen
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
 
 
@@ -47,10 +48,10 @@ def test_summary_and_checkpoints(cli_run):
 
 
 def test_curves_status_and_run_list(cli_run):
-    run_dir, proc = cli_run
+    run_dir, terminal = cli_run
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["curves"] == str(run_dir / "curves.png") and (run_dir / "curves.png").stat().st_size > 10_000
-    assert f"curves: {run_dir / 'curves.png'}" in proc.stdout
+    assert f"curves: {run_dir / 'curves.png'}" in terminal.screen
     assert summary["status"] == "finished"
     assert json.loads((run_dir / "run.json").read_text())["status"] == "finished"
     from rl.runs import describe_run
