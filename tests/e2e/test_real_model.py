@@ -57,14 +57,53 @@ KINDS = {
 }
 
 
-@pytest.mark.parametrize("kind", list(KINDS))
-def test_every_push_serves_the_trainers_policy(kind, smollm2, ray_session, tmp_path):
-    from rl.evaluate import run_eval
+def _fit(recipe, before_training=None) -> dict:
+    """``OnlineRun(recipe).fit()``; ``before_training(run)`` runs once the workers are up, before step 1."""
     from rl.online import OnlineRun
 
-    recipe = _recipe(smollm2, tmp_path / "run", f"steps={PUSHES}", *KINDS[kind])
-    summary = OnlineRun(recipe).fit()
-    rows = _train_rows(tmp_path / "run")
+    run = OnlineRun(recipe)
+    if before_training is not None:
+        begin = run._begin
+
+        def _begin(summary, logger):
+            before_training(run)
+            begin(summary, logger)
+
+        run._begin = _begin
+    return run.fit()
+
+
+@pytest.fixture(scope="module")
+def chat_replies(smollm2, ray_session, tmp_path_factory):
+    """The full-model run of the push test below; before its first step, while its engine serves the base model,
+    two replies of up to 64 tokens are sampled for each of four held-out chat prompts. Returns
+    (run dir, recipe, summary, tokenizer, the prompts as text, the replies)."""
+    from rollout.types import SamplingSpec
+
+    run_dir = tmp_path_factory.mktemp("smollm2-full") / "run"
+    recipe = _recipe(smollm2, run_dir, f"steps={PUSHES}", *KINDS["full"])
+    seen = {}
+
+    def sample(run):
+        prompts = run.test_set.prompt_token_ids[:4]
+        groups = run.rollout.generate(prompts, SamplingSpec(n=2, max_new_tokens=64, temperature=1.0, seed=0))
+        seen.update(tok=run.tokenizer, prompts=[run.tokenizer.decode(p) for p in prompts], replies=[c for g in groups for c in g])
+
+    summary = _fit(recipe, sample)
+    return run_dir, recipe, summary, seen["tok"], seen["prompts"], seen["replies"]
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_every_push_serves_the_trainers_policy(kind, smollm2, ray_session, tmp_path, request):
+    from rl.evaluate import run_eval
+
+    if kind == "full":
+        run_dir, recipe, summary, *_ = request.getfixturevalue("chat_replies")
+    else:
+        run_dir = tmp_path / "run"
+        recipe = _recipe(smollm2, run_dir, f"steps={PUSHES}", *KINDS[kind])
+        summary = _fit(recipe)
+    rows = _train_rows(run_dir)
     assert len(rows) == PUSHES
     for r in rows:  # each step samples with the previous step's push
         assert r["logprob_mismatch"] <= MISMATCH_MEAN_TOL, (r["step"], r["logprob_mismatch"])
@@ -74,31 +113,21 @@ def test_every_push_serves_the_trainers_policy(kind, smollm2, ray_session, tmp_p
     if kind != "full":  # adapters' checkpoints are evaluated on the tiny model (test_eval_checkpoint.py)
         return
     # `rl eval --checkpoint` serves the final policy from its files alone, as the run served it.
-    result = run_eval(recipe, checkpoint=str(tmp_path / "run"))
+    result = run_eval(recipe, checkpoint=str(run_dir))
     assert result["policy"] == kind and result["checkpoint"] == summary["checkpoint"]
     assert result["accuracy"] == summary["accuracy_after"] and result["reward_mean"] == pytest.approx(summary["reward_mean_after"])
 
 
-def test_chat_prompts_and_replies_that_stop_at_im_end(smollm2, ray_session, tmp_path):
-    from rl.online import OnlineRun
-    from rollout.types import SamplingSpec
-
-    run = OnlineRun(_recipe(smollm2, tmp_path, "steps=1"))
-    run.start_workers()
-    try:
-        tok = run.tokenizer
-        end = tok.convert_tokens_to_ids("<|im_end|>")
-        prompt = tok.decode(run.test_set.prompt_token_ids[0])
+def test_chat_prompts_and_replies_that_stop_at_im_end(chat_replies):
+    _, _, _, tok, prompts, replies = chat_replies
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    for prompt in prompts:
         assert prompt.startswith("<|im_start|>system\n") and prompt.endswith("<|im_start|>assistant\n")
         assert "Put the final answer after '####'." in prompt
-        groups = run.rollout.generate(run.test_set.prompt_token_ids[:4], SamplingSpec(n=2, max_new_tokens=64, temperature=1.0, seed=0))
-        flat = [c for g in groups for c in g]
-        stopped = [c for c in flat if c.finish_reason == "stop"]
-        assert stopped, "no reply ended within 64 tokens"
-        for c in stopped:  # the turn's end token closes the reply and is part of what is trained
-            assert c.token_ids[-1] == end and end not in c.token_ids[:-1] and "<|im_end|>" not in c.text
-    finally:
-        run.stop_workers()
+    stopped = [c for c in replies if c.finish_reason == "stop"]
+    assert stopped, "no reply ended within 64 tokens"
+    for c in stopped:  # the turn's end token closes the reply and is part of what is trained
+        assert c.token_ids[-1] == end and end not in c.token_ids[:-1] and "<|im_end|>" not in c.text
 
 
 def test_gateway_keeps_a_chat_episodes_tokens_through_the_chat_template(smollm2):
