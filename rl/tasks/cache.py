@@ -1,6 +1,12 @@
 """The cache every builtin build lives in (``$RL_CACHE_DIR``, else ``~/.cache/rl-post-train``): a build goes
 into a temporary sibling directory renamed into place, so a killed build never leaves half a cache and
-concurrent builds of the same thing agree."""
+concurrent builds of the same thing agree.
+
+Some builds ship with the package (``rl/tasks/shipped/<kind>/<name>/``, checksummed in ``SHA256SUMS``): a build's
+name hashes everything it is built from (spec, data, format), so a shipped build of the same name is that build,
+made once on one machine. It is copied instead of trained (``rl.tasks.shipped_model``), which makes it the same
+on every CPU (training rounds differently on another CPU model) and saves the build's time.
+"""
 
 from __future__ import annotations
 
@@ -47,7 +53,14 @@ def cached_build(parent: Path, dirname: str, build: Callable[[Path], dict], labe
     parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temps(parent, dirname)
     t0 = time.time()
-    log(f"{label}: building {dirname} (once; cached in {parent})")
+    from rl.tasks.shipped_model import copy_shipped, shipped_build
+
+    shipped = shipped_build(parent.name, dirname)
+    if shipped is not None:
+        build = lambda out: copy_shipped(shipped, out)  # noqa: E731
+        log(f"{label}: {dirname} ships with the package; copying it into {parent}")
+    else:
+        log(f"{label}: building {dirname} (once; cached in {parent})")
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{dirname}-{os.getpid()}-", dir=parent))
     try:
         info = build(tmp)
@@ -67,3 +80,4 @@ def cached_build(parent: Path, dirname: str, build: Callable[[Path], dict], labe
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final, info
+

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -301,3 +302,39 @@ def test_default_model_is_the_shipped_one_on_every_machine(tmp_path, monkeypatch
     monkeypatch.setattr(shipped_model, "SHIPPED_DIR", damaged)
     with pytest.raises(RuntimeError, match="sha256"):
         build_tiny_model(TinyModelSpec(), cache_dir=tmp_path / "other", log=lambda s: None)
+
+
+HH_PAIRS = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
+
+
+def test_the_rlhf_recipes_models_are_the_shipped_builds(tmp_path, monkeypatch):
+    """builtin:tiny-hh-rm (and the builtin:tiny-text it starts from) for the HH harmless-base test file are copied
+    from the package, not trained: their cache names (the hash of spec, pairs and format) are the shipped builds'
+    names. A damaged shipped file is refused, never used."""
+    if not HH_PAIRS.exists():
+        pytest.skip(f"HH data not found at {HH_PAIRS}")
+    import hashlib
+
+    from rl.tasks import shipped_model
+    from rl.tasks.tiny_reward_model import TinyRewardModelSpec, build_tiny_reward_model
+
+    spec = TinyRewardModelSpec(data=str(HH_PAIRS))
+    rm = build_tiny_reward_model(spec, cache_dir=tmp_path, log=lambda s: None)
+    text = next((tmp_path / "tiny-text").iterdir())
+    for built in (rm, text):
+        shipped = shipped_model.SHIPPED_ROOT / built.parent.name / built.name
+        assert (shipped / shipped_model.CHECKSUMS).is_file(), f"{built.name} was trained here, not shipped"
+        assert json.loads((built / "build_info.json").read_text())["shipped"] is True
+        weights = built / "model" / "model.safetensors"
+        assert hashlib.sha256(weights.read_bytes()).hexdigest() == hashlib.sha256(
+            (shipped / "model" / "model.safetensors").read_bytes()).hexdigest()
+
+    damaged_root = tmp_path / "damaged"
+    shutil.copytree(shipped_model.SHIPPED_ROOT / "tiny-rm", damaged_root / "tiny-rm")
+    shutil.copytree(shipped_model.SHIPPED_ROOT / "tiny-text", damaged_root / "tiny-text")
+    weights = damaged_root / "tiny-rm" / rm.name / "model" / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    monkeypatch.setattr(shipped_model, "SHIPPED_ROOT", damaged_root)
+    with pytest.raises(RuntimeError, match="sha256"):
+        build_tiny_reward_model(spec, cache_dir=tmp_path / "other", log=lambda s: None)
