@@ -70,10 +70,12 @@ def quickstart_cli_run(tiny_model_root, tmp_path_factory):
 
 @pytest.fixture
 def cut_and_resume(tmp_path):
-    """Run a recipe uninterrupted (``ref``), and again (``cut``) stopped after ``cut`` steps with a
-    checkpoint, then resumed with ``resume=auto``. ``recipe_for(run_dir, *overrides)`` builds the
-    recipe. Returns both runs' train metrics rows as {step: row}."""
+    """Run a recipe uninterrupted (``ref``), saving a checkpoint every ``cut`` steps; then a second run (``cut``)
+    whose directory holds only ref's step-``cut`` checkpoint, as if it had stopped there, resumed with
+    ``resume=auto``. A checkpoint written while its run went on must hold everything the later steps depend on.
+    ``recipe_for(run_dir, *overrides)`` builds the recipe. Returns both runs' train metrics rows as {step: row}."""
     import json
+    import shutil
 
     def rows(run_dir: Path) -> dict:
         lines = (run_dir / "metrics.jsonl").read_text().splitlines()
@@ -82,16 +84,11 @@ def cut_and_resume(tmp_path):
     def run(recipe_for, cut: int = 2) -> tuple[dict, dict]:
         from rl.online import OnlineRun as Trainer
 
-        Trainer(recipe_for(tmp_path / "ref")).fit()
-        t = Trainer(recipe_for(tmp_path / "cut"))
-        t.start_workers()
-        try:
-            for _ in range(cut):
-                t.train_one_step()
-            t.save_checkpoint()
-        finally:
-            t.stop_workers()
-        Trainer(recipe_for(tmp_path / "cut", "resume=auto")).fit()
+        kept = (f"checkpoint.every={cut}", "checkpoint.keep_last=100")
+        Trainer(recipe_for(tmp_path / "ref", *kept)).fit()
+        name = f"step_{cut:06d}"
+        shutil.copytree(tmp_path / "ref" / "checkpoints" / name, tmp_path / "cut" / "checkpoints" / name)
+        Trainer(recipe_for(tmp_path / "cut", *kept, "resume=auto")).fit()
         return rows(tmp_path / "ref"), rows(tmp_path / "cut")
 
     return run

@@ -213,7 +213,7 @@ def test_adapter_for_another_base_model_is_refused(tiny_model_root, tmp_path):
 
 @pytest.mark.parametrize("mode", ["sparse", "arrow"])
 def test_adapter_policy_resumes_exactly(mode, tiny_model_root, subtask_library, cut_and_resume):
-    """Stop after step 2 (checkpoint), resume: steps 3-4 reproduce an uninterrupted run's rewards."""
+    """Resumed from the step-2 checkpoint of an uninterrupted run: steps 3-4 reproduce its rewards and losses."""
     extra = {"sparse": ["adapter.kind=sparse", "trainer.lr=1e-3"],
              "arrow": ["adapter.kind=arrow", "adapter.experts=[adder-low, adder-high]", f"adapter.library={subtask_library}",
                        "algorithm.tis_cap=2.0"]}[mode]
