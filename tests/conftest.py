@@ -94,6 +94,17 @@ def cut_and_resume(tmp_path):
     return run
 
 
+# ------------------------------------------------------------------------------------ parallel workers
+# scripts/test.sh runs two pytest-xdist workers (`-n 2 --dist loadgroup`): a test run keeps the 2 cores only ~70%
+# busy (the engine samples while the trainer waits, and the other way round). A module's tests share its module
+# fixtures (one engine pair), so each module is one group that one worker runs; modules that share a session
+# fixture too costly to make twice name one group of their own (`pytest.mark.xdist_group`).
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
+
+
 # ---------------------------------------------------------------------------------------------- skips
 # A skip that depends on the machine (no GPU, no namespaces, data not present) is allowed; any other skip
 # fails the run, so a broken install or a test that quietly stopped running cannot pass as green.
