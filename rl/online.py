@@ -31,7 +31,7 @@ from rl.config import Recipe, RecipeError
 from rl.episodes import episode_metrics
 from rl.metrics import MetricsLogger, PhaseTimer, read_metrics
 from rl.models import check_same_tokenizer, resolve_model_path
-from rl.prepare import check_library_write, engine_spec, load_task, prepare_policy, sampling, trainer_memory
+from rl.prepare import check_library_write, engine_spec, load_task, memory_warning, prepare_policy, sampling, trainer_memory
 from rl.rollouts import Rollouts, Sampled
 from rl.run import Run, TrainingDiverged
 from rl.token_advantages import ppo_targets, teacher_token_advantages
@@ -64,6 +64,7 @@ class OnlineRun(Run):
         self.train_set, self.test_set = task.train_set, task.test_set
         # Multi-turn: each rollout is an episode with the recipe's environment or agent (None: one completion).
         self.episodes = make_episode_runner(recipe, self.tokenizer)
+        self.max_response_len = recipe.rollout.max_new_tokens * (recipe.environment.max_turns if self.episodes else 1)
         self.allocation = make_allocation(recipe)  # how many rollouts each prompt gets
         self.rollouts = Rollouts(recipe, self.train_set, self.scorer, self.episodes, self.allocation, self.print)
         check_library_write(recipe, resuming=self.resume_from is not None)
@@ -79,7 +80,9 @@ class OnlineRun(Run):
         # PPO: the critic starts from critic.model, by default the policy's base model (on resume: its checkpoint).
         self.critic_model = resolve_model_path(recipe.critic.model, "critic.model") if recipe.critic.model else None
         self._handle = None  # the policy version the engines hold
-        self.memory_estimate = trainer_memory(recipe, self.policy)  # GiB per trainer rank by part, said at start
+        # GiB per trainer rank by part, said at start (with a warning when it is more than the machine has)
+        self.memory_estimate = trainer_memory(recipe, self.policy, max(map(len, self.train_set.prompt_token_ids), default=0),
+                                              self.max_response_len)
 
     # ------------------------------------------------------------------ workers
 
@@ -90,8 +93,7 @@ class OnlineRun(Run):
         engine = engine_spec(r, self.policy)
         teacher = dataclasses.replace(engine, model_path=self.teacher_model, max_lora_rank=0, max_loras=1) if self.teacher_model else None
         self.workers = Workers(r, policy=self.policy, engine=engine, scorer=self.scorer, teacher_engine=teacher,
-                               critic_model=self.critic_model,
-                               max_response_len=r.rollout.max_new_tokens * (r.environment.max_turns if self.episodes else 1),
+                               critic_model=self.critic_model, max_response_len=self.max_response_len,
                                log_dir=self.log_dir, say=self.print)
         self.workers.setup()
         self.rollouts.engines = self.workers.rollout
@@ -228,15 +230,15 @@ class OnlineRun(Run):
 
     def header(self) -> str:
         r = self.recipe
-        mem = self.memory_estimate
+        mem, warning = self.memory_estimate, memory_warning(self.memory_estimate, r)
         size = lambda gib: f"{gib:.2f} GiB" if gib >= 1 else f"{gib * 1024:.0f} MiB"  # noqa: E731
         parts = ", ".join(f"{k} {size(v)}" for k, v in mem.items() if v and k != "total")
         return (f"{r.name}: B={r.data.prompts_per_step} prompts x G={r.algorithm.group_size} = {r.rollouts_per_step} rollouts/step, "
                 f"{r.steps} steps, {r.rollout.num_actors} rollout actor(s), {r.trainer.num_ranks} trainer rank(s), "
                 f"ZeRO-{r.trainer.zero_stage}, policy {self.policy.kind}; train {len(self.train_set)} / held-out "
                 f"{len(self.test_set)} prompts; model {self.paths.model}; run dir {self.run_dir}\n"
-                f"{self.log_prefix} each trainer rank holds ~{size(mem['total'])} before activations ({parts}; "
-                f"estimated on the meta device)")
+                f"{self.log_prefix} each trainer rank holds ~{size(mem['total'])} at its peak ({parts}; "
+                f"estimated on the meta device)" + (f"\n{self.log_prefix} {warning}" if warning else ""))
 
     def record_eval(self, when: str, ev: dict, summary: dict, logger: MetricsLogger) -> None:
         if when in ("before", "after"):

@@ -298,23 +298,50 @@ def thread_counts(recipe: Recipe, cores: Optional[int] = None) -> tuple[int, int
             threads(ro.cpu_threads, "num_cpus_per_actor", ro, ro.num_actors if sync else together))
 
 
-def trainer_memory(recipe: Recipe, policy: PolicySpec) -> dict[str, float]:
-    """GiB one trainer rank holds by part (``trainer.memory``, counted on the meta device) and their
-    ``total``; an adapter policy's own parameters are not counted; PPO's critic is its own part."""
+def trainer_memory(recipe: Recipe, policy: PolicySpec, longest_prompt: int, response_len: int) -> dict[str, float]:
+    """GiB one trainer rank holds at its peak by part (``trainer.memory``, counted on the meta device) and their
+    ``total``; an adapter policy's own parameters are not counted; PPO's critic is its own part. A padded
+    micro-batch holds ``micro_batch_size`` rows as long as the longest prompt plus ``response_len`` (the worst
+    case), a packed one ``max_tokens_per_micro_batch`` positions."""
     from trainer.memory import count_parameters, training_memory
 
-    r = recipe
-    params, vocab = count_parameters(policy.base_model, r.model.trust_remote_code)
+    r, t = recipe, recipe.trainer
+    size = count_parameters(policy.base_model, r.model.trust_remote_code)
     full = policy.kind == "full"
-    micro_batch_tokens = r.trainer.max_tokens_per_micro_batch or r.trainer.micro_batch_size * r.rollout.max_new_tokens
-    parts = training_memory(params, vocab, r.model.dtype, params if full else 0, r.trainer.zero_stage, r.trainer.num_ranks,
+    if t.max_tokens_per_micro_batch:
+        positions = tokens = t.max_tokens_per_micro_batch
+    else:
+        positions = t.micro_batch_size * min(r.rollout.max_model_len, longest_prompt + response_len)
+        tokens = t.micro_batch_size * response_len
+    if t.logits_chunk_rows:
+        tokens = min(tokens, t.logits_chunk_rows)  # one chunk's logits at a time
+    shape = dict(layers=size.layers, hidden=size.hidden, micro_batch_positions=positions,
+                 gradient_checkpointing=t.gradient_checkpointing)
+    parts = training_memory(size.params, size.vocab, r.model.dtype, size.params if full else 0, t.zero_stage, t.num_ranks,
                             reference=full and r.algorithm.spec.needs_reference(r.algorithm.kl_coef),
-                            micro_batch_tokens=micro_batch_tokens)
+                            micro_batch_tokens=tokens, **shape)
     if r.algorithm.spec.critic:  # PPO's value model: the base architecture again, every weight trained (its head aside)
-        parts["critic"] = sum(training_memory(params, 0, r.model.dtype, params, r.trainer.zero_stage, r.trainer.num_ranks,
-                                              reference=False, micro_batch_tokens=0).values())
+        parts["critic"] = sum(training_memory(size.params, 0, r.model.dtype, size.params, t.zero_stage, t.num_ranks,
+                                              reference=False, micro_batch_tokens=0, **shape).values())
     gib = {k: v / 2**30 for k, v in parts.items()}
     return {**gib, "total": sum(gib.values())}
+
+
+def memory_warning(estimate: dict[str, float], recipe: Recipe) -> Optional[str]:
+    """A warning when one trainer rank's estimated peak is more than this machine's memory (unless the run joins a
+    cluster, RAY_ADDRESS set: its trainer may run on a bigger node)."""
+    if "RAY_ADDRESS" in os.environ or not hasattr(os, "sysconf"):
+        return None
+    machine = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    if estimate["total"] <= machine:
+        return None
+    t = recipe.trainer
+    how = ("lower trainer.max_tokens_per_micro_batch" if t.max_tokens_per_micro_batch else
+           "lower trainer.micro_batch_size or pack micro-batches (trainer.max_tokens_per_micro_batch)")
+    if not t.gradient_checkpointing and estimate.get("activations", 0) > estimate["total"] / 3:
+        how += ", or set trainer.gradient_checkpointing=true"
+    return (f"warning: one trainer rank may need ~{estimate['total']:.1f} GiB at its peak (estimate), more than this "
+            f"machine's {machine:.1f} GiB; {how}")
 
 
 def weight_transport(recipe: Recipe, policy: PolicySpec, name: str, log_fn=_log):
