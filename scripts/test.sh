@@ -8,4 +8,4 @@ cd "$ROOT"
 # --durations: the 15 slowest tests at the end of every run, so a slow addition shows where it lands.
 # -n 2: two workers, each module on one of them (tests/conftest.py says why); RL_TEST_WORKERS=0 runs in one process.
 exec "${RL_VENV:-$ROOT/.venv}/bin/python" -m pytest -q -p no:cacheprovider --durations=15 \
-    -n "${RL_TEST_WORKERS:-2}" --dist loadgroup "$@"
+    -n "${RL_TEST_WORKERS:-2}" "$@"

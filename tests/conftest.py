@@ -95,14 +95,26 @@ def cut_and_resume(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ parallel workers
-# scripts/test.sh runs two pytest-xdist workers (`-n 2 --dist loadgroup`): a test run keeps the 2 cores only ~70%
-# busy (the engine samples while the trainer waits, and the other way round). A module's tests share its module
-# fixtures (one engine pair), so each module is one group that one worker runs; modules that share a session
-# fixture too costly to make twice name one group of their own (`pytest.mark.xdist_group`).
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if item.get_closest_marker("xdist_group") is None:
-            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
+# scripts/test.sh runs two pytest-xdist workers: a test run keeps the 2 cores only ~70% busy (the engine samples
+# while the trainer waits, and the other way round). A module's tests share its module fixtures (one engine pair),
+# so each module goes to one worker whole; modules that share a session fixture too costly to make twice go
+# together.
+SHARED_SESSION_FIXTURE = {  # module -> the group it runs in
+    "tests/e2e/test_cli_run.py": "quickstart_cli_run",
+    "tests/e2e/test_terminal.py": "quickstart_cli_run",
+    "tests/e2e/test_resume.py": "quickstart_cli_run",
+}
+
+
+def pytest_xdist_make_scheduler(config, log):
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleGroups(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::")[0]
+            return SHARED_SESSION_FIXTURE.get(module, module)
+
+    return ModuleGroups(config, log)
 
 
 # ---------------------------------------------------------------------------------------------- skips

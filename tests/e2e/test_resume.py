@@ -18,7 +18,7 @@ import pytest
 
 from helpers import QUICKSTART_CLI_STEPS, quickstart_cli_cmd
 
-pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("quickstart-cli")]  # one shared `rl train` run (conftest)
+pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = QUICKSTART_CLI_STEPS
 

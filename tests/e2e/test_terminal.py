@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("quickstart-cli")]  # one shared `rl train` run (conftest)
+pytestmark = pytest.mark.e2e
 
 
 def test_the_terminal_holds_the_runs_lines_and_the_bar(quickstart_cli_run):
