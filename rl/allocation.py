@@ -212,12 +212,13 @@ def mean_logprob(completion) -> float:
     return sum(lps) / len(lps) if lps else 0.0
 
 
-def allocation_metrics(batch, budget: int) -> dict[str, float]:
-    """Rollouts per prompt (min / median / max: a histogram in three numbers), the share of prompts with signal
-    (rewards not all equal), and the rollouts spent against the step's budget."""
+def allocation_metrics(batch, budget: int) -> dict[str, float | list[float]]:
+    """Rollouts per prompt (every prompt's count: a histogram in TensorBoard; and min / median / max), the share of
+    prompts with signal (rewards not all equal), and the rollouts spent against the step's budget."""
     counts = sorted(len(g.completions) for g in batch.groups)
     signal = [not g.tied for g in batch.groups]
     return {
+        "rollouts_per_prompt": [float(c) for c in counts],
         "rollouts_per_prompt_min": float(counts[0]),
         "rollouts_per_prompt_median": float(counts[len(counts) // 2]),
         "rollouts_per_prompt_max": float(counts[-1]),

@@ -13,6 +13,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional
 
+import numpy as np
+
 
 class PhaseTimer:
     """Wall time of a step's phases (``with timer.phase("train"): ...``), each counted exclusively:
@@ -144,9 +146,10 @@ class MetricsLogger:
             self._task = self._progress.add_task("train", total=total_steps, completed=start_step, info="")
             self._progress.start()
 
-    def log(self, step: int, metrics: dict[str, float], kind: str = "train") -> None:
-        clean = {k: (float(v) if isinstance(v, (int, float)) and math.isfinite(float(v)) else None) if not isinstance(v, str) else v
-                 for k, v in metrics.items()}
+    def log(self, step: int, metrics: dict[str, float | list[float]], kind: str = "train") -> None:
+        """One row: numbers (non-finite ones written as null), strings, and lists of numbers (a distribution over the
+        step's prompts or rollouts: a histogram in TensorBoard; trackers get the numbers)."""
+        clean = {k: _clean(v) for k, v in metrics.items()}
         record = {"step": step, "kind": kind, **clean}
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
@@ -155,6 +158,9 @@ class MetricsLogger:
         if self._tb is not None:
             for k, v in numbers.items():
                 self._tb.add_scalar(f"{kind}/{k}", v, step)
+            for k, v in clean.items():
+                if isinstance(v, list) and v:
+                    self._tb.add_histogram(f"{kind}/{k}", np.asarray(v, dtype=np.float64), step)
         for tracker in self.trackers:
             tracker.log(step, kind, numbers)
         if self._progress is not None and kind == "train":
@@ -180,6 +186,14 @@ class MetricsLogger:
             tracker.close()
         self.trackers = []
         self._file.close()
+
+
+def _clean(value):
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [float(x) for x in value if math.isfinite(float(x))]
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(float(value)) else None
 
 
 def read_metrics(run_dir: Path, kind: Optional[str] = None) -> list[dict]:

@@ -1,0 +1,28 @@
+"""The run's metrics log (rl/metrics.py::MetricsLogger): one JSON row per step, TensorBoard scalars, and a list of
+numbers (e.g. rollouts per prompt) as a histogram."""
+
+from __future__ import annotations
+
+import json
+import math
+
+from rl.metrics import MetricsLogger
+
+
+def test_rows_scalars_and_histograms(tmp_path):
+    log = MetricsLogger(tmp_path, total_steps=2, tensorboard=True, progress=False)
+    log.log(1, {"reward_mean": 0.5, "loss": math.nan, "policy": "full", "rollouts_per_prompt": [2, 2, 8, 12]})
+    log.log(2, {"reward_mean": 0.75, "rollouts_per_prompt": [4.0, 4.0, 8.0, 8.0]})
+    log.close()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0] == {"step": 1, "kind": "train", "reward_mean": 0.5, "loss": None, "policy": "full",
+                       "rollouts_per_prompt": [2.0, 2.0, 8.0, 12.0]}
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"histograms": 0, "scalars": 0}).Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/reward_mean")] == [(1, 0.5), (2, 0.75)]
+    assert "train/loss" not in events.Tags()["scalars"]  # a non-finite value is not plotted
+    histograms = events.Histograms("train/rollouts_per_prompt")
+    assert [h.step for h in histograms] == [1, 2]
+    first = histograms[0].histogram_value
+    assert (first.min, first.max, first.num, first.sum) == (2.0, 12.0, 4.0, 24.0)
