@@ -244,6 +244,11 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("dest")
     p.set_defaults(fn=_guard(_cmd_export))
 
+    _add_cluster(sub, common)
+    return lib
+
+
+def _add_cluster(sub, common) -> None:
     p = sub.add_parser("cluster", parents=[common], help="group LoRA experts by model-based clustering (MBC)",
                        description="MBC (arXiv:2405.11157): flatten each expert, zero entries below the --quantile of |x|, "
                        "TruncatedSVD to --svd-dims, k-means on the unit vectors (cosine). --write-data also writes each "
@@ -265,7 +270,6 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--recipe", default="RECIPE", help="the recipe named in the printed `rl train` lines")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=_guard(_cmd_cluster))
-    return lib
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,6 +14,33 @@ _KILL_GRACE_SECONDS = 0.5  # after the main process ended: how long to wait for 
 _POLL_SECONDS = 0.1  # how often the reader checks whether the main process ended
 
 
+def _write_some(sel: selectors.BaseSelector, stream, pending: memoryview) -> memoryview:
+    """Write what the stdin pipe takes now; close it once all is written (or the program stopped reading).
+    Returns what is left to write."""
+    try:
+        written = os.write(stream.fileno(), pending[:65536])
+    except BrokenPipeError:
+        written = len(pending)  # it stopped reading: drop the rest
+    except BlockingIOError:
+        return pending
+    pending = pending[written:]
+    if not pending:
+        sel.unregister(stream)
+        stream.close()
+    return pending
+
+
+def _read_some(sel: selectors.BaseSelector, stream, buffer: bytearray, limit: int) -> bool:
+    """Read what an output pipe holds into ``buffer``, keeping at most ``limit`` bytes; True if some were dropped."""
+    chunk = os.read(stream.fileno(), 65536)
+    if not chunk:
+        sel.unregister(stream)
+        return False
+    room = limit - len(buffer)
+    buffer += chunk[: max(room, 0)]
+    return len(chunk) > room
+
+
 def communicate(proc: subprocess.Popen, data: bytes, deadline: float, limit: int) -> tuple[bytes, bytes, bool, bool]:
     """Feed stdin and read stdout/stderr until the program ends or ``deadline``; then kill
     whatever is left of its process group. Returns (stdout, stderr, truncated, wall_killed)."""
@@ -43,26 +70,9 @@ def communicate(proc: subprocess.Popen, data: bytes, deadline: float, limit: int
             for key, _ in sel.select(timeout=max(0.0, min(wait, _POLL_SECONDS))):
                 stream = key.fileobj
                 if stream is proc.stdin:
-                    try:
-                        written = os.write(stream.fileno(), pending[:65536])
-                    except BrokenPipeError:
-                        written = len(pending)  # it stopped reading: drop the rest
-                    except BlockingIOError:
-                        continue
-                    pending = pending[written:]
-                    if not pending:
-                        sel.unregister(stream)
-                        stream.close()
-                    continue
-                chunk = os.read(stream.fileno(), 65536)
-                if not chunk:
-                    sel.unregister(stream)
-                    continue
-                buffer = buffers[stream]
-                room = limit - len(buffer)
-                if len(chunk) > room:
-                    truncated = True
-                buffer += chunk[: max(room, 0)]
+                    pending = _write_some(sel, stream, pending)
+                else:
+                    truncated |= _read_some(sel, stream, buffers[stream], limit)
         # 2. Pipes closed on their own: wait for the exit itself (it follows the close at
         #    once, unless the program closed its output and runs on), up to the deadline.
         delay = 0.001

@@ -80,7 +80,8 @@ def _cmd_plot(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """Every `rl` subcommand, each with the function that runs it (``args.fn``)."""
     parser = argparse.ArgumentParser(prog="rl", description="RL post-training: vLLM rollout actors + DeepSpeed trainer on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, fn, help_ in (
@@ -120,7 +121,13 @@ def main(argv: list[str] | None = None) -> int:
     from adapters.cli import register as register_library
 
     register_library(sub)  # rl library add|list|show|remove|merge|export|cluster
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand; a known failure ends with one clear line and its own exit code (2: the recipe, 3:
+    training diverged, 4: a worker stalled, 5: placement or the cluster's address)."""
+    args = build_parser().parse_args(argv)
     # Other libraries' INFO lines stay off the terminal; the framework's own loggers keep theirs.
     logging.basicConfig(level=logging.WARNING, format="[%(name)s] %(message)s")
     for name in ("rl", "rewards", "adapters"):

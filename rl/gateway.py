@@ -248,6 +248,39 @@ class Gateway:
 
     # ------------------------------------------------------------------ HTTP
 
+    def _response(self, kind: str, ep: EpisodeTokens, reply: Completion, choice: dict) -> dict:
+        """The OpenAI-shaped response to one request, with the policy version that produced it."""
+        return {
+            "id": f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{uuid.uuid4().hex[:24]}", "object": kind,
+            "created": int(time.time()), "model": self.model_name,
+            "system_fingerprint": f"policy-v{reply.policy_version}", "policy_version": reply.policy_version,
+            "choices": [{"index": 0, "finish_reason": "stop" if reply.finish_reason == "stop" else "length", "logprobs": None,
+                         **choice}],
+            "usage": {"prompt_tokens": len(ep.prompt_ids) + len(ep.token_ids) - len(reply.token_ids),
+                      "completion_tokens": len(reply.token_ids),
+                      "total_tokens": len(ep.prompt_ids) + len(ep.token_ids)},
+        }
+
+    def _chat_text(self, body: dict) -> str:
+        """A chat request's conversation as the model's chat template writes it."""
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise BadRequest("messages must be a non-empty list")
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise BadRequest("this model has no chat template: use /v1/completions with a prompt")
+        try:
+            return self.tokenizer.apply_chat_template([{"role": m["role"], "content": m.get("content") or ""} for m in messages],
+                                                      tokenize=False, add_generation_prompt=True)
+        except (KeyError, TypeError) as e:
+            raise BadRequest(f"malformed messages: {e}") from None
+
+    @staticmethod
+    def _prompt_text(body: dict) -> str:
+        prompt = body.get("prompt")
+        if not isinstance(prompt, str):
+            raise BadRequest("prompt must be one string")
+        return prompt
+
     def app(self) -> FastAPI:
         app = FastAPI()
 
@@ -257,18 +290,6 @@ class Gateway:
 
         def error(message: str, status: int = 400) -> JSONResponse:
             return JSONResponse({"error": {"message": message, "type": "invalid_request_error"}}, status_code=status)
-
-        def answer(kind: str, ep: EpisodeTokens, reply: Completion, choice: dict) -> dict:
-            return {
-                "id": f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{uuid.uuid4().hex[:24]}", "object": kind,
-                "created": int(time.time()), "model": self.model_name,
-                "system_fingerprint": f"policy-v{reply.policy_version}", "policy_version": reply.policy_version,
-                "choices": [{"index": 0, "finish_reason": "stop" if reply.finish_reason == "stop" else "length", "logprobs": None,
-                             **choice}],
-                "usage": {"prompt_tokens": len(ep.prompt_ids) + len(ep.token_ids) - len(reply.token_ids),
-                          "completion_tokens": len(reply.token_ids),
-                          "total_tokens": len(ep.prompt_ids) + len(ep.token_ids)},
-            }
 
         def serve(request_key: str, text_of, body: dict, kind: str, choice_of) -> Any:
             try:
@@ -282,38 +303,20 @@ class Gateway:
                 return error(str(e))
             except Exception as e:  # the engines failed: the agent sees a server error, the run finds out too
                 return error(f"{type(e).__name__}: {e}", 500)
-            return answer(kind, ep, reply, choice_of(reply))
-
-        def chat_text(body: dict) -> str:
-            messages = body.get("messages")
-            if not isinstance(messages, list) or not messages:
-                raise BadRequest("messages must be a non-empty list")
-            if not getattr(self.tokenizer, "chat_template", None):
-                raise BadRequest("this model has no chat template: use /v1/completions with a prompt")
-            try:
-                return self.tokenizer.apply_chat_template([{"role": m["role"], "content": m.get("content") or ""} for m in messages],
-                                                          tokenize=False, add_generation_prompt=True)
-            except (KeyError, TypeError) as e:
-                raise BadRequest(f"malformed messages: {e}") from None
-
-        def prompt_text(body: dict) -> str:
-            prompt = body.get("prompt")
-            if not isinstance(prompt, str):
-                raise BadRequest("prompt must be one string")
-            return prompt
+            return self._response(kind, ep, reply, choice_of(reply))
 
         @app.post("/v1/chat/completions")
         def chat(body: dict, request: Request):
             if body.get("stream"):
                 return error("streaming is not supported")
-            return serve(key_of(request), chat_text, body, "chat.completion",
+            return serve(key_of(request), self._chat_text, body, "chat.completion",
                          lambda r: {"message": {"role": "assistant", "content": r.text}})
 
         @app.post("/v1/completions")
         def completions(body: dict, request: Request):
             if body.get("stream"):
                 return error("streaming is not supported")
-            return serve(key_of(request), prompt_text, body, "text_completion", lambda r: {"text": r.text})
+            return serve(key_of(request), self._prompt_text, body, "text_completion", lambda r: {"text": r.text})
 
         @app.get("/v1/models")
         def models():
