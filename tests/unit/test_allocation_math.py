@@ -231,7 +231,8 @@ def test_allocation_metrics():
     batch = _sampled([[1, 0], [0, 0, 1, 1, 0, 0], [1, 1, 1, 1]])
     batch.sampled_rollouts = 14  # two more were sampled and replaced
     m = allocation_metrics(batch, budget=16)
-    assert m == {"rollouts_per_prompt": [2.0, 4.0, 6.0], "rollouts_per_prompt_min": 2.0, "rollouts_per_prompt_median": 4.0, "rollouts_per_prompt_max": 6.0,
+    assert m == {"rollouts_per_prompt": [2.0, 4.0, 6.0],
+                 "rollouts_per_prompt_min": 2.0, "rollouts_per_prompt_median": 4.0, "rollouts_per_prompt_max": 6.0,
                  "prompts_with_signal": 2 / 3, "rollout_budget_used": 14 / 16}
 
 
