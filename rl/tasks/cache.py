@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from rl.tasks.shipped_model import copy_shipped, shipped_build
+
 
 def default_cache_dir() -> Path:
     """``$RL_CACHE_DIR`` if set, else ``~/.cache/rl-post-train``."""
@@ -53,8 +55,6 @@ def cached_build(parent: Path, dirname: str, build: Callable[[Path], dict], labe
     parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temps(parent, dirname)
     t0 = time.time()
-    from rl.tasks.shipped_model import copy_shipped, shipped_build
-
     shipped = shipped_build(parent.name, dirname)
     if shipped is not None:
         build = lambda out: copy_shipped(shipped, out)  # noqa: E731
@@ -80,4 +80,3 @@ def cached_build(parent: Path, dirname: str, build: Callable[[Path], dict], labe
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final, info
-
