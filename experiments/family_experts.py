@@ -5,7 +5,9 @@ the seven projections) and ``sparse`` (a fixed SNIP mask of ``keep_ratio`` of th
 entries, trained through :class:`adapters.sparse.SparseAdapter`), each with its merge.
 
 Shared by ``scripts/experiment_merging.py`` (merging many experts) and ``scripts/experiment_arrow_mbc.py``
-(Arrow and MBC libraries of the LoRA experts): the same settings reuse the same cached experts.
+(Arrow and MBC libraries of the LoRA experts): the same settings reuse the same cached experts. A family says
+what the tasks are (``problems``), how an expert's SFT loss is taken (``loss``) and how a model is scored
+(``accuracy``): :data:`ARITHMETIC` on the embedded model, :class:`experiments.chat_family.ChatFamily` on SmolLM2.
 """
 
 from __future__ import annotations
@@ -40,6 +42,23 @@ EXPERT_FORMAT = 1
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PEFT_PREFIX = "base_model.model."  # what PeftModel.save_pretrained puts before the base's module names
 MAX_NEW_TOKENS = MAX_ANSWER_CHARS + 1  # answer + <eos>
+
+
+class ArithmeticFamily:
+    """The embedded model's arithmetic sub-tasks (:mod:`experiments.arithmetic_family`), scored by exact match."""
+
+    name = "arithmetic"
+    subtasks = {t.name: t.description for t in SUBTASKS.values()}
+    loss = staticmethod(sft_loss)
+
+    def problems(self, name: str, n: int, seed: int, split: str) -> list[dict]:
+        return make_subtask_problems(name, n, seed, split)
+
+    def accuracy(self, model, tokenizer, rows: list[dict], task: str) -> float:
+        return greedy_accuracy(model, tokenizer, rows, MAX_NEW_TOKENS)
+
+
+ARITHMETIC = ArithmeticFamily()
 
 
 @dataclass(frozen=True)
@@ -82,8 +101,8 @@ class Settings:
 class Kind:
     """How one kind of expert is trained (``prepare`` says what trains), stored, loaded and merged."""
 
-    def __init__(self, tokenizer, s: Settings):
-        self.tokenizer, self.s = tokenizer, s
+    def __init__(self, tokenizer, s: Settings, loss=sft_loss):
+        self.tokenizer, self.s, self.loss = tokenizer, s, loss
 
     def key_fields(self) -> dict:
         """The kind's own settings that change what it trains (part of the cache key)."""
@@ -163,7 +182,7 @@ class SparseKind(Kind):
         for n, p in model.named_parameters():
             p.requires_grad_(n in names)
         model.zero_grad(set_to_none=True)
-        sft_loss(model, calib).backward()
+        self.loss(model, calib).backward()
         masks = connection_sensitivity_mask(*sensitivity_inputs(model, names), keep_ratio=self.s.keep_ratio)
         model.zero_grad(set_to_none=True)
         self.adapter = SparseAdapter(masks)
@@ -201,8 +220,9 @@ KINDS: dict[str, type[Kind]] = {"full": FullKind, "lora": LoraKind, "sparse": Sp
 # ------------------------------------------------------------------------------------------
 
 
-def sft(model, tokenizer, params, rows: list[dict], lr: float, s: Settings) -> list[float]:
-    """AdamW over ``params`` on ``rows`` in batches of ``s.batch_size``; returns the per-step losses."""
+def sft(model, tokenizer, params, rows: list[dict], lr: float, s: Settings, loss_fn=sft_loss) -> list[float]:
+    """AdamW over ``params`` on ``rows`` in batches of ``s.batch_size`` (``loss_fn(model, batch)``); returns the
+    per-step losses."""
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     warm, total = max(1, s.warmup_steps), s.sft_steps
 
@@ -214,7 +234,7 @@ def sft(model, tokenizer, params, rows: list[dict], lr: float, s: Settings) -> l
     losses = []
     for step in range(s.sft_steps):
         batch = encode_sft_batch(tokenizer, rows[step * s.batch_size : (step + 1) * s.batch_size])
-        loss = sft_loss(model, batch)
+        loss = loss_fn(model, batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -234,20 +254,20 @@ def expert_key(kind: str, task: str, seed: int, s: Settings, base_name: str) -> 
 
 
 def train_expert(kind: str, task: str, seed: int, s: Settings, base, tokenizer, runs: Path, base_name: str,
-                 log: Callable[[str], None]) -> tuple[object, dict]:
+                 log: Callable[[str], None], family=ARITHMETIC) -> tuple[object, dict]:
     """Train (or reuse from ``runs``) one expert; returns (what ``merge`` takes, its build info)."""
-    k = KINDS[kind](tokenizer, s)
+    k = KINDS[kind](tokenizer, s, family.loss)
 
     def build(out: Path) -> dict:
         t0 = time.time()
         model = copy.deepcopy(base)
         base_state = {n: p.detach().clone() for n, p in base.named_parameters()}
         # The same data and init seed for every kind: only the trained parameters and the lr differ.
-        stream = make_subtask_problems(task, s.sft_steps * s.batch_size, seed, "train")
-        calib = make_subtask_problems(task, s.calibration_rows, seed + 1000, "train")
+        stream = family.problems(task, s.sft_steps * s.batch_size, seed, "train")
+        calib = family.problems(task, s.calibration_rows, seed + 1000, "train")
         torch.manual_seed(seed)
         model, params = k.prepare(model, calib)
-        losses = sft(model, tokenizer, params, stream, s.lr(kind), s)
+        losses = sft(model, tokenizer, params, stream, s.lr(kind), s, family.loss)
         n_trainable = k.save(model, base_state, out)
         return {"kind": kind, "task": task, "seed": seed, "lr": s.lr(kind), "trainable_parameters": n_trainable,
                 "final_loss": round(statistics.mean(losses[-20:]), 5), "train_seconds": round(time.time() - t0, 1)}
@@ -256,8 +276,9 @@ def train_expert(kind: str, task: str, seed: int, s: Settings, base, tokenizer, 
     return k.load(d), json.loads((d / "build_info.json").read_text())
 
 
-def evaluate(model, base_state, deltas, tokenizer, tasks: list[str], test_rows: dict[str, list[dict]]) -> dict[str, float]:
+def evaluate(model, base_state, deltas, tokenizer, tasks: list[str], test_rows: dict[str, list[dict]],
+             family=ARITHMETIC) -> dict[str, float]:
     """Greedy accuracy of base + ``deltas`` on each of ``tasks`` (``model`` is reset to the base first)."""
     model.load_state_dict(base_state)
     apply_sparse_delta(model, deltas)
-    return {t: greedy_accuracy(model, tokenizer, test_rows[t], MAX_NEW_TOKENS) for t in tasks}
+    return {t: family.accuracy(model, tokenizer, test_rows[t], t) for t in tasks}

@@ -1,16 +1,18 @@
 """Arrow routing and MBC libraries on held-out sub-tasks ("Towards Modular LLMs by Building and Reusing a Library
-of LoRAs", Ostapenko et al. 2024, arXiv:2405.11157), on the embedded arithmetic family.
+of LoRAs", Ostapenko et al. 2024, arXiv:2405.11157), on the embedded arithmetic family or on SmolLM2-135M-Instruct
+with a family of short chat tasks (``--family smollm2``: :mod:`experiments.chat_family`).
 
     .venv/bin/python scripts/experiment_arrow_mbc.py                  # 3 seeds zero-shot, RL from each start on seed 0
     .venv/bin/python scripts/experiment_arrow_mbc.py --quick --out /tmp/a --runs /tmp/a   # tables only
+    .venv/bin/python scripts/experiment_arrow_mbc.py --family smollm2  # the real model, 3 seeds zero-shot (no RL)
 
 Claims tested: (1) Arrow routing over a library beats a uniform merge of it on held-out tasks; (2) a library built by
 model-based clustering (MBC: one LoRA per cluster of tasks, trained on the union of their data) beats the library of
 one LoRA per task.
 
 Protocol:
-1. Sub-tasks of ``experiments.arithmetic_family``; ``--held-out`` ones are never trained on by any expert.
-2. Per-task library: one LoRA per remaining sub-task, trained by SFT from the embedded base: the very experts of
+1. Sub-tasks of the family; ``--held-out`` ones are never trained on by any expert.
+2. Per-task library: one LoRA per remaining sub-task, trained by SFT from the base: the very experts of
    ``scripts/experiment_merging.py`` (``experiments.family_experts``: same settings, same cache).
 3. MBC library: ``adapters.cluster.cluster_experts`` (the mttl pipeline: flattened LoRA weights, entries below the
    0.8 quantile zeroed, TruncatedSVD, k-means on cosine similarity) groups the per-task experts into ``--clusters``
@@ -24,7 +26,7 @@ Protocol:
 5. GRPO from each start as the policy on the held-out sub-tasks through ``rl train``'s stack (Ray, vLLM, DeepSpeed):
    a new LoRA on the base, a LoRA starting from each library's uniform merge, and a new LoRA beside each library's
    Arrow-routed experts (vLLM serves the routing averaged over each batch's prompts; truncated IS corrects the gap).
-Writes ``<out>/arrow-mbc.md`` and ``arrow-mbc.json``.
+Writes ``<out>/arrow-mbc.md`` and ``arrow-mbc.json`` (``arrow-mbc-smollm2.*`` with ``--family smollm2``).
 """
 
 from __future__ import annotations
@@ -50,14 +52,17 @@ from adapters.arrow import peft_arrow_routing  # noqa: E402
 from adapters.cluster import cluster_experts  # noqa: E402
 from adapters.library import AdapterLibrary  # noqa: E402
 from experiments import family_experts as experts  # noqa: E402  the per-task experts and their SFT (shared with experiment_merging)
-from experiments.arithmetic_family import SUBTASKS, make_subtask_problems  # noqa: E402
 from rl.claims import mean_std  # noqa: E402
 from rl.tasks.cache import cached_build  # noqa: E402
 from rl.tasks.tiny_model import TinyModelSpec, build_tiny_model  # noqa: E402
-from rl.tasks.tiny_sft import encode_sft_batch, greedy_accuracy  # noqa: E402
+from rl.tasks.tiny_sft import encode_sft_batch  # noqa: E402
 
 STARTS = ("base", "per-task merge", "per-task Arrow", "MBC merge", "MBC Arrow")  # the compared starts (RL from each too)
 OWN = "own expert"  # each library task scored with its own per-task expert alone: the ceiling a library start aims at
+BEST = "best single expert"  # the per-task expert best on the held-out tasks, alone: what a router choosing one could reach
+# --family smollm2: experts for the real model's chat tasks. 24 SFT steps of 16 (~85 s per expert on 2 cores) take each
+# library task well above the base; lr 2e-3 from a probe on `sub` (LoRA r=8: 7% -> 19% after 20 steps, 33% after 40).
+SMOLLM2_SETTINGS = dict(sft_steps=24, batch_size=16, warmup_steps=3, lr_lora=2e-3, lr_full=3e-5, lr_sparse=3e-4, test_prompts=64)
 
 
 def lora_state(d: Path) -> dict[str, torch.Tensor]:
@@ -66,19 +71,19 @@ def lora_state(d: Path) -> dict[str, torch.Tensor]:
     return load_file(str(d / "adapter_model.safetensors"))
 
 
-def train_cluster_expert(members: list[str], seed: int, s, base, tokenizer, runs: Path, base_name: str, log) -> Path:
+def train_cluster_expert(members: list[str], seed: int, s, base, tokenizer, runs: Path, base_name: str, log, family) -> Path:
     """One LoRA trained by SFT on the union of ``members``' data, ``len(members)`` times a per-task expert's steps."""
     s_union = dataclasses.replace(s, sft_steps=s.sft_steps * len(members))
     key = hashlib.sha256(json.dumps([experts.expert_key("lora", "+".join(members), seed, s_union, base_name)]).encode()).hexdigest()[:10]
 
     def build(out: Path) -> dict:
         t0 = time.time()
-        rows = [r for t in members for r in make_subtask_problems(t, s.sft_steps * s.batch_size, seed, "train")]
+        rows = [r for t in members for r in family.problems(t, s.sft_steps * s.batch_size, seed, "train")]
         random.Random(seed).shuffle(rows)  # every batch mixes the cluster's tasks
-        kind = experts.LoraKind(tokenizer, s_union)
+        kind = experts.LoraKind(tokenizer, s_union, family.loss)
         torch.manual_seed(seed)
         model, params = kind.prepare(copy.deepcopy(base), [])
-        losses = experts.sft(model, tokenizer, params, rows, s.lr_lora, s_union)
+        losses = experts.sft(model, tokenizer, params, rows, s.lr_lora, s_union, family.loss)
         kind.save(model, None, out)
         return {"members": members, "seed": seed, "sft_steps": s_union.sft_steps, "final_loss": round(statistics.mean(losses[-20:]), 5),
                 "train_seconds": round(time.time() - t0, 1)}
@@ -96,18 +101,20 @@ def make_library(root: Path, dirs: dict[str, Path], model_dir: Path) -> AdapterL
     return lib
 
 
-def zero_shot(lib: AdapterLibrary, dirs: dict[str, Path], s, base, tokenizer, test_rows: dict, top_ks: list[int]) -> dict[str, dict]:
+def zero_shot(lib: AdapterLibrary, dirs: dict[str, Path], s, base, tokenizer, test_rows: dict, top_ks: list[int],
+              family) -> dict[str, dict]:
     """Greedy accuracy per task of the library (expert name -> its PEFT directory) merged uniformly ("merge") and
     Arrow-routed with each of ``top_ks`` experts per token ("arrow" for the first, "arrow top-k" for the others);
     "routing": {k: {task: {expert: mean routing weight}}} of each Arrow model (``arrow_routing``)."""
     kind = experts.LoraKind(tokenizer, s)
     base_state = {n: p.detach().clone() for n, p in base.state_dict().items()}
     deltas = kind.merge([kind.load(d) for d in dirs.values()])
-    out = {"merge": experts.evaluate(copy.deepcopy(base), base_state, deltas, tokenizer, list(test_rows), test_rows), "routing": {}}
+    out = {"merge": experts.evaluate(copy.deepcopy(base), base_state, deltas, tokenizer, list(test_rows), test_rows, family),
+           "routing": {}}
     for i, k in enumerate(top_ks):
         arrow_model = experts_arrow(lib, list(dirs), base, k)
         out["arrow" if i == 0 else f"arrow top-{k}"] = {
-            t: greedy_accuracy(arrow_model, tokenizer, rows, experts.MAX_NEW_TOKENS) for t, rows in test_rows.items()}
+            t: family.accuracy(arrow_model, tokenizer, rows, t) for t, rows in test_rows.items()}
         out["routing"][str(min(k, len(dirs)))] = arrow_routing(arrow_model, list(dirs), tokenizer, test_rows)
     return out
 
@@ -141,12 +148,25 @@ def one_expert_gap(lib: AdapterLibrary, dirs: dict[str, Path], s, base, tokenize
     return gap
 
 
-def own_expert(dirs: dict[str, Path], s, base, tokenizer, test_rows: dict) -> dict[str, float]:
+def own_expert(dirs: dict[str, Path], s, base, tokenizer, test_rows: dict, family) -> dict[str, float]:
     """Each library task (a key of ``dirs``) scored with its own expert alone on the base."""
     kind = experts.LoraKind(tokenizer, s)
     base_state = {n: p.detach().clone() for n, p in base.state_dict().items()}
     model = copy.deepcopy(base)
-    return {t: experts.evaluate(model, base_state, kind.merge([kind.load(d)]), tokenizer, [t], test_rows)[t] for t, d in dirs.items()}
+    return {t: experts.evaluate(model, base_state, kind.merge([kind.load(d)]), tokenizer, [t], test_rows, family)[t]
+            for t, d in dirs.items()}
+
+
+def best_single_expert(dirs: dict[str, Path], s, base, tokenizer, test_rows: dict, held: list[str], family) -> dict:
+    """The library expert with the best mean accuracy on the ``held`` tasks when used alone: its accuracy per held-out
+    task, and its name under ``"expert"``."""
+    kind = experts.LoraKind(tokenizer, s)
+    base_state = {n: p.detach().clone() for n, p in base.state_dict().items()}
+    model = copy.deepcopy(base)
+    scores = {e: experts.evaluate(model, base_state, kind.merge([kind.load(d)]), tokenizer, held, test_rows, family)
+              for e, d in dirs.items()}
+    best = max(scores, key=lambda e: statistics.mean(scores[e].values()))
+    return {**scores[best], "expert": best}
 
 
 def experts_arrow(lib: AdapterLibrary, names: list[str], base, top_k: int):
@@ -192,7 +212,7 @@ def rl_runs(args, libs: dict[str, tuple[Path, list[str]]], model_dir: Path, trai
 def report(result: dict, args, command: str) -> str:
     from rl.metrics import describe_machine
 
-    held, lib_tasks, seeds = args.held_out, result["library_tasks"], args.seeds
+    held, lib_tasks, seeds, described = args.held_out, result["library_tasks"], args.seeds, result["descriptions"]
     zs = result["zero_shot"]  # seed -> start -> task -> accuracy
 
     def cell(start: str, tasks: list[str]) -> str:
@@ -209,8 +229,8 @@ def report(result: dict, args, command: str) -> str:
         "",
         "## Protocol",
         "",
-        f"- Base: the embedded model (2-digit addition). Library tasks: {', '.join(f'`{t}`' for t in lib_tasks)}; held out (no "
-        f"expert ever trained on them): {', '.join(f'`{t}` ({SUBTASKS[t].description})' for t in held)}.",
+        f"- Base: {result['base_description']}. Library tasks: {', '.join(f'`{t}`' for t in lib_tasks)}; held out (no "
+        f"expert ever trained on them): {', '.join(f'`{t}` ({described[t]})' for t in held)}.",
         f"- Per-task library: one LoRA per library task (r={result['settings']['lora_rank']}, SFT {result['settings']['sft_steps']} "
         f"steps of {result['settings']['batch_size']}, lr {result['settings']['lr_lora']:g}; the experts of "
         "[merging.md](merging.md), same cache).",
@@ -230,7 +250,7 @@ def report(result: dict, args, command: str) -> str:
         "| start | " + " | ".join(f"`{t}` (held out)" for t in held) + " | held-out mean | library tasks mean |",
         "|---|" + "---|" * (len(held) + 2),
     ]
-    for start in [start for start in zs[str(seeds[0])] if start in (*STARTS, OWN) or " top-" in start]:
+    for start in [start for start in zs[str(seeds[0])] if start in (*STARTS, OWN, BEST) or " top-" in start]:
         lines.append(f"| {start} | " + " | ".join(cell(start, [t]) for t in held) + f" | {cell(start, held)} | {cell(start, lib_tasks)} |")
 
     def held_per_seed(start: str) -> list[float]:
@@ -308,14 +328,16 @@ def arrow_check_lines(result: dict, seeds: list[int]) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--held-out", nargs="+", default=["sub", "add3"])
+    ap.add_argument("--family", choices=["arithmetic", "smollm2"], default="arithmetic",
+                    help="arithmetic: the embedded model's sub-tasks; smollm2: SmolLM2-135M-Instruct on short chat tasks (no RL)")
+    ap.add_argument("--held-out", nargs="+", default=None, help="default: sub add3 (arithmetic), sub last (smollm2)")
     ap.add_argument("--clusters", type=int, default=2)
     ap.add_argument("--sft-steps", type=int, default=None, help="per-task expert SFT steps (default: Settings'; "
                     "experiment_merging's run used 400: the same value reuses its cached experts)")
     ap.add_argument("--top-k", type=int, default=2)
     ap.add_argument("--diagnostic-top-k", type=int, nargs="*", default=[1],
                     help="also route zero-shot with these k (report rows only; RL uses --top-k)")
-    ap.add_argument("--test-prompts", type=int, default=256, help="per task")
+    ap.add_argument("--test-prompts", type=int, default=None, help="per task (default 256; smollm2: 64)")
     ap.add_argument("--rl-seed", type=int, default=0)
     ap.add_argument("--rl-steps", type=int, default=40)
     ap.add_argument("--rl-prompts", type=int, default=64)
@@ -325,55 +347,75 @@ def main() -> None:
     ap.add_argument("--rl-libraries", nargs="*", default=["per-task", "MBC"], choices=["per-task", "MBC"],
                     help="the libraries whose merge and Arrow starts get a GRPO run (base always does)")
     ap.add_argument("--quick", action="store_true", help="a few SFT and RL steps, one seed: checks the tables are produced")
-    ap.add_argument("--runs", default=str(ROOT / "runs" / "experiment-arrow-mbc"))
+    ap.add_argument("--runs", default=None, help="default: runs/experiment-arrow-mbc[-smollm2]")
     ap.add_argument("--expert-runs", default=None, help="where the per-task experts are cached (default: experiment_merging's)")
     ap.add_argument("--out", default=str(ROOT / "docs" / "experiments"))
     args = ap.parse_args()
     command = "python scripts/experiment_arrow_mbc.py" + (" " + " ".join(sys.argv[1:]) if len(sys.argv) > 1 else "")
-    s = experts.Settings()
+    smollm2 = args.family == "smollm2"
+    s = dataclasses.replace(experts.Settings(), **SMOLLM2_SETTINGS) if smollm2 else experts.Settings()
+    args.held_out = args.held_out or (["sub", "last"] if smollm2 else ["sub", "add3"])
+    args.test_prompts = args.test_prompts or s.test_prompts if smollm2 else args.test_prompts or 256
+    args.no_rl = args.no_rl or smollm2  # GRPO from each start is on the embedded family only
     if args.sft_steps:
         s = dataclasses.replace(s, sft_steps=args.sft_steps)
     if args.quick:
         args.seeds, args.test_prompts = args.seeds[:1], 16
         args.rl_steps, args.rl_prompts, args.rl_group = 1, 8, 4
         args.rl_libraries = ["MBC"]  # one library runs every policy kind (LoRA, merge, Arrow) through GRPO
-        s = dataclasses.replace(s, sft_steps=10, warmup_steps=2)
+        s = dataclasses.replace(s, sft_steps=4 if smollm2 else 10, warmup_steps=2)
     os.chdir(ROOT)
     torch.set_num_threads(os.cpu_count() or 1)
     t0 = time.time()
-    runs = Path(args.runs)
-    expert_runs = Path(args.expert_runs) if args.expert_runs else (runs if args.quick else ROOT / "runs" / "experiment-merging")
+    stem = "arrow-mbc-smollm2" if smollm2 else "arrow-mbc"
+    runs = Path(args.runs or ROOT / "runs" / f"experiment-{stem}")
+    args.runs = str(runs)
+    default_expert_runs = ROOT / "runs" / ("experiment-merging-smollm2" if smollm2 else "experiment-merging")
+    expert_runs = Path(args.expert_runs) if args.expert_runs else (runs if args.quick else default_expert_runs)
     log = lambda msg: print(f"[arrow-mbc] {msg}", flush=True)  # noqa: E731
 
-    model_root = Path(build_tiny_model(TinyModelSpec()))
-    model_dir = model_root / "model"
-    base_name = model_root.name
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    lib_tasks = [t for t in SUBTASKS if t not in args.held_out]
-    all_tasks = [*args.held_out, *lib_tasks]
-    test_rows = {t: make_subtask_problems(t, args.test_prompts, 0, "test") for t in all_tasks}
+    if smollm2:
+        from experiments.chat_family import ChatFamily
+        from rl.tasks.pretrained import build_pretrained
 
-    result = {"library_tasks": lib_tasks, "settings": dataclasses.asdict(s), "zero_shot": {}, "clusters": {}}
+        model_dir = build_pretrained("builtin:smollm2-135m-instruct", log=log)
+        base_name, tokenizer = model_dir.parent.name, AutoTokenizer.from_pretrained(model_dir)
+        family = ChatFamily(tokenizer)
+        base_description = ("SmolLM2-135M-Instruct (`builtin:smollm2-135m-instruct`), every prompt in ChatML with the same "
+                            "system message and one demonstration (experiments/chat_family.py)")
+    else:
+        model_root = Path(build_tiny_model(TinyModelSpec()))
+        model_dir, base_name = model_root / "model", model_root.name
+        tokenizer, family = AutoTokenizer.from_pretrained(model_dir), experts.ARITHMETIC
+        base_description = "the embedded model (2-digit addition)"
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    lib_tasks = [t for t in family.subtasks if t not in args.held_out]
+    all_tasks = [*args.held_out, *lib_tasks]
+    test_rows = {t: family.problems(t, args.test_prompts, 0, "test") for t in all_tasks}
+
+    result = {"family": family.name, "base_description": base_description, "descriptions": family.subtasks,
+              "library_tasks": lib_tasks, "settings": dataclasses.asdict(s), "zero_shot": {}, "clusters": {}}
     libs_for_rl = {}
     for seed in args.seeds:
         per_task = {}
         for t in lib_tasks:
-            experts.train_expert("lora", t, seed, s, base, tokenizer, expert_runs, base_name, log)
+            experts.train_expert("lora", t, seed, s, base, tokenizer, expert_runs, base_name, log, family)
             per_task[t] = expert_runs / "experts" / experts.expert_key("lora", t, seed, s, base_name)
         clusters = cluster_experts({t: lora_state(d) for t, d in per_task.items()}, k=args.clusters, seed=seed)
         members = [sorted(m) for _, m in sorted(clusters.items())]
         result["clusters"][str(seed)] = members
-        mbc = {f"mbc-{i}": train_cluster_expert(m, seed, s, base, tokenizer, runs, base_name, log) for i, m in enumerate(members)}
+        mbc = {f"mbc-{i}": train_cluster_expert(m, seed, s, base, tokenizer, runs, base_name, log, family)
+               for i, m in enumerate(members)}
         lib_task = make_library(runs / f"library-per-task-seed{seed}", per_task, model_dir)
         lib_mbc = make_library(runs / f"library-mbc-seed{seed}", mbc, model_dir)
-        zs = {"base": {t: greedy_accuracy(base, tokenizer, rows, experts.MAX_NEW_TOKENS) for t, rows in test_rows.items()},
-              OWN: own_expert(per_task, s, base, tokenizer, test_rows)}
+        zs = {"base": {t: family.accuracy(base, tokenizer, rows, t) for t, rows in test_rows.items()},
+              OWN: own_expert(per_task, s, base, tokenizer, test_rows, family),
+              BEST: best_single_expert(per_task, s, base, tokenizer, test_rows, args.held_out, family)}
         checks = {"one_expert_max_logit_gap": one_expert_gap(lib_task, per_task, s, base, tokenizer, test_rows), "routing": {}}
         for label, lib, dirs in (("per-task", lib_task, per_task), ("MBC", lib_mbc, mbc)):
-            r = zero_shot(lib, dirs, s, base, tokenizer, test_rows, [args.top_k, *args.diagnostic_top_k])
+            r = zero_shot(lib, dirs, s, base, tokenizer, test_rows, [args.top_k, *args.diagnostic_top_k], family)
             checks["routing"][label] = r["routing"]
             zs[f"{label} merge"], zs[f"{label} Arrow"] = r["merge"], r["arrow"]
             zs.update({f"{label} Arrow {k[len('arrow '):]}": v for k, v in r.items() if k.startswith("arrow top-")})
@@ -381,25 +423,26 @@ def main() -> None:
                 libs_for_rl[label] = (lib.root, list(dirs))
         result["zero_shot"][str(seed)] = zs
         result.setdefault("arrow_checks", {})[str(seed)] = checks
-        log(f"seed {seed}: clusters {members}; " + json.dumps({k: {t: round(v, 3) for t, v in d.items()} for k, d in zs.items()}))
+        log(f"seed {seed}: clusters {members}; " + json.dumps({k: {t: v if isinstance(v, str) else round(v, 3) for t, v in d.items()}
+                                                                for k, d in zs.items()}))
 
     if not args.no_rl and args.rl_seed in args.seeds:
         data = runs / "data"
         n_train = max(args.rl_prompts * args.rl_steps, 512)
-        train_rows = [r for t in args.held_out for r in make_subtask_problems(t, n_train // len(args.held_out), args.rl_seed, "train")]
+        train_rows = [r for t in args.held_out for r in family.problems(t, n_train // len(args.held_out), args.rl_seed, "train")]
         random.Random(args.rl_seed).shuffle(train_rows)
         result["rl"] = rl_runs(args, libs_for_rl, model_dir, write_jsonl(data / "held-out-train.jsonl", train_rows),
                                write_jsonl(data / "held-out-test.jsonl", [r for t in args.held_out for r in test_rows[t]]), args.rl_seed)
     result["seconds"] = time.time() - t0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "arrow-mbc.json").write_text(json.dumps(result, indent=1, default=str))
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=1, default=str))
     if result.get("rl"):
         from rl.plot import plot_runs
 
         plot_runs([r["run_dir"] for r in result["rl"].values()], str(out / "arrow-mbc-rl.png"), labels=list(result["rl"]))
     text = report(result, args, command)
-    (out / "arrow-mbc.md").write_text(text)
+    (out / f"{stem}.md").write_text(text)
     print(text)
 
 
