@@ -32,6 +32,12 @@ from rl.tasks.arithmetic import SPLITS, in_test_split
 SYSTEM = "Reply with the answer only."
 DEMONSTRATION = ({"role": "user", "content": "What is the capital of France?"}, {"role": "assistant", "content": "Paris"})
 MAX_NEW_TOKENS = 20  # enough for the base model's one-sentence answers; an expert answers in 2-4 tokens
+# The experts' settings (experiments.family_experts.Settings fields) on this family, shared by the Arrow/MBC and
+# merging experiments so that both use the same cached LoRA experts. 24 SFT steps of 16 (~85 s per LoRA expert on
+# 2 cores) take each task well above the base; lr 2e-3 (LoRA) from a probe on `sub`: 7% -> 19% after 20 steps, 33% after 40.
+LIBRARY_TASKS = ("add", "mul", "max", "lastdigit", "upper", "first")  # the experts; `sub` and `last` are held out
+EXPERT_SETTINGS = dict(family="smollm2-chat", subtasks=LIBRARY_TASKS, sft_steps=24, batch_size=16, warmup_steps=3, lr_lora=2e-3,
+                       lr_full=3e-5, lr_sparse=3e-4, test_prompts=64)
 _WORD_TOKEN = re.compile(r"Ġ([a-z]{4,7})")  # a word-initial token of the byte-level BPE vocabulary
 
 

@@ -33,7 +33,7 @@ from adapters.sparse import (
     read_sparse_dir,
     sensitivity_inputs,
 )
-from experiments.arithmetic_family import MAX_ANSWER_CHARS, SUBTASKS, make_subtask_problems
+from experiments.arithmetic_family import MAX_ANSWER_CHARS, SUBTASKS, make_subtask_problems, split_sizes
 from rl.tasks.cache import cached_build
 from rl.tasks.tiny_sft import encode_sft_batch, greedy_accuracy, sft_loss
 
@@ -54,6 +54,9 @@ class ArithmeticFamily:
     def problems(self, name: str, n: int, seed: int, split: str) -> list[dict]:
         return make_subtask_problems(name, n, seed, split)
 
+    def split_size(self, name: str, split: str) -> int:
+        return split_sizes(name)[split]
+
     def accuracy(self, model, tokenizer, rows: list[dict], task: str) -> float:
         return greedy_accuracy(model, tokenizer, rows, MAX_NEW_TOKENS)
 
@@ -65,6 +68,7 @@ ARITHMETIC = ArithmeticFamily()
 class Settings:
     """Every setting of the experiment; the training ones key the expert cache."""
 
+    family: str = "arithmetic"  # the family's name (ARITHMETIC.name or experiments.chat_family.ChatFamily.name)
     subtasks: tuple[str, ...] = tuple(SUBTASKS)
     sft_steps: int = 800
     batch_size: int = 64

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from rl.config import Recipe, RecipeError
+from rl.files import write_text_atomic
 
 STATE_FILE = "driver_state.json"
 # Fields that may change between a run and its resumption without changing what it computes.
@@ -127,6 +128,4 @@ def truncate_metrics(run_dir: Path, step: int) -> None:
     if not path.exists():
         return
     keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(line + "\n" for line in keep))

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Optional
 
 from rl.config import Recipe, RecipeError
+from rl.files import write_text_atomic
 from rollout.types import SamplingSpec
 
 
@@ -153,5 +154,5 @@ def run_eval(recipe: Recipe, k: int = 1, temperature: float | None = None, out_p
               "test": task.paths.test or f"{task.paths.train} (held-out split)", "temperature": temp, **result}
     print(json.dumps(result, indent=2))
     if out_path:
-        Path(out_path).write_text(json.dumps(result, indent=2))
+        write_text_atomic(out_path, json.dumps(result, indent=2))
     return result

@@ -1,6 +1,7 @@
 """An OpenAI-compatible endpoint in front of the rollout engines, for agents written against the OpenAI API.
 
-``POST /v1/chat/completions`` and ``POST /v1/completions`` (no streaming) are answered by the run's vLLM actors.
+``POST /v1/chat/completions`` and ``POST /v1/completions`` are answered by the run's vLLM actors; with ``stream``
+the reply comes as server-sent events, all of its text in one chunk (the engine returns a reply whole).
 Each agent episode calls with its own API key (the episode's id), and the gateway keeps that episode's tokens:
 
     request 1    text -> token ids (the prompt)                        the engine samples; ids appended, mask 1
@@ -17,6 +18,7 @@ episodes are batched into one engine call; each request's seed is fixed by its e
 
 from __future__ import annotations
 
+import json
 import queue
 import threading
 import time
@@ -26,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from fastapi import FastAPI, Request  # module level: the endpoints' annotations are resolved in these globals
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from rollout.types import Completion, SamplingSpec
 
@@ -303,19 +305,19 @@ class Gateway:
                 return error(str(e))
             except Exception as e:  # the engines failed: the agent sees a server error, the run finds out too
                 return error(f"{type(e).__name__}: {e}", 500)
-            return self._response(kind, ep, reply, choice_of(reply))
+            response = self._response(kind, ep, reply, choice_of(reply))
+            if not body.get("stream"):
+                return response
+            events = [f"data: {json.dumps(chunk)}\n\n" for chunk in stream_chunks(response)] + ["data: [DONE]\n\n"]
+            return StreamingResponse(iter(events), media_type="text/event-stream")
 
         @app.post("/v1/chat/completions")
         def chat(body: dict, request: Request):
-            if body.get("stream"):
-                return error("streaming is not supported")
             return serve(key_of(request), self._chat_text, body, "chat.completion",
                          lambda r: {"message": {"role": "assistant", "content": r.text}})
 
         @app.post("/v1/completions")
         def completions(body: dict, request: Request):
-            if body.get("stream"):
-                return error("streaming is not supported")
             return serve(key_of(request), self._prompt_text, body, "text_completion", lambda r: {"text": r.text})
 
         @app.get("/v1/models")
@@ -323,3 +325,24 @@ class Gateway:
             return {"object": "list", "data": [{"id": self.model_name, "object": "model", "owned_by": "rl"}]}
 
         return app
+
+
+def stream_chunks(response: dict) -> list[dict]:
+    """A whole response as the OpenAI stream chunks that carry it: the reply's text in one delta, then its finish
+    reason with the usage. Fields other than ``choices`` and ``object`` are the response's own.
+
+    >>> r = {"id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": "policy", "system_fingerprint": "policy-v3",
+    ...      "policy_version": 3, "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7},
+    ...      "choices": [{"index": 0, "finish_reason": "stop", "logprobs": None, "message": {"role": "assistant", "content": "46"}}]}
+    >>> [(c["object"], c["choices"][0]["delta"], c["choices"][0]["finish_reason"]) for c in stream_chunks(r)]
+    [('chat.completion.chunk', {'role': 'assistant', 'content': '46'}, None), ('chat.completion.chunk', {}, 'stop')]
+    """
+    choice = response["choices"][0]
+    if response["object"] == "chat.completion":
+        kind, text, done = "chat.completion.chunk", {"delta": {"role": "assistant", "content": choice["message"]["content"]}}, {"delta": {}}
+    else:
+        kind, text, done = "text_completion", {"text": choice["text"]}, {"text": ""}
+    head = {k: v for k, v in response.items() if k not in ("object", "choices", "usage")} | {"object": kind}
+    last = {"index": 0, **done, "finish_reason": choice["finish_reason"], "logprobs": None}
+    return [{**head, "choices": [{"index": 0, **text, "finish_reason": None, "logprobs": None}]},
+            {**head, "choices": [last], "usage": response["usage"]}]

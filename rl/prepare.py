@@ -15,6 +15,7 @@ from rewards.config import DEFAULT_MAX_LENGTH
 from rewards.model_reward import check_reward_model
 from rl.config import BUILTIN_PREFIX, Recipe, RecipeError
 from rl.data import PromptSet, load_prompt_sets
+from rl.files import write_text_atomic
 from rl.models import check_engine_can_serve
 from rl.models import log as _log
 from rl.preference_data import hh_prompt_sets
@@ -88,9 +89,8 @@ def _chat_arithmetic_data() -> Path:
         return out
     out.mkdir(parents=True, exist_ok=True)
     for split, n in (("train", split_size()["train"]), ("test", 1000)):
-        tmp = out / f".{split}.jsonl.{os.getpid()}"
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in chat_rows(make_problems(n, seed=0, split=split))))
-        os.replace(tmp, out / f"{split}.jsonl")  # test.jsonl last: its presence means both are whole
+        # test.jsonl last: its presence means both are whole
+        write_text_atomic(out / f"{split}.jsonl", "".join(json.dumps(r) + "\n" for r in chat_rows(make_problems(n, seed=0, split=split))))
     return out
 
 

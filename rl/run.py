@@ -24,6 +24,7 @@ import yaml
 
 from rl import checkpoint as ckpt
 from rl.config import Recipe, recipe_to_yaml
+from rl.files import write_text_atomic
 from rl.metrics import MetricsLogger, make_trackers
 from rl.watchdog import WorkerStalled
 
@@ -37,9 +38,7 @@ def write_run_status(run_dir: Path, status: str, reason: Optional[str] = None) -
     info = {"status": status, "pid": os.getpid(), "host": socket.gethostname(), "updated": time.time()}
     if reason:
         info["reason"] = reason
-    tmp = Path(run_dir) / (RUN_STATUS + ".tmp")
-    tmp.write_text(json.dumps(info))
-    os.replace(tmp, Path(run_dir) / RUN_STATUS)
+    write_text_atomic(Path(run_dir) / RUN_STATUS, json.dumps(info))
 
 
 class Interrupted(SystemExit):
@@ -230,7 +229,7 @@ class Run:
             if "steps" in summary:
                 summary["total_seconds"] = time.time() - self.started
                 summary["curves"] = self._draw_curves()
-                (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+                write_text_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2))
             write_run_status(self.run_dir, summary.get("status", "failed"), summary.get("reason"))
         for line in self._summary_lines(summary):
             self.print(line)

@@ -52,6 +52,7 @@ from adapters.arrow import peft_arrow_routing  # noqa: E402
 from adapters.cluster import cluster_experts  # noqa: E402
 from adapters.library import AdapterLibrary  # noqa: E402
 from experiments import family_experts as experts  # noqa: E402  the per-task experts and their SFT (shared with experiment_merging)
+from experiments.chat_family import EXPERT_SETTINGS  # noqa: E402
 from rl.claims import mean_std  # noqa: E402
 from rl.tasks.cache import cached_build  # noqa: E402
 from rl.tasks.tiny_model import TinyModelSpec, build_tiny_model  # noqa: E402
@@ -60,9 +61,6 @@ from rl.tasks.tiny_sft import encode_sft_batch  # noqa: E402
 STARTS = ("base", "per-task merge", "per-task Arrow", "MBC merge", "MBC Arrow")  # the compared starts (RL from each too)
 OWN = "own expert"  # each library task scored with its own per-task expert alone: the ceiling a library start aims at
 BEST = "best single expert"  # the per-task expert best on the held-out tasks, alone: what a router choosing one could reach
-# --family smollm2: experts for the real model's chat tasks. 24 SFT steps of 16 (~85 s per expert on 2 cores) take each
-# library task well above the base; lr 2e-3 from a probe on `sub` (LoRA r=8: 7% -> 19% after 20 steps, 33% after 40).
-SMOLLM2_SETTINGS = dict(sft_steps=24, batch_size=16, warmup_steps=3, lr_lora=2e-3, lr_full=3e-5, lr_sparse=3e-4, test_prompts=64)
 
 
 def lora_state(d: Path) -> dict[str, torch.Tensor]:
@@ -353,7 +351,7 @@ def main() -> None:
     args = ap.parse_args()
     command = "python scripts/experiment_arrow_mbc.py" + (" " + " ".join(sys.argv[1:]) if len(sys.argv) > 1 else "")
     smollm2 = args.family == "smollm2"
-    s = dataclasses.replace(experts.Settings(), **SMOLLM2_SETTINGS) if smollm2 else experts.Settings()
+    s = dataclasses.replace(experts.Settings(), **EXPERT_SETTINGS) if smollm2 else experts.Settings()
     args.held_out = args.held_out or (["sub", "last"] if smollm2 else ["sub", "add3"])
     args.test_prompts = args.test_prompts or s.test_prompts if smollm2 else args.test_prompts or 256
     args.no_rl = args.no_rl or smollm2  # GRPO from each start is on the embedded family only

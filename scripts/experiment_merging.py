@@ -1,4 +1,5 @@
-"""Merging many experts: sparse adapters vs LoRA vs full fine-tunes, on the embedded task family.
+"""Merging many experts: sparse adapters vs LoRA vs full fine-tunes, on the embedded task family or on
+SmolLM2-135M-Instruct with a family of short chat tasks (``--family smollm2``: :mod:`experiments.chat_family`).
 
 After "Exploring Sparse Adapters for Scalable Merging of Parameter Efficient Experts" (Arnob et al.
 2025, https://arxiv.org/abs/2507.07140), claim: after merging many experts, sparse adapters keep more
@@ -6,10 +7,11 @@ of each expert's in-distribution performance than merged LoRA or merged full fin
 
     .venv/bin/python scripts/experiment_merging.py                       # 3 seeds, 6 sub-tasks
     .venv/bin/python scripts/experiment_merging.py --quick --out /tmp/m --runs /tmp/m   # tables only
+    .venv/bin/python scripts/experiment_merging.py --family smollm2      # the real model: 6 chat tasks, 3 seeds
 
 Protocol (what departs from the paper is listed in the report, ``DEPARTURES``):
-1. Base: the embedded model, ``build_tiny_model(TinyModelSpec())`` (2-digit addition, SFT to ~30%).
-2. One expert per sub-task of :mod:`experiments.arithmetic_family` and per kind, trained by SFT from the
+1. Base: the embedded model, ``build_tiny_model(TinyModelSpec())`` (2-digit addition, SFT to ~30%), or SmolLM2.
+2. One expert per sub-task of the family and per kind, trained by SFT from the
    base with the same data stream, steps, batch and seed for every kind (only the lr differs):
    ``full`` (every weight), ``lora`` (PEFT, r=8, alpha=16, q/k/v/o/gate/up/down) and ``sparse``
    (5% of the entries of the same projections, SNIP mask on a calibration batch of the sub-task,
@@ -21,7 +23,7 @@ Protocol (what departs from the paper is listed in the report, ``DEPARTURES``):
    sub-task (its "merge of one"), each merge on every sub-task it merged. Normalized accuracy =
    merged accuracy / that expert's own accuracy.
 Experts are cached under ``--runs`` (safetensors + JSON; a rerun reuses them). Writes
-``<out>/merging.md``, ``merging.json`` and ``merging.png``.
+``<out>/merging.md``, ``merging.json`` and ``merging.png`` (``merging-smollm2.*`` with ``--family smollm2``).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import random
 import statistics
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,19 +45,37 @@ sys.path[:0] = [str(ROOT)]  # experiments/ is beside the package, not in it
 
 import torch  # noqa: E402
 
-from experiments.arithmetic_family import SUBTASKS, make_subtask_problems, split_sizes  # noqa: E402
-from experiments.family_experts import KINDS, PROJECTIONS, Settings, evaluate, train_expert  # noqa: E402
+from experiments import chat_family  # noqa: E402
+from experiments.arithmetic_family import SUBTASKS  # noqa: E402
+from experiments.family_experts import ARITHMETIC, KINDS, PROJECTIONS, Settings, evaluate, train_expert  # noqa: E402
 from rl.claims import mean_std  # noqa: E402
 from rl.tasks.tiny_model import TinyModelSpec, build_tiny_model  # noqa: E402
 
+# What the report says of each family: its base, where its sub-tasks are defined, and how it departs from the paper.
+FAMILY_TEXT = {
+    "arithmetic": {
+        "base": "the embedded model (2-digit addition, SFT stopped at ~30% accuracy)",
+        "source": "experiments/arithmetic_family.py",
+        "departures": [
+            "Scale: a 1.05M-parameter Llama (4 layers, hidden 128) and up to 6 synthetic arithmetic sub-tasks, not a "
+            "billion-parameter LM and up to 20 FLAN tasks. All but `add` are skills the base lacks (0% before SFT), so "
+            "each expert moves far from the base.",
+            "LoRA r=8 on the seven projections is ~9% of the weights, more than the sparse adapter's 5%."],
+    },
+    "smollm2-chat": {
+        "base": "SmolLM2-135M-Instruct (`builtin:smollm2-135m-instruct`), every prompt in ChatML with one demonstration",
+        "source": "experiments/chat_family.py",
+        "departures": [
+            "Scale: a 135M-parameter pretrained chat model and 6 short chat tasks it already does in part (numbers and "
+            "letters), not a billion-parameter LM and up to 20 FLAN tasks. Each expert is a short SFT run (a few hundred "
+            "examples), so it moves little from the base.",
+            "LoRA r=8 on the seven projections trains 2.4M weights, fewer than the sparse adapter's 5% of them (5.3M)."],
+    },
+}
 DEPARTURES = [
-    "Scale: a 1.05M-parameter Llama (4 layers, hidden 128) and up to 6 synthetic arithmetic sub-tasks, not a "
-    "billion-parameter LM and up to 20 FLAN tasks. All but `add` are skills the base lacks (0% before SFT), so "
-    "each expert moves far from the base.",
     "Sparse masks: global top-k of |W * dL/dW| (SNIP) over the seven projection matrices, on one calibration "
     "batch of the sub-task's own SFT loss at the base weights; embeddings, norms and lm_head are not adapted "
     "(LoRA adapts the same matrices). The paper's exact selection schedule may differ; we keep the mask fixed.",
-    "LoRA r=8 on the seven projections is ~9% of the weights, more than the sparse adapter's 5%.",
     "LoRA dropout 0; AdamW without weight decay; linear warm-up then linear decay to 0 for every kind.",
     "Only in-distribution (the merged sub-tasks' own test splits) is measured, not held-out tasks.",
     "Subsets of 2 and 4 experts: the same few random subsets (fixed subset seed) for every kind and seed.",
@@ -152,7 +172,7 @@ def plot(summary: dict, s: Settings, path: Path) -> None:
     ax.set_xticks(sizes)
     ax.set_xlabel("experts merged")
     ax.set_ylabel("merged accuracy / expert's own accuracy (%)")
-    ax.set_title("Merging experts on the arithmetic family (mean ± std over seeds)", fontsize=9)
+    ax.set_title(f"Merging experts on the {s.family} family (mean ± std over seeds)", fontsize=9)
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -160,7 +180,7 @@ def plot(summary: dict, s: Settings, path: Path) -> None:
     plt.close(fig)
 
 
-def report(result: dict, s: Settings, command: str) -> str:
+def report(result: dict, s: Settings, command: str, stem: str = "merging") -> str:
     from rl.metrics import describe_machine
 
     summary, seeds, tasks = result["summary"], result["seeds"], list(s.subtasks)
@@ -170,7 +190,7 @@ def report(result: dict, s: Settings, command: str) -> str:
         "",
         f"Reproduce: `{command}`",
         "",
-        f"Machine: {describe_machine()}, torch threads 1. Wall-clock of this run: {result['seconds']:.0f} s "
+        f"Machine: {describe_machine()}, torch threads {result.get('threads', 1)}. Wall-clock of this run: {result['seconds']:.0f} s "
         f"(expert training as first built: {sum(e['train_seconds'] for e in experts):.0f} s in all; cached experts are reused).",
         "",
         "Claim (paper): after merging many experts, sparse adapters keep more in-distribution performance than merged "
@@ -178,12 +198,12 @@ def report(result: dict, s: Settings, command: str) -> str:
         "",
         "## Protocol",
         "",
-        f"- Base: the embedded model `{result['base']}` (2-digit addition, SFT stopped at ~30% accuracy).",
-        "- Sub-tasks (experiments/arithmetic_family.py; train/test split by a stable hash of the prompt, 10% test):",
+        f"- Base: {FAMILY_TEXT[s.family]['base']}: `{result['base']}`.",
+        f"- Sub-tasks ({FAMILY_TEXT[s.family]['source']}; train/test split by a stable hash of the prompt, 10% test):",
     ]
     for t in tasks:
-        sz = split_sizes(t)
-        lines.append(f"  - `{t}`: {SUBTASKS[t].description}; {sz['train']} train / {sz['test']} test problems, "
+        sz = result["subtasks"][t]
+        lines.append(f"  - `{t}`: {sz['description']}; {sz['train']} train / {sz['test']} test problems, "
                      f"{result['test_prompts'][t]} test prompts evaluated.")
     lines += [
         f"- Experts: one per sub-task and kind, trained by SFT from the base: {s.sft_steps} steps of {s.batch_size} "
@@ -204,13 +224,13 @@ def report(result: dict, s: Settings, command: str) -> str:
         "",
         "Departures from the paper:",
         "",
-        *[f"- {d}" for d in DEPARTURES],
+        *[f"- {d}" for d in (*FAMILY_TEXT[s.family]["departures"], *DEPARTURES)],
         "",
         "## Result",
         "",
         result["claim"]["text"],
         "",
-        "![normalized accuracy vs experts merged](merging.png)",
+        f"![normalized accuracy vs experts merged]({stem}.png)",
         "",
         "### Normalized accuracy (merged / own expert, %), mean ± std over seeds",
         "",
@@ -278,54 +298,66 @@ def report(result: dict, s: Settings, command: str) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    d = Settings()
+    ap.add_argument("--family", choices=["arithmetic", "smollm2"], default="arithmetic",
+                    help="arithmetic: the embedded model's sub-tasks; smollm2: SmolLM2-135M-Instruct on short chat tasks")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--sft-steps", type=int, default=d.sft_steps)
-    ap.add_argument("--subtasks", nargs="+", default=list(d.subtasks), choices=list(SUBTASKS))
-    ap.add_argument("--lr-full", type=float, default=d.lr_full)
-    ap.add_argument("--lr-lora", type=float, default=d.lr_lora)
-    ap.add_argument("--lr-sparse", type=float, default=d.lr_sparse)
-    ap.add_argument("--test-prompts", type=int, default=d.test_prompts, help="per sub-task")
-    ap.add_argument("--subsets", type=int, default=d.subsets, help="random subsets per size below the whole family")
+    for field in ("sft_steps", "lr_full", "lr_lora", "lr_sparse", "test_prompts", "subsets"):
+        ap.add_argument(f"--{field.replace('_', '-')}", type=type(getattr(Settings(), field)), default=None,
+                        help="default: the family's (experiments.family_experts.Settings; experiments.chat_family.EXPERT_SETTINGS)")
+    ap.add_argument("--subtasks", nargs="+", default=None, help=f"default: all of the family's (arithmetic: {', '.join(SUBTASKS)}; "
+                    f"smollm2: {', '.join(chat_family.LIBRARY_TASKS)})")
     ap.add_argument("--quick", action="store_true", help="5 SFT steps, 3 sub-tasks, 16 test prompts, one seed: checks the tables")
     ap.add_argument("--out", default=str(ROOT / "docs" / "experiments"))
-    ap.add_argument("--runs", default=str(ROOT / "runs" / "experiment-merging"))
-    ap.add_argument("--report-only", action="store_true", help="write the report again from <out>/merging.json, training nothing")
+    ap.add_argument("--runs", default=None, help="default: runs/experiment-merging[-smollm2] (where experiment_arrow_mbc "
+                    "looks for its LoRA experts)")
+    ap.add_argument("--report-only", action="store_true", help="write the report again from <out>/merging[-smollm2].json, training nothing")
     args = ap.parse_args()
+    smollm2 = args.family == "smollm2"
+    stem, out = "merging-smollm2" if smollm2 else "merging", Path(args.out)
     if args.report_only:
-        out = Path(args.out)
-        result = json.loads((out / "merging.json").read_text())
+        result = json.loads((out / f"{stem}.json").read_text())
         s = Settings(**{k: tuple(v) if isinstance(v, list) else v for k, v in result["settings"].items()})
         summary = {kind: {int(k): v for k, v in sizes.items()} for kind, sizes in result["summary"].items()}
         result["claim"] = claim_statement(summary, s)
-        plot(summary, s, out / "merging.png")
-        (out / "merging.md").write_text(report({**result, "summary": summary}, s, result["command"]))
-        (out / "merging.json").write_text(json.dumps(result, indent=1))
+        plot(summary, s, out / f"{stem}.png")
+        (out / f"{stem}.md").write_text(report({**result, "summary": summary}, s, result["command"], stem))
+        (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
         return
     command = "python scripts/experiment_merging.py" + (" " + " ".join(sys.argv[1:]) if len(sys.argv) > 1 else "")
+    d = Settings(**chat_family.EXPERT_SETTINGS) if smollm2 else Settings()
+    chosen = {f: getattr(args, f) for f in ("sft_steps", "lr_full", "lr_lora", "lr_sparse", "test_prompts", "subsets")}
+    s = replace(d, subtasks=tuple(args.subtasks or d.subtasks), **{f: v for f, v in chosen.items() if v is not None})
     if args.quick:
-        args.seeds, args.sft_steps, args.subtasks, args.test_prompts, args.subsets = args.seeds[:1], 5, args.subtasks[:3], 16, 2
-    s = Settings(subtasks=tuple(args.subtasks), sft_steps=args.sft_steps, lr_full=args.lr_full, lr_lora=args.lr_lora,
-                 lr_sparse=args.lr_sparse, test_prompts=args.test_prompts, subsets=args.subsets,
-                 warmup_steps=min(d.warmup_steps, max(1, args.sft_steps // 10)))
-    # One thread: the model is tiny, and the machine may be shared.
-    torch.set_num_threads(1)
+        args.seeds = args.seeds[:1]
+        s = replace(s, sft_steps=4 if smollm2 else 5, subtasks=s.subtasks[:3], test_prompts=16, subsets=2)
+    if s.sft_steps != d.sft_steps:  # a shorter run warms up for a tenth of it at most
+        s = replace(s, warmup_steps=min(d.warmup_steps, max(1, s.sft_steps // 10)))
+    # The tiny model runs on one thread (the machine may be shared); SmolLM2 needs every core.
+    threads = (os.cpu_count() or 1) if smollm2 else 1
+    torch.set_num_threads(threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     t_start = time.time()
-    runs = Path(args.runs)
+    runs = Path(args.runs or ROOT / "runs" / f"experiment-{stem}")
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    base_dir = Path(build_tiny_model(TinyModelSpec()))
-    tokenizer = AutoTokenizer.from_pretrained(base_dir / "model")
-    base = AutoModelForCausalLM.from_pretrained(base_dir / "model", dtype=torch.float32).eval()
+    if smollm2:
+        from rl.tasks.pretrained import build_pretrained
+
+        model_dir = build_pretrained("builtin:smollm2-135m-instruct")
+        base_name, tokenizer = model_dir.parent.name, AutoTokenizer.from_pretrained(model_dir)
+        family = chat_family.ChatFamily(tokenizer)
+    else:
+        model_dir = Path(build_tiny_model(TinyModelSpec())) / "model"
+        base_name, tokenizer, family = model_dir.parent.name, AutoTokenizer.from_pretrained(model_dir), ARITHMETIC
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     for p in base.parameters():
         p.requires_grad_(False)
     base_state = {n: t.clone() for n, t in base.state_dict().items()}
     work = copy.deepcopy(base)  # every evaluated model is base_state + a delta, loaded into this one
 
-    test_rows = {t: make_subtask_problems(t, min(s.test_prompts, split_sizes(t)["test"]), 0, "test") for t in s.subtasks}
-    base_acc = evaluate(work, base_state, {}, tokenizer, list(s.subtasks), test_rows)
+    test_rows = {t: family.problems(t, min(s.test_prompts, family.split_size(t, "test")), 0, "test") for t in s.subtasks}
+    base_acc = evaluate(work, base_state, {}, tokenizer, list(s.subtasks), test_rows, family)
     print(json.dumps({"base_accuracy": base_acc}), flush=True)
     subsets = choose_subsets(s)
 
@@ -334,19 +366,19 @@ def main() -> None:
         for kind in KINDS:
             experts = {}
             for task in s.subtasks:
-                experts[task], info = train_expert(kind, task, seed, s, base, tokenizer, runs, base_dir.name, print)
+                experts[task], info = train_expert(kind, task, seed, s, base, tokenizer, runs, base_name, print, family)
                 experts_info.append(info)
-            k = KINDS[kind](tokenizer, s)
+            k = KINDS[kind](tokenizer, s, family.loss)
             own = {}
             for task in s.subtasks:
-                own[task] = evaluate(work, base_state, k.merge([experts[task]]), tokenizer, [task], test_rows)[task]
+                own[task] = evaluate(work, base_state, k.merge([experts[task]]), tokenizer, [task], test_rows, family)[task]
                 merges.append({"kind": kind, "seed": seed, "size": 1, "subset": [task], "accuracy": {task: own[task]},
                                "ratio": {task: 1.0 if own[task] > 0 else None}})
             diagnostics.append({"kind": kind, "seed": seed, **k.diagnostics([experts[t] for t in s.subtasks])})
             print(json.dumps({"kind": kind, "seed": seed, "own_accuracy": own} | diagnostics[-1]), flush=True)
             for size, combos in subsets.items():
                 for combo in combos:
-                    acc = evaluate(work, base_state, k.merge([experts[t] for t in combo]), tokenizer, list(combo), test_rows)
+                    acc = evaluate(work, base_state, k.merge([experts[t] for t in combo]), tokenizer, list(combo), test_rows, family)
                     ratio = {t: acc[t] / own[t] if own[t] > 0 else None for t in combo}
                     merges.append({"kind": kind, "seed": seed, "size": size, "subset": list(combo), "accuracy": acc, "ratio": ratio})
                 print(json.dumps({"kind": kind, "seed": seed, "size": size,
@@ -355,20 +387,20 @@ def main() -> None:
 
     summary = summarize(merges, s, args.seeds)
     result = {
-        "command": command, "settings": asdict(s), "seeds": args.seeds, "base": base_dir.name,
-        "subtasks": {t: {"description": SUBTASKS[t].description, **split_sizes(t)} for t in s.subtasks},
+        "command": command, "settings": asdict(s), "seeds": args.seeds, "base": base_name, "threads": threads,
+        "subtasks": {t: {"description": family.subtasks[t], **{sp: family.split_size(t, sp) for sp in ("train", "test")}}
+                     for t in s.subtasks},
         "test_prompts": {t: len(rows) for t, rows in test_rows.items()},
         "subsets": {str(k): [list(c) for c in v] for k, v in subsets.items()},
         "base_accuracy": base_acc, "experts": experts_info, "merges": merges, "diagnostics": diagnostics,
         "summary": {kind: {str(k): v for k, v in sizes.items()} for kind, sizes in summary.items()},
         "claim": claim_statement(summary, s), "seconds": round(time.time() - t_start, 1),
     }
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    plot(summary, s, out / "merging.png")
-    text = report({**result, "summary": summary}, s, command)
-    (out / "merging.md").write_text(text)
-    (out / "merging.json").write_text(json.dumps(result, indent=1))
+    plot(summary, s, out / f"{stem}.png")
+    text = report({**result, "summary": summary}, s, command, stem)
+    (out / f"{stem}.md").write_text(text)
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
     print(text)
 
 

@@ -94,6 +94,14 @@ def _official_client_checks(gw) -> None:
         client.chat.completions.create(model="policy", messages=[{"role": "user", "content": "12+34="}])
     tokens = gw.close_episode(key)
     assert tokens.calls == 1 and tokens.seen == "12+34=" + reply.choices[0].text and "no chat template" in tokens.rejected
+    # Streamed: the same episode seed and call index sample the same reply, delivered as chunks.
+    streamed_key = gw.open_episode(seed=7)
+    chunks = list(openai.OpenAI(base_url=gw.url, api_key=streamed_key, max_retries=0).completions.create(
+        model="policy", prompt="12+34=", max_tokens=100, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == reply.choices[0].text
+    assert [c.choices[0].finish_reason for c in chunks] == [None, reply.choices[0].finish_reason]
+    assert chunks[-1].usage.completion_tokens == reply.usage.completion_tokens and chunks[0].system_fingerprint == "policy-v1"
+    assert gw.close_episode(streamed_key).token_ids == tokens.token_ids
     with pytest.raises(openai.BadRequestError, match="unknown or finished episode"):
         client.completions.create(model="policy", prompt="12+34=", max_tokens=6)
 

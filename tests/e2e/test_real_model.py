@@ -155,3 +155,37 @@ def test_gateway_keeps_a_chat_episodes_tokens_through_the_chat_template(smollm2)
     assert tok.decode(added).startswith("\n<|im_start|>user\nAnd 3+3?") and added.count(end) == 1  # the new turn's own end
     # What the engine sees is the conversation as the template writes it, token for token.
     assert tok.decode(ids) == text
+
+
+def test_the_chat_task_family_of_the_adapter_experiments(smollm2):
+    """experiments/chat_family.py on the real model: prompts through its chat template, the base already does
+    `first` in part, a short LoRA SFT raises `upper` from near 0, and the answer-only SFT loss is the full-logits loss."""
+    import copy
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from experiments import chat_family as cf
+    from experiments import family_experts as fx
+    from rl.tasks.tiny_sft import encode_sft_batch, sft_loss
+
+    tok = AutoTokenizer.from_pretrained(smollm2)
+    family = cf.ChatFamily(tok)
+    base = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
+    rows = family.problems("first", 32, 0, "test")
+    assert rows[0]["prompt"] == tok.apply_chat_template(
+        [{"role": "system", "content": cf.SYSTEM}, *cf.DEMONSTRATION, {"role": "user", "content": rows[0]["question"]}],
+        tokenize=False, add_generation_prompt=True)
+    assert family.accuracy(base, tok, rows, "first") >= 0.5  # measured 0.85 on 40 prompts
+
+    batch = encode_sft_batch(tok, family.problems("add", 4, 0, "train"))
+    with torch.no_grad():
+        torch.testing.assert_close(cf.answer_loss(base, batch), sft_loss(base, batch), rtol=1e-5, atol=1e-5)
+
+    upper = family.problems("upper", 32, 0, "test")
+    s = fx.Settings(**{**cf.EXPERT_SETTINGS, "sft_steps": 6, "batch_size": 8, "warmup_steps": 1})
+    kind = fx.LoraKind(tok, s, family.loss)
+    model, params = kind.prepare(copy.deepcopy(base), [])
+    torch.manual_seed(0)
+    fx.sft(model, tok, params, family.problems("upper", 48, 0, "train"), s.lr_lora, s, family.loss)
+    assert family.accuracy(model, tok, upper, "upper") > family.accuracy(base, tok, upper, "upper") + 0.2

@@ -89,3 +89,29 @@ def test_one_call_at_a_time_per_episode(tok):
     with pytest.raises(BadRequest, match="one call at a time per episode"):
         gw.complete(key, "1+2=", {})
     assert gw.episodes[key].busy  # the call in flight keeps its claim
+
+
+@pytest.mark.parametrize("kind", ["chat.completion", "text_completion"])
+def test_a_streamed_reply_is_chunks_the_openai_client_reads(kind):
+    """``stream_chunks`` of a whole response: chunks of the openai package's own types, whose text adds up to the
+    reply, with the finish reason and usage on the last."""
+    from openai.types import Completion as TextCompletion
+    from openai.types.chat import ChatCompletionChunk
+
+    from rl.gateway import stream_chunks
+
+    chat = kind == "chat.completion"
+    choice = {"message": {"role": "assistant", "content": "46"}} if chat else {"text": "46"}
+    response = {"id": "x-1", "object": kind, "created": 1, "model": "policy", "system_fingerprint": "policy-v2", "policy_version": 2,
+                "choices": [{"index": 0, "finish_reason": "length", "logprobs": None, **choice}],
+                "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}}
+    raw = stream_chunks(response)
+    if chat:
+        last = [ChatCompletionChunk.model_validate(c) for c in raw][-1]
+        text = "".join(c["choices"][0]["delta"].get("content", "") for c in raw)
+    else:  # a text chunk's finish reason stays null until the last, as in the API's own stream; the type does not
+        # allow null (the client builds chunks without validating them), so only the last is validated
+        last = TextCompletion.model_validate(raw[-1])
+        text = "".join(c["choices"][0]["text"] for c in raw)
+    assert text == "46" and [c["choices"][0]["finish_reason"] for c in raw] == [None, "length"]
+    assert last.usage.total_tokens == 7 and {c["system_fingerprint"] for c in raw} == {"policy-v2"}
