@@ -34,10 +34,12 @@ DEMONSTRATION = ({"role": "user", "content": "What is the capital of France?"}, 
 MAX_NEW_TOKENS = 20  # enough for the base model's one-sentence answers; an expert answers in 2-4 tokens
 # The experts' settings (experiments.family_experts.Settings fields) on this family, shared by the Arrow/MBC and
 # merging experiments so that both use the same cached LoRA experts. 24 SFT steps of 16 (~85 s per LoRA expert on
-# 2 cores) take each task well above the base; lr 2e-3 (LoRA) from a probe on `sub`: 7% -> 19% after 20 steps, 33% after 40.
+# 2 cores) take each task well above the base. Probes (seed 0, 64 test prompts): LoRA lr 2e-3 on `sub`, 7% -> 19% after
+# 20 steps of 16, 33% after 40; full lr 3e-5 on `upper`, 3% -> 50% after these 24. The sparse lr (3e-4, ten times full's:
+# a sparse adapter trains 5% of the projections' entries) is not probed.
 LIBRARY_TASKS = ("add", "mul", "max", "lastdigit", "upper", "first")  # the experts; `sub` and `last` are held out
 EXPERT_SETTINGS = dict(family="smollm2-chat", subtasks=LIBRARY_TASKS, sft_steps=24, batch_size=16, warmup_steps=3, lr_lora=2e-3,
-                       lr_full=3e-5, lr_sparse=3e-4, test_prompts=64)
+                       lr_full=3e-5, lr_sparse=3e-4, calibration_chunk=16, test_prompts=64)
 _WORD_TOKEN = re.compile(r"Ġ([a-z]{4,7})")  # a word-initial token of the byte-level BPE vocabulary
 
 

@@ -84,6 +84,7 @@ class Settings:
     lora_alpha: int = 16
     keep_ratio: float = 0.05
     calibration_rows: int = 256  # the SNIP batch (train split of the sub-task)
+    calibration_chunk: int = 0  # rows per backward of the SNIP batch (0: all at once); their gradients add up to the batch's
     test_prompts: int = 500  # per sub-task (fewer where its test split is smaller)
     subsets: int = 5  # random subsets per size below the whole family
     subset_seed: int = 0
@@ -182,19 +183,29 @@ class SparseKind(Kind):
         """The mask: SNIP scores |W * dL/dW| of the sub-task's SFT loss on ``calibration``, at the base weights."""
         names = [f"{n}.weight" for n, m in model.named_modules()
                  if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in PROJECTIONS]
-        calib = encode_sft_batch(self.tokenizer, calibration)
         for n, p in model.named_parameters():
             p.requires_grad_(n in names)
         model.zero_grad(set_to_none=True)
-        self.loss(model, calib).backward()
+        self._batch_gradient(model, calibration)
         masks = connection_sensitivity_mask(*sensitivity_inputs(model, names), keep_ratio=self.s.keep_ratio)
         model.zero_grad(set_to_none=True)
         self.adapter = SparseAdapter(masks)
         self.adapter.attach(model)
         return model, list(self.adapter.parameters())
 
+    def _batch_gradient(self, model, rows: list[dict]) -> None:
+        """Accumulate d(mean SFT loss over ``rows``' labelled tokens)/dW, ``s.calibration_chunk`` rows per backward
+        (SmolLM2 keeps ~2 MB of activations per position: 256 rows at once would need ~28 GB)."""
+        chunk = self.s.calibration_chunk or len(rows)
+        batches = [encode_sft_batch(self.tokenizer, rows[i : i + chunk]) for i in range(0, len(rows), chunk)]
+        total = sum(int((b["labels"] != -100).sum()) for b in batches)
+        for b in batches:  # each chunk's mean loss, weighted by its share of the labelled tokens
+            weight = int((b["labels"] != -100).sum()) / total
+            (self.loss(model, b) * weight if len(batches) > 1 else self.loss(model, b)).backward()
+
     def key_fields(self) -> dict:
-        return {"keep_ratio": self.s.keep_ratio, "calibration_rows": self.s.calibration_rows}
+        chunk = {"calibration_chunk": self.s.calibration_chunk} if self.s.calibration_chunk else {}  # 0 keeps older keys
+        return {"keep_ratio": self.s.keep_ratio, "calibration_rows": self.s.calibration_rows, **chunk}
 
     def save(self, model, base_state, out: Path) -> int:
         self.adapter.save(out, selection="snip", keep_ratio=self.s.keep_ratio, block_size=None)

@@ -61,6 +61,8 @@ from rl.tasks.tiny_sft import encode_sft_batch  # noqa: E402
 STARTS = ("base", "per-task merge", "per-task Arrow", "MBC merge", "MBC Arrow")  # the compared starts (RL from each too)
 OWN = "own expert"  # each library task scored with its own per-task expert alone: the ceiling a library start aims at
 BEST = "best single expert"  # the per-task expert best on the held-out tasks, alone: what a router choosing one could reach
+EXPERT = "expert"  # the key of BEST's entry that names the expert
+MERGING_REPORT = {"arithmetic": "[merging.md](merging.md)", "smollm2-chat": "[merging-smollm2.md](merging-smollm2.md)"}
 
 
 def lora_state(d: Path) -> dict[str, torch.Tensor]:
@@ -164,7 +166,7 @@ def best_single_expert(dirs: dict[str, Path], s, base, tokenizer, test_rows: dic
     scores = {e: experts.evaluate(model, base_state, kind.merge([kind.load(d)]), tokenizer, held, test_rows, family)
               for e, d in dirs.items()}
     best = max(scores, key=lambda e: statistics.mean(scores[e].values()))
-    return {**scores[best], "expert": best}
+    return {**scores[best], EXPERT: best}
 
 
 def experts_arrow(lib: AdapterLibrary, names: list[str], base, top_k: int):
@@ -210,7 +212,9 @@ def rl_runs(args, libs: dict[str, tuple[Path, list[str]]], model_dir: Path, trai
 def report(result: dict, args, command: str) -> str:
     from rl.metrics import describe_machine
 
-    held, lib_tasks, seeds, described = args.held_out, result["library_tasks"], args.seeds, result["descriptions"]
+    held, lib_tasks, seeds = args.held_out, result["library_tasks"], args.seeds
+    described = result.get("descriptions", experts.ARITHMETIC.subtasks)  # runs before the chat family lack these two
+    base_description = result.get("base_description", "the embedded model (2-digit addition)")
     zs = result["zero_shot"]  # seed -> start -> task -> accuracy
 
     def cell(start: str, tasks: list[str]) -> str:
@@ -227,11 +231,11 @@ def report(result: dict, args, command: str) -> str:
         "",
         "## Protocol",
         "",
-        f"- Base: {result['base_description']}. Library tasks: {', '.join(f'`{t}`' for t in lib_tasks)}; held out (no "
+        f"- Base: {base_description}. Library tasks: {', '.join(f'`{t}`' for t in lib_tasks)}; held out (no "
         f"expert ever trained on them): {', '.join(f'`{t}` ({described[t]})' for t in held)}.",
         f"- Per-task library: one LoRA per library task (r={result['settings']['lora_rank']}, SFT {result['settings']['sft_steps']} "
         f"steps of {result['settings']['batch_size']}, lr {result['settings']['lr_lora']:g}; the experts of "
-        "[merging.md](merging.md), same cache).",
+        f"{MERGING_REPORT.get(result.get('family', 'arithmetic'), 'merging.md')}, same cache).",
         f"- MBC library: the per-task LoRAs clustered into {args.clusters} clusters (`adapters.cluster.cluster_experts`: flattened "
         "LoRA weights, entries below the 0.8 quantile of |x| zeroed, TruncatedSVD, k-means on the cosine-similarity rows, "
         "scikit-learn); one LoRA per cluster trained by SFT on the union of its tasks' data, for the summed steps of its tasks.",
@@ -272,7 +276,10 @@ def report(result: dict, args, command: str) -> str:
               f"- MBC beats one adapter per task: Arrow {100 * held_mean('MBC Arrow'):.1f}% vs {100 * held_mean('per-task Arrow'):.1f}% "
               f"({verdict('MBC Arrow', 'per-task Arrow')}); uniform merge {100 * held_mean('MBC merge'):.1f}% vs "
               f"{100 * held_mean('per-task merge'):.1f}% ({verdict('MBC merge', 'per-task merge')}).",
-              f"- Base: {100 * held_mean('base'):.1f}% on the held-out tasks."]
+              f"- Base: {100 * held_mean('base'):.1f}% on the held-out tasks" + (
+                  f"; the best single library expert alone (an upper bound for a router that picks one expert per task): "
+                  f"{100 * held_mean(BEST):.1f}% ({', '.join(f'seed {sd}: `{zs[str(sd)][BEST][EXPERT]}`' for sd in seeds)})."
+                  if BEST in zs[str(seeds[0])] else ".")]
     rl = result.get("rl")
     if rl:
         lines += ["", f"## GRPO from each start on the held-out tasks (seed {args.rl_seed})", "",
@@ -348,12 +355,13 @@ def main() -> None:
     ap.add_argument("--runs", default=None, help="default: runs/experiment-arrow-mbc[-smollm2]")
     ap.add_argument("--expert-runs", default=None, help="where the per-task experts are cached (default: experiment_merging's)")
     ap.add_argument("--out", default=str(ROOT / "docs" / "experiments"))
+    ap.add_argument("--report-only", action="store_true", help="write the report again from <out>/arrow-mbc[-smollm2].json")
     args = ap.parse_args()
     command = "python scripts/experiment_arrow_mbc.py" + (" " + " ".join(sys.argv[1:]) if len(sys.argv) > 1 else "")
     smollm2 = args.family == "smollm2"
     s = dataclasses.replace(experts.Settings(), **EXPERT_SETTINGS) if smollm2 else experts.Settings()
     args.held_out = args.held_out or (["sub", "last"] if smollm2 else ["sub", "add3"])
-    args.test_prompts = args.test_prompts or s.test_prompts if smollm2 else args.test_prompts or 256
+    args.test_prompts = args.test_prompts or (s.test_prompts if smollm2 else 256)
     args.no_rl = args.no_rl or smollm2  # GRPO from each start is on the embedded family only
     if args.sft_steps:
         s = dataclasses.replace(s, sft_steps=args.sft_steps)
@@ -366,6 +374,12 @@ def main() -> None:
     torch.set_num_threads(os.cpu_count() or 1)
     t0 = time.time()
     stem = "arrow-mbc-smollm2" if smollm2 else "arrow-mbc"
+    if args.report_only:  # the run's own seeds; the other settings are this command's (give the run's options)
+        result = json.loads((Path(args.out) / f"{stem}.json").read_text())
+        args.seeds = [int(sd) for sd in result["zero_shot"]]
+        result.setdefault("command", command.replace(" --report-only", ""))
+        (Path(args.out) / f"{stem}.md").write_text(report(result, args, result["command"]))
+        return
     runs = Path(args.runs or ROOT / "runs" / f"experiment-{stem}")
     args.runs = str(runs)
     default_expert_runs = ROOT / "runs" / ("experiment-merging-smollm2" if smollm2 else "experiment-merging")
@@ -393,7 +407,7 @@ def main() -> None:
     all_tasks = [*args.held_out, *lib_tasks]
     test_rows = {t: family.problems(t, args.test_prompts, 0, "test") for t in all_tasks}
 
-    result = {"family": family.name, "base_description": base_description, "descriptions": family.subtasks,
+    result = {"command": command, "family": family.name, "base_description": base_description, "descriptions": family.subtasks,
               "library_tasks": lib_tasks, "settings": dataclasses.asdict(s), "zero_shot": {}, "clusters": {}}
     libs_for_rl = {}
     for seed in args.seeds:

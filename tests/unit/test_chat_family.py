@@ -81,19 +81,42 @@ def test_the_answer_check(completion, answer, case_sensitive, correct):
     assert cf.is_correct(completion, answer, case_sensitive) is correct
 
 
-def test_answer_loss_equals_the_full_logits_loss():
-    """The LM head at the labelled positions only gives the cross-entropy of the full [N, L, V] logits."""
+class CharIds:
+    """A character tokenizer over digits and a few symbols (what ``encode_sft_batch`` reads of a tokenizer)."""
+
+    eos_token_id, pad_token_id = 1, 0
+
+    def __call__(self, texts, add_special_tokens=False):
+        return {"input_ids": [[2 + "0123456789+-=?".index(c) for c in t] for t in texts]}
+
+
+def _tiny_llama():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
+    return LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
 
-    class Ids:  # a character tokenizer over digits and a few symbols
-        eos_token_id, pad_token_id = 1, 0
 
-        def __call__(self, texts, add_special_tokens=False):
-            return {"input_ids": [[2 + "0123456789+-=?".index(c) for c in t] for t in texts]}
-
-    batch = encode_sft_batch(Ids(), [{"prompt": "12+3=", "answer": "15"}, {"prompt": "7-2=", "answer": "5"}])
+def test_answer_loss_equals_the_full_logits_loss():
+    """The LM head at the labelled positions only gives the cross-entropy of the full [N, L, V] logits."""
+    model = _tiny_llama()
+    batch = encode_sft_batch(CharIds(), [{"prompt": "12+3=", "answer": "15"}, {"prompt": "7-2=", "answer": "5"}])
     torch.testing.assert_close(cf.answer_loss(model, batch), sft_loss(model, batch), rtol=1e-6, atol=1e-6)
+
+
+def test_the_sparse_experts_calibration_gradient_is_the_same_in_chunks():
+    """SNIP's gradient of the calibration batch, taken a few rows per backward (answers of different lengths), is
+    the whole batch's: chunking only bounds memory."""
+    from experiments import family_experts as fx
+
+    rows = [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a, b in [(1, 2), (12, 34), (99, 99), (5, 50), (7, 3), (60, 47), (8, 8)]]
+    grads = {}
+    for chunk in (0, 3):
+        model = _tiny_llama()
+        kind = fx.SparseKind(CharIds(), fx.Settings(calibration_chunk=chunk), sft_loss)
+        kind._batch_gradient(model, rows)
+        grads[chunk] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert grads[0].keys() == grads[3].keys() and len(grads[0]) > 0
+    for n in grads[0]:
+        torch.testing.assert_close(grads[3][n], grads[0][n], rtol=1e-5, atol=1e-7)
