@@ -7,6 +7,7 @@ import os
 import pty
 import re
 import select
+import signal
 import subprocess
 import time
 from dataclasses import dataclass
@@ -62,6 +63,12 @@ def run_on_a_terminal(cmd: list[str], timeout: float = 600, env: Optional[dict] 
             out += chunk
         elif proc.poll() is not None:
             break
+    else:  # past the deadline: stop the run as Ctrl-C would (it stops its workers), so no run outlives its test
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
     proc.wait(timeout=60)
     os.close(main)
     return TerminalRun(proc.returncode, ANSI.sub(" ", out.decode(errors="replace")).replace("\r", "\n"))
