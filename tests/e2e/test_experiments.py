@@ -61,16 +61,19 @@ def test_arrow_mbc_quick(tmp_path):
     run_script("experiment_arrow_mbc.py", tmp_path)
     report = (tmp_path / "out" / "arrow-mbc.md").read_text()
     assert report.startswith("# Arrow routing and MBC") and "Reproduce: `python scripts/experiment_arrow_mbc.py --quick" in report
-    for start in ("base", "own expert", "per-task merge", "per-task Arrow", "per-task Arrow top-1", "MBC merge", "MBC Arrow"):
+    for start in ("base", "own expert", "best single expert", "per-task merge", "per-task Arrow", "per-task Arrow top-1", "MBC merge",
+                  "MBC Arrow"):
         assert f"| {start} |" in report, start
     assert "## The paper's claims at this scale" in report and "## GRPO from each start" in report
     assert (tmp_path / "out" / "arrow-mbc-rl.png").stat().st_size > 0
     result = json.loads((tmp_path / "out" / "arrow-mbc.json").read_text())
     zero_shot = result["zero_shot"]["0"]
     starts = {"base", "per-task merge", "per-task Arrow", "MBC merge", "MBC Arrow"}
-    assert set(zero_shot) == starts | {"own expert", "per-task Arrow top-1", "MBC Arrow top-1"}
+    assert set(zero_shot) == starts | {"own expert", "best single expert", "per-task Arrow top-1", "MBC Arrow top-1"}
     assert set(zero_shot["own expert"]) == set(result["library_tasks"])  # no expert of a held-out task
-    assert all(0.0 <= a <= 1.0 for accs in zero_shot.values() for a in accs.values())
+    best = zero_shot.pop("best single expert")  # the held-out tasks' accuracies of one library expert, and its name
+    assert best.pop("expert") in result["library_tasks"] and set(best) == {"sub", "add3"}
+    assert all(0.0 <= a <= 1.0 for accs in [*zero_shot.values(), best] for a in accs.values())
     clusters = result["clusters"]["0"]
     assert sorted(t for members in clusters for t in members) == sorted(result["library_tasks"])  # a partition
     assert set(result["rl"]) == {"base", "MBC merge", "MBC Arrow"} and all(0.0 <= r["after"] <= 1.0 for r in result["rl"].values())
