@@ -146,11 +146,21 @@ def make_subtask_problems(name: str, n: int, seed: int, split: str, *, test_frac
     if not pool:
         raise ValueError(f"sub-task {name!r} has no {split} problems at test_fraction {test_fraction}")
     rng = random.Random(f"arithmetic_family/{name}/{split}/{test_fraction}/{seed}")
-    out: list[dict] = []
+    return [{"prompt": p, "answer": a} for p, a in draw(pool, n, rng)]
+
+
+def draw(pool: tuple, n: int, rng: random.Random) -> list:
+    """``n`` items of ``pool`` in ``rng``'s order: distinct while the pool has that many, then the pool again in a
+    new order (for long SFT streams).
+
+    >>> draw((1, 2, 3), 5, random.Random(0))
+    [1, 3, 2, 3, 2]
+    """
+    out: list = []
     while len(out) < n:
         order = list(pool)
         rng.shuffle(order)
-        out.extend({"prompt": p, "answer": a} for p, a in order[: n - len(out)])
+        out.extend(order[: n - len(out)])
     return out
 
 

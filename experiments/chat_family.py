@@ -27,6 +27,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from experiments.arithmetic_family import draw
 from rl.tasks.arithmetic import SPLITS, in_test_split
 
 SYSTEM = "Reply with the answer only."
@@ -141,12 +142,7 @@ class ChatFamily:
         if not pool:
             raise ValueError(f"chat sub-task {name!r} has no {split} problems ({len(self.words)} vocabulary words)")
         rng = random.Random(f"chat_family/{name}/{split}/{self.test_fraction}/{seed}")
-        out: list[dict] = []
-        while len(out) < n:
-            order = list(pool)
-            rng.shuffle(order)
-            out.extend({"prompt": chat_prompt(self.tokenizer, q), "answer": a, "question": q} for q, a in order[: n - len(out)])
-        return out
+        return [{"prompt": chat_prompt(self.tokenizer, q), "answer": a, "question": q} for q, a in draw(pool, n, rng)]
 
     def split_size(self, name: str, split: str) -> int:
         return len(_pool(name, self.words, split, self.test_fraction))
