@@ -201,7 +201,7 @@ class SparseKind(Kind):
         total = sum(int((b["labels"] != -100).sum()) for b in batches)
         for b in batches:  # each chunk's mean loss, weighted by its share of the labelled tokens
             weight = int((b["labels"] != -100).sum()) / total
-            (self.loss(model, b) * weight if len(batches) > 1 else self.loss(model, b)).backward()
+            (self.loss(model, b) * weight).backward()  # one batch: weight is exactly 1.0
 
     def key_fields(self) -> dict:
         chunk = {"calibration_chunk": self.s.calibration_chunk} if self.s.calibration_chunk else {}  # 0 keeps older keys
