@@ -5,6 +5,7 @@ one collective its ranks use to agree on a number."""
 from __future__ import annotations
 
 import os
+import tempfile
 from typing import Optional
 
 import torch
@@ -88,5 +89,8 @@ def init_distributed(rank: int, world_size: int, master_addr: str, master_port: 
         iface = interface_of(node_ip())
         if iface and "GLOO_SOCKET_IFNAME" not in os.environ:
             os.environ["GLOO_SOCKET_IFNAME"] = iface
-    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    # One rank meets no one: a file store, no port that another process could take in the meantime.
+    init_method = f"file://{tempfile.mkdtemp(prefix='rl-rendezvous-')}/store" if world_size == 1 else None
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", init_method=init_method,
+                               rank=rank, world_size=world_size)
     return device

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import random
 import socket
 import sys
 import time
@@ -41,9 +42,30 @@ def init_ray(num_cpus_needed: float, verbose: bool = True) -> None:
     )
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = open("/proc/sys/net/ipv4/ip_local_port_range").read().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+def free_port(low: int = 20000) -> int:
+    """A port free now, for another process to listen on later. Drawn at random from below the kernel's
+    ephemeral range: a port the kernel handed out (``bind(0)``) can go to any outgoing connection before
+    the listener binds it (an ``EADDRINUSE`` at rendezvous); these ports are taken only by explicit binds.
+    Above Ray's worker ports (10002-19999)."""
+    start, end = _ephemeral_range()
+    candidates = range(low, start) if start - low >= 1000 else range(end + 1, 65536)
+    for port in random.SystemRandom().sample(candidates, min(64, len(candidates))):
+        with socket.socket() as s:
+            try:
+                s.bind(("", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # every draw taken: fall back to what the kernel offers
+        s.bind(("", 0))
         return s.getsockname()[1]
 
 
