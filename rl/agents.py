@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from rl.episodes import Episode
@@ -34,7 +35,8 @@ class AgentRunner:
 
         self.cfg, self.data_cfg = cfg, data_cfg
         self.fn: Callable[..., Any] = load_plugin(cfg.fn, "agent function")
-        self.gateway = Gateway(tokenizer, SamplingSpec(), max_model_len)
+        template = Path(cfg.chat_template).read_text() if cfg.chat_template else None
+        self.gateway = Gateway(tokenizer, SamplingSpec(), max_model_len, tool_parser=cfg.tool_parser, chat_template=template)
         self._started = False
 
     def close(self) -> None:

@@ -128,6 +128,13 @@ class AgentConfig(Section):
     concurrency: int = Field(16, ge=1, description="Episodes running at once (their requests are batched into one engine call).")
     timeout_s: float = Field(60.0, gt=0.0, description="An episode past this is abandoned: it scores rewards.fallback "
                              "(counted as agent_timeout).")
+    tool_parser: Optional[str] = Field(
+        None, description="The vLLM tool parser that reads tool calls out of a reply when a request offers `tools` "
+        "(`hermes` for Qwen2.5/Hermes-style <tool_call> JSON, `llama3_json`, `pythonic`, ...). Unset: a request with "
+        "tools is refused.")
+    chat_template: Optional[str] = Field(
+        None, description="A Jinja chat template file the gateway renders chat requests with instead of the model's, "
+        "e.g. docs/guide/examples/chatml_tools.jinja to offer tools to a ChatML model whose own template ignores them.")
 
     @model_validator(mode="after")
     def _check_fn(self) -> "AgentConfig":
@@ -140,6 +147,8 @@ class AgentConfig(Section):
                 raise ValueError(f"agent.fn {self.fn!r}: {e}") from None
             if not callable(fn):
                 raise ValueError(f"agent.fn {self.fn!r} is not a function run_episode(client, prompt, **columns)")
+        if self.chat_template is not None and not Path(self.chat_template).is_file():
+            raise ValueError(f"agent.chat_template {self.chat_template!r}: no such file")
         return self
 
 

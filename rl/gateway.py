@@ -14,6 +14,12 @@ re-tokenized, and tokens the agent or its tools added are masked out of the loss
 differs from what the episode sampled, that asks for another temperature, n > 1, stop strings, or a context
 past ``rollout.max_model_len`` is refused with HTTP 400 and marks its episode failed. Requests of all running
 episodes are batched into one engine call; each request's seed is fixed by its episode and call index.
+
+Tools (``tools`` in a chat request) need ``agent.tool_parser``, one of vLLM's tool parsers (``hermes``,
+``llama3_json``, ``pythonic``, ...), which reads the calls out of a reply into ``message.tool_calls``
+(``finish_reason: "tool_calls"``), and a chat template that writes the tools into the prompt (the model's own, or
+``agent.chat_template``); a template that ignores them is refused, never silently dropped. When the agent sends
+such a message back, the gateway writes the reply's own text in its place: the history stays the engine's tokens.
 """
 
 from __future__ import annotations
@@ -59,6 +65,7 @@ class EpisodeTokens:
     closed: bool = False
     busy: bool = False  # a call is in flight (an episode is one sequence: its calls come one after another)
     last_special: str = ""  # the decoded stop token the last reply ended with ("" if none)
+    tool_call_replies: dict[str, str] = field(default_factory=dict)  # tool call id -> the text of the reply that made it
 
     def context(self, text: str, tokenizer) -> list[int]:
         """The ids to sample from for a request whose full text is ``text``; appends the agent's new tokens."""
@@ -104,8 +111,13 @@ class Gateway:
     """The HTTP server (uvicorn in a thread) and the batcher that feeds the engines. ``open_episode`` gives an
     agent its API key; ``close_episode`` takes its tokens back."""
 
-    def __init__(self, tokenizer, sampling: SamplingSpec, max_model_len: int, model_name: str = "policy"):
+    def __init__(self, tokenizer, sampling: SamplingSpec, max_model_len: int, model_name: str = "policy",
+                 tool_parser: Optional[str] = None, chat_template: Optional[str] = None):
+        """``tool_parser``: a vLLM tool parser's name (a request with tools is refused without one);
+        ``chat_template``: a Jinja chat template used instead of the model's."""
         self.tokenizer, self.sampling, self.max_model_len, self.model_name = tokenizer, sampling, max_model_len, model_name
+        self.chat_template = chat_template
+        self.tool_parser = load_tool_parser(tool_parser, tokenizer) if tool_parser else None
         self.episodes: dict[str, EpisodeTokens] = {}
         self._lock = threading.Lock()
         self._queue: queue.Queue = queue.Queue()
@@ -169,6 +181,13 @@ class Gateway:
             ep = self.episodes.get(key)
         if ep is not None and not ep.rejected:
             ep.rejected = message
+
+    def episode(self, key: str) -> EpisodeTokens:
+        with self._lock:
+            ep = self.episodes.get(key)
+        if ep is None:
+            raise BadRequest("unknown or finished episode: use the API key the run gave this episode")
+        return ep
 
     def complete(self, key: str, text: str, body: dict) -> tuple[EpisodeTokens, Completion]:
         """Sample the reply to one request of episode ``key`` whose full text is ``text``."""
@@ -252,32 +271,59 @@ class Gateway:
 
     def _response(self, kind: str, ep: EpisodeTokens, reply: Completion, choice: dict) -> dict:
         """The OpenAI-shaped response to one request, with the policy version that produced it."""
+        finish_reason = "stop" if reply.finish_reason == "stop" else "length"
+        if choice.get("message", {}).get("tool_calls"):
+            finish_reason = "tool_calls"
         return {
             "id": f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{uuid.uuid4().hex[:24]}", "object": kind,
             "created": int(time.time()), "model": self.model_name,
             "system_fingerprint": f"policy-v{reply.policy_version}", "policy_version": reply.policy_version,
-            "choices": [{"index": 0, "finish_reason": "stop" if reply.finish_reason == "stop" else "length", "logprobs": None,
-                         **choice}],
+            "choices": [{"index": 0, "finish_reason": finish_reason, "logprobs": None, **choice}],
             "usage": {"prompt_tokens": len(ep.prompt_ids) + len(ep.token_ids) - len(reply.token_ids),
                       "completion_tokens": len(reply.token_ids),
                       "total_tokens": len(ep.prompt_ids) + len(ep.token_ids)},
         }
 
-    def _chat_text(self, body: dict) -> str:
-        """A chat request's conversation as the model's chat template writes it."""
-        messages = body.get("messages")
+    def _chat_text(self, body: dict, ep: EpisodeTokens) -> str:
+        """A chat request's conversation as the chat template writes it, tools included; an assistant message
+        with tool calls this episode's replies made is written as that reply's own text."""
+        messages, tools = body.get("messages"), body.get("tools") or None
         if not isinstance(messages, list) or not messages:
             raise BadRequest("messages must be a non-empty list")
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise BadRequest("this model has no chat template: use /v1/completions with a prompt")
+        if not (self.chat_template or getattr(self.tokenizer, "chat_template", None)):
+            raise BadRequest("this model has no chat template: use /v1/completions with a prompt, or set agent.chat_template")
+        if tools and self.tool_parser is None:
+            raise BadRequest("this request offers tools, but the run has no agent.tool_parser to read the calls out of a "
+                             "reply (e.g. hermes): set it, or describe the tools in a message")
+        if body.get("tool_choice") not in (None, "auto", "none"):
+            raise BadRequest(f"tool_choice {body['tool_choice']!r}: only 'auto' and 'none' (a forced call would need "
+                             "constrained decoding, which the trainer's logprobs do not know of)")
         try:
-            return self.tokenizer.apply_chat_template([{"role": m["role"], "content": m.get("content") or ""} for m in messages],
-                                                      tokenize=False, add_generation_prompt=True)
-        except (KeyError, TypeError) as e:
-            raise BadRequest(f"malformed messages: {e}") from None
+            messages = [_template_message(m, ep.tool_call_replies) for m in messages]
+            text = self._render(messages, tools)
+        except (KeyError, TypeError, AttributeError) as e:
+            raise BadRequest(f"malformed messages: {type(e).__name__}: {e}") from None
+        if tools and text == self._render(messages, None):
+            raise BadRequest("the chat template ignores `tools` (the model would never see them): set agent.chat_template "
+                             "to one that writes them, e.g. docs/guide/examples/chatml_tools.jinja for a ChatML model")
+        return text
+
+    def _render(self, messages: list[dict], tools: Optional[list]) -> str:
+        return self.tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True,
+                                                  chat_template=self.chat_template)
+
+    def _chat_choice(self, ep: EpisodeTokens, reply: Completion, body: dict) -> dict:
+        """The assistant message of a reply: its tool calls read out when the request offered tools."""
+        message: dict[str, Any] = {"role": "assistant", "content": reply.text}
+        if body.get("tools") and body.get("tool_choice") != "none":
+            content, calls = read_tool_calls(self.tool_parser, reply.text, body)
+            if calls:
+                message = {"role": "assistant", "content": content, "tool_calls": calls}
+                ep.tool_call_replies.update({c["id"]: reply.text for c in calls})
+        return {"message": message}
 
     @staticmethod
-    def _prompt_text(body: dict) -> str:
+    def _prompt_text(body: dict, ep: EpisodeTokens) -> str:
         prompt = body.get("prompt")
         if not isinstance(prompt, str):
             raise BadRequest("prompt must be one string")
@@ -296,16 +342,17 @@ class Gateway:
         def serve(request_key: str, text_of, body: dict, kind: str, choice_of) -> Any:
             try:
                 try:
-                    text = text_of(body)
+                    text = text_of(body, self.episode(request_key))
                 except BadRequest as e:
                     self.reject(request_key, str(e))
                     raise
                 ep, reply = self.complete(request_key, text, body)
+                choice = choice_of(ep, reply, body)
             except BadRequest as e:
                 return error(str(e))
             except Exception as e:  # the engines failed: the agent sees a server error, the run finds out too
                 return error(f"{type(e).__name__}: {e}", 500)
-            response = self._response(kind, ep, reply, choice_of(reply))
+            response = self._response(kind, ep, reply, choice)
             if not body.get("stream"):
                 return response
             events = [f"data: {json.dumps(chunk)}\n\n" for chunk in stream_chunks(response)] + ["data: [DONE]\n\n"]
@@ -313,12 +360,11 @@ class Gateway:
 
         @app.post("/v1/chat/completions")
         def chat(body: dict, request: Request):
-            return serve(key_of(request), self._chat_text, body, "chat.completion",
-                         lambda r: {"message": {"role": "assistant", "content": r.text}})
+            return serve(key_of(request), self._chat_text, body, "chat.completion", self._chat_choice)
 
         @app.post("/v1/completions")
         def completions(body: dict, request: Request):
-            return serve(key_of(request), self._prompt_text, body, "text_completion", lambda r: {"text": r.text})
+            return serve(key_of(request), self._prompt_text, body, "text_completion", lambda ep, r, body: {"text": r.text})
 
         @app.get("/v1/models")
         def models():
@@ -339,10 +385,51 @@ def stream_chunks(response: dict) -> list[dict]:
     """
     choice = response["choices"][0]
     if response["object"] == "chat.completion":
-        kind, text, done = "chat.completion.chunk", {"delta": {"role": "assistant", "content": choice["message"]["content"]}}, {"delta": {}}
+        message = choice["message"]
+        delta = {"role": "assistant", "content": message["content"]}
+        if message.get("tool_calls"):
+            delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(message["tool_calls"])]
+        kind, text, done = "chat.completion.chunk", {"delta": delta}, {"delta": {}}
     else:
         kind, text, done = "text_completion", {"text": choice["text"]}, {"text": ""}
     head = {k: v for k, v in response.items() if k not in ("object", "choices", "usage")} | {"object": kind}
     last = {"index": 0, **done, "finish_reason": choice["finish_reason"], "logprobs": None}
     return [{**head, "choices": [{"index": 0, **text, "finish_reason": None, "logprobs": None}]},
             {**head, "choices": [last], "usage": response["usage"]}]
+
+
+def _template_message(message: dict, replies: dict[str, str]) -> dict:
+    """One request message as the chat template takes it. An assistant message whose tool calls came from one of
+    this episode's replies becomes that reply's text: the template then writes back exactly what was sampled."""
+    calls = message.get("tool_calls") or []
+    known = {replies.get(c.get("id")) for c in calls}
+    if calls and len(known) == 1 and None not in known:
+        return {"role": "assistant", "content": known.pop()}
+    out = {"role": message["role"], "content": message.get("content") or ""}
+    out.update({k: message[k] for k in ("tool_calls", "tool_call_id", "name") if message.get(k)})
+    return out
+
+
+def load_tool_parser(name: str, tokenizer):
+    """vLLM's tool parser ``name`` for ``tokenizer`` (importing vLLM's parsers takes a few seconds)."""
+    from vllm.tool_parsers import ToolParserManager
+
+    try:
+        return ToolParserManager.get_tool_parser(name)(tokenizer)
+    except KeyError:
+        raise ValueError(f"agent.tool_parser {name!r} is not one of vLLM's tool parsers: "
+                         f"{', '.join(ToolParserManager.list_registered())}") from None
+
+
+def read_tool_calls(parser, text: str, body: dict) -> tuple[Optional[str], list[dict]]:
+    """The tool calls in a reply's ``text`` as OpenAI ``tool_calls`` (arguments a JSON string), and the text
+    outside them; no calls (none written, or not parseable) leaves the whole text as the content."""
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+
+    request = ChatCompletionRequest(model="policy", messages=[{"role": "user", "content": ""}], tools=body["tools"])
+    found = parser.extract_tool_calls(text, request)
+    if not found.tools_called:
+        return text, []
+    calls = [{"id": c.id or f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+              "function": {"name": c.function.name, "arguments": c.function.arguments}} for c in found.tool_calls]
+    return found.content, calls

@@ -77,7 +77,7 @@ def test_two_turn_episodes_train_on_policy_tokens_only(tiny_model_root, ray_sess
         after = run.sample(run.sampler.next_batch(), seed_step=99)  # sampled by the pushed policy
         _episode_checks(run, after)
         engine_gap, trainer_gap = _policy_token_gaps(run, after.completions)
-        ev = run.evaluate()
+        ev, again = run.evaluate(), run.evaluate()
     finally:
         run.stop_workers()
 
@@ -89,7 +89,10 @@ def test_two_turn_episodes_train_on_policy_tokens_only(tiny_model_root, ray_sess
         # Each step trains the policy it sampled with: were an observation token (rollout logprob
         # 0.0) read, this mismatch would be of the order of its logprob, not float noise.
         assert m["logprob_mismatch_max"] < LOGPROB_TOL
-    assert ev["turns_mean"] == 2.0 and 0.0 <= ev["accuracy"] <= 1.0
+    # Greedy two-turn episodes of one policy: every held-out prompt counted once, the same answers twice.
+    n = len(run.test_set)
+    assert ev["turns_mean"] == 2.0 and ev["num_examples"] == n and abs(ev["accuracy"] * n - round(ev["accuracy"] * n)) < 1e-9
+    assert again["accuracy"] == ev["accuracy"] and again["reward_mean"] == ev["reward_mean"]
 
 
 def test_episode_past_max_model_len_scores_fallback_and_run_goes_on(tiny_model_root, ray_session, tmp_path):

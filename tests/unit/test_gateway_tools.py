@@ -1,0 +1,129 @@
+"""Tool calls through the gateway, with the official ``openai`` client over HTTP and vLLM's own tool parser:
+a reply's ``<tool_call>`` becomes ``message.tool_calls``; sent back, that message is written as the reply's own
+text, so the next request extends the engine's tokens; tools the run cannot read, or a template that ignores
+them, are refused. The engine is a scripted stand-in (the real one is tested in tests/e2e/test_agent_gateway.py):
+what is tested here is the HTTP, parsing and bookkeeping layer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from rl.gateway import Gateway
+from rl.tasks.tiny_model import build_tokenizer
+from rollout.types import Completion, SamplingSpec
+
+TEMPLATE = (Path(__file__).parents[2] / "docs/guide/examples/chatml_tools.jinja").read_text()
+TOOLS = [{"type": "function", "function": {"name": "calc", "description": "Evaluate an arithmetic expression.",
+                                           "parameters": {"type": "object", "properties": {"expr": {"type": "string"}},
+                                                          "required": ["expr"]}}}]
+# Written more tightly than the template writes a call back: were the message sent back re-rendered, the
+# conversation would differ from what the engine sampled.
+CALL = '<tool_call>{"name":"calc","arguments":{"expr":"2+3"}}</tool_call>'
+
+
+class ScriptedEngines:
+    """Answers each engine call with the next reply of a script; remembers the ids it was asked to continue."""
+
+    def __init__(self, tokenizer, replies: list[str]):
+        self.tokenizer, self.replies, self.contexts = tokenizer, list(replies), []
+
+    def generate(self, prompts: list[list[int]], spec: SamplingSpec):
+        out = []
+        for ids in prompts:
+            self.contexts.append(list(ids))
+            text = self.replies.pop(0)
+            tokens = self.tokenizer(text, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
+            out.append([Completion(0, [], tokens, text, [-0.25] * len(tokens), "stop", policy_version=4)])
+        return out
+
+
+@pytest.fixture(scope="module")
+def gateway():
+    tok = build_tokenizer()
+    gw = Gateway(tok, SamplingSpec(max_new_tokens=64, temperature=1.0), max_model_len=4096, tool_parser="hermes",
+                 chat_template=TEMPLATE)
+    gw.start()
+    yield gw
+    gw.stop()
+
+
+def _client(gw, key):
+    import openai
+
+    return openai.OpenAI(base_url=gw.url, api_key=key, max_retries=0)
+
+
+def test_a_tool_call_goes_out_as_tool_calls_and_comes_back_as_the_engines_tokens(gateway):
+    gateway.engines = engines = ScriptedEngines(gateway.tokenizer, ["Let me compute. " + CALL, "5"])
+    key = gateway.open_episode(seed=0)
+    client = _client(gateway, key)
+    messages = [{"role": "user", "content": "What is 2+3?"}]
+    first = client.chat.completions.create(model="policy", messages=messages, tools=TOOLS)
+    choice = first.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content == "Let me compute. "
+    (call,) = choice.message.tool_calls
+    assert call.function.name == "calc" and json.loads(call.function.arguments) == {"expr": "2+3"} and call.id
+    # The engine saw the tools: the template wrote them into the prompt.
+    assert "<tools>" in gateway.episodes[key].seen and '"name": "calc"' in gateway.episodes[key].seen
+
+    # Sent back as the client returns it (content, tool_calls), then the tool's result.
+    messages += [choice.message.model_dump(exclude_none=True), {"role": "tool", "tool_call_id": call.id, "content": "5"}]
+    second = client.chat.completions.create(model="policy", messages=messages, tools=TOOLS)
+    assert second.choices[0].finish_reason == "stop" and second.choices[0].message.content == "5"
+    assert not second.choices[0].message.tool_calls
+
+    ep = gateway.close_episode(key)
+    replies = [gateway.tokenizer(t, add_special_tokens=False)["input_ids"] + [gateway.tokenizer.eos_token_id]
+               for t in ("Let me compute. " + CALL, "5")]
+    added = len(ep.token_ids) - len(replies[0]) - len(replies[1])
+    # The first reply's own ids, then the tool response (masked), then the second reply; the second call's
+    # context is exactly the episode so far.
+    assert ep.token_ids[:len(replies[0])] == replies[0] and ep.token_ids[-len(replies[1]):] == replies[1]
+    assert ep.loss_mask == [1] * len(replies[0]) + [0] * added + [1] * len(replies[1]) and added == ep.added_tokens > 0
+    assert engines.contexts[1] == ep.prompt_ids + ep.token_ids[:-len(replies[1])]
+    assert "<tool_response>\n5\n</tool_response>" in ep.seen and not ep.rejected
+
+
+def test_a_streamed_tool_call_arrives_as_a_tool_call_delta(gateway):
+    gateway.engines = ScriptedEngines(gateway.tokenizer, [CALL])
+    client = _client(gateway, gateway.open_episode(seed=0))
+    chunks = list(client.chat.completions.create(model="policy", messages=[{"role": "user", "content": "2+3?"}],
+                                                 tools=TOOLS, stream=True))
+    (call,) = chunks[0].choices[0].delta.tool_calls
+    assert call.index == 0 and call.function.name == "calc" and json.loads(call.function.arguments) == {"expr": "2+3"}
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_a_reply_without_a_call_or_with_tool_choice_none_is_plain_content(gateway):
+    gateway.engines = ScriptedEngines(gateway.tokenizer, ["5", CALL])
+    client = _client(gateway, gateway.open_episode(seed=0))
+    plain = client.chat.completions.create(model="policy", messages=[{"role": "user", "content": "2+3?"}], tools=TOOLS)
+    assert plain.choices[0].message.content == "5" and plain.choices[0].finish_reason == "stop"
+    client = _client(gateway, gateway.open_episode(seed=1))
+    unread = client.chat.completions.create(model="policy", messages=[{"role": "user", "content": "2+3?"}], tools=TOOLS,
+                                            tool_choice="none")
+    assert unread.choices[0].message.content == CALL and not unread.choices[0].message.tool_calls
+
+
+@pytest.mark.parametrize("setup, body, message", [
+    ({"tool_parser": None, "chat_template": TEMPLATE}, {"tools": TOOLS}, "no agent.tool_parser"),
+    ({"tool_parser": "hermes", "chat_template": "{% for m in messages %}{{ m['content'] }}{% endfor %}"}, {"tools": TOOLS},
+     "the chat template ignores `tools`"),
+    ({"tool_parser": "hermes", "chat_template": TEMPLATE}, {"tools": TOOLS, "tool_choice": "required"}, "only 'auto' and 'none'"),
+])
+def test_tools_the_run_cannot_serve_are_refused_before_any_engine_call(setup, body, message):
+    """Refused while the request's text is written (over HTTP that is a 400 that fails the episode, as every
+    refusal: tests/unit/test_gateway_tokens.py)."""
+    from rl.gateway import BadRequest, EpisodeTokens
+
+    gw = Gateway(build_tokenizer(), SamplingSpec(), max_model_len=4096, **setup)  # no engine: none may be called
+    with pytest.raises(BadRequest, match=message):
+        gw._chat_text({"messages": [{"role": "user", "content": "2+3?"}], **body}, EpisodeTokens(seed=0))
+
+
+def test_an_unknown_tool_parser_names_the_known_ones():
+    with pytest.raises(ValueError, match="is not one of vLLM's tool parsers: .*hermes"):
+        Gateway(build_tokenizer(), SamplingSpec(), max_model_len=64, tool_parser="hermez")
