@@ -148,25 +148,16 @@ def one_expert_gap(lib: AdapterLibrary, dirs: dict[str, Path], s, base, tokenize
     return gap
 
 
-def own_expert(dirs: dict[str, Path], s, base, tokenizer, test_rows: dict, family) -> dict[str, float]:
-    """Each library task (a key of ``dirs``) scored with its own expert alone on the base."""
+def single_experts(dirs: dict[str, Path], s, base, tokenizer, test_rows: dict, held: list[str], family) -> tuple[dict, dict]:
+    """Each library expert alone on the base, scored once on its own task and the ``held`` tasks: (its own task's
+    accuracy per task, the held-out accuracies of the expert best on them on average with its name under ``"expert"``)."""
     kind = experts.LoraKind(tokenizer, s)
     base_state = {n: p.detach().clone() for n, p in base.state_dict().items()}
     model = copy.deepcopy(base)
-    return {t: experts.evaluate(model, base_state, kind.merge([kind.load(d)]), tokenizer, [t], test_rows, family)[t]
-            for t, d in dirs.items()}
-
-
-def best_single_expert(dirs: dict[str, Path], s, base, tokenizer, test_rows: dict, held: list[str], family) -> dict:
-    """The library expert with the best mean accuracy on the ``held`` tasks when used alone: its accuracy per held-out
-    task, and its name under ``"expert"``."""
-    kind = experts.LoraKind(tokenizer, s)
-    base_state = {n: p.detach().clone() for n, p in base.state_dict().items()}
-    model = copy.deepcopy(base)
-    scores = {e: experts.evaluate(model, base_state, kind.merge([kind.load(d)]), tokenizer, held, test_rows, family)
+    scores = {e: experts.evaluate(model, base_state, kind.merge([kind.load(d)]), tokenizer, [e, *held], test_rows, family)
               for e, d in dirs.items()}
-    best = max(scores, key=lambda e: statistics.mean(scores[e].values()))
-    return {**scores[best], EXPERT: best}
+    best = max(scores, key=lambda e: statistics.mean(scores[e][t] for t in held))
+    return {e: scores[e][e] for e in dirs}, {**{t: scores[best][t] for t in held}, EXPERT: best}
 
 
 def experts_arrow(lib: AdapterLibrary, names: list[str], base, top_k: int):
@@ -422,9 +413,8 @@ def main() -> None:
                for i, m in enumerate(members)}
         lib_task = make_library(runs / f"library-per-task-seed{seed}", per_task, model_dir)
         lib_mbc = make_library(runs / f"library-mbc-seed{seed}", mbc, model_dir)
-        zs = {"base": {t: family.accuracy(base, tokenizer, rows, t) for t, rows in test_rows.items()},
-              OWN: own_expert(per_task, s, base, tokenizer, test_rows, family),
-              BEST: best_single_expert(per_task, s, base, tokenizer, test_rows, args.held_out, family)}
+        zs = {"base": {t: family.accuracy(base, tokenizer, rows, t) for t, rows in test_rows.items()}}
+        zs[OWN], zs[BEST] = single_experts(per_task, s, base, tokenizer, test_rows, args.held_out, family)
         checks = {"one_expert_max_logit_gap": one_expert_gap(lib_task, per_task, s, base, tokenizer, test_rows), "routing": {}}
         for label, lib, dirs in (("per-task", lib_task, per_task), ("MBC", lib_mbc, mbc)):
             r = zero_shot(lib, dirs, s, base, tokenizer, test_rows, [args.top_k, *args.diagnostic_top_k], family)

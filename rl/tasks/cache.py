@@ -4,8 +4,8 @@ concurrent builds of the same thing agree.
 
 Some builds ship with the package (``rl/tasks/shipped/<kind>/<name>/``, checksummed in ``SHA256SUMS``): a build's
 name hashes everything it is built from (spec, data, format), so a shipped build of the same name is that build,
-made once on one machine. It is copied instead of trained (``rl.tasks.shipped_model``), which makes it the same
-on every CPU (training rounds differently on another CPU model) and saves the build's time.
+made once on one machine. It is copied instead of trained (``rl.tasks.shipped_model``) into ``<name>-shipped``,
+which makes it the same on every CPU (training rounds differently on another CPU model) and saves the build's time.
 """
 
 from __future__ import annotations
@@ -18,13 +18,18 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from rl.tasks.shipped_model import copy_shipped, shipped_build
+from rl.tasks.shipped_model import SHIPPED_SUFFIX, copy_shipped, shipped_build
 
 
 def default_cache_dir() -> Path:
     """``$RL_CACHE_DIR`` if set, else ``~/.cache/rl-post-train``."""
     env = os.environ.get("RL_CACHE_DIR")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "rl-post-train"
+
+
+def build_name(directory: Path) -> str:
+    """The name a cached build was made under: its directory's name, less the suffix a shipped copy is cached with."""
+    return Path(directory).name.removesuffix(SHIPPED_SUFFIX)
 
 
 def _remove_stale_temps(parent: Path, name: str) -> None:
@@ -48,6 +53,11 @@ def cached_build(parent: Path, dirname: str, build: Callable[[Path], dict], labe
     build at once, the first rename wins and the other discards its copy. Returns (directory,
     info) with info None when an existing build was reused.
     """
+    shipped = shipped_build(parent.name, dirname)
+    if shipped is not None:
+        # Cached under a name of its own: a build this machine made of the same name earlier (before it shipped,
+        # and so trained on this CPU) is not the shipped one.
+        dirname += SHIPPED_SUFFIX
     final = parent / dirname
     if (final / "build_info.json").is_file():
         log(f"{label}: reusing {final}")
@@ -55,7 +65,6 @@ def cached_build(parent: Path, dirname: str, build: Callable[[Path], dict], labe
     parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temps(parent, dirname)
     t0 = time.time()
-    shipped = shipped_build(parent.name, dirname)
     if shipped is not None:
         build = lambda out: copy_shipped(shipped, out)  # noqa: E731
         log(f"{label}: {dirname} ships with the package; copying it into {parent}")

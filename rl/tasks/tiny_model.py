@@ -249,16 +249,11 @@ def build_tiny_model(
     half-written cache; when two processes build the same spec at once, the first rename wins
     and the other discards its copy.
     """
-    from rl.tasks.shipped_model import shipped_builder
-
     parent = Path(cache_dir if cache_dir is not None else default_cache_dir()).expanduser() / "tiny"
-    shipped = shipped_builder(spec, lambda out: _write_task_data(spec, out))
-    # A shipped build gets its own cache entry: a machine's earlier local build of the same spec is not it.
-    name = f"{spec.name}-{spec.hash12}" + ("-shipped" if shipped else "")
-    final, info = cached_build(parent, name, shipped or (lambda out: _build_into(spec, out, log)), "tiny model", log)
+    final, info = cached_build(parent, f"{spec.name}-{spec.hash12}", lambda out: _build_into(spec, out, log), "tiny model", log)
     if info is None:
         return final
-    how = "shipped weights" if shipped else f"{info['build_seconds']:.0f} s"
+    how = "shipped with the package" if info.get("shipped") else f"{info['build_seconds']:.0f} s"
     log(f"tiny model: SFT held-out greedy accuracy {info['sft_test_accuracy']:.1%} ({how}) -> {final}")
     return final
 

@@ -44,7 +44,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from rl.tasks.cache import cached_build, default_cache_dir
+from rl.tasks.cache import build_name, cached_build, default_cache_dir
 from rl.tasks.tiny_text import TinyTextSpec
 
 BUILTIN = "builtin:tiny-hh-rm"
@@ -116,9 +116,9 @@ def build_tiny_reward_model(spec: TinyRewardModelSpec = TinyRewardModelSpec(), c
 
     train, test = load_pairs(spec)
     text_dir = Path(build_tiny_text(training_texts(train), spec.text, cache_dir=cache_dir, log=log))
+    spec_fields = {k: v for k, v in dataclasses.asdict(spec).items() if k != "data"}  # the pairs' content, not where the file is
     key = hashlib.sha256(json.dumps({"format": BUILD_FORMAT, "pairs": pairs_hash(train) + pairs_hash(test),
-                                     "text_model": text_dir.name, **{k: v for k, v in dataclasses.asdict(spec).items() if k != "data"}},
-                                    sort_keys=True).encode()).hexdigest()[:12]  # the pairs' content, not where the file is
+                                     "text_model": build_name(text_dir), **spec_fields}, sort_keys=True).encode()).hexdigest()[:12]
     parent = Path(cache_dir if cache_dir is not None else default_cache_dir()).expanduser() / "tiny-rm"
     final, info = cached_build(parent, f"{spec.name}-{key}", lambda out: _build_into(spec, train, test, text_dir, out, log),
                                "tiny reward model", log)

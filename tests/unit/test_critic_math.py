@@ -110,13 +110,17 @@ def test_a_teacher_with_another_tokenizer_is_refused_naming_a_token(tmp_path):
     import shutil
 
     from rl.models import check_same_tokenizer
-    from rl.tasks.shipped_model import SHIPPED_DIR
+    from rl.tasks.shipped_model import shipped_build
+    from rl.tasks.tiny_model import TinyModelSpec
+
+    spec = TinyModelSpec()
+    shipped = shipped_build("tiny", f"{spec.name}-{spec.hash12}") / "model"
 
     mine, theirs = tmp_path / "policy", tmp_path / "teacher"
     for d in (mine, theirs):
         d.mkdir()
         for name in ("tokenizer.json", "tokenizer_config.json"):
-            shutil.copy(SHIPPED_DIR / name, d / name)
+            shutil.copy(shipped / name, d / name)
     check_same_tokenizer(str(theirs), str(mine), "teacher.model")  # same files: accepted
     tok = json.loads((theirs / "tokenizer.json").read_text())
     vocab = tok["model"]["vocab"]

@@ -283,25 +283,34 @@ def test_two_builds_in_fresh_caches_are_identical(tmp_path):
 
 
 def test_default_model_is_the_shipped_one_on_every_machine(tmp_path, monkeypatch):
-    """The default spec is not trained here: the shipped weights (checksum-checked) and generated data, the same
-    build on every CPU; a damaged copy is refused, never used."""
+    """The default spec is not trained here: its shipped build (weights and task data, checksum-checked), the same
+    on every CPU, cached under a name of its own; the data are what the spec generates; a damaged copy is refused,
+    never used."""
     import hashlib
 
     from rl.tasks import shipped_model
+    from rl.tasks.tiny_model import _write_task_data
 
-    path = build_tiny_model(TinyModelSpec(), cache_dir=tmp_path, log=lambda s: None)
+    spec = TinyModelSpec()
+    shipped = shipped_model.shipped_build("tiny", f"{spec.name}-{spec.hash12}")
+    assert shipped is not None
+    path = build_tiny_model(spec, cache_dir=tmp_path, log=lambda s: None)
     info = load_build_info(path)
-    assert info["shipped"] and info["spec_hash"] == TinyModelSpec().hash12 and path.name.endswith("-shipped")
+    assert info["shipped"] and info["spec_hash"] == spec.hash12 and path.name == f"{shipped.name}-shipped"
     weights = (path / "model" / "model.safetensors").read_bytes()
-    assert hashlib.sha256(weights).hexdigest() == shipped_model.SHIPPED_SHA256
+    assert hashlib.sha256(weights).hexdigest() == hashlib.sha256((shipped / "model" / "model.safetensors").read_bytes()).hexdigest()
+    (tmp_path / "generated").mkdir()
+    _write_task_data(spec, tmp_path / "generated")
+    for name in ("train.jsonl", "test.jsonl"):
+        assert (path / "data" / name).read_bytes() == (tmp_path / "generated" / "data" / name).read_bytes()
     rows = [json.loads(line) for line in (path / "data" / "test.jsonl").read_text().splitlines()]
     assert len(rows) == info["sft_test_problems"]
-    damaged = tmp_path / "damaged"
-    shutil.copytree(shipped_model.SHIPPED_DIR, damaged)
-    (damaged / "model.safetensors").write_bytes(weights[:-1] + bytes([weights[-1] ^ 1]))
-    monkeypatch.setattr(shipped_model, "SHIPPED_DIR", damaged)
+    damaged_root = tmp_path / "damaged"
+    shutil.copytree(shipped, damaged_root / "tiny" / shipped.name)
+    (damaged_root / "tiny" / shipped.name / "model" / "model.safetensors").write_bytes(weights[:-1] + bytes([weights[-1] ^ 1]))
+    monkeypatch.setattr(shipped_model, "SHIPPED_ROOT", damaged_root)
     with pytest.raises(RuntimeError, match="sha256"):
-        build_tiny_model(TinyModelSpec(), cache_dir=tmp_path / "other", log=lambda s: None)
+        build_tiny_model(spec, cache_dir=tmp_path / "other", log=lambda s: None)
 
 
 HH_PAIRS = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
@@ -322,7 +331,8 @@ def test_the_rlhf_recipes_models_are_the_shipped_builds(tmp_path, monkeypatch):
     rm = build_tiny_reward_model(spec, cache_dir=tmp_path, log=lambda s: None)
     text = next((tmp_path / "tiny-text").iterdir())
     for built in (rm, text):
-        shipped = shipped_model.SHIPPED_ROOT / built.parent.name / built.name
+        assert built.name.endswith("-shipped")
+        shipped = shipped_model.SHIPPED_ROOT / built.parent.name / built.name.removesuffix("-shipped")
         assert (shipped / shipped_model.CHECKSUMS).is_file(), f"{built.name} was trained here, not shipped"
         assert json.loads((built / "build_info.json").read_text())["shipped"] is True
         weights = built / "model" / "model.safetensors"
@@ -332,7 +342,7 @@ def test_the_rlhf_recipes_models_are_the_shipped_builds(tmp_path, monkeypatch):
     damaged_root = tmp_path / "damaged"
     shutil.copytree(shipped_model.SHIPPED_ROOT / "tiny-rm", damaged_root / "tiny-rm")
     shutil.copytree(shipped_model.SHIPPED_ROOT / "tiny-text", damaged_root / "tiny-text")
-    weights = damaged_root / "tiny-rm" / rm.name / "model" / "model.safetensors"
+    weights = damaged_root / "tiny-rm" / rm.name.removesuffix("-shipped") / "model" / "model.safetensors"
     data = weights.read_bytes()
     weights.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
     monkeypatch.setattr(shipped_model, "SHIPPED_ROOT", damaged_root)
