@@ -1,6 +1,6 @@
 """PPO with a critic and on-policy distillation beside GRPO, at the same rollouts per step on the embedded task.
 
-    .venv/bin/python scripts/experiment_ppo_distill.py                      # 5 arms x 3 seeds + a teacher (~40 min, 2 cores)
+    .venv/bin/python scripts/experiment_ppo_distill.py                      # 7 arms x 3 seeds + a teacher (~55 min, 2 cores)
     .venv/bin/python scripts/experiment_ppo_distill.py --quick --out /tmp/x  # a few steps per arm (the test suite)
 
 Protocol: every arm trains ``--steps`` steps on the same fixed ``--prompts`` training prompts, 32 prompts x 8
@@ -28,6 +28,10 @@ from rl.claims import mean_std  # noqa: E402
 from rl.plot import plot_arm_curves  # noqa: E402
 
 GRPO = "GRPO G=8"
+SMALL = " (small student)"  # the suffix of the arms whose student is SMALL_STUDENT, not the embedded model
+# A quarter of the embedded model's width and half its depth (0.1M parameters, the same character tokenizer),
+# SFT-ed to the same 30% train-split accuracy: a student smaller than its teacher, as distillation is used.
+SMALL_STUDENT = dict(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128)
 
 
 def arms(teacher: str) -> list[Arm]:
@@ -38,7 +42,17 @@ def arms(teacher: str) -> list[Arm]:
         Arm("PPO G=1", "recipes/ppo-arithmetic.yaml", ["algorithm.group_size=1", "data.prompts_per_step=256"]),
         Arm("distill", distill, [f"teacher.model={teacher}", "teacher.reward_coef=0"]),
         Arm("distill + reward", distill, [f"teacher.model={teacher}", "teacher.reward_coef=1"]),
+        Arm(GRPO + SMALL, distill, ["teacher.model=null"]),
+        Arm("distill" + SMALL, distill, [f"teacher.model={teacher}", "teacher.reward_coef=0"]),
     ]
+
+
+def small_student() -> tuple[str, int]:
+    """The small student's model directory (built once, then cached) and its parameter count."""
+    from rl.tasks.tiny_model import TinyModelSpec, build_tiny_model, load_build_info
+
+    root = build_tiny_model(TinyModelSpec(**SMALL_STUDENT))
+    return str(Path(root) / "model"), int(load_build_info(root)["num_parameters"])
 
 
 def train_teacher(args) -> tuple[str, float]:
@@ -74,7 +88,8 @@ EXTRA = {"reverse_kl_first": first_value("teacher_reverse_kl"), "reverse_kl_last
          "value_explained_variance_last": last_mean("value_explained_variance")}
 
 
-def report(results: list[dict], names: list[str], args, command: str, teacher_accuracy: float) -> str:
+def report(results: list[dict], names: list[str], args, command: str, teacher_accuracy: float,
+           small_parameters: int | None = None) -> str:
     from rl.metrics import describe_machine
 
     k = args.k
@@ -82,7 +97,9 @@ def report(results: list[dict], names: list[str], args, command: str, teacher_ac
     def of(name: str) -> list[dict]:
         return [r for r in results if r["arm"] == name]
 
-    start = {key: statistics.mean(r["curve"][0][key] for r in results) for key, _ in METRICS}
+    def start(small: bool) -> str:
+        rs = [r for r in results if r["arm"].endswith(SMALL) == small]
+        return ", ".join(f"{label.format(k=k)} {statistics.mean(r['curve'][0][key] for r in rs):.3f}" for key, label in METRICS)
     lines = [
         "# PPO with a critic and on-policy distillation, beside GRPO", "", f"Reproduce: `{command}`", "",
         f"Machine: {describe_machine()}; one vLLM rollout actor (and one teacher actor for distillation), one DeepSpeed "
@@ -99,6 +116,10 @@ def report(results: list[dict], names: list[str], args, command: str, teacher_ac
         "distillation here recovers what RL taught the teacher; it costs one teacher forward per rollout.",
         "- Every arm: Adam, lr 2e-4 after 5 warm-up steps, clip 0.2, temperature 1, one optimizer step per batch, "
         "token-mean loss, no KL. Wall-clock: the sum of the training steps (evaluations excluded).",
+        *([f"- *{SMALL.strip(' ()')}* arms: a student a quarter as wide and half as deep as the embedded model "
+           f"({small_parameters / 1e6:.2f}M parameters, hidden 64, 2 layers, the same tokenizer), SFT-ed to the same 30% on "
+           "its training split, distilled from the same teacher or trained with GRPO G=8."]
+          if small_parameters else []),
         "", f"## Results ({len(args.seeds)} seeds: {', '.join(map(str, args.seeds))}; mean ± std of the final evaluation)", "",
         f"| arm | final greedy | final mean@{k} | final pass@{k} | rollouts | train s | reverse KL to the teacher, first -> last steps |",
         "|---|---|---|---|---|---|---|"]
@@ -111,8 +132,8 @@ def report(results: list[dict], names: list[str], args, command: str, teacher_ac
                      + f" | {statistics.mean(r['rollouts'] for r in rs):,.0f} | {statistics.mean(r['train_seconds'] for r in rs):.0f}"
                      f" | {kl_cell} |")
     ppo = [r for r in results if r.get("value_explained_variance_last") is not None]
-    lines += ["", f"Before training: greedy {start['greedy']:.3f}, mean@{k} {start['mean_at_k']:.3f}, pass@{k} "
-              f"{start['pass_at_k']:.3f}.", ""]
+    lines += ["", f"Before training: {start(False)}." + (f" Small student: {start(True)}."
+                                                           if any(n.endswith(SMALL) for n in names) else ""), ""]
     if ppo:
         lines.append("The critic's explained variance of the returns over the last quarter of the steps: " + ", ".join(
             f"{name} {statistics.mean(r['value_explained_variance_last'] for r in ppo if r['arm'] == name):.2f}"
@@ -121,10 +142,41 @@ def report(results: list[dict], names: list[str], args, command: str, teacher_ac
     lines += ["![curves](ppo-distill-curves.png)", "", "## Verdicts at this scale", "",
               "From the 95% interval over seeds (Welch) of the difference of final values (A - B), never from the means "
               "alone (rl/claims.py).", ""]
-    for a in ("PPO G=8", "PPO G=1", "distill", "distill + reward"):
-        lines.append(f"- {a} reaches GRPO at the same rollouts (A = {a}, B = {GRPO}):")
-        lines += claim_lines(results, a, GRPO, k)
+    for a, b in (("PPO G=8", GRPO), ("PPO G=1", GRPO), ("distill", GRPO), ("distill + reward", GRPO),
+                 ("distill" + SMALL, GRPO + SMALL)):
+        if a in names and b in names:
+            lines.append(f"- {a} reaches {b.replace(' G=8', '')} at the same rollouts (A = {a}, B = {b}):")
+            lines += claim_lines(results, a, b, k)
     return "\n".join(lines) + "\n"
+
+
+def protocol(args) -> dict:
+    return {k: getattr(args, k) for k in ("seeds", "steps", "prompts", "test_prompts", "eval_every", "k", "teacher_steps")}
+
+
+def kept_results(saved_path: Path, args, teacher_accuracy: float, chosen: list[Arm], small_parameters) -> tuple[list[dict], int | None]:
+    """With ``--arms`` naming some arms, the other arms' results of the saved report, when it was made with the same
+    protocol and teacher (so one report gathers arms run at different times); none otherwise."""
+    if not args.arms or not saved_path.exists():
+        return [], small_parameters
+    saved = json.loads(saved_path.read_text())
+    if saved.get("protocol") != protocol(args) or saved["teacher_accuracy"] != teacher_accuracy:
+        print(f"[ppo-distill] {saved_path}: another protocol or teacher; its other arms are not kept", flush=True)
+        return [], small_parameters
+    ran = {a.name for a in chosen}
+    return [r for r in saved["results"] if r["arm"] not in ran], small_parameters or saved.get("small_parameters")
+
+
+def command_args(argv: list[str]) -> list[str]:
+    """The command line that reproduces the report: without ``--report-only``, and without ``--arms`` (running every
+    arm reproduces a report gathered from several runs; finished runs are reused)."""
+    out, skipping = [], False
+    for a in argv:
+        if a.startswith("--"):
+            skipping = a == "--arms"
+        if not skipping and a != "--report-only":
+            out.append(a)
+    return out
 
 
 def main() -> None:
@@ -133,7 +185,7 @@ def main() -> None:
                     quick_help="three arms, a few steps, one seed: checks the tables are produced")
     ap.add_argument("--teacher-steps", type=int, default=150)
     args = ap.parse_args()
-    command = "python scripts/experiment_ppo_distill.py" + "".join(f" {a}" for a in sys.argv[1:] if a != "--report-only")
+    command = "python scripts/experiment_ppo_distill.py" + "".join(f" {a}" for a in command_args(sys.argv[1:]))
     if args.quick:
         args.seeds, args.steps, args.prompts, args.test_prompts, args.eval_every, args.k = args.seeds[:1], 2, 64, 16, 2, 2
         args.teacher_steps = 2
@@ -141,19 +193,28 @@ def main() -> None:
     out = Path(args.out)
     if args.report_only:
         saved = json.loads((out / "ppo-distill.json").read_text())
-        results, teacher_accuracy = saved["results"], saved["teacher_accuracy"]
+        results, teacher_accuracy, small_parameters = saved["results"], saved["teacher_accuracy"], saved.get("small_parameters")
         names = [n for n in (a.name for a in arms("")) if any(r["arm"] == n for r in results)]
     else:
         teacher, teacher_accuracy = train_teacher(args)
         chosen = choose_arms(arms(teacher), args.arms, ap)
-        names = [a.name for a in chosen]
+        small_parameters = None
+        if any(a.name.endswith(SMALL) for a in chosen):
+            student, small_parameters = small_student()
+            for a in chosen:
+                if a.name.endswith(SMALL):
+                    a.overrides.append(f"model.path={student}")
         results = [run_arm(arm, args, seed, EXTRA) for seed in args.seeds for arm in chosen]
+        kept, small_parameters = kept_results(out / "ppo-distill.json", args, teacher_accuracy, chosen, small_parameters)
+        results = kept + results
+        names = [n for n in (a.name for a in arms("")) if any(r["arm"] == n for r in results)]
         out.mkdir(parents=True, exist_ok=True)
-        (out / "ppo-distill.json").write_text(json.dumps({"teacher_accuracy": teacher_accuracy, "results": results}, indent=1))
+        (out / "ppo-distill.json").write_text(json.dumps({"teacher_accuracy": teacher_accuracy, "small_parameters": small_parameters,
+                                                          "protocol": protocol(args), "results": results}, indent=1))
     plot_arm_curves(results, names, [(key, f"held-out {label.format(k=args.k)}") for key, label in METRICS],
                     out / "ppo-distill-curves.png", "PPO and distillation beside GRPO at 256 rollouts per step (mean over seeds, "
                     "band: min-max)", dashed=lambda arm: arm.startswith("distill"))
-    text = report(results, names, args, command, teacher_accuracy)
+    text = report(results, names, args, command, teacher_accuracy, small_parameters)
     (out / "ppo-distill.md").write_text(text)
     print(text)
 
