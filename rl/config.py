@@ -343,15 +343,20 @@ def default_gpu_counts(recipe: Recipe, cuda_devices: int) -> Recipe:
     """GPU counts the recipe leaves unset follow the machine: on one with a GPU, each engine reserves
     ``rollout.tensor_parallel_size`` GPUs and each trainer rank one, so Ray places them on GPUs it has
     reserved (it no longer hides devices from zero-GPU actors: they would all land on cuda:0 unreserved).
-    On a CPU machine they stay 0. A count set in the recipe is kept.
+    On a CPU machine they stay 0. The engines also capture CUDA graphs there (``rollout.enforce_eager: false``),
+    unless the recipe says otherwise: eager decoding is the CPU's only mode, and several times slower on a GPU.
+    A value set in the recipe is kept.
 
     >>> r = Recipe()
-    >>> default_gpu_counts(r, 1).rollout.num_gpus_per_actor, r.trainer.num_gpus_per_rank
-    (1.0, 1.0)
-    >>> default_gpu_counts(Recipe(), 0).trainer.num_gpus_per_rank
-    0.0
+    >>> default_gpu_counts(r, 1).rollout.num_gpus_per_actor, r.trainer.num_gpus_per_rank, r.rollout.enforce_eager
+    (1.0, 1.0, False)
+    >>> r = default_gpu_counts(Recipe(), 0)
+    >>> r.trainer.num_gpus_per_rank, r.rollout.enforce_eager
+    (0.0, True)
     """
     if cuda_devices:
+        if "enforce_eager" not in recipe.rollout.model_fields_set:
+            recipe.rollout.enforce_eager = False
         if "num_gpus_per_actor" not in recipe.rollout.model_fields_set:
             recipe.rollout.num_gpus_per_actor = float(recipe.rollout.tensor_parallel_size)
         if "num_gpus_per_rank" not in recipe.trainer.model_fields_set:

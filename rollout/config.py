@@ -24,7 +24,8 @@ class RolloutConfig(Section):
     max_model_len: int = Field(256, ge=8, description="Prompt + completion tokens vLLM reserves per sequence.")
     gpu_memory_utilization: float = Field(0.3, gt=0.0, le=1.0)
     cpu_kvcache_gib: int = Field(1, ge=1, description="VLLM_CPU_KVCACHE_SPACE on CPU machines.")
-    enforce_eager: bool = True
+    enforce_eager: bool = Field(True, description="No CUDA graphs (eager decoding). Left unset, false on a GPU machine "
+                                "(graphs decode several times faster there); the CPU decodes eagerly.")
     kv_block_size: int = Field(
         0, ge=0, description="Tokens per KV-cache block (vLLM's block_size; the unit of prefix-cache reuse). 0: vLLM's "
         "default for the platform (16 on GPU, 128 on CPU, where it must be a multiple of 32).")

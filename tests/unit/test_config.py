@@ -182,7 +182,11 @@ def test_gpu_counts_left_unset_follow_the_machine():
     r = default_gpu_counts(load_recipe(None, ["trainer.num_gpus_per_rank=0"], check_paths=False), cuda_devices=1)
     assert (r.rollout.num_gpus_per_actor, r.trainer.num_gpus_per_rank) == (1.0, 0.0)  # what the recipe set is kept
     r = default_gpu_counts(load_recipe(None, [], check_paths=False), cuda_devices=0)
-    assert (r.rollout.num_gpus_per_actor, r.trainer.num_gpus_per_rank) == (0.0, 0.0)
+    assert (r.rollout.num_gpus_per_actor, r.trainer.num_gpus_per_rank, r.rollout.enforce_eager) == (0.0, 0.0, True)
+    # CUDA graphs on a GPU, unless the recipe asks for eager decoding
+    assert default_gpu_counts(load_recipe(None, [], check_paths=False), cuda_devices=1).rollout.enforce_eager is False
+    r = default_gpu_counts(load_recipe(None, ["rollout.enforce_eager=true"], check_paths=False), cuda_devices=1)
+    assert r.rollout.enforce_eager is True
 
 
 def test_a_rank_asked_for_a_gpu_without_cuda_stops_instead_of_training_on_the_cpu():
