@@ -96,6 +96,6 @@ def claim_lines(results: list[dict], a: str, b: str, k: int, keys=("greedy", "me
         if key not in keys:
             continue
         finals = {name: [r["curve"][-1][key] for r in results if r["arm"] == name] for name in (a, b)}
-        start = statistics.mean(r["curve"][0][key] for r in results)
+        start = statistics.mean(r["curve"][0][key] for r in results if r["arm"] in (a, b))  # their own start
         lines.append(f"  - {label.format(k=k)}: {describe(at_least(finals[a], finals[b], start=start))}")
     return lines
