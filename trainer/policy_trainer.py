@@ -14,17 +14,17 @@ from __future__ import annotations
 
 import os
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 import torch
 
 from trainer import algorithms
 from trainer.batching import collate, micro_batch_rows, split_units
 from trainer.config import AlgorithmConfig, CriticConfig, TrainerConfig
-from trainer.engine import (DTYPES, check_packing, clip_gradients, clips_in_hook, decoder_and_head, deepspeed_config,
-                            forward_packed_or_padded, unpack)
+from trainer.engine import (DTYPES, begin_micro_batch, check_packing, clip_gradients, clips_in_hook, decoder_and_head,
+                            deepspeed_config, forward_packed_or_padded, unpack)
 from trainer.policies import PolicySpec, build_policy
 from trainer.process import all_ranks_max, init_distributed, peak_rss_gib, redirect_output
 from trainer.rank_state import load_rank_state, save_rank_state
@@ -250,6 +250,7 @@ class PolicyTrainer:
     def _accumulate(self, micro: list[dict], counts: dict, stats: Stats) -> bool:
         """Forward/backward every micro-batch of one update; False when any loss or gradient is non-finite."""
         for mb in micro:
+            begin_micro_batch(self.engine)
             loss = self._micro_batch_loss(mb, counts, stats)
             value_loss = self.critic.loss(mb, counts, stats) if self.critic is not None else loss.new_zeros(())
             if not self._all_ranks_agree(bool(torch.isfinite(loss)) and bool(torch.isfinite(value_loss))):
@@ -330,16 +331,21 @@ class PolicyTrainer:
     # ------------------------------------------------------------------ weights out
 
     @contextmanager
-    def _full_parameters(self) -> Iterator[list[tuple[str, torch.Tensor]]]:
-        """Full (un-partitioned) named parameters; a collective under ZeRO-3, so every rank enters it."""
+    def _full_parameters(self) -> Iterator[Iterable[tuple[str, torch.Tensor]]]:
+        """The named parameters, full. Under ZeRO-3 each rank holds a shard and gathering is a collective every rank
+        joins: a policy that publishes all weights gets them one at a time, each gathered, copied to the CPU and
+        let go (no rank ever holds the whole model at once; iterate them once, in order, on every rank); an
+        adapter policy gets its trainable parameters gathered for the duration."""
         params = list(self.engine.module.named_parameters())
-        if self.cfg.zero_stage == 3:
-            import deepspeed
+        if self.cfg.zero_stage != 3:
+            yield params
+            return
+        import deepspeed
 
-            ctx = deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=None)
-        else:
-            ctx = nullcontext()
-        with ctx:
+        if self.policy.publishes_all_weights:
+            yield _gathered_one_at_a_time(params)
+            return
+        with deepspeed.zero.GatheredParameters([p for _, p in params if p.requires_grad], modifier_rank=None):
             yield params
 
     def publish_weights(self, prompts: Optional[list[list[int]]] = None):
@@ -350,6 +356,8 @@ class PolicyTrainer:
         """
         with self._full_parameters() as params:
             if self.transport is None:
+                for _ in params:  # under ZeRO-3 each is a gather this rank takes part in
+                    pass
                 return None
             handle = self.policy.publish(self.transport, self.version, params, prompts, self.pad_id)
         self._published.append(handle)
@@ -366,10 +374,12 @@ class PolicyTrainer:
     def save_pretrained(self, path: str) -> Optional[str]:
         """Save the policy into ``path`` (rank 0 writes): HF format for a full model, the adapter's own
         files otherwise. The caller makes it atomic (writes into a temporary directory and renames it)."""
-        with self._full_parameters():
+        with self._full_parameters() as params:
+            # A ZeRO-3 shard of a full model is saved from its gathered copy; anything else from the model itself.
+            state = dict(params) if self.cfg.zero_stage == 3 and self.policy.publishes_all_weights else None
             if self.setup.rank != 0:
                 return None
-            self.policy.save(path, base_model=self.setup.policy.base_model)
+            self.policy.save(path, base_model=self.setup.policy.base_model, state_dict=state)
             self.tokenizer.save_pretrained(path)
             return str(path)
 
@@ -394,3 +404,13 @@ class PolicyTrainer:
                 self.transport.release(handle)
             self._published = []
             self.transport.close()
+
+
+def _gathered_one_at_a_time(params: list[tuple[str, torch.nn.Parameter]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Each ZeRO-3 parameter gathered in turn (a collective), yielded as a full CPU copy, then released."""
+    import deepspeed
+
+    for name, p in params:
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+            full = p.detach().to("cpu", copy=True)
+        yield name, full

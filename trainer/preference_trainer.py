@@ -31,6 +31,7 @@ from torch import Tensor
 
 from trainer import algorithms
 from trainer.batching import collate, split_units
+from trainer.engine import begin_micro_batch
 from trainer.policy_trainer import PolicyTrainer, TrainerSetup
 from trainer.stats import Stats
 from trainer.types import PreferencePairs, TrainBatch
@@ -165,6 +166,7 @@ class PreferenceTrainer(PolicyTrainer):
         sums: dict[str, float] = {}
         finite = True
         for idx in self._micro_chunks(len(shard), num_micro_batches):
+            begin_micro_batch(self.engine)
             if not idx:
                 loss = self._idle_pass(self.engine)
             else:

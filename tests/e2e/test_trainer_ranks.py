@@ -1,8 +1,11 @@
 """Data-parallel DeepSpeed ranks as Ray actors: two ZeRO-2 ranks take the same update as one rank, PPO's critic
 included, and with PPO the two ranks pack their rows into token-budget micro-batches (as many on each rank as the
-rank that needs the most). (That the loss is the same however a batch is split or packed is unit-tested.)"""
+rank that needs the most); two ZeRO-3 ranks, each holding a shard, publish and save the whole updated model
+(gathered one parameter at a time). (That the loss is the same however a batch is split or packed is unit-tested.)"""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
@@ -13,8 +16,8 @@ from trainer.config import AlgorithmConfig, TrainerConfig
 pytestmark = pytest.mark.e2e
 
 
-@pytest.mark.parametrize("algorithm", ["grpo", "ppo"])
-def test_two_zero2_ranks_equal_one_rank(tiny_model_root, ray_session, algorithm):
+@pytest.mark.parametrize("algorithm, stage", [("grpo", 2), ("ppo", 2), ("grpo", 3)])
+def test_two_sharded_ranks_equal_one_rank(tiny_model_root, ray_session, tmp_path, algorithm, stage):
     from transformers import AutoTokenizer
 
     from rl.workers import TrainerGroup
@@ -35,10 +38,10 @@ def test_two_zero2_ranks_equal_one_rank(tiny_model_root, ray_session, algorithm)
         batch.old_values = [[0.0] * len(r) for r in batch.response_token_ids]
         batch.advantages = [0.0] * len(batch)
     published = []
-    for ranks, stage, micro, budget in ((1, 0, 12, 0), (2, 2, 3, 24 if algorithm == "ppo" else 0)):
+    for ranks, zero, micro, budget in ((1, 0, 12, 0), (2, stage, 3, 24 if algorithm == "ppo" else 0)):
         setup = TrainerSetup(
             policy=PolicySpec(kind="full", base_model=model), dtype="float32", algorithm=alg, max_response_len=6, master_port=0,
-            trainer=TrainerConfig(num_ranks=ranks, zero_stage=stage, lr=1e-2, micro_batch_size=micro, max_grad_norm=1e6,
+            trainer=TrainerConfig(num_ranks=ranks, zero_stage=zero, lr=1e-2, micro_batch_size=micro, max_grad_norm=1e6,
                                   max_tokens_per_micro_batch=budget),
             transport=get_transport("shared_file"),
         )
@@ -47,6 +50,8 @@ def test_two_zero2_ranks_equal_one_rank(tiny_model_root, ray_session, algorithm)
             stats = group.train_step(batch, micro_batch_size=micro)
             handle = group.publish_weights()
             published.append((load_file(handle.location), stats))
+            if zero == 3:  # a shard per rank: what is saved is the whole model, as published
+                saved = load_file(next(Path(group.save_pretrained(str(tmp_path / "saved"))).glob("*.safetensors")))
         finally:
             group.close()
             group.shutdown()
@@ -66,10 +71,13 @@ def test_two_zero2_ranks_equal_one_rank(tiny_model_root, ray_session, algorithm)
     assert moved > 1e-4  # the update did something
     # Adam's first step is ~lr*sign(g): where |g| is at float-noise level its sign may differ, so
     # allow a few elements to differ by a fraction of lr; all others must agree closely.
+    assert one.keys() == two.keys() and all(one[k].shape == two[k].shape for k in one)
     for k in one:
         diff = (one[k] - two[k]).abs()
         assert diff.max().item() <= 0.05 * 1e-2, k
         assert (diff > 1e-5).float().mean().item() < 1e-3, k
+    if stage == 3:
+        assert set(saved) == set(base) and all(saved[k].equal(two[k]) for k in saved)
 
 
 def test_bf16_without_zero_trains_and_reports_its_clipped_norm(tiny_model_root, ray_session):

@@ -180,7 +180,7 @@ class ArrowPolicy(Policy):
             return held
         return held + sum(layer.expert_A.numel() + layer.expert_B.numel() for layer in self.layers.values())
 
-    def save(self, path, base_model):
+    def save(self, path, base_model, state_dict=None):
         from safetensors.torch import save_file
 
         path = Path(path)

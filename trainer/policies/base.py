@@ -73,6 +73,9 @@ class Policy:
     """``model`` is what DeepSpeed wraps; only its trainable parameters change."""
 
     model: nn.Module
+    # The engines receive every weight (a full model): under ZeRO-3 the trainer then gathers them one at a time
+    # as they are published; an adapter policy needs only its trainable parameters gathered.
+    publishes_all_weights: bool = False
 
     @contextmanager
     def reference(self) -> Iterator[nn.Module]:
@@ -84,13 +87,15 @@ class Policy:
                 pad_id: int = 0):
         """Hand what the engines need for this version to ``transport`` (rank 0); returns its handle.
 
-        ``params`` are the model's full named parameters (gathered under ZeRO-3); ``prompts`` the
-        batch about to be sampled (an Arrow policy is routed over them).
+        ``params`` are the model's named parameters, full (under ZeRO-3 gathered, for a policy that
+        ``publishes_all_weights`` lazily: iterate them once, in order); ``prompts`` the batch about to be
+        sampled (an Arrow policy is routed over them).
         """
         raise NotImplementedError
 
-    def save(self, path: str | os.PathLike, base_model: str) -> None:
-        """The policy into a checkpoint directory, loadable as ``PolicySpec.start_from`` of the same kind."""
+    def save(self, path: str | os.PathLike, base_model: str, state_dict: Optional[dict] = None) -> None:
+        """The policy into a checkpoint directory, loadable as ``PolicySpec.start_from`` of the same kind
+        (``state_dict``: the full weights, gathered, where the model holds only a ZeRO-3 shard)."""
         raise NotImplementedError
 
     def library_sources(self, checkpoint: str | os.PathLike) -> dict[str, Path]:

@@ -14,6 +14,8 @@ class FullModelPolicy(Policy):
     """``ref_model``: a frozen copy of the run's original model, kept only when a loss needs a
     reference (KL with beta > 0, online DPO)."""
 
+    publishes_all_weights = True
+
     def __init__(self, model: nn.Module, ref_model: Optional[nn.Module] = None):
         self.model = model
         self.ref_model = ref_model
@@ -29,8 +31,8 @@ class FullModelPolicy(Policy):
     def publish(self, transport, version, params=(), prompts=None, pad_id=0):
         return transport.publish(params, version)
 
-    def save(self, path, base_model):
-        self.model.save_pretrained(path, safe_serialization=True)
+    def save(self, path, base_model, state_dict=None):
+        self.model.save_pretrained(path, safe_serialization=True, state_dict=state_dict)
 
     def library_sources(self, checkpoint):
         return {}  # a full model is not an adapter: nothing to write into a library

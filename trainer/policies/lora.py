@@ -40,5 +40,5 @@ class LoraPolicy(Policy):
 
         return transport.publish_lora(version, write)
 
-    def save(self, path, base_model):
+    def save(self, path, base_model, state_dict=None):
         self.model.save_pretrained(path, safe_serialization=True)

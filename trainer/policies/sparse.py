@@ -80,6 +80,6 @@ class SparsePolicy(Policy):
     def publish(self, transport, version, params=(), prompts=None, pad_id=0):
         return transport.publish(self.adapter.tensors().items(), version, kind="sparse_delta")
 
-    def save(self, path, base_model):
+    def save(self, path, base_model, state_dict=None):
         extra = {k: v for k, v in self.selection.items() if k in ("selection", "keep_ratio", "block_size", "calibration_prompts")}
         self.adapter.save(path, base_model_name_or_path=base_model, **extra)
