@@ -12,6 +12,7 @@ What trains, what the reference is and what the engines receive are the policy's
 
 from __future__ import annotations
 
+import collections
 import os
 import time
 from contextlib import contextmanager
@@ -356,8 +357,7 @@ class PolicyTrainer:
         """
         with self._full_parameters() as params:
             if self.transport is None:
-                for _ in params:  # under ZeRO-3 each is a gather this rank takes part in
-                    pass
+                collections.deque(params, maxlen=0)  # under ZeRO-3 each is a gather this rank takes part in
                 return None
             handle = self.policy.publish(self.transport, self.version, params, prompts, self.pad_id)
         self._published.append(handle)
@@ -375,10 +375,13 @@ class PolicyTrainer:
         """Save the policy into ``path`` (rank 0 writes): HF format for a full model, the adapter's own
         files otherwise. The caller makes it atomic (writes into a temporary directory and renames it)."""
         with self._full_parameters() as params:
-            # A ZeRO-3 shard of a full model is saved from its gathered copy; anything else from the model itself.
-            state = dict(params) if self.cfg.zero_stage == 3 and self.policy.publishes_all_weights else None
+            # A ZeRO-3 shard of a full model is saved from the gathered copies, which only rank 0 keeps.
+            gathered = self.cfg.zero_stage == 3 and self.policy.publishes_all_weights
             if self.setup.rank != 0:
+                if gathered:
+                    collections.deque(params, maxlen=0)  # each is a gather this rank takes part in
                 return None
+            state = dict(params) if gathered else None
             self.policy.save(path, base_model=self.setup.policy.base_model, state_dict=state)
             self.tokenizer.save_pretrained(path)
             return str(path)
