@@ -295,6 +295,8 @@ class Gateway:
         if tools and self.tool_parser is None:
             raise BadRequest("this request offers tools, but the run has no agent.tool_parser to read the calls out of a "
                              "reply (e.g. hermes): set it, or describe the tools in a message")
+        if tools:
+            tools_request(tools)  # malformed tools are refused before the engine samples
         if body.get("tool_choice") not in (None, "auto", "none"):
             raise BadRequest(f"tool_choice {body['tool_choice']!r}: only 'auto' and 'none' (a forced call would need "
                              "constrained decoding, which the trainer's logprobs do not know of)")
@@ -421,13 +423,22 @@ def load_tool_parser(name: str, tokenizer):
                          f"{', '.join(ToolParserManager.list_registered())}") from None
 
 
+def tools_request(tools: list):
+    """vLLM's request object for a request's ``tools``, what its tool parsers read them from; malformed tools are a
+    ``BadRequest``."""
+    from pydantic import ValidationError
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+
+    try:
+        return ChatCompletionRequest(model="policy", messages=[{"role": "user", "content": ""}], tools=tools)
+    except ValidationError as e:
+        raise BadRequest(f"malformed tools: {e.errors()[0]['loc']}: {e.errors()[0]['msg']}") from None
+
+
 def read_tool_calls(parser, text: str, body: dict) -> tuple[Optional[str], list[dict]]:
     """The tool calls in a reply's ``text`` as OpenAI ``tool_calls`` (arguments a JSON string), and the text
     outside them; no calls (none written, or not parseable) leaves the whole text as the content."""
-    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
-
-    request = ChatCompletionRequest(model="policy", messages=[{"role": "user", "content": ""}], tools=body["tools"])
-    found = parser.extract_tool_calls(text, request)
+    found = parser.extract_tool_calls(text, tools_request(body["tools"]))
     if not found.tools_called:
         return text, []
     calls = [{"id": c.id or f"call_{uuid.uuid4().hex[:24]}", "type": "function",

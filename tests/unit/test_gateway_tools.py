@@ -113,6 +113,7 @@ def test_a_reply_without_a_call_or_with_tool_choice_none_is_plain_content(gatewa
     ({"tool_parser": "hermes", "chat_template": "{% for m in messages %}{{ m['content'] }}{% endfor %}"}, {"tools": TOOLS},
      "the chat template ignores `tools`"),
     ({"tool_parser": "hermes", "chat_template": TEMPLATE}, {"tools": TOOLS, "tool_choice": "required"}, "only 'auto' and 'none'"),
+    ({"tool_parser": "hermes", "chat_template": TEMPLATE}, {"tools": [{"type": "function", "name": "calc"}]}, "malformed tools"),
 ])
 def test_tools_the_run_cannot_serve_are_refused_before_any_engine_call(setup, body, message):
     """Refused while the request's text is written (over HTTP that is a 400 that fails the episode, as every
