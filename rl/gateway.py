@@ -35,6 +35,7 @@ from typing import Any, Optional
 
 from fastapi import FastAPI, Request  # module level: the endpoints' annotations are resolved in these globals
 from fastapi.responses import JSONResponse, StreamingResponse
+from jinja2 import TemplateError
 
 from rollout.types import Completion, SamplingSpec
 
@@ -292,10 +293,10 @@ class Gateway:
             raise BadRequest("messages must be a non-empty list")
         if not (self.chat_template or getattr(self.tokenizer, "chat_template", None)):
             raise BadRequest("this model has no chat template: use /v1/completions with a prompt, or set agent.chat_template")
-        if tools and self.tool_parser is None:
-            raise BadRequest("this request offers tools, but the run has no agent.tool_parser to read the calls out of a "
-                             "reply (e.g. hermes): set it, or describe the tools in a message")
         if tools:
+            if self.tool_parser is None:
+                raise BadRequest("this request offers tools, but the run has no agent.tool_parser to read the calls out of "
+                                 "a reply (e.g. hermes): set it, or describe the tools in a message")
             tools_request(tools)  # malformed tools are refused before the engine samples
         if body.get("tool_choice") not in (None, "auto", "none"):
             raise BadRequest(f"tool_choice {body['tool_choice']!r}: only 'auto' and 'none' (a forced call would need "
@@ -303,7 +304,7 @@ class Gateway:
         try:
             messages = [_template_message(m, ep.tool_call_replies) for m in messages]
             text = self._render(messages, tools)
-        except (KeyError, TypeError, AttributeError) as e:
+        except (KeyError, TypeError, AttributeError, TemplateError) as e:  # a template may raise on what it cannot write
             raise BadRequest(f"malformed messages: {type(e).__name__}: {e}") from None
         if tools and text == self._render(messages, None):
             raise BadRequest("the chat template ignores `tools` (the model would never see them): set agent.chat_template "

@@ -114,8 +114,9 @@ def test_a_reply_without_a_call_or_with_tool_choice_none_is_plain_content(gatewa
      "the chat template ignores `tools`"),
     ({"tool_parser": "hermes", "chat_template": TEMPLATE}, {"tools": TOOLS, "tool_choice": "required"}, "only 'auto' and 'none'"),
     ({"tool_parser": "hermes", "chat_template": TEMPLATE}, {"tools": [{"type": "function", "name": "calc"}]}, "malformed tools"),
+    ({"tool_parser": None, "chat_template": "{{ raise_exception('roles must alternate') }}"}, {}, "TemplateError: roles must alternate"),
 ])
-def test_tools_the_run_cannot_serve_are_refused_before_any_engine_call(setup, body, message):
+def test_chat_requests_the_run_cannot_serve_are_refused_before_any_engine_call(setup, body, message):
     """Refused while the request's text is written (over HTTP that is a 400 that fails the episode, as every
     refusal: tests/unit/test_gateway_tokens.py)."""
     from rl.gateway import BadRequest, EpisodeTokens
