@@ -15,11 +15,8 @@ differs from what the episode sampled, that asks for another temperature, n > 1,
 past ``rollout.max_model_len`` is refused with HTTP 400 and marks its episode failed. Requests of all running
 episodes are batched into one engine call; each request's seed is fixed by its episode and call index.
 
-Tools (``tools`` in a chat request) need ``agent.tool_parser``, one of vLLM's tool parsers (``hermes``,
-``llama3_json``, ``pythonic``, ...), which reads the calls out of a reply into ``message.tool_calls``
-(``finish_reason: "tool_calls"``), and a chat template that writes the tools into the prompt (the model's own, or
-``agent.chat_template``); a template that ignores them is refused, never silently dropped. When the agent sends
-such a message back, the gateway writes the reply's own text in its place: the history stays the engine's tokens.
+Tools (``tools`` in a chat request, ``rl.openai_api``) need ``agent.tool_parser`` and a chat template that writes
+them into the prompt (the model's own or ``agent.chat_template``); one that ignores them is refused, never dropped.
 """
 
 from __future__ import annotations
@@ -37,6 +34,7 @@ from fastapi import FastAPI, Request  # module level: the endpoints' annotations
 from fastapi.responses import JSONResponse, StreamingResponse
 from jinja2 import TemplateError
 
+from rl.openai_api import load_tool_parser, read_tool_calls, stream_chunks, template_message, tools_request
 from rollout.types import Completion, SamplingSpec
 
 BATCH_WINDOW_S = 0.01  # how long the batcher waits for more requests after the first
@@ -297,12 +295,15 @@ class Gateway:
             if self.tool_parser is None:
                 raise BadRequest("this request offers tools, but the run has no agent.tool_parser to read the calls out of "
                                  "a reply (e.g. hermes): set it, or describe the tools in a message")
-            tools_request(tools)  # malformed tools are refused before the engine samples
+            try:
+                tools_request(tools)  # malformed tools are refused before the engine samples
+            except ValueError as e:
+                raise BadRequest(str(e)) from None
         if body.get("tool_choice") not in (None, "auto", "none"):
             raise BadRequest(f"tool_choice {body['tool_choice']!r}: only 'auto' and 'none' (a forced call would need "
                              "constrained decoding, which the trainer's logprobs do not know of)")
         try:
-            messages = [_template_message(m, ep.tool_call_replies) for m in messages]
+            messages = [template_message(m, ep.tool_call_replies) for m in messages]
             text = self._render(messages, tools)
         except (KeyError, TypeError, AttributeError, TemplateError) as e:  # a template may raise on what it cannot write
             raise BadRequest(f"malformed messages: {type(e).__name__}: {e}") from None
@@ -374,74 +375,3 @@ class Gateway:
             return {"object": "list", "data": [{"id": self.model_name, "object": "model", "owned_by": "rl"}]}
 
         return app
-
-
-def stream_chunks(response: dict) -> list[dict]:
-    """A whole response as the OpenAI stream chunks that carry it: the reply's text in one delta, then its finish
-    reason with the usage. Fields other than ``choices`` and ``object`` are the response's own.
-
-    >>> r = {"id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": "policy", "system_fingerprint": "policy-v3",
-    ...      "policy_version": 3, "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7},
-    ...      "choices": [{"index": 0, "finish_reason": "stop", "logprobs": None, "message": {"role": "assistant", "content": "46"}}]}
-    >>> [(c["object"], c["choices"][0]["delta"], c["choices"][0]["finish_reason"]) for c in stream_chunks(r)]
-    [('chat.completion.chunk', {'role': 'assistant', 'content': '46'}, None), ('chat.completion.chunk', {}, 'stop')]
-    """
-    choice = response["choices"][0]
-    if response["object"] == "chat.completion":
-        message = choice["message"]
-        delta = {"role": "assistant", "content": message["content"]}
-        if message.get("tool_calls"):
-            delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(message["tool_calls"])]
-        kind, text, done = "chat.completion.chunk", {"delta": delta}, {"delta": {}}
-    else:
-        kind, text, done = "text_completion", {"text": choice["text"]}, {"text": ""}
-    head = {k: v for k, v in response.items() if k not in ("object", "choices", "usage")} | {"object": kind}
-    last = {"index": 0, **done, "finish_reason": choice["finish_reason"], "logprobs": None}
-    return [{**head, "choices": [{"index": 0, **text, "finish_reason": None, "logprobs": None}]},
-            {**head, "choices": [last], "usage": response["usage"]}]
-
-
-def _template_message(message: dict, replies: dict[str, str]) -> dict:
-    """One request message as the chat template takes it. An assistant message whose tool calls came from one of
-    this episode's replies becomes that reply's text: the template then writes back exactly what was sampled."""
-    calls = message.get("tool_calls") or []
-    known = {replies.get(c.get("id")) for c in calls}
-    if calls and len(known) == 1 and None not in known:
-        return {"role": "assistant", "content": known.pop()}
-    out = {"role": message["role"], "content": message.get("content") or ""}
-    out.update({k: message[k] for k in ("tool_calls", "tool_call_id", "name") if message.get(k)})
-    return out
-
-
-def load_tool_parser(name: str, tokenizer):
-    """vLLM's tool parser ``name`` for ``tokenizer`` (importing vLLM's parsers takes a few seconds)."""
-    from vllm.tool_parsers import ToolParserManager
-
-    try:
-        return ToolParserManager.get_tool_parser(name)(tokenizer)
-    except KeyError:
-        raise ValueError(f"agent.tool_parser {name!r} is not one of vLLM's tool parsers: "
-                         f"{', '.join(ToolParserManager.list_registered())}") from None
-
-
-def tools_request(tools: list):
-    """vLLM's request object for a request's ``tools``, what its tool parsers read them from; malformed tools are a
-    ``BadRequest``."""
-    from pydantic import ValidationError
-    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
-
-    try:
-        return ChatCompletionRequest(model="policy", messages=[{"role": "user", "content": ""}], tools=tools)
-    except ValidationError as e:
-        raise BadRequest(f"malformed tools: {e.errors()[0]['loc']}: {e.errors()[0]['msg']}") from None
-
-
-def read_tool_calls(parser, text: str, body: dict) -> tuple[Optional[str], list[dict]]:
-    """The tool calls in a reply's ``text`` as OpenAI ``tool_calls`` (arguments a JSON string), and the text
-    outside them; no calls (none written, or not parseable) leaves the whole text as the content."""
-    found = parser.extract_tool_calls(text, tools_request(body["tools"]))
-    if not found.tools_called:
-        return text, []
-    calls = [{"id": c.id or f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-              "function": {"name": c.function.name, "arguments": c.function.arguments}} for c in found.tool_calls]
-    return found.content, calls

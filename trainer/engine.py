@@ -1,7 +1,11 @@
 """One rank's DeepSpeed engine, configured: the DeepSpeed config (we own the accumulation boundary and, under
-ZeRO-0 in float32, the clipping), the dtypes, and the decoder/LM-head split the chunked logprobs use."""
+ZeRO-0 in float32, the clipping), the dtypes, the decoder/LM-head split the chunked logprobs use, and the full
+parameters of a ZeRO-3 shard."""
 
 from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterable, Iterator
 
 import torch
 
@@ -115,3 +119,32 @@ def deepspeed_config(cfg: TrainerConfig, dtype: str) -> dict:
         ds["scheduler"] = {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": cfg.lr,
                                                           "warmup_num_steps": cfg.warmup_steps, "warmup_type": "linear"}}
     return ds
+
+
+@contextmanager
+def full_parameters(module, zero_stage: int, all_weights: bool) -> Iterator[Iterable[tuple[str, torch.Tensor]]]:
+    """``module``'s named parameters, full. Under ZeRO-3 each rank holds a shard and gathering is a collective every
+    rank joins: with ``all_weights`` (a policy whose engines receive every weight) they come one at a time, each
+    gathered, copied to the CPU and let go, so no rank ever holds the whole model (iterate them once, in order, on
+    every rank); otherwise the trainable ones are gathered for the duration (an adapter)."""
+    params = list(module.named_parameters())
+    if zero_stage != 3:
+        yield params
+        return
+    import deepspeed
+
+    if all_weights:
+        yield _gathered_one_at_a_time(params)
+        return
+    with deepspeed.zero.GatheredParameters([p for _, p in params if p.requires_grad], modifier_rank=None):
+        yield params
+
+
+def _gathered_one_at_a_time(params: list[tuple[str, torch.nn.Parameter]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Each ZeRO-3 parameter gathered in turn (a collective), yielded as a full CPU copy, then released."""
+    import deepspeed
+
+    for name, p in params:
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+            full = p.detach().to("cpu", copy=True)
+        yield name, full

@@ -15,9 +15,8 @@ from __future__ import annotations
 import collections
 import os
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any, Optional
 
 import torch
 
@@ -25,7 +24,7 @@ from trainer import algorithms
 from trainer.batching import collate, micro_batch_rows, split_units
 from trainer.config import AlgorithmConfig, CriticConfig, TrainerConfig
 from trainer.engine import (DTYPES, begin_micro_batch, check_packing, clip_gradients, clips_in_hook, decoder_and_head,
-                            deepspeed_config, forward_packed_or_padded, unpack)
+                            deepspeed_config, forward_packed_or_padded, full_parameters, unpack)
 from trainer.policies import PolicySpec, build_policy
 from trainer.process import all_ranks_max, init_distributed, peak_rss_gib, redirect_output
 from trainer.rank_state import load_rank_state, save_rank_state
@@ -331,23 +330,8 @@ class PolicyTrainer:
 
     # ------------------------------------------------------------------ weights out
 
-    @contextmanager
-    def _full_parameters(self) -> Iterator[Iterable[tuple[str, torch.Tensor]]]:
-        """The named parameters, full. Under ZeRO-3 each rank holds a shard and gathering is a collective every rank
-        joins: a policy that publishes all weights gets them one at a time, each gathered, copied to the CPU and
-        let go (no rank ever holds the whole model at once; iterate them once, in order, on every rank); an
-        adapter policy gets its trainable parameters gathered for the duration."""
-        params = list(self.engine.module.named_parameters())
-        if self.cfg.zero_stage != 3:
-            yield params
-            return
-        import deepspeed
-
-        if self.policy.publishes_all_weights:
-            yield _gathered_one_at_a_time(params)
-            return
-        with deepspeed.zero.GatheredParameters([p for _, p in params if p.requires_grad], modifier_rank=None):
-            yield params
+    def _full_parameters(self):
+        return full_parameters(self.engine.module, self.cfg.zero_stage, self.policy.publishes_all_weights)
 
     def publish_weights(self, prompts: Optional[list[list[int]]] = None):
         """Publish the current policy for the rollout engines (rank 0); every rank must call it.
@@ -407,13 +391,3 @@ class PolicyTrainer:
                 self.transport.release(handle)
             self._published = []
             self.transport.close()
-
-
-def _gathered_one_at_a_time(params: list[tuple[str, torch.nn.Parameter]]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Each ZeRO-3 parameter gathered in turn (a collective), yielded as a full CPU copy, then released."""
-    import deepspeed
-
-    for name, p in params:
-        with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
-            full = p.detach().to("cpu", copy=True)
-        yield name, full

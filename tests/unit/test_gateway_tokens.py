@@ -98,7 +98,7 @@ def test_a_streamed_reply_is_chunks_the_openai_client_reads(kind):
     from openai.types import Completion as TextCompletion
     from openai.types.chat import ChatCompletionChunk
 
-    from rl.gateway import stream_chunks
+    from rl.openai_api import stream_chunks
 
     chat = kind == "chat.completion"
     choice = {"message": {"role": "assistant", "content": "46"}} if chat else {"text": "46"}
