@@ -11,11 +11,15 @@ An entry of ``rewards.functions`` names exactly one of:
 
 The options below ``model`` apply only to model entries, and ``template`` / ``yes_token`` /
 ``no_token`` only to judges: setting one where it does not apply fails, naming it.
+
+Beside it, the sections that make an episode more than one completion: ``environment`` (multi-turn
+environments) and ``agent`` (your own OpenAI-API agent code).
 """
 
 from __future__ import annotations
 
 import string
+from pathlib import Path
 from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
@@ -141,4 +145,37 @@ class EnvironmentConfig(Section):
                 cls(**self.options)
             except (KeyError, AttributeError, TypeError, ValueError, FileNotFoundError, ImportError) as e:
                 raise ValueError(f"environment {self.name!r}: {e}") from None
+        return self
+
+
+class AgentConfig(Section):
+    """Rollouts made by your own agent code through the OpenAI API (``rl/agents.py``, ``rl/gateway.py``)."""
+
+    fn: Optional[str] = Field(
+        None, description="`path/to/file.py:run_episode` or `package.module:run_episode`: run_episode(client, prompt, "
+        "**columns) -> reward or None, with `client` an openai.OpenAI served by the rollout engines. Unset: no agent.")
+    concurrency: int = Field(16, ge=1, description="Episodes running at once (their requests are batched into one engine call).")
+    timeout_s: float = Field(60.0, gt=0.0, description="An episode past this is abandoned: it scores rewards.fallback "
+                             "(counted as agent_timeout).")
+    tool_parser: Optional[str] = Field(
+        None, description="The vLLM tool parser that reads tool calls out of a reply when a request offers `tools` "
+        "(`hermes` for Qwen2.5/Hermes-style <tool_call> JSON, `llama3_json`, `pythonic`, ...). Unset: a request with "
+        "tools is refused.")
+    chat_template: Optional[str] = Field(
+        None, description="A Jinja chat template file the gateway renders chat requests with instead of the model's, "
+        "e.g. docs/guide/examples/chatml_tools.jinja to offer tools to a ChatML model whose own template ignores them.")
+
+    @model_validator(mode="after")
+    def _check_fn(self) -> "AgentConfig":
+        if self.fn is not None:
+            from rewards.registry import load_plugin
+
+            try:
+                fn = load_plugin(self.fn, "agent function")
+            except (AttributeError, ValueError, FileNotFoundError, ImportError, SyntaxError) as e:
+                raise ValueError(f"agent.fn {self.fn!r}: {e}") from None
+            if not callable(fn):
+                raise ValueError(f"agent.fn {self.fn!r} is not a function run_episode(client, prompt, **columns)")
+        if self.chat_template is not None and not Path(self.chat_template).is_file():
+            raise ValueError(f"agent.chat_template {self.chat_template!r}: no such file")
         return self
