@@ -27,11 +27,6 @@ def default_cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "rl-post-train"
 
 
-def build_name(directory: Path) -> str:
-    """The name a cached build was made under: its directory's name, less the suffix a shipped copy is cached with."""
-    return Path(directory).name.removesuffix(SHIPPED_SUFFIX)
-
-
 def _remove_stale_temps(parent: Path, name: str) -> None:
     """Delete temp build dirs of ``name`` left by processes that no longer run."""
     for tmp in parent.glob(f".tmp-{name}-*"):

@@ -27,6 +27,11 @@ CHECKSUMS = "SHA256SUMS"
 SHIPPED_SUFFIX = "-shipped"  # added to a shipped build's cache directory (rl.tasks.cache.cached_build)
 
 
+def build_name(directory: Path) -> str:
+    """The name a cached build was made under: its directory's name, less the suffix a shipped copy is cached with."""
+    return Path(directory).name.removesuffix(SHIPPED_SUFFIX)
+
+
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -73,7 +78,7 @@ def ship(build_dir: Path, root: Path = SHIPPED_ROOT) -> Path:
             return Path(value).name
         return value
 
-    dest = root / build_dir.parent.name / build_dir.name.removesuffix(SHIPPED_SUFFIX)  # a shipped copy ships as its build
+    dest = root / build_dir.parent.name / build_name(build_dir)  # a shipped copy ships as its build
     if dest.exists():
         shutil.rmtree(dest)
     shutil.copytree(build_dir, dest, ignore=shutil.ignore_patterns("build_info.json"))

@@ -44,7 +44,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from rl.tasks.cache import build_name, cached_build, default_cache_dir
+from rl.tasks.cache import cached_build, default_cache_dir
+from rl.tasks.shipped_model import build_name
 from rl.tasks.tiny_text import TinyTextSpec
 
 BUILTIN = "builtin:tiny-hh-rm"
