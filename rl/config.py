@@ -35,7 +35,8 @@ class ModelConfig(Section):
         description="An HF model directory, or `builtin:tiny-arithmetic` (built locally and cached on first use).",
     )
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "float32", description="Trainer and vLLM dtype. float32 keeps vLLM and trainer logprobs within ~1e-5."
+        "float32", description="Trainer and vLLM dtype. Unset: bfloat16 on a machine with a GPU. float32 keeps vLLM "
+        "and trainer logprobs within ~1e-5."
     )
     trust_remote_code: bool = False
 
@@ -247,14 +248,6 @@ class Recipe(Section):
                              "weights these adapters read)")
         return self
 
-    @model_validator(mode="after")
-    def _check_tensor_parallel(self) -> "Recipe":
-        if self.rollout.tensor_parallel_size > 1 and self.use_ray:
-            raise ValueError("rollout.tensor_parallel_size > 1 is not supported yet: each engine's GPUs are reserved as "
-                             "one Ray bundle, which vLLM's Ray executor does not accept (one bundle per GPU is needed); "
-                             "use rollout.num_actors engines of one GPU each")
-        return self
-
     # Derived sizes, computed in one place.
     @property
     def rollouts_per_step(self) -> int:
@@ -293,7 +286,8 @@ def load_recipe(path: str | os.PathLike | None, overrides: list[str] | None = No
         recipe = Recipe.model_validate(tree)
     except ValidationError as e:
         raise RecipeError(format_errors(e, Recipe)) from None
-    default_gpu_counts(recipe, cuda_devices())
+    machine_defaults(recipe, cuda_devices())
+    check_tensor_parallel(recipe)
     if check_paths:
         check_recipe_paths(recipe)
     return recipe
@@ -306,22 +300,24 @@ def cuda_devices() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def default_gpu_counts(recipe: Recipe, cuda_devices: int) -> Recipe:
-    """GPU counts the recipe leaves unset follow the machine: on one with a GPU, each engine reserves
+def machine_defaults(recipe: Recipe, cuda_devices: int) -> Recipe:
+    """Settings the recipe leaves unset follow the machine. On one with a GPU: each engine reserves
     ``rollout.tensor_parallel_size`` GPUs and each trainer rank one, so Ray places them on GPUs it has
-    reserved (it no longer hides devices from zero-GPU actors: they would all land on cuda:0 unreserved).
-    On a CPU machine they stay 0. The engines also capture CUDA graphs there (``rollout.enforce_eager: false``),
-    unless the recipe says otherwise: eager decoding is the CPU's only mode, and several times slower on a GPU.
-    A value set in the recipe is kept.
+    reserved (it no longer hides devices from zero-GPU actors: they would all land on cuda:0 unreserved);
+    the engines capture CUDA graphs (``rollout.enforce_eager: false``; eager decoding is the CPU's only
+    mode, and several times slower on a GPU); the model runs in bfloat16 (``model.dtype``), which GPUs
+    compute natively. On a CPU machine all stay as they are. A value set in the recipe is kept.
 
-    >>> r = Recipe()
-    >>> default_gpu_counts(r, 1).rollout.num_gpus_per_actor, r.trainer.num_gpus_per_rank, r.rollout.enforce_eager
-    (1.0, 1.0, False)
-    >>> r = default_gpu_counts(Recipe(), 0)
-    >>> r.trainer.num_gpus_per_rank, r.rollout.enforce_eager
-    (0.0, True)
+    >>> r = machine_defaults(Recipe(), 1)
+    >>> r.rollout.num_gpus_per_actor, r.trainer.num_gpus_per_rank, r.rollout.enforce_eager, r.model.dtype
+    (1.0, 1.0, False, 'bfloat16')
+    >>> r = machine_defaults(Recipe(), 0)
+    >>> r.trainer.num_gpus_per_rank, r.rollout.enforce_eager, r.model.dtype
+    (0.0, True, 'float32')
     """
     if cuda_devices:
+        if "dtype" not in recipe.model.model_fields_set:
+            recipe.model.dtype = "bfloat16"
         if "enforce_eager" not in recipe.rollout.model_fields_set:
             recipe.rollout.enforce_eager = False
         if "num_gpus_per_actor" not in recipe.rollout.model_fields_set:
@@ -331,6 +327,30 @@ def default_gpu_counts(recipe: Recipe, cuda_devices: int) -> Recipe:
         if recipe.teacher.model is not None and "num_gpus_per_actor" not in recipe.teacher.model_fields_set:
             recipe.teacher.num_gpus_per_actor = 1.0
     return recipe
+
+
+def check_tensor_parallel(recipe: Recipe) -> None:
+    """Under Ray a tensor-parallel engine runs vLLM's Ray executor: one GPU worker per rank, each in its own
+    bundle (``rl.placement.engine_bundles``). That executor runs on GPUs only, and the collective weight
+    transport joins the engine's own process, which then holds no weights.
+
+    >>> check_tensor_parallel(machine_defaults(Recipe(rollout={"tensor_parallel_size": 2}), 2))
+    >>> check_tensor_parallel(Recipe(rollout={"tensor_parallel_size": 2}))  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    rl.overrides.RecipeError: rollout.tensor_parallel_size=2 under Ray needs GPUs ...: set it to 2 on a GPU cluster, ...
+    """
+    ro = recipe.rollout
+    if ro.tensor_parallel_size == 1 or not recipe.use_ray:
+        return
+    if ro.num_gpus_per_actor == 0:
+        raise RecipeError(f"rollout.tensor_parallel_size={ro.tensor_parallel_size} under Ray needs GPUs (vLLM's Ray executor "
+                          "starts one GPU worker per rank), but rollout.num_gpus_per_actor is 0 (this machine has no GPU): "
+                          f"set it to {ro.tensor_parallel_size} on a GPU cluster, or use_ray: false for a CPU engine")
+    if recipe.cluster.weight_transport == "collective":
+        raise RecipeError("cluster.weight_transport=collective needs rollout.tensor_parallel_size=1 (the group is joined by "
+                          "the engine actor's process, which holds no weights when the engine's ranks are Ray workers); "
+                          "use shared_file or object_store")
 
 
 def check_recipe_paths(recipe: Recipe) -> None:

@@ -2,6 +2,10 @@
 actor, reserved before any actor starts, so a cluster that cannot hold the run fails at once with
 what is missing instead of leaving actors waiting for resources.
 
+An engine with tensor parallelism gets one bundle per tensor-parallel rank: vLLM's Ray executor
+starts one GPU worker per bundle (the indices it is given in ``VLLM_RAY_BUNDLE_INDICES``) and does not
+accept a bundle holding several GPUs. The engine actor itself sits in the first, holding the CPUs.
+
 Once the group is placed, every bundle's node is known, which decides two things: the trainer's
 rendezvous address (trainer rank 0's node IP) and the weight transport (``shared_file`` when every
 engine shares trainer rank 0's node, else ``object_store``).
@@ -23,6 +27,21 @@ def bundle(num_cpus: float, num_gpus: float, resources: dict[str, float]) -> dic
     b = {"CPU": float(num_cpus), "GPU": float(num_gpus), **{k: float(v) for k, v in resources.items()}}
     b = {k: v for k, v in b.items() if v > 0}
     return b or {"CPU": 0.01}
+
+
+def engine_bundles(tensor_parallel_size: int, num_cpus: float, num_gpus: float,
+                   resources: dict[str, float]) -> list[dict[str, float]]:
+    """One rollout engine's bundles: one, or with tensor parallelism one per rank, each with its share of the GPUs.
+
+    >>> engine_bundles(1, 1, 1, {})
+    [{'CPU': 1.0, 'GPU': 1.0}]
+    >>> engine_bundles(2, 1, 2, {"a100": 1})
+    [{'CPU': 1.0, 'GPU': 1.0, 'a100': 1.0}, {'GPU': 1.0}]
+    """
+    if tensor_parallel_size == 1:
+        return [bundle(num_cpus, num_gpus, resources)]
+    share = num_gpus / tensor_parallel_size
+    return [bundle(num_cpus, share, resources)] + [bundle(0, share, {}) for _ in range(tensor_parallel_size - 1)]
 
 
 def _describe(b: dict[str, float]) -> str:
@@ -62,12 +81,19 @@ def check_fits(bundles: list[tuple[str, dict[str, float]]], nodes: list[dict]) -
 
 @dataclass
 class Placement:
-    """A reserved placement group: bundle ``i`` of ``trainer_bundles`` is trainer rank i's, of ``rollout_bundles`` rollout actor i's."""
+    """A reserved placement group: ``trainer_bundles[i]`` is trainer rank i's bundle, ``engine_bundles[i]``
+    rollout actor i's (one per tensor-parallel rank, the actor in the first)."""
 
     group: Any
     trainer_bundles: list[int]
-    rollout_bundles: list[int]
+    engine_bundles: list[list[int]]
     bundle_node_ips: list[str] = field(default_factory=list)
+    bundle_gpus: list[float] = field(default_factory=list)  # GPUs each bundle holds
+
+    @property
+    def rollout_bundles(self) -> list[int]:
+        """The bundle each rollout actor runs in."""
+        return [each[0] for each in self.engine_bundles]
 
     def options(self, bundle_index: int) -> dict:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -79,7 +105,29 @@ class Placement:
         return [self.options(b) for b in self.trainer_bundles]
 
     def rollout_options(self) -> list[dict]:
-        return [self.options(b) for b in self.rollout_bundles]
+        """Each rollout actor's Ray options; ``env_vars`` go into its runtime environment.
+
+        A tensor-parallel engine's actor reserves no GPU: vLLM's Ray executor starts a worker with
+        ``VLLM_RAY_PER_WORKER_GPUS`` GPUs in each of the bundles named by ``VLLM_RAY_BUNDLE_INDICES``
+        (it finds the group as the actor's own placement group)."""
+        out = []
+        for each in self.engine_bundles:
+            options = self.options(each[0])
+            if len(each) > 1:
+                options |= {"num_gpus": 0, "env_vars": {
+                    "VLLM_RAY_BUNDLE_INDICES": ",".join(map(str, each)),
+                    "VLLM_RAY_PER_WORKER_GPUS": f"{self.bundle_gpus[each[0]]:g}"}}
+            out.append(options)
+        return out
+
+    def check_engines_within_nodes(self) -> None:
+        """A tensor-parallel engine's ranks must share a node (its workers exchange activations every layer)."""
+        for i, each in enumerate(self.engine_bundles):
+            ips = sorted({self.bundle_node_ips[b] for b in each})
+            if len(ips) > 1:
+                raise PlacementError(f"rollout actor {i}'s {len(each)} tensor-parallel ranks were placed on several nodes "
+                                     f"({', '.join(ips)}); use cluster.placement=strict_pack, or a smaller "
+                                     "rollout.tensor_parallel_size that one node's GPUs can hold")
 
     @property
     def master_addr(self) -> str:
@@ -107,14 +155,19 @@ class Placement:
         remove_placement_group(self.group)
 
 
-def place(trainer: tuple[int, dict], rollout: tuple[int, dict], strategy: str = "PACK", timeout_s: float = 60.0) -> Placement:
-    """Reserve ``trainer`` = (ranks, bundle) and ``rollout`` = (actors, bundle) on the running cluster."""
+def place(trainer: tuple[int, dict], rollout: tuple[int, list[dict]], strategy: str = "PACK", timeout_s: float = 60.0) -> Placement:
+    """Reserve ``trainer`` = (ranks, bundle) and ``rollout`` = (actors, one engine's bundles) on the running cluster."""
     import ray
     from ray.util import placement_group, placement_group_table
 
-    (num_ranks, tb), (num_actors, rb) = trainer, rollout
-    named = [(f"trainer rank {i}", tb) for i in range(num_ranks)] + [(f"rollout actor {i}", rb) for i in range(num_actors)]
-    check_fits(named, ray.nodes())
+    (num_ranks, tb), (num_actors, ebs) = trainer, rollout
+    rb = ebs[0]
+    named = [(f"trainer rank {i}", tb) for i in range(num_ranks)]
+    for i in range(num_actors):
+        named += [(f"rollout actor {i}" + (f" (tensor-parallel rank {j})" if len(ebs) > 1 else ""), b) for j, b in enumerate(ebs)]
+    together = [(f"rollout actor {i}'s {len(ebs)} tensor-parallel ranks together",  # they must share a node
+                 {k: sum(b.get(k, 0.0) for b in ebs) for k in rb}) for i in range(num_actors if len(ebs) > 1 else 0)]
+    check_fits(named + together, ray.nodes())
     group = placement_group([b for _, b in named], strategy=strategy.upper())
     if not group.wait(timeout_seconds=timeout_s):
         free = ray.available_resources()
@@ -123,7 +176,7 @@ def place(trainer: tuple[int, dict], rollout: tuple[int, dict], strategy: str = 
         remove_placement_group(group)
         raise PlacementError(
             f"the cluster could not hold this run's {len(named)} bundles ({num_ranks} x [{_describe(tb)}] for the trainer, "
-            f"{num_actors} x [{_describe(rb)}] for rollout, strategy {strategy}) within {timeout_s:.0f} s "
+            f"{num_actors} x {len(ebs)} x [{_describe(rb)}] for rollout, strategy {strategy}) within {timeout_s:.0f} s "
             f"(cluster.placement_timeout_s); free now: {_describe({k: v for k, v in free.items() if k in ('CPU', 'GPU')})} "
             f"over {sum(n['Alive'] for n in ray.nodes())} node(s). Other jobs may hold them, or "
             f"strategy '{strategy.lower()}' cannot be met (cluster.placement)")
@@ -134,8 +187,15 @@ def place(trainer: tuple[int, dict], rollout: tuple[int, dict], strategy: str = 
         if len(nodes) == len(named) or time.monotonic() > deadline:
             break
         time.sleep(0.1)
-    return Placement(group, list(range(num_ranks)), list(range(num_ranks, num_ranks + num_actors)),
-                     [ips.get(nodes.get(i), "127.0.0.1") for i in range(len(named))])
+    engines = [list(range(num_ranks + i * len(ebs), num_ranks + (i + 1) * len(ebs))) for i in range(num_actors)]
+    placement = Placement(group, list(range(num_ranks)), engines, [ips.get(nodes.get(i), "127.0.0.1") for i in range(len(named))],
+                          [b.get("GPU", 0.0) for _, b in named])
+    try:
+        placement.check_engines_within_nodes()
+    except PlacementError:
+        placement.remove()
+        raise
+    return placement
 
 
 def place_recipe(recipe, rollout_actors: int) -> "Placement | None":
@@ -144,7 +204,8 @@ def place_recipe(recipe, rollout_actors: int) -> "Placement | None":
         return None
     t, ro, c = recipe.trainer, recipe.rollout, recipe.cluster
     return place((t.num_ranks, bundle(t.num_cpus_per_rank, t.num_gpus_per_rank, t.resources)),
-                 (rollout_actors, bundle(ro.num_cpus_per_actor, ro.num_gpus_per_actor, ro.resources)),
+                 (rollout_actors, engine_bundles(ro.tensor_parallel_size, ro.num_cpus_per_actor, ro.num_gpus_per_actor,
+                                                 ro.resources)),
                  strategy=c.placement, timeout_s=c.placement_timeout_s)
 
 

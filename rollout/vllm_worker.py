@@ -26,6 +26,7 @@ class EngineSpec:
     enforce_eager: bool = True
     kv_block_size: int = 0  # 0: vLLM's default for the platform
     tensor_parallel_size: int = 1
+    distributed_executor_backend: Optional[str] = None  # None: vLLM's choice ("ray" for a tensor-parallel engine under Ray)
     engine_in_process: bool = True
     seed: int = 0
     trust_remote_code: bool = False
@@ -79,6 +80,7 @@ class RolloutWorker:
             gpu_memory_utilization=spec.gpu_memory_utilization,
             enforce_eager=spec.enforce_eager,
             tensor_parallel_size=spec.tensor_parallel_size,
+            distributed_executor_backend=spec.distributed_executor_backend,
             seed=spec.seed,
             trust_remote_code=spec.trust_remote_code,
             worker_extension_cls="rollout.vllm_extension.WeightSyncExtension",

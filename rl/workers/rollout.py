@@ -42,14 +42,14 @@ class RolloutGroup(WorkerGroup):
         import ray
 
         actor_cls = ray.remote(RolloutWorker)
-        workers = [
-            actor_cls.options(
-                num_cpus=num_cpus, num_gpus=num_gpus, resources=resources or None, runtime_env={"env_vars": spec.env()},
-                max_restarts=max_restarts, max_task_retries=0,  # we retry ourselves, after restoring weights
-                **(placement[i] if placement else {}),
-            ).remote(dataclasses.replace(spec, log_file=os.path.join(log_dir, f"rollout-{i}.log")) if log_dir else spec)
-            for i in range(num_actors)
-        ]
+        workers = []
+        for i in range(num_actors):
+            options = {"num_cpus": num_cpus, "num_gpus": num_gpus, "resources": resources or None,
+                       "max_restarts": max_restarts, "max_task_retries": 0}  # we retry ourselves, after restoring weights
+            options |= placement[i] if placement else {}
+            options["runtime_env"] = {"env_vars": spec.env() | options.pop("env_vars", {})}
+            workers.append(actor_cls.options(**options).remote(
+                dataclasses.replace(spec, log_file=os.path.join(log_dir, f"rollout-{i}.log")) if log_dir else spec))
         group = cls(workers, remote=True, max_restarts=max_restarts, watchdog=watchdog,
                     resources=describe_asks(num_cpus, num_gpus, resources), **(group_nodes or {}))
         if wait:

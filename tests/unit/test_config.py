@@ -175,18 +175,22 @@ def test_adapter_kind_and_source_are_checked_before_anything_starts():
 
 
 def test_gpu_counts_left_unset_follow_the_machine():
-    from rl.config import default_gpu_counts
+    from rl.config import machine_defaults
 
-    r = default_gpu_counts(load_recipe(None, ["rollout.tensor_parallel_size=2", "use_ray=false"], check_paths=False), cuda_devices=2)
+    r = machine_defaults(load_recipe(None, ["rollout.tensor_parallel_size=2", "use_ray=false"], check_paths=False), cuda_devices=2)
     assert (r.rollout.num_gpus_per_actor, r.trainer.num_gpus_per_rank) == (2.0, 1.0)
-    r = default_gpu_counts(load_recipe(None, ["trainer.num_gpus_per_rank=0"], check_paths=False), cuda_devices=1)
+    r = machine_defaults(load_recipe(None, ["trainer.num_gpus_per_rank=0"], check_paths=False), cuda_devices=1)
     assert (r.rollout.num_gpus_per_actor, r.trainer.num_gpus_per_rank) == (1.0, 0.0)  # what the recipe set is kept
-    r = default_gpu_counts(load_recipe(None, [], check_paths=False), cuda_devices=0)
+    r = machine_defaults(load_recipe(None, [], check_paths=False), cuda_devices=0)
     assert (r.rollout.num_gpus_per_actor, r.trainer.num_gpus_per_rank, r.rollout.enforce_eager) == (0.0, 0.0, True)
     # CUDA graphs on a GPU, unless the recipe asks for eager decoding
-    assert default_gpu_counts(load_recipe(None, [], check_paths=False), cuda_devices=1).rollout.enforce_eager is False
-    r = default_gpu_counts(load_recipe(None, ["rollout.enforce_eager=true"], check_paths=False), cuda_devices=1)
+    assert machine_defaults(load_recipe(None, [], check_paths=False), cuda_devices=1).rollout.enforce_eager is False
+    r = machine_defaults(load_recipe(None, ["rollout.enforce_eager=true"], check_paths=False), cuda_devices=1)
     assert r.rollout.enforce_eager is True
+    # bfloat16 on a GPU, unless the recipe names a dtype
+    assert machine_defaults(load_recipe(None, [], check_paths=False), cuda_devices=1).model.dtype == "bfloat16"
+    r = machine_defaults(load_recipe(None, ["model.dtype=float32"], check_paths=False), cuda_devices=1)
+    assert r.model.dtype == "float32"
 
 
 def test_a_rank_asked_for_a_gpu_without_cuda_stops_instead_of_training_on_the_cpu():
@@ -204,9 +208,15 @@ def test_a_rank_asked_for_a_gpu_without_cuda_stops_instead_of_training_on_the_cp
         PolicyTrainer(setup)
 
 
-def test_tensor_parallel_engines_are_refused_until_supported():
-    with pytest.raises(RecipeError, match="tensor_parallel_size > 1 is not supported yet"):
+def test_a_tensor_parallel_engine_under_ray_needs_its_gpus_before_anything_starts():
+    with pytest.raises(RecipeError, match=r"tensor_parallel_size=2 under Ray needs GPUs.*num_gpus_per_actor is 0"):
         load_recipe(None, ["rollout.tensor_parallel_size=2"], check_paths=False)
+    load_recipe(None, ["rollout.tensor_parallel_size=2", "use_ray=false"], check_paths=False)  # vLLM's own executor
+    r = load_recipe(None, ["rollout.tensor_parallel_size=2", "rollout.num_gpus_per_actor=2"], check_paths=False)
+    assert r.rollout.tensor_parallel_size == 2
+    with pytest.raises(RecipeError, match="collective needs rollout.tensor_parallel_size=1"):
+        load_recipe(None, ["rollout.tensor_parallel_size=2", "rollout.num_gpus_per_actor=2",
+                           "cluster.weight_transport=collective"], check_paths=False)
 
 
 def test_where_actors_run_may_change_on_resume_what_they_train_may_not():

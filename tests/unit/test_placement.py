@@ -31,7 +31,7 @@ def test_a_bundle_that_fits_no_alive_node_names_the_field():
 
 
 def _placement(ips):
-    return Placement(group=None, trainer_bundles=[0], rollout_bundles=list(range(1, len(ips))), bundle_node_ips=ips)
+    return Placement(group=None, trainer_bundles=[0], engine_bundles=[[i] for i in range(1, len(ips))], bundle_node_ips=ips)
 
 
 def test_transport_follows_the_placement():
