@@ -51,7 +51,7 @@ class Workers:
                 + (self.recipe.teacher.num_actors * self.recipe.teacher.num_cpus_per_actor if self.teacher_engine is not None else 0))
 
     def setup(self) -> None:
-        from rl.placement import choose_transport, place_recipe
+        from rl.placement import choose_transport, collective_backend, place_recipe
         from rl.watchdog import Watchdog
         from rl.workers import init_ray, join_weight_group, start_reward_models
 
@@ -78,7 +78,8 @@ class Workers:
         p = self.placement
         if self.engine is not None and self.trainer is not None:
             if self.transport == "collective":
-                join_weight_group(self.trainer, self.rollout, p.master_addr)
+                join_weight_group(self.trainer, self.rollout, p.master_addr,
+                                  collective_backend(r.trainer.num_gpus_per_rank, r.rollout.num_gpus_per_actor))
             if p is not None and p.nodes > 1:
                 where = ", ".join(sorted({p.bundle_node_ips[b] for b in p.rollout_bundles}))
                 self.say(f"placed on {p.nodes} nodes: trainer rank 0 on {p.master_addr}, rollout on {where}; "

@@ -222,3 +222,12 @@ def choose_transport(requested: str, placement: Placement | None) -> str:
                              f"({placement.master_addr}); rollout actors were placed on {', '.join(far)}: "
                              "use object_store or auto, or cluster.placement=strict_pack")
     return requested
+
+
+def collective_backend(trainer_gpus: float, engine_gpus: float) -> str:
+    """The collective transport's backend: NCCL, GPU to GPU, when trainer rank 0 and the engines hold GPUs; else gloo.
+
+    >>> collective_backend(1, 1), collective_backend(1, 0), collective_backend(0, 0)
+    ('nccl', 'gloo', 'gloo')
+    """
+    return "nccl" if trainer_gpus > 0 and engine_gpus > 0 else "gloo"

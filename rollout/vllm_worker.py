@@ -112,14 +112,14 @@ class RolloutWorker:
     def close(self) -> None:
         self.local_copies.close()
 
-    def join_weight_group(self, addr: str, port: int, world_size: int, rank: int) -> bool:
-        """Join trainer rank 0's weight group (the collective transport) as ``rank``."""
+    def join_weight_group(self, addr: str, port: int, world_size: int, rank: int, backend: str = "gloo") -> bool:
+        """Join trainer rank 0's weight group (the collective transport) as ``rank``, over ``backend`` (gloo, nccl)."""
         import ray
 
         if not self.spec.engine_in_process or self.spec.tensor_parallel_size != 1:
             raise ValueError("cluster.weight_transport=collective needs rollout.engine_in_process=true and "
                              "rollout.tensor_parallel_size=1 (the group lives in the actor's process)")
-        self.local_copies.transports["collective"].join(addr, port, world_size, rank, ray.util.get_node_ip_address())
+        self.local_copies.transports["collective"].join(addr, port, world_size, rank, ray.util.get_node_ip_address(), backend)
         return True
 
     def local_copies_dir(self) -> str:

@@ -349,10 +349,10 @@ class PolicyTrainer:
             self.transport.release(self._published.pop(0))
         return handle
 
-    def join_weight_group(self, addr: str, port: int, world_size: int) -> bool:
+    def join_weight_group(self, addr: str, port: int, world_size: int, backend: str = "gloo") -> bool:
         """Rank 0 joins the engines' weight group (a collective transport), hosting its store at ``addr:port``."""
         if self.transport is not None and hasattr(self.transport, "join"):
-            self.transport.join(addr, port, world_size, 0, addr)
+            self.transport.join(addr, port, world_size, 0, addr, backend)
         return True
 
     def save_pretrained(self, path: str) -> Optional[str]:

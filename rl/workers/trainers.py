@@ -19,11 +19,12 @@ from trainer.stats import reduce_stats
 from trainer.types import PreferencePairs, TrainBatch
 
 
-def join_weight_group(trainer: "TrainerGroup", rollout: "RolloutGroup", addr: str) -> None:
+def join_weight_group(trainer: "TrainerGroup", rollout: "RolloutGroup", addr: str, backend: str = "gloo") -> None:
     """Trainer rank 0 and every engine form one process group (the collective transport); all join at once."""
     port, world = free_port(), 1 + len(rollout.workers)
-    pending = trainer._submit([(trainer.workers[0], "join_weight_group", (addr, port, world))])
-    joining = rollout._submit([(w, "join_weight_group", (addr, port, world, i + 1)) for i, w in enumerate(rollout.workers)])
+    pending = trainer._submit([(trainer.workers[0], "join_weight_group", (addr, port, world, backend))])
+    joining = rollout._submit([(w, "join_weight_group", (addr, port, world, i + 1, backend))
+                               for i, w in enumerate(rollout.workers)])
     trainer._collect(pending)
     rollout._collect(joining)
 
