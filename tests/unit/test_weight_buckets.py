@@ -3,7 +3,6 @@ broadcast in several buckets over a real gloo group arrives whole, in order (two
 
 from __future__ import annotations
 
-import pytest
 import torch
 from safetensors.torch import load, save
 
@@ -44,19 +43,22 @@ def _versions(version: int) -> dict[str, torch.Tensor]:
     return {n: t if t.dtype == torch.bool else t * version for n, t in TENSORS.items()}
 
 
-def _rank(rank: int, port: int, bucket_bytes: int, handles, results) -> None:
+BUCKET_BYTES = {1: 1, 2: 96, 3: 2**20}  # per version: one tensor per bucket, a few buckets, all in one
+
+
+def _rank(rank: int, port: int, handles, results) -> None:
     """One side of the group, in a process of its own (a process holds one side of each named group)."""
     try:
-        CollectiveTransport.BUCKET_BYTES = bucket_bytes
         transport = CollectiveTransport("test-weights")
         transport.join("127.0.0.1", port, 2, rank, "127.0.0.1")
-        if rank == 0:  # the trainer: two versions in a row, the second waits for the first's broadcasts
-            for version in (1, 2):
+        if rank == 0:  # the trainer: versions in a row, each waits for the one before's broadcasts
+            for version, size in BUCKET_BYTES.items():
+                CollectiveTransport.BUCKET_BYTES = size
                 handles.put(transport.publish(iter(_versions(version).items()), version))
             transport.close()
             results.put(("sent", None))
         else:  # an engine: receives each version as vLLM would load it
-            for _ in (1, 2):
+            for _ in BUCKET_BYTES:
                 handle = handles.get(timeout=60)
                 got = [(n, t.clone()) for n, t in transport.receive(handle)]
                 results.put((handle, [n for n, _ in got], save(dict(got))))  # bytes: the process ends before the test reads
@@ -64,31 +66,26 @@ def _rank(rank: int, port: int, bucket_bytes: int, handles, results) -> None:
         results.put(("error", repr(e)))
 
 
-def _broadcast_two_versions(bucket_bytes: int):
+def test_versions_broadcast_in_buckets_arrive_whole_over_gloo():
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     handles, results = ctx.Queue(), ctx.Queue()
     port = free_port()
-    ranks = [ctx.Process(target=_rank, args=(r, port, bucket_bytes, handles, results)) for r in (0, 1)]
+    ranks = [ctx.Process(target=_rank, args=(r, port, handles, results)) for r in (0, 1)]
     for p in ranks:
         p.start()
-    out = [results.get(timeout=120) for _ in range(3)]
+    out = [results.get(timeout=120) for _ in range(len(BUCKET_BYTES) + 1)]
     for p in ranks:
         p.join(timeout=30)
     assert not [o for o in out if o[0] == "error"], out
-    return [o for o in out if o[0] != "sent"]
-
-
-@pytest.mark.parametrize("bucket_bytes", [1, 96, 2**20])
-def test_versions_broadcast_in_buckets_arrive_whole_over_gloo(bucket_bytes):
-    received = _broadcast_two_versions(bucket_bytes)
-    buckets = {1: len(TENSORS), 96: None, 2**20: 1}[bucket_bytes]  # one tensor per bucket ... all in one
-    for version, (handle, *got) in zip((1, 2), received):
+    received = sorted((o for o in out if o[0] != "sent"), key=lambda o: o[0].version)
+    assert [len(h.payload) for h, *_ in received][::2] == [len(TENSORS), 1]  # one tensor per bucket; all in one
+    assert 1 < len(received[1][0].payload) < len(TENSORS)
+    for version, (handle, names, data) in zip(BUCKET_BYTES, received):
         assert handle.version == version and handle.kind == WeightKind.WEIGHTS
         assert handle.num_bytes == sum(t.numel() * t.element_size() for t in TENSORS.values())
-        assert len(handle.payload) == buckets if buckets else 1 < len(handle.payload) < len(TENSORS)
-        names, tensors = got[0], load(got[1])
         assert names == list(TENSORS)  # in the order published
+        tensors = load(data)
         for name, want in _versions(version).items():
-            assert tensors[name].dtype == want.dtype and torch.equal(tensors[name], want), name
+            assert tensors[name].dtype == want.dtype and torch.equal(tensors[name], want), (version, name)
