@@ -33,7 +33,7 @@ _RESUMABLE_CHANGES = {"resume", "resume_force", "steps", "logging", "eval", "che
 # after losing the engine's node) without changing what it trains.
 _PLACEMENT_FIELDS = {
     "cluster": None,  # the whole section: placement strategy, timeouts, weight transport
-    "rollout": {"num_cpus_per_actor", "num_gpus_per_actor", "cpu_threads", "resources", "max_restarts"},
+    "rollout": {"num_cpus_per_actor", "num_gpus_per_actor", "cpu_threads", "resources", "max_restarts", "colocate"},
     "trainer": {"num_cpus_per_rank", "num_gpus_per_rank", "torch_threads", "resources"},
 }
 

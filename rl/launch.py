@@ -64,9 +64,14 @@ class Workers:
             self.placement = place_recipe(r, r.rollout.num_actors if self.engine is not None else 0)
             if self.engine is not None:
                 self.transport = choose_transport(r.cluster.weight_transport, self.placement)
+            if r.rollout.colocate and self.engine is not None:
+                # vLLM sizes its KV cache from the GPU memory free when it starts: it starts before the trainer ranks
+                # that share its GPUs.
+                self.rollout = self._start_rollout(dog)
+                self.rollout.wait_ready()
             self.trainer = self._start_trainer(dog)
         # Trainer ranks, engines and a teacher's engines start side by side; then each group is waited for.
-        if self.engine is not None:
+        if self.engine is not None and self.rollout is None:
             self.rollout = self._start_rollout(dog)
         if self.teacher_engine is not None:
             self.teacher = self._start_teacher(dog)

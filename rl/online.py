@@ -132,11 +132,18 @@ class OnlineRun(Run):
         if rows and (self.workers.teacher is not None or self.algorithm.critic):
             with timer.phase("token_advantage"):  # the teacher's or the critic's pass over the batch
                 token_metrics = self._add_token_advantages(train_batch, rows, batch.rewards[keep].tolist())
+        colocated = r.rollout.colocate and rows
         with timer.phase("train"):
+            if colocated:  # the engines give their GPU memory to the trainer ranks beside them
+                self.rollout.call_all("sleep")
             stats = self.trainer.train_step(train_batch, r.trainer.micro_batch_size) if rows else {}
         with timer.phase("weight_sync"):
+            if colocated:
+                self.rollout.call_all("wake_up", ["weights"])  # the KV cache stays freed while the weights arrive
             if stats.get("updates_applied") and not self.policy.routes_per_batch:  # nothing to push without an update
                 self._publish()
+            if colocated:
+                self.rollout.call_all("wake_up", None)
         self.allocation.observe(batch)
         self.step += 1
         metrics = self._step_metrics(batch, rows, stats, timer, policy_version)

@@ -155,16 +155,26 @@ class Placement:
         remove_placement_group(self.group)
 
 
-def place(trainer: tuple[int, dict], rollout: tuple[int, list[dict]], strategy: str = "PACK", timeout_s: float = 60.0) -> Placement:
-    """Reserve ``trainer`` = (ranks, bundle) and ``rollout`` = (actors, one engine's bundles) on the running cluster."""
+def _merged(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
+    return {k: a.get(k, 0.0) + b.get(k, 0.0) for k in {**a, **b}}
+
+
+def place(trainer: tuple[int, dict], rollout: tuple[int, list[dict]], strategy: str = "PACK", timeout_s: float = 60.0,
+          colocate: bool = False) -> Placement:
+    """Reserve ``trainer`` = (ranks, bundle) and ``rollout`` = (actors, one engine's bundles) on the running cluster.
+    ``colocate``: engine i and trainer rank i share bundle i (one GPU, which each reserves a share of)."""
     import ray
     from ray.util import placement_group, placement_group_table
 
     (num_ranks, tb), (num_actors, ebs) = trainer, rollout
     rb = ebs[0]
-    named = [(f"trainer rank {i}", tb) for i in range(num_ranks)]
-    for i in range(num_actors):
-        named += [(f"rollout actor {i}" + (f" (tensor-parallel rank {j})" if len(ebs) > 1 else ""), b) for j, b in enumerate(ebs)]
+    if colocate:
+        named = [(f"trainer rank {i} with rollout actor {i}", _merged(tb, rb)) for i in range(num_ranks)]
+    else:
+        named = [(f"trainer rank {i}", tb) for i in range(num_ranks)]
+        for i in range(num_actors):
+            named += [(f"rollout actor {i}" + (f" (tensor-parallel rank {j})" if len(ebs) > 1 else ""), b)
+                      for j, b in enumerate(ebs)]
     together = [(f"rollout actor {i}'s {len(ebs)} tensor-parallel ranks together",  # they must share a node
                  {k: sum(b.get(k, 0.0) for b in ebs) for k in rb}) for i in range(num_actors if len(ebs) > 1 else 0)]
     check_fits(named + together, ray.nodes())
@@ -187,7 +197,8 @@ def place(trainer: tuple[int, dict], rollout: tuple[int, list[dict]], strategy: 
         if len(nodes) == len(named) or time.monotonic() > deadline:
             break
         time.sleep(0.1)
-    engines = [list(range(num_ranks + i * len(ebs), num_ranks + (i + 1) * len(ebs))) for i in range(num_actors)]
+    first = 0 if colocate else num_ranks
+    engines = [list(range(first + i * len(ebs), first + (i + 1) * len(ebs))) for i in range(num_actors)]
     placement = Placement(group, list(range(num_ranks)), engines, [ips.get(nodes.get(i), "127.0.0.1") for i in range(len(named))],
                           [b.get("GPU", 0.0) for _, b in named])
     try:
@@ -206,7 +217,7 @@ def place_recipe(recipe, rollout_actors: int) -> "Placement | None":
     return place((t.num_ranks, bundle(t.num_cpus_per_rank, t.num_gpus_per_rank, t.resources)),
                  (rollout_actors, engine_bundles(ro.tensor_parallel_size, ro.num_cpus_per_actor, ro.num_gpus_per_actor,
                                                  ro.resources)),
-                 strategy=c.placement, timeout_s=c.placement_timeout_s)
+                 strategy=c.placement, timeout_s=c.placement_timeout_s, colocate=ro.colocate and rollout_actors > 0)
 
 
 def choose_transport(requested: str, placement: Placement | None) -> str:

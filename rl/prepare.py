@@ -380,6 +380,7 @@ def engine_spec(recipe: Recipe, policy: PolicySpec):
         tensor_parallel_size=r.rollout.tensor_parallel_size,
         # Under Ray a tensor-parallel engine's ranks are Ray workers in its bundles (rl.placement.engine_bundles).
         distributed_executor_backend="ray" if r.use_ray and r.rollout.tensor_parallel_size > 1 else None,
+        enable_sleep_mode=r.rollout.colocate,
         engine_in_process=r.rollout.engine_in_process,
         seed=r.seed,
         trust_remote_code=r.model.trust_remote_code,

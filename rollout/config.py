@@ -35,6 +35,10 @@ class RolloutConfig(Section):
         description="Run the vLLM engine core inside the actor's process (VLLM_ENABLE_V1_MULTIPROCESSING=0): "
         "~3 s engine start instead of ~25 s on CPU.",
     )
+    colocate: bool = Field(
+        False, description="Each engine shares a GPU with a trainer rank (num_actors = trainer.num_ranks, synchronous "
+        "rollout): the engine sleeps while the trainer trains (vLLM sleep mode: weights offloaded to CPU memory, KV cache "
+        "freed) and wakes for the weight push and the next rollout. GPU machines only. Unset GPU counts become 0.5 each.")
     num_cpus_per_actor: float = Field(1.0, ge=0.0)
     cpu_threads: int = Field(
         0, ge=0, description="OpenMP threads of each CPU engine. 0: automatic: the node's cores shared by the engines "

@@ -26,6 +26,7 @@ class EngineSpec:
     enforce_eager: bool = True
     kv_block_size: int = 0  # 0: vLLM's default for the platform
     tensor_parallel_size: int = 1
+    enable_sleep_mode: bool = False  # colocated with a trainer rank: the engine sleeps while it trains
     distributed_executor_backend: Optional[str] = None  # None: vLLM's choice ("ray" for a tensor-parallel engine under Ray)
     engine_in_process: bool = True
     seed: int = 0
@@ -89,6 +90,7 @@ class RolloutWorker:
             logprobs_mode="processed_logprobs",
             **no_chunking,
             **({"block_size": spec.kv_block_size} if spec.kv_block_size else {}),
+            **({"enable_sleep_mode": True} if spec.enable_sleep_mode else {}),
             **({"enable_lora": True, "max_lora_rank": spec.max_lora_rank, "max_loras": spec.max_loras,
                 "max_cpu_loras": spec.max_loras} if spec.max_lora_rank else {}),
         )
@@ -259,6 +261,15 @@ class RolloutWorker:
         if missing:
             raise KeyError(f"no per-prompt LoRA was published for prompt(s) {missing[:5]} of this request")
         return loras
+
+    def sleep(self) -> None:
+        """Free this engine's GPU memory for a trainer rank sharing its GPU: weights offloaded to CPU memory (kept, so a
+        LoRA or sparse adapter's base stays), KV cache freed (``rollout.colocate``)."""
+        self.llm.sleep(level=1)
+
+    def wake_up(self, tags: Optional[list[str]] = None) -> None:
+        """Take the GPU memory back: ``["weights"]`` before a weight push, then the rest (KV cache) before sampling."""
+        self.llm.wake_up(tags)
 
     def load_weights(self, handle: WeightHandle) -> float:
         """Load a published policy version in place; returns seconds spent (max over TP workers).

@@ -219,6 +219,35 @@ def test_a_tensor_parallel_engine_under_ray_needs_its_gpus_before_anything_start
                            "cluster.weight_transport=collective"], check_paths=False)
 
 
+def _on_a_gpu_machine(*overrides: str) -> Recipe:
+    """The recipe as load_recipe makes it on a machine with one GPU (before check_gpu_layout)."""
+    from rl.config import machine_defaults
+    from rl.overrides import set_dotted
+
+    tree: dict = {}
+    for key, value in parse_overrides(list(overrides)):
+        set_dotted(tree, key, value)
+    return machine_defaults(Recipe.model_validate(tree), cuda_devices=1)
+
+
+def test_colocation_pairs_an_engine_and_a_rank_on_one_gpu_and_is_refused_where_it_cannot_run():
+    from rl.config import check_gpu_layout
+
+    with pytest.raises(RecipeError, match="colocate=true pairs each engine.*sleep mode is CUDA-only"):
+        load_recipe(None, ["rollout.colocate=true"], check_paths=False)  # this machine has no GPU
+    r = _on_a_gpu_machine("rollout.colocate=true")
+    assert (r.rollout.num_gpus_per_actor, r.trainer.num_gpus_per_rank) == (0.5, 0.5)  # one GPU shared
+    check_gpu_layout(r)
+    for overrides, match in [
+        (["rollout.max_staleness=1"], "max_staleness=0"),
+        (["rollout.num_actors=2"], r"num_actors = trainer.num_ranks \(are 2, 1\)"),
+        (["rollout.num_gpus_per_actor=1"], r"together at most 1 \(are 1, 0.5"),
+        (["cluster.weight_transport=collective"], "NCCL cannot join two ranks on one GPU"),
+    ]:
+        with pytest.raises(RecipeError, match=match):
+            check_gpu_layout(_on_a_gpu_machine("rollout.colocate=true", *overrides))
+
+
 def test_where_actors_run_may_change_on_resume_what_they_train_may_not():
     from rl.checkpoint import recipe_fingerprint
 
