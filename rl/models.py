@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rl.config import BUILTIN_PREFIX, Recipe, RecipeError, cuda_devices
+from rl.config import BUILTIN_PREFIX, Recipe, RecipeError
+from rl.placement import cuda_devices
 
 
 def log(s: str) -> None:

@@ -1,4 +1,5 @@
-"""Where the actors run: one Ray placement group with a bundle per trainer rank and per rollout
+"""Where the actors run: the GPU counts a recipe leaves unset (``machine_defaults``) and what a GPU layout must
+allow (``check_gpu_layout``), then one Ray placement group with a bundle per trainer rank and per rollout
 actor, reserved before any actor starts, so a cluster that cannot hold the run fails at once with
 what is missing instead of leaving actors waiting for resources.
 
@@ -16,6 +17,84 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
+
+from rl.overrides import RecipeError
+
+
+def cuda_devices() -> int:
+    """CUDA devices this process can use (0 on a CPU machine)."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def machine_defaults(recipe, cuda_devices: int):
+    """Settings the recipe leaves unset follow the machine. On one with a GPU: each engine reserves
+    ``rollout.tensor_parallel_size`` GPUs and each trainer rank one, so Ray places them on GPUs it has
+    reserved (it no longer hides devices from zero-GPU actors: they would all land on cuda:0 unreserved);
+    the engines capture CUDA graphs (``rollout.enforce_eager: false``; eager decoding is the CPU's only
+    mode, and several times slower on a GPU); the model runs in bfloat16 (``model.dtype``), which GPUs
+    compute natively. On a CPU machine all stay as they are. A value set in the recipe is kept.
+
+    >>> from rl.config import Recipe
+    >>> r = machine_defaults(Recipe(), 1)
+    >>> r.rollout.num_gpus_per_actor, r.trainer.num_gpus_per_rank, r.rollout.enforce_eager, r.model.dtype
+    (1.0, 1.0, False, 'bfloat16')
+    >>> r = machine_defaults(Recipe(), 0)
+    >>> r.trainer.num_gpus_per_rank, r.rollout.enforce_eager, r.model.dtype
+    (0.0, True, 'float32')
+    """
+    if cuda_devices:
+        if "dtype" not in recipe.model.model_fields_set:
+            recipe.model.dtype = "bfloat16"
+        if "enforce_eager" not in recipe.rollout.model_fields_set:
+            recipe.rollout.enforce_eager = False
+        share = 0.5 if recipe.rollout.colocate else 1.0  # a colocated engine and trainer rank split one GPU
+        if "num_gpus_per_actor" not in recipe.rollout.model_fields_set:
+            recipe.rollout.num_gpus_per_actor = share * recipe.rollout.tensor_parallel_size
+        if "num_gpus_per_rank" not in recipe.trainer.model_fields_set:
+            recipe.trainer.num_gpus_per_rank = share
+        if recipe.teacher.model is not None and "num_gpus_per_actor" not in recipe.teacher.model_fields_set:
+            recipe.teacher.num_gpus_per_actor = 1.0
+    return recipe
+
+
+def check_gpu_layout(recipe) -> None:
+    """What the GPU counts (after ``machine_defaults``) must allow.
+
+    Under Ray a tensor-parallel engine runs vLLM's Ray executor: one GPU worker per rank, each in its own bundle
+    (``rl.placement.engine_bundles``). That executor runs on GPUs only, and the collective weight transport joins
+    the engine's own process, which then holds no weights. A colocated engine and trainer rank share one GPU's
+    bundle (``rl.placement.place``) and vLLM's sleep mode, which needs CUDA.
+
+    >>> from rl.config import Recipe
+    >>> check_gpu_layout(machine_defaults(Recipe(rollout={"tensor_parallel_size": 2}), 2))
+    >>> check_gpu_layout(Recipe(rollout={"tensor_parallel_size": 2}))  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    rl.overrides.RecipeError: rollout.tensor_parallel_size=2 under Ray needs GPUs ...: set it to 2 on a GPU cluster, ...
+    """
+    ro, t = recipe.rollout, recipe.trainer
+    if ro.tensor_parallel_size > 1 and recipe.use_ray and ro.num_gpus_per_actor == 0:
+        raise RecipeError(f"rollout.tensor_parallel_size={ro.tensor_parallel_size} under Ray needs GPUs (vLLM's Ray executor "
+                          "starts one GPU worker per rank), but rollout.num_gpus_per_actor is 0 (this machine has no GPU): "
+                          f"set it to {ro.tensor_parallel_size} on a GPU cluster, or use_ray: false for a CPU engine")
+    if recipe.cluster.weight_transport == "collective" and (ro.tensor_parallel_size > 1 or ro.colocate):
+        raise RecipeError("cluster.weight_transport=collective needs rollout.tensor_parallel_size=1 (the group is joined by "
+                          "the engine actor's process, which holds no weights when the engine's ranks are Ray workers) and "
+                          "rollout.colocate=false (NCCL cannot join two ranks on one GPU); use shared_file or object_store")
+    if not ro.colocate:
+        return
+    pair = "rollout.colocate=true pairs each engine with a trainer rank on one GPU"
+    if ro.num_actors != t.num_ranks or ro.tensor_parallel_size > 1 or recipe.teacher.model is not None:
+        raise RecipeError(f"{pair}: it needs rollout.num_actors = trainer.num_ranks (are {ro.num_actors}, {t.num_ranks}), "
+                          "rollout.tensor_parallel_size=1 and no teacher.model")
+    if ro.max_staleness > 0:
+        raise RecipeError(f"{pair}: it needs rollout.max_staleness=0 (the engine sleeps while the trainer trains)")
+    if not recipe.use_ray or ro.num_gpus_per_actor == 0 or t.num_gpus_per_rank == 0 or ro.num_gpus_per_actor + t.num_gpus_per_rank > 1:
+        raise RecipeError(f"{pair} (vLLM's sleep mode is CUDA-only): it needs use_ray, and rollout.num_gpus_per_actor and "
+                          f"trainer.num_gpus_per_rank each above 0 and together at most 1 (are {ro.num_gpus_per_actor:g}, "
+                          f"{t.num_gpus_per_rank:g}; unset on a GPU machine: 0.5 each)")
 
 
 class PlacementError(RuntimeError):

@@ -370,13 +370,9 @@ def engine_spec(recipe: Recipe, policy: PolicySpec):
     r = recipe
     rank = policy.served_lora_rank
     return EngineSpec(
-        model_path=policy.model_path,
-        dtype=r.model.dtype,
-        max_model_len=r.rollout.max_model_len,
-        gpu_memory_utilization=r.rollout.gpu_memory_utilization,
-        cpu_kvcache_gib=r.rollout.cpu_kvcache_gib,
-        enforce_eager=r.rollout.enforce_eager,
-        kv_block_size=r.rollout.kv_block_size,
+        model_path=policy.model_path, dtype=r.model.dtype, max_model_len=r.rollout.max_model_len,
+        gpu_memory_utilization=r.rollout.gpu_memory_utilization, cpu_kvcache_gib=r.rollout.cpu_kvcache_gib,
+        enforce_eager=r.rollout.enforce_eager, kv_block_size=r.rollout.kv_block_size,
         tensor_parallel_size=r.rollout.tensor_parallel_size,
         # Under Ray a tensor-parallel engine's ranks are Ray workers in its bundles (rl.placement.engine_bundles).
         distributed_executor_backend="ray" if r.use_ray and r.rollout.tensor_parallel_size > 1 else None,

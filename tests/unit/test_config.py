@@ -175,7 +175,7 @@ def test_adapter_kind_and_source_are_checked_before_anything_starts():
 
 
 def test_gpu_counts_left_unset_follow_the_machine():
-    from rl.config import machine_defaults
+    from rl.placement import machine_defaults
 
     r = machine_defaults(load_recipe(None, ["rollout.tensor_parallel_size=2", "use_ray=false"], check_paths=False), cuda_devices=2)
     assert (r.rollout.num_gpus_per_actor, r.trainer.num_gpus_per_rank) == (2.0, 1.0)
@@ -221,7 +221,7 @@ def test_a_tensor_parallel_engine_under_ray_needs_its_gpus_before_anything_start
 
 def _on_a_gpu_machine(*overrides: str) -> Recipe:
     """The recipe as load_recipe makes it on a machine with one GPU (before check_gpu_layout)."""
-    from rl.config import machine_defaults
+    from rl.placement import machine_defaults
     from rl.overrides import set_dotted
 
     tree: dict = {}
@@ -231,7 +231,7 @@ def _on_a_gpu_machine(*overrides: str) -> Recipe:
 
 
 def test_colocation_pairs_an_engine_and_a_rank_on_one_gpu_and_is_refused_where_it_cannot_run():
-    from rl.config import check_gpu_layout
+    from rl.placement import check_gpu_layout
 
     with pytest.raises(RecipeError, match="colocate=true pairs each engine.*sleep mode is CUDA-only"):
         load_recipe(None, ["rollout.colocate=true"], check_paths=False)  # this machine has no GPU
