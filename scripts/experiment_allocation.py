@@ -3,6 +3,8 @@ without the unlikeliness reward, at the same rollouts per step on the embedded t
 
     .venv/bin/python scripts/experiment_allocation.py                      # 8 arms x 3 seeds (~35 min on 2 cores)
     .venv/bin/python scripts/experiment_allocation.py --quick --out /tmp/x  # a few steps per arm (the test suite)
+    .venv/bin/python scripts/experiment_allocation.py --task smollm2 --arms "fixed G=4" Reinforce-Ada Knapsack "2-GRPO+RS"
+                                                    # the real model, 4 arms x 3 seeds (~2 h on 2 cores)
 
 Protocol: every arm trains ``--steps`` steps on the same fixed set of ``--prompts`` training prompts with at most
 256 rollouts per step (fixed G=8: 32 prompts x 8; 2-GRPO+RS: 128 x 2, plus its resampled ties; Reinforce-Ada:
@@ -10,8 +12,8 @@ Protocol: every arm trains ``--steps`` steps on the same fixed set of ``--prompt
 and temperature as the recipes (recipes/knapsack-arithmetic.yaml, reinforce-ada-arithmetic.yaml,
 unlikeliness-arithmetic.yaml). Held-out greedy accuracy, mean@8 and pass@8 (8 samples per prompt at temperature 1)
 every ``--eval-every`` steps. Runs go to ``--runs``; a finished run is reused (``--fresh`` retrains). Writes
-``<out>/allocation.md``, ``allocation.json`` and ``allocation-curves.png``; ``--report-only`` rewrites them from
-the JSON.
+``<out>/allocation.md``, ``allocation.json`` and ``allocation-curves.png`` (``allocation-smollm2.*`` for ``--task
+smollm2``); ``--report-only`` rewrites them from the JSON.
 """
 
 from __future__ import annotations
@@ -32,15 +34,37 @@ from rl.plot import plot_arm_curves  # noqa: E402
 BETA = 0.25  # the unlikeliness reward's beta in the authors' release
 
 
-def arms() -> list[Arm]:
-    base = [
-        Arm("fixed G=8", "recipes/unlikeliness-arithmetic.yaml"),
-        Arm("2-GRPO+RS", "recipes/unlikeliness-arithmetic.yaml",
-            ["algorithm.group_size=2", "data.prompts_per_step=128", "algorithm.advantage=contrastive_pair",
-             "algorithm.tie_handling=resample", "algorithm.max_resample_rounds=2"]),
-        Arm("Reinforce-Ada", "recipes/reinforce-ada-arithmetic.yaml"),
-        Arm("Knapsack", "recipes/knapsack-arithmetic.yaml"),
-    ]
+# The real model at 32 rollouts per step (~25 s a step on 2 cores): SmolLM2-135M-Instruct's arithmetic recipe, 8 prompts
+# per step for every arm but 2-GRPO+RS, the other sizes scaled from the embedded protocol (Ada's first round: half the cap).
+REAL_RECIPE = "recipes/smollm2-arithmetic.yaml"
+REAL_PROTOCOL = ["algorithm.clip_low=0.2", "algorithm.clip_high=0.28", "data.prompts_per_step=8", "eval.temperature=1.0"]
+REAL_ARMS = {
+    "fixed G=4": ["algorithm.group_size=4"],
+    "2-GRPO+RS": ["algorithm.group_size=2", "data.prompts_per_step=16", "algorithm.advantage=contrastive_pair",
+                  "algorithm.tie_handling=resample", "algorithm.max_resample_rounds=2"],
+    "Reinforce-Ada": ["algorithm.allocation=reinforce_ada", "algorithm.group_size=2", "algorithm.normalize_std=false",
+                      "algorithm.ada_rule=balance", "algorithm.ada_round_size=2", "algorithm.ada_max_rounds=4",
+                      "algorithm.rollout_budget=32"],
+    "Knapsack": ["algorithm.allocation=knapsack", "algorithm.group_size=4", "algorithm.knapsack_min=2",
+                 "algorithm.knapsack_max=16", "algorithm.success_threshold=0.5"],
+}
+# One epoch over 128 prompts; 100 held-out prompts evaluated before and after (greedy, mean@4, pass@4).
+REAL_DEFAULTS = dict(steps=16, prompts=128, test_prompts=100, eval_every=16, k=4,
+                     runs=str(ROOT / "runs" / "experiment-allocation-smollm2"))
+
+
+def arms(task: str = "embedded") -> list[Arm]:
+    if task == "smollm2":
+        base = [Arm(name, REAL_RECIPE, [*REAL_PROTOCOL, *overrides]) for name, overrides in REAL_ARMS.items()]
+    else:
+        base = [
+            Arm("fixed G=8", "recipes/unlikeliness-arithmetic.yaml"),
+            Arm("2-GRPO+RS", "recipes/unlikeliness-arithmetic.yaml",
+                ["algorithm.group_size=2", "data.prompts_per_step=128", "algorithm.advantage=contrastive_pair",
+                 "algorithm.tie_handling=resample", "algorithm.max_resample_rounds=2"]),
+            Arm("Reinforce-Ada", "recipes/reinforce-ada-arithmetic.yaml"),
+            Arm("Knapsack", "recipes/knapsack-arithmetic.yaml"),
+        ]
     out = []
     for arm in base:
         out.append(Arm(arm.name, arm.recipe, [*arm.overrides, "algorithm.unlikeliness_beta=0"]))
@@ -54,19 +78,8 @@ def most_rollouts(runs: list[dict]) -> str:
     return f"{max(values):.0f}" if values else "G"
 
 
-def report(results: list[dict], names: list[str], args, command: str) -> str:
-    from rl.metrics import describe_machine
-
-    k = args.k
-
-    def of(name: str) -> list[dict]:
-        return [r for r in results if r["arm"] == name]
-
-    start = {key: statistics.mean(r["curve"][0][key] for r in results) for key, _ in METRICS}
-    lines = [
-        "# Rollout allocation: fixed G, 2-GRPO+RS, Reinforce-Ada, Knapsack RL, with and without the unlikeliness reward",
-        "", f"Reproduce: `{command}`", "", f"Machine: {describe_machine()}; one vLLM rollout actor, one DeepSpeed rank (ZeRO-0), Ray.",
-        "", "## Protocol", "",
+def embedded_protocol(args, k: int, start_greedy: float) -> list[str]:
+    return [
         f"- Task: the embedded 2-digit addition model (1M parameters); a fixed set of {args.prompts} training prompts, "
         f"{args.steps} steps for every arm; {args.test_prompts} held-out prompts evaluated every {args.eval_every} steps: greedy "
         f"accuracy, mean@{k} and pass@{k} ({k} samples per prompt at temperature 1).",
@@ -82,8 +95,48 @@ def report(results: list[dict], names: list[str], args, command: str) -> str:
         "- Every arm: Adam, lr 2e-4 after 5 warm-up steps, clip 0.2 / 0.28, temperature 1, one optimizer step per batch, "
         "token-mean loss, no KL. Wall-clock is the sum of the training steps (evaluations excluded); the runs shared the "
         "machine with other work at times, so compare rollouts, not seconds.",
-        "- Scaled from the papers (billion-parameter models, math benchmarks, hundreds of steps): a 1M-parameter model that "
-        "starts at greedy {:.3f}.".format(start["greedy"]),
+        f"- Scaled from the papers (billion-parameter models, math benchmarks, hundreds of steps): a 1M-parameter model that "
+        f"starts at greedy {start_greedy:.3f}."]
+
+
+def real_protocol(args, k: int, start_greedy: float) -> list[str]:
+    return [
+        f"- Task: SmolLM2-135M-Instruct answering 2-digit additions asked in words (builtin:arithmetic-chat, ChatML, 48 new "
+        f"tokens, reward math_verify), full-model training; a fixed set of {args.prompts} training prompts, {args.steps} steps "
+        f"for every arm; {args.test_prompts} held-out prompts evaluated every {args.eval_every} steps: greedy accuracy, "
+        f"mean@{k} and pass@{k} ({k} samples per prompt at temperature 1).",
+        "- At most 32 rollouts per step for every arm: fixed G=4 (8 prompts x 4); 2-GRPO+RS (16 prompts x 2, contrastive "
+        "+1/-1 advantages, tied pairs resampled up to 2 rounds, counted); Reinforce-Ada (8 prompts, balance rule, rounds of "
+        "2 until the cap of 32, each prompt trains 2 of its pool against the pool's mean, no std); Knapsack (8 prompts "
+        "sharing 32 by their success rate, 2 to 16 each).",
+        f"- `+ unlikely`: the same arm with the unlikeliness reward, beta {BETA} (each reward times 1 - beta x rank / G within "
+        "its group, rank = how many rollouts of the group are less likely by mean token logprob; identical rollouts share a "
+        "rank). A reply here is a short working ending in one number, so correct replies of a prompt can differ in their "
+        "working.",
+        "- Every arm: the recipe's (recipes/smollm2-arithmetic.yaml) Adam at lr 1e-5, no warm-up, clip 0.2 / 0.28, "
+        "temperature 1, one optimizer step per batch, token-mean loss, no KL. Wall-clock is the sum of the training steps.",
+        f"- Scaled from the papers (billion-parameter models, math benchmarks, hundreds of steps): a 135M-parameter model "
+        f"that starts at greedy {start_greedy:.3f}."]
+
+
+PROTOCOL = {"embedded": embedded_protocol, "smollm2": real_protocol}
+
+
+def report(results: list[dict], names: list[str], args, command: str, stem: str = "allocation") -> str:
+    from rl.metrics import describe_machine
+
+    k = args.k
+
+    def of(name: str) -> list[dict]:
+        return [r for r in results if r["arm"] == name]
+
+    start = {key: statistics.mean(r["curve"][0][key] for r in results) for key, _ in METRICS}
+    lines = [
+        "# Rollout allocation: fixed G, 2-GRPO+RS, Reinforce-Ada, Knapsack RL, with and without the unlikeliness reward"
+        + (" (SmolLM2-135M-Instruct)" if args.task == "smollm2" else ""),
+        "", f"Reproduce: `{command}`", "", f"Machine: {describe_machine()}; one vLLM rollout actor, one DeepSpeed rank (ZeRO-0), Ray.",
+        "", "## Protocol", "",
+        *PROTOCOL[args.task](args, k, start["greedy"]),
         "", f"## Results ({len(args.seeds)} seeds: {', '.join(map(str, args.seeds))}; mean ± std of the final evaluation)", "",
         f"| arm | final greedy | final mean@{k} | final pass@{k} | rollouts | trained rows | prompts with signal | "
         "most rollouts on one prompt | train s |", "|---|---|---|---|---|---|---|---|---|"]
@@ -95,11 +148,11 @@ def report(results: list[dict], names: list[str], args, command: str) -> str:
                      f"{most_rollouts(rs)} | {statistics.mean(r['train_seconds'] for r in rs):.0f} |")
     lines += ["", f"Before training: greedy {start['greedy']:.3f}, mean@{k} {start['mean_at_k']:.3f}, pass@{k} {start['pass_at_k']:.3f}. "
               "\"Prompts with signal\": the share of groups whose rewards are not all equal, after any further rounds "
-              "(mean over steps).", "", "![curves](allocation-curves.png)", "",
+              "(mean over steps).", "", f"![curves]({stem}-curves.png)", "",
               "## The claims at this scale", "",
               "Each verdict comes from the 95% interval over seeds (Welch) of the difference of final values (A - B), "
               "never from the means alone (rl/claims.py): \"holds\" means A is above B with the whole interval above zero.", ""]
-    base = "fixed G=8"
+    base = names[0].removesuffix(" + unlikely") if names else "fixed G=8"  # the fixed-G arm comes first
     for name in ("Reinforce-Ada", "Knapsack"):
         lines.append(f"- {name} beats fixed G at the same rollouts per step (A = {name}, B = {base}):")
         lines += claim_lines(results, name, base, k)
@@ -108,7 +161,7 @@ def report(results: list[dict], names: list[str], args, command: str) -> str:
         lines.append(f"- 2-GRPO+RS vs fixed G (A = 2-GRPO+RS, B = {base}; not at equal rollouts: its resampled ties took it to "
                      f"{ratio:.2f}x the rollouts of fixed G):")
         lines += claim_lines(results, "2-GRPO+RS", base, k)
-    for name in ("fixed G=8", "Reinforce-Ada", "Knapsack", "2-GRPO+RS"):
+    for name in (base, "Reinforce-Ada", "Knapsack", "2-GRPO+RS"):
         lines.append(f"- The unlikeliness reward raises pass@{k} (A = {name} + unlikely, B = {name}):")
         with_bonus, without = of(f"{name} + unlikely"), of(name)
         def evals(runs: list[dict]) -> list:
@@ -130,25 +183,33 @@ def report(results: list[dict], names: list[str], args, command: str) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arm_options(ap, steps=64, runs=ROOT / "runs" / "experiment-allocation", out=ROOT / "docs" / "experiments",
-                    quick_help="two arms (fixed G=8, Reinforce-Ada), a few steps, one seed: checks the tables are produced")
+                    quick_help="two arms (fixed G, Reinforce-Ada), a few steps, one seed: checks the tables are produced")
+    ap.add_argument("--task", choices=sorted(PROTOCOL), default="embedded",
+                    help="embedded: the 1M-parameter arithmetic model; smollm2: SmolLM2-135M-Instruct on chat arithmetic "
+                         "(allocation-smollm2.*)")
+    if ap.parse_known_args()[0].task == "smollm2":
+        ap.set_defaults(**REAL_DEFAULTS)
     args = ap.parse_args()
+    stem = "allocation-smollm2" if args.task == "smollm2" else "allocation"
     command = "python scripts/experiment_allocation.py" + "".join(f" {a}" for a in sys.argv[1:] if a != "--report-only")
     if args.quick:
         args.seeds, args.steps, args.prompts, args.test_prompts, args.eval_every, args.k = args.seeds[:1], 2, 128, 16, 2, 2
-        args.arms = args.arms or ["fixed G=8", "Reinforce-Ada"]
-    chosen = choose_arms(arms(), args.arms, ap)
+        args.arms = args.arms or [arms(args.task)[0].name, "Reinforce-Ada"]
+    chosen = choose_arms(arms(args.task), args.arms, ap)
     names = [a.name for a in chosen]
     out = Path(args.out)
     if args.report_only:
-        results = json.loads((out / "allocation.json").read_text())
+        results = json.loads((out / f"{stem}.json").read_text())
     else:
         results = [run_arm(arm, args, seed) for seed in args.seeds for arm in chosen]
         out.mkdir(parents=True, exist_ok=True)
-        (out / "allocation.json").write_text(json.dumps(results, indent=1))
-    plot_arm_curves(results, names, [(key, f"held-out {label.format(k=args.k)}") for key, label in METRICS], out / "allocation-curves.png",
-                    "Rollout allocation at <= 256 rollouts per step (mean over seeds, band: min-max)", dashed=lambda arm: "unlikely" in arm)
-    text = report(results, names, args, command)
-    (out / "allocation.md").write_text(text)
+        (out / f"{stem}.json").write_text(json.dumps(results, indent=1))
+    budget = 32 if args.task == "smollm2" else 256
+    plot_arm_curves(results, names, [(key, f"held-out {label.format(k=args.k)}") for key, label in METRICS],
+                    out / f"{stem}-curves.png", f"Rollout allocation at <= {budget} rollouts per step (mean over seeds, "
+                    "band: min-max)", dashed=lambda arm: "unlikely" in arm)
+    text = report(results, names, args, command, stem)
+    (out / f"{stem}.md").write_text(text)
     print(text)
 
 
