@@ -5,6 +5,8 @@ of bench_step.py, 128 sequences of 32 prompt + 128 response tokens, micro-batch 
     .venv/bin/python scripts/profile_train_step.py         # prints the step time and a cProfile table
     .venv/bin/python scripts/profile_train_step.py --in-actor   # the same step here and in a Ray actor, alternating
     .venv/bin/python scripts/profile_train_step.py --vs-raw     # the same batch: the trainer's step vs a raw HF one
+    .venv/bin/python scripts/profile_train_step.py --memory     # peak memory per setting, each in a fresh process
+                                                                # (docs/benchmarks/trainer-memory.md)
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def make_trainer_and_batch(torch_threads: int = 0):
-    """The PolicyTrainer of the benchmark's model and one batch of 128 sequences (32 + 128 tokens)."""
+def make_trainer_and_batch(torch_threads: int = 0, **trainer_settings):
+    """The PolicyTrainer of the benchmark's model and one batch of 128 sequences (32 + 128 tokens); ``trainer_settings``
+    are TrainerConfig fields."""
     from scripts.bench_step import build_model
     from trainer.config import AlgorithmConfig, TrainerConfig
     from trainer.policies import PolicySpec
@@ -29,7 +32,8 @@ def make_trainer_and_batch(torch_threads: int = 0):
     from trainer.types import TrainBatch
 
     setup = TrainerSetup(policy=PolicySpec(kind="full", base_model=str(build_model())), dtype="float32",
-                         trainer=TrainerConfig(micro_batch_size=32, lr=1e-6, torch_threads=torch_threads), algorithm=AlgorithmConfig(),
+                         trainer=TrainerConfig(micro_batch_size=32, lr=1e-6, torch_threads=torch_threads, **trainer_settings),
+                         algorithm=AlgorithmConfig(),
                          max_response_len=128, master_port=29611 + (torch_threads > 0))
     trainer = PolicyTrainer(setup)
     rng, n = random.Random(0), 128
@@ -60,6 +64,67 @@ def raw_step_fn(batch, micro_batch_size: int = 32):
     return raw_train_step(build_model(), list(zip(batch.prompt_token_ids, batch.response_token_ids)), micro_batch_size)
 
 
+# The trainer settings that bound its memory, alone and together (each measured in a fresh process).
+MEMORY_ARMS = {
+    "defaults": {},
+    "logits_chunk_rows=1024": {"logits_chunk_rows": 1024},
+    "gradient_checkpointing": {"gradient_checkpointing": True},
+    "both": {"logits_chunk_rows": 1024, "gradient_checkpointing": True},
+    "both, logits_chunk_rows=256": {"logits_chunk_rows": 256, "gradient_checkpointing": True},
+}
+
+
+def memory_arm(name: str) -> dict:
+    """Two steps (micro-batch 32) of one setting in this process: its peak resident memory and the second step's time."""
+    import resource
+
+    import torch
+
+    torch.set_num_threads(len(__import__("os").sched_getaffinity(0)))
+    trainer, batch = make_trainer_and_batch(**MEMORY_ARMS[name])
+    built = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    trainer.train_step(batch, 4)  # AdamW allocates its moments here
+    t0 = time.perf_counter()
+    trainer.train_step(batch, 4)
+    return {"arm": name, "step_s": round(time.perf_counter() - t0, 1), "built_gib": round(built, 2),
+            "peak_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
+
+
+def memory_report(rounds: int, out: Path, arms: list[str]) -> None:
+    """Every arm in a fresh process (ru_maxrss only grows), arms alternating each round; writes ``out``.md/.json.
+    ``arms``: only these (the saved results of the others are kept)."""
+    import json
+    import subprocess
+
+    from rl.metrics import describe_machine
+
+    saved = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").exists() else []
+    results = [r for r in saved if arms and r["arm"] not in arms]
+    for _ in range(rounds):
+        for name in arms or MEMORY_ARMS:
+            done = subprocess.run([sys.executable, __file__, "--memory-arm", name], capture_output=True, text=True, check=True)
+            results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+            print(results[-1], flush=True)
+    lines = ["# The trainer's peak memory on the 51.7M model", "",
+             "Command: `.venv/bin/python scripts/profile_train_step.py --memory`", "", f"Machine: {describe_machine()}.", "",
+             "One PolicyTrainer in a fresh process per setting (no Ray), the 51.7M Llama of bench_step.py (hidden 512, 6 "
+             "layers, vocabulary 32,000, fp32, ZeRO-0, AdamW), 128 sequences of 32 prompt + 128 response tokens in 4 "
+             "micro-batches of 32, two steps. Peak: the process's peak resident memory (`ru_maxrss`), which a trainer "
+             "actor's `trainer_peak_rss_gib` also reports; built: after the model and DeepSpeed engine were made.", "",
+             "| setting | peak GiB | built GiB | step s |", "|---|---|---|---|"]
+    for name in MEMORY_ARMS:
+        mine = [r for r in results if r["arm"] == name]
+        if not mine:
+            continue
+        span = lambda key: "-".join(f"{v:g}" for v in sorted({min(r[key] for r in mine), max(r[key] for r in mine)}))  # noqa: E731
+        lines.append(f"| {name} | {span('peak_gib')} | {span('built_gib')} | {span('step_s')} |")
+    lines += ["", "Step times share the machine with whatever else ran (read the memory, and the times only side by "
+              "side within one run)."]
+    out.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def main() -> None:
     import argparse
     import os
@@ -71,7 +136,20 @@ def main() -> None:
     ap.add_argument("--vs-raw", action="store_true", help="alternate the trainer's step with a raw HF forward/backward + AdamW "
                     "step of the same batch in this process (the ratio without the run-to-run noise of separate processes)")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--memory", action="store_true", help="peak memory of each setting in MEMORY_ARMS, each in a fresh "
+                    "process, --rounds rounds (writes docs/benchmarks/trainer-memory.md)")
+    ap.add_argument("--memory-arm", choices=sorted(MEMORY_ARMS), help=argparse.SUPPRESS)
+    ap.add_argument("--arms", nargs="+", choices=sorted(MEMORY_ARMS), default=[],
+                    help="--memory: only these settings (the saved results of the others are kept)")
     args = ap.parse_args()
+    if args.memory_arm:
+        import json
+
+        print(json.dumps(memory_arm(args.memory_arm)))
+        return
+    if args.memory:
+        memory_report(args.rounds, ROOT / "docs" / "benchmarks" / "trainer-memory", args.arms)
+        return
     cores = len(os.sched_getaffinity(0))
     if args.in_actor:
         import ray
