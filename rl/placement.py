@@ -63,7 +63,7 @@ def check_gpu_layout(recipe) -> None:
     """What the GPU counts (after ``machine_defaults``) must allow.
 
     Under Ray a tensor-parallel engine runs vLLM's Ray executor: one GPU worker per rank, each in its own bundle
-    (``rl.placement.engine_bundles``). That executor runs on GPUs only, and the collective weight transport joins
+    (``rl.placement.engine_bundle_specs``). That executor runs on GPUs only, and the collective weight transport joins
     the engine's own process, which then holds no weights. A colocated engine and trainer rank share one GPU's
     bundle (``rl.placement.place``) and vLLM's sleep mode, which needs CUDA.
 
@@ -108,13 +108,13 @@ def bundle(num_cpus: float, num_gpus: float, resources: dict[str, float]) -> dic
     return b or {"CPU": 0.01}
 
 
-def engine_bundles(tensor_parallel_size: int, num_cpus: float, num_gpus: float,
-                   resources: dict[str, float]) -> list[dict[str, float]]:
+def engine_bundle_specs(tensor_parallel_size: int, num_cpus: float, num_gpus: float,
+                        resources: dict[str, float]) -> list[dict[str, float]]:
     """One rollout engine's bundles: one, or with tensor parallelism one per rank, each with its share of the GPUs.
 
-    >>> engine_bundles(1, 1, 1, {})
+    >>> engine_bundle_specs(1, 1, 1, {})
     [{'CPU': 1.0, 'GPU': 1.0}]
-    >>> engine_bundles(2, 1, 2, {"a100": 1})
+    >>> engine_bundle_specs(2, 1, 2, {"a100": 1})
     [{'CPU': 1.0, 'GPU': 1.0, 'a100': 1.0}, {'GPU': 1.0}]
     """
     if tensor_parallel_size == 1:
@@ -294,8 +294,8 @@ def place_recipe(recipe, rollout_actors: int) -> "Placement | None":
         return None
     t, ro, c = recipe.trainer, recipe.rollout, recipe.cluster
     return place((t.num_ranks, bundle(t.num_cpus_per_rank, t.num_gpus_per_rank, t.resources)),
-                 (rollout_actors, engine_bundles(ro.tensor_parallel_size, ro.num_cpus_per_actor, ro.num_gpus_per_actor,
-                                                 ro.resources)),
+                 (rollout_actors, engine_bundle_specs(ro.tensor_parallel_size, ro.num_cpus_per_actor, ro.num_gpus_per_actor,
+                                                      ro.resources)),
                  strategy=c.placement, timeout_s=c.placement_timeout_s, colocate=ro.colocate and rollout_actors > 0)
 
 

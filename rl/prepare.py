@@ -374,7 +374,7 @@ def engine_spec(recipe: Recipe, policy: PolicySpec):
         gpu_memory_utilization=r.rollout.gpu_memory_utilization, cpu_kvcache_gib=r.rollout.cpu_kvcache_gib,
         enforce_eager=r.rollout.enforce_eager, kv_block_size=r.rollout.kv_block_size,
         tensor_parallel_size=r.rollout.tensor_parallel_size,
-        # Under Ray a tensor-parallel engine's ranks are Ray workers in its bundles (rl.placement.engine_bundles).
+        # Under Ray a tensor-parallel engine's ranks are Ray workers in its bundles (rl.placement.engine_bundle_specs).
         distributed_executor_backend="ray" if r.use_ray and r.rollout.tensor_parallel_size > 1 else None,
         enable_sleep_mode=r.rollout.colocate,
         engine_in_process=r.rollout.engine_in_process,

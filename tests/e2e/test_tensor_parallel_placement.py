@@ -15,7 +15,7 @@ import sys
 
 PROBE = r"""
 import json, os, ray
-from rl.placement import PlacementError, bundle, engine_bundles, place
+from rl.placement import PlacementError, bundle, engine_bundle_specs, place
 
 ray.init(address="local", num_cpus=4, num_gpus=5, include_dashboard=False, configure_logging=False, log_to_driver=False)
 
@@ -35,7 +35,7 @@ class Engine:  # what vLLM's Ray executor does inside a rollout actor
                  .remote() for b in map(int, os.environ["VLLM_RAY_BUNDLE_INDICES"].split(","))]
         return {"own_gpus": ray.get_gpu_ids(), "ranks": ray.get([r.gpus.remote() for r in ranks])}
 
-placement = place((1, bundle(0.5, 1, {})), (2, engine_bundles(2, 0.5, 2, {})))
+placement = place((1, bundle(0.5, 1, {})), (2, engine_bundle_specs(2, 0.5, 2, {})))
 out = {"engine_bundles": placement.engine_bundles, "engines": []}
 for options in placement.rollout_options():
     env = options.pop("env_vars")  # as rl.workers.rollout merges them: the recipe's ask, then the placement's
@@ -43,14 +43,14 @@ for options in placement.rollout_options():
     out["engines"].append(ray.get(engine.start_ranks.remote()))
 placement.remove()
 # Colocated: engine i and trainer rank i each reserve half of bundle i's GPU, as TrainerGroup and RolloutGroup ask.
-placement = place((2, bundle(0.5, 0.5, {})), (2, engine_bundles(1, 0.5, 0.5, {})), colocate=True)
+placement = place((2, bundle(0.5, 0.5, {})), (2, engine_bundle_specs(1, 0.5, 0.5, {})), colocate=True)
 out["colocated_bundles"] = [placement.trainer_bundles, placement.engine_bundles]
 ranks = [Rank.options(num_cpus=0.5, num_gpus=0.5, **o).remote() for o in placement.trainer_options()]
 engines = [Rank.options(num_cpus=0.5, num_gpus=0.5, **o).remote() for o in placement.rollout_options()]
 out["colocated_gpus"] = [ray.get([t.gpus.remote(), e.gpus.remote()]) for t, e in zip(ranks, engines)]
 placement.remove()
 try:  # an engine's ranks must fit one node together, however its single bundles would fit
-    place((1, bundle(0.5, 1, {})), (1, engine_bundles(8, 0.5, 8, {})))
+    place((1, bundle(0.5, 1, {})), (1, engine_bundle_specs(8, 0.5, 8, {})))
 except PlacementError as e:
     out["too_wide"] = str(e)
 print("RESULT " + json.dumps(out))
