@@ -246,7 +246,7 @@ def place(trainer: tuple[int, dict], rollout: tuple[int, list[dict]], strategy: 
     from ray.util import placement_group, placement_group_table
 
     (num_ranks, tb), (num_actors, ebs) = trainer, rollout
-    rb = ebs[0]
+    rb = ebs[0] if ebs else {}  # no engines: no engine bundles
     if colocate:
         named = [(f"trainer rank {i} with rollout actor {i}", _merged(tb, rb)) for i in range(num_ranks)]
     else:

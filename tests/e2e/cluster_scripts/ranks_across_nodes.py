@@ -29,7 +29,7 @@ def main() -> None:
     data = random_train_batch(AutoTokenizer.from_pretrained(model))
     out = {}
     for ranks, stage, micro in ((1, 0, 12), (2, 2, 3)):
-        p = place((ranks, {"CPU": 1.0}), (0, {}), strategy="strict_spread", timeout_s=60)
+        p = place((ranks, {"CPU": 1.0}), (0, []), strategy="strict_spread", timeout_s=60)
         setup = TrainerSetup(
             policy=PolicySpec(kind="full", base_model=model), dtype="float32", algorithm=AlgorithmConfig(group_size=4),
             max_response_len=6, master_port=0, master_addr=p.master_addr, transport=get_transport("object_store"),
