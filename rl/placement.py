@@ -33,7 +33,8 @@ def machine_defaults(recipe, cuda_devices: int):
     ``rollout.tensor_parallel_size`` GPUs and each trainer rank one, so Ray places them on GPUs it has
     reserved (it no longer hides devices from zero-GPU actors: they would all land on cuda:0 unreserved);
     the engines capture CUDA graphs (``rollout.enforce_eager: false``; eager decoding is the CPU's only
-    mode, and several times slower on a GPU); the model runs in bfloat16 (``model.dtype``), which GPUs
+    mode, and several times slower on a GPU) and sample training prompts unseeded (``rollout.seed_per_prompt:
+    false``: vLLM's batched sampler); the model runs in bfloat16 (``model.dtype``), which GPUs
     compute natively. On a CPU machine all stay as they are. A value set in the recipe is kept.
 
     >>> from rl.config import Recipe
@@ -49,6 +50,8 @@ def machine_defaults(recipe, cuda_devices: int):
             recipe.model.dtype = "bfloat16"
         if "enforce_eager" not in recipe.rollout.model_fields_set:
             recipe.rollout.enforce_eager = False
+        if "seed_per_prompt" not in recipe.rollout.model_fields_set:
+            recipe.rollout.seed_per_prompt = False
         share = 0.5 if recipe.rollout.colocate else 1.0  # a colocated engine and trainer rank split one GPU
         if "num_gpus_per_actor" not in recipe.rollout.model_fields_set:
             recipe.rollout.num_gpus_per_actor = share * recipe.rollout.tensor_parallel_size

@@ -395,5 +395,5 @@ def sampling(recipe: Recipe, step: int, n: int, greedy: bool = False) -> Samplin
         temperature=0.0 if greedy else ro.temperature,
         top_p=1.0 if greedy else ro.top_p,
         top_k=-1 if greedy else ro.top_k,
-        seed=(recipe.seed * 1_000_003 + step) * 65_536,
+        seed=(recipe.seed * 1_000_003 + step) * 65_536 if ro.seed_per_prompt or greedy else None,
     )

@@ -107,7 +107,7 @@ class InFlight:
     training set, ``completions`` its G rollouts so far (``finish_reason`` "" while unfinished)."""
 
     index: int
-    seed: int
+    seed: Optional[int]  # None: unseeded sampling (rollout.seed_per_prompt: false)
     completions: list[Completion]
 
     @property
@@ -312,7 +312,8 @@ class Rollouts:
         new = self.sampler.next_batch(max(0, want - len(carried)))
         counts = self.allocation.first_counts(new) if new else []
         spec = sampling(self.recipe, train_step, 1)
-        entries = carried + [InFlight(i, spec.seed + b, [_fresh(self.train_set.prompt_token_ids[i]) for _ in range(n)])
+        entries = carried + [InFlight(i, None if spec.seed is None else spec.seed + b,
+                                      [_fresh(self.train_set.prompt_token_ids[i]) for _ in range(n)])
                              for b, (i, n) in enumerate(zip(new, counts))]
         pending = self.engines.submit_generate_until([e.completions for e in entries], replace(spec, seeds=[e.seed for e in entries]), B)
         return _PartialCall(state, entries, pending, taken)

@@ -26,6 +26,10 @@ class RolloutConfig(Section):
     cpu_kvcache_gib: int = Field(1, ge=1, description="VLLM_CPU_KVCACHE_SPACE on CPU machines.")
     enforce_eager: bool = Field(True, description="No CUDA graphs (eager decoding). Left unset, false on a GPU machine "
                                 "(graphs decode several times faster there); the CPU decodes eagerly.")
+    seed_per_prompt: bool = Field(
+        True, description="Each training prompt's samples draw from a seed of their own (derived from the run's seed, "
+        "the step and the prompt), so a step's samples are reproducible. Left unset, false on a GPU machine: seeded "
+        "requests leave vLLM's batched sampler for a per-request generator. Held-out sampling stays seeded.")
     kv_block_size: int = Field(
         0, ge=0, description="Tokens per KV-cache block (vLLM's block_size; the unit of prefix-cache reuse). 0: vLLM's "
         "default for the platform (16 on GPU, 128 on CPU, where it must be a multiple of 32).")

@@ -192,7 +192,8 @@ class RolloutWorker:
                     continue
                 if not c.token_versions:
                     c.token_versions = [c.policy_version] * len(c.token_ids)
-                seed = None if not sampling.seeds else (sampling.seeds[g] + 7919 * i + 104729 * len(c.token_ids)) % 2**31
+                seed = None if not sampling.seeds or sampling.seeds[g] is None else \
+                    (sampling.seeds[g] + 7919 * i + 104729 * len(c.token_ids)) % 2**31
                 rest = dataclasses.replace(sampling, n=1, max_new_tokens=sampling.max_new_tokens - len(c.token_ids))
                 params = self._sampling_params(rest, seed, output_kind=RequestOutputKind.DELTA)
                 self._partial_requests += 1

@@ -187,7 +187,15 @@ def test_gpu_counts_left_unset_follow_the_machine():
     assert machine_defaults(load_recipe(None, [], check_paths=False), cuda_devices=1).rollout.enforce_eager is False
     r = machine_defaults(load_recipe(None, ["rollout.enforce_eager=true"], check_paths=False), cuda_devices=1)
     assert r.rollout.enforce_eager is True
-    # bfloat16 on a GPU, unless the recipe names a dtype
+    # unseeded training samples on a GPU (vLLM's batched sampler), unless the recipe asks for seeds; evaluation stays seeded
+    from rl.prepare import sampling
+
+    r = machine_defaults(load_recipe(None, [], check_paths=False), cuda_devices=1)
+    assert r.rollout.seed_per_prompt is False and sampling(r, 3, 4).seed is None
+    assert sampling(r, 3, 1, greedy=True).seed is not None
+    r = machine_defaults(load_recipe(None, ["rollout.seed_per_prompt=true"], check_paths=False), cuda_devices=1)
+    assert sampling(r, 3, 4).seed == sampling(load_recipe(None, [], check_paths=False), 3, 4).seed  # the CPU's seeds
+        # bfloat16 on a GPU, unless the recipe names a dtype
     assert machine_defaults(load_recipe(None, [], check_paths=False), cuda_devices=1).model.dtype == "bfloat16"
     r = machine_defaults(load_recipe(None, ["model.dtype=float32"], check_paths=False), cuda_devices=1)
     assert r.model.dtype == "float32"
