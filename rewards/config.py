@@ -30,7 +30,8 @@ DEFAULT_JUDGE_TEMPLATE = (
 )
 DEFAULT_MAX_LENGTH = 512
 # Fields that only a model entry reads, and those only a judge reads.
-MODEL_FIELDS = ("kind", "batch_size", "max_length", "template", "yes_token", "no_token", "num_cpus", "torch_threads", "dtype")
+MODEL_FIELDS = ("kind", "batch_size", "max_length", "template", "yes_token", "no_token", "num_cpus", "num_gpus", "torch_threads",
+                "dtype")
 JUDGE_FIELDS = ("template", "yes_token", "no_token")
 
 
@@ -59,6 +60,8 @@ class RewardItem(Section):
     yes_token: str = Field(" Yes", description="Judge only: the answer scored as good; must be one token of the judge's tokenizer.")
     no_token: str = Field(" No", description="Judge only: the answer scored as bad; must be one token of the judge's tokenizer.")
     num_cpus: float = Field(1.0, ge=0.0, description="CPUs the reward-model actor reserves in Ray.")
+    num_gpus: float = Field(0.0, ge=0.0, description="GPUs the reward-model actor reserves in Ray; > 0 runs the model on "
+                            "its GPU (0: on the CPU). Outside the run's placement group, like a teacher's engines.")
     torch_threads: int = Field(
         0, ge=0, description="Torch threads of the reward-model actor; 0: every core when rollout is synchronous (the "
         "reward phase runs alone), else num_cpus.")

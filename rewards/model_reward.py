@@ -66,6 +66,7 @@ class RewardModelSpec:
         template, yes_token, no_token: the judge's question and answers.
         dtype: ``float32`` | ``bfloat16`` | ``float16``.
         torch_threads: ``torch.set_num_threads`` in the process that loads it; 0 leaves torch's.
+        device: ``cpu``, or ``cuda`` (the GPU its actor reserved).
         trust_remote_code: passed to transformers.
         name: the reward's key, for messages.
     """
@@ -79,6 +80,7 @@ class RewardModelSpec:
     no_token: str = " No"
     dtype: str = "float32"
     torch_threads: int = 0
+    device: str = "cpu"
     trust_remote_code: bool = False
     name: str = ""
 
@@ -226,7 +228,9 @@ class RewardModel:
             self.model = Auto.from_pretrained(spec.path, dtype=dtype, trust_remote_code=spec.trust_remote_code)
         except Exception as e:  # noqa: BLE001 -- missing weights, shape mismatch, ...
             raise RewardModelError(f"{spec.label}: the weights do not load as {Auto.__name__}: {type(e).__name__}: {e}") from None
-        self.model.eval()
+        if spec.device != "cpu" and not torch.cuda.is_available():
+            raise RewardModelError(f"{spec.label}: asked to run on {spec.device} (its num_gpus), but CUDA is not usable here")
+        self.model.to(spec.device).eval()
         if spec.kind == "classifier":
             self.model.config.pad_token_id = self.info["pad_id"]  # what the model's pooling looks for
             self.pad_id = self.info["pad_id"]
@@ -262,13 +266,13 @@ class RewardModel:
     def _forward(self, rows: list[list[int]]) -> list[float]:
         import torch
 
-        input_ids, mask, lengths = pad_right(rows, self.pad_id)
+        input_ids, mask, lengths = (t.to(self.spec.device) for t in pad_right(rows, self.pad_id))
         with torch.no_grad():
             if self.spec.kind == "classifier":
                 logits = self.model(input_ids=input_ids, attention_mask=mask).logits  # [b, 1]
                 return logits[:, 0].float().tolist()
             logits = self.model(input_ids=input_ids, attention_mask=mask).logits  # [b, L, V]
-            last = logits[torch.arange(len(rows)), lengths - 1].float()  # [b, V]: the next token after each text
+            last = logits[torch.arange(len(rows), device=logits.device), lengths - 1].float()  # [b, V]: the next token after each text
             margin = last[:, self.info["yes_id"]] - last[:, self.info["no_id"]]
             return torch.sigmoid(margin).tolist()  # P(yes) / (P(yes) + P(no))
 
@@ -278,8 +282,8 @@ class ModelReward:
 
     ``server`` is what scores: a :class:`RewardModel`, or an actor group with the same ``score``
     (``rl.workers.RewardModelGroup``), given when the run starts it (:meth:`serve`). Called before
-    then it raises, and the scorer counts the samples as failures. ``num_cpus`` is what the actor
-    serving it reserves. Columns are ignored: the model reads only the prompt and completion.
+    then it raises, and the scorer counts the samples as failures. ``num_cpus`` and ``num_gpus`` are what the
+    actor serving it reserves. Columns are ignored: the model reads only the prompt and completion.
 
     >>> class Lengths:  # anything with score(prompts, completions)
     ...     def score(self, prompts, completions): return [float(len(c)) for c in completions]
@@ -288,8 +292,8 @@ class ModelReward:
     [3.0, 2.0]
     """
 
-    def __init__(self, spec: RewardModelSpec, server: Optional[Any] = None, num_cpus: float = 1.0):
-        self.spec, self.server, self.num_cpus = spec, server, num_cpus
+    def __init__(self, spec: RewardModelSpec, server: Optional[Any] = None, num_cpus: float = 1.0, num_gpus: float = 0.0):
+        self.spec, self.server, self.num_cpus, self.num_gpus = spec, server, num_cpus, num_gpus
 
     def serve(self, server: Optional[Any]) -> None:
         self.server = server

@@ -179,12 +179,13 @@ def model_reward(recipe: Recipe, index: int, log_fn=_log) -> ModelReward:
         threads = len(os.sched_getaffinity(0)) if sync else max(1, int(item.num_cpus))
     spec = RewardModelSpec(path=path, kind=item.kind, batch_size=item.batch_size, max_length=max_length,
                            template=item.template, yes_token=item.yes_token, no_token=item.no_token, dtype=item.dtype,
-                           torch_threads=threads, trust_remote_code=recipe.model.trust_remote_code, name=item.key)
+                           torch_threads=threads, trust_remote_code=recipe.model.trust_remote_code, name=item.key,
+                           device="cuda" if item.num_gpus > 0 else "cpu")
     try:
         check_reward_model(spec)
     except RewardModelError as e:
         raise RecipeError(f"recipe field '{field}': {e}") from None
-    return ModelReward(spec, num_cpus=item.num_cpus)
+    return ModelReward(spec, num_cpus=item.num_cpus, num_gpus=item.num_gpus)
 
 
 def reward_model_cpus(scorer: RewardScorer) -> float:

@@ -25,6 +25,10 @@ class RewardModelGroup(WorkerGroup):
             return cls([RewardModel(spec)], remote=False)
         import ray
 
+        free = ray.available_resources().get("GPU", 0.0)
+        if num_gpus > free + 1e-9:  # outside the placement group, an actor would wait for a GPU forever
+            raise RuntimeError(f"{spec.label}: asks for {num_gpus:g} GPU (num_gpus), {free:g} free beside the run's trainer "
+                               "ranks and engines")
         actor = ray.remote(RewardModel).options(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=max_restarts,
                                                 max_task_retries=0).remote(spec)
         group = cls([actor], remote=True, watchdog=watchdog, resources=describe_asks(num_cpus, num_gpus, None))
@@ -46,7 +50,7 @@ def start_reward_models(reward_fns: Sequence, use_ray: bool, watchdog: Optional[
     try:
         for fn in reward_fns:
             if isinstance(fn, ModelReward):
-                groups.append(RewardModelGroup.create(fn.spec, use_ray, fn.num_cpus, watchdog=watchdog))
+                groups.append(RewardModelGroup.create(fn.spec, use_ray, fn.num_cpus, fn.num_gpus, watchdog=watchdog))
                 fn.serve(groups[-1])
     except BaseException:
         stop_reward_models(reward_fns, groups)

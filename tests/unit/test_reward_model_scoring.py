@@ -443,3 +443,16 @@ def test_rlhf_recipe_validates_and_its_online_dpo_variant_is_two_overrides():
     dpo = load_recipe(ROOT / "recipes" / "rlhf-hh-tiny.yaml", ["algorithm.name=online_dpo", "algorithm.group_size=2"],
                       check_paths=False)
     assert dpo.rollouts_per_step == 2 * dpo.data.prompts_per_step
+
+
+def test_a_reward_model_given_a_gpu_runs_there_and_one_without_cuda_says_so(classifier_dir):
+    from rl.prepare import model_reward
+
+    reward = model_reward(_recipe(f"{{model: {classifier_dir}, num_gpus: 1}}"), 0)
+    assert (reward.num_gpus, reward.spec.device) == (1.0, "cuda")  # what its actor reserves, and where the model runs
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(RewardModelError, match="asked to run on cuda .*CUDA is not usable here"):
+        RewardModel(reward.spec)
+    with pytest.raises(RecipeError, match="'num_gpus' applies only to a reward model entry"):
+        _recipe("{fn: arithmetic_exact, num_gpus: 1}")
