@@ -216,6 +216,8 @@ class RewardModel:
         import torch
 
         self.spec = spec
+        if spec.device != "cpu" and not torch.cuda.is_available():  # before any loading
+            raise RewardModelError(f"{spec.label}: asked to run on {spec.device} (its num_gpus), but CUDA is not usable here")
         self.tokenizer, self.info = _load_checked(spec)
         if spec.torch_threads > 0:
             torch.set_num_threads(spec.torch_threads)
@@ -228,8 +230,6 @@ class RewardModel:
             self.model = Auto.from_pretrained(spec.path, dtype=dtype, trust_remote_code=spec.trust_remote_code)
         except Exception as e:  # noqa: BLE001 -- missing weights, shape mismatch, ...
             raise RewardModelError(f"{spec.label}: the weights do not load as {Auto.__name__}: {type(e).__name__}: {e}") from None
-        if spec.device != "cpu" and not torch.cuda.is_available():
-            raise RewardModelError(f"{spec.label}: asked to run on {spec.device} (its num_gpus), but CUDA is not usable here")
         self.model.to(spec.device).eval()
         if spec.kind == "classifier":
             self.model.config.pad_token_id = self.info["pad_id"]  # what the model's pooling looks for

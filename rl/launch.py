@@ -125,17 +125,13 @@ class Workers:
     def _start_teacher(self, dog):
         """The teacher's engines, outside the run's placement group (like reward models): they only score."""
         from rl.workers import RolloutGroup
+        from rl.workers.base import require_free
 
         t = self.recipe.teacher
         if self.recipe.use_ray:
-            import ray
-
-            # Actors outside the placement group wait for resources forever: say what is missing instead.
-            free = ray.available_resources()
-            for name, each in (("CPU", t.num_cpus_per_actor), ("GPU", t.num_gpus_per_actor)):
-                if each * t.num_actors > free.get(name, 0.0) + 1e-9:
-                    raise RuntimeError(f"teacher: {t.num_actors} actor(s) x {each:g} {name} asked (teacher.num_{name.lower()}s_per_actor), "
-                                       f"{free.get(name, 0.0):g} {name} free beside the run's trainer ranks and engines")
+            require_free(f"teacher ({t.num_actors} actor(s))", {
+                "CPU": (t.num_cpus_per_actor * t.num_actors, "teacher.num_cpus_per_actor"),
+                "GPU": (t.num_gpus_per_actor * t.num_actors, "teacher.num_gpus_per_actor")})
         log_dir = os.path.join(self.log_dir, "teacher") if self.log_dir else None
         if log_dir:
             os.makedirs(log_dir, exist_ok=True)

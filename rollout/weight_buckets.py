@@ -1,6 +1,6 @@
 """Many tensors packed into a few flat byte buffers, so a collective moves a model in a few large
 messages instead of one per tensor (SmolLM2-135M has 272 tensors, and every broadcast pays a fixed
-cost). Pure functions: the plan is computed the same way on the sending and the receiving side.
+cost). Pure functions; the sender's layout (each bucket's tensor specs) travels in the weight handle.
 """
 
 from __future__ import annotations
@@ -19,11 +19,14 @@ def spec_of(t: torch.Tensor) -> TensorSpec:
     return tuple(t.shape), str(t.dtype).removeprefix("torch.")
 
 
+def _raw_bytes(spec: TensorSpec) -> int:
+    shape, dtype = spec
+    return torch.Size(shape).numel() * torch.empty((), dtype=getattr(torch, dtype)).element_size()
+
+
 def spec_bytes(spec: TensorSpec) -> int:
     """Bytes the tensor takes in a bucket, padded to ``ALIGN``."""
-    shape, dtype = spec
-    n = torch.Size(shape).numel() * torch.empty((), dtype=getattr(torch, dtype)).element_size()
-    return -(-n // ALIGN) * ALIGN
+    return -(-_raw_bytes(spec) // ALIGN) * ALIGN
 
 
 def in_buckets(items: Iterable[T], size: Callable[[T], int], bucket_bytes: int) -> Iterator[list[T]]:
@@ -66,8 +69,6 @@ def unpack(flat: torch.Tensor, specs: Sequence[TensorSpec]) -> list[torch.Tensor
     """
     out, offset = [], 0
     for shape, dtype in specs:
-        dt = getattr(torch, dtype)
-        n = torch.Size(shape).numel() * torch.empty((), dtype=dt).element_size()
-        out.append(flat[offset:offset + n].view(dt).reshape(shape))
+        out.append(flat[offset:offset + _raw_bytes((shape, dtype))].view(getattr(torch, dtype)).reshape(shape))
         offset += spec_bytes((shape, dtype))
     return out

@@ -76,11 +76,12 @@ MEMORY_ARMS = {
 
 def memory_arm(name: str) -> dict:
     """Two steps (micro-batch 32) of one setting in this process: its peak resident memory and the second step's time."""
+    import os
     import resource
 
     import torch
 
-    torch.set_num_threads(len(__import__("os").sched_getaffinity(0)))
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
     trainer, batch = make_trainer_and_batch(**MEMORY_ARMS[name])
     built = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     trainer.train_step(batch, 4)  # AdamW allocates its moments here

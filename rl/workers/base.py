@@ -75,6 +75,18 @@ def describe_asks(num_cpus: float, num_gpus: float, resources: Optional[dict]) -
     return f"{num_cpus:g} CPU, {num_gpus:g} GPU{extra}"
 
 
+def require_free(who: str, asks: dict[str, tuple[float, str]]) -> None:
+    """Actors started outside the run's placement group (a teacher's engines, reward models) wait for resources
+    forever when none are free: say what is missing instead. ``asks``: resource -> (amount in all, the field asking)."""
+    import ray
+
+    free = ray.available_resources()
+    for name, (amount, field) in asks.items():
+        if amount > free.get(name, 0.0) + 1e-9:
+            raise RuntimeError(f"{who}: {amount:g} {name} asked ({field}), {free.get(name, 0.0):g} {name} free beside the "
+                               "run's trainer ranks and engines")
+
+
 class WorkerGroup:
     """A list of workers called alike, remote (Ray actors) or local. Every wait on a remote call
     goes through the watchdog (``wait_for``), so a stalled actor is named, never silently waited on."""

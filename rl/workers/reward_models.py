@@ -7,7 +7,7 @@ from typing import Optional, Sequence
 
 from rewards.model_reward import ModelReward, RewardModel, RewardModelSpec
 from rl.watchdog import Watchdog
-from rl.workers.base import WorkerGroup, describe_asks
+from rl.workers.base import WorkerGroup, describe_asks, require_free
 
 
 class RewardModelGroup(WorkerGroup):
@@ -25,10 +25,7 @@ class RewardModelGroup(WorkerGroup):
             return cls([RewardModel(spec)], remote=False)
         import ray
 
-        free = ray.available_resources().get("GPU", 0.0)
-        if num_gpus > free + 1e-9:  # outside the placement group, an actor would wait for a GPU forever
-            raise RuntimeError(f"{spec.label}: asks for {num_gpus:g} GPU (num_gpus), {free:g} free beside the run's trainer "
-                               "ranks and engines")
+        require_free(spec.label, {"GPU": (num_gpus, "num_gpus")})
         actor = ray.remote(RewardModel).options(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=max_restarts,
                                                 max_task_retries=0).remote(spec)
         group = cls([actor], remote=True, watchdog=watchdog, resources=describe_asks(num_cpus, num_gpus, None))
