@@ -1,9 +1,9 @@
 """How many rollouts each prompt of a step gets (``algorithm.allocation``), and which of them train.
 
-    counts = allocation.first_counts(indices)             rollouts per prompt of the first request (may be prefetched)
+    counts = allocation.first_counts(indices, step)       rollouts per prompt of step ``step``'s first request (may be prefetched)
     allocation.complete(batch, step, rollouts, timer)     further rounds, in place: tied groups again, Reinforce-Ada
     rows, advantages = training_rows(batch, ...)          the rows the trainer gets and their advantages
-    allocation.observe(batch)                             per-prompt history (Knapsack's success rates)
+    allocation.observe(batch, step)                       per-prompt history (Knapsack's success rates)
 
 - ``fixed``: G each.
 - ``resample_ties``: G each; groups whose rewards all tie are sampled again, up to ``max_resample_rounds``
@@ -12,7 +12,10 @@
   (``ada_rule``), at most ``ada_max_rounds`` and ``rollout_budget``; each prompt then trains G rollouts of
   its pool (balanced successes and failures) against the pool's mean.
 - ``knapsack``: B*G rollouts (or ``rollout_budget``) shared out by each prompt's success rate over its
-  recent rollouts (``trainer.algorithms.knapsack_allocation``); the estimates are checkpointed.
+  recent rollouts (``trainer.algorithms.knapsack_allocation``); the estimates are checkpointed. Asynchronous
+  (``rollout.max_staleness`` k): step j's batch is submitted before step j - 1 has trained, so it is shared out
+  from the outcomes of steps up to j - 1 - k only, whenever it is submitted: a resumed run allocates as the
+  uninterrupted one did.
 
 The math is in ``trainer.algorithms.allocation``; this module samples and keeps state.
 """
@@ -58,14 +61,15 @@ class Allocation:
         """Rollouts one step may spend."""
         return self.algo.rollout_budget or self.recipe.data.prompts_per_step * self.group_size
 
-    def first_counts(self, indices: list[int]) -> list[int]:
+    def first_counts(self, indices: list[int], step: int) -> list[int]:
+        """Rollouts of each prompt at ``indices`` in the first request of step ``step`` (1-based)."""
         return [self.group_size] * len(indices)
 
     def complete(self, batch, step: int, rollouts, timer: PhaseTimer) -> None:
         """Further rounds of sampling for ``batch`` (a ``rl.rollouts.Sampled``), in place."""
 
-    def observe(self, batch) -> None:
-        """What this step's rewards teach about its prompts."""
+    def observe(self, batch, step: int) -> None:
+        """What the rewards of step ``step``'s batch teach about its prompts."""
 
     def state_dict(self) -> dict:
         return {}
@@ -107,7 +111,7 @@ class ReinforceAda(Allocation):
     def budget(self) -> int:
         return self.algo.rollout_budget or self.recipe.data.prompts_per_step * self.algo.ada_round_size * self.algo.ada_max_rounds
 
-    def first_counts(self, indices: list[int]) -> list[int]:
+    def first_counts(self, indices: list[int], step: int) -> list[int]:
         return [self.algo.ada_round_size] * len(indices)
 
     def _done(self, group) -> bool:
@@ -135,30 +139,36 @@ class Knapsack(Allocation):
 
     def __init__(self, recipe: Recipe):
         super().__init__(recipe)
-        self.history: dict[int, list[int]] = {}  # prompt index -> its most recent outcomes (1 success), oldest first
+        self.lag = recipe.rollout.max_staleness  # step j is shared out from the outcomes of steps <= j - 1 - lag
+        self.history: dict[int, list[tuple[int, int]]] = {}  # prompt index -> (step, outcome 1 success), oldest first
 
     def metrics(self, batch) -> dict[str, float]:
         return allocation_metrics(batch, self.budget)
 
-    def estimate(self, index: int) -> Optional[float]:
-        outcomes = self.history.get(index, [])
+    def estimate(self, index: int, step: int) -> Optional[float]:
+        """Prompt ``index``'s success rate as step ``step`` sees it; None before it has enough history."""
+        outcomes = [o for s, o in self.history.get(index, []) if s <= step - 1 - self.lag][-KNAPSACK_WINDOW:]
         return sum(outcomes) / len(outcomes) if len(outcomes) >= KNAPSACK_MIN_HISTORY else None
 
-    def first_counts(self, indices: list[int]) -> list[int]:
+    def first_counts(self, indices: list[int], step: int) -> list[int]:
         a = self.algo
-        return algorithms.knapsack_allocation([self.estimate(i) for i in indices], self.budget, a.knapsack_min, a.knapsack_max,
-                                              default=self.group_size)
+        return algorithms.knapsack_allocation([self.estimate(i, step) for i in indices], self.budget, a.knapsack_min,
+                                              a.knapsack_max, default=self.group_size)
 
-    def observe(self, batch) -> None:
+    def observe(self, batch, step: int) -> None:
+        settled = step - self.lag  # every later step sees all outcomes up to here, and more
         for index, group in zip(batch.indices, batch.groups):
-            outcomes = [int(r > self.algo.success_threshold) for r in group.rewards]
-            self.history[index] = (self.history.get(index, []) + outcomes)[-KNAPSACK_WINDOW:]
+            entries = self.history.get(index, []) + [(step, int(r > self.algo.success_threshold)) for r in group.rewards]
+            old = [e for e in entries if e[0] <= settled]
+            self.history[index] = old[-KNAPSACK_WINDOW:] + [e for e in entries if e[0] > settled]
 
     def state_dict(self) -> dict:
-        return {"history": {str(i): h for i, h in sorted(self.history.items())}}
+        return {"history": {str(i): [list(e) for e in h] for i, h in sorted(self.history.items())}}
 
     def load_state_dict(self, state: dict) -> None:
-        self.history = {int(i): list(h) for i, h in state.get("history", {}).items()}
+        # A checkpoint written before outcomes carried their step holds bare outcomes: all of them settled.
+        self.history = {int(i): [tuple(e) if isinstance(e, list) else (0, e) for e in h]
+                        for i, h in state.get("history", {}).items()}
 
 
 ALLOCATIONS: dict[str, type[Allocation]] = {cls.name: cls for cls in (Allocation, ResampleTies, ReinforceAda, Knapsack)}

@@ -224,9 +224,10 @@ class Recipe(Section):
     def _check_allocation(self) -> "Recipe":
         a, B = self.algorithm, self.data.prompts_per_step
         if a.allocation == "knapsack":
-            if self.rollout.max_staleness > 0:
-                raise ValueError("algorithm.allocation=knapsack needs rollout.max_staleness=0 (each batch's rollouts are "
-                                 "shared out from the success rates the steps before it measured)")
+            if self.rollout.partial_rollouts:
+                raise ValueError("algorithm.allocation=knapsack does not combine with rollout.partial_rollouts (a batch's "
+                                 "budget is shared out among its prompts when it is submitted; partial rollouts carry "
+                                 "prompts from one batch into another)")
             if a.rollout_budget is not None and a.rollout_budget < B * a.group_size:
                 raise ValueError(f"algorithm.rollout_budget ({a.rollout_budget}) must be >= data.prompts_per_step x "
                                  f"algorithm.group_size ({B * a.group_size}): a prompt without history gets G rollouts")

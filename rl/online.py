@@ -144,7 +144,7 @@ class OnlineRun(Run):
                 self._publish()
             if colocated:
                 self.rollout.call_all("wake_up", None)
-        self.allocation.observe(batch)
+        self.allocation.observe(batch, self.step + 1)
         self.step += 1
         metrics = self._step_metrics(batch, rows, stats, timer, policy_version)
         metrics.update(token_metrics)

@@ -6,6 +6,8 @@ not as the chat template would write the calls again: the conversation stays the
 
 from __future__ import annotations
 
+import functools
+import json
 import uuid
 from typing import Optional
 
@@ -60,12 +62,17 @@ def load_tool_parser(name: str, tokenizer):
 
 def tools_request(tools: list):
     """vLLM's request object for a request's ``tools``, what its tool parsers read them from; malformed tools are a
-    ``ValueError``."""
+    ``ValueError``. An agent sends the same tools on every call: they are checked and built once."""
+    return _tools_request(json.dumps(tools, sort_keys=True))  # a request body is JSON: so are its tools
+
+
+@functools.lru_cache(maxsize=64)
+def _tools_request(tools_json: str):
     from pydantic import ValidationError
     from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 
     try:
-        return ChatCompletionRequest(model="policy", messages=[{"role": "user", "content": ""}], tools=tools)
+        return ChatCompletionRequest(model="policy", messages=[{"role": "user", "content": ""}], tools=json.loads(tools_json))
     except ValidationError as e:  # the gateway answers a ValueError with HTTP 400
         raise ValueError(f"malformed tools: {e.errors()[0]['loc']}: {e.errors()[0]['msg']}") from None
 

@@ -173,13 +173,13 @@ class Rollouts:
             if publish is not None:
                 with timer.phase("weight_sync"):
                     publish([self.train_set.prompt_token_ids[i] for i in indices])
-            counts = self.allocation.first_counts(indices)
+            counts = self.allocation.first_counts(indices, step + 1)
             return self._score(indices, self._generate(indices, step + 1, counts), timer)
         while len(self._prefetched) <= k and step + len(self._prefetched) < total_steps:
             state = self.sampler.state_dict()  # where a checkpoint must resume if this batch is not trained yet
-            indices = self.sampler.next_batch()
-            counts = self.allocation.first_counts(indices)
-            self._prefetched.append((state, indices, self._submit(indices, step + len(self._prefetched) + 1, counts)))
+            indices, batch_step = self.sampler.next_batch(), step + len(self._prefetched) + 1
+            counts = self.allocation.first_counts(indices, batch_step)
+            self._prefetched.append((state, indices, self._submit(indices, batch_step, counts)))
         _, indices, pending = self._prefetched.popleft()
         return self._score(indices, self._collect(pending), timer)
 
@@ -310,7 +310,7 @@ class Rollouts:
         state = self.sampler.state_dict()
         want = B + math.ceil(ro.partial_overdraw * B)
         new = self.sampler.next_batch(max(0, want - len(carried)))
-        counts = self.allocation.first_counts(new) if new else []
+        counts = self.allocation.first_counts(new, train_step) if new else []
         spec = sampling(self.recipe, train_step, 1)
         entries = carried + [InFlight(i, None if spec.seed is None else spec.seed + b,
                                       [_fresh(self.train_set.prompt_token_ids[i]) for _ in range(n)])

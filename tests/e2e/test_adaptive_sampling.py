@@ -1,5 +1,5 @@
-"""Adaptive sampling on the real stack (Ray actors, vLLM, DeepSpeed): Knapsack RL with the unlikeliness reward
-and Reinforce-Ada each train, allocate as they promise, and resume exactly, their state included."""
+"""Adaptive sampling on the real stack (Ray actors, vLLM, DeepSpeed): Knapsack RL (synchronous and asynchronous)
+with the unlikeliness reward and Reinforce-Ada each train, allocate as they promise, and resume exactly, their state included."""
 
 from __future__ import annotations
 
@@ -35,20 +35,30 @@ def _assert_resumed_exactly(ref: dict, resumed: dict, keys: tuple[str, ...]) -> 
             assert resumed[step][key] == ref[step][key], (step, key)
 
 
-def test_knapsack_with_unlikeliness_allocates_from_history_and_resumes_exactly(tiny_model_root, ray_session, cut_and_resume):
-    # 16 prompts, 8 per step: steps 1-2 see each prompt once (8 rollouts: enough history), steps 3-4 are allocated.
+@pytest.mark.parametrize("max_staleness", [0, 1], ids=["sync", "async"])
+def test_knapsack_with_unlikeliness_allocates_from_history_and_resumes_exactly(tiny_model_root, ray_session, cut_and_resume,
+                                                                               max_staleness):
+    # 16 prompts, 8 per step: steps 1-2 see each prompt once (8 rollouts: enough history). Asynchronous (one step
+    # ahead): step j is shared out from steps <= j - 2, so step 3 knows the prompts of step 1 and step 4 all of them.
     recipe = _recipe_for(tiny_model_root, "algorithm.allocation=knapsack", "algorithm.group_size=8", "algorithm.knapsack_max=32",
-                         "algorithm.unlikeliness_beta=0.25")
+                         "algorithm.unlikeliness_beta=0.25", f"rollout.max_staleness={max_staleness}")
     ref, resumed = cut_and_resume(recipe, cut=2)
     for step in (1, 2):  # no history yet: G each
         assert ref[step]["rollouts_per_prompt_min"] == ref[step]["rollouts_per_prompt_max"] == 8, ref[step]
     for step in (3, 4):
         m = ref[step]
-        # Shared out by success rate, not uniform, and all of the budget spent.
-        assert m["rollouts_per_prompt_min"] < m["rollouts_per_prompt_max"], m
-        assert m["rollouts"] == B * 8 and m["rollout_budget_used"] == 1.0 and m["trained_sequences"] == B * 8
-    # Without the restored success estimates step 3 would be uniform again.
-    _assert_resumed_exactly(ref, resumed, ("rollouts_per_prompt_min", "rollouts_per_prompt_max", "rollouts"))
+        assert m["rollouts"] == B * 8 and m["rollout_budget_used"] == 1.0 and m["trained_sequences"] == B * 8  # all spent
+        if step == 4 or not max_staleness:
+            assert m["rollouts_per_prompt_min"] < m["rollouts_per_prompt_max"], m  # shared out by success rate
+    if not max_staleness:  # without the restored success estimates step 3 would be uniform again
+        _assert_resumed_exactly(ref, resumed, ("rollouts_per_prompt", "rollouts"))
+        return
+    # The resumed run submits steps 3 and 4 together, right after its restore: without the lag, step 3 would be shared
+    # out from step 2's outcomes too. Its batches are sampled by the checkpointed policy, so only the allocation is the
+    # same (docs/guide/recipes.md, asynchronous rollout).
+    assert sorted(resumed) == [3, 4]
+    for step in (3, 4):
+        assert resumed[step]["rollouts_per_prompt"] == ref[step]["rollouts_per_prompt"], step
 
 
 def test_reinforce_ada_samples_until_prompts_have_signal_and_resumes_exactly(tiny_model_root, ray_session, cut_and_resume):

@@ -110,17 +110,39 @@ def test_knapsack_history_window_and_state_round_trip():
                          check_paths=False)
     k = Knapsack(recipe)
     batch = _sampled([[1, 0, 0, 0], [1, 1, 1, 1]], indices=[7, 3])
-    k.observe(batch)
-    assert k.estimate(7) is None  # 4 outcomes: not yet trusted
-    k.observe(batch)
-    assert k.estimate(7) == 0.25 and k.estimate(3) == 1.0
-    for _ in range(5):
-        k.observe(batch)
+    k.observe(batch, step=1)
+    assert k.estimate(7, step=2) is None  # 4 outcomes: not yet trusted
+    k.observe(batch, step=2)
+    assert k.estimate(7, step=3) == 0.25 and k.estimate(3, step=3) == 1.0
+    for step in range(3, 8):
+        k.observe(batch, step)
     assert len(k.history[7]) == 16  # the window
     again = Knapsack(recipe)
     again.load_state_dict(k.state_dict())
     assert again.history == k.history
-    assert k.first_counts([7, 3]) == [6, 2]  # B*G = 8: the solved prompt gets the minimum, the other the rest
+    assert k.first_counts([7, 3], step=8) == [6, 2]  # B*G = 8: the solved prompt gets the minimum, the other the rest
+
+
+def test_asynchronous_knapsack_shares_out_each_step_from_the_outcomes_it_would_have_seen():
+    """max_staleness 1: step j is submitted before step j - 1 trains, so it sees outcomes of steps <= j - 2 only,
+    whether the step before it has been observed yet or not (a resumed run allocates as the uninterrupted one)."""
+    recipe = load_recipe(None, ["algorithm.allocation=knapsack", "algorithm.group_size=4", "data.prompts_per_step=2",
+                                "rollout.max_staleness=1"], check_paths=False)
+    k = Knapsack(recipe)
+    k.observe(_sampled([[0, 0, 0, 0], [1, 1, 1, 1]], indices=[7, 3]), step=1)
+    k.observe(_sampled([[0, 0, 0, 0], [1, 1, 1, 1]], indices=[7, 3]), step=2)
+    assert k.estimate(7, step=3) is None  # step 2's outcomes came after step 3 was submitted
+    assert k.estimate(7, step=4) == 0.0 and k.estimate(3, step=4) == 1.0
+    k.observe(_sampled([[1, 1, 1, 1], [0, 0, 0, 0]], indices=[7, 3]), step=3)
+    assert k.estimate(7, step=4) == 0.0  # unchanged by step 3, observed since
+    assert k.estimate(7, step=5) == 4 / 12
+    # The window keeps what a later step can still see: 16 settled outcomes plus the unsettled step's.
+    for step in range(4, 10):
+        k.observe(_sampled([[1, 0, 1, 0], [1, 1, 1, 1]], indices=[7, 3]), step)
+    assert len(k.history[7]) == 16 + 4 and k.estimate(7, step=10) == 0.5
+    again = Knapsack(recipe)
+    again.load_state_dict(k.state_dict())
+    assert again.history == k.history and again.first_counts([7, 3], step=10) == k.first_counts([7, 3], step=10)
 
 
 # ----------------------------------------------------------------------------- Rewarding the Unlikely
@@ -258,7 +280,8 @@ def test_tie_handling_resample_is_the_resample_ties_allocation():
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["algorithm.allocation=knapsack", "rollout.max_staleness=1"], "knapsack needs rollout.max_staleness=0"),
+    (["algorithm.allocation=knapsack", "rollout.max_staleness=1", "rollout.partial_rollouts=true"],
+     "knapsack does not combine with rollout.partial_rollouts"),
     (["algorithm.allocation=knapsack", "algorithm.rollout_budget=8"], r"must be >= data.prompts_per_step x algorithm.group_size \(12\)"),
     (["algorithm.allocation=knapsack", "algorithm.knapsack_max=3"], r"within \[knapsack_min, knapsack_max\]"),
     (["algorithm.allocation=knapsack", "algorithm.advantage=reinforce_pp"], "needs a group-relative advantage"),
