@@ -71,6 +71,7 @@ MEMORY_ARMS = {
     "gradient_checkpointing": {"gradient_checkpointing": True},
     "both": {"logits_chunk_rows": 1024, "gradient_checkpointing": True},
     "both, logits_chunk_rows=256": {"logits_chunk_rows": 256, "gradient_checkpointing": True},
+    "both, host_mmap_threshold_mib=1": {"logits_chunk_rows": 1024, "gradient_checkpointing": True, "host_mmap_threshold_mib": 1},
 }
 
 

@@ -26,7 +26,7 @@ from trainer.config import AlgorithmConfig, CriticConfig, TrainerConfig
 from trainer.engine import (DTYPES, begin_micro_batch, check_packing, clip_gradients, clips_in_hook, decoder_and_head,
                             deepspeed_config, forward_packed_or_padded, full_parameters, unpack)
 from trainer.policies import PolicySpec, build_policy
-from trainer.process import all_ranks_max, init_distributed, peak_rss_gib, redirect_output
+from trainer.process import all_ranks_max, init_distributed, peak_rss_gib, redirect_output, set_mmap_threshold
 from trainer.rank_state import load_rank_state, save_rank_state
 from trainer.stats import Stats
 from trainer.types import TrainBatch
@@ -72,6 +72,8 @@ class PolicyTrainer:
         self.alg = setup.algorithm
         if self.cfg.torch_threads:
             torch.set_num_threads(self.cfg.torch_threads)
+        if self.cfg.host_mmap_threshold_mib and not set_mmap_threshold(self.cfg.host_mmap_threshold_mib):
+            print("trainer.host_mmap_threshold_mib: this C library has no mallopt; left as it is", flush=True)
         self.device = init_distributed(setup.rank, setup.world_size, setup.master_addr, setup.master_port,
                                        self.cfg.num_gpus_per_rank)
         torch.manual_seed(setup.seed + setup.rank)

@@ -48,6 +48,16 @@ def redirect_output(path: str) -> None:
     os.close(fd)
 
 
+def set_mmap_threshold(mib: float) -> bool:
+    """Host blocks of ``mib`` MiB or more mapped on their own, and unmapped when freed (glibc's ``mallopt``; fixing the
+    threshold also stops glibc from raising it). False where the C library has no ``mallopt`` (not glibc)."""
+    import ctypes
+
+    m_mmap_threshold = -3  # malloc.h
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
+    return bool(mallopt and mallopt(m_mmap_threshold, int(mib * 2**20)))
+
+
 def peak_rss_gib() -> float:
     """This process's peak resident memory (Linux reports KiB)."""
     import resource
