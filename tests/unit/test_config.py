@@ -263,7 +263,7 @@ def test_where_actors_run_may_change_on_resume_what_they_train_may_not():
     # A run that lost its engine's node resumes with the engine elsewhere: the same training, the same fingerprint.
     moved = ["rollout.resources={}", "trainer.resources={head: 1}", "cluster.weight_transport=shared_file",
              "cluster.placement=strict_pack", "rollout.num_cpus_per_actor=2", "trainer.torch_threads=1",
-             "rollout.max_restarts=0", "rollout.cpu_threads=1"]
+             "rollout.max_restarts=0", "rollout.cpu_threads=1", "trainer.host_mmap_threshold_mib=1"]
     assert recipe_fingerprint(load_recipe(None, ["trainer.lr=1e-3", *moved])) == base
     for changed in ("trainer.lr=2e-3", "trainer.num_ranks=2", "rollout.num_actors=2", "algorithm.group_size=4", "seed=1"):
         assert recipe_fingerprint(load_recipe(None, ["trainer.lr=1e-3", changed])) != base, changed
