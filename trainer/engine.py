@@ -122,6 +122,23 @@ def deepspeed_config(cfg: TrainerConfig, dtype: str) -> dict:
 
 
 @contextmanager
+def sharded_build(cfg: TrainerConfig, dtype: str) -> Iterator[None]:
+    """Under ZeRO-3, a model loaded inside is built as this rank's shard from the start (transformers'
+    ``from_pretrained`` under ``deepspeed.zero.Init``, which it follows while an ``HfDeepSpeedConfig`` lives): no rank
+    ever holds the whole model, which on a node of 8 ranks would be 8 full copies in host memory. Elsewhere nothing."""
+    if cfg.zero_stage != 3:
+        yield
+        return
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig
+
+    config = HfDeepSpeedConfig(deepspeed_config(cfg, dtype))  # transformers keeps only a weak reference to it
+    try:
+        yield
+    finally:
+        del config  # models loaded later (the reference) are whole again
+
+
+@contextmanager
 def full_parameters(module, zero_stage: int, all_weights: bool) -> Iterator[Iterable[tuple[str, torch.Tensor]]]:
     """``module``'s named parameters, full. Under ZeRO-3 each rank holds a shard and gathering is a collective every
     rank joins: with ``all_weights`` (a policy whose engines receive every weight) they come one at a time, each

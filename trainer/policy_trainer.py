@@ -24,7 +24,7 @@ from trainer import algorithms
 from trainer.batching import collate, micro_batch_rows, split_units
 from trainer.config import AlgorithmConfig, CriticConfig, TrainerConfig
 from trainer.engine import (DTYPES, begin_micro_batch, check_packing, clip_gradients, clips_in_hook, decoder_and_head,
-                            deepspeed_config, forward_packed_or_padded, full_parameters, unpack)
+                            deepspeed_config, forward_packed_or_padded, full_parameters, sharded_build, unpack)
 from trainer.policies import PolicySpec, build_policy
 from trainer.process import all_ranks_max, init_distributed, peak_rss_gib, redirect_output, set_mmap_threshold
 from trainer.rank_state import load_rank_state, save_rank_state
@@ -80,9 +80,8 @@ class PolicyTrainer:
         spec = setup.policy
         self.tokenizer = AutoTokenizer.from_pretrained(spec.model_path, trust_remote_code=setup.trust_remote_code)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        model = self._load(spec.model_path)
-        if self.cfg.max_tokens_per_micro_batch:
-            check_packing(model)
+        with sharded_build(self.cfg, setup.dtype):
+            model = self._load(spec.model_path)
         if self.cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         # A reference is loaded only when a loss uses one (KL with beta > 0, or online DPO).
@@ -94,6 +93,8 @@ class PolicyTrainer:
             model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
             config=deepspeed_config(self.cfg, setup.dtype),
         )
+        if self.cfg.max_tokens_per_micro_batch:  # after the engine: a ZeRO-3 shard forwards through its hooks
+            check_packing(model)
         self.critic = None
         if self.alg.spec.critic:  # PPO: a value model beside the policy, on its own engine and optimizer
             from trainer.critic import Critic
