@@ -29,8 +29,8 @@ STATE_FILE = "driver_state.json"
 _RESUMABLE_CHANGES = {"resume", "resume_force", "steps", "logging", "eval", "checkpoint", "output_dir", "use_ray", "watchdog"}
 
 
-# Where the actors run, how many threads they use and how they allocate memory: a resumed run may move (say, its engine to the trainer's node
-# after losing the engine's node) without changing what it trains.
+# Where the actors run, how many threads they use and how they allocate memory: a resumed run may move (say, its
+# engine to the trainer's node after losing the engine's node) without changing what it trains.
 _PLACEMENT_FIELDS = {
     "cluster": None,  # the whole section: placement strategy, timeouts, weight transport
     "rollout": {"num_cpus_per_actor", "num_gpus_per_actor", "cpu_threads", "resources", "max_restarts", "colocate"},
