@@ -1,6 +1,6 @@
 """What a trainer rank's process sets up around DeepSpeed: its device and process group (no run-time
-op build, the network interface of a multi-node rendezvous), its own log file, its peak memory, and the
-one collective its ranks use to agree on a number."""
+op build, the network interface of a multi-node rendezvous), its own log file, how it returns freed host memory,
+its peak memory, and the one collective its ranks use to agree on a number."""
 
 from __future__ import annotations
 
