@@ -78,6 +78,10 @@ def test_two_sharded_ranks_equal_one_rank(tiny_model_root, ray_session, tmp_path
         assert (diff > 1e-5).float().mean().item() < 1e-3, k
     if stage == 3:
         assert set(saved) == set(base) and all(saved[k].equal(two[k]) for k in saved)
+        # Each rank holds its shard: about half of the model (a shard is padded to the ranks' common size).
+        assert s2["params_in_memory"] <= 0.55 * s1["params_in_memory"], (s1["params_in_memory"], s2["params_in_memory"])
+    else:
+        assert s2["params_in_memory"] == s1["params_in_memory"]  # ZeRO-2 splits gradients and optimizer state only
 
 
 def test_bf16_without_zero_trains_and_reports_its_clipped_norm(tiny_model_root, ray_session):

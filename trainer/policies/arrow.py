@@ -20,7 +20,7 @@ from torch import nn
 from adapters.arrow import arrow_lora_forward, arrow_route, expert_prototypes
 from trainer.config import AdapterConfig
 from trainer.batching import padded_prompts
-from trainer.policies.base import Policy
+from trainer.policies.base import Policy, held_numel
 
 ARROW_CONFIG_FILE = "arrow_policy.json"
 ARROW_WEIGHTS_FILE = "arrow_policy.safetensors"
@@ -175,7 +175,7 @@ class ArrowPolicy(Policy):
         return transport.publish_prompt_loras(version, prompts, write)
 
     def numel_in_memory(self) -> int:
-        held = sum(p.numel() for p in self.model.parameters())
+        held = held_numel(self.model)
         if self.meta["train"] == "experts":
             return held
         return held + sum(layer.expert_A.numel() + layer.expert_B.numel() for layer in self.layers.values())

@@ -104,4 +104,10 @@ class Policy:
 
     def numel_in_memory(self) -> int:
         """Parameters this policy holds: the model, plus frozen copies or experts kept outside it."""
-        return sum(p.numel() for p in self.model.parameters())
+        return held_numel(self.model)
+
+
+def held_numel(module: nn.Module) -> int:
+    """Parameters ``module`` holds on this rank: of a ZeRO-3 parameter its shard (the parameter itself is then an
+    empty placeholder), of any other the whole tensor."""
+    return sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in module.parameters())

@@ -7,7 +7,7 @@ from typing import Optional
 
 from torch import nn
 
-from trainer.policies.base import Policy
+from trainer.policies.base import Policy, held_numel
 
 
 class FullModelPolicy(Policy):
@@ -38,5 +38,4 @@ class FullModelPolicy(Policy):
         return {}  # a full model is not an adapter: nothing to write into a library
 
     def numel_in_memory(self) -> int:
-        held = sum(p.numel() for p in self.model.parameters())
-        return held + (sum(p.numel() for p in self.ref_model.parameters()) if self.ref_model is not None else 0)
+        return held_numel(self.model) + (held_numel(self.ref_model) if self.ref_model is not None else 0)
