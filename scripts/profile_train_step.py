@@ -93,21 +93,23 @@ def memory_arm(name: str) -> dict:
             "peak_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
 
 
-def memory_report(rounds: int, out: Path, arms: list[str]) -> None:
+def memory_report(rounds: int, out: Path, arms: list[str], report_only: bool = False) -> None:
     """Every arm in a fresh process (ru_maxrss only grows), arms alternating each round; writes ``out``.md/.json.
-    ``arms``: only these (the saved results of the others are kept)."""
+    ``arms``: only these (the saved results of the others are kept). Each result is saved as it comes, so an
+    interrupted run keeps what it measured; ``report_only``: the page again from the saved results."""
     import json
     import subprocess
 
     from rl.metrics import describe_machine
 
     saved = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").exists() else []
-    results = [r for r in saved if arms and r["arm"] not in arms]
-    for _ in range(rounds):
+    results = saved if report_only else [r for r in saved if arms and r["arm"] not in arms]
+    for _ in range(0 if report_only else rounds):
         for name in arms or MEMORY_ARMS:
             done = subprocess.run([sys.executable, __file__, "--memory-arm", name], capture_output=True, text=True, check=True)
             results.append(json.loads(done.stdout.strip().splitlines()[-1]))
             print(results[-1], flush=True)
+            out.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
     lines = ["# The trainer's peak memory on the 51.7M model", "",
              "Command: `.venv/bin/python scripts/profile_train_step.py --memory`", "", f"Machine: {describe_machine()}.", "",
              "One PolicyTrainer in a fresh process per setting (no Ray), the 51.7M Llama of bench_step.py (hidden 512, 6 "
@@ -146,6 +148,7 @@ def main() -> None:
     ap.add_argument("--memory-arm", choices=sorted(MEMORY_ARMS), help=argparse.SUPPRESS)
     ap.add_argument("--arms", nargs="+", choices=sorted(MEMORY_ARMS), default=[],
                     help="--memory: only these settings (the saved results of the others are kept)")
+    ap.add_argument("--report-only", action="store_true", help="--memory: write the page again from the saved results")
     args = ap.parse_args()
     if args.memory_arm:
         import json
@@ -153,7 +156,7 @@ def main() -> None:
         print(json.dumps(memory_arm(args.memory_arm)))
         return
     if args.memory:
-        memory_report(args.rounds, ROOT / "docs" / "benchmarks" / "trainer-memory", args.arms)
+        memory_report(args.rounds, ROOT / "docs" / "benchmarks" / "trainer-memory", args.arms, args.report_only)
         return
     cores = len(os.sched_getaffinity(0))
     if args.in_actor:
