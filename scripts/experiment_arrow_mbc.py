@@ -62,7 +62,7 @@ STARTS = ("base", "per-task merge", "per-task Arrow", "MBC merge", "MBC Arrow") 
 OWN = "own expert"  # each library task scored with its own per-task expert alone: the ceiling a library start aims at
 BEST = "best single expert"  # the per-task expert best on the held-out tasks, alone: what a router choosing one could reach
 EXPERT = "expert"  # the key of BEST's entry that names the expert
-MERGING_REPORT = {"arithmetic": "[merging.md](merging.md)", "smollm2-chat": "`scripts/experiment_merging.py --family smollm2`"}
+MERGING_REPORT = {"arithmetic": "[merging.md](merging.md)", "smollm2-chat": "[merging-smollm2.md](merging-smollm2.md)"}
 
 
 def lora_state(d: Path) -> dict[str, torch.Tensor]:
