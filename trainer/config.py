@@ -44,8 +44,8 @@ class TrainerConfig(Section):
     host_mmap_threshold_mib: float = Field(
         0.0, ge=0.0, description="0: glibc's default. k > 0: host (CPU) blocks of k MiB or more are mapped on their own and "
         "given back to the system when freed (mallopt M_MMAP_THRESHOLD). glibc otherwise raises the threshold as large "
-        "blocks are freed, after which a CPU trainer's per-micro-batch tensors reuse a heap it seldom returns: 1 cut "
-        "the 51.7M model's peak from 2.69 to 1.95 GiB (docs/benchmarks/trainer-memory.md).")
+        "blocks are freed, after which a CPU trainer's per-micro-batch tensors reuse a heap it seldom returns; what 1 "
+        "saves on a 51.7M model: docs/benchmarks/trainer-memory.md.")
     max_nonfinite_steps: int = Field(
         3, ge=1, description="A non-finite loss or gradient skips that update; this many steps in a row stop the run."
     )
