@@ -114,11 +114,12 @@ class ClusterConfig(Section):
     node_loss_wait_s: float = Field(
         30.0, gt=0.0, description="After an actor's node dies: how long a rollout actor may take to come back on another "
         "node before the run stops (last checkpoint intact, resume=auto continues).")
-    weight_transport: Literal["auto", "shared_file", "object_store", "collective"] = Field(
+    weight_transport: Literal["auto", "shared_file", "object_store", "collective", "ipc"] = Field(
         "auto", description="How weights travel to the engines. `auto`: `shared_file` (a RAM-backed file, one node) when "
         "every engine shares trainer rank 0's node, else `object_store` (Ray's object store, across nodes). `collective`: "
-        "trainer rank 0 broadcasts each tensor to the engines over a gloo process group (any node; an engine that dies "
-        "cannot rejoin it).")
+        "trainer rank 0 broadcasts the weights, packed in buckets, to the engines over a process group of their own (gloo, "
+        "or NCCL between GPUs; any node; an engine that dies cannot rejoin it). `ipc`: the engines read packed buckets in "
+        "place from memory trainer rank 0 shares (shared memory on a CPU, CUDA IPC on a GPU; one node).")
 
 
 class LoggingConfig(Section):

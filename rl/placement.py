@@ -309,9 +309,9 @@ def choose_transport(requested: str, placement: Placement | None) -> str:
     one_node = placement is None or placement.engines_share_trainer_node()
     if requested == "auto":
         return "shared_file" if one_node else "object_store"
-    if requested == "shared_file" and not one_node:
+    if requested in ("shared_file", "ipc") and not one_node:
         far = sorted({placement.bundle_node_ips[b] for b in placement.rollout_bundles} - {placement.master_addr})
-        raise PlacementError(f"cluster.weight_transport=shared_file needs every engine on trainer rank 0's node "
+        raise PlacementError(f"cluster.weight_transport={requested} needs every engine on trainer rank 0's node "
                              f"({placement.master_addr}); rollout actors were placed on {', '.join(far)}: "
                              "use object_store or auto, or cluster.placement=strict_pack")
     return requested

@@ -6,6 +6,7 @@ engine spec and the sampling settings. Everything that can fail on bad input fai
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -346,17 +347,25 @@ def memory_warning(estimate: dict[str, float], recipe: Recipe) -> Optional[str]:
 
 
 def weight_transport(recipe: Recipe, policy: PolicySpec, name: str, log_fn=_log):
-    """The transport object the trainer publishes through; ``shared_file`` checks /dev/shm has room for
-    the versions kept at once (a full model: the one being written, the served one, k queued ones;
-    adapters publish a few MB)."""
+    """The transport object the trainer publishes through; ``shared_file`` (and ``ipc`` on a CPU) checks
+    /dev/shm has room for the versions kept at once (a full model: the one being written, the served one,
+    k queued ones; adapters publish a few MB)."""
     from rollout.weight_sync import get_transport
     from trainer.memory import BYTES, count_parameters
 
-    if name != "shared_file":
+    in_shm = name == "shared_file" or (name == "ipc" and not recipe.trainer.num_gpus_per_rank)
+    if not in_shm:
         return get_transport(name)
     full = policy.kind == "full"
     one = count_parameters(policy.base_model, recipe.model.trust_remote_code)[0] * BYTES[recipe.model.dtype] if full else 0
     need = one * (2 + recipe.rollout.max_staleness)
+    if name == "ipc":
+        free = shutil.disk_usage("/dev/shm").free if os.path.isdir("/dev/shm") else 0
+        if free < need:  # a shared-memory file written past what /dev/shm holds kills the trainer with SIGBUS
+            raise RecipeError(f"cluster.weight_transport=ipc keeps {need / 2**20:.0f} MiB of weights in /dev/shm, which has "
+                              f"{free / 2**20:.0f} MiB free: use shared_file (it falls back to disk) or give /dev/shm more "
+                              "room (docker run --shm-size)")
+        return get_transport("ipc")
     transport = get_transport("shared_file", room_bytes=need)
     if not str(transport.directory).startswith("/dev/shm") and os.path.isdir("/dev/shm"):
         log_fn(f"weights travel through {transport.directory} on disk: /dev/shm has less than the {need / 2**20:.0f} MiB "

@@ -49,9 +49,16 @@ def in_buckets(items: Iterable[T], size: Callable[[T], int], bucket_bytes: int) 
         yield bucket
 
 
-def pack(tensors: Sequence[torch.Tensor], device: torch.device | str = "cpu") -> torch.Tensor:
-    """The tensors' bytes, each at an ``ALIGN``-ed offset: one [sum of spec_bytes] uint8 tensor on ``device``."""
-    flat = torch.empty(sum(spec_bytes(spec_of(t)) for t in tensors), dtype=torch.uint8, device=device)
+def packed_bytes(tensors: Sequence[torch.Tensor]) -> int:
+    return sum(spec_bytes(spec_of(t)) for t in tensors)
+
+
+def pack(tensors: Sequence[torch.Tensor], device: torch.device | str = "cpu", out: torch.Tensor | None = None) -> torch.Tensor:
+    """The tensors' bytes, each at an ``ALIGN``-ed offset: one [packed_bytes] uint8 tensor on ``device``, or
+    written into ``out`` (a uint8 tensor of that size, e.g. a ``rollout.shared_buffers`` buffer)."""
+    flat = torch.empty(packed_bytes(tensors), dtype=torch.uint8, device=device) if out is None else out
+    if flat.numel() != packed_bytes(tensors) or flat.dtype != torch.uint8:
+        raise ValueError(f"pack needs a uint8 buffer of {packed_bytes(tensors)} bytes, got {flat.dtype} x {flat.numel()}")
     offset = 0
     for t in tensors:
         raw = t.detach().contiguous().reshape(-1).view(torch.uint8)

@@ -13,7 +13,8 @@ What it checks, with the project's own code where it needs no more than torch:
 - ``weight_buckets``: the collective transport's packing (``rollout.weight_buckets``) on the device,
   bit for bit, and its GB/s;
 - ``host_copy``: GPU -> CPU -> GPU GB/s (what ``shared_file`` and ``object_store`` cost per push);
-- ``cuda_ipc``: a tensor shared with another process through CUDA IPC, read there, GB/s;
+- ``ipc_transport``: the ipc weight transport itself: a model's worth of tensors published in another
+  process's reach (CUDA IPC on a GPU, shared memory on a CPU), read and copied there bit for bit, GB/s;
 - ``nccl_broadcast``: the collective transport itself (``CollectiveTransport`` over NCCL) between
   two GPUs, GB/s (needs two GPUs);
 - ``cuda_rng_state``: the CUDA RNG state a checkpoint saves restores the same draws;
@@ -179,29 +180,55 @@ def check_host_copy(device: torch.device, quick: bool) -> dict:
     return {"mib": nbytes // 2**20, "to_cpu_gbps": _gbps(nbytes, times["to_cpu"]), "to_gpu_gbps": _gbps(nbytes, times["to_gpu"])}
 
 
-def _ipc_reader(queue, done) -> None:
-    t = queue.get()  # a CUDA tensor: arrives as an IPC handle onto the sender's memory
-    t0 = time.perf_counter()
-    copy = t.clone()
-    torch.cuda.synchronize()
-    done.put((float(copy.float().sum().item()), time.perf_counter() - t0))
+def _digest(t: torch.Tensor) -> str:
+    import hashlib
+
+    return hashlib.sha1(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
-def check_cuda_ipc(device: torch.device, quick: bool) -> dict:
-    if device.type != "cuda":
-        raise Skip("no CUDA device")
+def _ipc_reader(handles, done) -> None:
+    """An engine's side of the ipc transport, in a process of its own: receive, copy out, report digests."""
+    from rollout.types import WeightHandle
+    from rollout.weight_sync import IpcTransport
+
+    try:
+        handle = WeightHandle(**handles.get(timeout=120))
+        t0 = time.perf_counter()
+        copies = [t.clone() for _, t in IpcTransport().receive(handle)]  # what vLLM's loader does: copy into its weights
+        if copies[0].is_cuda:
+            torch.cuda.synchronize()
+        done.put((time.perf_counter() - t0, [_digest(t) for t in copies]))
+    except Exception as e:  # reported by the check
+        done.put((None, repr(e)))
+
+
+def check_ipc_transport(device: torch.device, quick: bool) -> dict:
+    """The ipc weight transport (``rollout.weight_sync.IpcTransport``): CUDA IPC on a GPU, shared memory on a CPU."""
+    import dataclasses
+
     import torch.multiprocessing as mp
 
+    from rollout.weight_sync import IpcTransport
+
+    tensors = _model_like_tensors(device, 16 if quick else 1024)
+    num_bytes = sum(t.numel() * t.element_size() for t in tensors)
+    transport = IpcTransport()
+    _sync(device)
+    t0 = time.perf_counter()
+    handle = transport.publish([(f"t{i}", t) for i, t in enumerate(tensors)], 1)
+    published = time.perf_counter() - t0
     ctx = mp.get_context("spawn")
-    queue, done = ctx.Queue(), ctx.Queue()
-    x = torch.ones(64 * 2**20 if quick else 256 * 2**20, device=device)
-    reader = ctx.Process(target=_ipc_reader, args=(queue, done))
+    handles, done = ctx.Queue(), ctx.Queue()
+    reader = ctx.Process(target=_ipc_reader, args=(handles, done))
     reader.start()
-    queue.put(x)
-    total, seconds = done.get(timeout=120)
-    reader.join(timeout=30)
-    assert total == x.numel(), f"the other process read a sum of {total}, not {x.numel()}"
-    return {"mib": x.numel() * 4 // 2**20, "read_gbps": _gbps(x.numel() * 4, seconds)}
+    handles.put(dataclasses.asdict(handle))  # as the vLLM worker is sent it: plain data
+    seconds, digests = done.get(timeout=300)
+    reader.join(timeout=60)
+    transport.close()
+    assert seconds is not None, f"the other process could not read the weights: {digests}"
+    assert digests == [_digest(t) for t in tensors], "a tensor arrived changed"
+    return {"mib": num_bytes // 2**20, "buckets": len(handle.payload), "publish_gbps": _gbps(num_bytes, published),
+            "read_gbps": _gbps(num_bytes, seconds)}
 
 
 def _nccl_rank(rank: int, port: int, mib: int, results) -> None:
@@ -274,7 +301,7 @@ def check_stack(device: torch.device, quick: bool) -> dict:
 
 CHECKS: dict[str, Callable[[torch.device, bool], dict]] = {
     "device": check_device, "bf16_train_step": check_bf16_train_step, "bf16_vs_fp32_logprobs": check_bf16_vs_fp32_logprobs,
-    "weight_buckets": check_weight_buckets, "host_copy": check_host_copy, "cuda_ipc": check_cuda_ipc,
+    "weight_buckets": check_weight_buckets, "host_copy": check_host_copy, "ipc_transport": check_ipc_transport,
     "nccl_broadcast": check_nccl_broadcast, "cuda_rng_state": check_cuda_rng_state, "stack": check_stack,
 }
 

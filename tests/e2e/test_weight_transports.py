@@ -1,6 +1,7 @@
-"""Every kind of policy travels by the cross-node transports too (object store: chosen when the
-engines are on another node; collective: a gloo broadcast from trainer rank 0), here forced on one
-node: the engine then serves exactly the trainer's policy."""
+"""Every kind of policy travels by every transport besides the default: the cross-node ones (object
+store: chosen when the engines are on another node; collective: a gloo broadcast from trainer rank 0),
+here forced on one node, and ipc (the engine reads the trainer's shared memory in place): the engine
+then serves exactly the trainer's policy."""
 
 from __future__ import annotations
 
@@ -15,9 +16,9 @@ pytestmark = pytest.mark.e2e
 LOGPROB_TOL = 1e-4
 
 
-@pytest.mark.parametrize("transport", ["object_store", "collective"])
+@pytest.mark.parametrize("transport", ["object_store", "collective", "ipc"])
 @pytest.mark.parametrize("kind", ["none", "lora", "sparse"])
-def test_cross_node_transports_serve_the_trainers_policy(kind, transport, tiny_model_root, ray_session, tmp_path):
+def test_every_transport_serves_the_trainers_policy(kind, transport, tiny_model_root, ray_session, tmp_path):
     from rl.online import OnlineRun
 
     recipe = load_recipe(None, [
@@ -38,9 +39,9 @@ def test_cross_node_transports_serve_the_trainers_policy(kind, transport, tiny_m
         assert max(abs(a - b) for ra, rb in zip(before, after) for a, b in zip(ra, rb)) > 1e-4  # the push reached the engine
         assert all(m["weight_sync_bytes"] > 0 for m in metrics)
         local = Path(t.rollout.call_all("local_copies_dir")[0])
-        # Only the version the engine holds is kept on its node (broadcast weights leave no file at all).
+        # Only the version the engine holds is copied to its node (broadcast weights leave no file at all; ipc copies nothing).
         copies = sorted(local.iterdir()) if local.exists() else []
-        assert len(copies) == (0 if transport == "collective" and kind != "lora" else 1), copies
+        assert len(copies) == {"object_store": 1, "collective": int(kind == "lora"), "ipc": 0}[transport], copies
     finally:
         t.stop_workers()
     assert not local.exists()  # removed when the run stops

@@ -44,6 +44,9 @@ def test_transport_follows_the_placement():
     with pytest.raises(PlacementError, match=r"shared_file needs every engine on trainer rank 0's node \(10.0.0.1\); "
                                              r"rollout actors were placed on 10.0.0.2"):
         choose_transport("shared_file", two_nodes)
+    assert choose_transport("ipc", one_node) == "ipc"
+    with pytest.raises(PlacementError, match=r"ipc needs every engine on trainer rank 0's node"):
+        choose_transport("ipc", two_nodes)
 
 
 def test_group_nodes_only_when_the_run_spans_nodes():
@@ -67,3 +70,23 @@ def test_shared_file_weights_leave_a_small_dev_shm_for_the_disk(monkeypatch):
     assert str(get_transport("shared_file", room_bytes=32 << 20).directory).startswith("/dev/shm/")
     roomless = get_transport("shared_file", room_bytes=3 * 538 << 20)  # three versions of a 538 MB model
     assert str(roomless.directory).startswith(tempfile.gettempdir() + "/")
+
+
+def test_ipc_weights_refuse_a_dev_shm_too_small_for_them(monkeypatch, tiny_model_root):
+    """On a CPU, ``ipc`` keeps each version in /dev/shm, and writing past what it holds would kill the trainer
+    with SIGBUS: a /dev/shm without room for the versions kept at once is a clear error before the first push."""
+    import shutil
+    from collections import namedtuple
+
+    from rl.config import RecipeError, load_recipe
+    from rl.prepare import weight_transport
+    from trainer.policies.base import PolicySpec
+
+    recipe = load_recipe(None, [f"model.path={tiny_model_root / 'model'}", "cluster.weight_transport=ipc"])
+    policy = PolicySpec(kind="full", base_model=str(tiny_model_root / "model"))
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(64 << 20, 64 << 20, 4096))
+    with pytest.raises(RecipeError, match=r"weight_transport=ipc keeps \d+ MiB of weights in /dev/shm, which has 0 MiB free"):
+        weight_transport(recipe, policy, "ipc")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(64 << 20, 0, 64 << 20))
+    assert weight_transport(recipe, policy, "ipc").name == "ipc"
