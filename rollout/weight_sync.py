@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 import uuid
 from pathlib import Path
 from dataclasses import replace
@@ -50,6 +49,7 @@ from safetensors import safe_open
 from safetensors.torch import save as save_bytes
 from safetensors.torch import save_file
 
+from rollout.shared_dirs import default_shared_dir, own_dir
 from rollout.types import WeightHandle, WeightKind, prompt_key
 from rollout.weight_buckets import in_buckets, pack, packed_bytes, spec_bytes, spec_of, unpack
 
@@ -98,16 +98,6 @@ class Transports(dict):
         return transport
 
 
-def default_shared_dir(room_bytes: int = 0) -> Path:
-    """A new directory in ``/dev/shm`` (RAM) when it is writable and has ``room_bytes`` free, else in the
-    temporary directory on disk: Docker gives a container 64 MB of ``/dev/shm`` by default, where a
-    real model's first push would fail half-written."""
-    shm = Path("/dev/shm")
-    roomy = shm.is_dir() and os.access(shm, os.W_OK) and shutil.disk_usage(shm).free >= room_bytes
-    base = shm if roomy else Path(tempfile.gettempdir())
-    return base / f"rl-weights-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-
-
 @register_transport("shared_file")
 class SharedFileTransport:
     """One safetensors file per version in a RAM-backed directory; older versions are released by the caller."""
@@ -115,9 +105,15 @@ class SharedFileTransport:
     def __init__(self, directory: str | os.PathLike | None = None, room_bytes: int = 0):
         """``room_bytes``: what the versions kept at once need (``directory`` unset: /dev/shm if it has that)."""
         self.directory = Path(directory) if directory else default_shared_dir(room_bytes)
+        self._owner: int | None = None  # the lock this process holds on the directory (rollout.shared_dirs)
+
+    def _made(self) -> Path:
+        if self._owner is None:
+            self._owner = own_dir(self.directory)
+        return self.directory
 
     def publish(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int, kind: str = "weights") -> WeightHandle:
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self._made()
         tensors = {name: t.detach().to("cpu").contiguous() for name, t in named_tensors}
         final = self.directory / f"policy-v{version:06d}.safetensors"
         tmp = final.with_suffix(".tmp")
@@ -137,7 +133,7 @@ class SharedFileTransport:
 
     def _fresh_dir(self, stem: str) -> tuple[Path, Path]:
         """A (temporary, final) pair of directory names no earlier publish used (a version can be re-published)."""
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self._made()
         tag = f"{stem}-{uuid.uuid4().hex[:8]}"
         return self.directory / f"{tag}.tmp", self.directory / tag
 
@@ -174,6 +170,9 @@ class SharedFileTransport:
 
     def close(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)
+        if self._owner is not None:
+            os.close(self._owner)
+            self._owner = None
 
 
 @register_transport("object_store")
@@ -439,11 +438,14 @@ class LocalCopies:
 
     def __init__(self):
         self.directory = default_shared_dir()
+        self._owner: int | None = None  # the lock this process holds on the directory, once made (rollout.shared_dirs)
         self._current: list[Path] = []  # the served version's copy
         self._previous: list[Path] = []  # copies to remove once the new version is loaded
         self.transports = Transports()  # this process's reading side of each transport, kept for the run
 
     def localize(self, handle: WeightHandle) -> WeightHandle:
+        if self._owner is None:
+            self._owner = own_dir(self.directory)
         local = self.transports[handle.transport].localize(handle, self.directory)
         if local is not handle:  # a copy on this node, kept until a newer version is loaded
             self._previous, self._current = self._current, [Path(local.location)]
@@ -457,3 +459,6 @@ class LocalCopies:
 
     def close(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)
+        if self._owner is not None:
+            os.close(self._owner)
+            self._owner = None
