@@ -49,6 +49,7 @@ from safetensors import safe_open
 from safetensors.torch import save as save_bytes
 from safetensors.torch import save_file
 
+from rollout.shared_buffers import open_shared, share, shared_buffer
 from rollout.shared_dirs import default_shared_dir, own_dir
 from rollout.types import WeightHandle, WeightKind, prompt_key
 from rollout.weight_buckets import in_buckets, pack, packed_bytes, spec_bytes, spec_of, unpack
@@ -387,8 +388,6 @@ class IpcTransport:
         self._staging = SharedFileTransport(directory)
 
     def publish(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int, kind: str = "weights") -> WeightHandle:
-        from rollout.shared_buffers import share, shared_buffer
-
         names, buckets, held, num_bytes = [], [], [], 0
         for bucket in in_buckets(named_tensors, lambda nt: spec_bytes(spec_of(nt[1])), self.BUCKET_BYTES):
             tensors = [t.detach() for _, t in bucket]
@@ -415,8 +414,6 @@ class IpcTransport:
 
     def receive(self, handle: WeightHandle) -> Iterator[tuple[str, torch.Tensor]]:
         """Views of the trainer's buckets (no copy): the caller copies them into the model before the trainer releases them."""
-        from rollout.shared_buffers import open_shared
-
         names = iter(handle.names)
         for bucket in handle.payload:
             for t in unpack(open_shared(bucket["buffer"]), bucket["specs"]):
