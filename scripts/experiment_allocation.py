@@ -131,12 +131,15 @@ def report(results: list[dict], names: list[str], args, command: str, stem: str 
         return [r for r in results if r["arm"] == name]
 
     start = {key: statistics.mean(r["curve"][0][key] for r in results) for key, _ in METRICS}
+    unlikely = any(n.endswith(" + unlikely") for n in names)
+    protocol = [line for line in PROTOCOL[args.task](args, k, start["greedy"]) if unlikely or not line.startswith("- `+ unlikely`")]
     lines = [
-        "# Rollout allocation: fixed G, 2-GRPO+RS, Reinforce-Ada, Knapsack RL, with and without the unlikeliness reward"
+        "# Rollout allocation: fixed G, 2-GRPO+RS, Reinforce-Ada, Knapsack RL"
+        + (", with and without the unlikeliness reward" if unlikely else "")
         + (" (SmolLM2-135M-Instruct)" if args.task == "smollm2" else ""),
         "", f"Reproduce: `{command}`", "", f"Machine: {describe_machine()}; one vLLM rollout actor, one DeepSpeed rank (ZeRO-0), Ray.",
         "", "## Protocol", "",
-        *PROTOCOL[args.task](args, k, start["greedy"]),
+        *protocol,
         "", f"## Results ({len(args.seeds)} seeds: {', '.join(map(str, args.seeds))}; mean ± std of the final evaluation)", "",
         f"| arm | final greedy | final mean@{k} | final pass@{k} | rollouts | trained rows | prompts with signal | "
         "most rollouts on one prompt | train s |", "|---|---|---|---|---|---|---|---|---|"]
@@ -162,8 +165,10 @@ def report(results: list[dict], names: list[str], args, command: str, stem: str 
                      f"{ratio:.2f}x the rollouts of fixed G):")
         lines += claim_lines(results, "2-GRPO+RS", base, k)
     for name in (base, "Reinforce-Ada", "Knapsack", "2-GRPO+RS"):
-        lines.append(f"- The unlikeliness reward raises pass@{k} (A = {name} + unlikely, B = {name}):")
         with_bonus, without = of(f"{name} + unlikely"), of(name)
+        if not with_bonus:
+            continue  # not among the arms run
+        lines.append(f"- The unlikeliness reward raises pass@{k} (A = {name} + unlikely, B = {name}):")
         def evals(runs: list[dict]) -> list:
             return [[(p["step"], p["greedy"], p["mean_at_k"], p["pass_at_k"]) for p in r["curve"]] for r in runs]
 
