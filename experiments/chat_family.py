@@ -90,6 +90,11 @@ def is_correct(completion: str, answer: str, case_sensitive: bool = False) -> bo
     return found[-1] == answer if case_sensitive else found[-1].lower() == answer.lower()
 
 
+def reward(prompts: list[str], completions: list[str], *, answer: list[str], task: list[str], **columns) -> list[float]:
+    """The family's check as a reward function (``experiments/chat_family.py:reward``; rows carry ``answer`` and ``task``)."""
+    return [float(is_correct(c, str(a), SUBTASKS[t].case_sensitive)) for c, a, t in zip(completions, answer, task)]
+
+
 def vocabulary_words(tokenizer) -> tuple[str, ...]:
     """The 4-7 letter lowercase word-initial tokens of ``tokenizer``'s vocabulary, sorted."""
     return tuple(sorted({m.group(1) for t in tokenizer.get_vocab() if (m := _WORD_TOKEN.fullmatch(t))}))

@@ -4,7 +4,8 @@ with a family of short chat tasks (``--family smollm2``: :mod:`experiments.chat_
 
     .venv/bin/python scripts/experiment_arrow_mbc.py                  # 3 seeds zero-shot, RL from each start on seed 0
     .venv/bin/python scripts/experiment_arrow_mbc.py --quick --out /tmp/a --runs /tmp/a   # tables only
-    .venv/bin/python scripts/experiment_arrow_mbc.py --family smollm2  # the real model, 3 seeds zero-shot (no RL)
+    .venv/bin/python scripts/experiment_arrow_mbc.py --family smollm2  # the real model, 3 seeds zero-shot, RL on seed 0
+    .venv/bin/python scripts/experiment_arrow_mbc.py --family smollm2 --rl-only  # only the RL, from that run's libraries
 
 Claims tested: (1) Arrow routing over a library beats a uniform merge of it on held-out tasks; (2) a library built by
 model-based clustering (MBC: one LoRA per cluster of tasks, trained on the union of their data) beats the library of
@@ -172,12 +173,19 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+# GRPO on the chat family: the rows' prompts are already in ChatML (system message, demonstration, question), replies are
+# a few tokens, and the reward is the family's own check (the last number or word of the first line).
+SMOLLM2_RL = ['data.template="{prompt}"', "data.chat_template=never", "rollout.max_new_tokens=20", "rollout.max_model_len=256",
+              "trainer.micro_batch_size=16", "rewards.functions=[{fn: experiments/chat_family.py:reward}]"]
+
+
 def rl_runs(args, libs: dict[str, tuple[Path, list[str]]], model_dir: Path, train_file: Path, test_file: Path, seed: int) -> dict:
     """GRPO from each start; returns {start: {"before", "after"}} of held-out greedy accuracy."""
     from rl.config import load_recipe
     from rl.online import OnlineRun
 
-    common = [f"seed={seed}", f"model.path={model_dir}", f"data.train={train_file}", f"data.test={test_file}",
+    common = [*(SMOLLM2_RL if args.family == "smollm2" else []),
+              f"seed={seed}", f"model.path={model_dir}", f"data.train={train_file}", f"data.test={test_file}",
               f"data.max_test_examples={args.test_prompts * len(args.held_out)}", f"steps={args.rl_steps}",
               f"data.prompts_per_step={args.rl_prompts}", f"algorithm.group_size={args.rl_group}", f"trainer.lr={args.rl_lr}",
               "trainer.warmup_steps=0", "logging.progress=false", "checkpoint.save_final=false", "adapter.save_as=null",
@@ -273,15 +281,22 @@ def report(result: dict, args, command: str) -> str:
                   if BEST in zs[str(seeds[0])] else ".")]
     rl = result.get("rl")
     if rl:
+        rs = result.get("rl_settings", {"steps": args.rl_steps, "prompts": args.rl_prompts, "group": args.rl_group, "lr": args.rl_lr})
+        smollm2 = args.family == "smollm2"
+        figure = f"{'arrow-mbc-smollm2' if smollm2 else 'arrow-mbc'}-rl.png"
         lines += ["", f"## GRPO from each start on the held-out tasks (seed {args.rl_seed})", "",
-                  f"{args.rl_steps} steps of {args.rl_prompts} prompts x {args.rl_group}, lr {args.rl_lr:g}, a LoRA of rank 8 trained "
+                  f"{rs['steps']} steps of {rs['prompts']} prompts x {rs['group']}, lr {rs['lr']:g}, a LoRA of rank 8 trained "
                   "(new on the base or beside the Arrow experts; the merged LoRA itself for a merge start), no KL; held-out greedy "
                   "accuracy through vLLM before and after. Arrow starts are served with the routing averaged over each batch "
-                  "(`adapter.arrow_serving: batch`) and trained with truncated IS (cap 2).", "",
+                  "(`adapter.arrow_serving: batch`) and trained with truncated IS (cap 2)."
+                  + (" Reward: the family's own check (`experiments/chat_family.py:reward`), prompts in the same chat as the "
+                     "zero-shot tables." if smollm2 else "")
+                  + (f" Wall-clock of the GRPO runs: {rs['seconds']:.0f} s." if "seconds" in rs else "")
+                  + (f" Reproduce: `{rs['command']}`." if "command" in rs else ""), "",
                   "| start | before | after | gain (points) |", "|---|---|---|---|"]
         for start, r in rl.items():
             lines.append(f"| {start} | {100 * r['before']:.1f} | {100 * r['after']:.1f} | {100 * (r['after'] - r['before']):+.1f} |")
-        lines += ["", "Curves (reward, held-out accuracy, KL, length, step time of each run): [arrow-mbc-rl.png](arrow-mbc-rl.png)."]
+        lines += ["", f"Curves (reward, held-out accuracy, KL, length, step time of each run): [{figure}]({figure})."]
     return "\n".join(lines) + "\n"
 
 
@@ -321,11 +336,45 @@ def arrow_check_lines(result: dict, seeds: list[int]) -> list[str]:
     return lines
 
 
+def zero_shot_all(args, s, family, base, tokenizer, model_dir: Path, base_name: str, runs: Path, expert_runs: Path,
+                  lib_tasks: list[str], test_rows: dict, result: dict, log) -> dict[str, tuple[Path, list[str]]]:
+    """Each seed's libraries (per-task experts, MBC clusters) and their zero-shot results and Arrow checks, into
+    ``result``; returns the libraries GRPO starts from ({label: (root, expert names)}, seed ``args.rl_seed``)."""
+    libs_for_rl = {}
+    for seed in args.seeds:
+        per_task = {}
+        for t in lib_tasks:
+            experts.train_expert("lora", t, seed, s, base, tokenizer, expert_runs, base_name, log, family)
+            per_task[t] = expert_runs / "experts" / experts.expert_key("lora", t, seed, s, base_name)
+        clusters = cluster_experts({t: lora_state(d) for t, d in per_task.items()}, k=args.clusters, seed=seed)
+        members = [sorted(m) for _, m in sorted(clusters.items())]
+        result["clusters"][str(seed)] = members
+        mbc = {f"mbc-{i}": train_cluster_expert(m, seed, s, base, tokenizer, runs, base_name, log, family)
+               for i, m in enumerate(members)}
+        lib_task = make_library(runs / f"library-per-task-seed{seed}", per_task, model_dir)
+        lib_mbc = make_library(runs / f"library-mbc-seed{seed}", mbc, model_dir)
+        zs = {"base": {t: family.accuracy(base, tokenizer, rows, t) for t, rows in test_rows.items()}}
+        zs[OWN], zs[BEST] = single_experts(per_task, s, base, tokenizer, test_rows, args.held_out, family)
+        checks = {"one_expert_max_logit_gap": one_expert_gap(lib_task, per_task, s, base, tokenizer, test_rows), "routing": {}}
+        for label, lib, dirs in (("per-task", lib_task, per_task), ("MBC", lib_mbc, mbc)):
+            r = zero_shot(lib, dirs, s, base, tokenizer, test_rows, [args.top_k, *args.diagnostic_top_k], family)
+            checks["routing"][label] = r["routing"]
+            zs[f"{label} merge"], zs[f"{label} Arrow"] = r["merge"], r["arrow"]
+            zs.update({f"{label} Arrow {k[len('arrow '):]}": v for k, v in r.items() if k.startswith("arrow top-")})
+            if seed == args.rl_seed and label in args.rl_libraries:
+                libs_for_rl[label] = (lib.root, list(dirs))
+        result["zero_shot"][str(seed)] = zs
+        result.setdefault("arrow_checks", {})[str(seed)] = checks
+        log(f"seed {seed}: clusters {members}; " + json.dumps({k: {t: v if isinstance(v, str) else round(v, 3) for t, v in d.items()}
+                                                                for k, d in zs.items()}))
+    return libs_for_rl
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--family", choices=["arithmetic", "smollm2"], default="arithmetic",
-                    help="arithmetic: the embedded model's sub-tasks; smollm2: SmolLM2-135M-Instruct on short chat tasks (no RL)")
+                    help="arithmetic: the embedded model's sub-tasks; smollm2: SmolLM2-135M-Instruct on short chat tasks")
     ap.add_argument("--held-out", nargs="+", default=None, help="default: sub add3 (arithmetic), sub last (smollm2)")
     ap.add_argument("--clusters", type=int, default=2)
     ap.add_argument("--sft-steps", type=int, default=None, help="per-task expert SFT steps (default: Settings'; "
@@ -335,11 +384,13 @@ def main() -> None:
                     help="also route zero-shot with these k (report rows only; RL uses --top-k)")
     ap.add_argument("--test-prompts", type=int, default=None, help="per task (default 256; smollm2: 64)")
     ap.add_argument("--rl-seed", type=int, default=0)
-    ap.add_argument("--rl-steps", type=int, default=40)
-    ap.add_argument("--rl-prompts", type=int, default=64)
-    ap.add_argument("--rl-group", type=int, default=8)
-    ap.add_argument("--rl-lr", type=float, default=2e-3)
+    ap.add_argument("--rl-steps", type=int, default=None, help="default 40 (smollm2: 20)")
+    ap.add_argument("--rl-prompts", type=int, default=None, help="default 64 (smollm2: 8)")
+    ap.add_argument("--rl-group", type=int, default=None, help="default 8 (smollm2: 4)")
+    ap.add_argument("--rl-lr", type=float, default=None, help="default 2e-3 (smollm2: 2e-4)")
     ap.add_argument("--no-rl", action="store_true")
+    ap.add_argument("--rl-only", action="store_true", help="only the GRPO runs, from the libraries of a finished run "
+                    "(its JSON in --out and its runs); the zero-shot results are kept")
     ap.add_argument("--rl-libraries", nargs="*", default=["per-task", "MBC"], choices=["per-task", "MBC"],
                     help="the libraries whose merge and Arrow starts get a GRPO run (base always does)")
     ap.add_argument("--quick", action="store_true", help="a few SFT and RL steps, one seed: checks the tables are produced")
@@ -353,7 +404,9 @@ def main() -> None:
     s = dataclasses.replace(experts.Settings(), **EXPERT_SETTINGS) if smollm2 else experts.Settings()
     args.held_out = args.held_out or (["sub", "last"] if smollm2 else ["sub", "add3"])
     args.test_prompts = args.test_prompts or (s.test_prompts if smollm2 else 256)
-    args.no_rl = args.no_rl or smollm2  # GRPO from each start is on the embedded family only
+    for name, embedded, real in (("rl_steps", 40, 20), ("rl_prompts", 64, 8), ("rl_group", 8, 4), ("rl_lr", 2e-3, 2e-4)):
+        if getattr(args, name) is None:  # SmolLM2: the rollouts and LoRA rate of recipes/smollm2-arithmetic-lora.yaml
+            setattr(args, name, real if smollm2 else embedded)
     if args.sft_steps:
         s = dataclasses.replace(s, sft_steps=args.sft_steps)
     if args.quick:
@@ -398,51 +451,42 @@ def main() -> None:
     all_tasks = [*args.held_out, *lib_tasks]
     test_rows = {t: family.problems(t, args.test_prompts, 0, "test") for t in all_tasks}
 
-    result = {"command": command, "family": family.name, "base_description": base_description, "descriptions": family.subtasks,
-              "library_tasks": lib_tasks, "settings": dataclasses.asdict(s), "zero_shot": {}, "clusters": {}}
-    libs_for_rl = {}
-    for seed in args.seeds:
-        per_task = {}
-        for t in lib_tasks:
-            experts.train_expert("lora", t, seed, s, base, tokenizer, expert_runs, base_name, log, family)
-            per_task[t] = expert_runs / "experts" / experts.expert_key("lora", t, seed, s, base_name)
-        clusters = cluster_experts({t: lora_state(d) for t, d in per_task.items()}, k=args.clusters, seed=seed)
-        members = [sorted(m) for _, m in sorted(clusters.items())]
-        result["clusters"][str(seed)] = members
-        mbc = {f"mbc-{i}": train_cluster_expert(m, seed, s, base, tokenizer, runs, base_name, log, family)
-               for i, m in enumerate(members)}
-        lib_task = make_library(runs / f"library-per-task-seed{seed}", per_task, model_dir)
-        lib_mbc = make_library(runs / f"library-mbc-seed{seed}", mbc, model_dir)
-        zs = {"base": {t: family.accuracy(base, tokenizer, rows, t) for t, rows in test_rows.items()}}
-        zs[OWN], zs[BEST] = single_experts(per_task, s, base, tokenizer, test_rows, args.held_out, family)
-        checks = {"one_expert_max_logit_gap": one_expert_gap(lib_task, per_task, s, base, tokenizer, test_rows), "routing": {}}
-        for label, lib, dirs in (("per-task", lib_task, per_task), ("MBC", lib_mbc, mbc)):
-            r = zero_shot(lib, dirs, s, base, tokenizer, test_rows, [args.top_k, *args.diagnostic_top_k], family)
-            checks["routing"][label] = r["routing"]
-            zs[f"{label} merge"], zs[f"{label} Arrow"] = r["merge"], r["arrow"]
-            zs.update({f"{label} Arrow {k[len('arrow '):]}": v for k, v in r.items() if k.startswith("arrow top-")})
-            if seed == args.rl_seed and label in args.rl_libraries:
-                libs_for_rl[label] = (lib.root, list(dirs))
-        result["zero_shot"][str(seed)] = zs
-        result.setdefault("arrow_checks", {})[str(seed)] = checks
-        log(f"seed {seed}: clusters {members}; " + json.dumps({k: {t: v if isinstance(v, str) else round(v, 3) for t, v in d.items()}
-                                                                for k, d in zs.items()}))
+    if args.rl_only:  # the libraries of the finished run, as it made them
+        result = json.loads((Path(args.out) / f"{stem}.json").read_text())
+        libs_for_rl = {label: (lib.root, lib_tasks if label == "per-task" else lib.names())
+                       for label, lib in (("per-task", AdapterLibrary(runs / f"library-per-task-seed{args.rl_seed}")),
+                                          ("MBC", AdapterLibrary(runs / f"library-mbc-seed{args.rl_seed}")))
+                       if label in args.rl_libraries}
+        args.seeds = [int(sd) for sd in result["zero_shot"]]  # the run's own seeds, for the report's tables
+    else:
+        result = {"command": command, "family": family.name, "base_description": base_description,
+                  "descriptions": family.subtasks, "library_tasks": lib_tasks, "settings": dataclasses.asdict(s),
+                  "zero_shot": {}, "clusters": {}}
+        libs_for_rl = zero_shot_all(args, s, family, base, tokenizer, model_dir, base_name, runs, expert_runs, lib_tasks,
+                                    test_rows, result, log)
 
     if not args.no_rl and args.rl_seed in args.seeds:
+        t_rl = time.time()
         data = runs / "data"
         n_train = max(args.rl_prompts * args.rl_steps, 512)
-        train_rows = [r for t in args.held_out for r in family.problems(t, n_train // len(args.held_out), args.rl_seed, "train")]
+        # Each row names its task: the chat family's reward checks letters case-sensitively for some tasks only.
+        train_rows = [{**r, "task": t} for t in args.held_out for r in family.problems(t, n_train // len(args.held_out),
+                                                                                      args.rl_seed, "train")]
         random.Random(args.rl_seed).shuffle(train_rows)
-        result["rl"] = rl_runs(args, libs_for_rl, model_dir, write_jsonl(data / "held-out-train.jsonl", train_rows),
-                               write_jsonl(data / "held-out-test.jsonl", [r for t in args.held_out for r in test_rows[t]]), args.rl_seed)
-    result["seconds"] = time.time() - t0
+        test_file = write_jsonl(data / "held-out-test.jsonl", [{**r, "task": t} for t in args.held_out for r in test_rows[t]])
+        result["rl"] = rl_runs(args, libs_for_rl, model_dir, write_jsonl(data / "held-out-train.jsonl", train_rows), test_file,
+                               args.rl_seed)
+        result["rl_settings"] = {"steps": args.rl_steps, "prompts": args.rl_prompts, "group": args.rl_group, "lr": args.rl_lr,
+                                 "seconds": time.time() - t_rl, "command": command}
+    if not args.rl_only:
+        result["seconds"] = time.time() - t0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1, default=str))
     if result.get("rl"):
         from rl.plot import plot_runs
 
-        plot_runs([r["run_dir"] for r in result["rl"].values()], str(out / "arrow-mbc-rl.png"), labels=list(result["rl"]))
+        plot_runs([r["run_dir"] for r in result["rl"].values()], str(out / f"{stem}-rl.png"), labels=list(result["rl"]))
     text = report(result, args, command)
     (out / f"{stem}.md").write_text(text)
     print(text)
