@@ -17,6 +17,8 @@ DOCS = ROOT / "docs" / "experiments"
 
 @pytest.mark.parametrize("script, stem, args", [("experiment_ppo_distill.py", "ppo-distill", []),
                                                ("experiment_allocation.py", "allocation", []),
+                                               ("experiment_allocation.py", "allocation-smollm2", ["--task", "smollm2", "--seeds", "0",
+                                                                                                  "1"]),
                                                ("experiment_arrow_mbc.py", "arrow-mbc-smollm2", ["--family", "smollm2"]),
                                                ("experiment_merging.py", "merging-smollm2", ["--family", "smollm2"])])
 def test_report_is_the_scripts_rendering_of_its_results(script, stem, args, tmp_path):
