@@ -86,6 +86,10 @@ def check_gpu_layout(recipe) -> None:
         raise RecipeError("cluster.weight_transport=collective needs rollout.tensor_parallel_size=1 (the group is joined by "
                           "the engine actor's process, which holds no weights when the engine's ranks are Ray workers) and "
                           "rollout.colocate=false (NCCL cannot join two ranks on one GPU); use shared_file or object_store")
+    if recipe.cluster.weight_transport == "ipc" and recipe.use_ray and t.num_gpus_per_rank and not (ro.colocate and ro.num_actors == 1):
+        raise RecipeError("cluster.weight_transport=ipc on GPUs needs rollout.colocate=true with one engine: under Ray each actor "
+                          "sees only its own GPUs, so only the engine on trainer rank 0's GPU can open its memory; use shared_file "
+                          "(one node) or collective")
     if not ro.colocate:
         return
     pair = "rollout.colocate=true pairs each engine with a trainer rank on one GPU"

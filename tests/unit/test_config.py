@@ -256,6 +256,17 @@ def test_colocation_pairs_an_engine_and_a_rank_on_one_gpu_and_is_refused_where_i
             check_gpu_layout(_on_a_gpu_machine("rollout.colocate=true", *overrides))
 
 
+def test_ipc_weights_on_gpus_need_the_engine_on_trainer_rank_0s_gpu():
+    from rl.placement import check_gpu_layout
+
+    check_gpu_layout(_on_a_gpu_machine("rollout.colocate=true", "cluster.weight_transport=ipc"))
+    check_gpu_layout(load_recipe(None, ["cluster.weight_transport=ipc"], check_paths=False))  # a CPU: shared memory
+    for overrides in (["cluster.weight_transport=ipc"],
+                      ["rollout.colocate=true", "rollout.num_actors=2", "trainer.num_ranks=2", "cluster.weight_transport=ipc"]):
+        with pytest.raises(RecipeError, match="ipc on GPUs needs rollout.colocate=true with one engine"):
+            check_gpu_layout(_on_a_gpu_machine(*overrides))
+
+
 def test_where_actors_run_may_change_on_resume_what_they_train_may_not():
     from rl.checkpoint import recipe_fingerprint
 
