@@ -11,6 +11,7 @@ import pytest
 
 from helpers import vllm_trainer_gap
 from rl.config import load_recipe
+from rollout.shared_dirs import OWNER
 
 pytestmark = pytest.mark.e2e
 LOGPROB_TOL = 1e-4
@@ -41,7 +42,7 @@ def test_every_transport_serves_the_trainers_policy(kind, transport, tiny_model_
         assert all(m["weight_sync_bytes"] > 0 for m in metrics)
         local = Path(t.rollout.call_all("local_copies_dir")[0])
         # Only the version the engine holds is copied to its node (broadcast weights leave no file at all; ipc copies nothing).
-        copies = sorted(local.iterdir()) if local.exists() else []
+        copies = sorted(p for p in local.iterdir() if p.name != OWNER) if local.exists() else []  # not its owner lock
         assert len(copies) == {"object_store": 1, "collective": int(kind == "lora"), "ipc": 0}[transport], copies
     finally:
         t.stop_workers()
