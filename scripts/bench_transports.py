@@ -50,7 +50,7 @@ def model_overrides(which: str) -> list[str]:
         return [f"model.path={paths.model}", f"data.train={paths.train}", f"data.test={paths.test}",
                 "rollout.max_new_tokens=6", "rollout.max_model_len=64"]
     model = build_model()
-    return [f"model.path={model}", f"data.train={write_prompts(256)}", "data.test_fraction=0.05", "data.chat_template=never",
+    return [f"model.path={model}", f"data.train={write_prompts('synthetic', 256)}", "data.test_fraction=0.05", "data.chat_template=never",
             "rollout.max_new_tokens=8", f"rollout.max_model_len={PROMPT_TOKENS + 16}",
             f"rewards.functions=[{{fn: '{REWARD_FILE}:pseudo_random'}}]"]
 
