@@ -32,14 +32,28 @@ def default_shared_dir(room_bytes: int = 0) -> Path:
     return base / f"{PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
-def own_dir(directory: Path) -> int:
-    """Make ``directory`` and own it: returns the descriptor that holds its lock (closing it gives the directory up)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    pending = directory / f"{OWNER}.{uuid.uuid4().hex[:8]}"
-    fd = os.open(pending, os.O_RDWR | os.O_CREAT, 0o600)
-    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    os.replace(pending, directory / OWNER)  # only ever seen locked: a sweep never takes a directory being made
-    return fd
+class OwnedDir:
+    """A weight directory this process owns once it is made: ``make()`` creates it and takes its lock (once),
+    ``remove()`` deletes it and lets the lock go."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._lock: int | None = None  # the descriptor holding the lock
+
+    def make(self) -> Path:
+        if self._lock is None:
+            self.path.mkdir(parents=True, exist_ok=True)
+            pending = self.path / f"{OWNER}.{uuid.uuid4().hex[:8]}"
+            self._lock = os.open(pending, os.O_RDWR | os.O_CREAT, 0o600)
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.replace(pending, self.path / OWNER)  # only ever seen locked: a sweep never takes a directory being made
+        return self.path
+
+    def remove(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
 
 
 def remove_orphans(base: Path) -> list[Path]:

@@ -20,7 +20,7 @@ its tensors.
 
 ``shared_file`` writes one safetensors file (or LoRA directory) to a RAM-backed directory
 (``/dev/shm`` when it exists): works for every process on one node, CPU or GPU, and costs
-~0.3 s per 50M fp32 parameters here.
+(times per transport: docs/benchmarks/transports.md).
 
 ``object_store`` puts each version once into Ray's object store from trainer rank 0 (its owner);
 each rollout actor pulls it to its own node (``localize``) and reads it from a node-local RAM file
@@ -50,7 +50,7 @@ from safetensors.torch import save as save_bytes
 from safetensors.torch import save_file
 
 from rollout.shared_buffers import open_shared, share, shared_buffer
-from rollout.shared_dirs import default_shared_dir, own_dir
+from rollout.shared_dirs import OwnedDir, default_shared_dir
 from rollout.types import WeightHandle, WeightKind, prompt_key
 from rollout.weight_buckets import in_buckets, pack, packed_bytes, spec_bytes, spec_of, unpack
 
@@ -105,16 +105,14 @@ class SharedFileTransport:
 
     def __init__(self, directory: str | os.PathLike | None = None, room_bytes: int = 0):
         """``room_bytes``: what the versions kept at once need (``directory`` unset: /dev/shm if it has that)."""
-        self.directory = Path(directory) if directory else default_shared_dir(room_bytes)
-        self._owner: int | None = None  # the lock this process holds on the directory (rollout.shared_dirs)
+        self._dir = OwnedDir(directory or default_shared_dir(room_bytes))
 
-    def _made(self) -> Path:
-        if self._owner is None:
-            self._owner = own_dir(self.directory)
-        return self.directory
+    @property
+    def directory(self) -> Path:
+        return self._dir.path
 
     def publish(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int, kind: str = "weights") -> WeightHandle:
-        self._made()
+        self._dir.make()
         tensors = {name: t.detach().to("cpu").contiguous() for name, t in named_tensors}
         final = self.directory / f"policy-v{version:06d}.safetensors"
         tmp = final.with_suffix(".tmp")
@@ -134,7 +132,7 @@ class SharedFileTransport:
 
     def _fresh_dir(self, stem: str) -> tuple[Path, Path]:
         """A (temporary, final) pair of directory names no earlier publish used (a version can be re-published)."""
-        self._made()
+        self._dir.make()
         tag = f"{stem}-{uuid.uuid4().hex[:8]}"
         return self.directory / f"{tag}.tmp", self.directory / tag
 
@@ -170,10 +168,7 @@ class SharedFileTransport:
             Path(handle.location).unlink(missing_ok=True)
 
     def close(self) -> None:
-        shutil.rmtree(self.directory, ignore_errors=True)
-        if self._owner is not None:
-            os.close(self._owner)
-            self._owner = None
+        self._dir.remove()
 
 
 @register_transport("object_store")
@@ -434,16 +429,17 @@ class LocalCopies:
     (``localize``), and removes the node-local copies once a newer version is loaded."""
 
     def __init__(self):
-        self.directory = default_shared_dir()
-        self._owner: int | None = None  # the lock this process holds on the directory, once made (rollout.shared_dirs)
+        self._dir = OwnedDir(default_shared_dir())
         self._current: list[Path] = []  # the served version's copy
         self._previous: list[Path] = []  # copies to remove once the new version is loaded
         self.transports = Transports()  # this process's reading side of each transport, kept for the run
 
+    @property
+    def directory(self) -> Path:
+        return self._dir.path
+
     def localize(self, handle: WeightHandle) -> WeightHandle:
-        if self._owner is None:
-            self._owner = own_dir(self.directory)
-        local = self.transports[handle.transport].localize(handle, self.directory)
+        local = self.transports[handle.transport].localize(handle, self._dir.make())
         if local is not handle:  # a copy on this node, kept until a newer version is loaded
             self._previous, self._current = self._current, [Path(local.location)]
         return local
@@ -455,7 +451,4 @@ class LocalCopies:
         self._previous = []
 
     def close(self) -> None:
-        shutil.rmtree(self.directory, ignore_errors=True)
-        if self._owner is not None:
-            os.close(self._owner)
-            self._owner = None
+        self._dir.remove()
