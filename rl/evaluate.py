@@ -119,8 +119,9 @@ def run_eval(recipe: Recipe, k: int = 1, temperature: float | None = None, out_p
 
     from rl.agents import make_episode_runner
     from rl.launch import Workers
-    from rl.prepare import engine_spec, load_task, prepare_policy
+    from rl.prepare import load_task, prepare_policy
     from rl.prepare import sampling as training_sampling
+    from rl.resources import engine_spec
 
     task = load_task(recipe)
     start = str(resolve_checkpoint(checkpoint, recipe)) if checkpoint else None

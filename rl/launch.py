@@ -91,7 +91,7 @@ class Workers:
                          f"weights travel by {self.transport}")
 
     def _start_trainer(self, dog):
-        from rl.prepare import thread_counts, weight_transport
+        from rl.resources import thread_counts, weight_transport
         from rl.workers import PreferenceTrainerGroup, TrainerGroup
         from trainer.policy_trainer import TrainerSetup
 

@@ -31,7 +31,8 @@ from rl.config import Recipe, RecipeError
 from rl.episodes import episode_metrics
 from rl.metrics import MetricsLogger, PhaseTimer, read_metrics
 from rl.models import check_same_tokenizer, resolve_model_path
-from rl.prepare import check_library_write, engine_spec, load_task, memory_warning, prepare_policy, sampling, trainer_memory
+from rl.prepare import check_library_write, load_task, prepare_policy, sampling
+from rl.resources import engine_spec, memory_warning, trainer_memory
 from rl.rollouts import Rollouts, Sampled
 from rl.run import Run, TrainingDiverged
 from rl.token_advantages import ppo_targets, teacher_token_advantages

@@ -102,7 +102,7 @@ def cut_and_resume(tmp_path):
 def _pin_this_worker_to_its_cores() -> None:
     """Each worker, and everything it starts (Ray, engines, trainer ranks, `rl` subprocesses: children keep their
     parent's affinity), runs on its own share of the cores. Every test sizes its threads to the cores it sees
-    (rl.prepare.thread_counts); unpinned, two workers ran twice as many busy threads as cores and the slowest tests
+    (rl.resources.thread_counts); unpinned, two workers ran twice as many busy threads as cores and the slowest tests
     took three times as long as alone."""
     worker, count = os.environ.get("PYTEST_XDIST_WORKER", ""), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []

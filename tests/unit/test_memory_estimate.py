@@ -1,4 +1,4 @@
-"""The trainer-memory estimate a run states at start (rl/prepare.py::trainer_memory, trainer/memory.py), and its
+"""The trainer-memory estimate a run states at start (rl/resources.py::trainer_memory, trainer/memory.py), and its
 warning when one rank would need more than the machine has."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from rl.config import load_recipe
-from rl.prepare import memory_warning, trainer_memory
+from rl.resources import memory_warning, trainer_memory
 from trainer.memory import ACTIVATION_VECTORS_PER_LAYER, count_parameters
 from trainer.policies.base import PolicySpec
 

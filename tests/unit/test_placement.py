@@ -79,14 +79,14 @@ def test_ipc_weights_refuse_a_dev_shm_too_small_for_them(monkeypatch, tiny_model
     from collections import namedtuple
 
     from rl.config import RecipeError, load_recipe
-    from rl.prepare import weight_transport
+    from rl.resources import weight_transport
     from trainer.policies.base import PolicySpec
 
     recipe = load_recipe(None, [f"model.path={tiny_model_root / 'model'}", "cluster.weight_transport=ipc"])
     policy = PolicySpec(kind="full", base_model=str(tiny_model_root / "model"))
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(64 << 20, 64 << 20, 4096))
-    with pytest.raises(RecipeError, match=r"weight_transport=ipc keeps \d+ MiB of weights in /dev/shm, which has 0 MiB free"):
+    with pytest.raises(RecipeError, match=r"weight_transport=ipc: it keeps \d+ MiB of weights in /dev/shm, which has 0 MiB free"):
         weight_transport(recipe, policy, "ipc")
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(64 << 20, 0, 64 << 20))
     assert weight_transport(recipe, policy, "ipc").name == "ipc"

@@ -1,0 +1,54 @@
+"""The weight transports by name: the interface each implements, and the registry ``rl`` builds them from."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Protocol, Sequence
+
+import torch
+
+from rollout.types import WeightHandle
+
+
+class WeightTransport(Protocol):
+    name: str
+
+    def publish(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int, kind: str = "weights") -> WeightHandle: ...
+
+    def localize(self, handle: WeightHandle, directory: Path) -> WeightHandle: ...
+
+    def publish_lora(self, version: int, write: Callable[[Path], int]) -> WeightHandle: ...
+
+    def publish_prompt_loras(self, version: int, prompts: Sequence[Sequence[int]], write: Callable[[Path, int], int]) -> WeightHandle: ...
+
+    def receive(self, handle: WeightHandle) -> Iterator[tuple[str, torch.Tensor]]: ...
+
+    def release(self, handle: WeightHandle) -> None: ...
+
+
+_TRANSPORTS: dict[str, type] = {}
+
+
+def register_transport(name: str):
+    def deco(cls):
+        if name in _TRANSPORTS:
+            raise ValueError(f"weight transport '{name}' is already registered")
+        cls.name = name
+        _TRANSPORTS[name] = cls
+        return cls
+
+    return deco
+
+
+def get_transport(name: str, **kwargs) -> WeightTransport:
+    if name not in _TRANSPORTS:
+        raise KeyError(f"unknown weight transport '{name}'; available: {sorted(_TRANSPORTS)}")
+    return _TRANSPORTS[name](**kwargs)
+
+
+class Transports(dict):
+    """One transport object per name, made at first use and kept: a process's reading side of each transport."""
+
+    def __missing__(self, name: str) -> WeightTransport:
+        self[name] = transport = get_transport(name)
+        return transport
