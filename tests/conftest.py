@@ -146,9 +146,11 @@ MACHINE_SKIPS = (
     "the sandbox jail needs root and mount + PID namespaces",
 )
 _UNEXPECTED_SKIPS: list[str] = []
+_SECONDS: dict[str, float] = {}  # test id -> seconds (set-up, call and tear-down)
 
 
 def pytest_runtest_logreport(report):
+    _SECONDS[report.nodeid] = _SECONDS.get(report.nodeid, 0.0) + report.duration
     if report.skipped and not hasattr(report, "wasxfail"):
         reason = str(report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr)
         if not any(allowed in reason for allowed in MACHINE_SKIPS):
@@ -161,7 +163,29 @@ def pytest_sessionfinish(session, exitstatus):
 
 
 def pytest_terminal_summary(terminalreporter):
+    _time_per_module(terminalreporter)
     if _UNEXPECTED_SKIPS:
         terminalreporter.section("skipped tests that should have run here (each fails the run)", red=True)
         for line in _UNEXPECTED_SKIPS:
             terminalreporter.line(line)
+
+
+# ---------------------------------------------------------------------------------------------- time
+def _time_per_module(terminalreporter) -> None:
+    """Where a run's time went, by the unit the workers schedule (a module, or its group): the 10 heaviest at the end of
+    a long run; every test's seconds in .cache/test-durations.json (what to shorten when the suite grows)."""
+    if os.environ.get("PYTEST_XDIST_WORKER") or sum(_SECONDS.values()) < 300:
+        return
+    import json
+
+    per_unit: dict[str, float] = {}
+    for nodeid, seconds in _SECONDS.items():
+        module = nodeid.split("::")[0]
+        unit = SHARED_SESSION_FIXTURE.get(module, module)
+        per_unit[unit] = per_unit.get(unit, 0.0) + seconds
+    terminalreporter.section(f"seconds per scheduled module or group ({sum(_SECONDS.values()):.0f} s of tests in all)")
+    for unit, seconds in sorted(per_unit.items(), key=lambda kv: -kv[1])[:10]:
+        terminalreporter.line(f"{seconds:8.1f}s  {unit}")
+    out = ROOT / ".cache" / "test-durations.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(dict(sorted(_SECONDS.items(), key=lambda kv: -kv[1])), indent=1))
