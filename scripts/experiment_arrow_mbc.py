@@ -205,7 +205,8 @@ def rl_runs(args, libs: dict[str, tuple[Path, list[str]]], model_dir: Path, trai
         if not (summary_path.exists() and json.loads(summary_path.read_text()).get("status") == "finished"):
             OnlineRun(load_recipe(recipe, [*common, *extra, f"output_dir={run_dir}"])).fit()
         summary = json.loads(summary_path.read_text())
-        out[start] = {"before": summary["accuracy_before"], "after": summary["accuracy_after"], "run_dir": str(run_dir)}
+        out[start] = {"before": summary["accuracy_before"], "after": summary["accuracy_after"], "run_dir": str(run_dir),
+                      "seconds": summary.get("total_seconds")}  # its own run, also when an earlier invocation ran it
         print(json.dumps({"rl": start, **out[start]}), flush=True)
     return out
 
@@ -284,6 +285,9 @@ def report(result: dict, args, command: str) -> str:
     rl = result.get("rl")
     if rl:
         rs = result.get("rl_settings", {"steps": args.rl_steps, "prompts": args.rl_prompts, "group": args.rl_group, "lr": args.rl_lr})
+        per_run = all(r.get("seconds") for r in rl.values())
+        # An --rl-only invocation times only the runs it made itself: the runs' own times add up to the whole.
+        wall = sum(r["seconds"] for r in rl.values()) if per_run else rs.get("seconds")
         smollm2 = args.family == "smollm2"
         figure = f"{'arrow-mbc-smollm2' if smollm2 else 'arrow-mbc'}-rl.png"
         lines += ["", f"## GRPO from each start on the held-out tasks (seed {args.rl_seed})", "",
@@ -293,11 +297,13 @@ def report(result: dict, args, command: str) -> str:
                   "(`adapter.arrow_serving: batch`) and trained with truncated IS (cap 2)."
                   + (" Reward: the family's own check (`experiments/chat_family.py:reward`), prompts in the same chat as the "
                      "zero-shot tables." if smollm2 else "")
-                  + (f" Wall-clock of the GRPO runs: {rs['seconds']:.0f} s." if "seconds" in rs else "")
+                  + (f" Wall-clock of the GRPO runs: {wall:.0f} s in all (each run's own in the table)." if wall else "")
                   + (f" Reproduce: `{rs['command']}`." if "command" in rs else ""), "",
-                  "| start | before | after | gain (points) |", "|---|---|---|---|"]
+                  "| start | before | after | gain (points) |" + (" run (s) |" if per_run else ""),
+                  "|---|---|---|---|" + ("---|" if per_run else "")]
         for start, r in rl.items():
-            lines.append(f"| {start} | {100 * r['before']:.1f} | {100 * r['after']:.1f} | {100 * (r['after'] - r['before']):+.1f} |")
+            lines.append(f"| {start} | {100 * r['before']:.1f} | {100 * r['after']:.1f} | {100 * (r['after'] - r['before']):+.1f} |"
+                         + (f" {r['seconds']:.0f} |" if per_run else ""))
         lines += ["", f"Curves (reward, held-out accuracy, KL, length, step time of each run): [{figure}]({figure})."]
     return "\n".join(lines) + "\n"
 
