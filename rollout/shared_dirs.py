@@ -21,13 +21,20 @@ PREFIX = "rl-weights-"
 OWNER = ".owner"
 
 
+SHM = Path("/dev/shm")
+
+
+def shm_free() -> int | None:
+    """Bytes free in ``/dev/shm`` (RAM); None where there is none this process can write to."""
+    return shutil.disk_usage(SHM).free if SHM.is_dir() and os.access(SHM, os.W_OK) else None
+
+
 def default_shared_dir(room_bytes: int = 0) -> Path:
     """A new directory name in ``/dev/shm`` (RAM) when it is writable and has ``room_bytes`` free, else in the
     temporary directory on disk: Docker gives a container 64 MB of ``/dev/shm`` by default, where a real
     model's first push would fail half-written. Orphans in that place are removed first."""
-    shm = Path("/dev/shm")
-    roomy = shm.is_dir() and os.access(shm, os.W_OK) and shutil.disk_usage(shm).free >= room_bytes
-    base = shm if roomy else Path(tempfile.gettempdir())
+    free = shm_free()
+    base = SHM if free is not None and free >= room_bytes else Path(tempfile.gettempdir())
     remove_orphans(base)
     return base / f"{PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
 

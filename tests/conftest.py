@@ -118,13 +118,18 @@ SHARED_SESSION_FIXTURE = {  # module -> the group it runs in
 }
 
 
+def _scheduled_unit(nodeid: str) -> str:
+    """What one worker runs whole: the test's module, or the group of modules sharing its session fixture."""
+    module = nodeid.split("::")[0]
+    return SHARED_SESSION_FIXTURE.get(module, module)
+
+
 def pytest_xdist_make_scheduler(config, log):
     from xdist.scheduler import LoadScopeScheduling
 
     class ModuleGroups(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            module = nodeid.split("::")[0]
-            return SHARED_SESSION_FIXTURE.get(module, module)
+            return _scheduled_unit(nodeid)
 
     return ModuleGroups(config, log)
 
@@ -180,8 +185,7 @@ def _time_per_module(terminalreporter) -> None:
 
     per_unit: dict[str, float] = {}
     for nodeid, seconds in _SECONDS.items():
-        module = nodeid.split("::")[0]
-        unit = SHARED_SESSION_FIXTURE.get(module, module)
+        unit = _scheduled_unit(nodeid)
         per_unit[unit] = per_unit.get(unit, 0.0) + seconds
     terminalreporter.section(f"seconds per scheduled module or group ({sum(_SECONDS.values()):.0f} s of tests in all)")
     for unit, seconds in sorted(per_unit.items(), key=lambda kv: -kv[1])[:10]:

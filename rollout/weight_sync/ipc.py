@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import uuid
 from pathlib import Path
 from typing import Callable, ClassVar, Iterable, Iterator, Sequence
@@ -11,6 +10,7 @@ from typing import Callable, ClassVar, Iterable, Iterator, Sequence
 import torch
 
 from rollout.shared_buffers import open_shared, share, shared_buffer
+from rollout.shared_dirs import shm_free
 from rollout.types import WeightHandle
 from rollout.weight_buckets import in_buckets, pack, packed_bytes, spec_bytes, spec_of, unpack
 from rollout.weight_sync.registry import register_transport
@@ -35,8 +35,8 @@ class IpcTransport:
     def __init__(self, directory: str | os.PathLike | None = None, room_bytes: int = 0):
         """``room_bytes``: what the versions kept at once need in /dev/shm (a CPU trainer's buckets live there: writing
         past what it holds would kill the trainer with SIGBUS); ``MemoryError`` when it has less free."""
-        free = shutil.disk_usage("/dev/shm").free if room_bytes and os.path.isdir("/dev/shm") else 0
-        if room_bytes and free < room_bytes:
+        free = shm_free() or 0
+        if free < room_bytes:
             raise MemoryError(f"it keeps {room_bytes / 2**20:.0f} MiB of weights in /dev/shm, which has {free / 2**20:.0f} MiB free")
         self._held: dict[str, list[torch.Tensor]] = {}  # each handle's buckets, by its location (a fresh name)
         self._staging = SharedFileTransport(directory)
