@@ -5,6 +5,8 @@ without the unlikeliness reward, at the same rollouts per step on the embedded t
     .venv/bin/python scripts/experiment_allocation.py --quick --out /tmp/x  # a few steps per arm (the test suite)
     .venv/bin/python scripts/experiment_allocation.py --task smollm2 --arms "fixed G=4" Reinforce-Ada Knapsack "2-GRPO+RS"
                                                     # the real model, 4 arms x 3 seeds (~2 h on 2 cores)
+    .venv/bin/python scripts/experiment_allocation.py --task smollm2-revisit --arms "fixed G=4" Knapsack
+                                                    # the real model on 16 prompts seen 8 times each (~75 min)
 
 Protocol: every arm trains ``--steps`` steps on the same fixed set of ``--prompts`` training prompts with at most
 256 rollouts per step (fixed G=8: 32 prompts x 8; 2-GRPO+RS: 128 x 2, plus its resampled ties; Reinforce-Ada:
@@ -12,8 +14,8 @@ Protocol: every arm trains ``--steps`` steps on the same fixed set of ``--prompt
 and temperature as the recipes (recipes/knapsack-arithmetic.yaml, reinforce-ada-arithmetic.yaml,
 unlikeliness-arithmetic.yaml). Held-out greedy accuracy, mean@8 and pass@8 (8 samples per prompt at temperature 1)
 every ``--eval-every`` steps. Runs go to ``--runs``; a finished run is reused (``--fresh`` retrains). Writes
-``<out>/allocation.md``, ``allocation.json`` and ``allocation-curves.png`` (``allocation-smollm2.*`` for ``--task
-smollm2``); ``--report-only`` rewrites them from the JSON.
+``<out>/allocation.md``, ``allocation.json`` and ``allocation-curves.png`` (``allocation-<task>.*`` for the
+real-model tasks); ``--report-only`` rewrites them from the JSON.
 """
 
 from __future__ import annotations
@@ -49,13 +51,18 @@ REAL_ARMS = {
     "Knapsack": ["algorithm.allocation=knapsack", "algorithm.group_size=4", "algorithm.knapsack_min=2",
                  "algorithm.knapsack_max=16", "algorithm.success_threshold=0.5"],
 }
-# One epoch over 128 prompts; 100 held-out prompts evaluated before and after (greedy, mean@4, pass@4).
-REAL_DEFAULTS = dict(steps=16, prompts=128, test_prompts=100, eval_every=16, k=4,
-                     runs=str(ROOT / "runs" / "experiment-allocation-smollm2"))
+# smollm2: one epoch over 128 prompts, so Knapsack never has a prompt's history and trains as fixed G does.
+# smollm2-revisit: 16 prompts, each seen every 2 steps: from its third visit (step 5) Knapsack has 8 of its outcomes.
+# Both: 100 held-out prompts evaluated before and after (greedy, mean@4, pass@4).
+REAL_DEFAULTS = dict(steps=16, prompts=128, test_prompts=100, eval_every=16, k=4)
+TASK_DEFAULTS = {"embedded": {},
+                 "smollm2": dict(REAL_DEFAULTS, runs=str(ROOT / "runs" / "experiment-allocation-smollm2")),
+                 "smollm2-revisit": dict(REAL_DEFAULTS, prompts=16,
+                                         runs=str(ROOT / "runs" / "experiment-allocation-smollm2-revisit"))}
 
 
 def arms(task: str = "embedded") -> list[Arm]:
-    if task == "smollm2":
+    if task != "embedded":
         base = [Arm(name, REAL_RECIPE, [*REAL_PROTOCOL, *overrides]) for name, overrides in REAL_ARMS.items()]
     else:
         base = [
@@ -100,6 +107,16 @@ def embedded_protocol(args, k: int, start_greedy: float) -> list[str]:
         f"starts at greedy {start_greedy:.3f}."]
 
 
+def revisits(args) -> str:
+    """How often the real-model protocol (8 prompts per step) shows Knapsack each prompt: once per epoch."""
+    epoch = max(1, args.prompts // 8)
+    if 2 * epoch >= args.steps:
+        return (f"An epoch is {epoch} steps and the run {args.steps}: no prompt is seen often enough for Knapsack to have "
+                "its history, so it trains as fixed G does.")
+    return (f"Each prompt is seen once per epoch of {epoch} steps, {args.steps // epoch} times in all, so from the third "
+            f"epoch (step {2 * epoch + 1}) Knapsack has 8 outcomes of every prompt.")
+
+
 def real_protocol(args, k: int, start_greedy: float) -> list[str]:
     return [
         f"- Task: SmolLM2-135M-Instruct answering 2-digit additions asked in words (builtin:arithmetic-chat, ChatML, 48 new "
@@ -109,7 +126,8 @@ def real_protocol(args, k: int, start_greedy: float) -> list[str]:
         "- At most 32 rollouts per step for every arm: fixed G=4 (8 prompts x 4); 2-GRPO+RS (16 prompts x 2, contrastive "
         "+1/-1 advantages, tied pairs resampled up to 2 rounds, counted); Reinforce-Ada (8 prompts, balance rule, rounds of "
         "2 until the cap of 32, each prompt trains 2 of its pool against the pool's mean, no std); Knapsack (8 prompts "
-        "sharing 32 by their success rate, 2 to 16 each).",
+        "sharing 32 by their success rate over their last 16 rollouts, 2 to 16 each; a prompt with fewer than 8 rollouts "
+        f"of history gets 4). {revisits(args)}",
         f"- `+ unlikely`: the same arm with the unlikeliness reward, beta {BETA} (each reward times 1 - beta x rank / G within "
         "its group, rank = how many rollouts of the group are less likely by mean token logprob; identical rollouts share a "
         "rank). A reply here is a short working ending in one number, so correct replies of a prompt can differ in their "
@@ -120,7 +138,7 @@ def real_protocol(args, k: int, start_greedy: float) -> list[str]:
         f"that starts at greedy {start_greedy:.3f}."]
 
 
-PROTOCOL = {"embedded": embedded_protocol, "smollm2": real_protocol}
+PROTOCOL = {"embedded": embedded_protocol, "smollm2": real_protocol, "smollm2-revisit": real_protocol}
 
 
 def report(results: list[dict], names: list[str], args, command: str, stem: str = "allocation") -> str:
@@ -137,7 +155,7 @@ def report(results: list[dict], names: list[str], args, command: str, stem: str 
     lines = [
         "# Rollout allocation: fixed G, 2-GRPO+RS, Reinforce-Ada, Knapsack RL"
         + (", with and without the unlikeliness reward" if unlikely else "")
-        + (" (SmolLM2-135M-Instruct)" if args.task == "smollm2" else ""),
+        + (" (SmolLM2-135M-Instruct)" if args.task != "embedded" else ""),
         "", f"Reproduce: `{command}`", "", f"Machine: {describe_machine()}; one vLLM rollout actor, one DeepSpeed rank (ZeRO-0), Ray.",
         "", "## Protocol", "",
         *protocol,
@@ -197,12 +215,12 @@ def main() -> None:
     add_arm_options(ap, steps=64, runs=ROOT / "runs" / "experiment-allocation", out=ROOT / "docs" / "experiments",
                     quick_help="two arms (fixed G, Reinforce-Ada), a few steps, one seed: checks the tables are produced")
     ap.add_argument("--task", choices=sorted(PROTOCOL), default="embedded",
-                    help="embedded: the 1M-parameter arithmetic model; smollm2: SmolLM2-135M-Instruct on chat arithmetic "
-                         "(allocation-smollm2.*)")
-    if ap.parse_known_args()[0].task == "smollm2":
-        ap.set_defaults(**REAL_DEFAULTS)
+                    help="embedded: the 1M-parameter arithmetic model; smollm2: SmolLM2-135M-Instruct on chat arithmetic, one "
+                         "epoch over 128 prompts; smollm2-revisit: the same on 16 prompts, each seen 8 times (the report: "
+                         "allocation-<task>.*)")
+    ap.set_defaults(**TASK_DEFAULTS[ap.parse_known_args()[0].task])
     args = ap.parse_args()
-    stem = "allocation-smollm2" if args.task == "smollm2" else "allocation"
+    stem = "allocation" if args.task == "embedded" else f"allocation-{args.task}"
     command = "python scripts/experiment_allocation.py" + "".join(f" {shlex.quote(a)}" for a in sys.argv[1:] if a != "--report-only")
     if args.quick:
         args.seeds, args.steps, args.prompts, args.test_prompts, args.eval_every, args.k = args.seeds[:1], 2, 128, 16, 2, 2
@@ -217,7 +235,7 @@ def main() -> None:
         results = [run_arm(arm, args, seed) for seed in args.seeds for arm in chosen]
         out.mkdir(parents=True, exist_ok=True)
         (out / f"{stem}.json").write_text(json.dumps(results, indent=1))
-    budget = 32 if args.task == "smollm2" else 256
+    budget = 256 if args.task == "embedded" else 32
     plot_arm_curves(results, names, [(key, f"held-out {label.format(k=args.k)}") for key, label in METRICS],
                     out / f"{stem}-curves.png", f"Rollout allocation at <= {budget} rollouts per step (mean over seeds, "
                     "band: min-max)", dashed=lambda arm: "unlikely" in arm)
