@@ -86,7 +86,7 @@ def most_rollouts(runs: list[dict]) -> str:
     return f"{max(values):.0f}" if values else "G"
 
 
-def embedded_protocol(args, k: int, start_greedy: float) -> list[str]:
+def embedded_protocol(args, k: int, start_greedy: float, names: list[str]) -> list[str]:
     return [
         f"- Task: the embedded 2-digit addition model (1M parameters); a fixed set of {args.prompts} training prompts, "
         f"{args.steps} steps for every arm; {args.test_prompts} held-out prompts evaluated every {args.eval_every} steps: greedy "
@@ -117,17 +117,26 @@ def revisits(args) -> str:
             f"epoch (step {2 * epoch + 1}) Knapsack has 8 outcomes of every prompt.")
 
 
-def real_protocol(args, k: int, start_greedy: float) -> list[str]:
+# How the real-model protocol spends its 32 rollouts per step, arm by arm (the report lists the arms run).
+REAL_SIZES = {
+    "fixed G=4": "fixed G=4 (8 prompts x 4)",
+    "2-GRPO+RS": "2-GRPO+RS (16 prompts x 2, contrastive +1/-1 advantages, tied pairs resampled up to 2 rounds, counted)",
+    "Reinforce-Ada": "Reinforce-Ada (8 prompts, balance rule, rounds of 2 until the cap of 32, each prompt trains 2 of its "
+                     "pool against the pool's mean, no std)",
+    "Knapsack": "Knapsack (8 prompts sharing 32 by their success rate over their last 16 rollouts, 2 to 16 each; a prompt "
+                "with fewer than 8 rollouts of history gets 4)",
+}
+
+
+def real_protocol(args, k: int, start_greedy: float, names: list[str]) -> list[str]:
+    run = [size for name, size in REAL_SIZES.items() if name in names or f"{name} + unlikely" in names]
     return [
         f"- Task: SmolLM2-135M-Instruct answering 2-digit additions asked in words (builtin:arithmetic-chat, ChatML, 48 new "
         f"tokens, reward math_verify), full-model training; a fixed set of {args.prompts} training prompts, {args.steps} steps "
         f"for every arm; {args.test_prompts} held-out prompts evaluated every {args.eval_every} steps: greedy accuracy, "
         f"mean@{k} and pass@{k} ({k} samples per prompt at temperature 1).",
-        "- At most 32 rollouts per step for every arm: fixed G=4 (8 prompts x 4); 2-GRPO+RS (16 prompts x 2, contrastive "
-        "+1/-1 advantages, tied pairs resampled up to 2 rounds, counted); Reinforce-Ada (8 prompts, balance rule, rounds of "
-        "2 until the cap of 32, each prompt trains 2 of its pool against the pool's mean, no std); Knapsack (8 prompts "
-        "sharing 32 by their success rate over their last 16 rollouts, 2 to 16 each; a prompt with fewer than 8 rollouts "
-        f"of history gets 4). {revisits(args)}",
+        f"- At most 32 rollouts per step for every arm: {'; '.join(run)}."
+        + (f" {revisits(args)}" if "Knapsack" in names else ""),
         f"- `+ unlikely`: the same arm with the unlikeliness reward, beta {BETA} (each reward times 1 - beta x rank / G within "
         "its group, rank = how many rollouts of the group are less likely by mean token logprob; identical rollouts share a "
         "rank). A reply here is a short working ending in one number, so correct replies of a prompt can differ in their "
@@ -151,9 +160,12 @@ def report(results: list[dict], names: list[str], args, command: str, stem: str 
 
     start = {key: statistics.mean(r["curve"][0][key] for r in results) for key, _ in METRICS}
     unlikely = any(n.endswith(" + unlikely") for n in names)
-    protocol = [line for line in PROTOCOL[args.task](args, k, start["greedy"]) if unlikely or not line.startswith("- `+ unlikely`")]
+    protocol = [line for line in PROTOCOL[args.task](args, k, start["greedy"], names)
+                if unlikely or not line.startswith("- `+ unlikely`")]
+    titled = [title for arm, title in (("fixed", "fixed G"), ("2-GRPO+RS", "2-GRPO+RS"), ("Reinforce-Ada", "Reinforce-Ada"),
+                                       ("Knapsack", "Knapsack RL")) if any(n.startswith(arm) for n in names)]
     lines = [
-        "# Rollout allocation: fixed G, 2-GRPO+RS, Reinforce-Ada, Knapsack RL"
+        "# Rollout allocation: " + ", ".join(titled)
         + (", with and without the unlikeliness reward" if unlikely else "")
         + (" (SmolLM2-135M-Instruct)" if args.task != "embedded" else ""),
         "", f"Reproduce: `{command}`", "", f"Machine: {describe_machine()}; one vLLM rollout actor, one DeepSpeed rank (ZeRO-0), Ray.",
@@ -180,6 +192,8 @@ def report(results: list[dict], names: list[str], args, command: str, stem: str 
         return [[(p["step"], p["greedy"], p["mean_at_k"], p["pass_at_k"]) for p in r["curve"]] for r in runs]
 
     for name in ("Reinforce-Ada", "Knapsack"):
+        if not of(name):
+            continue  # not among the arms run
         lines.append(f"- {name} beats fixed G at the same rollouts per step (A = {name}, B = {base}):")
         if name == "Knapsack" and of(name) and evals(of(name)) == evals(of(base)):
             lines.append("  - every evaluation equal to fixed G's, seed for seed: Knapsack gives a prompt without 8 outcomes of "
