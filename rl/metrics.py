@@ -205,11 +205,26 @@ def read_metrics(run_dir: Path, kind: Optional[str] = None) -> list[dict]:
 
 
 def describe_machine() -> str:
-    """One line for benchmark reports: architecture, cores, Python, accelerator."""
+    """One line for benchmark reports: architecture and CPU model (float results differ between CPU
+    models), cores, Python, accelerator."""
     import os
     import platform
 
     import torch
 
     gpu = f"GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "no GPU"
-    return f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}, {gpu}"
+    return f"{platform.machine()} ({cpu_model()}), {os.cpu_count()} CPU cores, Python {platform.python_version()}, {gpu}"
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo), e.g. ``AMD EPYC 7B13``; the platform's guess elsewhere."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return " ".join(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"

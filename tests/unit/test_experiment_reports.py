@@ -19,6 +19,8 @@ DOCS = ROOT / "docs" / "experiments"
                                                ("experiment_allocation.py", "allocation", []),
                                                ("experiment_allocation.py", "allocation-smollm2", ["--task", "smollm2", "--seeds", "0",
                                                                                                   "1"]),
+                                               ("experiment_allocation.py", "allocation-smollm2-revisit",
+                                                ["--task", "smollm2-revisit", "--arms", "fixed G=4", "Knapsack"]),
                                                ("experiment_arrow_mbc.py", "arrow-mbc-smollm2", ["--family", "smollm2"]),
                                                ("experiment_merging.py", "merging-smollm2", ["--family", "smollm2"])])
 def test_report_is_the_scripts_rendering_of_its_results(script, stem, args, tmp_path):

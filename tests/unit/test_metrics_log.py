@@ -26,3 +26,12 @@ def test_rows_scalars_and_histograms(tmp_path):
     assert [h.step for h in histograms] == [1, 2]
     first = histograms[0].histogram_value
     assert (first.min, first.max, first.num, first.sum) == (2.0, 12.0, 4.0, 24.0)
+
+
+def test_the_machine_line_names_the_cpu_model():
+    """Float results differ between CPU models, so a report's machine line names the model."""
+    from rl.metrics import cpu_model, describe_machine
+
+    model = cpu_model()
+    assert model and model != "unknown CPU" and "\n" not in model
+    assert f"({model})" in describe_machine()
