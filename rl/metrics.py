@@ -217,7 +217,7 @@ def describe_machine() -> str:
 
 
 def cpu_model() -> str:
-    """The CPU's model name (Linux: /proc/cpuinfo), e.g. ``AMD EPYC 7B13``; the platform's guess elsewhere."""
+    """The CPU's model name (Linux: /proc/cpuinfo), e.g. ``Intel(R) Xeon(R) Processor @ 2.80GHz``; the platform's guess elsewhere."""
     import platform
 
     try:
