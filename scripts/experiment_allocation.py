@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT)]
 
 from experiments.arms import METRICS, Arm, add_arm_options, choose_arms, claim_lines, run_arm  # noqa: E402
+from rl.allocation import KNAPSACK_MIN_HISTORY, KNAPSACK_WINDOW  # noqa: E402
 from rl.claims import mean_std  # noqa: E402
 from rl.plot import plot_arm_curves  # noqa: E402
 
@@ -40,15 +41,17 @@ BETA = 0.25  # the unlikeliness reward's beta in the authors' release
 # The real model at 32 rollouts per step (~25 s a step on 2 cores): SmolLM2-135M-Instruct's arithmetic recipe, 8 prompts
 # per step for every arm but 2-GRPO+RS, the other sizes scaled from the embedded protocol (Ada's first round: half the cap).
 REAL_RECIPE = "recipes/smollm2-arithmetic.yaml"
-REAL_PROTOCOL = ["algorithm.clip_low=0.2", "algorithm.clip_high=0.28", "data.prompts_per_step=8", "eval.temperature=1.0"]
+REAL_PROMPTS_PER_STEP, REAL_GROUP = 8, 4  # every arm but 2-GRPO+RS; fixed G's and Knapsack's G
+REAL_PROTOCOL = ["algorithm.clip_low=0.2", "algorithm.clip_high=0.28", f"data.prompts_per_step={REAL_PROMPTS_PER_STEP}",
+                 "eval.temperature=1.0"]
 REAL_ARMS = {
-    "fixed G=4": ["algorithm.group_size=4"],
+    "fixed G=4": [f"algorithm.group_size={REAL_GROUP}"],
     "2-GRPO+RS": ["algorithm.group_size=2", "data.prompts_per_step=16", "algorithm.advantage=contrastive_pair",
                   "algorithm.tie_handling=resample", "algorithm.max_resample_rounds=2"],
     "Reinforce-Ada": ["algorithm.allocation=reinforce_ada", "algorithm.group_size=2", "algorithm.normalize_std=false",
                       "algorithm.ada_rule=balance", "algorithm.ada_round_size=2", "algorithm.ada_max_rounds=4",
                       "algorithm.rollout_budget=32"],
-    "Knapsack": ["algorithm.allocation=knapsack", "algorithm.group_size=4", "algorithm.knapsack_min=2",
+    "Knapsack": ["algorithm.allocation=knapsack", f"algorithm.group_size={REAL_GROUP}", "algorithm.knapsack_min=2",
                  "algorithm.knapsack_max=16", "algorithm.success_threshold=0.5"],
 }
 # smollm2: one epoch over 128 prompts, so Knapsack never has a prompt's history and trains as fixed G does.
@@ -108,13 +111,15 @@ def embedded_protocol(args, k: int, start_greedy: float, names: list[str]) -> li
 
 
 def revisits(args) -> str:
-    """How often the real-model protocol (8 prompts per step) shows Knapsack each prompt: once per epoch."""
-    epoch = max(1, args.prompts // 8)
-    if 2 * epoch >= args.steps:
+    """How often the real-model protocol shows Knapsack each prompt (once per epoch), and from when it has a
+    prompt's history (KNAPSACK_MIN_HISTORY outcomes, G per visit)."""
+    epoch = max(1, args.prompts // REAL_PROMPTS_PER_STEP)
+    visits = -(-KNAPSACK_MIN_HISTORY // REAL_GROUP)  # visits before a prompt's success rate is trusted
+    if visits * epoch >= args.steps:
         return (f"An epoch is {epoch} steps and the run {args.steps}: no prompt is seen often enough for Knapsack to have "
                 "its history, so it trains as fixed G does.")
-    return (f"Each prompt is seen once per epoch of {epoch} steps, {args.steps // epoch} times in all, so from the third "
-            f"epoch (step {2 * epoch + 1}) Knapsack has 8 outcomes of every prompt.")
+    return (f"Each prompt is seen once per epoch of {epoch} steps, {args.steps // epoch} times in all, so from epoch "
+            f"{visits + 1} (step {visits * epoch + 1}) Knapsack has {KNAPSACK_MIN_HISTORY} outcomes of every prompt.")
 
 
 # How the real-model protocol spends its 32 rollouts per step, arm by arm (the report lists the arms run).
@@ -123,8 +128,8 @@ REAL_SIZES = {
     "2-GRPO+RS": "2-GRPO+RS (16 prompts x 2, contrastive +1/-1 advantages, tied pairs resampled up to 2 rounds, counted)",
     "Reinforce-Ada": "Reinforce-Ada (8 prompts, balance rule, rounds of 2 until the cap of 32, each prompt trains 2 of its "
                      "pool against the pool's mean, no std)",
-    "Knapsack": "Knapsack (8 prompts sharing 32 by their success rate over their last 16 rollouts, 2 to 16 each; a prompt "
-                "with fewer than 8 rollouts of history gets 4)",
+    "Knapsack": f"Knapsack (8 prompts sharing 32 by their success rate over their last {KNAPSACK_WINDOW} rollouts, 2 to 16 "
+                f"each; a prompt with fewer than {KNAPSACK_MIN_HISTORY} rollouts of history gets {REAL_GROUP})",
 }
 
 
@@ -195,7 +200,7 @@ def report(results: list[dict], names: list[str], args, command: str, stem: str 
         if not of(name):
             continue  # not among the arms run
         lines.append(f"- {name} beats fixed G at the same rollouts per step (A = {name}, B = {base}):")
-        if name == "Knapsack" and of(name) and evals(of(name)) == evals(of(base)):
+        if name == "Knapsack" and evals(of(name)) == evals(of(base)):
             lines.append("  - every evaluation equal to fixed G's, seed for seed: Knapsack gives a prompt without 8 outcomes of "
                          "history G rollouts, and no prompt here was drawn often enough to have them (the run is about one "
                          "epoch over its training prompts), so it trained exactly as fixed G")
