@@ -216,6 +216,26 @@ def describe_machine() -> str:
     return f"{platform.machine()} ({cpu_model()}), {os.cpu_count()} CPU cores, Python {platform.python_version()}, {gpu}"
 
 
+def recorded_machine(result: dict) -> str:
+    """The machine a results dict was measured on (``result["machine"]``, ``describe_machine()`` at run time). A
+    report rendered again from saved results states this one, never the machine rendering it: float results differ
+    between CPU models, so a re-render must not claim another machine."""
+    try:
+        return result["machine"]
+    except KeyError:
+        raise KeyError("these results do not record their machine: add a \"machine\" key with the text of the "
+                       "report's Machine line (describe_machine() where they were measured)") from None
+
+
+def recorded_machine_of_rows(rows: list[dict]) -> str:
+    """The one machine a list of result rows was measured on (each row's ``recorded_machine``); a table mixing
+    machines is refused, because one Machine line cannot describe it."""
+    machines = list(dict.fromkeys(recorded_machine(row) for row in rows))
+    if len(machines) != 1:
+        raise ValueError(f"expected rows measured on one machine, got {len(machines)}: {machines}")
+    return machines[0]
+
+
 def cpu_model() -> str:
     """The CPU's model name (Linux: /proc/cpuinfo), e.g. ``Intel(R) Xeon(R) Processor @ 2.80GHz``; the platform's guess elsewhere."""
     import platform

@@ -97,13 +97,21 @@ def reading(results: list[dict]) -> list[str]:
     return lines
 
 
+def kept_on_this_machine(kept: list[dict], machine: str) -> list[dict]:
+    """The saved rows measured on ``machine``: the page states one machine, so rows from another are dropped."""
+    same = [r for r in kept if r.get("machine") == machine]
+    if len(same) < len(kept):
+        print(f"dropping {len(kept) - len(same)} saved rows measured on another machine", flush=True)
+    return same
+
+
 def page(results: list[dict], steps: int) -> str:
-    from rl.metrics import describe_machine
+    from rl.metrics import recorded_machine_of_rows
 
     lines = ["# Weight sync per transport, two simulated nodes", "",
              f"Command: `.venv/bin/python scripts/bench_transports.py --steps {steps}` (`--layouts ...` re-measures some rows "
              "and keeps the rest; each row has its date)", "",
-             f"Machine: {describe_machine()}. Two Ray nodes on this machine "
+             f"Machine: {recorded_machine_of_rows(results)}. Two Ray nodes on this machine "
              "(`rl.local_cluster`: a network namespace with its own IP and a private /dev/shm each; the veth between "
              "them is memory, not a network, so cross-node times here are a lower bound of a real link). Sync = trainer "
              "rank 0 publishing + the engine loading in place, median over the steps after the first; fp32 weights. "
@@ -122,12 +130,15 @@ def main() -> None:
     ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args()
     from rl.local_cluster import LocalCluster
+    from rl.metrics import describe_machine
 
     out = ROOT / "docs" / "benchmarks" / "transports"
     kept = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").exists() else []
     if args.report_only:
         out.with_suffix(".md").write_text(page(kept, args.steps))
         return
+    machine = describe_machine()
+    kept = kept_on_this_machine(kept, machine)
     layouts = [(label, lo) for label, lo in LAYOUTS if not args.layouts or any(k in label for k in args.layouts)]
     common = [f"steps={args.steps}", "data.prompts_per_step=4", "algorithm.group_size=2", "trainer.micro_batch_size=8",
               "eval.before=false", "eval.after=false", "checkpoint.save_final=false", "logging.progress=false",
@@ -142,7 +153,7 @@ def main() -> None:
             for model, mo in models.items():
                 for label, lo in layouts:
                     r = run(cluster, [*common, *mo, *lo], Path(tmp) / f"{model}-{len(results)}")
-                    results.append({"model": model, "layout": label, **r, "date": time.strftime("%Y-%m-%d")})
+                    results.append({"model": model, "layout": label, **r, "date": time.strftime("%Y-%m-%d"), "machine": machine})
                     print(results[-1], flush=True)
     finally:
         cluster.down()

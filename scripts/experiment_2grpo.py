@@ -153,7 +153,7 @@ def claim_lines(results: list[dict], base: str, arm: str, fraction: float, k: in
 
 
 def report(results: list[dict], arm_list: list[Arm], args, command: str) -> str:
-    from rl.metrics import describe_machine
+    from rl.metrics import recorded_machine_of_rows
 
     def final(name: str, key: str) -> list[float]:
         return [r["curve"][-1][key] for r in results if r["arm"] == name]
@@ -173,7 +173,7 @@ def report(results: list[dict], arm_list: list[Arm], args, command: str) -> str:
         "",
         f"Reproduce: `{command}`",
         "",
-        f"Machine: {describe_machine()}; one vLLM rollout actor, one DeepSpeed rank (ZeRO-0), Ray.",
+        f"Machine: {recorded_machine_of_rows(results)}; one vLLM rollout actor, one DeepSpeed rank (ZeRO-0), Ray.",
         "",
         "## Protocol",
         "",
@@ -277,11 +277,13 @@ def main() -> None:
     if args.report_only:
         results = json.loads((out / f"{stem}.json").read_text())
     else:
-        results = []
+        from rl.metrics import describe_machine
+
+        results, machine = [], describe_machine()  # recorded with the results: a re-render states it
         for seed in args.seeds:
             start = None
             for arm in arm_list:
-                results.append(run_arm(arm, args, seed, start))
+                results.append({**run_arm(arm, args, seed, start), "machine": machine})
                 start = start or results[-1]["start_eval"]
                 r = results[-1]
                 print(json.dumps({k: r[k] for k in ("arm", "seed", "rollouts", "train_seconds")} | {"final": r["curve"][-1]}),

@@ -156,7 +156,7 @@ PROTOCOL = {"embedded": embedded_protocol, "smollm2": real_protocol, "smollm2-re
 
 
 def report(results: list[dict], names: list[str], args, command: str, stem: str = "allocation") -> str:
-    from rl.metrics import describe_machine
+    from rl.metrics import recorded_machine_of_rows
 
     k = args.k
 
@@ -173,7 +173,8 @@ def report(results: list[dict], names: list[str], args, command: str, stem: str 
         "# Rollout allocation: " + ", ".join(titled)
         + (", with and without the unlikeliness reward" if unlikely else "")
         + (" (SmolLM2-135M-Instruct)" if args.task != "embedded" else ""),
-        "", f"Reproduce: `{command}`", "", f"Machine: {describe_machine()}; one vLLM rollout actor, one DeepSpeed rank (ZeRO-0), Ray.",
+        "", f"Reproduce: `{command}`", "",
+        f"Machine: {recorded_machine_of_rows(results)}; one vLLM rollout actor, one DeepSpeed rank (ZeRO-0), Ray.",
         "", "## Protocol", "",
         *protocol,
         "", f"## Results ({len(args.seeds)} seeds: {', '.join(map(str, args.seeds))}; mean ± std of the final evaluation)", "",
@@ -251,7 +252,10 @@ def main() -> None:
         results = json.loads((out / f"{stem}.json").read_text())
         names = [n for n in names if any(r["arm"] == n for r in results)]  # the arms the run had
     else:
-        results = [run_arm(arm, args, seed) for seed in args.seeds for arm in chosen]
+        from rl.metrics import describe_machine
+
+        machine = describe_machine()  # recorded with the results: a re-render states it
+        results = [{**run_arm(arm, args, seed), "machine": machine} for seed in args.seeds for arm in chosen]
         out.mkdir(parents=True, exist_ok=True)
         (out / f"{stem}.json").write_text(json.dumps(results, indent=1))
     budget = 256 if args.task == "embedded" else 32

@@ -212,7 +212,7 @@ def rl_runs(args, libs: dict[str, tuple[Path, list[str]]], model_dir: Path, trai
 
 
 def report(result: dict, args, command: str) -> str:
-    from rl.metrics import describe_machine
+    from rl.metrics import recorded_machine
 
     held, lib_tasks, seeds = args.held_out, result["library_tasks"], args.seeds
     described = result.get("descriptions", experts.ARITHMETIC.subtasks)  # runs before the chat family lack these two
@@ -229,7 +229,7 @@ def report(result: dict, args, command: str) -> str:
         "",
         f"Reproduce: `{command}`",
         "",
-        f"Machine: {describe_machine()}. Wall-clock of this run: {result['seconds']:.0f} s (cached experts are reused).",
+        f"Machine: {recorded_machine(result)}. Wall-clock of this run: {result['seconds']:.0f} s (cached experts are reused).",
         "",
         "## Protocol",
         "",
@@ -467,7 +467,10 @@ def main() -> None:
                        if label in args.rl_libraries}
         args.seeds = [int(sd) for sd in result["zero_shot"]]  # the run's own seeds, for the report's tables
     else:
-        result = {"command": command, "family": family.name, "base_description": base_description,
+        from rl.metrics import describe_machine
+
+        # The machine is recorded with the results: a re-render states it.
+        result = {"command": command, "machine": describe_machine(), "family": family.name, "base_description": base_description,
                   "descriptions": family.subtasks, "library_tasks": lib_tasks, "settings": dataclasses.asdict(s),
                   "zero_shot": {}, "clusters": {}}
         libs_for_rl = zero_shot_all(args, s, family, base, tokenizer, model_dir, base_name, runs, expert_runs, lib_tasks,

@@ -49,6 +49,7 @@ from experiments import chat_family  # noqa: E402
 from experiments.arithmetic_family import SUBTASKS  # noqa: E402
 from experiments.family_experts import ARITHMETIC, KINDS, PROJECTIONS, Settings, evaluate, train_expert  # noqa: E402
 from rl.claims import mean_std  # noqa: E402
+from rl.metrics import describe_machine, recorded_machine  # noqa: E402
 from rl.tasks.tiny_model import TinyModelSpec, build_tiny_model  # noqa: E402
 
 # What the report says of each family: its base, where its sub-tasks are defined, and how it departs from the paper.
@@ -181,8 +182,6 @@ def plot(summary: dict, s: Settings, path: Path) -> None:
 
 
 def report(result: dict, s: Settings, command: str, stem: str = "merging") -> str:
-    from rl.metrics import describe_machine
-
     summary, seeds, tasks = result["summary"], result["seeds"], list(s.subtasks)
     experts = result["experts"]
     lines = [
@@ -190,7 +189,7 @@ def report(result: dict, s: Settings, command: str, stem: str = "merging") -> st
         "",
         f"Reproduce: `{command}`",
         "",
-        f"Machine: {describe_machine()}, torch threads {result.get('threads', 1)}. Wall-clock of this run: {result['seconds']:.0f} s "
+        f"Machine: {recorded_machine(result)}, torch threads {result.get('threads', 1)}. Wall-clock of this run: {result['seconds']:.0f} s "
         f"(expert training as first built: {sum(e['train_seconds'] for e in experts):.0f} s in all; cached experts are reused).",
         "",
         "Claim (paper): after merging many experts, sparse adapters keep more in-distribution performance than merged "
@@ -387,7 +386,8 @@ def main() -> None:
 
     summary = summarize(merges, s, args.seeds)
     result = {
-        "command": command, "settings": asdict(s), "seeds": args.seeds, "base": base_name, "threads": threads,
+        "command": command, "machine": describe_machine(),  # recorded with the results: a re-render states it
+        "settings": asdict(s), "seeds": args.seeds, "base": base_name, "threads": threads,
         "subtasks": {t: {"description": family.subtasks[t], **{sp: family.split_size(t, sp) for sp in ("train", "test")}}
                      for t in s.subtasks},
         "test_prompts": {t: len(rows) for t, rows in test_rows.items()},

@@ -25,6 +25,7 @@ sys.path[:0] = [str(ROOT)]
 
 from experiments.arms import METRICS, Arm, add_arm_options, choose_arms, claim_lines, run_arm  # noqa: E402
 from rl.claims import mean_std  # noqa: E402
+from rl.metrics import describe_machine, recorded_machine  # noqa: E402
 from rl.plot import plot_arm_curves  # noqa: E402
 
 GRPO = "GRPO G=8"
@@ -88,10 +89,9 @@ EXTRA = {"reverse_kl_first": first_value("teacher_reverse_kl"), "reverse_kl_last
          "value_explained_variance_last": last_mean("value_explained_variance")}
 
 
-def report(results: list[dict], names: list[str], args, command: str, teacher_accuracy: float,
+def report(results: list[dict], names: list[str], args, command: str, machine: str, teacher_accuracy: float,
            small_parameters: int | None = None) -> str:
-    from rl.metrics import describe_machine
-
+    """``machine``: the one the results were measured on (recorded with them)."""
     k = args.k
 
     def of(name: str) -> list[dict]:
@@ -102,7 +102,7 @@ def report(results: list[dict], names: list[str], args, command: str, teacher_ac
         return ", ".join(f"{label.format(k=k)} {statistics.mean(r['curve'][0][key] for r in rs):.3f}" for key, label in METRICS)
     lines = [
         "# PPO with a critic and on-policy distillation, beside GRPO", "", f"Reproduce: `{command}`", "",
-        f"Machine: {describe_machine()}; one vLLM rollout actor (and one teacher actor for distillation), one DeepSpeed "
+        f"Machine: {machine}; one vLLM rollout actor (and one teacher actor for distillation), one DeepSpeed "
         "rank (ZeRO-0), Ray.", "", "## Protocol", "",
         f"- Task: the embedded 2-digit addition model (1M parameters); a fixed set of {args.prompts} training prompts, "
         f"{args.steps} steps per arm; {args.test_prompts} held-out prompts evaluated every {args.eval_every} steps: greedy "
@@ -156,12 +156,13 @@ def protocol(args) -> dict:
 
 def kept_results(saved_path: Path, args, teacher_accuracy: float, chosen: list[Arm], small_parameters) -> tuple[list[dict], int | None]:
     """With ``--arms`` naming some arms, the other arms' results of the saved report, when it was made with the same
-    protocol and teacher (so one report gathers arms run at different times); none otherwise."""
+    protocol and teacher on this machine (so one report gathers arms run at different times); none otherwise."""
     if not args.arms or not saved_path.exists():
         return [], small_parameters
     saved = json.loads(saved_path.read_text())
-    if saved.get("protocol") != protocol(args) or saved["teacher_accuracy"] != teacher_accuracy:
-        print(f"[ppo-distill] {saved_path}: another protocol or teacher; its other arms are not kept", flush=True)
+    if (saved.get("protocol") != protocol(args) or saved["teacher_accuracy"] != teacher_accuracy
+            or saved.get("machine") != describe_machine()):
+        print(f"[ppo-distill] {saved_path}: another protocol, teacher or machine; its other arms are not kept", flush=True)
         return [], small_parameters
     ran = {a.name for a in chosen}
     return [r for r in saved["results"] if r["arm"] not in ran], small_parameters or saved.get("small_parameters")
@@ -194,8 +195,10 @@ def main() -> None:
     if args.report_only:
         saved = json.loads((out / "ppo-distill.json").read_text())
         results, teacher_accuracy, small_parameters = saved["results"], saved["teacher_accuracy"], saved.get("small_parameters")
+        machine = recorded_machine(saved)
         names = [n for n in (a.name for a in arms("")) if any(r["arm"] == n for r in results)]
     else:
+        machine = describe_machine()  # recorded with the results: a re-render states it
         teacher, teacher_accuracy = train_teacher(args)
         chosen = choose_arms(arms(teacher), args.arms, ap)
         small_parameters = None
@@ -210,11 +213,12 @@ def main() -> None:
         names = [n for n in (a.name for a in arms("")) if any(r["arm"] == n for r in results)]
         out.mkdir(parents=True, exist_ok=True)
         (out / "ppo-distill.json").write_text(json.dumps({"teacher_accuracy": teacher_accuracy, "small_parameters": small_parameters,
-                                                          "protocol": protocol(args), "results": results}, indent=1))
+                                                          "protocol": protocol(args), "machine": machine, "results": results},
+                                                         indent=1))
     plot_arm_curves(results, names, [(key, f"held-out {label.format(k=args.k)}") for key, label in METRICS],
                     out / "ppo-distill-curves.png", "PPO and distillation beside GRPO at 256 rollouts per step (mean over seeds, "
                     "band: min-max)", dashed=lambda arm: arm.startswith("distill"))
-    text = report(results, names, args, command, teacher_accuracy, small_parameters)
+    text = report(results, names, args, command, machine, teacher_accuracy, small_parameters)
     (out / "ppo-distill.md").write_text(text)
     print(text)
 

@@ -96,22 +96,24 @@ def memory_arm(name: str) -> dict:
 def memory_report(rounds: int, out: Path, arms: list[str], report_only: bool = False) -> None:
     """Every arm in a fresh process (ru_maxrss only grows), arms alternating each round; writes ``out``.md/.json.
     ``arms``: only these (the saved results of the others are kept). Each result is saved as it comes, so an
-    interrupted run keeps what it measured; ``report_only``: the page again from the saved results."""
+    interrupted run keeps what it measured; ``report_only``: the page again from the saved results. Each result records
+    its machine; saved results from another machine are dropped (the page states one)."""
     import json
     import subprocess
 
-    from rl.metrics import describe_machine
+    from rl.metrics import describe_machine, recorded_machine_of_rows
 
     saved = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").exists() else []
-    results = saved if report_only else [r for r in saved if arms and r["arm"] not in arms]
+    machine = describe_machine()  # recorded with each result: a re-render states it
+    results = saved if report_only else [r for r in saved if arms and r["arm"] not in arms and r.get("machine") == machine]
     for _ in range(0 if report_only else rounds):
         for name in arms or MEMORY_ARMS:
             done = subprocess.run([sys.executable, __file__, "--memory-arm", name], capture_output=True, text=True, check=True)
-            results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+            results.append({**json.loads(done.stdout.strip().splitlines()[-1]), "machine": machine})
             print(results[-1], flush=True)
             out.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
     lines = ["# The trainer's peak memory on the 51.7M model", "",
-             "Command: `.venv/bin/python scripts/profile_train_step.py --memory`", "", f"Machine: {describe_machine()}.", "",
+             "Command: `.venv/bin/python scripts/profile_train_step.py --memory`", "", f"Machine: {recorded_machine_of_rows(results)}.", "",
              "One PolicyTrainer in a fresh process per setting (no Ray), the 51.7M Llama of bench_step.py (hidden 512, 6 "
              "layers, vocabulary 32,000, fp32, ZeRO-0, AdamW), 128 sequences of 32 prompt + 128 response tokens in 4 "
              "micro-batches of 32, two steps. Peak: the process's peak resident memory (`ru_maxrss`), which a trainer "

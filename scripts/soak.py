@@ -69,11 +69,11 @@ def slope_per_1000(rows: list[dict], key: str) -> float:
 
 
 def report(rows: list[dict], args, command: str) -> str:
-    from rl.metrics import describe_machine
+    from rl.metrics import recorded_machine_of_rows
 
-    keys = [k for k in rows[-1] if k != "step"]
+    keys = [k for k in rows[-1] if k not in ("step", "machine")]  # the series
     lines = ["# Soak: a long run leaks nothing", "", f"Reproduce: `{command}`", "",
-             f"Machine: {describe_machine()}. recipes/quickstart.yaml for {rows[-1]['step']} steps, rollout.max_staleness=1 "
+             f"Machine: {recorded_machine_of_rows(rows)}. recipes/quickstart.yaml for {rows[-1]['step']} steps, rollout.max_staleness=1 "
              f"(truncated IS, cap 2), a checkpoint every {args.checkpoint_every} steps with keep_last=2, sampled every "
              f"{args.every} steps.", "",
              "| series | first sample | last sample | min | max | slope per 1,000 steps (from the 2nd sample) | "
@@ -109,19 +109,21 @@ def main() -> None:
         return
 
     from rl.config import load_recipe
+    from rl.metrics import describe_machine
     from rl.online import OnlineRun
 
     run_dir = Path(args.runs)
     shutil.rmtree(run_dir, ignore_errors=True)
     rows: list[dict] = []
     window: list[float] = []
+    machine = describe_machine()  # recorded in every sample: a re-render states it
 
     class SoakRun(OnlineRun):
         def on_step(self, metrics: dict, logger) -> None:
             super().on_step(metrics, logger)
             window.append(metrics["time_step"])
             if self.step % args.every == 0:
-                rows.append(sample(run_dir, self.step, window))
+                rows.append({**sample(run_dir, self.step, window), "machine": machine})
                 window.clear()
                 print(json.dumps(rows[-1]), flush=True)
 

@@ -35,3 +35,21 @@ def test_the_machine_line_names_the_cpu_model():
     model = cpu_model()
     assert model and model != "unknown CPU" and "\n" not in model
     assert f"({model})" in describe_machine()
+
+
+def test_a_report_states_the_machine_its_results_recorded():
+    """A re-render states the machine saved with the results, and refuses results that do not say (rather than
+    naming the machine it runs on)."""
+    import pytest
+
+    from rl.metrics import recorded_machine, recorded_machine_of_rows
+
+    assert recorded_machine({"machine": "x86_64 (CPU A), 2 CPU cores, Python 3.11.7, no GPU", "seconds": 1}) == \
+        "x86_64 (CPU A), 2 CPU cores, Python 3.11.7, no GPU"
+    with pytest.raises(KeyError, match="do not record their machine"):
+        recorded_machine({"seconds": 1})
+    assert recorded_machine_of_rows([{"arm": "a", "machine": "m1"}, {"arm": "b", "machine": "m1"}]) == "m1"
+    with pytest.raises(ValueError, match="one machine"):
+        recorded_machine_of_rows([{"machine": "m1"}, {"machine": "m2"}])
+    with pytest.raises(KeyError, match="do not record their machine"):
+        recorded_machine_of_rows([{"machine": "m1"}, {"arm": "b"}])
