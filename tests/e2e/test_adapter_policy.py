@@ -48,6 +48,8 @@ def test_lora_policy_syncs_only_the_adapter_and_writes_back(tiny_model_root, ray
         metrics = [t.train_one_step() for _ in range(3)]
         # vLLM serves base + LoRA; its logprobs of fixed completions equal the trainer's (base + adapter).
         assert vllm_trainer_gap(t) < LOGPROB_TOL
+        t.step = 3
+        t.write_back_adapter(t.save_checkpoint(), {})  # what fit() does at a checkpoint (the end: test_merged_library_policy)
     finally:
         t.stop_workers()
     base = AutoModelForCausalLM.from_pretrained(tiny_model_root / "model")
@@ -61,16 +63,11 @@ def test_lora_policy_syncs_only_the_adapter_and_writes_back(tiny_model_root, ray
     assert metrics[-1]["kl"] > 0  # reference = the base with the adapter disabled; the adapter moved away
     # With KL on, the trainer holds the base once plus the adapter: no second model copy.
     assert metrics[-1]["params_in_memory"] == sum(p.numel() for p in base.parameters()) + lora_params
-
-    # Write-back happens at the end of fit(); run a short fit to the library.
-    summary = Trainer(_recipe(tiny_model_root, tmp_path / "b", low, "steps=2", "adapter.kind=lora",
-                              f"adapter.library={lib}", "adapter.save_as=adder-low2")).fit()
     from adapters import AdapterLibrary
 
-    expert = AdapterLibrary(lib).get("adder-low2")
-    assert expert.meta["steps"] == 2 and expert.meta["parents"] == []
-    assert "accuracy_after" in expert.meta["metrics"] and "yaml" in expert.meta["recipe"]
-    assert summary["library_expert"] == str(expert.path)
+    expert = AdapterLibrary(lib).get("adder-low")
+    assert expert.adapter_type == "lora" and expert.rank == 8
+    assert expert.meta["steps"] == 3 and expert.meta["parents"] == [] and "yaml" in expert.meta["recipe"]
 
 
 def test_lora_policy_raises_the_reward(ray_session, tmp_path):
@@ -110,8 +107,9 @@ def test_merged_library_policy(tiny_model_root, subtask_library, tmp_path):
                               f"adapter.library={subtask_library}", "adapter.save_as=adder-merged")).fit()
     library = AdapterLibrary(subtask_library)
     merged = library.get("adder-merged")
-    assert merged.meta["parents"] == ["adder-low", "adder-high"]
-    assert summary["steps"] == 2
+    assert merged.meta["parents"] == ["adder-low", "adder-high"] and merged.meta["steps"] == 2
+    assert summary["steps"] == 2 and summary["library_expert"] == str(merged.path)  # written back at the end of fit()
+    assert merged.meta["metrics"]["accuracy_after"] == summary["accuracy_after"] and "yaml" in merged.meta["recipe"]
     # The merge it started from lives in the run's own directory, with its parents; the library it
     # read from holds only what was asked for (the experts and the write-back).
     assert sorted(library.names()) == ["adder-high", "adder-low", "adder-merged"]

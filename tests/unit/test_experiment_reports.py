@@ -16,13 +16,17 @@ ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs" / "experiments"
 
 
-@pytest.mark.parametrize("script, stem, args", [("experiment_ppo_distill.py", "ppo-distill", []),
+@pytest.mark.parametrize("script, stem, args", [("experiment_2grpo.py", "2-grpo", ["--pair-lr-ratio", "1"]),
+                                               ("experiment_2grpo.py", "2-grpo-smollm2", ["--task", "smollm2", "--lr-ratios", "8"]),
+                                               ("experiment_ppo_distill.py", "ppo-distill", []),
                                                ("experiment_allocation.py", "allocation", []),
                                                ("experiment_allocation.py", "allocation-smollm2", ["--task", "smollm2", "--seeds", "0",
                                                                                                   "1"]),
                                                ("experiment_allocation.py", "allocation-smollm2-revisit",
                                                 ["--task", "smollm2-revisit", "--arms", "fixed G=4", "Knapsack"]),
+                                               ("experiment_arrow_mbc.py", "arrow-mbc", ["--sft-steps", "400"]),
                                                ("experiment_arrow_mbc.py", "arrow-mbc-smollm2", ["--family", "smollm2"]),
+                                               ("experiment_merging.py", "merging", ["--seeds", "0", "1", "--sft-steps", "400"]),
                                                ("experiment_merging.py", "merging-smollm2", ["--family", "smollm2"])])
 def test_report_is_the_scripts_rendering_of_its_results(script, stem, args, tmp_path):
     shutil.copy(DOCS / f"{stem}.json", tmp_path / f"{stem}.json")
