@@ -131,6 +131,10 @@ def pytest_xdist_make_scheduler(config, log):
         def _split_scope(self, nodeid: str) -> str:
             return _scheduled_unit(nodeid)
 
+    # Units go out in collection order: the end-to-end modules (minutes each) first, the unit tests and doctests
+    # (seconds) last, where they even out the two workers' finish. xdist's default order, most tests first, sent the
+    # unit modules first and left one-test end-to-end modules of two minutes for the end.
+    config.option.loadscopereorder = False
     return ModuleGroups(config, log)
 
 
