@@ -30,10 +30,11 @@ def run_dir_of(arm: Arm, runs: str, seed: int) -> Path:
 
 def run_arm(arm: Arm, args, seed: int, extra: dict[str, Callable[[list[dict]], float]] | None = None) -> dict:
     """Train one arm for one seed (or read its finished run; ``args.fresh`` retrains): its evaluations against
-    cumulative rollouts and training seconds, a few per-step metrics averaged, and ``extra`` (name -> a function of
-    the train rows). ``args``: ``runs``, ``steps``, ``prompts``, ``test_prompts``, ``eval_every``, ``k``, ``fresh``."""
+    cumulative rollouts and training seconds, a few per-step metrics averaged, ``extra`` (name -> a function of
+    the train rows) and the machine the run recorded. ``args``: ``runs``, ``steps``, ``prompts``, ``test_prompts``,
+    ``eval_every``, ``k``, ``fresh``."""
     from rl.config import load_recipe
-    from rl.metrics import read_metrics
+    from rl.metrics import describe_machine, read_metrics
     from rl.online import OnlineRun
 
     run_dir = run_dir_of(arm, args.runs, seed)
@@ -44,6 +45,8 @@ def run_arm(arm: Arm, args, seed: int, extra: dict[str, Callable[[list[dict]], f
                      f"data.max_train_examples={args.prompts}", f"data.max_test_examples={args.test_prompts}",
                      f"eval.every={args.eval_every}", f"eval.samples={args.k}", "checkpoint.save_final=false", *arm.overrides]
         OnlineRun(load_recipe(arm.recipe, overrides)).fit()
+    # Where the run was measured; a run from before runs recorded it was made here (runs/ is local).
+    machine = json.loads(summary.read_text()).get("machine") or describe_machine()
     train, evals = read_metrics(run_dir, "train"), read_metrics(run_dir, "eval")
     cum, rollouts, seconds = {0: (0.0, 0.0)}, 0.0, 0.0
     for row in train:
@@ -56,7 +59,7 @@ def run_arm(arm: Arm, args, seed: int, extra: dict[str, Callable[[list[dict]], f
             "trained_sequences": sum(row["trained_sequences"] for row in train), "prompts_with_signal": statistics.mean(signal),
             "max_rollouts_per_prompt": max((row.get("rollouts_per_prompt_max", 0.0) for row in train), default=0.0) or None,
             **{name: fn(train) for name, fn in (extra or {}).items()},
-            "curve": curve, "run_dir": str(run_dir)}
+            "curve": curve, "run_dir": str(run_dir), "machine": machine}
 
 
 def add_arm_options(ap: argparse.ArgumentParser, steps: int, runs: Path, out: Path, quick_help: str) -> None:

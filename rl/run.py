@@ -25,7 +25,7 @@ import yaml
 from rl import checkpoint as ckpt
 from rl.config import Recipe, recipe_to_yaml
 from rl.files import write_text_atomic
-from rl.metrics import MetricsLogger, make_trackers
+from rl.metrics import MetricsLogger, describe_machine, make_trackers
 from rl.watchdog import WorkerStalled
 
 RUN_STATUS = "run.json"  # what `rl runs` reads: status, pid and host while running, the reason when stopped
@@ -193,7 +193,8 @@ class Run:
                                               progress=r.logging.progress, start_step=start_step, label=self.progress_label,
                                               trackers=trackers)
         self.print(self.header())
-        summary: dict = {"name": r.name, "run_dir": str(self.run_dir)}
+        # The machine goes with the results: numbers read back later (experiment reports) name where they were measured.
+        summary: dict = {"name": r.name, "run_dir": str(self.run_dir), "machine": describe_machine()}
         write_run_status(self.run_dir, "running")
         try:
             t0 = time.perf_counter()

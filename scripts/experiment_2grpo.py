@@ -98,7 +98,7 @@ def run_arm(arm: Arm, args, seed: int, start: dict | None = None) -> dict:
     seed's evaluation before training, measured by its first arm; later arms skip their own (every arm of a
     seed starts from the same model and evaluates with the same sampling seed, so it would be the same)."""
     from rl.config import load_recipe
-    from rl.metrics import read_metrics
+    from rl.metrics import describe_machine, read_metrics
     from rl.online import OnlineRun
 
     run_dir = Path(args.runs) / f"{arm.name.replace(' ', '_')}-seed{seed}"
@@ -121,7 +121,9 @@ def run_arm(arm: Arm, args, seed: int, start: dict | None = None) -> dict:
               "greedy": e["accuracy"], "mean_at_k": e[mean_key]} for e in evals]
     return {"start_eval": evals[0], "arm": arm.name, "seed": seed, "lr": arm.lr, "prompts_per_step": arm.prompts_per_step,
             "steps": len(train),
-            "rollouts": rollouts, "train_seconds": seconds, "curve": curve, "run_dir": str(run_dir)}
+            "rollouts": rollouts, "train_seconds": seconds, "curve": curve, "run_dir": str(run_dir),
+            # where the run was measured; a run from before runs recorded it was made here (runs/ is local)
+            "machine": json.loads(summary_path.read_text()).get("machine") or describe_machine()}
 
 
 TASKS = {
@@ -277,13 +279,11 @@ def main() -> None:
     if args.report_only:
         results = json.loads((out / f"{stem}.json").read_text())
     else:
-        from rl.metrics import describe_machine
-
-        results, machine = [], describe_machine()  # recorded with the results: a re-render states it
+        results = []  # each with the machine its run recorded: a re-render states it
         for seed in args.seeds:
             start = None
             for arm in arm_list:
-                results.append({**run_arm(arm, args, seed, start), "machine": machine})
+                results.append(run_arm(arm, args, seed, start))
                 start = start or results[-1]["start_eval"]
                 r = results[-1]
                 print(json.dumps({k: r[k] for k in ("arm", "seed", "rollouts", "train_seconds")} | {"final": r["curve"][-1]}),

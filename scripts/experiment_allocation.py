@@ -252,10 +252,7 @@ def main() -> None:
         results = json.loads((out / f"{stem}.json").read_text())
         names = [n for n in names if any(r["arm"] == n for r in results)]  # the arms the run had
     else:
-        from rl.metrics import describe_machine
-
-        machine = describe_machine()  # recorded with the results: a re-render states it
-        results = [{**run_arm(arm, args, seed), "machine": machine} for seed in args.seeds for arm in chosen]
+        results = [run_arm(arm, args, seed) for seed in args.seeds for arm in chosen]  # each with its run's machine
         out.mkdir(parents=True, exist_ok=True)
         (out / f"{stem}.json").write_text(json.dumps(results, indent=1))
     budget = 256 if args.task == "embedded" else 32

@@ -91,4 +91,10 @@ def test_allocation_quick(tmp_path):
     assert fixed["rollouts"] == 2 * 256 and fixed["trained_sequences"] == 2 * 256  # 32 prompts x 8, every rollout trained
     assert 2 * 128 <= ada["rollouts"] <= 2 * 256 and ada["trained_sequences"] == 2 * 32 * 4  # capped; 4 of each pool
     assert [p["step"] for p in fixed["curve"]] == [0, 2] and all(0.0 <= p["pass_at_k"] <= 1.0 for p in fixed["curve"])
+    # Each row carries the machine its run recorded in summary.json, and the report states it.
+    from rl.metrics import describe_machine
+
+    for r in results:
+        assert r["machine"] == json.loads((Path(r["run_dir"]) / "summary.json").read_text())["machine"] == describe_machine()
+    assert f"Machine: {describe_machine()};" in report
     assert (tmp_path / "out" / "allocation-curves.png").stat().st_size > 10_000
