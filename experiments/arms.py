@@ -34,7 +34,7 @@ def run_arm(arm: Arm, args, seed: int, extra: dict[str, Callable[[list[dict]], f
     the train rows) and the machine the run recorded. ``args``: ``runs``, ``steps``, ``prompts``, ``test_prompts``,
     ``eval_every``, ``k``, ``fresh``."""
     from rl.config import load_recipe
-    from rl.metrics import describe_machine, read_metrics
+    from rl.metrics import machine_of_run, read_metrics
     from rl.online import OnlineRun
 
     run_dir = run_dir_of(arm, args.runs, seed)
@@ -45,8 +45,6 @@ def run_arm(arm: Arm, args, seed: int, extra: dict[str, Callable[[list[dict]], f
                      f"data.max_train_examples={args.prompts}", f"data.max_test_examples={args.test_prompts}",
                      f"eval.every={args.eval_every}", f"eval.samples={args.k}", "checkpoint.save_final=false", *arm.overrides]
         OnlineRun(load_recipe(arm.recipe, overrides)).fit()
-    # Where the run was measured; a run from before runs recorded it was made here (runs/ is local).
-    machine = json.loads(summary.read_text()).get("machine") or describe_machine()
     train, evals = read_metrics(run_dir, "train"), read_metrics(run_dir, "eval")
     cum, rollouts, seconds = {0: (0.0, 0.0)}, 0.0, 0.0
     for row in train:
@@ -59,7 +57,7 @@ def run_arm(arm: Arm, args, seed: int, extra: dict[str, Callable[[list[dict]], f
             "trained_sequences": sum(row["trained_sequences"] for row in train), "prompts_with_signal": statistics.mean(signal),
             "max_rollouts_per_prompt": max((row.get("rollouts_per_prompt_max", 0.0) for row in train), default=0.0) or None,
             **{name: fn(train) for name, fn in (extra or {}).items()},
-            "curve": curve, "run_dir": str(run_dir), "machine": machine}
+            "curve": curve, "run_dir": str(run_dir), "machine": machine_of_run(run_dir)}
 
 
 def add_arm_options(ap: argparse.ArgumentParser, steps: int, runs: Path, out: Path, quick_help: str) -> None:

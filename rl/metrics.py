@@ -227,6 +227,13 @@ def recorded_machine(result: dict) -> str:
                        "report's Machine line (describe_machine() where they were measured)") from None
 
 
+def machine_of_run(run_dir: str | Path) -> str:
+    """The machine a finished run was measured on, as its summary.json records it (``Run.fit``); a run from before
+    runs recorded it is taken as this machine's, since a run directory is local."""
+    summary = json.loads((Path(run_dir) / "summary.json").read_text())
+    return summary.get("machine") or describe_machine()
+
+
 def recorded_machine_of_rows(rows: list[dict]) -> str:
     """The one machine a list of result rows was measured on (each row's ``recorded_machine``); a table mixing
     machines is refused, because one Machine line cannot describe it."""

@@ -98,7 +98,7 @@ def run_arm(arm: Arm, args, seed: int, start: dict | None = None) -> dict:
     seed's evaluation before training, measured by its first arm; later arms skip their own (every arm of a
     seed starts from the same model and evaluates with the same sampling seed, so it would be the same)."""
     from rl.config import load_recipe
-    from rl.metrics import describe_machine, read_metrics
+    from rl.metrics import machine_of_run, read_metrics
     from rl.online import OnlineRun
 
     run_dir = Path(args.runs) / f"{arm.name.replace(' ', '_')}-seed{seed}"
@@ -122,8 +122,7 @@ def run_arm(arm: Arm, args, seed: int, start: dict | None = None) -> dict:
     return {"start_eval": evals[0], "arm": arm.name, "seed": seed, "lr": arm.lr, "prompts_per_step": arm.prompts_per_step,
             "steps": len(train),
             "rollouts": rollouts, "train_seconds": seconds, "curve": curve, "run_dir": str(run_dir),
-            # where the run was measured; a run from before runs recorded it was made here (runs/ is local)
-            "machine": json.loads(summary_path.read_text()).get("machine") or describe_machine()}
+            "machine": machine_of_run(run_dir)}
 
 
 TASKS = {

@@ -53,3 +53,16 @@ def test_a_report_states_the_machine_its_results_recorded():
         recorded_machine_of_rows([{"machine": "m1"}, {"machine": "m2"}])
     with pytest.raises(KeyError, match="do not record their machine"):
         recorded_machine_of_rows([{"machine": "m1"}, {"arm": "b"}])
+
+
+def test_a_runs_machine_is_the_one_its_summary_records(tmp_path):
+    """Experiment rows take the machine from the run they read back; a run from before runs recorded it is this
+    machine's."""
+    import json
+
+    from rl.metrics import describe_machine, machine_of_run
+
+    (tmp_path / "summary.json").write_text(json.dumps({"status": "finished", "machine": "x86_64 (CPU B), 2 CPU cores"}))
+    assert machine_of_run(tmp_path) == "x86_64 (CPU B), 2 CPU cores"
+    (tmp_path / "summary.json").write_text(json.dumps({"status": "finished"}))
+    assert machine_of_run(tmp_path) == describe_machine()
