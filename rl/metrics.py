@@ -243,6 +243,15 @@ def recorded_machine_of_rows(rows: list[dict]) -> str:
     return machines[0]
 
 
+def rows_measured_on(rows: list[dict], machine: str) -> list[dict]:
+    """The saved rows measured on ``machine``, for a script that re-measures some rows and keeps the rest: its page
+    states one machine, so rows from another are dropped, and it says how many."""
+    same = [row for row in rows if row.get("machine") == machine]
+    if len(same) < len(rows):
+        print(f"dropping {len(rows) - len(same)} saved rows measured on another machine", flush=True)
+    return same
+
+
 def cpu_model() -> str:
     """The CPU's model name (Linux: /proc/cpuinfo), e.g. ``Intel(R) Xeon(R) Processor @ 2.80GHz``; the platform's guess elsewhere."""
     import platform

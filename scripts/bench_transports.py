@@ -97,14 +97,6 @@ def reading(results: list[dict]) -> list[str]:
     return lines
 
 
-def kept_on_this_machine(kept: list[dict], machine: str) -> list[dict]:
-    """The saved rows measured on ``machine``: the page states one machine, so rows from another are dropped."""
-    same = [r for r in kept if r.get("machine") == machine]
-    if len(same) < len(kept):
-        print(f"dropping {len(kept) - len(same)} saved rows measured on another machine", flush=True)
-    return same
-
-
 def page(results: list[dict], steps: int) -> str:
     from rl.metrics import recorded_machine_of_rows
 
@@ -130,7 +122,7 @@ def main() -> None:
     ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args()
     from rl.local_cluster import LocalCluster
-    from rl.metrics import describe_machine
+    from rl.metrics import describe_machine, rows_measured_on
 
     out = ROOT / "docs" / "benchmarks" / "transports"
     kept = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").exists() else []
@@ -138,7 +130,7 @@ def main() -> None:
         out.with_suffix(".md").write_text(page(kept, args.steps))
         return
     machine = describe_machine()
-    kept = kept_on_this_machine(kept, machine)
+    kept = rows_measured_on(kept, machine)
     layouts = [(label, lo) for label, lo in LAYOUTS if not args.layouts or any(k in label for k in args.layouts)]
     common = [f"steps={args.steps}", "data.prompts_per_step=4", "algorithm.group_size=2", "trainer.micro_batch_size=8",
               "eval.before=false", "eval.after=false", "checkpoint.save_final=false", "logging.progress=false",

@@ -101,11 +101,11 @@ def memory_report(rounds: int, out: Path, arms: list[str], report_only: bool = F
     import json
     import subprocess
 
-    from rl.metrics import describe_machine, recorded_machine_of_rows
+    from rl.metrics import describe_machine, recorded_machine_of_rows, rows_measured_on
 
     saved = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").exists() else []
     machine = describe_machine()  # recorded with each result: a re-render states it
-    results = saved if report_only else [r for r in saved if arms and r["arm"] not in arms and r.get("machine") == machine]
+    results = saved if report_only else rows_measured_on([r for r in saved if arms and r["arm"] not in arms], machine)
     for _ in range(0 if report_only else rounds):
         for name in arms or MEMORY_ARMS:
             done = subprocess.run([sys.executable, __file__, "--memory-arm", name], capture_output=True, text=True, check=True)

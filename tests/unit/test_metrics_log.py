@@ -66,3 +66,14 @@ def test_a_runs_machine_is_the_one_its_summary_records(tmp_path):
     assert machine_of_run(tmp_path) == "x86_64 (CPU B), 2 CPU cores"
     (tmp_path / "summary.json").write_text(json.dumps({"status": "finished"}))
     assert machine_of_run(tmp_path) == describe_machine()
+
+
+def test_saved_rows_from_another_machine_are_dropped_and_counted(capsys):
+    """A script that re-measures some rows keeps only the saved rows of the machine it runs on, and says how many
+    it dropped (a row without a machine counts as another's)."""
+    from rl.metrics import rows_measured_on
+
+    rows = [{"arm": "a", "machine": "m1"}, {"arm": "b", "machine": "m2"}, {"arm": "c"}, {"arm": "d", "machine": "m1"}]
+    assert [r["arm"] for r in rows_measured_on(rows, "m1")] == ["a", "d"]
+    assert "dropping 2 saved rows measured on another machine" in capsys.readouterr().out
+    assert rows_measured_on(rows[:1], "m1") == rows[:1] and capsys.readouterr().out == ""
