@@ -17,6 +17,7 @@ episodes are batched into one engine call; each request's seed is fixed by its e
 
 Tools (``tools`` in a chat request, ``rl.openai_api``) need ``agent.tool_parser`` and a chat template that writes
 them into the prompt (the model's own or ``agent.chat_template``); one that ignores them is refused, never dropped.
+A forced call (``tool_choice``) starts the reply with the parser's call opening, masked out like the agent's text.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ from fastapi import FastAPI, Request  # module level: the endpoints' annotations
 from fastapi.responses import JSONResponse, StreamingResponse
 from jinja2 import TemplateError
 
-from rl.openai_api import load_tool_parser, read_tool_calls, stream_chunks, template_message, tools_request
+from rl.openai_api import (forced_call_opening, load_tool_parser, read_tool_calls, stream_chunks, template_message,
+                           tools_request)
 from rollout.types import Completion, SamplingSpec
 
 BATCH_WINDOW_S = 0.01  # how long the batcher waits for more requests after the first
@@ -115,7 +117,7 @@ class Gateway:
         """``tool_parser``: a vLLM tool parser's name (a request with tools is refused without one);
         ``chat_template``: a Jinja chat template used instead of the model's."""
         self.tokenizer, self.sampling, self.max_model_len, self.model_name = tokenizer, sampling, max_model_len, model_name
-        self.chat_template = chat_template
+        self.chat_template, self.tool_parser_name = chat_template, tool_parser
         self.tool_parser = load_tool_parser(tool_parser, tokenizer) if tool_parser else None
         self.episodes: dict[str, EpisodeTokens] = {}
         self._lock = threading.Lock()
@@ -299,9 +301,6 @@ class Gateway:
                 tools_request(tools)  # malformed tools are refused before the engine samples
             except ValueError as e:
                 raise BadRequest(str(e)) from None
-        if body.get("tool_choice") not in (None, "auto", "none"):
-            raise BadRequest(f"tool_choice {body['tool_choice']!r}: only 'auto' and 'none' (a forced call would need "
-                             "constrained decoding, which the trainer's logprobs do not know of)")
         try:
             messages = [template_message(m, ep.tool_call_replies) for m in messages]
             text = self._render(messages, tools)
@@ -310,20 +309,29 @@ class Gateway:
         if tools and text == self._render(messages, None):
             raise BadRequest("the chat template ignores `tools` (the model would never see them): set agent.chat_template "
                              "to one that writes them, e.g. docs/guide/examples/chatml_tools.jinja for a ChatML model")
-        return text
+        return text + self._call_opening(body)
+
+    def _call_opening(self, body: dict) -> str:
+        """The start of a forced call (``tool_choice``), written after the prompt; "" when nothing is forced."""
+        try:
+            return forced_call_opening(body, self.tool_parser_name)
+        except ValueError as e:
+            raise BadRequest(str(e)) from None
 
     def _render(self, messages: list[dict], tools: Optional[list]) -> str:
         return self.tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True,
                                                   chat_template=self.chat_template)
 
     def _chat_choice(self, ep: EpisodeTokens, reply: Completion, body: dict) -> dict:
-        """The assistant message of a reply: its tool calls read out when the request offered tools."""
-        message: dict[str, Any] = {"role": "assistant", "content": reply.text}
+        """The assistant message of a reply (after a forced call's opening, which the agent sees as part of it): its
+        tool calls read out when the request offered tools."""
+        said = self._call_opening(body) + reply.text
+        message: dict[str, Any] = {"role": "assistant", "content": said}
         if body.get("tools") and body.get("tool_choice") != "none":
-            content, calls = read_tool_calls(self.tool_parser, reply.text, body)
+            content, calls = read_tool_calls(self.tool_parser, said, body)
             if calls:
                 message = {"role": "assistant", "content": content, "tool_calls": calls}
-                ep.tool_call_replies.update({c["id"]: reply.text for c in calls})
+                ep.tool_call_replies.update({c["id"]: said for c in calls})
         return {"message": message}
 
     @staticmethod

@@ -2,7 +2,12 @@
 and tool calls. ``agent.tool_parser`` names one of vLLM's tool parsers
 (``hermes``, ``llama3_json``, ``pythonic``, ...), which reads the calls out of a reply into ``message.tool_calls``
 (``finish_reason: "tool_calls"``). When the agent sends such a message back, it is written as the reply's own text,
-not as the chat template would write the calls again: the conversation stays the engine's tokens."""
+not as the chat template would write the calls again: the conversation stays the engine's tokens.
+
+A forced call (``tool_choice: "required"`` or a named function) is the parser's call opening written after the
+prompt, as text the agent might have added (masked out of the loss); the model writes the rest. Constrained
+decoding would sample from a grammar-masked distribution the trainer's logprobs do not know of, so the gateway does
+not use it: a reply that does not finish a valid call comes back as text."""
 
 from __future__ import annotations
 
@@ -47,6 +52,49 @@ def template_message(message: dict, replies: dict[str, str]) -> dict:
     out = {"role": message["role"], "content": message.get("content") or ""}
     out.update({k: message[k] for k in ("tool_calls", "tool_call_id", "name") if message.get(k)})
     return out
+
+
+# How a call opens in each parser's format: (any function, one named function). ``{name}``: the name as a JSON
+# string. The openings end before a space: the model writes it with the token that follows, as it would unforced.
+CALL_OPENINGS = {
+    "hermes": ("<tool_call>\n{{\"name\":", "<tool_call>\n{{\"name\": {name}, \"arguments\":"),
+    "pythonic": ("[", "[{bare}("),
+}
+
+
+def forced_call_opening(body: dict, parser_name: Optional[str]) -> str:
+    """The text a chat request's ``tool_choice`` puts at the start of the reply: "" unless it forces a call
+    ("required", or ``{"type": "function", "function": {"name": ...}}``); a choice the run cannot force is a
+    ``ValueError``.
+
+    >>> tools = [{"type": "function", "function": {"name": "calc", "parameters": {}}}]
+    >>> forced_call_opening({"tools": tools, "tool_choice": "required"}, "hermes")
+    '<tool_call>\\n{"name":'
+    >>> forced_call_opening({"tools": tools, "tool_choice": {"type": "function", "function": {"name": "calc"}}}, "pythonic")
+    '[calc('
+    >>> forced_call_opening({"tools": tools, "tool_choice": "auto"}, "hermes")
+    ''
+    """
+    choice = body.get("tool_choice")
+    if choice in (None, "auto", "none"):
+        return ""
+    names = [t.get("function", {}).get("name") for t in body.get("tools") or [] if isinstance(t, dict)]
+    if not names:
+        raise ValueError(f"tool_choice {choice!r} forces a call, but the request offers no tools")
+    if choice == "required":
+        name = None
+    elif isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("function"), dict):
+        name = choice["function"].get("name")
+        if name not in names:
+            raise ValueError(f"tool_choice names {name!r}, which is not one of this request's tools: {names}")
+    else:
+        raise ValueError(f"tool_choice {choice!r}: one of 'auto', 'none', 'required' or "
+                         "{'type': 'function', 'function': {'name': ...}}")
+    if parser_name not in CALL_OPENINGS:
+        raise ValueError(f"tool_choice {choice!r}: a forced call is written as the tool parser's call opening, "
+                         f"known for {', '.join(CALL_OPENINGS)}, not for agent.tool_parser {parser_name!r}")
+    any_call, named = CALL_OPENINGS[parser_name]
+    return any_call.format() if name is None else named.format(name=json.dumps(name), bare=name)
 
 
 def load_tool_parser(name: str, tokenizer):

@@ -108,11 +108,68 @@ def test_a_reply_without_a_call_or_with_tool_choice_none_is_plain_content(gatewa
     assert unread.choices[0].message.content == CALL and not unread.choices[0].message.tool_calls
 
 
+def test_a_forced_call_is_the_call_opening_then_the_models_own_tokens(gateway):
+    """tool_choice named, then "required": the reply starts with the parser's call opening, written after the prompt
+    as text the agent might add (in the prompt, or masked out of the loss); the engine samples only the rest. The
+    agent sees the whole call; sent back, it is the opening and the reply's text, so the conversation extends."""
+    named_rest, any_rest = ' {"expr": "2+3"}}\n</tool_call>', ' "calc", "arguments": {"expr": "5*4"}}\n</tool_call>'
+    gateway.engines = engines = ScriptedEngines(gateway.tokenizer, [named_rest, any_rest])
+    key = gateway.open_episode(seed=0)
+    client = _client(gateway, key)
+    messages = [{"role": "user", "content": "What is 2+3, then 5*4?"}]
+    first = client.chat.completions.create(model="policy", messages=messages, tools=TOOLS,
+                                           tool_choice={"type": "function", "function": {"name": "calc"}})
+    (call,) = first.choices[0].message.tool_calls
+    assert first.choices[0].finish_reason == "tool_calls" and call.function.name == "calc"
+    assert json.loads(call.function.arguments) == {"expr": "2+3"}
+    ep = gateway.episodes[key]
+    assert ep.seen.endswith('<|im_start|>assistant\n<tool_call>\n{"name": "calc", "arguments":' + named_rest)
+    assert engines.contexts[0] == ep.prompt_ids  # the opening is part of the prompt the engine continued
+
+    messages += [first.choices[0].message.model_dump(exclude_none=True), {"role": "tool", "tool_call_id": call.id, "content": "5"}]
+    second = client.chat.completions.create(model="policy", messages=messages, tools=TOOLS, tool_choice="required")
+    (call,) = second.choices[0].message.tool_calls
+    assert call.function.name == "calc" and json.loads(call.function.arguments) == {"expr": "5*4"}
+
+    ep = gateway.close_episode(key)
+    replies = [gateway.tokenizer(t, add_special_tokens=False)["input_ids"] + [gateway.tokenizer.eos_token_id]
+               for t in (named_rest, any_rest)]
+    added = len(ep.token_ids) - len(replies[0]) - len(replies[1])
+    assert ep.loss_mask == [1] * len(replies[0]) + [0] * added + [1] * len(replies[1]) and not ep.rejected
+    assert engines.contexts[1] == ep.prompt_ids + ep.token_ids[:-len(replies[1])]
+    assert ep.seen.endswith('</tool_response><|im_end|>\n<|im_start|>assistant\n<tool_call>\n{"name":' + any_rest)
+
+
+@pytest.mark.parametrize("parser, rest", [("hermes", ' "calc", "arguments": {"expr": "2+3"}}\n</tool_call>'),
+                                          ("pythonic", "calc(expr='2+3')]")])
+def test_each_known_call_opening_is_read_back_by_its_vllm_parser(parser, rest):
+    """Every parser with a call opening reads the forced call back (vLLM's own parsers), named or not."""
+    from rl.openai_api import CALL_OPENINGS, forced_call_opening, load_tool_parser, read_tool_calls
+
+    assert parser in CALL_OPENINGS
+    named_rest = rest.split('"arguments":', 1)[1] if parser == "hermes" else rest.split("(", 1)[1]
+    tool_parser = load_tool_parser(parser, build_tokenizer())
+    for choice, text in (("required", rest), ({"type": "function", "function": {"name": "calc"}}, named_rest)):
+        body = {"tools": TOOLS, "tool_choice": choice}
+        _, (call,) = read_tool_calls(tool_parser, forced_call_opening(body, parser) + text, body)
+        assert call["function"]["name"] == "calc" and json.loads(call["function"]["arguments"]) == {"expr": "2+3"}
+
+
+def test_a_parser_without_a_known_opening_cannot_force_a_call():
+    from rl.openai_api import forced_call_opening
+
+    with pytest.raises(ValueError, match="known for hermes, pythonic, not for agent.tool_parser 'mistral'"):
+        forced_call_opening({"tools": TOOLS, "tool_choice": "required"}, "mistral")
+
+
 @pytest.mark.parametrize("setup, body, message", [
     ({"tool_parser": None, "chat_template": TEMPLATE}, {"tools": TOOLS}, "no agent.tool_parser"),
     ({"tool_parser": "hermes", "chat_template": "{% for m in messages %}{{ m['content'] }}{% endfor %}"}, {"tools": TOOLS},
      "the chat template ignores `tools`"),
-    ({"tool_parser": "hermes", "chat_template": TEMPLATE}, {"tools": TOOLS, "tool_choice": "required"}, "only 'auto' and 'none'"),
+    ({"tool_parser": "hermes", "chat_template": TEMPLATE}, {"tool_choice": "required"}, "offers no tools"),
+    ({"tool_parser": "hermes", "chat_template": TEMPLATE},
+     {"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "search"}}}, "not one of this request's tools"),
+    ({"tool_parser": "hermes", "chat_template": TEMPLATE}, {"tools": TOOLS, "tool_choice": "any"}, "one of 'auto', 'none'"),
     ({"tool_parser": "hermes", "chat_template": TEMPLATE}, {"tools": [{"type": "function", "name": "calc"}]}, "malformed tools"),
     ({"tool_parser": None, "chat_template": "{{ raise_exception('roles must alternate') }}"}, {}, "TemplateError: roles must alternate"),
 ])
