@@ -4,7 +4,7 @@
     ref      = trainer.reference_logprobs(pairs)              once, by the initial policy; cached here
     for step in 1..S:                                         S = min(steps, ceil(dpo_epochs * P_train / B))
         batch = pairs[sampler.next_batch()]                   B = data.prompts_per_step pairs
-        stats = trainer.train_step(batch, ref[batch])         one optimizer step, DeepSpeed ranks
+        stats = trainer.train_pairs(batch, ref[batch])        one optimizer step, DeepSpeed ranks
     trainer.evaluate(held_out, ref[held_out])                 before, every eval.every steps, after
 
 DPO (Rafailov et al. 2023, https://arxiv.org/abs/2305.18290) with the loss the recipe names

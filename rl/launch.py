@@ -93,7 +93,7 @@ class Workers:
     def _start_trainer(self, dog):
         from rl.resources import thread_counts, weight_transport
         from rl.workers import PreferenceTrainerGroup, TrainerGroup
-        from trainer.policy_trainer import TrainerSetup
+        from trainer.setup import TrainerSetup
 
         r, p = self.recipe, self.placement
         # With engines, the trainer's logprobs are those of the sampling distribution and weights travel to them.

@@ -71,6 +71,7 @@ class Run:
         self.log_dir = None if recipe.logging.verbose or not recipe.use_ray else str((self.run_dir / "logs").resolve())
         self._logger: Optional[MetricsLogger] = None  # while fit() runs: lines go above the progress bar
         self._nonfinite_in_a_row = 0
+        self.checkpointed_step: Optional[int] = None  # the step of the last checkpoint this process saved
 
     # ------------------------------------------------------------------ hooks
 
@@ -176,6 +177,7 @@ class Run:
 
         path = ckpt.write_atomically(self.run_dir / "checkpoints" / f"step_{self.step:06d}", write)
         ckpt.prune(self.run_dir, self.recipe.checkpoint.keep_last)
+        self.checkpointed_step = self.step
         return str(path)
 
     def print(self, text: str) -> None:
@@ -212,8 +214,7 @@ class Run:
                 ev = self.evaluate()
                 logger.log(self.step, ev, kind="eval")
                 self.record_eval("after", ev, summary, logger)
-            last = summary.get("checkpoint")
-            if r.checkpoint.save_final and (last is None or not last.endswith(f"{self.step:06d}")):
+            if r.checkpoint.save_final and self.checkpointed_step != self.step:
                 summary["checkpoint"] = self.save_checkpoint()
             if summary.get("checkpoint"):
                 self.after_checkpoint(summary["checkpoint"], summary)  # again: now with the final evaluation

@@ -70,8 +70,9 @@ def arm(args, spec: str, batch_file: Path, out: Path) -> None:
     from rl.workers.base import free_port
     from trainer.config import AlgorithmConfig, TrainerConfig
     from trainer.policies import PolicySpec
-    from trainer.policy_trainer import PolicyTrainer, TrainerSetup
+    from trainer.policy_trainer import PolicyTrainer
     from trainer.stats import reduce_stats
+    from trainer.setup import TrainerSetup
     from trainer.types import TrainBatch
 
     kind, size = spec.split(":")

@@ -28,7 +28,8 @@ def make_trainer_and_batch(torch_threads: int = 0, **trainer_settings):
     from scripts.bench_step import build_model
     from trainer.config import AlgorithmConfig, TrainerConfig
     from trainer.policies import PolicySpec
-    from trainer.policy_trainer import PolicyTrainer, TrainerSetup
+    from trainer.policy_trainer import PolicyTrainer
+    from trainer.setup import TrainerSetup
     from trainer.types import TrainBatch
 
     setup = TrainerSetup(policy=PolicySpec(kind="full", base_model=str(build_model())), dtype="float32",

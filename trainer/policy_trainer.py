@@ -15,49 +15,21 @@ from __future__ import annotations
 import collections
 import os
 import time
-from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 
 from trainer import algorithms
 from trainer.batching import collate, micro_batch_rows, split_units
-from trainer.config import AlgorithmConfig, CriticConfig, TrainerConfig
+from trainer.config import CriticConfig
 from trainer.engine import (DTYPES, begin_micro_batch, check_packing, clip_gradients, clips_in_hook, decoder_and_head,
                             deepspeed_config, forward_packed_or_padded, full_parameters, sharded_build, unpack)
-from trainer.policies import PolicySpec, build_policy
+from trainer.policies import build_policy
 from trainer.process import all_ranks_max, init_distributed, peak_rss_gib, redirect_output, set_mmap_threshold
 from trainer.rank_state import load_rank_state, save_rank_state
 from trainer.stats import Stats
+from trainer.setup import TrainerSetup
 from trainer.types import TrainBatch
-
-
-@dataclass
-class TrainerSetup:
-    """Everything one rank needs; ``rl`` builds it once and the group gives each rank its ``rank``.
-
-    ``transport`` is where rank 0 publishes policy versions for the engines (an object with
-    ``publish``, ``publish_lora``, ``publish_prompt_loras``, ``release``; the rollout side's
-    ``rollout.weight_sync`` provides them): the trainer never learns how they travel.
-    """
-
-    policy: PolicySpec
-    dtype: str
-    trainer: TrainerConfig
-    algorithm: AlgorithmConfig
-    max_response_len: int
-    temperature: float = 1.0  # the rollout's sampling temperature: every logprob is of softmax(logits / temperature), as sampled
-    seed: int = 0
-    rank: int = 0
-    world_size: int = 1
-    master_addr: str = "127.0.0.1"
-    master_port: int = 29500
-    trust_remote_code: bool = False
-    transport: Any = None
-    max_staleness: int = 0  # asynchronous rollout: batches may still use the k previous versions
-    log_dir: Optional[str] = None  # each rank's stdout/stderr go to <log_dir>/trainer-rank<r>.log instead of the terminal
-    critic: Optional[CriticConfig] = None  # PPO's value model (read when the algorithm has a critic)
-    critic_model_path: Optional[str] = None  # where the critic's decoder starts (None: the policy's base model)
 
 
 class PolicyTrainer:
@@ -282,39 +254,10 @@ class PolicyTrainer:
         mask = mb["response_mask"]
         old = mb.get("old_logprobs", logprobs.detach())
         ntok = float(mask.sum())
-        if alg.spec.loss == "pairwise_dpo":
-            pg_loss, dpo = algorithms.pairwise_dpo_loss(
-                logprobs, self._reference_logprobs(mb), mask, beta=alg.dpo_beta, loss_type=alg.dpo_loss,
-                label_smoothing=alg.dpo_label_smoothing, num_pairs=counts["num_sequences"] / 2,
-            )
-            pg_metrics = {"clip_frac": torch.tensor(0.0), "ratio_max": torch.tensor(1.0)}
-            stats.sum("dpo_reward_accuracy", dpo["reward_accuracy"])  # already divided by the batch's pairs
-            stats.sum("dpo_reward_margin", dpo["reward_margin"])
-        else:
-            advantages = mb["advantages"]  # [n]
-            if "token_advantages" in mb:  # a teacher's per-token term, or PPO's GAE: [n, T-1]
-                advantages = advantages[:, None] + mb["token_advantages"]
-            if alg.kl_coef > 0 and alg.kl_penalty == "reward":
-                # REINFORCE++: the KL is a per-token reward -beta * k1, k1 = log pi_old - log pi_ref (no grad);
-                # each token's advantage loses beta times its reward-to-go. Nothing is added to the loss.
-                kl = algorithms.get("kl", "k1")(old, self._reference_logprobs(mb)).detach()  # [n, T-1]
-                advantages = advantages.reshape(len(kl), -1) - alg.kl_coef * algorithms.kl_reward_to_go(kl, mask)  # [n, T-1]
-                stats.mean("kl", (kl * mask).sum(), ntok)
-            is_weights = None
-            if alg.tis_cap is not None:
-                is_weights = algorithms.truncated_is_weights(old, mb["rollout_logprobs"], cap=alg.tis_cap)
-            pg_mask = mask
-            if alg.sequence_mask is not None:  # sequences sampled too far off pi_old leave the policy loss
-                keep = algorithms.get("sequence_mask", alg.sequence_mask)(
-                    old, mb["rollout_logprobs"], mask, low=alg.sequence_mask_low, high=alg.sequence_mask_high)  # [n]
-                has_tokens = mask.sum(-1) > 0
-                stats.mean("sequences_masked_frac", ((1 - keep) * has_tokens).sum(), float(has_tokens.sum()))
-                pg_mask = mask * keep[:, None]
-            pg_loss, pg_metrics = algorithms.get("policy_loss", alg.policy_loss)(
-                logprobs, old, advantages, pg_mask, clip_low=alg.clip_low, clip_high=alg.clip_high,
-                dual_clip=alg.dual_clip, aggregation=alg.loss_aggregation, is_weights=is_weights,
-                importance_sampling_level=alg.importance_sampling_level, **counts,
-            )
+        if alg.spec.policy_gradient:
+            pg_loss = self._policy_gradient_loss(mb, logprobs, old, counts, stats)
+        else:  # online DPO: the policy's discordant pairs against the reference
+            pg_loss = self._pairwise_dpo_loss(mb, logprobs, counts, stats)
         loss = pg_loss
         if alg.kl_coef > 0 and alg.kl_penalty == "loss":
             kl = algorithms.get("kl", alg.kl_estimator)(logprobs, self._reference_logprobs(mb))
@@ -324,11 +267,54 @@ class PolicyTrainer:
         stats.sum("pg_loss", pg_loss.detach())
         stats.sum("tokens", ntok)
         stats.mean("entropy", (entropy * mask).sum(), ntok)
-        stats.mean("clip_frac", pg_metrics["clip_frac"] * ntok, ntok)
-        stats.max("ratio_max", pg_metrics["ratio_max"])
         mismatch = (old - mb["rollout_logprobs"]).abs() * mask
         stats.mean("logprob_mismatch", mismatch.sum(), ntok)
         stats.max("logprob_mismatch_max", mismatch.max())
+        return loss
+
+    def _pairwise_dpo_loss(self, mb: dict, logprobs: torch.Tensor, counts: dict, stats: Stats) -> torch.Tensor:
+        """Online DPO's loss on a micro-batch of (preferred, other) row pairs; adds its reward accuracy and margin."""
+        alg = self.alg
+        loss, dpo = algorithms.pairwise_dpo_loss(
+            logprobs, self._reference_logprobs(mb), mb["response_mask"], beta=alg.dpo_beta, loss_type=alg.dpo_loss,
+            label_smoothing=alg.dpo_label_smoothing, num_pairs=counts["num_sequences"] / 2,
+        )
+        stats.sum("dpo_reward_accuracy", dpo["reward_accuracy"])  # already divided by the batch's pairs
+        stats.sum("dpo_reward_margin", dpo["reward_margin"])
+        return loss
+
+    def _policy_gradient_loss(self, mb: dict, logprobs: torch.Tensor, old: torch.Tensor, counts: dict,
+                              stats: Stats) -> torch.Tensor:
+        """The clipped policy loss on a micro-batch's advantages (per sequence, plus any per-token term), shaped by
+        the KL reward, truncated importance weights and the sequence mask the recipe sets; adds their metrics."""
+        alg, mask = self.alg, mb["response_mask"]
+        ntok = float(mask.sum())
+        advantages = mb["advantages"]  # [n]
+        if "token_advantages" in mb:  # a teacher's per-token term, or PPO's GAE: [n, T-1]
+            advantages = advantages[:, None] + mb["token_advantages"]
+        if alg.kl_coef > 0 and alg.kl_penalty == "reward":
+            # REINFORCE++: the KL is a per-token reward -beta * k1, k1 = log pi_old - log pi_ref (no grad);
+            # each token's advantage loses beta times its reward-to-go. Nothing is added to the loss.
+            kl = algorithms.get("kl", "k1")(old, self._reference_logprobs(mb)).detach()  # [n, T-1]
+            advantages = advantages.reshape(len(kl), -1) - alg.kl_coef * algorithms.kl_reward_to_go(kl, mask)  # [n, T-1]
+            stats.mean("kl", (kl * mask).sum(), ntok)
+        is_weights = None
+        if alg.tis_cap is not None:
+            is_weights = algorithms.truncated_is_weights(old, mb["rollout_logprobs"], cap=alg.tis_cap)
+        pg_mask = mask
+        if alg.sequence_mask is not None:  # sequences sampled too far off pi_old leave the policy loss
+            keep = algorithms.get("sequence_mask", alg.sequence_mask)(
+                old, mb["rollout_logprobs"], mask, low=alg.sequence_mask_low, high=alg.sequence_mask_high)  # [n]
+            has_tokens = mask.sum(-1) > 0
+            stats.mean("sequences_masked_frac", ((1 - keep) * has_tokens).sum(), float(has_tokens.sum()))
+            pg_mask = mask * keep[:, None]
+        loss, metrics = algorithms.get("policy_loss", alg.policy_loss)(
+            logprobs, old, advantages, pg_mask, clip_low=alg.clip_low, clip_high=alg.clip_high,
+            dual_clip=alg.dual_clip, aggregation=alg.loss_aggregation, is_weights=is_weights,
+            importance_sampling_level=alg.importance_sampling_level, **counts,
+        )
+        stats.mean("clip_frac", metrics["clip_frac"] * ntok, ntok)
+        stats.max("ratio_max", metrics["ratio_max"])
         return loss
 
     # ------------------------------------------------------------------ weights out

@@ -7,7 +7,7 @@ It *is* a :class:`~trainer.policy_trainer.PolicyTrainer` (same rank set-up: gloo
 - ``reference_logprobs(pairs)``: sequence log-probs of chosen and rejected under the frozen
   initial policy. The driver calls it once, before any update, and caches the result: the
   reference of offline DPO is fixed data, so no second model copy is kept.
-- ``train_step(shard, num_micro_batches, ref_chosen, ref_rejected)``: one optimizer step on
+- ``train_pairs(shard, num_micro_batches, ref_chosen, ref_rejected)``: one optimizer step on
   this rank's shard of a batch of pairs.
 - ``evaluate(pairs, ref_chosen, ref_rejected)``: loss, reward accuracy and margins, no update.
 
@@ -32,8 +32,9 @@ from torch import Tensor
 from trainer import algorithms
 from trainer.batching import collate, split_units
 from trainer.engine import begin_micro_batch
-from trainer.policy_trainer import PolicyTrainer, TrainerSetup
+from trainer.policy_trainer import PolicyTrainer
 from trainer.stats import Stats
+from trainer.setup import TrainerSetup
 from trainer.types import PreferencePairs, TrainBatch
 
 STAT_KEYS = ("loss", "reward_accuracy", "reward_margin", "chosen_reward", "rejected_reward", "chosen_logp", "rejected_logp")
@@ -147,7 +148,7 @@ class PreferenceTrainer(PolicyTrainer):
         losses, c_rew, r_rew = self._loss(pc_t, pr_t, ref_chosen, ref_rejected)
         return _pair_means(pair_stats_sums(losses, c_rew, r_rew, pc_t, pr_t), n, Stats())
 
-    def train_step(
+    def train_pairs(
         self, shard: PreferencePairs, num_micro_batches: int, ref_chosen: Sequence[float], ref_rejected: Sequence[float]
     ) -> Stats:
         """One optimizer step on this rank's shard of a batch of pairs.

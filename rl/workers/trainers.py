@@ -13,9 +13,10 @@ from rl.workers.base import WorkerGroup, describe_asks, free_port
 from rl.workers.rollout import RolloutGroup
 from rollout.types import WeightHandle
 from trainer.batching import split_units
-from trainer.policy_trainer import PolicyTrainer, TrainerSetup
+from trainer.policy_trainer import PolicyTrainer
 from trainer.preference_trainer import PreferenceTrainer
 from trainer.stats import reduce_stats
+from trainer.setup import TrainerSetup
 from trainer.types import PreferencePairs, TrainBatch
 
 
@@ -114,4 +115,4 @@ class PreferenceTrainerGroup(TrainerGroup):
         shards, num_micro = self._shards(len(batch), micro_batch_size)
         args = [(dataclasses.replace(batch.select(s), batch_pairs=len(batch)), num_micro,
                  [ref_chosen[i] for i in s], [ref_rejected[i] for i in s]) for s in shards]
-        return reduce_stats(self.call_each("train_step", args))
+        return reduce_stats(self.call_each("train_pairs", args))

@@ -123,11 +123,11 @@ def test_two_zero2_ranks_with_uneven_shards_equal_one_rank(dpo_run):
     from transformers import AutoTokenizer
 
     from rl.config import DataConfig
-    from trainer.config import AlgorithmConfig, TrainerConfig
-    from rl.workers import PreferenceTrainerGroup
-    from trainer.policies import PolicySpec
     from rl.preference_data import load_preference_texts, tokenize_pairs
-    from trainer.policy_trainer import TrainerSetup
+    from rl.workers import PreferenceTrainerGroup
+    from trainer.config import AlgorithmConfig, TrainerConfig
+    from trainer.policies import PolicySpec
+    from trainer.setup import TrainerSetup
 
     s, build = dpo_run
     model = str(build / "model")

@@ -21,9 +21,9 @@ def test_two_sharded_ranks_equal_one_rank(tiny_model_root, ray_session, tmp_path
     from transformers import AutoTokenizer
 
     from rl.workers import TrainerGroup
-    from trainer.policies import PolicySpec
-    from trainer.policy_trainer import TrainerSetup
     from rollout.weight_sync import get_transport
+    from trainer.policies import PolicySpec
+    from trainer.setup import TrainerSetup
 
     model = str(tiny_model_root / "model")
     tok = AutoTokenizer.from_pretrained(model)
@@ -91,7 +91,7 @@ def test_bf16_without_zero_trains_and_reports_its_clipped_norm(tiny_model_root, 
 
     from rl.workers import TrainerGroup
     from trainer.policies import PolicySpec
-    from trainer.policy_trainer import TrainerSetup
+    from trainer.setup import TrainerSetup
 
     model = str(tiny_model_root / "model")
     batch = random_train_batch(AutoTokenizer.from_pretrained(model))

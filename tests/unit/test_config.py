@@ -206,7 +206,8 @@ def test_a_rank_asked_for_a_gpu_without_cuda_stops_instead_of_training_on_the_cp
 
     from trainer.config import AlgorithmConfig, TrainerConfig
     from trainer.policies import PolicySpec
-    from trainer.policy_trainer import PolicyTrainer, TrainerSetup
+    from trainer.policy_trainer import PolicyTrainer
+    from trainer.setup import TrainerSetup
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
@@ -229,8 +230,8 @@ def test_a_tensor_parallel_engine_under_ray_needs_its_gpus_before_anything_start
 
 def _on_a_gpu_machine(*overrides: str) -> Recipe:
     """The recipe as load_recipe makes it on a machine with one GPU (before check_gpu_layout)."""
-    from rl.placement import machine_defaults
     from rl.overrides import set_dotted
+    from rl.placement import machine_defaults
 
     tree: dict = {}
     for key, value in parse_overrides(list(overrides)):

@@ -15,9 +15,10 @@ from trainer.batching import collate, token_budget_bins
 from trainer.config import AlgorithmConfig, TrainerConfig
 from trainer.critic import ValueModel
 from trainer.engine import check_packing, forward_packed_or_padded, unpack
-from trainer.policy_trainer import PolicyTrainer, TrainerSetup
 from trainer.policies import PolicySpec
+from trainer.policy_trainer import PolicyTrainer
 from trainer.stats import Stats, reduce_stats
+from trainer.setup import TrainerSetup
 from trainer.types import TrainBatch
 
 

@@ -17,7 +17,7 @@ from rl.workers import TrainerGroup
 from rollout.weight_sync import get_transport
 from trainer.config import AlgorithmConfig, TrainerConfig
 from trainer.policies import PolicySpec
-from trainer.policy_trainer import TrainerSetup
+from trainer.setup import TrainerSetup
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/e2e: the shared helpers
 from helpers import random_train_batch  # noqa: E402
