@@ -52,6 +52,7 @@ class Workers:
 
     def setup(self) -> None:
         from rl.placement import choose_transport, collective_backend, place_recipe
+        from rollout.weight_sync import transport_class
         from rl.watchdog import Watchdog
         from rl.workers import init_ray, join_weight_group, start_reward_models
 
@@ -82,7 +83,7 @@ class Workers:
             self.reward_models = start_reward_models(self.scorer.fns.values(), r.use_ray, dog)  # none without a reward model
         p = self.placement
         if self.engine is not None and self.trainer is not None:
-            if self.transport == "collective":
+            if transport_class(self.transport).joins_a_group:
                 join_weight_group(self.trainer, self.rollout, p.master_addr,
                                   collective_backend(r.trainer.num_gpus_per_rank, r.rollout.num_gpus_per_actor))
             if p is not None and p.nodes > 1:

@@ -12,6 +12,7 @@ from rl.watchdog import Watchdog
 from rl.workers.base import WorkerGroup, describe_asks
 from rollout.types import Completion, SamplingSpec, WeightHandle
 from rollout.vllm_worker import EngineSpec, RolloutWorker
+from rollout.weight_sync import transport_class
 from trainer.batching import split_units
 
 
@@ -98,7 +99,7 @@ class RolloutGroup(WorkerGroup):
                     raise
                 time.sleep(0.5)
         if self.current_handle is not None:
-            if self.current_handle.transport == "collective":
+            if transport_class(self.current_handle.transport).joins_a_group:
                 raise RuntimeError("a restarted engine cannot rejoin the collective weight group; the run stops with its "
                                    "last checkpoint (cluster.weight_transport=object_store restarts engines)")
             ray.get(worker.load_weights.remote(self.current_handle))

@@ -38,12 +38,13 @@ Each transport is a module of this package, registered by name in ``registry`` (
 the package registers them all.
 """
 
-from rollout.weight_sync.registry import Transports, WeightTransport, get_transport, register_transport
+from rollout.weight_sync.registry import Transports, WeightTransport, get_transport, register_transport, transport_class
 from rollout.weight_sync.shared_file import SharedFileTransport
 from rollout.weight_sync.object_store import ObjectStoreTransport
 from rollout.weight_sync.collective import CollectiveTransport, join_weight_group
 from rollout.weight_sync.ipc import IpcTransport
 from rollout.weight_sync.local_copies import LocalCopies
 
-__all__ = ["CollectiveTransport", "IpcTransport", "LocalCopies", "ObjectStoreTransport", "SharedFileTransport", "Transports",
-           "WeightTransport", "get_transport", "join_weight_group", "register_transport"]
+__all__ = ["CollectiveTransport", "IpcTransport", "LocalCopies", "ObjectStoreTransport", "SharedFileTransport",
+           "Transports", "WeightTransport", "get_transport", "join_weight_group", "register_transport",
+           "transport_class"]

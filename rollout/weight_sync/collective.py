@@ -52,6 +52,7 @@ class CollectiveTransport:
     """
 
     BUCKET_BYTES: ClassVar[int] = 64 * 2**20
+    joins_a_group: ClassVar[bool] = True
     # This process's side of each group, by name: (group, device its tensors live on). Per process, not per object:
     # on the engine side the rollout actor joins, and the vLLM worker it runs in process (reached only through
     # plain-dict RPCs) receives.

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Protocol, Sequence
+from typing import Callable, ClassVar, Iterable, Iterator, Protocol, Sequence
 
 import torch
 
@@ -12,6 +12,9 @@ from rollout.types import WeightHandle
 
 class WeightTransport(Protocol):
     name: str
+    # The engines join a process group with trainer rank 0 before the first version (``join``); an engine started
+    # again later cannot join the group already formed, so it cannot be given the current version.
+    joins_a_group: ClassVar[bool]
 
     def publish(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int, kind: str = "weights") -> WeightHandle: ...
 
@@ -34,16 +37,22 @@ def register_transport(name: str):
         if name in _TRANSPORTS:
             raise ValueError(f"weight transport '{name}' is already registered")
         cls.name = name
+        cls.joins_a_group = getattr(cls, "joins_a_group", False)
         _TRANSPORTS[name] = cls
         return cls
 
     return deco
 
 
-def get_transport(name: str, **kwargs) -> WeightTransport:
+def transport_class(name: str) -> type:
+    """The transport registered as ``name``: what it can do (``joins_a_group``) without building one."""
     if name not in _TRANSPORTS:
         raise KeyError(f"unknown weight transport '{name}'; available: {sorted(_TRANSPORTS)}")
-    return _TRANSPORTS[name](**kwargs)
+    return _TRANSPORTS[name]
+
+
+def get_transport(name: str, **kwargs) -> WeightTransport:
+    return transport_class(name)(**kwargs)
 
 
 class Transports(dict):

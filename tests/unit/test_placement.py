@@ -90,3 +90,16 @@ def test_ipc_weights_refuse_a_dev_shm_too_small_for_them(monkeypatch, tiny_model
         weight_transport(recipe, policy, "ipc")
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(64 << 20, 0, 64 << 20))
     assert weight_transport(recipe, policy, "ipc").name == "ipc"
+
+
+def test_only_the_collective_transport_joins_a_group_that_a_restarted_engine_cannot_rejoin():
+    """What the driver asks of a transport (join the engines to trainer rank 0's group; refuse to restart an engine
+    that would have to rejoin it) comes from the transport's type, not from its name."""
+    import pytest
+
+    from rollout.weight_sync import transport_class
+
+    assert {name: transport_class(name).joins_a_group for name in ("shared_file", "object_store", "collective", "ipc")} == \
+        {"shared_file": False, "object_store": False, "collective": True, "ipc": False}
+    with pytest.raises(KeyError, match="unknown weight transport 'nccl'; available: .*collective"):
+        transport_class("nccl")
