@@ -145,11 +145,19 @@ def make_scorer(recipe: Recipe, log_fn=_log) -> RewardScorer:
     for i, item in enumerate(rw.functions):
         if item.model is not None:
             specs.append(RewardSpec(fn=item.key, weight=item.weight, impl=model_reward(recipe, i, log_fn)))
-        elif item.name:
-            specs.append(RewardSpec(fn=item.name, weight=item.weight, impl=get_reward(item.fn)))
         else:
-            specs.append(RewardSpec(fn=item.fn, weight=item.weight))
+            specs.append(RewardSpec(fn=item.key, weight=item.weight, impl=reward_function(item.fn, i)))
     return RewardScorer(specs, fallback=rw.fallback, timeout_seconds=rw.timeout_seconds)
+
+
+def reward_function(spec: str, index: int):
+    """The function ``rewards.functions[index].fn`` names (registered name, file or module); one that cannot be
+    found or loaded is a recipe error naming the field, before anything starts."""
+    try:
+        return get_reward(spec)
+    except (KeyError, FileNotFoundError, ImportError, AttributeError, TypeError, ValueError, SyntaxError) as e:
+        message = str(e) if not isinstance(e, SyntaxError) else f"{type(e).__name__}: {e}"
+        raise RecipeError(f"recipe field 'rewards.functions.{index}.fn': {message}") from None
 
 
 def model_reward(recipe: Recipe, index: int, log_fn=_log) -> ModelReward:

@@ -346,7 +346,7 @@ def main() -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--quick", action="store_true", help="small shapes and transfers (seconds, not minutes)")
     ap.add_argument("--only", nargs="*", default=[], choices=sorted(CHECKS))
-    ap.add_argument("--out", default=os.environ.get("OUT"), help="write gpu_check.json here (default: $OUT)")
+    ap.add_argument("--out", default=None, help="a folder to write gpu_check.json in (default: none; the table is printed)")
     ap.add_argument("--report", default=None, help="also write the results as a markdown page (docs/benchmarks/gpu.md)")
     args = ap.parse_args()
     device = torch.device(args.device)
