@@ -240,6 +240,33 @@ def truncated_is_weights(
     return torch.exp(log_ratio.clamp(max=LOG_RATIO_CLAMP)).clamp(max=cap)
 
 
+def _check_clip_args(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, clip_low: float,
+                     clip_high: float, dual_clip: float | None, importance_sampling_level: str) -> None:
+    """``clipped_policy_loss``'s shapes and settings, each refused with what it must be."""
+    _check_same_shape(logprobs=logprobs, old_logprobs=old_logprobs, mask=mask)
+    if logprobs.dim() != 2:
+        raise ValueError(f"logprobs must be [N, L], got shape {tuple(logprobs.shape)}")
+    if advantages.shape not in (logprobs.shape[:1], logprobs.shape):
+        raise ValueError(f"advantages must be [N] or [N, L] = {tuple(logprobs.shape)}, got {tuple(advantages.shape)}")
+    if not 0.0 <= clip_low < 1.0 or clip_high < 0.0:
+        raise ValueError(f"need 0 <= clip_low < 1 and clip_high >= 0, got {clip_low}, {clip_high}")
+    if dual_clip is not None and dual_clip <= 1.0:
+        raise ValueError(f"dual_clip must be > 1 (the paper uses 3), got {dual_clip}")
+    if importance_sampling_level not in ("token", "sequence"):
+        raise ValueError(f"importance_sampling_level must be 'token' or 'sequence', got {importance_sampling_level!r}")
+
+
+def _log_ratio(logprobs: Tensor, old: Tensor, keep: Tensor, level: str) -> Tensor:
+    """log(pi / pi_old) [N, L], 0 on padding: per token, or (``level="sequence"``, GSPO) each sequence's mean
+    over its tokens on every one of them (with gradient)."""
+    log_ratio = torch.where(keep, logprobs - old, 0.0)  # [N, L]
+    if level == "sequence":
+        lengths = keep.sum(dim=-1, keepdim=True).to(log_ratio.dtype)  # [N, 1]
+        seq_log_ratio = _divide(log_ratio.sum(dim=-1, keepdim=True), lengths)  # [N, 1]
+        log_ratio = torch.where(keep, seq_log_ratio, 0.0)
+    return log_ratio
+
+
 @register("policy_loss", "clipped")
 def clipped_policy_loss(
     logprobs: Tensor,
@@ -290,21 +317,7 @@ def clipped_policy_loss(
     estimate of KL(pi_old || pi) on the tokens, sampled from pi_old), "ratio_mean", "ratio_max"
     (at the sequence level, of the s_i, each weighted by its number of tokens).
     """
-    _check_same_shape(logprobs=logprobs, old_logprobs=old_logprobs, mask=mask)
-    if logprobs.dim() != 2:
-        raise ValueError(f"logprobs must be [N, L], got shape {tuple(logprobs.shape)}")
-    if advantages.shape not in (logprobs.shape[:1], logprobs.shape):
-        raise ValueError(
-            f"advantages must be [N] or [N, L] = {tuple(logprobs.shape)}, "
-            f"got {tuple(advantages.shape)}"
-        )
-    if not 0.0 <= clip_low < 1.0 or clip_high < 0.0:
-        raise ValueError(f"need 0 <= clip_low < 1 and clip_high >= 0, got {clip_low}, {clip_high}")
-    if dual_clip is not None and dual_clip <= 1.0:
-        raise ValueError(f"dual_clip must be > 1 (the paper uses 3), got {dual_clip}")
-    if importance_sampling_level not in ("token", "sequence"):
-        raise ValueError(f"importance_sampling_level must be 'token' or 'sequence', got {importance_sampling_level!r}")
-
+    _check_clip_args(logprobs, old_logprobs, advantages, mask, clip_low, clip_high, dual_clip, importance_sampling_level)
     keep = mask.bool()  # [N, L]
     dtype = float_dtype(logprobs)
     adv = advantages.detach().to(dtype)
@@ -312,11 +325,7 @@ def clipped_policy_loss(
         adv = adv[:, None]  # [N, 1]: one advantage for every token of a sequence
     adv = torch.where(keep, adv, 0.0)  # [N, L]
     old = old_logprobs.detach().to(dtype)
-    log_ratio = torch.where(keep, logprobs.to(dtype) - old, 0.0)  # [N, L]; 0 on padding
-    if importance_sampling_level == "sequence":  # GSPO: one length-normalized ratio per sequence
-        lengths = keep.sum(dim=-1, keepdim=True).to(dtype)  # [N, 1]
-        seq_log_ratio = _divide(log_ratio.sum(dim=-1, keepdim=True), lengths)  # [N, 1], with grad
-        log_ratio = torch.where(keep, seq_log_ratio, 0.0)  # [N, L]: s_i on each of its tokens
+    log_ratio = _log_ratio(logprobs.to(dtype), old, keep, importance_sampling_level)  # [N, L]; 0 on padding
     ratio = torch.exp(log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))  # [N, L]; 1 on padding
 
     unclipped = -adv * ratio  # [N, L]
@@ -332,14 +341,8 @@ def clipped_policy_loss(
         _check_same_shape(is_weights=is_weights, logprobs=logprobs)
         per_token = per_token * torch.where(keep, is_weights.detach().to(dtype), 0.0)
 
-    loss = aggregate_loss(
-        per_token,
-        keep,
-        aggregation,
-        num_sequences=num_sequences,
-        num_tokens=num_tokens,
-        max_response_len=max_response_len,
-    )
+    loss = aggregate_loss(per_token, keep, aggregation, num_sequences=num_sequences, num_tokens=num_tokens,
+                          max_response_len=max_response_len)
     with torch.no_grad():
         metrics = {
             "clip_frac": masked_mean(held.to(dtype), keep),
