@@ -340,8 +340,6 @@ class AdapterLibrary:
         records ``‖Δ - BA‖_F / ‖Δ‖_F`` over all modules: what the re-factoring lost.
         Sparse: ``merge_sparse`` (overlaps averaged), stored on the union of the masks.
         """
-        from adapters.merge import merge_lora_weighted, merge_sparse, refactor_to_lora
-
         experts = self.check_mergeable(names)
         ref = experts[0]
         meta = dict(meta or {})
@@ -352,13 +350,25 @@ class AdapterLibrary:
         if ref.adapter_type == "sparse":
             if weights is not None or rank is not None:
                 raise LibraryError("sparse merging takes no weights or rank (overlaps are averaged)")
-            loaded = [self.load_sparse(n) for n in names]
-            merged = merge_sparse([d for _, d in loaded], [m for m, _ in loaded])
-            union = {w: torch.stack([m[w] for m, _ in loaded if w in m]).any(0) for w in merged}
-            meta.setdefault("recipe", {"method": "sparse_overlap_average"})
-            return (into or self).add(new_name, SparseAdapter(union, merged), meta)
+            return self._merge_sparse(names, new_name, meta, into or self)
+        return self._merge_lora(experts, new_name, weights, rank, meta, into or self)
 
-        n = len(experts)
+    def _merge_sparse(self, names: Sequence[str], new_name: str, meta: dict, into: "AdapterLibrary") -> Expert:
+        from adapters.merge import merge_sparse
+
+        loaded = [self.load_sparse(n) for n in names]
+        merged = merge_sparse([d for _, d in loaded], [m for m, _ in loaded])
+        union = {w: torch.stack([m[w] for m, _ in loaded if w in m]).any(0) for w in merged}
+        meta.setdefault("recipe", {"method": "sparse_overlap_average"})
+        return into.add(new_name, SparseAdapter(union, merged), meta)
+
+    def _merge_lora(self, experts: list[Expert], new_name: str, weights: Sequence[float] | None, rank: int | None,
+                    meta: dict, into: "AdapterLibrary") -> Expert:
+        from safetensors.torch import save_file
+
+        from adapters.merge import merge_lora_weighted, refactor_to_lora
+
+        n, ref = len(experts), experts[0]
         weights = [1.0 / n] * n if weights is None else [float(w) for w in weights]
         if len(weights) != n:
             raise LibraryError(f"{n} experts but {len(weights)} weights")
@@ -367,7 +377,7 @@ class AdapterLibrary:
         try:
             deltas = merge_lora_weighted(pairs, weights, [e.scaling for e in experts])
         except ValueError as e:
-            raise LibraryError(f"cannot merge {list(names)}: {e}") from None
+            raise LibraryError(f"cannot merge {[e.name for e in experts]}: {e}") from None
         new_pairs, err2, tot2 = {}, 0.0, 0.0
         for m, d in deltas.items():
             A, B = refactor_to_lora(d, rank)
@@ -376,18 +386,14 @@ class AdapterLibrary:
             err2 += float((d - B @ A).pow(2).sum())
             tot2 += float(d.pow(2).sum())
         meta.setdefault("recipe", {"method": "lora_delta_average", "weights": weights, "rank": rank})
-        metrics = dict(meta.get("metrics") or {})
-        metrics["refactor_rel_error"] = math.sqrt(err2 / tot2) if tot2 > 0 else 0.0
-        meta["metrics"] = metrics
+        meta["metrics"] = {**(meta.get("metrics") or {}), "refactor_rel_error": math.sqrt(err2 / tot2) if tot2 > 0 else 0.0}
         config = json.loads(ref.config_path.read_text())
         config.update(r=rank, lora_alpha=rank, use_rslora=False, rank_pattern={}, alpha_pattern={})
         src = self.root / f".tmp-src-{uuid.uuid4().hex[:8]}"
         src.mkdir()
         try:
-            from safetensors.torch import save_file
-
             save_file(pairs_to_state(new_pairs), str(src / LORA_WEIGHTS_FILE), metadata={"format": "pt"})
             write_json(src / LORA_CONFIG_FILE, config)
-            return (into or self).add(new_name, src, meta)
+            return into.add(new_name, src, meta)
         finally:
             shutil.rmtree(src, ignore_errors=True)
