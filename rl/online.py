@@ -175,14 +175,6 @@ class OnlineRun(Run):
         batch.old_values = values
         return metrics
 
-    @property
-    def sampler(self):
-        return self.rollouts.sampler
-
-    def sample(self, indices: list[int], seed_step: int, timer: Optional[PhaseTimer] = None) -> Sampled:
-        """Generate G completions for each prompt at ``indices`` and score them."""
-        return self.rollouts.sample(indices, seed_step, timer)
-
     def _step_metrics(self, batch: Sampled, rows: list, stats: dict, timer: PhaseTimer, policy_version: int) -> dict:
         r, flat, rewards = self.recipe, batch.completions, batch.rewards  # rewards [N], every rollout kept
         acc = batch.per_reward[r.accuracy_reward]

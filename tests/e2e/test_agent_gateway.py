@@ -45,8 +45,8 @@ def test_agent_episodes_are_the_engines_tokens_and_failures_cost_only_their_epis
     assert set(chosen) == set(plugin.BEHAVIOURS)
     run.start_workers()
     try:
-        run.sample([0], seed_step=0)  # the engine's first calls are slow: not inside the agents' time limit
-        sampled = run.sample(list(chosen.values()), seed_step=1)
+        run.rollouts.sample([0], seed_step=0)  # the engine's first calls are slow: not inside the agents' time limit
+        sampled = run.rollouts.sample(list(chosen.values()), seed_step=1)
         by_kind = dict(zip(chosen, sampled.groups))
         added = run.tokenizer(plugin.ADDED, add_special_tokens=False)["input_ids"]
         good = by_kind["two_calls"].completions

@@ -101,8 +101,8 @@ def test_failing_reward_costs_samples_not_the_run(driver):
     assert driver.scorer.total_failures["exception"] + driver.scorer.total_failures["nan"] > 0
     # One batch, sample by sample: exactly the samples the plugin fails on are counted (isolated, not the
     # whole batch), and arithmetic_exact is the exact-match score on every sample, failing prompts included.
-    indices = driver.sampler.next_batch()
-    sampled = driver.sample(indices, seed_step=99)
+    indices = driver.rollouts.sampler.next_batch()
+    sampled = driver.rollouts.sample(indices, seed_step=99)
     prompts = [driver.train_set.columns([indices[c.prompt_index]])["_prompt_text"][0] for c in sampled.completions]
     answers = [driver.train_set.rows[indices[c.prompt_index]]["answer"] for c in sampled.completions]
     assert sampled.failures.get("exception", 0) == sum("7" in p for p in prompts) > 0

@@ -68,13 +68,13 @@ def test_two_turn_episodes_train_on_policy_tokens_only(tiny_model_root, ray_sess
     run = OnlineRun(recipe)
     run.start_workers()
     try:
-        before = run.sample(run.sampler.next_batch(), seed_step=1)
+        before = run.rollouts.sample(run.rollouts.sampler.next_batch(), seed_step=1)
         _episode_checks(run, before)
         engine_gap, trainer_gap = _policy_token_gaps(run, before.completions)
         assert engine_gap < LOGPROB_TOL and trainer_gap < LOGPROB_TOL
 
         steps = [run.train_one_step() for _ in range(2)]
-        after = run.sample(run.sampler.next_batch(), seed_step=99)  # sampled by the pushed policy
+        after = run.rollouts.sample(run.rollouts.sampler.next_batch(), seed_step=99)  # sampled by the pushed policy
         _episode_checks(run, after)
         engine_gap, trainer_gap = _policy_token_gaps(run, after.completions)
         ev, again = run.evaluate(), run.evaluate()

@@ -62,7 +62,7 @@ def test_online_dpo_raises_chosen_over_rejected(tiny_model_root, ray_session, tm
     try:
         from trainer.algorithms import discordant_pair_rows
 
-        sampled = t.sample(t.sampler.next_batch(), seed_step=1)
+        sampled = t.rollouts.sample(t.rollouts.sampler.next_batch(), seed_step=1)
         keep, adv = discordant_pair_rows(t.advantages(sampled.reward_matrix()))
         pairs = [sampled.completions[i] for i in keep]
         assert pairs and len(pairs) % 2 == 0 and adv[0::2] == [1.0] * (len(pairs) // 2)
