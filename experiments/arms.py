@@ -28,6 +28,11 @@ def run_dir_of(arm: Arm, runs: str, seed: int) -> Path:
     return Path(runs) / f"{arm.name.replace(' ', '_').replace('+', 'p').replace('=', '')}-seed{seed}"
 
 
+def is_finished(run_dir: Path) -> bool:
+    summary = run_dir / "summary.json"
+    return summary.exists() and json.loads(summary.read_text()).get("status") == "finished"
+
+
 def run_arm(arm: Arm, args, seed: int, extra: dict[str, Callable[[list[dict]], float]] | None = None) -> dict:
     """Train one arm for one seed (or read its finished run; ``args.fresh`` retrains): its evaluations against
     cumulative rollouts and training seconds, a few per-step metrics averaged, ``extra`` (name -> a function of
@@ -38,8 +43,7 @@ def run_arm(arm: Arm, args, seed: int, extra: dict[str, Callable[[list[dict]], f
     from rl.online import OnlineRun
 
     run_dir = run_dir_of(arm, args.runs, seed)
-    summary = run_dir / "summary.json"
-    if args.fresh or not (summary.exists() and json.loads(summary.read_text()).get("status") == "finished"):
+    if args.fresh or not is_finished(run_dir):
         shutil.rmtree(run_dir, ignore_errors=True)
         overrides = [f"seed={seed}", f"output_dir={run_dir}", "logging.progress=false", f"steps={args.steps}",
                      f"data.max_train_examples={args.prompts}", f"data.max_test_examples={args.test_prompts}",
@@ -72,9 +76,29 @@ def add_arm_options(ap: argparse.ArgumentParser, steps: int, runs: Path, out: Pa
     ap.add_argument("--arms", nargs="+", default=None, help="a subset of the arms (by name)")
     ap.add_argument("--quick", action="store_true", help=quick_help)
     ap.add_argument("--fresh", action="store_true")
+    ap.add_argument("--finished-only", action="store_true",
+                    help="train nothing: report the (arm, seed) runs already finished in --runs, each arm with its own seeds")
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument("--runs", default=str(runs))
     ap.add_argument("--out", default=str(out))
+
+
+def finished_or_run(chosen: Sequence[Arm], args, extra: dict | None = None) -> list[dict]:
+    """Every chosen arm for every seed in ``args.seeds``, seed by seed (``run_arm``); with ``args.finished_only``
+    only the runs already finished, none trained."""
+    pairs = [(arm, seed) for seed in args.seeds for arm in chosen]
+    if args.finished_only:
+        pairs = [(arm, seed) for arm, seed in pairs if is_finished(run_dir_of(arm, args.runs, seed))]
+    return [run_arm(arm, args, seed, extra) for arm, seed in pairs]
+
+
+def seeds_line(results: list[dict], names: Sequence[str]) -> str:
+    """The seeds a report's table is over: "3 seeds: 0, 1, 2", or each arm's own where they differ."""
+    seeds = {name: sorted({r["seed"] for r in results if r["arm"] == name}) for name in names}
+    if len({tuple(s) for s in seeds.values()}) == 1:
+        (same,) = {tuple(s) for s in seeds.values()}
+        return f"{len(same)} seeds: {', '.join(map(str, same))}"
+    return "seeds per arm: " + "; ".join(f"{name} {', '.join(map(str, s))}" for name, s in seeds.items())
 
 
 def choose_arms(arms: Sequence[Arm], names: Sequence[str] | None, ap: argparse.ArgumentParser) -> list[Arm]:

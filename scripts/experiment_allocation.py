@@ -30,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT)]
 
-from experiments.arms import METRICS, Arm, add_arm_options, choose_arms, claim_lines, run_arm  # noqa: E402
+from experiments.arms import METRICS, Arm, add_arm_options, choose_arms, claim_lines, finished_or_run, seeds_line  # noqa: E402
 from rl.allocation import KNAPSACK_MIN_HISTORY, KNAPSACK_WINDOW  # noqa: E402
 from rl.claims import mean_std  # noqa: E402
 from rl.plot import plot_arm_curves  # noqa: E402
@@ -177,7 +177,7 @@ def report(results: list[dict], names: list[str], args, command: str, stem: str 
         f"Machine: {recorded_machine_of_rows(results)}; one vLLM rollout actor, one DeepSpeed rank (ZeRO-0), Ray.",
         "", "## Protocol", "",
         *protocol,
-        "", f"## Results ({len(args.seeds)} seeds: {', '.join(map(str, args.seeds))}; mean ± std of the final evaluation)", "",
+        "", f"## Results ({seeds_line(results, names)}; mean ± std of the final evaluation)", "",
         f"| arm | final greedy | final mean@{k} | final pass@{k} | rollouts | trained rows | prompts with signal | "
         "most rollouts on one prompt | train s |", "|---|---|---|---|---|---|---|---|---|"]
     for name in names:
@@ -241,7 +241,8 @@ def main() -> None:
     ap.set_defaults(**TASK_DEFAULTS[ap.parse_known_args()[0].task])
     args = ap.parse_args()
     stem = "allocation" if args.task == "embedded" else f"allocation-{args.task}"
-    command = "python scripts/experiment_allocation.py" + "".join(f" {shlex.quote(a)}" for a in sys.argv[1:] if a != "--report-only")
+    command = "python scripts/experiment_allocation.py" + "".join(f" {shlex.quote(a)}" for a in sys.argv[1:]
+                                                                 if a not in ("--report-only", "--finished-only"))
     if args.quick:
         args.seeds, args.steps, args.prompts, args.test_prompts, args.eval_every, args.k = args.seeds[:1], 2, 128, 16, 2, 2
         args.arms = args.arms or [arms(args.task)[0].name, "Reinforce-Ada"]
@@ -252,7 +253,8 @@ def main() -> None:
         results = json.loads((out / f"{stem}.json").read_text())
         names = [n for n in names if any(r["arm"] == n for r in results)]  # the arms the run had
     else:
-        results = [run_arm(arm, args, seed) for seed in args.seeds for arm in chosen]  # each with its run's machine
+        results = finished_or_run(chosen, args)  # each with its run's machine
+        names = [n for n in names if any(r["arm"] == n for r in results)]
         out.mkdir(parents=True, exist_ok=True)
         (out / f"{stem}.json").write_text(json.dumps(results, indent=1))
     budget = 256 if args.task == "embedded" else 32

@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT)]
 
-from experiments.arms import METRICS, Arm, add_arm_options, choose_arms, claim_lines, run_arm  # noqa: E402
+from experiments.arms import METRICS, Arm, add_arm_options, choose_arms, claim_lines, finished_or_run, seeds_line  # noqa: E402
 from rl.claims import mean_std  # noqa: E402
 from rl.metrics import describe_machine, recorded_machine  # noqa: E402
 from rl.plot import plot_arm_curves  # noqa: E402
@@ -120,7 +120,7 @@ def report(results: list[dict], names: list[str], args, command: str, machine: s
            "hidden 64, 2 layers, MLP 128, where the embedded model has 128, 4 and 512; the same tokenizer), SFT-ed to the "
            "same 30% on its training split, distilled from the same teacher or trained with GRPO G=8."]
           if small_parameters else []),
-        "", f"## Results ({len(args.seeds)} seeds: {', '.join(map(str, args.seeds))}; mean ± std of the final evaluation)", "",
+        "", f"## Results ({seeds_line(results, names)}; mean ± std of the final evaluation)", "",
         f"| arm | final greedy | final mean@{k} | final pass@{k} | rollouts | train s | reverse KL to the teacher, first -> last steps |",
         "|---|---|---|---|---|---|---|"]
     for name in names:
@@ -169,13 +169,13 @@ def kept_results(saved_path: Path, args, teacher_accuracy: float, chosen: list[A
 
 
 def command_args(argv: list[str]) -> list[str]:
-    """The command line that reproduces the report: without ``--report-only``, and without ``--arms`` (running every
-    arm reproduces a report gathered from several runs; finished runs are reused)."""
+    """The command line that reproduces the report: without ``--report-only`` or ``--finished-only``, and without
+    ``--arms`` (running every arm reproduces a report gathered from several runs; finished runs are reused)."""
     out, skipping = [], False
     for a in argv:
         if a.startswith("--"):
             skipping = a == "--arms"
-        if not skipping and a != "--report-only":
+        if not skipping and a not in ("--report-only", "--finished-only"):
             out.append(a)
     return out
 
@@ -207,7 +207,7 @@ def main() -> None:
             for a in chosen:
                 if a.name.endswith(SMALL):
                     a.overrides.append(f"model.path={student}")
-        results = [run_arm(arm, args, seed, EXTRA) for seed in args.seeds for arm in chosen]
+        results = finished_or_run(chosen, args, EXTRA)
         kept, small_parameters = kept_results(out / "ppo-distill.json", args, teacher_accuracy, chosen, small_parameters)
         results = kept + results
         names = [n for n in (a.name for a in arms("")) if any(r["arm"] == n for r in results)]

@@ -1,37 +1,32 @@
-"""Every arm of the allocation experiment is a valid recipe, and on each task the arms spend the same rollout
-budget per step (the comparison is at equal rollouts, bar 2-GRPO+RS's resampled ties, which the report counts)."""
+"""What an arm experiment reports when only some of its runs are finished (``--finished-only``): the finished
+(arm, seed) runs and no others, each arm with its own seeds in the table's heading."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
+import json
+from types import SimpleNamespace
 
-import pytest
-
-from rl.config import load_recipe
-
-ROOT = Path(__file__).resolve().parents[2]
+from experiments.arms import Arm, finished_or_run, run_dir_of, seeds_line
 
 
-def _script(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+def test_the_heading_names_each_arms_seeds_only_where_they_differ():
+    rows = [{"arm": a, "seed": s} for a, s in [("A", 0), ("A", 1), ("B", 0), ("B", 1)]]
+    assert seeds_line(rows, ["A", "B"]) == "2 seeds: 0, 1"
+    assert seeds_line([*rows, {"arm": "A", "seed": 2}], ["A", "B"]) == "seeds per arm: A 0, 1, 2; B 0, 1"
 
 
-@pytest.mark.parametrize("task, budget", [("embedded", 256), ("smollm2", 32)])
-def test_allocation_arms_load_and_share_one_budget(task, budget):
-    allocation = _script("experiment_allocation")
-    arms = allocation.arms(task)
-    assert len(arms) == 8 and len({a.name for a in arms}) == 8
-    for arm in arms:
-        r = load_recipe(str(ROOT / arm.recipe), arm.overrides, check_paths=False)
-        a, b = r.algorithm, r.data.prompts_per_step
-        spent = a.rollout_budget if a.allocation == "reinforce_ada" else b * a.group_size  # before resampled ties
-        assert spent == budget, arm.name
-        assert (a.unlikeliness_beta > 0) == arm.name.endswith("+ unlikely")
-        if task == "smollm2":
-            assert r.model.path == "builtin:smollm2-135m-instruct" and (a.clip_low, a.clip_high) == (0.2, 0.28)
+def test_finished_only_reads_the_finished_runs_and_trains_nothing(tmp_path, monkeypatch):
+    import experiments.arms as arms
+
+    a, b = Arm("fixed G=4", "r.yaml"), Arm("Knapsack + unlikely", "r.yaml")
+    for arm, seed, status in [(a, 0, "finished"), (a, 1, "finished"), (b, 0, "finished"), (b, 1, "failed")]:
+        run_dir_of(arm, str(tmp_path), seed).mkdir(parents=True)
+        (run_dir_of(arm, str(tmp_path), seed) / "summary.json").write_text(json.dumps({"status": status}))
+    asked = []
+    monkeypatch.setattr(arms, "run_arm", lambda arm, args, seed, extra=None: asked.append((arm.name, seed)) or {})
+    args = SimpleNamespace(seeds=[0, 1, 2], runs=str(tmp_path), finished_only=True)
+    finished_or_run([a, b], args)
+    assert asked == [("fixed G=4", 0), ("Knapsack + unlikely", 0), ("fixed G=4", 1)]  # seed by seed, as a full run goes
+    asked.clear()
+    finished_or_run([a, b], SimpleNamespace(**{**vars(args), "finished_only": False}))
+    assert len(asked) == 6  # without the flag every (arm, seed) is run or read
