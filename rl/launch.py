@@ -52,9 +52,9 @@ class Workers:
 
     def setup(self) -> None:
         from rl.placement import choose_transport, collective_backend, place_recipe
-        from rollout.weight_sync import transport_class
         from rl.watchdog import Watchdog
         from rl.workers import init_ray, join_weight_group, start_reward_models
+        from rollout.weight_sync import transport_class
 
         r = self.recipe
         if r.use_ray:

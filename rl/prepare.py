@@ -155,8 +155,9 @@ def reward_function(spec: str, index: int):
     found or loaded is a recipe error naming the field, before anything starts."""
     try:
         return get_reward(spec)
-    except (KeyError, FileNotFoundError, ImportError, AttributeError, TypeError, ValueError, SyntaxError) as e:
-        message = str(e) if not isinstance(e, SyntaxError) else f"{type(e).__name__}: {e}"
+    except Exception as e:  # noqa: BLE001 - the module itself may raise anything while it loads
+        known = isinstance(e, (KeyError, FileNotFoundError, ImportError, AttributeError, TypeError, ValueError))
+        message = str(e) if known else f"{type(e).__name__} while loading it: {e}"
         raise RecipeError(f"recipe field 'rewards.functions.{index}.fn': {message}") from None
 
 

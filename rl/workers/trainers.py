@@ -15,8 +15,8 @@ from rollout.types import WeightHandle
 from trainer.batching import split_units
 from trainer.policy_trainer import PolicyTrainer
 from trainer.preference_trainer import PreferenceTrainer
-from trainer.stats import reduce_stats
 from trainer.setup import TrainerSetup
+from trainer.stats import reduce_stats
 from trainer.types import PreferencePairs, TrainBatch
 
 

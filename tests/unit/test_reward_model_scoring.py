@@ -171,10 +171,12 @@ def test_a_reward_function_that_cannot_be_found_is_a_recipe_error_naming_its_ent
     from rl.prepare import make_scorer
 
     (tmp_path / "mine.py").write_text("def exact(prompts, completions, **columns):\n    return [1.0] * len(completions)\n")
+    (tmp_path / "broken.py").write_text("import math\nRATE = 1 / 0\n")
     for entry, message in [("{fn: arithmetic_exactt}", r"'rewards.functions.1.fn': unknown reward 'arithmetic_exactt'; "
                                                          r"did you mean 'arithmetic_exact'"),
                            (f"{{fn: {tmp_path}/nothere.py:exact}}", r"'rewards.functions.1.fn': reward plugin file not found"),
-                           (f"{{fn: {tmp_path}/mine.py:exactt}}", r"'rewards.functions.1.fn': .*exactt.*did you mean 'exact'")]:
+                           (f"{{fn: {tmp_path}/mine.py:exactt}}", r"'rewards.functions.1.fn': .*exactt.*did you mean 'exact'"),
+                           (f"{{fn: {tmp_path}/broken.py:exact}}", r"'rewards.functions.1.fn': ZeroDivisionError while loading it")]:
         with pytest.raises(RecipeError, match=message):
             make_scorer(_recipe("{fn: arithmetic_exact}", entry))
     assert list(make_scorer(_recipe(f"{{fn: {tmp_path}/mine.py:exact}}")).fns) == [f"{tmp_path}/mine.py:exact"]
