@@ -6,7 +6,9 @@ without the unlikeliness reward, at the same rollouts per step on the embedded t
     .venv/bin/python scripts/experiment_allocation.py --task smollm2 --arms "fixed G=4" Reinforce-Ada Knapsack "2-GRPO+RS"
                                                     # the real model, 4 arms x 3 seeds (~2 h on 2 cores)
     .venv/bin/python scripts/experiment_allocation.py --task smollm2-revisit --arms "fixed G=4" "fixed G=4 + unlikely" \
-        Knapsack "Knapsack + unlikely"              # the real model on 16 prompts seen 8 times each (~2.5 h)
+        Knapsack "Knapsack + unlikely" Reinforce-Ada "Reinforce-Ada + unlikely" 2-GRPO+RS "2-GRPO+RS + unlikely"
+                                                    # the real model on 16 prompts seen 8 times each (8-14 min a run)
+    ... --finished-only                             # the report of the runs finished so far, training nothing
 
 Protocol: every arm trains ``--steps`` steps on the same fixed set of ``--prompts`` training prompts with at most
 256 rollouts per step (fixed G=8: 32 prompts x 8; 2-GRPO+RS: 128 x 2, plus its resampled ties; Reinforce-Ada:
