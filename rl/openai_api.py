@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import uuid
 from typing import Optional
 
@@ -98,14 +99,18 @@ def forced_call_opening(body: dict, parser_name: Optional[str]) -> str:
 
 
 def load_tool_parser(name: str, tokenizer):
-    """vLLM's tool parser ``name`` for ``tokenizer`` (importing vLLM's parsers takes a few seconds)."""
+    """vLLM's tool parser ``name`` for ``tokenizer`` (importing vLLM's parsers takes a few seconds). A reply whose
+    call does not parse is the model's output, not a fault: it comes back as text, and the parser's traceback for
+    it (logged at ERROR, one per malformed reply) stays off the terminal."""
     from vllm.tool_parsers import ToolParserManager
 
     try:
-        return ToolParserManager.get_tool_parser(name)(tokenizer)
+        parser_class = ToolParserManager.get_tool_parser(name)
     except KeyError:
         raise ValueError(f"agent.tool_parser {name!r} is not one of vLLM's tool parsers: "
                          f"{', '.join(ToolParserManager.list_registered())}") from None
+    logging.getLogger(parser_class.__module__).setLevel(logging.CRITICAL)
+    return parser_class(tokenizer)
 
 
 def tools_request(tools: list):

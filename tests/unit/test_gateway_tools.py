@@ -155,6 +155,19 @@ def test_each_known_call_opening_is_read_back_by_its_vllm_parser(parser, rest):
         assert call["function"]["name"] == "calc" and json.loads(call["function"]["arguments"]) == {"expr": "2+3"}
 
 
+def test_a_malformed_call_comes_back_as_text_and_keeps_the_terminal_quiet():
+    """vLLM's parser logs a traceback for every reply whose call does not parse; on a run that is the model's
+    output (a forced call at temperature 1 often is malformed), so it must not reach the terminal."""
+    import logging
+
+    from rl.openai_api import load_tool_parser, read_tool_calls
+
+    parser = load_tool_parser("hermes", build_tokenizer())
+    assert logging.getLogger(type(parser).__module__).getEffectiveLevel() > logging.ERROR
+    text = '<tool_call>\n{"name": "calc", "arguments": {"expr": "2+3"}\n</tool_call>'  # one brace short
+    assert read_tool_calls(parser, text, {"tools": TOOLS}) == (text, [])
+
+
 def test_a_parser_without_a_known_opening_cannot_force_a_call():
     from rl.openai_api import forced_call_opening
 
