@@ -269,7 +269,7 @@ class OnlineRun(Run):
         state = self.resume_state
         self.trainer.load_state(str(self.resume_from / "trainer_state"))
         self.step = int(state["step"])
-        self.sampler.load_state_dict(state["sampler"])
+        self.rollouts.sampler.load_state_dict(state["sampler"])
         self.rollouts.load_carried(state.get("partial_rollouts", []))
         self.allocation.load_state_dict(state.get("allocation", {}))
         for kind, count in state["reward_failures"].items():
