@@ -97,14 +97,13 @@ def run_arm(arm: Arm, args, seed: int, start: dict | None = None) -> dict:
     """Train one arm for one seed (or read the finished run); returns its curve and totals. ``start``: the
     seed's evaluation before training, measured by its first arm; later arms skip their own (every arm of a
     seed starts from the same model and evaluates with the same sampling seed, so it would be the same)."""
+    from experiments.arms import is_finished
     from rl.config import load_recipe
     from rl.metrics import machine_of_run, read_metrics
     from rl.online import OnlineRun
 
     run_dir = Path(args.runs) / f"{arm.name.replace(' ', '_')}-seed{seed}"
-    summary_path = run_dir / "summary.json"
-    done = summary_path.exists() and json.loads(summary_path.read_text()).get("status") == "finished"
-    if args.fresh or not done:
+    if args.fresh or not is_finished(run_dir):
         shutil.rmtree(run_dir, ignore_errors=True)  # an unfinished run starts over, its old metrics gone
         skip = ["eval.before=false"] if start is not None and args.shared_start_eval else []
         OnlineRun(load_recipe(arm.recipe, protocol_overrides(arm, args, seed, run_dir) + skip)).fit()

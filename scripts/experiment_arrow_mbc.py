@@ -54,6 +54,7 @@ from adapters.cluster import cluster_experts  # noqa: E402
 from adapters.library import AdapterLibrary  # noqa: E402
 from experiments import family_experts as experts  # noqa: E402  the per-task experts and their SFT (shared with experiment_merging)
 from experiments.chat_family import EXPERT_SETTINGS  # noqa: E402
+from experiments.arms import is_finished  # noqa: E402
 from rl.claims import mean_std  # noqa: E402
 from rl.tasks.cache import cached_build  # noqa: E402
 from rl.tasks.tiny_model import TinyModelSpec, build_tiny_model  # noqa: E402
@@ -202,7 +203,7 @@ def rl_runs(args, libs: dict[str, tuple[Path, list[str]]], model_dir: Path, trai
     for start, (recipe, extra) in plan.items():
         run_dir = Path(args.runs) / "rl" / f"{start.replace(' ', '_')}-seed{seed}"
         summary_path = run_dir / "summary.json"
-        if not (summary_path.exists() and json.loads(summary_path.read_text()).get("status") == "finished"):
+        if not is_finished(run_dir):
             OnlineRun(load_recipe(recipe, [*common, *extra, f"output_dir={run_dir}"])).fit()
         summary = json.loads(summary_path.read_text())
         out[start] = {"before": summary["accuracy_before"], "after": summary["accuracy_after"], "run_dir": str(run_dir),

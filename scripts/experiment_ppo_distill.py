@@ -23,7 +23,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT)]
 
-from experiments.arms import METRICS, Arm, add_arm_options, choose_arms, claim_lines, finished_or_run, seeds_line  # noqa: E402
+from experiments.arms import (METRICS, Arm, add_arm_options, choose_arms, claim_lines, finished_or_run,  # noqa: E402
+                              is_finished, seeds_line)
 from rl.claims import mean_std  # noqa: E402
 from rl.metrics import describe_machine, recorded_machine  # noqa: E402
 from rl.plot import plot_arm_curves  # noqa: E402
@@ -64,7 +65,7 @@ def train_teacher(args) -> tuple[str, float]:
 
     run_dir = Path(args.runs) / f"teacher-{args.teacher_steps}"
     summary = run_dir / "summary.json"
-    if args.fresh or not (summary.exists() and json.loads(summary.read_text()).get("status") == "finished"):
+    if args.fresh or not is_finished(run_dir):
         OnlineRun(load_recipe("recipes/quickstart.yaml", [f"output_dir={run_dir}", "logging.progress=false",
                                                           f"steps={args.teacher_steps}", "eval.every=0"])).fit()
     state = json.loads(summary.read_text())
