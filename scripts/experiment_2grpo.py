@@ -25,13 +25,16 @@ import json
 import os
 import shutil
 import statistics
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rl.claims import mean_std
-from rl.plot import plot_arm_curves
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT)]  # experiments/ is a folder of the repository, not an installed package
+
+from experiments.arms import is_finished  # noqa: E402
+from rl.claims import mean_std  # noqa: E402
+from rl.plot import plot_arm_curves  # noqa: E402
 GROUP_RATIO = 8  # 16-GRPO's G over 2-GRPO's: 2-GRPO takes 8x the prompts per step
 
 
@@ -97,7 +100,6 @@ def run_arm(arm: Arm, args, seed: int, start: dict | None = None) -> dict:
     """Train one arm for one seed (or read the finished run); returns its curve and totals. ``start``: the
     seed's evaluation before training, measured by its first arm; later arms skip their own (every arm of a
     seed starts from the same model and evaluates with the same sampling seed, so it would be the same)."""
-    from experiments.arms import is_finished
     from rl.config import load_recipe
     from rl.metrics import machine_of_run, read_metrics
     from rl.online import OnlineRun

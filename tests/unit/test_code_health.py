@@ -91,3 +91,22 @@ def test_ruff():
     proc = subprocess.run([ruff, "check", "--output-format", "concise", *PACKAGES, "experiments", "scripts", "tests"],
                           cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+
+
+def test_scripts_put_the_repository_on_the_path_before_importing_experiments():
+    """``experiments/`` is a folder of the repository, not an installed package: a script reaches it only after
+    putting the repository root on ``sys.path`` at module level (an import inside a function fails only when
+    that function runs, which a ``--help`` check does not reach)."""
+    problems = []
+    for script in sorted((ROOT / "scripts").glob("*.py")):
+        tree = ast.parse(script.read_text())
+        top_level = set(map(id, tree.body))
+        path_set_at = min((n.lineno for n in tree.body if "sys.path" in ast.unparse(n)), default=None)
+        for node in ast.walk(tree):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            if not any(n == "experiments" or n.startswith("experiments.") for n in names):
+                continue
+            if path_set_at is None or (id(node) in top_level and path_set_at > node.lineno):
+                problems.append(f"{script.name}:{node.lineno} imports experiments before sys.path holds the repository")
+    assert not problems, problems
