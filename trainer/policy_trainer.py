@@ -25,7 +25,8 @@ from trainer.config import CriticConfig
 from trainer.engine import (DTYPES, begin_micro_batch, check_packing, clip_gradients, clips_in_hook, decoder_and_head,
                             deepspeed_config, forward_packed_or_padded, full_parameters, sharded_build, unpack)
 from trainer.policies import build_policy
-from trainer.process import all_ranks_max, init_distributed, peak_rss_gib, redirect_output, set_mmap_threshold
+from trainer.process import (all_ranks_max, import_training_libraries, init_distributed, peak_rss_gib, redirect_output,
+                             set_mmap_threshold)
 from trainer.rank_state import load_rank_state, save_rank_state
 from trainer.stats import Stats
 from trainer.setup import TrainerSetup
@@ -34,6 +35,7 @@ from trainer.types import TrainBatch
 
 class PolicyTrainer:
     def __init__(self, setup: TrainerSetup):
+        import_training_libraries()
         import deepspeed
         from transformers import AutoTokenizer
 
