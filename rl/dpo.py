@@ -111,8 +111,9 @@ class OfflineDPORun(Run):
 
     def start_workers(self) -> None:
         from rl.launch import Workers
+        from rl.workers import PreferenceTrainerGroup
 
-        self.workers = Workers(self.recipe, policy=self.policy, trainer_kind="preference",
+        self.workers = Workers(self.recipe, policy=self.policy, trainer_group=PreferenceTrainerGroup,
                                max_response_len=self.max_len, log_dir=self.log_dir, say=self.print)
         self.workers.setup()
         self._compute_reference()

@@ -5,9 +5,9 @@
     ...                  workers.trainer / .rollout / .transport while the run trains or evaluates
     workers.cleanup()    everything stopped in reverse; returns what the run's summary records
 
-What starts is what the run needs: a ``policy`` gives trainer ranks (``trainer_kind``: the policy-gradient
-``PolicyTrainer`` or offline DPO's ``PreferenceTrainer``) and reserves the recipe's placement; an ``engine``
-gives rollout actors; a ``scorer`` with reward models gives their actors. GRPO and online DPO start all
+What starts is what the run needs: a ``policy`` gives trainer ranks (``trainer_group``: the policy-gradient
+``PolicyTrainer``'s by default, offline DPO's ``PreferenceTrainer``'s) and reserves the recipe's placement; an
+``engine`` gives rollout actors; a ``scorer`` with reward models gives their actors. GRPO and online DPO start all
 three (``rl.online``), offline DPO trainer ranks only (``rl.dpo``), ``rl eval`` engines and reward models
 (``rl.evaluate``). ``cleanup()`` is safe after a ``setup()`` that failed half way.
 """
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Optional
+from typing import Any, Callable, Optional
 
 from rl.config import Recipe
 
@@ -25,7 +25,7 @@ from rl.config import Recipe
 class Workers:
     recipe: Recipe
     policy: Any = None                   # trainer.policies.PolicySpec: trainer ranks train it; None: no ranks
-    trainer_kind: Literal["policy", "preference"] = "policy"
+    trainer_group: Any = None            # the rl.workers group class of the ranks; None: rl.workers.TrainerGroup
     engine: Any = None                   # rollout.vllm_worker.EngineSpec: rollout actors serve it; None: no engines
     teacher_engine: Any = None           # EngineSpec of a distillation teacher: its own actors score the samples
     critic_model: Optional[str] = None   # PPO: where the critic's decoder starts (None: the policy's base model)
@@ -93,7 +93,7 @@ class Workers:
 
     def _start_trainer(self, dog):
         from rl.resources import thread_counts, weight_transport
-        from rl.workers import PreferenceTrainerGroup, TrainerGroup
+        from rl.workers import TrainerGroup
         from trainer.setup import TrainerSetup
 
         r, p = self.recipe, self.placement
@@ -108,7 +108,7 @@ class Workers:
             trust_remote_code=r.model.trust_remote_code, log_dir=self.log_dir, critic=r.critic, critic_model_path=self.critic_model,
             **sampled,
         )
-        group = TrainerGroup if self.trainer_kind == "policy" else PreferenceTrainerGroup
+        group = self.trainer_group or TrainerGroup
         return group.create(setup, r.trainer.num_ranks, r.use_ray, r.trainer.num_cpus_per_rank, r.trainer.num_gpus_per_rank,
                             watchdog=dog, resources=r.trainer.resources, placement=p and p.trainer_options(),
                             group_nodes=p and p.group_nodes("trainer", r.cluster.node_loss_wait_s))

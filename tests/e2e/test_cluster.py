@@ -79,20 +79,6 @@ def test_quickstart_submitted_with_its_engine_on_the_other_node(cluster, tmp_pat
     assert "held-out accuracy:" in logs.stdout
 
 
-def test_collective_transport_across_nodes(cluster, tmp_path):
-    """Trainer rank 0 broadcasts each tensor to the engine on the other node over a gloo group."""
-    out = tmp_path / "run"
-    proc = submit(cluster, "steps=3", "eval.before=false", "data.max_test_examples=64", "cluster.weight_transport=collective",
-                  *SPLIT, f"output_dir={out}")
-    assert proc.returncode == 0 and "SUCCEEDED" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["weight_transport"] == "collective" and summary["nodes"] == 2 and summary["steps"] == 3
-    assert all(r["weight_sync_bytes"] > 1e6 for r in train_rows(out))
-    # Each step samples with the weights the previous step broadcast: the engine's logprobs are the trainer's, to float
-    # rounding (a broadcast that did not land would leave a stale engine, thousands of times further off).
-    assert all(r["logprob_mismatch"] < 1e-5 for r in train_rows(out)), [r["logprob_mismatch"] for r in train_rows(out)]
-
-
 def test_two_trainer_ranks_on_two_nodes_take_one_ranks_update(cluster, tiny_model_root):
     """ZeRO-2 ranks on different nodes meet at rank 0's node IP and take the same update as one rank
     (tolerance: 0.05 lr on a few Adam-sign elements, 1e-5 elsewhere; measured max 6e-6)."""
@@ -111,19 +97,28 @@ def test_two_trainer_ranks_on_two_nodes_take_one_ranks_update(cluster, tiny_mode
     assert r["max_diff"] <= 0.05 * 1e-2 and r["frac_above_1e-5"] < 1e-3, r
 
 
-def test_rl_stop_ends_a_job_with_a_checkpoint(cluster, tmp_path):
+def test_collective_transport_across_nodes_and_rl_stop_ends_the_job_with_a_checkpoint(cluster, tmp_path):
+    """Trainer rank 0 broadcasts each tensor to the engine on the other node over a gloo group; after a few steps
+    ``rl stop`` ends the job, which writes a checkpoint to resume from."""
     out = tmp_path / "run"
-    proc = submit(cluster, "steps=200", "eval.before=false", "eval.after=false", *SPLIT, f"output_dir={out}", wait=False)
+    proc = submit(cluster, "steps=200", "eval.before=false", "eval.after=false", "cluster.weight_transport=collective",
+                  *SPLIT, f"output_dir={out}", wait=False)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     jid = job_id(proc)
     deadline = time.monotonic() + 300
-    while not ((out / "metrics.jsonl").exists() and train_rows(out)):
+    while not ((out / "metrics.jsonl").exists() and len(train_rows(out)) >= 3):
         assert time.monotonic() < deadline, rl(cluster, "logs", jid, "--address", cluster.jobs_address).stdout[-3000:]
         time.sleep(1.0)
     stop = rl(cluster, "stop", jid, "--address", cluster.jobs_address)
     assert "STOPPED" in stop.stdout, stop.stdout + stop.stderr
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["interrupted_by"] == "SIGTERM" and 1 <= summary["steps"] < 200
+    assert summary["weight_transport"] == "collective" and summary["nodes"] == 2
+    rows = train_rows(out)
+    assert all(r["weight_sync_bytes"] > 1e6 for r in rows)
+    # Steps 2 on sample with the weights the step before broadcast: the engine's logprobs are the trainer's, to float
+    # rounding (a broadcast that did not land would leave a stale engine, thousands of times further off).
+    assert all(r["logprob_mismatch"] < 1e-5 for r in rows), [r["logprob_mismatch"] for r in rows]
+    assert summary["interrupted_by"] == "SIGTERM" and 3 <= summary["steps"] < 200
     assert summary["status"] == "interrupted" and "resume=auto" in summary["resume"]
     assert Path(summary["checkpoint"]).name == f"step_{summary['steps']:06d}"
 
