@@ -35,6 +35,7 @@ sys.path[:0] = [str(ROOT)]  # experiments/ is a folder of the repository, not an
 from experiments.arms import is_finished  # noqa: E402
 from rl.claims import mean_std  # noqa: E402
 from rl.plot import plot_arm_curves  # noqa: E402
+
 GROUP_RATIO = 8  # 16-GRPO's G over 2-GRPO's: 2-GRPO takes 8x the prompts per step
 
 

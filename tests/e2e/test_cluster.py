@@ -115,7 +115,7 @@ def test_collective_transport_across_nodes_and_rl_stop_ends_the_job_with_a_check
     assert summary["weight_transport"] == "collective" and summary["nodes"] == 2
     rows = train_rows(out)
     assert all(r["weight_sync_bytes"] > 1e6 for r in rows)
-    # Steps 2 on sample with the weights the step before broadcast: the engine's logprobs are the trainer's, to float
+    # From step 2 on, each step samples with the weights the step before broadcast: the engine's logprobs are the trainer's, to float
     # rounding (a broadcast that did not land would leave a stale engine, thousands of times further off).
     assert all(r["logprob_mismatch"] < 1e-5 for r in rows), [r["logprob_mismatch"] for r in rows]
     assert summary["interrupted_by"] == "SIGTERM" and 3 <= summary["steps"] < 200
