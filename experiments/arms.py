@@ -37,7 +37,7 @@ def run_arm(arm: Arm, args, seed: int, extra: dict[str, Callable[[list[dict]], f
     """Train one arm for one seed (or read its finished run; ``args.fresh`` retrains): its evaluations against
     cumulative rollouts and training seconds, a few per-step metrics averaged, ``extra`` (name -> a function of
     the train rows) and the machine the run recorded. ``args``: ``runs``, ``steps``, ``prompts``, ``test_prompts``,
-    ``eval_every``, ``k``, ``fresh``."""
+    ``eval_every``, ``k``, ``fresh``, ``overrides`` (for every arm, after the arm's own)."""
     from rl.config import load_recipe
     from rl.metrics import machine_of_run, read_metrics
     from rl.online import OnlineRun
@@ -47,7 +47,8 @@ def run_arm(arm: Arm, args, seed: int, extra: dict[str, Callable[[list[dict]], f
         shutil.rmtree(run_dir, ignore_errors=True)
         overrides = [f"seed={seed}", f"output_dir={run_dir}", "logging.progress=false", f"steps={args.steps}",
                      f"data.max_train_examples={args.prompts}", f"data.max_test_examples={args.test_prompts}",
-                     f"eval.every={args.eval_every}", f"eval.samples={args.k}", "checkpoint.save_final=false", *arm.overrides]
+                     f"eval.every={args.eval_every}", f"eval.samples={args.k}", "checkpoint.save_final=false", *arm.overrides,
+                     *args.overrides]
         OnlineRun(load_recipe(arm.recipe, overrides)).fit()
     train, evals = read_metrics(run_dir, "train"), read_metrics(run_dir, "eval")
     cum, rollouts, seconds = {0: (0.0, 0.0)}, 0.0, 0.0
@@ -81,6 +82,7 @@ def add_arm_options(ap: argparse.ArgumentParser, steps: int, runs: Path, out: Pa
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument("--runs", default=str(runs))
     ap.add_argument("--out", default=str(out))
+    ap.add_argument("overrides", nargs="*", help="extra recipe overrides for every arm (use_ray=false: every arm in this process)")
 
 
 def finished_or_run(chosen: Sequence[Arm], args, extra: dict | None = None) -> list[dict]:

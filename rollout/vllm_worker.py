@@ -114,6 +114,12 @@ class RolloutWorker:
     def close(self) -> None:
         self.local_copies.close()
 
+    def release(self) -> None:
+        """Stop the engine now, not whenever it is garbage-collected. In the driver's process (``use_ray: false``)
+        the engine shares torch.distributed with the trainer and with the next run's workers, and its teardown
+        destroys that world: collected during a later run, it would pull the world from under that run."""
+        self.llm.llm_engine.engine_core.shutdown()
+
     def join_weight_group(self, addr: str, port: int, world_size: int, rank: int, backend: str = "gloo") -> bool:
         """Join trainer rank 0's weight group (the collective transport) as ``rank``, over ``backend`` (gloo, nccl)."""
         import ray

@@ -264,7 +264,7 @@ def main() -> None:
                     help="write the report again from <out>/<name>.json (the same other arguments as the run), training nothing")
     ap.add_argument("--runs", default=str(ROOT / "runs" / "experiment-2grpo"))
     ap.add_argument("--out", default=str(ROOT / "docs" / "experiments"))
-    ap.add_argument("overrides", nargs="*", help="extra recipe overrides for every arm")
+    ap.add_argument("overrides", nargs="*", help="extra recipe overrides for every arm (use_ray=false: every arm in this process)")
     if ap.parse_known_args()[0].task == "smollm2":
         ap.set_defaults(**REAL_DEFAULTS)
     args = ap.parse_args()

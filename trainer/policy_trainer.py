@@ -376,6 +376,17 @@ class PolicyTrainer:
         """{name suffix: adapter directory inside ``checkpoint``} to write into the adapter library."""
         return {k: str(v) for k, v in self.policy.library_sources(checkpoint).items()}
 
+    def release(self) -> None:
+        """Give back DeepSpeed's copy of the world group now (the driver's process, ``use_ray: false``): an engine
+        in this process destroys the world at its shutdown, and a later run's DeepSpeed engine must clone the new
+        one rather than reuse this dead copy. Every group DeepSpeed caches here (data parallel, sequence data
+        parallel) is that copy; a rank in a Ray actor needs none of this, its process ends."""
+        import deepspeed.comm
+
+        group = self.engine.data_parallel_group
+        if group is not None and torch.distributed.is_initialized():
+            deepspeed.comm.destroy_process_group(group)
+
     def close(self) -> None:
         if self.transport is not None:
             for handle in self._published:

@@ -200,4 +200,8 @@ class WorkerGroup:
 
             for w in self.workers:
                 ray.kill(w)
+        else:  # in this process: release now what an actor's process takes with it when it ends
+            for w in self.workers:
+                if hasattr(w, "release"):
+                    w.release()
         self.workers = []

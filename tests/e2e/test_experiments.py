@@ -1,6 +1,8 @@
 """The experiment scripts of docs/experiments/ run end to end (``--quick``: a few steps each), so the
 reports cannot rot. They assert that the tables and verdict lines are produced; the verdict logic itself is
-unit-tested (tests/unit/test_claims.py)."""
+unit-tested (tests/unit/test_claims.py). The arm experiments run their arms in the script's process
+(``use_ray=false``, the same vLLM and DeepSpeed engines without Ray actors): vLLM and DeepSpeed are imported once
+for all arms instead of once per arm in fresh actors, and consecutive runs in one process stay tested."""
 
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ def run_script(script: str, tmp_path: Path, *args: str) -> subprocess.CompletedP
 
 
 def test_2grpo_quick(tmp_path):
-    run_script("experiment_2grpo.py", tmp_path)
+    run_script("experiment_2grpo.py", tmp_path, "use_ray=false")
     report = (tmp_path / "out" / "2-grpo.md").read_text()
     for arm in ("16-GRPO", "2-GRPO lr 1x", "2-GRPO+RS lr 8x"):  # --quick leaves out online DPO
         assert f"| {arm} |" in report, arm
@@ -80,7 +82,7 @@ def test_arrow_mbc_quick(tmp_path):
 
 
 def test_allocation_quick(tmp_path):
-    run_script("experiment_allocation.py", tmp_path)
+    run_script("experiment_allocation.py", tmp_path, "use_ray=false")
     report = (tmp_path / "out" / "allocation.md").read_text()
     assert report.startswith("# Rollout allocation") and "Reproduce: `python scripts/experiment_allocation.py --quick" in report
     for arm in ("fixed G=8", "Reinforce-Ada"):
