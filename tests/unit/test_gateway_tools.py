@@ -140,6 +140,24 @@ def test_a_forced_call_is_the_call_opening_then_the_models_own_tokens(gateway):
     assert ep.seen.endswith('</tool_response><|im_end|>\n<|im_start|>assistant\n<tool_call>\n{"name":' + any_rest)
 
 
+@pytest.mark.parametrize("rest, replies, rewarded", [
+    (' {"expression": "2+3"}}\n</tool_call>', ["#### 5"], True),   # a call the calculator evaluates, then the answer
+    (' {"expr": "2+3"}}\n</tool_call>', ["#### 5"], False),        # a call it cannot: the wrong argument
+    (' {"expression": 2+', [], False),                             # no call: malformed, so it is the final answer
+])
+def test_the_example_agent_rewards_only_a_call_the_calculator_evaluates(gateway, rest, replies, rewarded):
+    from rewards.registry import load_plugin
+
+    examples = Path(__file__).parents[2] / "docs/guide/examples/chat_tools_agent.py"
+    agent = load_plugin(f"{examples}:run_episode_rewarding_calls", "agent function")
+    bonus = load_plugin(f"{examples}:VALID_CALL_BONUS", "bonus")
+    gateway.engines = engines = ScriptedEngines(gateway.tokenizer, [rest, *replies])
+    key = gateway.open_episode(seed=0)
+    assert agent(_client(gateway, key), "What is 2+3?") == (bonus if rewarded else 0.0) and bonus > 0
+    assert len(engines.contexts) == 1 + len(replies) and not engines.replies  # the call, then the answer after the tool
+    gateway.close_episode(key)
+
+
 @pytest.mark.parametrize("parser, rest", [("hermes", ' "calc", "arguments": {"expr": "2+3"}}\n</tool_call>'),
                                           ("pythonic", "calc(expr='2+3')]")])
 def test_each_known_call_opening_is_read_back_by_its_vllm_parser(parser, rest):

@@ -5,7 +5,9 @@ Each rollout is one call of ``run_episode`` with an ``openai.OpenAI`` client ser
 A reply with a tool call is answered with a ``tool`` message; a reply without one is the final answer, which the
 recipe's reward scores. The loop is the one any OpenAI-API agent runs; nothing in it knows about training.
 ``run_episode_calling_first`` forces the first reply to be a calculator call (``tool_choice``), for a model that
-would not call on its own.
+would not call on its own; ``run_episode_rewarding_calls`` does too and returns ``VALID_CALL_BONUS`` (added to the
+recipe's rewards) when the episode made a call the calculator could evaluate, so that learning to answer does
+not mean learning to leave the tool.
 """
 
 import json
@@ -19,25 +21,43 @@ CALCULATOR = {"type": "function", "function": {
                    "required": ["expression"]}}}
 
 
+FORCE_CALCULATOR = {"type": "function", "function": {"name": "calculator"}}
+VALID_CALL_BONUS = 0.5  # below a correct answer's 1: a valid call with a wrong answer scores less than a right answer
+CALCULATOR_ERROR = "error: expected {\"expression\": \"<integers with + - * and parentheses>\"}"
+
+
 def calculator(arguments: str) -> str:
     try:
         return str(evaluate_arithmetic(str(json.loads(arguments)["expression"])))
     except (ValueError, KeyError, TypeError):
-        return "error: expected {\"expression\": \"<integers with + - * and parentheses>\"}"
+        return CALCULATOR_ERROR
 
 
-def run_episode(client, prompt, max_calls=2, first_tool_choice="auto", **columns):
+def tool_episode(client, prompt, max_calls=2, first_tool_choice="auto") -> int:
+    """The tool loop; returns how many of its calls the calculator could evaluate. The last reply (the one
+    without a call) is the final answer, which the recipe's rewards score."""
     messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt}]
+    valid_calls = 0
     for turn in range(max_calls + 1):
         message = client.chat.completions.create(model="policy", messages=messages, tools=[CALCULATOR], max_tokens=48,
                                                  tool_choice=first_tool_choice if turn == 0 else "auto").choices[0].message
         if not message.tool_calls:
-            return None  # the final answer: the recipe's rewards score it
+            break
         messages.append(message.model_dump(exclude_none=True))
-        messages += [{"role": "tool", "tool_call_id": call.id, "content": calculator(call.function.arguments)}
-                     for call in message.tool_calls]
-    return None
+        for call in message.tool_calls:
+            result = calculator(call.function.arguments) if call.function.name == "calculator" else f"error: no tool {call.function.name!r}"
+            valid_calls += not result.startswith("error")
+            messages.append({"role": "tool", "tool_call_id": call.id, "content": result})
+    return valid_calls
+
+
+def run_episode(client, prompt, **columns):
+    tool_episode(client, prompt)
 
 
 def run_episode_calling_first(client, prompt, **columns):
-    return run_episode(client, prompt, first_tool_choice={"type": "function", "function": {"name": "calculator"}}, **columns)
+    tool_episode(client, prompt, first_tool_choice=FORCE_CALCULATOR)
+
+
+def run_episode_rewarding_calls(client, prompt, **columns):
+    return VALID_CALL_BONUS if tool_episode(client, prompt, first_tool_choice=FORCE_CALCULATOR) else 0.0
