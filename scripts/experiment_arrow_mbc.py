@@ -190,7 +190,7 @@ def rl_runs(args, libs: dict[str, tuple[Path, list[str]]], model_dir: Path, trai
               f"data.max_test_examples={args.test_prompts * len(args.held_out)}", f"steps={args.rl_steps}",
               f"data.prompts_per_step={args.rl_prompts}", f"algorithm.group_size={args.rl_group}", f"trainer.lr={args.rl_lr}",
               "trainer.warmup_steps=0", "logging.progress=false", "checkpoint.save_final=false", "adapter.save_as=null",
-              f"eval.every={max(1, args.rl_steps // 4)}", "algorithm.kl_coef=0.0"]
+              f"eval.every={max(1, args.rl_steps // 4)}", "algorithm.kl_coef=0.0", *args.overrides]
     plan = {"base": ("recipes/lora-arithmetic.yaml", ["adapter.library=null"])}
     for lib_name, (root, names) in libs.items():
         plan[f"{lib_name} merge"] = ("recipes/lora-merge-arithmetic.yaml",
@@ -407,6 +407,7 @@ def main() -> None:
     ap.add_argument("--expert-runs", default=None, help="where the per-task experts are cached (default: experiment_merging's)")
     ap.add_argument("--out", default=str(ROOT / "docs" / "experiments"))
     ap.add_argument("--report-only", action="store_true", help="write the report again from <out>/arrow-mbc[-smollm2].json")
+    ap.add_argument("overrides", nargs="*", help="extra recipe overrides for every GRPO run (use_ray=false: in this process)")
     args = ap.parse_args()
     command = "python scripts/experiment_arrow_mbc.py" + (" " + " ".join(sys.argv[1:]) if len(sys.argv) > 1 else "")
     smollm2 = args.family == "smollm2"

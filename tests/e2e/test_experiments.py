@@ -1,8 +1,8 @@
 """The experiment scripts of docs/experiments/ run end to end (``--quick``: a few steps each), so the
 reports cannot rot. They assert that the tables and verdict lines are produced; the verdict logic itself is
-unit-tested (tests/unit/test_claims.py). The arm experiments run their arms in the script's process
+unit-tested (tests/unit/test_claims.py). The experiments with several runs run them in the script's process
 (``use_ray=false``, the same vLLM and DeepSpeed engines without Ray actors): vLLM and DeepSpeed are imported once
-for all arms instead of once per arm in fresh actors, and consecutive runs in one process stay tested."""
+for all runs instead of once per run in fresh actors, and consecutive runs in one process stay tested."""
 
 from __future__ import annotations
 
@@ -60,7 +60,7 @@ def test_merging_quick(tmp_path):
 
 
 def test_arrow_mbc_quick(tmp_path):
-    run_script("experiment_arrow_mbc.py", tmp_path)
+    run_script("experiment_arrow_mbc.py", tmp_path, "use_ray=false")
     report = (tmp_path / "out" / "arrow-mbc.md").read_text()
     assert report.startswith("# Arrow routing and MBC") and "Reproduce: `python scripts/experiment_arrow_mbc.py --quick" in report
     for start in ("base", "own expert", "best single expert", "per-task merge", "per-task Arrow", "per-task Arrow top-1", "MBC merge",
