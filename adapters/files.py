@@ -301,7 +301,7 @@ def _sparse_fields(d: Path) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# durable writes
+# durable writes (a whole directory: common.atomic.atomic_directory)
 # ---------------------------------------------------------------------------------------------
 def write_json(path: Path, obj: Any) -> None:
     """Write ``obj`` as sorted, indented JSON and fsync the file."""
@@ -313,18 +313,3 @@ def write_json(path: Path, obj: Any) -> None:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
-
-
-def fsync_dir(path: Path) -> None:
-    """fsync a directory, so renames in it are durable; errors are ignored (not every filesystem allows it)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-

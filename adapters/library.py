@@ -45,7 +45,6 @@ from adapters.files import (
     assemble_expert,
     base_model_hash,
     file_sha256,
-    fsync_dir,
     load_safetensors,
     lora_pairs,
     lora_scaling,
@@ -53,6 +52,7 @@ from adapters.files import (
     write_json,
 )
 from adapters.sparse import SparseAdapter, read_sparse_dir
+from common.atomic import atomic_directory
 
 META_FILE = "meta.json"
 
@@ -269,27 +269,19 @@ class AdapterLibrary:
         if final.exists() and not replace:
             raise LibraryError(f"expert {name!r} already exists in {self.root}; remove it first or choose another name")
 
-        tmp = self.root / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
+        # Assembled in ``.tmp-<name>-*`` (hidden from listings); with ``replace`` the old version moves aside to
+        # ``.trash-<name>-*`` while the new one takes its name. Without it the rename fails if ``final`` appeared
+        # meanwhile (a non-empty directory).
+        assembled = False
         try:
-            full_meta = assemble_expert(tmp, name, source, meta)
-            write_json(tmp / META_FILE, full_meta)
-            fsync_dir(tmp)
-            try:
-                if replace and final.exists():
-                    # The old version moves aside (hidden from listings), the new one takes its name.
-                    trash = self.root / f".trash-{name}-{uuid.uuid4().hex[:8]}"
-                    os.rename(final, trash)
-                    os.rename(tmp, final)
-                    shutil.rmtree(trash, ignore_errors=True)
-                else:
-                    os.rename(tmp, final)  # atomic; fails if ``final`` appeared meanwhile (non-empty dir)
-            except OSError as e:
-                raise LibraryError(f"cannot move expert {name!r} into place at {final}: {e}") from None
-            fsync_dir(self.root)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+            with atomic_directory(final, replace=replace, durable=True) as tmp:
+                full_meta = assemble_expert(tmp, name, source, meta)
+                write_json(tmp / META_FILE, full_meta)
+                assembled = True  # an OSError from here on is the move into place
+        except OSError as e:
+            if not assembled:
+                raise
+            raise LibraryError(f"cannot move expert {name!r} into place at {final}: {e}") from None
         return Expert(name=name, path=final, meta=full_meta)
 
     def remove(self, name: str) -> None:
@@ -310,17 +302,11 @@ class AdapterLibrary:
             raise LibraryError(f"export destination {dest} already exists")
         if not dest.parent.is_dir():
             raise LibraryError(f"export destination's parent {dest.parent} does not exist")
-        tmp = dest.parent / f".tmp-export-{dest.name}-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
-        try:
+        with atomic_directory(dest) as tmp:
             for f in (expert.meta["weights_file"], expert.meta["config_file"], META_FILE):
                 shutil.copyfile(expert.path / f, tmp / f)
             if file_sha256(tmp / expert.meta["weights_file"]) != expert.meta["weights_sha256"]:
                 raise LibraryError(f"export of {name!r}: copy of {expert.weights_path} does not match its hash")
-            os.rename(tmp, dest)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return dest
 
     def merge(

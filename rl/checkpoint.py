@@ -16,11 +16,11 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Callable, Optional
 
+from common.atomic import atomic_directory
 from rl.config import Recipe, RecipeError
 from rl.files import write_text_atomic
 
@@ -66,25 +66,17 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def write_atomically(final: Path, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp_dir)``, then rename ``tmp_dir`` to ``final``; a failure leaves ``final`` untouched."""
-    tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    """Call ``write(tmp_dir)``, then rename ``tmp_dir`` to ``final`` (replacing an older ``final``); a failure leaves
+    ``final`` untouched. ``tmp_dir`` is ``<final>.tmp``, the name ``is_complete`` and ``prune`` recognise."""
+    with atomic_directory(final, replace=True, temp_name=final.name + ".tmp") as tmp:
         write(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return final
 
 
 def prune(run_dir: Path, keep_last: int) -> None:
     """Keep the newest ``keep_last`` complete checkpoints; drop leftovers of interrupted writes."""
     root = Path(run_dir) / "checkpoints"
-    for p in root.glob("step_*.tmp"):
+    for p in [*root.glob("step_*.tmp"), *root.glob(".trash-step_*")]:  # the latter: an old copy being replaced
         shutil.rmtree(p, ignore_errors=True)
     for old in complete_checkpoints(run_dir)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)

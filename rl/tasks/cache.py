@@ -65,6 +65,8 @@ def cached_build(parent: Path, dirname: str, build: Callable[[Path], dict], labe
         log(f"{label}: {dirname} ships with the package; copying it into {parent}")
     else:
         log(f"{label}: building {dirname} (once; cached in {parent})")
+    # Not common.atomic.atomic_directory: the temporary name carries the pid (``_remove_stale_temps`` sweeps those
+    # of dead processes), and losing the rename race keeps the other process's finished build.
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{dirname}-{os.getpid()}-", dir=parent))
     try:
         info = build(tmp)

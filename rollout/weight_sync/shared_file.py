@@ -12,6 +12,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from common.atomic import atomic_directory
 from rollout.shared_dirs import OwnedDir, default_shared_dir
 from rollout.types import WeightHandle, WeightKind, prompt_key
 from rollout.weight_sync.registry import register_transport
@@ -48,29 +49,28 @@ class SharedFileTransport:
     def localize(self, handle: WeightHandle, directory: Path) -> WeightHandle:
         return handle  # a file on this node already
 
-    def _fresh_dir(self, stem: str) -> tuple[Path, Path]:
-        """A (temporary, final) pair of directory names no earlier publish used (a version can be re-published)."""
+    def _fresh_dir(self, stem: str) -> Path:
+        """A directory name no earlier publish used (a version can be re-published)."""
         self._dir.make()
-        tag = f"{stem}-{uuid.uuid4().hex[:8]}"
-        return self.directory / f"{tag}.tmp", self.directory / tag
+        return self.directory / f"{stem}-{uuid.uuid4().hex[:8]}"
 
     def publish_lora(self, version: int, write: Callable[[Path], int]) -> WeightHandle:
         """``write(directory)`` writes a PEFT LoRA there and returns its weight bytes."""
-        tmp, final = self._fresh_dir(f"lora-v{version:06d}")
-        num_bytes = write(tmp)
-        os.replace(tmp, final)
+        final = self._fresh_dir(f"lora-v{version:06d}")
+        with atomic_directory(final) as tmp:  # engines never see half a LoRA
+            num_bytes = write(tmp)
         return WeightHandle(version=version, transport=self.name, location=str(final), num_bytes=num_bytes, kind=WeightKind.LORA)
 
     def publish_prompt_loras(self, version: int, prompts: Sequence[Sequence[int]], write: Callable[[Path, int], int]) -> WeightHandle:
         """One LoRA per distinct prompt: ``write(directory, i)`` writes prompt i's; engines find it by ``prompt_key``."""
-        tmp, final = self._fresh_dir(f"loras-v{version:06d}")
+        final = self._fresh_dir(f"loras-v{version:06d}")
         keys, num_bytes = [], 0
-        for i, p in enumerate(prompts):
-            key = prompt_key(p)
-            if key not in keys:
-                num_bytes += write(tmp / key, i)
-                keys.append(key)
-        os.replace(tmp, final)
+        with atomic_directory(final) as tmp:
+            for i, p in enumerate(prompts):
+                key = prompt_key(p)
+                if key not in keys:
+                    num_bytes += write(tmp / key, i)
+                    keys.append(key)
         return WeightHandle(version=version, transport=self.name, location=str(final), num_bytes=num_bytes,
                             names=keys, kind=WeightKind.LORA_PER_PROMPT)
 

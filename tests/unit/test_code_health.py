@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ("rl", "trainer", "rollout", "rewards", "adapters")
+PACKAGES = ("rl", "trainer", "rollout", "rewards", "adapters", "common")
 
 
 def package_modules() -> dict[str, Path]:

@@ -3,7 +3,8 @@
 - pytest imports test modules by basename (rootdir mode): two `test_x.py` in different folders
   break collection of the whole suite, so basenames must be unique.
 - Layers (STYLE.md): `rl/` sits on top; `rollout/`, `trainer/`, `rewards/`, `adapters/` never
-  import `rl`, and `rollout/` and `trainer/` never import each other.
+  import `rl`, and `rollout/` and `trainer/` never import each other; `common/`, below them all,
+  imports none of them.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ FORBIDDEN_IMPORTS = {
     "trainer": {"rl", "rollout"},
     "rewards": {"rl"},
     "adapters": {"rl"},
+    "common": {"rl", "rollout", "trainer", "rewards", "adapters"},
 }
 
 
