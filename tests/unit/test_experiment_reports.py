@@ -29,7 +29,8 @@ DOCS = ROOT / "docs" / "experiments"
                                                ("experiment_arrow_mbc.py", "arrow-mbc", ["--sft-steps", "400"]),
                                                ("experiment_arrow_mbc.py", "arrow-mbc-smollm2", ["--family", "smollm2"]),
                                                ("experiment_merging.py", "merging", ["--seeds", "0", "1", "--sft-steps", "400"]),
-                                               ("experiment_merging.py", "merging-smollm2", ["--family", "smollm2"])])
+                                               ("experiment_merging.py", "merging-smollm2", ["--family", "smollm2"]),
+                                               ("experiment_tool_reward.py", "tool-reward", [])])
 def test_report_is_the_scripts_rendering_of_its_results(script, stem, args, tmp_path):
     shutil.copy(DOCS / f"{stem}.json", tmp_path / f"{stem}.json")
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / script), "--report-only", "--out", str(tmp_path), *args],
