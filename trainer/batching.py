@@ -107,7 +107,8 @@ def collate(batch: TrainBatch, pad_id: int, device, packed: bool = False) -> dic
 
     ``packed``: the forward pass also gets the rows end to end in one row without padding,
     ``packed_input_ids``/``packed_position_ids`` [1, sum of lengths] (positions restart at 0 per row, so
-    attention stays within a row), and ``packed_index`` [n, T-1]: where predicted position t of row i sits
+    attention stays within a row), ``packed_cu_seq_lens`` [n + 1] (0, then where each row ends in the packed
+    row: what varlen attention kernels read), and ``packed_index`` [n, T-1]: where predicted position t of row i sits
     in the packed row (0 past the row's end). The forward is gathered back into the padded layout, so all
     loss math is the same however the rows were laid out.
     """
@@ -143,6 +144,7 @@ def collate(batch: TrainBatch, pad_id: int, device, packed: bool = False) -> dic
         positions = torch.arange(T - 1)
         aligned["packed_input_ids"] = torch.tensor([t for s in seqs for t in s]).unsqueeze(0)
         aligned["packed_position_ids"] = torch.cat([torch.arange(n_) for n_ in lengths]).unsqueeze(0)
+        aligned["packed_cu_seq_lens"] = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
         aligned["packed_index"] = torch.where(positions < torch.tensor(lengths)[:, None] - 1, offsets[:, None] + positions, 0)
     return {
         **{name: t.to(device) for name, t in aligned.items()},

@@ -33,10 +33,11 @@ class TrainerConfig(Section):
         1, ge=1, description="Optimizer steps per rollout batch (>1 makes later updates off-policy; the clip matters then)."
     )
     gradient_checkpointing: bool = False
-    attn_implementation: Optional[Literal["eager", "sdpa", "flash_attention_2", "flex_attention"]] = Field(
+    attn_implementation: Optional[Literal["eager", "sdpa", "sdpa_varlen", "flash_attention_2", "flex_attention"]] = Field(
         None, description="The trainer's attention kernel (transformers' attn_implementation); None: the model's default "
-        "(sdpa). With packed micro-batches, flash_attention_2 attends within each sequence instead of masking the rest "
-        "of the row (needs the flash-attn package and a GPU).")
+        "(sdpa), and with packed micro-batches sdpa_varlen: PyTorch's SDPA run on each packed sequence alone, where sdpa "
+        "masks the whole row (the same numbers, less attention work). flash_attention_2 also attends within each "
+        "sequence (needs the flash-attn package and a GPU).")
     logits_chunk_rows: int = Field(
         0, ge=0, description="Response tokens per pass through the LM head in training (0: all of a micro-batch at "
         "once). k > 0 caps the logits held at once at [k x vocab] instead of [response tokens x vocab], for one more "

@@ -32,9 +32,9 @@ class ValueModel(torch.nn.Module):
         torch.nn.init.normal_(self.value_head.weight, std=1.0 / (hidden + 1), generator=torch.Generator().manual_seed(seed))
         torch.nn.init.zeros_(self.value_head.bias)
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=False):
+    def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=False, **attention_kwargs):
         hidden = self.decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                              use_cache=use_cache).last_hidden_state
+                              use_cache=use_cache, **attention_kwargs).last_hidden_state
         return self.value_head(hidden).squeeze(-1).float()  # [rows, T]
 
 

@@ -33,8 +33,17 @@ def forward_packed_or_padded(module, mb: dict, **kwargs):
     made one (position ids restarting per sequence, no attention mask: the model keeps the sequences apart),
     else on the padded rows. Gather positions back with ``unpack``."""
     if "packed_input_ids" in mb:  # no cache: transformers reads packed sequences from the position ids only without one
-        return module(input_ids=mb["packed_input_ids"], position_ids=mb["packed_position_ids"], use_cache=False, **kwargs)
+        return module(input_ids=mb["packed_input_ids"], position_ids=mb["packed_position_ids"], use_cache=False,
+                      **sequence_bounds(mb["packed_cu_seq_lens"]), **kwargs)
     return module(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"], **kwargs)
+
+
+def sequence_bounds(cu_seq_lens: torch.Tensor) -> dict:
+    """The packed row's sequence boundaries as the keyword arguments transformers hands to the attention kernel
+    (flash-attention's varlen path and ``sdpa_varlen`` attend within them; ``sdpa`` and ``eager`` ignore them).
+    ``cu_seq_lens`` [sequences + 1], int32: 0, then each sequence's end."""
+    longest = int(cu_seq_lens.diff().max())
+    return {"cu_seq_lens_q": cu_seq_lens, "cu_seq_lens_k": cu_seq_lens, "max_length_q": longest, "max_length_k": longest}
 
 
 def unpack(per_position: torch.Tensor, mb: dict) -> torch.Tensor:
@@ -56,10 +65,16 @@ def check_packing(model) -> None:
     def out(o):
         return (o.last_hidden_state if parts else o.logits).float()
 
+    row = {"packed_input_ids": torch.tensor([seqs[0] + seqs[1]]),
+           "packed_position_ids": torch.tensor([list(range(len(seqs[0]))) + list(range(len(seqs[1])))]),
+           "packed_cu_seq_lens": torch.tensor([0, len(seqs[0]), len(seqs[0]) + len(seqs[1])], dtype=torch.int32)}
     with torch.no_grad():
         alone = [out(module(input_ids=torch.tensor([s]), attention_mask=torch.ones(1, len(s), dtype=torch.long)))[0] for s in seqs]
-        packed = out(module(input_ids=torch.tensor([seqs[0] + seqs[1]]), use_cache=False,
-                            position_ids=torch.tensor([list(range(len(seqs[0]))) + list(range(len(seqs[1])))])))[0]
+        try:
+            packed = out(forward_packed_or_padded(module, row))[0]
+        except TypeError as e:  # a forward without **kwargs cannot take the sequence bounds
+            raise ValueError(f"{type(model).__name__} does not take packed sequence bounds ({e}): set "
+                             "trainer.max_tokens_per_micro_batch=0") from e
     together = torch.cat(alone)
     gap = float((packed - together).abs().max() / together.abs().max().clamp(min=1e-6))
     # Rounding alone stays well below these (a model that mixes the sequences: ~0.18 on a 2-layer random Llama).

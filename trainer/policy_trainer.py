@@ -90,8 +90,13 @@ class PolicyTrainer:
         from transformers import AutoModelForCausalLM
 
         kernel = {"attn_implementation": self.cfg.attn_implementation} if self.cfg.attn_implementation else {}
-        return AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[self.setup.dtype], trust_remote_code=self.setup.trust_remote_code,
-                                                    **kernel)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[self.setup.dtype], trust_remote_code=self.setup.trust_remote_code,
+                                                     **kernel)
+        if self.cfg.max_tokens_per_micro_batch and not self.cfg.attn_implementation:
+            from trainer.attention import attend_within_sequences
+
+            attend_within_sequences(model)  # packed rows: SDPA per sequence instead of a mask over the row
+        return model
 
     def ready(self) -> bool:
         """Returns once the rank is up (the group waits on it, so start-up errors surface at start)."""

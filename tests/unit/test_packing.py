@@ -1,7 +1,7 @@
 """Token-budget micro-batches packed into one row: the layout changes no number. On a tiny random Llama with
 grouped-query attention and tied embeddings (in process, no DeepSpeed), the trainer's loss, its gradient and
-the critic's values are the same packed as padded; a model whose attention crosses packed sequences is
-refused."""
+the critic's values are the same packed as padded, with transformers' masked kernels and with the per-sequence
+``sdpa_varlen``; a model whose attention crosses packed sequences is refused."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from trainer.attention import ATTENTION, sdpa_varlen
 from trainer.batching import collate, token_budget_bins
 from trainer.config import AlgorithmConfig, TrainerConfig
 from trainer.critic import ValueModel
@@ -55,7 +56,7 @@ def test_packed_index_points_at_each_rows_tokens():
         assert packed_tokens.tolist() == mb["input_ids"][i, : n - 1].tolist()
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager", ATTENTION])
 def test_decoder_output_is_the_same_packed_or_padded(attn):
     model = tiny_llama(attn)
     batch = ragged_batch()
@@ -78,13 +79,13 @@ def bare_trainer(model, budget: int, micro_batch_size: int = 3) -> PolicyTrainer
     return t
 
 
-@pytest.mark.parametrize("budget", [16, 40])
-def test_trainer_loss_and_gradient_are_the_same_packed(budget):
+@pytest.mark.parametrize("budget,attn", [(16, "sdpa"), (40, "sdpa"), (16, ATTENTION), (40, ATTENTION)])
+def test_trainer_loss_and_gradient_are_the_same_packed(budget, attn):
     batch = ragged_batch(n=8)
     counts = dict(num_sequences=batch.num_sequences, num_tokens=batch.num_tokens, max_response_len=9)
     results = []
     for b in (0, budget):
-        model = tiny_llama()
+        model = tiny_llama(attn if b else "sdpa")
         trainer = bare_trainer(model, b)
         micro = trainer._micro_batches(batch, num=2)
         stats = Stats()
@@ -104,8 +105,9 @@ def test_trainer_loss_and_gradient_are_the_same_packed(budget):
     assert max(abs(x - y) for r0, r1 in zip(lp0, lp1) for x, y in zip(r0, r1)) < 1e-5
 
 
-def test_critic_values_are_the_same_packed():
-    value_model = ValueModel(tiny_llama()).eval()
+@pytest.mark.parametrize("attn", ["sdpa", ATTENTION])
+def test_critic_values_are_the_same_packed(attn):
+    value_model = ValueModel(tiny_llama(attn)).eval()
     batch = ragged_batch()
     padded, packed = (collate(batch, 0, "cpu", packed=p) for p in (False, True))
     with torch.no_grad():
@@ -133,7 +135,7 @@ class CrossingAttention(torch.nn.Module):
         super().__init__()
         self.inner = inner
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=None):
+    def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=None, **attention_kwargs):
         return self.inner(input_ids=input_ids)
 
 
@@ -149,11 +151,46 @@ def test_packing_is_refused_for_offline_dpo():
         load_recipe(None, ["algorithm.name=dpo", "trainer.max_tokens_per_micro_batch=256"], check_paths=False)
 
 
-@pytest.mark.parametrize("kernel", [None, "eager"])
-def test_the_trainer_loads_the_attention_kernel_the_recipe_names(tmp_path, kernel):
+@pytest.mark.parametrize("kernel,budget,loaded", [(None, 16, ATTENTION), (None, 0, "sdpa"), ("sdpa", 16, "sdpa"),
+                                                   ("eager", 16, "eager")])
+def test_the_trainer_loads_the_attention_kernel_the_recipe_names(tmp_path, kernel, budget, loaded):
+    """Unset, packed micro-batches get the per-sequence kernel; a kernel the recipe names is kept."""
     tiny_llama().save_pretrained(tmp_path)
-    trainer = bare_trainer(None, budget=16)
-    trainer.cfg = TrainerConfig(max_tokens_per_micro_batch=16, attn_implementation=kernel)
+    trainer = bare_trainer(None, budget=budget)
+    trainer.cfg = TrainerConfig(max_tokens_per_micro_batch=budget, attn_implementation=kernel)
     model = trainer._load(str(tmp_path))
-    assert model.config._attn_implementation == (kernel or "sdpa")
-    check_packing(model)  # packed sequences stay apart with either kernel
+    assert model.config._attn_implementation == loaded
+    check_packing(model)  # packed sequences stay apart with every kernel
+
+
+def reference_attention(q, k, v, scale):
+    """Causal softmax attention written out: q [heads, T, d], k/v [kv_heads, T, d] -> [T, heads, d]."""
+    k, v = (x.repeat_interleave(q.shape[0] // x.shape[0], dim=0) for x in (k, v))
+    scores = q @ k.transpose(1, 2) * scale
+    scores = scores.masked_fill(torch.ones(q.shape[1], q.shape[1], dtype=torch.bool).triu(1), float("-inf"))
+    return (scores.softmax(-1) @ v).transpose(0, 1)
+
+
+def test_sdpa_varlen_attends_within_each_sequence_only():
+    torch.manual_seed(0)
+    lengths, heads, kv_heads, d = [3, 1, 5], 4, 2, 8
+    q, k, v = torch.randn(1, heads, 9, d), torch.randn(1, kv_heads, 9, d), torch.randn(1, kv_heads, 9, d)
+    module = SimpleNamespace(is_causal=True)
+    out, weights = sdpa_varlen(module, q, k, v, None, scaling=0.3, cu_seq_lens_q=torch.tensor([0, 3, 4, 9], dtype=torch.int32))
+    assert out.shape == (1, 9, heads, d) and weights is None
+    start = 0
+    for n in lengths:  # each sequence's output is its own attention, as if alone in the row
+        expected = reference_attention(q[0, :, start:start + n], k[0, :, start:start + n], v[0, :, start:start + n], 0.3)
+        assert (out[0, start:start + n] - expected).abs().max() < 1e-5
+        start += n
+
+
+def test_sdpa_varlen_leaves_sliding_windows_to_the_mask():
+    """A kernel argument this one does not implement goes to transformers' sdpa with the mask it was given."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8)
+    keep_first_only = torch.zeros(1, 1, 4, 4, dtype=torch.bool)
+    keep_first_only[..., 0] = True
+    out, _ = sdpa_varlen(SimpleNamespace(is_causal=True, num_key_value_groups=1), q, k, v, keep_first_only, scaling=1.0,
+                         cu_seq_lens_q=torch.tensor([0, 4], dtype=torch.int32), sliding_window=2)
+    assert (out - v[0, :, :1].transpose(0, 1)).abs().max() < 1e-6  # the mask was applied: every query reads key 0
