@@ -2,7 +2,7 @@
 micro-batches packed into one row (``trainer.max_tokens_per_micro_batch``), side by side in one run.
 
     .venv/bin/python scripts/bench_packing.py [--prompts 8] [--group 4] [--new-tokens 384]
-                                              [--arms padded:8 packed:1024 packed:2048] [--steps 2]
+                                              [--arms padded:8 packed:1024:sdpa packed:1024] [--steps 2]
 
 The batch is real: SmolLM2-135M-Instruct (``builtin:smollm2-135m-instruct``) samples ``--group`` replies to each
 of ``--prompts`` GSM8K questions (the smollm2-gsm8k recipe's template, chat format, temperature 1, up to
@@ -10,7 +10,9 @@ of ``--prompts`` GSM8K questions (the smollm2-gsm8k recipe's template, chat form
 (``trainer.policy_trainer.PolicyTrainer``: DeepSpeed ZeRO-0, float32, GRPO's clipped loss, random +-1 advantages)
 on that batch in a fresh process: one warm-up step, then ``--steps`` timed steps (median reported).
 ``padded:M`` cuts the batch into micro-batches of M rows in length order (the default path); ``packed:K`` fills
-micro-batches with whole sequences up to K tokens and packs each into one row. Reported per arm: seconds per
+micro-batches with whole sequences up to K tokens and packs each into one row, attended with the trainer's default
+kernel for packed rows (``sdpa_varlen``: SDPA per sequence); ``packed:K:KERNEL`` names another
+``trainer.attn_implementation`` (``sdpa``: transformers' SDPA with a block-diagonal mask over the row). Reported per arm: seconds per
 step, tokens per second (prompt + reply tokens, no padding), the share of the forward's positions that are
 padding, peak RSS above the loaded model, and the loss (the same batch, so the same loss up to float rounding).
 Writes docs/benchmarks/packing.md (+ .json) with the machine described.
@@ -75,7 +77,7 @@ def arm(args, spec: str, batch_file: Path, out: Path) -> None:
     from trainer.setup import TrainerSetup
     from trainer.types import TrainBatch
 
-    kind, size = spec.split(":")
+    kind, size, *kernel = spec.split(":")
     data = json.loads(batch_file.read_text())
     rng = random.Random(0)
     responses = data["responses"]
@@ -83,7 +85,8 @@ def arm(args, spec: str, batch_file: Path, out: Path) -> None:
                        num_sequences=len(responses), num_tokens=sum(map(len, responses)))
     cfg = TrainerConfig(lr=1e-6, torch_threads=os.cpu_count() or 1,
                         micro_batch_size=int(size) if kind == "padded" else 8,
-                        max_tokens_per_micro_batch=int(size) if kind == "packed" else 0)
+                        max_tokens_per_micro_batch=int(size) if kind == "packed" else 0,
+                        attn_implementation=kernel[0] if kernel else None)
     setup = TrainerSetup(policy=PolicySpec(kind="full", base_model=model_dir()), dtype="float32", trainer=cfg,
                          algorithm=AlgorithmConfig(loss_aggregation="token-mean"), max_response_len=args.new_tokens,
                          master_port=free_port())
@@ -112,7 +115,7 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--group", type=int, default=4)
     ap.add_argument("--new-tokens", type=int, default=384)
-    ap.add_argument("--arms", nargs="+", default=["padded:8", "packed:1024", "packed:2048"])
+    ap.add_argument("--arms", nargs="+", default=["padded:8", "packed:1024:sdpa", "packed:1024"])
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "gsm8k" / "train.jsonl"))
     ap.add_argument("--out", default=str(ROOT / "docs" / "benchmarks"))
