@@ -1,16 +1,17 @@
-"""Does rewarding a valid tool call keep GRPO on the tool? SmolLM2-135M-Instruct as an OpenAI-tools agent with a
-calculator (recipes/smollm2-agent-tools.yaml), its first call forced, with and without a reward for a call the
-calculator evaluates.
+"""Does rewarding a tool call keep GRPO on the tool, and does it matter what the reward pays for? SmolLM2-135M-Instruct
+as an OpenAI-tools agent with a calculator (recipes/smollm2-agent-tools.yaml), its first call forced: without a call
+reward, with a reward for any call the calculator evaluates, and with a reward for a call that computes the answer.
 
-    .venv/bin/python scripts/experiment_tool_reward.py                # 2 arms x 3 seeds (~16 min a run on 2 cores)
+    .venv/bin/python scripts/experiment_tool_reward.py                # 3 arms x 3 seeds (~16 min a run on 2 cores)
     .venv/bin/python scripts/experiment_tool_reward.py --report-only  # rewrite the report from its JSON
 
 Protocol: both arms run the recipe for ``--steps`` steps (8 prompts x 4 episodes, temperature 1, lr 1e-5, full
 model), evaluating greedily on 100 held-out 2-digit additions every ``--steps // 2`` steps. The agent is
 docs/guide/examples/chat_tools_agent.py: ``run_episode_calling_first`` (every episode's first reply is forced to
 open a calculator call; the reward is the final answer's ``math_verify``) and ``run_episode_rewarding_calls`` (the
-same, plus ``VALID_CALL_BONUS`` when the calculator evaluated one of the episode's calls). Held-out accuracy is the
-final answer's ``math_verify`` in both. Runs go to ``--runs``; a finished run is reused. Writes
+same, plus ``VALID_CALL_BONUS`` when the calculator evaluated one of the episode's calls) and
+``run_episode_rewarding_useful_calls`` (the same bonus, only when a call's result is the gold answer). Held-out
+accuracy is the final answer's ``math_verify`` in all three. Runs go to ``--runs``; a finished run is reused. Writes
 ``<out>/tool-reward.md`` and ``tool-reward.json``.
 """
 
@@ -32,9 +33,10 @@ from rl.metrics import machine_of_run, read_metrics, recorded_machine_of_rows  #
 
 RECIPE = "recipes/smollm2-agent-tools.yaml"
 AGENT = "docs/guide/examples/chat_tools_agent.py"
-FORCED, REWARDED = "forced call", "forced call + call reward"
+FORCED, REWARDED, USEFUL = "forced call", "forced call + call reward", "forced call + useful-call reward"
 ARMS = [Arm(FORCED, RECIPE, [f"agent.fn={AGENT}:run_episode_calling_first"]),
-        Arm(REWARDED, RECIPE, [f"agent.fn={AGENT}:run_episode_rewarding_calls"])]
+        Arm(REWARDED, RECIPE, [f"agent.fn={AGENT}:run_episode_rewarding_calls"]),
+        Arm(USEFUL, RECIPE, [f"agent.fn={AGENT}:run_episode_rewarding_useful_calls"])]
 
 
 def run(arm: Arm, seed: int, args) -> dict:
@@ -48,19 +50,19 @@ def run(arm: Arm, seed: int, args) -> dict:
                                            f"output_dir={run_dir}", "logging.progress=false"])).fit()
     bonus = bonus_of(arm)
 
-    def evaluated(row: dict) -> float | None:  # the agent's reward is the bonus or 0, so its mean is the bonus's share
+    def rewarded(row: dict) -> float | None:  # the agent's reward is the bonus or 0, so its mean is the bonus's share
         return row.get("env_reward_mean", 0.0) / bonus if bonus else None
 
     train = read_metrics(run_dir, "train")
     return {"arm": arm.name, "seed": seed, "run_dir": str(run_dir), "machine": machine_of_run(run_dir),
-            "evals": [{"step": e["step"], "accuracy": e["accuracy"], "called": e["multi_turn_fraction"], "evaluated": evaluated(e)}
+            "evals": [{"step": e["step"], "accuracy": e["accuracy"], "called": e["multi_turn_fraction"], "rewarded": rewarded(e)}
                       for e in read_metrics(run_dir, "eval")],
-            "train": [{"step": t["step"], "called": t["multi_turn_fraction"], "evaluated": evaluated(t)} for t in train],
+            "train": [{"step": t["step"], "called": t["multi_turn_fraction"], "rewarded": rewarded(t)} for t in train],
             "seconds_per_step": statistics.mean(t["time_step"] for t in train)}
 
 
 def bonus_of(arm: Arm) -> float:
-    if arm.name != REWARDED:
+    if arm.name not in (REWARDED, USEFUL):
         return 0.0
     from rewards.registry import load_plugin
 
@@ -76,23 +78,26 @@ def report(results: list[dict], command: str) -> str:
     def at(rows, step, key, kind="evals"):
         return [e[key] for r in rows for e in r[kind] if e["step"] == step and e[key] is not None]
 
-    lines = [f"# A reward for a valid tool call: {FORCED} vs {REWARDED}", "", f"Reproduce: `{command}`", "",
+    lines = ["# A reward for a tool call: for any call the calculator evaluates, or for a call that computes the answer", "",
+             f"Reproduce: `{command}`", "",
              f"Machine: {recorded_machine_of_rows(results)}. Seeds: {', '.join(map(str, seeds))}; mean ± std over seeds.", "",
              "Question: SmolLM2-135M-Instruct does not call tools on its own. With its first call forced and only the answer "
-             "rewarded, does GRPO keep it on the tool, and does a reward for a call the calculator evaluates change that?", "",
+             "rewarded, does GRPO keep it on the tool? Does a reward for a call the calculator evaluates change that, and does "
+             "paying only for a call that computes the answer turn calling into answering right?", "",
              "## Held-out greedy evaluation (100 prompts)", "",
              "| arm | " + " | ".join([*(f"accuracy, step {s}" for s in steps), *(f"episodes with a call (%), step {s}" for s in steps),
-                                     *(f"calls evaluated (%), step {s}" for s in steps)]) + " | s/step |",
+                                     *(f"calls rewarded (%), step {s}" for s in steps)]) + " | s/step |",
              "|---|" + "---|" * (3 * len(steps) + 1)]
     for a in arms:
         rows = by_arm[a]
         cells = [mean_std(at(rows, s, "accuracy")) for s in steps] + [mean_std(at(rows, s, "called"), percent=True) for s in steps]
-        cells += [mean_std(at(rows, s, "evaluated"), percent=True) if at(rows, s, "evaluated") else "not measured" for s in steps]
+        cells += [mean_std(at(rows, s, "rewarded"), percent=True) if at(rows, s, "rewarded") else "not measured" for s in steps]
         lines.append(f"| {a} | " + " | ".join(cells) + f" | {statistics.mean(r['seconds_per_step'] for r in rows):.0f} |")
     last, first_train = steps[-1], min(t["step"] for r in results for t in r["train"])
     last_train = max(t["step"] for r in results for t in r["train"])
-    lines += ["", "\"Episodes with a call\": the parser read a call (2 or more turns); \"calls evaluated\": the calculator evaluated "
-              f"one of them (the {REWARDED} arm's agent reward divided by its bonus; the other arm's agent does not report it).", "",
+    lines += ["", "\"Episodes with a call\": the parser read a call (2 or more turns); \"calls rewarded\": episodes whose agent "
+              f"paid the bonus (its reward divided by the bonus): {REWARDED}, a call the calculator evaluated; {USEFUL}, a call "
+              f"whose result is the gold answer. The {FORCED} arm's agent reports neither.", "",
               f"## Sampled training episodes (temperature 1): with a call, step {first_train} -> step {last_train}", ""]
     for a in arms:
         rows = by_arm[a]
@@ -103,11 +108,15 @@ def report(results: list[dict], command: str) -> str:
         finals = [(r["seed"], e["accuracy"]) for r in by_arm[a] for e in r["evals"] if e["step"] == last]
         lines.append(f"- {a}: " + ", ".join(f"seed {seed} {accuracy:.2f}" for seed, accuracy in finals))
     start = statistics.mean(at(results, 0, "accuracy"))
-    acc, calls = (at_least(at(by_arm[REWARDED], last, key), at(by_arm[FORCED], last, key), start=start if key == "accuracy" else None)
-                  for key in ("accuracy", "called"))
-    lines += ["", "## Verdict (95% Welch interval over seeds, `rl/claims.py`)", "",
-              f"- {REWARDED} ends above {FORCED} in held-out accuracy: {describe(acc)}",
-              f"- ... in the share of greedy episodes that make a call: {describe(calls)}", ""]
+    def above(a: str, b: str, key: str):
+        return at_least(at(by_arm[a], last, key), at(by_arm[b], last, key), start=start if key == "accuracy" else None)
+
+    lines += ["", "## Verdict (95% Welch interval over seeds, `rl/claims.py`)", ""]
+    for a, b in ((REWARDED, FORCED), (USEFUL, FORCED), (USEFUL, REWARDED)):
+        if by_arm[a] and by_arm[b]:
+            lines += [f"- {a} ends above {b} in held-out accuracy: {describe(above(a, b, 'accuracy'))}",
+                      f"- ... in the share of greedy episodes that make a call: {describe(above(a, b, 'called'))}"]
+    lines.append("")
     return "\n".join(lines)
 
 

@@ -158,6 +158,20 @@ def test_the_example_agent_rewards_only_a_call_the_calculator_evaluates(gateway,
     gateway.close_episode(key)
 
 
+@pytest.mark.parametrize("expression, rewarded", [("2+3", True), ("2*3", False)])
+def test_the_useful_call_agent_rewards_only_a_call_that_computes_the_answer(gateway, expression, rewarded):
+    """Both calls are valid; only the one whose result is the gold answer earns the bonus."""
+    from rewards.registry import load_plugin
+
+    examples = Path(__file__).parents[2] / "docs/guide/examples/chat_tools_agent.py"
+    agent = load_plugin(f"{examples}:run_episode_rewarding_useful_calls", "agent function")
+    bonus = load_plugin(f"{examples}:VALID_CALL_BONUS", "bonus")
+    gateway.engines = ScriptedEngines(gateway.tokenizer, [f' {{"expression": "{expression}"}}}}\n</tool_call>', "#### 5"])
+    key = gateway.open_episode(seed=0)
+    assert agent(_client(gateway, key), "What is 2+3?", answer="5") == (bonus if rewarded else 0.0)
+    gateway.close_episode(key)
+
+
 @pytest.mark.parametrize("parser, rest", [("hermes", ' "calc", "arguments": {"expr": "2+3"}}\n</tool_call>'),
                                           ("pythonic", "calc(expr='2+3')]")])
 def test_each_known_call_opening_is_read_back_by_its_vllm_parser(parser, rest):

@@ -7,7 +7,8 @@ recipe's reward scores. The loop is the one any OpenAI-API agent runs; nothing i
 ``run_episode_calling_first`` forces the first reply to be a calculator call (``tool_choice``), for a model that
 would not call on its own; ``run_episode_rewarding_calls`` does too and returns ``VALID_CALL_BONUS`` (added to the
 recipe's rewards) when the episode made a call the calculator could evaluate, so that learning to answer does
-not mean learning to leave the tool.
+not mean learning to leave the tool. ``run_episode_rewarding_useful_calls`` pays the same bonus only when a call
+computed the row's gold ``answer``: a call that is valid but computes something else earns nothing.
 """
 
 import json
@@ -33,11 +34,11 @@ def calculator(arguments: str) -> str:
         return CALCULATOR_ERROR
 
 
-def tool_episode(client, prompt, max_calls=2, first_tool_choice="auto") -> int:
-    """The tool loop; returns how many of its calls the calculator could evaluate. The last reply (the one
-    without a call) is the final answer, which the recipe's rewards score."""
+def tool_episode(client, prompt, max_calls=2, first_tool_choice="auto") -> list[str]:
+    """The tool loop; returns what the calculator computed for the calls it could evaluate. The last reply
+    (the one without a call) is the final answer, which the recipe's rewards score."""
     messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt}]
-    valid_calls = 0
+    computed = []
     for turn in range(max_calls + 1):
         message = client.chat.completions.create(model="policy", messages=messages, tools=[CALCULATOR], max_tokens=48,
                                                  tool_choice=first_tool_choice if turn == 0 else "auto").choices[0].message
@@ -46,9 +47,10 @@ def tool_episode(client, prompt, max_calls=2, first_tool_choice="auto") -> int:
         messages.append(message.model_dump(exclude_none=True))
         for call in message.tool_calls:
             result = calculator(call.function.arguments) if call.function.name == "calculator" else f"error: no tool {call.function.name!r}"
-            valid_calls += not result.startswith("error")
+            if not result.startswith("error"):
+                computed.append(result)
             messages.append({"role": "tool", "tool_call_id": call.id, "content": result})
-    return valid_calls
+    return computed
 
 
 def run_episode(client, prompt, **columns):
@@ -61,3 +63,8 @@ def run_episode_calling_first(client, prompt, **columns):
 
 def run_episode_rewarding_calls(client, prompt, **columns):
     return VALID_CALL_BONUS if tool_episode(client, prompt, first_tool_choice=FORCE_CALCULATOR) else 0.0
+
+
+def run_episode_rewarding_useful_calls(client, prompt, answer, **columns):
+    computed = tool_episode(client, prompt, first_tool_choice=FORCE_CALCULATOR)
+    return VALID_CALL_BONUS if str(answer).strip() in computed else 0.0
