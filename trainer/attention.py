@@ -46,7 +46,7 @@ AttentionMaskInterface.register(ATTENTION, sdpa_mask)
 
 def attend_within_sequences(model) -> str:
     """Switch ``model`` from transformers' ``sdpa`` to ``sdpa_varlen`` where it dispatches attention through
-    transformers' kernel registry (Llama, Qwen, Mistral, Gemma, ... do); leave any other kernel alone.
+    transformers' kernel registry (Llama and Qwen do); leave any other kernel alone.
     Returns the kernel the model uses now."""
     if model.config._attn_implementation == "sdpa" and getattr(model, "_supports_attention_backend", False):
         model.set_attn_implementation(ATTENTION)

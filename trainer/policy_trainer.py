@@ -89,12 +89,12 @@ class PolicyTrainer:
     def _load(self, path: str):
         from transformers import AutoModelForCausalLM
 
+        from trainer.attention import attend_within_sequences  # registers sdpa_varlen, which a recipe may name
+
         kernel = {"attn_implementation": self.cfg.attn_implementation} if self.cfg.attn_implementation else {}
         model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[self.setup.dtype], trust_remote_code=self.setup.trust_remote_code,
                                                      **kernel)
         if self.cfg.max_tokens_per_micro_batch and not self.cfg.attn_implementation:
-            from trainer.attention import attend_within_sequences
-
             attend_within_sequences(model)  # packed rows: SDPA per sequence instead of a mask over the row
         return model
 

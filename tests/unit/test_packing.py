@@ -152,7 +152,7 @@ def test_packing_is_refused_for_offline_dpo():
 
 
 @pytest.mark.parametrize("kernel,budget,loaded", [(None, 16, ATTENTION), (None, 0, "sdpa"), ("sdpa", 16, "sdpa"),
-                                                   ("eager", 16, "eager")])
+                                                   ("eager", 16, "eager"), (ATTENTION, 16, ATTENTION)])
 def test_the_trainer_loads_the_attention_kernel_the_recipe_names(tmp_path, kernel, budget, loaded):
     """Unset, packed micro-batches get the per-sequence kernel; a kernel the recipe names is kept."""
     tiny_llama().save_pretrained(tmp_path)
