@@ -113,9 +113,8 @@ def report(results: list[dict], command: str) -> str:
 
     lines += ["", "## Verdict (95% Welch interval over seeds, `rl/claims.py`)", ""]
     for a, b in ((REWARDED, FORCED), (USEFUL, FORCED), (USEFUL, REWARDED)):
-        if by_arm[a] and by_arm[b]:
-            lines += [f"- {a} ends above {b} in held-out accuracy: {describe(above(a, b, 'accuracy'))}",
-                      f"- ... in the share of greedy episodes that make a call: {describe(above(a, b, 'called'))}"]
+        lines += [f"- {a} ends above {b} in held-out accuracy: {describe(above(a, b, 'accuracy'))}",
+                  f"- ... in the share of greedy episodes that make a call: {describe(above(a, b, 'called'))}"]
     lines.append("")
     return "\n".join(lines)
 

@@ -142,9 +142,7 @@ def collate(batch: TrainBatch, pad_id: int, device, packed: bool = False) -> dic
         lengths = [len(s) for s in seqs]
         offsets = torch.tensor([0] + lengths[:-1]).cumsum(0)
         positions = torch.arange(T - 1)
-        aligned["packed_input_ids"] = torch.tensor([t for s in seqs for t in s]).unsqueeze(0)
-        aligned["packed_position_ids"] = torch.cat([torch.arange(n_) for n_ in lengths]).unsqueeze(0)
-        aligned["packed_cu_seq_lens"] = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
+        aligned.update(packed_row(seqs))
         aligned["packed_index"] = torch.where(positions < torch.tensor(lengths)[:, None] - 1, offsets[:, None] + positions, 0)
     return {
         **{name: t.to(device) for name, t in aligned.items()},
@@ -155,6 +153,15 @@ def collate(batch: TrainBatch, pad_id: int, device, packed: bool = False) -> dic
         "rollout_logprobs": rollout_lp.to(device),
         "advantages": torch.tensor(batch.advantages, dtype=torch.float32, device=device),
     }
+
+
+def packed_row(seqs: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
+    """Token sequences end to end in one row: ``packed_input_ids``/``packed_position_ids`` [1, sum of lengths]
+    (positions restart at 0 per sequence) and ``packed_cu_seq_lens`` [n + 1], int32 (0, then each sequence's end)."""
+    lengths = [len(s) for s in seqs]
+    return {"packed_input_ids": torch.tensor([t for s in seqs for t in s]).unsqueeze(0),
+            "packed_position_ids": torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0),
+            "packed_cu_seq_lens": torch.tensor([0] + lengths).cumsum(0).to(torch.int32)}
 
 
 def padded_prompts(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,6 +9,7 @@ from typing import Iterable, Iterator
 
 import torch
 
+from trainer.batching import packed_row
 from trainer.config import TrainerConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -65,13 +66,10 @@ def check_packing(model) -> None:
     def out(o):
         return (o.last_hidden_state if parts else o.logits).float()
 
-    row = {"packed_input_ids": torch.tensor([seqs[0] + seqs[1]]),
-           "packed_position_ids": torch.tensor([list(range(len(seqs[0]))) + list(range(len(seqs[1])))]),
-           "packed_cu_seq_lens": torch.tensor([0, len(seqs[0]), len(seqs[0]) + len(seqs[1])], dtype=torch.int32)}
     with torch.no_grad():
         alone = [out(module(input_ids=torch.tensor([s]), attention_mask=torch.ones(1, len(s), dtype=torch.long)))[0] for s in seqs]
         try:
-            packed = out(forward_packed_or_padded(module, row))[0]
+            packed = out(forward_packed_or_padded(module, packed_row(seqs)))[0]
         except TypeError as e:  # a forward without **kwargs cannot take the sequence bounds
             raise ValueError(f"{type(model).__name__} does not take packed sequence bounds ({e}): set "
                              "trainer.max_tokens_per_micro_batch=0") from e
