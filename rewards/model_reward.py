@@ -194,14 +194,11 @@ def encode_texts(tokenizer, texts: Sequence[str], max_length: int) -> list[list[
 def pad_right(rows: Sequence[Sequence[int]], pad_id: int):
     """(input_ids [b, L], attention_mask [b, L], lengths [b]) of right-padded rows."""
     import torch
+    from torch.nn.utils.rnn import pad_sequence
 
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        input_ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, : len(r)] = 1
-    return input_ids, mask, torch.tensor([len(r) for r in rows])
+    input_ids = pad_sequence([torch.tensor(r, dtype=torch.long) for r in rows], batch_first=True, padding_value=pad_id)
+    lengths = torch.tensor([len(r) for r in rows])
+    return input_ids, (torch.arange(input_ids.shape[1]) < lengths[:, None]).long(), lengths
 
 
 # ------------------------------------------------------------------------------------------ the model

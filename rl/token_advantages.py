@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from rollout.types import Completion
 from trainer import algorithms
@@ -18,13 +19,11 @@ from trainer import algorithms
 
 def padded(rows: Sequence[Sequence[float]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Ragged rows -> (values [N, L] right-padded with 0, mask [N, L])."""
-    L = max((len(r) for r in rows), default=0)
-    values = torch.zeros((len(rows), L), dtype=torch.float32)
-    mask = torch.zeros((len(rows), L), dtype=torch.bool)
-    for i, r in enumerate(rows):
-        values[i, : len(r)] = torch.tensor(list(r), dtype=torch.float32)
-        mask[i, : len(r)] = True
-    return values, mask
+    if not rows:
+        return torch.zeros((0, 0)), torch.zeros((0, 0), dtype=torch.bool)
+    values = pad_sequence([torch.tensor(list(r), dtype=torch.float32) for r in rows], batch_first=True)  # [N, L]
+    lengths = torch.tensor([len(r) for r in rows])  # [N]
+    return values, torch.arange(values.shape[1]) < lengths[:, None]
 
 
 def unpadded(values: torch.Tensor, rows: Sequence[Sequence]) -> list[list[float]]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Callable, Optional, Sequence
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from trainer.types import TrainBatch
 
@@ -166,10 +167,6 @@ def packed_row(seqs: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
 
 def padded_prompts(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded input_ids and attention_mask [n, T]."""
-    T = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), T), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, : len(p)] = torch.tensor(list(p))
-        mask[i, : len(p)] = 1
-    return ids.to(device), mask.to(device)
+    ids = pad_sequence([torch.tensor(list(p), dtype=torch.long) for p in prompts], batch_first=True, padding_value=pad_id)
+    lengths = torch.tensor([len(p) for p in prompts])
+    return ids.to(device), (torch.arange(ids.shape[1]) < lengths[:, None]).long().to(device)
