@@ -6,4 +6,6 @@ and ``adapters`` all need can therefore live in none of them. It lives here, bel
 code belongs here (a worker that imports it pays nothing), never anything about models, rollouts or training.
 
 - ``common.atomic``: directories written whole or not at all (``atomic_directory``, ``fsync_dir``)
+- ``common.registry``: short names for objects of one kind (``Registry``): rewards, environments, weight transports and
+  the algorithms' math each keep one
 """

@@ -25,7 +25,6 @@ episode then scores the reward fallback and is counted by kind (``env_error``, `
 from __future__ import annotations
 
 import ast
-import difflib
 import operator
 import re
 import threading
@@ -33,6 +32,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Protocol, Sequence
 
+from common.registry import Registry
 from rewards.registry import load_plugin
 
 
@@ -51,21 +51,15 @@ class Environment(Protocol):
     def step(self, turn: str) -> EnvStep: ...
 
 
-_REGISTRY: dict[str, type] = {}
+ENVIRONMENTS: Registry[type] = Registry("environment")
 
 
 def register_environment(name: str) -> Callable[[type], type]:
-    def decorator(cls: type) -> type:
-        if name in _REGISTRY and _REGISTRY[name] is not cls:
-            raise ValueError(f"environment {name!r} is already registered ({_REGISTRY[name].__qualname__})")
-        _REGISTRY[name] = cls
-        return cls
-
-    return decorator
+    return ENVIRONMENTS.register(name)
 
 
 def environment_names() -> list[str]:
-    return sorted(_REGISTRY)
+    return ENVIRONMENTS.names()
 
 
 def get_environment(spec: str) -> type:
@@ -76,16 +70,11 @@ def get_environment(spec: str) -> type:
     >>> get_environment("calculater")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    KeyError: "unknown environment 'calculater'; did you mean 'calculator'? ...
+    common.registry.UnknownName: unknown environment 'calculater'; did you mean 'calculator'? ...
     """
     spec = spec.strip()
     if ":" not in spec:
-        if spec in _REGISTRY:
-            return _REGISTRY[spec]
-        close = difflib.get_close_matches(spec, list(_REGISTRY), n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise KeyError(f"unknown environment {spec!r}{hint} registered: {', '.join(environment_names())}. "
-                       "A plugin is named as 'path/to/file.py:Class' or 'package.module:Class'.")
+        return ENVIRONMENTS.get(spec, ". A plugin is named as 'path/to/file.py:Class' or 'package.module:Class'.")
     obj = load_plugin(spec, "environment")
     if not callable(getattr(obj, "step", None)) or not callable(getattr(obj, "reset", None)):
         raise TypeError(f"environment spec {spec!r} resolves to {obj!r}, which has no reset(row) and step(turn) methods")

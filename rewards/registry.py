@@ -40,6 +40,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable, Protocol, runtime_checkable
 
+from common.registry import Registry
+
 __all__ = ["RewardFn", "register_reward", "get_reward", "reward_names"]
 
 
@@ -50,15 +52,8 @@ class RewardFn(Protocol):
     def __call__(self, prompts: list[str], completions: list[str], **columns: Any) -> list[float]: ...
 
 
-_REGISTRY: dict[str, Callable[..., list[float]]] = {}
+REWARDS: Registry[Callable[..., list[float]]] = Registry("reward")
 _FILE_MODULES: dict[Path, ModuleType] = {}  # resolved plugin path -> executed module
-
-
-class UnknownRewardError(KeyError):
-    """KeyError whose message prints as written (plain KeyError shows the repr of its argument)."""
-
-    def __str__(self) -> str:
-        return str(self.args[0]) if self.args else ""
 
 
 def register_reward(name: str) -> Callable[[Callable], Callable]:
@@ -83,22 +78,16 @@ def register_reward(name: str) -> Callable[[Callable], Callable]:
         raise ValueError(f"reward name must be a non-empty string without ':', got {name!r}")
 
     def decorator(fn: Callable) -> Callable:
-        if name in _REGISTRY:
-            raise ValueError(
-                f"reward {name!r} is already registered (by {_describe(_REGISTRY[name])}); "
-                "pick another name"
-            )
         if not callable(fn):
             raise TypeError(f"register_reward({name!r}) needs a callable, got {type(fn).__name__}")
-        _REGISTRY[name] = fn
-        return fn
+        return REWARDS.register(name)(fn)
 
     return decorator
 
 
 def reward_names() -> list[str]:
     """Sorted names of all registered rewards (the built-ins and any registered since)."""
-    return sorted(_REGISTRY)
+    return REWARDS.names()
 
 
 def get_reward(spec: str) -> Callable[..., list[float]]:
@@ -109,14 +98,14 @@ def get_reward(spec: str) -> Callable[..., list[float]]:
     >>> get_reward("arithmetic_exactt")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    rewards.registry.UnknownRewardError: unknown reward 'arithmetic_exactt'; did you mean 'arithmetic_exact'? ...
+    common.registry.UnknownName: unknown reward 'arithmetic_exactt'; did you mean 'arithmetic_exact'? ...
     """
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"reward spec must be a non-empty string, got {spec!r}")
     spec = spec.strip()
 
     if ":" not in spec:
-        return _lookup_registered(spec)
+        return REWARDS.get(spec, ". A plugin is named as 'path/to/file.py:fn' or 'package.module:fn'.")
 
     obj = load_plugin(spec, "reward function")
     if not callable(obj):
@@ -156,19 +145,6 @@ def load_plugin(spec: str, what: str) -> Any:
     return obj
 
 
-def _lookup_registered(name: str) -> Callable[..., list[float]]:
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        pass
-    close = difflib.get_close_matches(name, list(_REGISTRY), n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    raise UnknownRewardError(
-        f"unknown reward {name!r}{hint} registered: {', '.join(reward_names()) or '(none)'}. "
-        "A plugin is named as 'path/to/file.py:fn' or 'package.module:fn'."
-    )
-
-
 def _load_file(target: str, spec: str) -> ModuleType:
     path = Path(target).expanduser()
     if not path.is_absolute():
@@ -194,6 +170,3 @@ def _load_file(target: str, spec: str) -> ModuleType:
     _FILE_MODULES[path] = module
     return module
 
-
-def _describe(fn: Callable) -> str:
-    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"

@@ -7,6 +7,7 @@ from typing import Callable, ClassVar, Iterable, Iterator, Protocol, Sequence
 
 import torch
 
+from common.registry import Registry
 from rollout.types import WeightHandle
 
 
@@ -29,26 +30,21 @@ class WeightTransport(Protocol):
     def release(self, handle: WeightHandle) -> None: ...
 
 
-_TRANSPORTS: dict[str, type] = {}
+TRANSPORTS: Registry[type] = Registry("weight transport")
 
 
 def register_transport(name: str):
     def deco(cls):
-        if name in _TRANSPORTS:
-            raise ValueError(f"weight transport '{name}' is already registered")
         cls.name = name
         cls.joins_a_group = getattr(cls, "joins_a_group", False)
-        _TRANSPORTS[name] = cls
-        return cls
+        return TRANSPORTS.register(name)(cls)
 
     return deco
 
 
 def transport_class(name: str) -> type:
     """The transport registered as ``name``: what it can do (``joins_a_group``) without building one."""
-    if name not in _TRANSPORTS:
-        raise KeyError(f"unknown weight transport '{name}'; available: {sorted(_TRANSPORTS)}")
-    return _TRANSPORTS[name]
+    return TRANSPORTS.get(name)
 
 
 def get_transport(name: str, **kwargs) -> WeightTransport:

@@ -36,7 +36,7 @@ def nan_advantage():
 
     algorithms.register("advantage", "test_nan_from_third_step")(_nan_from_third_step)
     yield
-    del registry._table("advantage")["test_nan_from_third_step"]
+    del registry.REGISTRIES["advantage"]._entries["test_nan_from_third_step"]
 
 
 def _overrides(tiny_model_root, out, *extra):

@@ -22,7 +22,7 @@ def test_builtin_names_registered_on_import():
 
 
 def test_register_returns_function_and_get_finds_it(monkeypatch):
-    monkeypatch.setitem(registry._REGISTRY, "advantage", dict(registry._REGISTRY["advantage"]))
+    monkeypatch.setattr(registry.REGISTRIES["advantage"], "_entries", dict(registry.REGISTRIES["advantage"]._entries))
 
     def mine(rewards):
         return rewards

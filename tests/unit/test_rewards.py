@@ -21,7 +21,7 @@ KINDS = {"exception", "nan", "timeout", "wrong_length", "wrong_type"}
 @pytest.fixture
 def isolated_registry(monkeypatch):
     """Rewards registered inside a test vanish after it (and plugin files are re-read)."""
-    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    monkeypatch.setattr(registry.REWARDS, "_entries", dict(registry.REWARDS._entries))
     monkeypatch.setattr(registry, "_FILE_MODULES", {})
 
 

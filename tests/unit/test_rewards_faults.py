@@ -25,7 +25,7 @@ SLACK = 1.0  # seconds on top of what the limits add up to: the suite runs two w
 @pytest.fixture
 def hung(monkeypatch):
     """Registers rewards that hang (until released at teardown, so no thread outlives the test by long)."""
-    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    monkeypatch.setattr(registry.REWARDS, "_entries", dict(registry.REWARDS._entries))
     release = threading.Event()
     threads_seen: list[threading.Thread] = []
 

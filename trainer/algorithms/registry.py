@@ -36,21 +36,22 @@ so ``get("kl", "k3")(lp, ref)`` equals ``kl_estimate(lp, ref, "k3")``.
 
 from __future__ import annotations
 
-import difflib
 from typing import Callable, TypeVar
+
+from common.registry import Registry
 
 F = TypeVar("F", bound=Callable)
 
 KINDS = ("advantage", "reward_shaping", "policy_loss", "sequence_mask", "kl", "aggregation", "preference_loss",
          "token_advantage", "value_loss", "algorithm")
 
-_REGISTRY: dict[str, dict[str, Callable]] = {kind: {} for kind in KINDS}
+REGISTRIES: dict[str, Registry[Callable]] = {kind: Registry(kind) for kind in KINDS}
 
 
-def _table(kind: str) -> dict[str, Callable]:
-    if kind not in _REGISTRY:
+def _registry(kind: str) -> Registry[Callable]:
+    if kind not in REGISTRIES:
         raise ValueError(f"unknown kind {kind!r}; kinds are {list(KINDS)}")
-    return _REGISTRY[kind]
+    return REGISTRIES[kind]
 
 
 def register(kind: str, name: str) -> Callable[[F], F]:
@@ -59,35 +60,18 @@ def register(kind: str, name: str) -> Callable[[F], F]:
     Raises ValueError for an unknown ``kind`` or a ``name`` already taken for that kind (a silent
     overwrite would let a plugin replace the default math without anyone noticing).
     """
-    table = _table(kind)
-
-    def decorator(fn: F) -> F:
-        if name in table:
-            raise ValueError(
-                f"{kind} {name!r} is already registered (by {table[name].__module__}."
-                f"{getattr(table[name], '__qualname__', type(table[name]).__qualname__)})"
-            )
-        table[name] = fn
-        return fn
-
-    return decorator
+    return _registry(kind).register(name)
 
 
 def get(kind: str, name: str) -> Callable:
     """The function registered under ``(kind, name)``.
 
-    Raises KeyError naming the available names for ``kind`` and the closest one to ``name``;
+    Raises KeyError naming the registered names for ``kind`` and the closest one to ``name``;
     ValueError for an unknown ``kind``.
     """
-    table = _table(kind)
-    if name not in table:
-        available = sorted(table)
-        close = difflib.get_close_matches(str(name), available, n=1, cutoff=0.0)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise KeyError(f"unknown {kind} {name!r}; available: {available}{hint}")
-    return table[name]
+    return _registry(kind).get(name)
 
 
 def names(kind: str) -> list[str]:
     """Sorted names registered for ``kind`` (ValueError for an unknown kind)."""
-    return sorted(_table(kind))
+    return _registry(kind).names()
