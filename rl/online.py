@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 from rl import checkpoint as ckpt
 from rl.agents import make_episode_runner
@@ -47,6 +47,27 @@ def advantage_fn(recipe: Recipe):
     options = {"normalize_std": recipe.algorithm.normalize_std, "std_eps": recipe.algorithm.std_eps}
     bound = {k: v for k, v in options.items() if k in inspect.signature(fn).parameters}
     return lambda rewards: fn(rewards, **bound)
+
+
+def train_then_sync(rollout, colocated: bool, timer: PhaseTimer, train: Callable[[], dict],
+                    publish: Callable[[dict], None]) -> dict:
+    """One train step, then the weight push, timed as ``train`` and ``weight_sync``; returns the step's stats.
+
+    Colocated (``rollout.colocate``), the engines give their GPU memory to the trainer ranks beside them while the
+    step runs, then take it back in two parts: the weights first, so the push lands while the KV cache is still
+    freed, and the KV cache only once the new weights are in.
+    """
+    with timer.phase("train"):
+        if colocated:
+            rollout.call_all("sleep")
+        stats = train()
+    with timer.phase("weight_sync"):
+        if colocated:
+            rollout.call_all("wake_up", ["weights"])
+        publish(stats)
+        if colocated:
+            rollout.call_all("wake_up", None)
+    return stats
 
 
 class OnlineRun(Run):
@@ -114,6 +135,11 @@ class OnlineRun(Run):
         self._handle = self.trainer.publish_weights(prompts)
         self.rollout.load_weights(self._handle)
 
+    def _publish_update(self, stats: dict) -> None:
+        """After a train step: push the policy unless nothing was applied, or a per-batch route pushes it before sampling."""
+        if stats.get("updates_applied") and not self.policy.routes_per_batch:
+            self._publish()
+
     # ------------------------------------------------------------------ one step
 
     def train_one_step(self) -> dict[str, float]:
@@ -133,18 +159,9 @@ class OnlineRun(Run):
         if rows and (self.workers.teacher is not None or self.algorithm.critic):
             with timer.phase("token_advantage"):  # the teacher's or the critic's pass over the batch
                 token_metrics = self._add_token_advantages(train_batch, rows, batch.rewards[keep].tolist())
-        colocated = r.rollout.colocate and rows
-        with timer.phase("train"):
-            if colocated:  # the engines give their GPU memory to the trainer ranks beside them
-                self.rollout.call_all("sleep")
-            stats = self.trainer.train_step(train_batch, r.trainer.micro_batch_size) if rows else {}
-        with timer.phase("weight_sync"):
-            if colocated:
-                self.rollout.call_all("wake_up", ["weights"])  # the KV cache stays freed while the weights arrive
-            if stats.get("updates_applied") and not self.policy.routes_per_batch:  # nothing to push without an update
-                self._publish()
-            if colocated:
-                self.rollout.call_all("wake_up", None)
+        stats = train_then_sync(self.rollout, bool(r.rollout.colocate and rows), timer,
+                                train=lambda: self.trainer.train_step(train_batch, r.trainer.micro_batch_size) if rows else {},
+                                publish=self._publish_update)
         self.allocation.observe(batch, self.step + 1)
         self.step += 1
         metrics = self._step_metrics(batch, rows, stats, timer, policy_version)

@@ -2,7 +2,8 @@
 a reply's ``<tool_call>`` becomes ``message.tool_calls``; sent back, that message is written as the reply's own
 text, so the next request extends the engine's tokens; tools the run cannot read, or a template that ignores
 them, are refused. The engine is a scripted stand-in (the real one is tested in tests/e2e/test_agent_gateway.py):
-what is tested here is the HTTP, parsing and bookkeeping layer."""
+what is tested here is the HTTP, parsing and bookkeeping layer, and the guide's example agents
+(docs/guide/examples/*_agent.py) run against it, each scored by its recipe's reward."""
 
 from __future__ import annotations
 
@@ -231,3 +232,55 @@ def test_chat_requests_the_run_cannot_serve_are_refused_before_any_engine_call(s
 def test_an_unknown_tool_parser_names_the_known_ones():
     with pytest.raises(ValueError, match="is not one of vLLM's tool parsers: .*hermes"):
         Gateway(build_tokenizer(), SamplingSpec(), max_model_len=64, tool_parser="hermez")
+
+
+def _recipe_agent_and_reward(recipe_name: str):
+    """The agent function and the reward (scoring the last reply) that a recipe trains with, resolved from the recipe."""
+    from rewards import get_reward
+    from rewards.registry import load_plugin
+    from rl.config import load_recipe
+
+    root = Path(__file__).parents[2]
+    recipe = load_recipe(str(root / "recipes" / recipe_name), [], check_paths=False)
+    (reward,) = recipe.rewards.functions
+    return load_plugin(f"{root}/{recipe.agent.fn}", "agent function"), get_reward(reward.fn)
+
+
+def _reply_ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+
+
+@pytest.mark.parametrize("final, reward", [("36", 1.0), ("35", 0.0)])
+def test_the_completions_calculator_agent_appends_the_computed_result_and_its_last_reply_is_scored(gateway, final, reward):
+    """docs/guide/examples/calculator_agent.py over /v1/completions: a reply "12*3=" is a call, the agent appends
+    what the calculator computed (" 36 ") and asks again; the recipe's reward scores the reply after it."""
+    agent, score = _recipe_agent_and_reward("agent-calculator-arithmetic.yaml")
+    gateway.engines = engines = ScriptedEngines(gateway.tokenizer, ["12*3=", final])
+    key = gateway.open_episode(seed=0)
+    assert agent(_client(gateway, key), "12*3=", answer="36") is None  # no bonus: the recipe's reward alone decides
+    ep = gateway.close_episode(key)
+
+    assert ep.seen == "12*3=" + "12*3=" + " 36 " + final and not engines.replies
+    tok = gateway.tokenizer
+    assert engines.contexts[1] == tok("12*3=12*3=", add_special_tokens=False)["input_ids"] + [tok.eos_token_id] + tok(" 36 ")["input_ids"]
+    assert ep.loss_mask == [1] * len(_reply_ids(tok, "12*3=")) + [0] * len(" 36 ") + [1] * len(_reply_ids(tok, final))
+    assert score(["12*3="], [ep.last_text], answer=["36"]) == [reward]
+
+
+@pytest.mark.parametrize("final, reward", [("#### 36", 1.0), ("#### 35", 0.0)])
+def test_the_chat_calculator_agent_answers_a_call_with_the_computed_result_and_its_last_reply_is_scored(gateway, final, reward):
+    """docs/guide/examples/chat_calculator_agent.py over /v1/chat/completions: a reply "CALC 12*3" is a call,
+    answered in the next user message with what the calculator computed; the recipe's reward scores the final reply."""
+    agent, score = _recipe_agent_and_reward("smollm2-agent-calculator.yaml")
+    gateway.engines = engines = ScriptedEngines(gateway.tokenizer, ["CALC 12*3", final])
+    key = gateway.open_episode(seed=0)
+    assert agent(_client(gateway, key), "What is 12*3?", answer="36") is None
+    ep = gateway.close_episode(key)
+
+    assert len(engines.contexts) == 2 and not engines.replies
+    result_turn = "<|im_start|>user\nResult: 36<|im_end|>\n<|im_start|>assistant\n"
+    assert ep.seen.endswith("CALC 12*3<|im_end|>\n" + result_turn + final)
+    tok = gateway.tokenizer
+    first, last = _reply_ids(tok, "CALC 12*3"), _reply_ids(tok, final)
+    assert ep.loss_mask == [1] * len(first) + [0] * (len(ep.token_ids) - len(first) - len(last)) + [1] * len(last)
+    assert score(["What is 12*3?"], [ep.last_text], answer=["36"]) == [reward]
