@@ -71,8 +71,8 @@ def test_lora_policy_syncs_only_the_adapter_and_writes_back(tiny_model_root, ray
 
 
 def test_lora_policy_raises_the_reward(ray_session, tmp_path):
-    """GRPO on a new LoRA over the embedded model (built locally and cached, as the quickstart does):
-    held-out greedy accuracy rises. Measured: 0.301 -> 0.400 after 10 such steps."""
+    """GRPO on a new LoRA over the embedded model (the quickstart's): held-out greedy accuracy on 256 prompts
+    rises by at least 4 points in 12 steps."""
     from rl.online import OnlineRun as Trainer
 
     recipe = load_recipe(str(ROOT / "recipes" / "quickstart.yaml"), [

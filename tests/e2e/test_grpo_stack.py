@@ -82,7 +82,9 @@ def test_weight_push_changes_vllm_and_matches_trainer(driver):
     last = metrics[-1]
     assert last["policy_version"] == 3
     # The whole model travels: every parameter, float32.
-    n_params = sum(p.numel() for p in __import__("transformers").AutoModelForCausalLM.from_pretrained(driver.paths.model).parameters())
+    from transformers import AutoModelForCausalLM
+
+    n_params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(driver.paths.model).parameters())
     assert last["weight_sync_bytes"] == 4 * n_params
     # On-policy (one update per batch): the sampler's logprobs are the trainer's, up to float error.
     assert last["logprob_mismatch_max"] < LOGPROB_TOL
