@@ -265,12 +265,14 @@ def report(result: dict, args, command: str) -> str:
         return statistics.mean(held_per_seed(start))
 
     def verdict(a: str, b: str) -> str:
-        """``a >= b`` from the 95% interval over seeds of the difference (``rl.claims``)."""
+        """``a >= b`` from the 95% interval over seeds of the difference (``rl.claims``), the interval with it."""
         from rl.claims import at_least
 
+        c = at_least(held_per_seed(a), held_per_seed(b))
+        interval = f"95% interval of first - second: [{100 * c.low:+.1f}, {100 * c.high:+.1f}] points; " if c.low is not None else ""
         if max(held_mean(a), held_mean(b)) < 0.02:
-            return "not testable here: both below 2%"
-        return at_least(held_per_seed(a), held_per_seed(b)).verdict
+            return interval + "not testable here: both below 2%"
+        return interval + f"**{c.verdict}**"
     lines += arrow_check_lines(result, seeds)
     lines += ["", "## The paper's claims at this scale", "",
               f"- Arrow beats the uniform merge on held-out tasks: per-task library {100 * held_mean('per-task Arrow'):.1f}% vs "
