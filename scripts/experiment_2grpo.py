@@ -32,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT)]  # experiments/ is a folder of the repository, not an installed package
 
-from experiments.arms import is_finished  # noqa: E402
+from experiments.arms import is_finished, recorded_path  # noqa: E402
 from rl.claims import mean_std  # noqa: E402
 from rl.plot import plot_arm_curves  # noqa: E402
 
@@ -123,7 +123,7 @@ def run_arm(arm: Arm, args, seed: int, start: dict | None = None) -> dict:
               "greedy": e["accuracy"], "mean_at_k": e[mean_key]} for e in evals]
     return {"start_eval": evals[0], "arm": arm.name, "seed": seed, "lr": arm.lr, "prompts_per_step": arm.prompts_per_step,
             "steps": len(train),
-            "rollouts": rollouts, "train_seconds": seconds, "curve": curve, "run_dir": str(run_dir),
+            "rollouts": rollouts, "train_seconds": seconds, "curve": curve, "run_dir": recorded_path(run_dir),
             "machine": machine_of_run(run_dir)}
 
 
