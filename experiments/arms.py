@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
+
+ROOT = Path(__file__).resolve().parents[1]  # the repository root: results files record run directories under it relative to it
 
 # The held-out metrics every arm is evaluated on: (curve key, report label with k).
 METRICS = (("greedy", "greedy"), ("mean_at_k", "mean@{k}"), ("pass_at_k", "pass@{k}"))
@@ -22,6 +25,20 @@ class Arm:
     name: str
     recipe: str
     overrides: list[str] = field(default_factory=list)
+
+
+def recorded_path(path: str | Path) -> str:
+    """``path`` as a results file records it: relative to the repository root when it lies under it (the same string
+    from any checkout, and no machine's folder layout in a committed file), else absolute. Symbolic links are not
+    followed: ``runs/`` may be a link to another checkout's runs, and a run under it is still ``runs/...``."""
+    path = Path(os.path.abspath(path))
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
+def resolved_path(recorded: str | Path) -> Path:
+    """A path a results file records (``recorded_path``), as a path here: a relative one is under the repository root."""
+    path = Path(recorded)
+    return path if path.is_absolute() else ROOT / path
 
 
 def run_dir_of(arm: Arm, runs: str, seed: int) -> Path:
@@ -62,7 +79,7 @@ def run_arm(arm: Arm, args, seed: int, extra: dict[str, Callable[[list[dict]], f
             "trained_sequences": sum(row["trained_sequences"] for row in train), "prompts_with_signal": statistics.mean(signal),
             "max_rollouts_per_prompt": max((row.get("rollouts_per_prompt_max", 0.0) for row in train), default=0.0) or None,
             **{name: fn(train) for name, fn in (extra or {}).items()},
-            "curve": curve, "run_dir": str(run_dir), "machine": machine_of_run(run_dir)}
+            "curve": curve, "run_dir": recorded_path(run_dir), "machine": machine_of_run(run_dir)}
 
 
 def add_arm_options(ap: argparse.ArgumentParser, steps: int, runs: Path, out: Path, quick_help: str) -> None:

@@ -19,9 +19,13 @@ import json
 import os
 import shutil
 import statistics
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT)]  # experiments/ is a folder of the repository, not an installed package
+
+from experiments.arms import recorded_path  # noqa: E402
 
 SUBTASKS = {
     "adder-low": lambda a, b: a < 50,
@@ -101,7 +105,7 @@ def main() -> None:
             "params_in_memory": rows_[-1]["params_in_memory"],
             "seconds_per_step": statistics.mean(r["time_step"] for r in rows_),
             "sync_seconds_per_step": statistics.mean(r["time_weight_sync"] for r in rows_),
-            "run_dir": str(run_dir),
+            "run_dir": recorded_path(run_dir),
         })
         print(json.dumps(results[-1]), flush=True)
 

@@ -32,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT)]  # experiments/ is a folder of the repository, not an installed package
 
-from experiments.arms import is_finished  # noqa: E402
+from experiments.arms import is_finished, recorded_path  # noqa: E402
 from rl.claims import mean_std  # noqa: E402
 from rl.plot import plot_arm_curves  # noqa: E402
 
@@ -123,7 +123,7 @@ def run_arm(arm: Arm, args, seed: int, start: dict | None = None) -> dict:
               "greedy": e["accuracy"], "mean_at_k": e[mean_key]} for e in evals]
     return {"start_eval": evals[0], "arm": arm.name, "seed": seed, "lr": arm.lr, "prompts_per_step": arm.prompts_per_step,
             "steps": len(train),
-            "rollouts": rollouts, "train_seconds": seconds, "curve": curve, "run_dir": str(run_dir),
+            "rollouts": rollouts, "train_seconds": seconds, "curve": curve, "run_dir": recorded_path(run_dir),
             "machine": machine_of_run(run_dir)}
 
 
@@ -193,6 +193,8 @@ def report(results: list[dict], arm_list: list[Arm], args, command: str) -> str:
         "  one optimizer step per batch, token-mean loss, no KL. Wall-clock is the sum of the training steps (evaluations excluded).",
         "- Scaled from the paper (32 x 16 vs 256 x 2 per step, lr 1e-6 vs 8e-6, 10 epochs, Mean@32, billion-parameter models):",
         f"  {text['scale'].format(rollouts=16 * args.prompts_per_step, lr=args.lr)}.",
+        "- The paper's sampling temperature for Mean@32 is not stated in the parts of it we could read (arXiv:2510.00977: "
+        f"abstract and introduction); mean@{k} here samples at temperature 1, the training temperature.",
         "",
         f"## Results ({len(args.seeds)} seeds: {', '.join(map(str, args.seeds))}; mean ± std)",
         "",
@@ -207,7 +209,10 @@ def report(results: list[dict], arm_list: list[Arm], args, command: str) -> str:
         lines.append(f"| {arm.name} | {arm.lr:g} | {totals(arm.name, 'steps'):.0f} | {mean_std(final(arm.name, 'mean_at_k'))} | "
                      f"{mean_std(final(arm.name, 'greedy'))} | {mean_std(best)} | {ro:,.0f} | {sec:.0f} | {100 * ro / base_ro:.1f}% | "
                      f"{100 * sec / base_s:.1f}% |")
-    lines += ["", f"Before training (every arm starts from the same model): mean@{k} {start['mean_at_k']:.3f}, "
+    lines += ["", f"Training seconds over all {len(results)} runs: {sum(r['train_seconds'] for r in results):.0f} s (every run's "
+              "training steps summed, the measure of the table's train s; the evaluations and engine start-ups are not in the "
+              "results, so the experiment took longer end to end).",
+              "", f"Before training (every arm starts from the same model): mean@{k} {start['mean_at_k']:.3f}, "
               f"greedy {start['greedy']:.3f}.", "",
               "Per seed (final mean@k / greedy):", "", "| arm | " + " | ".join(f"seed {s}" for s in args.seeds) + " |",
               "|---|" + "---|" * len(args.seeds)]

@@ -16,9 +16,14 @@ import argparse
 import json
 import os
 import statistics
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT)]  # experiments/ is a folder of the repository, not an installed package
+
+from experiments.arms import recorded_path, resolved_path  # noqa: E402
+
 ARMS = [("16-GRPO", "recipes/grpo16-arithmetic.yaml"), ("2-GRPO", "recipes/grpo2-arithmetic.yaml"),
         ("2-GRPO+RS", "recipes/grpo2-rs-arithmetic.yaml")]
 
@@ -47,14 +52,14 @@ def main() -> None:
             summary = OnlineRun(recipe).fit()
             rollouts = sum(r.get("rollouts") or 0 for r in read_metrics(run_dir, "train"))
             results.append({"arm": arm, "seed": seed, "before": summary["accuracy_before"], "after": summary["accuracy_after"],
-                            "rollouts": rollouts, "train_seconds": summary["train_seconds"], "run_dir": str(run_dir)})
+                            "rollouts": rollouts, "train_seconds": summary["train_seconds"], "run_dir": recorded_path(run_dir)})
             print(json.dumps(results[-1]), flush=True)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"2-vs-16{args.tag}.json").write_text(json.dumps(results, indent=2))
-    plot_runs([r["run_dir"] for r in results if r["seed"] == args.seeds[0]], str(out / f"2-vs-16{args.tag}-curves.png"), x="rollouts",
-              labels=[r["arm"] for r in results if r["seed"] == args.seeds[0]])
+    plot_runs([str(resolved_path(r["run_dir"])) for r in results if r["seed"] == args.seeds[0]],
+              str(out / f"2-vs-16{args.tag}-curves.png"), x="rollouts", labels=[r["arm"] for r in results if r["seed"] == args.seeds[0]])
 
     lines = [
         "# 2-GRPO vs 16-GRPO on the embedded task",

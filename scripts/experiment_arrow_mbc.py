@@ -54,7 +54,7 @@ from adapters.cluster import cluster_experts  # noqa: E402
 from adapters.library import AdapterLibrary  # noqa: E402
 from experiments import family_experts as experts  # noqa: E402  the per-task experts and their SFT (shared with experiment_merging)
 from experiments.chat_family import EXPERT_SETTINGS  # noqa: E402
-from experiments.arms import is_finished  # noqa: E402
+from experiments.arms import is_finished, recorded_path, resolved_path  # noqa: E402
 from rl.claims import mean_std  # noqa: E402
 from rl.tasks.cache import cached_build  # noqa: E402
 from rl.tasks.tiny_model import TinyModelSpec, build_tiny_model  # noqa: E402
@@ -206,7 +206,7 @@ def rl_runs(args, libs: dict[str, tuple[Path, list[str]]], model_dir: Path, trai
         if not is_finished(run_dir):
             OnlineRun(load_recipe(recipe, [*common, *extra, f"output_dir={run_dir}"])).fit()
         summary = json.loads(summary_path.read_text())
-        out[start] = {"before": summary["accuracy_before"], "after": summary["accuracy_after"], "run_dir": str(run_dir),
+        out[start] = {"before": summary["accuracy_before"], "after": summary["accuracy_after"], "run_dir": recorded_path(run_dir),
                       "seconds": summary.get("total_seconds")}  # its own run, also when an earlier invocation ran it
         print(json.dumps({"rl": start, **out[start]}), flush=True)
     return out
@@ -265,12 +265,14 @@ def report(result: dict, args, command: str) -> str:
         return statistics.mean(held_per_seed(start))
 
     def verdict(a: str, b: str) -> str:
-        """``a >= b`` from the 95% interval over seeds of the difference (``rl.claims``)."""
+        """``a >= b`` from the 95% interval over seeds of the difference (``rl.claims``), the interval with it."""
         from rl.claims import at_least
 
+        c = at_least(held_per_seed(a), held_per_seed(b))
+        interval = f"95% interval of first - second: [{100 * c.low:+.1f}, {100 * c.high:+.1f}] points; " if c.low is not None else ""
         if max(held_mean(a), held_mean(b)) < 0.02:
-            return "not testable here: both below 2%"
-        return at_least(held_per_seed(a), held_per_seed(b)).verdict
+            return interval + "not testable here: both below 2%"
+        return interval + f"**{c.verdict}**"
     lines += arrow_check_lines(result, seeds)
     lines += ["", "## The paper's claims at this scale", "",
               f"- Arrow beats the uniform merge on held-out tasks: per-task library {100 * held_mean('per-task Arrow'):.1f}% vs "
@@ -499,7 +501,7 @@ def main() -> None:
     if result.get("rl"):
         from rl.plot import plot_runs
 
-        plot_runs([r["run_dir"] for r in result["rl"].values()], str(out / f"{stem}-rl.png"), labels=list(result["rl"]))
+        plot_runs([str(resolved_path(r["run_dir"])) for r in result["rl"].values()], str(out / f"{stem}-rl.png"), labels=list(result["rl"]))
     text = report(result, args, command)
     (out / f"{stem}.md").write_text(text)
     print(text)

@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT)]
 
-from experiments.arms import Arm, is_finished, run_dir_of  # noqa: E402
+from experiments.arms import Arm, is_finished, recorded_path, run_dir_of  # noqa: E402
 from rl.claims import at_least, describe, mean_std  # noqa: E402
 from rl.metrics import machine_of_run, read_metrics, recorded_machine_of_rows  # noqa: E402
 
@@ -54,7 +54,7 @@ def run(arm: Arm, seed: int, args) -> dict:
         return row.get("env_reward_mean", 0.0) / bonus if bonus else None
 
     train = read_metrics(run_dir, "train")
-    return {"arm": arm.name, "seed": seed, "run_dir": str(run_dir), "machine": machine_of_run(run_dir),
+    return {"arm": arm.name, "seed": seed, "run_dir": recorded_path(run_dir), "machine": machine_of_run(run_dir),
             "evals": [{"step": e["step"], "accuracy": e["accuracy"], "called": e["multi_turn_fraction"], "rewarded": rewarded(e)}
                       for e in read_metrics(run_dir, "eval")],
             "train": [{"step": t["step"], "called": t["multi_turn_fraction"], "rewarded": rewarded(t)} for t in train],

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from types import SimpleNamespace
 
-from experiments.arms import Arm, finished_or_run, run_dir_of, seeds_line
+from experiments.arms import ROOT, Arm, finished_or_run, recorded_path, resolved_path, run_dir_of, seeds_line
 
 
 def test_the_heading_names_each_arms_seeds_only_where_they_differ():
@@ -30,3 +30,9 @@ def test_finished_only_reads_the_finished_runs_and_trains_nothing(tmp_path, monk
     asked.clear()
     finished_or_run([a, b], SimpleNamespace(**{**vars(args), "finished_only": False}))
     assert len(asked) == 6  # without the flag every (arm, seed) is run or read
+
+
+def test_results_record_run_directories_relative_to_the_repository_root(tmp_path):
+    run = ROOT / "runs" / "experiment-x" / "arm-seed0"  # runs/ may be a link to another checkout's: not followed
+    assert recorded_path(run) == "runs/experiment-x/arm-seed0" and resolved_path("runs/experiment-x/arm-seed0") == run
+    assert recorded_path(tmp_path / "a") == str(tmp_path / "a") and resolved_path(str(tmp_path / "a")) == tmp_path / "a"
