@@ -3,6 +3,7 @@
     workers = Workers(recipe, policy=..., engine=..., scorer=...)
     workers.setup()      Ray, placement, watchdog, trainer ranks, rollout engines, reward models, weight group
     ...                  workers.trainer / .rollout / .transport while the run trains or evaluates
+    workers.publish()    the trainer's policy to every engine, in place (a new policy version)
     workers.cleanup()    everything stopped in reverse; returns what the run's summary records
 
 What starts is what the run needs: a ``policy`` gives trainer ranks (``trainer_group``: the policy-gradient
@@ -139,6 +140,13 @@ class Workers:
         return RolloutGroup.create(self.teacher_engine, t.num_actors, self.recipe.use_ray, t.num_cpus_per_actor,
                                    t.num_gpus_per_actor, max_restarts=self.recipe.rollout.max_restarts, watchdog=dog,
                                    log_dir=log_dir, wait=False)
+
+    def publish(self, prompts: Optional[list[list[int]]] = None):
+        """Trainer rank 0 publishes the policy through the run's transport and every engine loads it in place; returns
+        the version's ``WeightHandle``. ``prompts``: an Arrow policy routed per prompt publishes one LoRA per prompt."""
+        handle = self.trainer.publish_weights(prompts)
+        self.rollout.load_weights(handle)
+        return handle
 
     def cleanup(self) -> dict:
         """Stop everything that started; returns the summary's record of where the run ran."""

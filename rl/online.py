@@ -10,7 +10,7 @@ and online DPO. One step:
     _add_token_advantages(rows)                          per token: a teacher's verdict on each sampled token, or
                                                          PPO's GAE from the critic's values (rl.token_advantages)
     stats    = trainer.train_step(rows)                  DeepSpeed ranks (PPO: the critic steps beside the policy)
-    rollout.load_weights(trainer.publish_weights())      in place, no engine restart
+    workers.publish()                                    trainer rank 0 -> every engine, in place, no engine restart
 
 The loop, checkpoints and summary are ``rl.run.Run``'s; the policy (full model or an adapter)
 answers for itself in the trainer, so nothing here branches on its kind except through
@@ -132,8 +132,7 @@ class OnlineRun(Run):
 
     def _publish(self, prompts: Optional[list[list[int]]] = None) -> None:
         """Push the current policy to every engine (an Arrow policy is routed over ``prompts``)."""
-        self._handle = self.trainer.publish_weights(prompts)
-        self.rollout.load_weights(self._handle)
+        self._handle = self.workers.publish(prompts)
 
     def _publish_update(self, stats: dict) -> None:
         """After a train step: push the policy unless nothing was applied, or a per-batch route pushes it before sampling."""
