@@ -25,13 +25,14 @@ def sdpa_varlen(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
                 cu_seq_lens_q: Optional[torch.Tensor] = None, **kwargs) -> tuple[torch.Tensor, None]:
     """Attention over one packed row. query [1, heads, T, d], key/value [1, kv_heads, T, d] (grouped-query
     attention: heads a multiple of kv_heads), ``cu_seq_lens_q`` [sequences + 1] (0, then each sequence's end
-    in the row). Returns ([1, T, heads, d], None), as transformers' attention functions do."""
+    in the row; ``packed_bounds``, the same as Python ints, spares a read from the device in every layer).
+    Returns ([1, T, heads, d], None), as transformers' attention functions do."""
     plain = (cu_seq_lens_q is None or query.shape[0] != 1 or query.shape[2] != key.shape[2]
              or not getattr(module, "is_causal", True) or kwargs.get("sliding_window") or kwargs.get("softcap")
              or getattr(module, "sinks", None) is not None)
     if plain:  # transformers built the mask that keeps these apart
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-    bounds = cu_seq_lens_q.tolist()
+    bounds = kwargs.get("packed_bounds") or cu_seq_lens_q.tolist()  # host ints: no device read per layer
     grouped = query.shape[1] != key.shape[1]
     out = [torch.nn.functional.scaled_dot_product_attention(
         query[:, :, start:end], key[:, :, start:end], value[:, :, start:end], dropout_p=dropout, is_causal=True,

@@ -42,9 +42,12 @@ def forward_packed_or_padded(module, mb: dict, **kwargs):
 def sequence_bounds(cu_seq_lens: torch.Tensor) -> dict:
     """The packed row's sequence boundaries as the keyword arguments transformers hands to the attention kernel
     (flash-attention's varlen path and ``sdpa_varlen`` attend within them; ``sdpa`` and ``eager`` ignore them).
-    ``cu_seq_lens`` [sequences + 1], int32: 0, then each sequence's end."""
-    longest = int(cu_seq_lens.diff().max())
-    return {"cu_seq_lens_q": cu_seq_lens, "cu_seq_lens_k": cu_seq_lens, "max_length_q": longest, "max_length_k": longest}
+    ``cu_seq_lens`` [sequences + 1], int32: 0, then each sequence's end. ``packed_bounds`` holds the same ends as
+    Python ints, read from the device once per forward: ``sdpa_varlen`` slices by them in every layer."""
+    bounds = tuple(cu_seq_lens.tolist())
+    longest = max(end - start for start, end in zip(bounds[:-1], bounds[1:]))
+    return {"cu_seq_lens_q": cu_seq_lens, "cu_seq_lens_k": cu_seq_lens, "max_length_q": longest, "max_length_k": longest,
+            "packed_bounds": bounds}
 
 
 def unpack(per_position: torch.Tensor, mb: dict) -> torch.Tensor:
