@@ -12,6 +12,16 @@ name taken twice and answer an unknown name with the closest registered one.
 Traceback (most recent call last):
 ...
 common.registry.UnknownName: unknown shape 'sqare'; did you mean 'square'? registered: square
+>>> shapes.register("square")(square) is square  # the same object again (a module imported twice): kept
+True
+>>> shapes.register("square")(lambda x: x)
+Traceback (most recent call last):
+...
+ValueError: shape 'square' is already registered (by common.registry.square); pick another name
+>>> shapes.get("circle")  # nothing close enough to suggest
+Traceback (most recent call last):
+...
+common.registry.UnknownName: unknown shape 'circle'; registered: square
 """
 
 from __future__ import annotations

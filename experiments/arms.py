@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository root: results files record run directories under it relative to it
+_ROOTS = (ROOT, Path(os.path.abspath(__file__)).parents[1])  # the same root, also as reached through a symbolic link
 
 # The held-out metrics every arm is evaluated on: (curve key, report label with k).
 METRICS = (("greedy", "greedy"), ("mean_at_k", "mean@{k}"), ("pass_at_k", "pass@{k}"))
@@ -32,7 +33,10 @@ def recorded_path(path: str | Path) -> str:
     from any checkout, and no machine's folder layout in a committed file), else absolute. Symbolic links are not
     followed: ``runs/`` may be a link to another checkout's runs, and a run under it is still ``runs/...``."""
     path = Path(os.path.abspath(path))
-    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+    for root in _ROOTS:
+        if path.is_relative_to(root):
+            return str(path.relative_to(root))
+    return str(path)
 
 
 def resolved_path(recorded: str | Path) -> Path:

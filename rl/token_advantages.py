@@ -20,7 +20,7 @@ from trainer import algorithms
 def padded(rows: Sequence[Sequence[float]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Ragged rows -> (values [N, L] right-padded with 0, mask [N, L])."""
     if not rows:
-        return torch.zeros((0, 0)), torch.zeros((0, 0), dtype=torch.bool)
+        return torch.zeros((0, 0), dtype=torch.float32), torch.zeros((0, 0), dtype=torch.bool)
     values = pad_sequence([torch.tensor(list(r), dtype=torch.float32) for r in rows], batch_first=True)  # [N, L]
     lengths = torch.tensor([len(r) for r in rows])  # [N]
     return values, torch.arange(values.shape[1]) < lengths[:, None]

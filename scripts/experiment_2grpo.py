@@ -193,8 +193,8 @@ def report(results: list[dict], arm_list: list[Arm], args, command: str) -> str:
         "  one optimizer step per batch, token-mean loss, no KL. Wall-clock is the sum of the training steps (evaluations excluded).",
         "- Scaled from the paper (32 x 16 vs 256 x 2 per step, lr 1e-6 vs 8e-6, 10 epochs, Mean@32, billion-parameter models):",
         f"  {text['scale'].format(rollouts=16 * args.prompts_per_step, lr=args.lr)}.",
-        "- The paper's sampling temperature for Mean@32 is not stated in the parts of it we could read (arXiv:2510.00977: "
-        f"abstract and introduction); mean@{k} here samples at temperature 1, the training temperature.",
+        "- The abstract and introduction of arXiv:2510.00977 do not state the sampling temperature of its Mean@32; "
+        f"mean@{k} here samples at temperature 1, the training temperature.",
         "",
         f"## Results ({len(args.seeds)} seeds: {', '.join(map(str, args.seeds))}; mean ± std)",
         "",

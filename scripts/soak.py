@@ -72,7 +72,7 @@ def report(rows: list[dict], args, command: str) -> str:
     from rl.metrics import recorded_machine_of_rows
 
     keys = [k for k in rows[-1] if k not in ("step", "machine")]  # the series
-    lines = ["# Soak: a long run leaks nothing", "", f"Reproduce: `{command}`", "",
+    lines = ["# Soak: memory, open files, disk and step time over a long run", "", f"Reproduce: `{command}`", "",
              f"Machine: {recorded_machine_of_rows(rows)}. recipes/quickstart.yaml for {rows[-1]['step']} steps, rollout.max_staleness=1 "
              f"(truncated IS, cap 2), a checkpoint every {args.checkpoint_every} steps with keep_last=2, sampled every "
              f"{args.every} steps.", "",

@@ -1,8 +1,9 @@
 """``sdpa_varlen``: the trainer's attention kernel for packed micro-batches where no flash-attn package is
 installed. A packed row holds several sequences end to end; transformers' ``sdpa`` keeps them apart with a
 block-diagonal mask over the whole row, so it computes (and discards) every cross-sequence score. This kernel
-runs PyTorch's SDPA once per sequence, causal, from the sequence boundaries ``cu_seq_lens_q`` that
-``trainer.engine.forward_packed_or_padded`` passes (the same argument flash-attention's varlen path reads):
+runs PyTorch's SDPA once per sequence, causal, from the sequence boundaries that
+``trainer.engine.forward_packed_or_padded`` passes (``cu_seq_lens_q``, the argument flash-attention's varlen path
+reads, and the same ends as Python ints, ``packed_bounds``):
 the same numbers, with attention work that grows with each sequence's length squared rather than the row's.
 Anything else (padded rows, sliding windows, soft-capping, attention sinks) goes to transformers' ``sdpa``.
 

@@ -35,9 +35,10 @@ TRANSPORTS: Registry[type] = Registry("weight transport")
 
 def register_transport(name: str):
     def deco(cls):
+        TRANSPORTS.register(name)(cls)  # first: a refused class keeps its attributes
         cls.name = name
         cls.joins_a_group = getattr(cls, "joins_a_group", False)
-        return TRANSPORTS.register(name)(cls)
+        return cls
 
     return deco
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from types import SimpleNamespace
 
+from experiments import arms
 from experiments.arms import ROOT, Arm, finished_or_run, recorded_path, resolved_path, run_dir_of, seeds_line
 
 
@@ -36,3 +37,10 @@ def test_results_record_run_directories_relative_to_the_repository_root(tmp_path
     run = ROOT / "runs" / "experiment-x" / "arm-seed0"  # runs/ may be a link to another checkout's: not followed
     assert recorded_path(run) == "runs/experiment-x/arm-seed0" and resolved_path("runs/experiment-x/arm-seed0") == run
     assert recorded_path(tmp_path / "a") == str(tmp_path / "a") and resolved_path(str(tmp_path / "a")) == tmp_path / "a"
+
+
+def test_a_checkout_reached_through_a_link_records_the_same_relative_paths(tmp_path, monkeypatch):
+    link = tmp_path / "checkout"
+    link.symlink_to(ROOT)
+    monkeypatch.setattr(arms, "_ROOTS", (ROOT, link))  # as when the scripts are started from the linked path
+    assert recorded_path(link / "runs" / "experiment-x" / "arm-seed0") == "runs/experiment-x/arm-seed0"

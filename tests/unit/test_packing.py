@@ -185,6 +185,28 @@ def test_sdpa_varlen_attends_within_each_sequence_only():
         start += n
 
 
+class DeviceBounds(torch.Tensor):
+    """Boundaries that may not be read back to the host (as reading them from a GPU costs a sync in every layer)."""
+
+    def tolist(self):
+        raise AssertionError("the kernel read the boundaries from the device")
+
+
+def test_sdpa_varlen_slices_by_the_host_bounds_the_forward_passes():
+    from trainer.engine import sequence_bounds
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 2, 9, 8), torch.randn(1, 2, 9, 8), torch.randn(1, 2, 9, 8)
+    cu = torch.tensor([0, 3, 4, 9], dtype=torch.int32)
+    bounds = sequence_bounds(cu)
+    assert bounds["packed_bounds"] == (0, 3, 4, 9) and bounds["max_length_q"] == 5
+    on_device = cu.as_subclass(DeviceBounds)
+    out, _ = sdpa_varlen(SimpleNamespace(is_causal=True), q, k, v, None, scaling=0.3,
+                         **{**bounds, "cu_seq_lens_q": on_device, "cu_seq_lens_k": on_device})
+    expected, _ = sdpa_varlen(SimpleNamespace(is_causal=True), q, k, v, None, scaling=0.3, cu_seq_lens_q=cu)
+    assert torch.equal(out, expected)
+
+
 def test_sdpa_varlen_leaves_sliding_windows_to_the_mask():
     """A kernel argument this one does not implement goes to transformers' sdpa with the mask it was given."""
     torch.manual_seed(0)
