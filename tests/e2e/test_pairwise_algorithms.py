@@ -75,7 +75,8 @@ def test_online_dpo_raises_chosen_over_rejected(tiny_model_root, ray_session, tm
         margin_gain = sum(delta[0::2]) - sum(delta[1::2])
         assert margin_gain > 0, "the DPO step did not move chosen above rejected"
         # The step scored the pairs before its update, with the policy still equal to the reference: every DPO
-        # reward is 0, so every pair ties, and a tie counts 1/2.
+        # reward is 0, so every pair ties, and a tie counts 1/2. (Exact: one micro-batch, and the policy and its
+        # reference copy compute the same float32 logprobs from the same weights.)
         assert stats["dpo_reward_accuracy"] == 0.5, stats
         # And the full step runs through the driver, pushing weights to vLLM.
         m = t.train_one_step()
