@@ -225,11 +225,32 @@ def report(results: list[dict], names: list[str], args, command: str, stem: str 
                          "correct answer share a rank)")
             continue
         lines += claim_lines(results, f"{name} + unlikely", name, k)
-    finals = {n: statistics.mean(r["curve"][-1]["mean_at_k"] for r in of(n)) for n in names}
-    best = max(finals, key=finals.get)
-    lines += ["", f"Highest final mean@{k}: {best} ({finals[best]:.3f}); whether a lead is more than seed noise is the "
-              "verdict above."]
+    lines += ["", *equal_rollout_leaders(results, names, base, k)]
     return "\n".join(lines) + "\n"
+
+
+def equal_rollout_leaders(results: list[dict], names: list[str], base: str, k: int) -> list[str]:
+    """Which arm ends highest on each metric among those at fixed G's rollouts (within 5%), and by how much against
+    fixed G: the difference of means and its 95% interval over seeds (rl/claims.py)."""
+    from rl.claims import at_least
+
+    def rollouts(name: str) -> float:
+        return statistics.mean(r["rollouts"] for r in results if r["arm"] == name)
+
+    equal = [n for n in names if rollouts(n) <= 1.05 * rollouts(base)]
+    lines = [f"At equal rollouts ({', '.join(equal)}), the highest final value of each metric:"]
+    for key, label in METRICS:
+        finals = {n: [r["curve"][-1][key] for r in results if r["arm"] == n] for n in equal}
+        best = max(equal, key=lambda n: statistics.mean(finals[n]))
+        if best == base:
+            lines.append(f"- {label.format(k=k)}: {base} itself ({statistics.mean(finals[base]):.3f})")
+            continue
+        c = at_least(finals[best], finals[base])
+        gap = statistics.mean(finals[best]) - statistics.mean(finals[base])
+        interval = f"95% interval [{c.low:+.3f}, {c.high:+.3f}]" if c.low is not None else "no interval from one seed"
+        lines.append(f"- {label.format(k=k)}: {best} ({statistics.mean(finals[best]):.3f}), {gap:+.3f} over {base} "
+                     f"({interval}: **{c.verdict}**)")
+    return lines
 
 
 def main() -> None:
