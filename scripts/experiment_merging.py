@@ -150,12 +150,31 @@ def claim_statement(summary: dict, s: Settings) -> dict:
             + "; ".join(f"vs {o}: {describe(normalized[o])}" for o in others)
             + ". Absolute accuracy: " + "; ".join(f"vs {o}: {describe(absolute[o])}" for o in others)
             + f". The claim (sparse > LoRA and full after merging) {overall} on the normalized accuracy.")
+    smaller = smaller_merges(summary, [size for size in s.sizes() if size < n], others)
+    if smaller:
+        text += f" Normalized, with fewer experts merged (sparse - each kind, 95% interval over seeds): {smaller}."
     best = max(at[k]["mean_ratio"] for k in KINDS)
     if best < 0.5:
         text += (f" Every kind loses most of its experts' accuracy when merged (the best keeps {100 * best:.1f}%), so this "
                  "compares failures rather than working merges.")
     return {"size": n, "holds": holds, "verdicts": {o: [normalized[o].verdict, absolute[o].verdict] for o in others},
             "best_ratio": best, "text": text}
+
+
+def smaller_merges(summary: dict, sizes: list[int], others: tuple[str, ...]) -> str:
+    """The sparse-vs-each-kind verdicts on normalized accuracy at each of ``sizes`` experts merged, for the report."""
+    from rl.claims import at_least
+
+    parts = []
+    for size in sizes:
+        ratio = {k: [p["mean_ratio"] for p in summary[k][size]["per_seed"] if p["mean_ratio"] is not None] for k in KINDS}
+        verdicts = []
+        for o in others:
+            c = at_least(ratio["sparse"], ratio[o])
+            interval = f"[{c.low:+.3f}, {c.high:+.3f}] " if c.low is not None else ""
+            verdicts.append(f"vs {o} {interval}**{c.verdict}**")
+        parts.append(f"{size} experts: " + ", ".join(verdicts))
+    return "; ".join(parts)
 
 
 def plot(summary: dict, s: Settings, path: Path) -> None:
