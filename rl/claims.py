@@ -61,10 +61,11 @@ def welch_interval(a: Sequence[float], b: Sequence[float], fraction: float = 1.0
 def at_least(a: Sequence[float], b: Sequence[float], fraction: float = 1.0, start: float | None = None,
              confidence: float = 0.95) -> Comparison:
     """The verdict on "A reaches at least ``fraction`` of B" from per-seed finals ``a`` and ``b``; ``start``
-    (the value both arms start from) adds the share of B's gain that A makes."""
+    (the value both arms start from) adds the share of B's gain that A makes, when B gained (a share of a loss
+    would read backwards)."""
     ma, mb = statistics.mean(a), statistics.mean(b)
     ratio = ma / mb if mb else None
-    gain_share = (ma - start) / (mb - start) if start is not None and mb != start else None
+    gain_share = (ma - start) / (mb - start) if start is not None and mb > start else None
     interval = welch_interval(a, b, fraction, confidence)
     if interval is None:
         return Comparison(ratio, gain_share, None, None, ONE_SEED)

@@ -2,7 +2,7 @@
 as an OpenAI-tools agent with a calculator (recipes/smollm2-agent-tools.yaml), its first call forced: without a call
 reward, with a reward for any call the calculator evaluates, and with a reward for a call that computes the answer.
 
-    .venv/bin/python scripts/experiment_tool_reward.py                # 3 arms x 3 seeds (~16 min a run on 2 cores)
+    .venv/bin/python scripts/experiment_tool_reward.py                # 3 arms x 5 seeds (~16 min a run on 2 cores)
     .venv/bin/python scripts/experiment_tool_reward.py --report-only  # rewrite the report from its JSON
 
 Protocol: both arms run the recipe for ``--steps`` steps (8 prompts x 4 episodes, temperature 1, lr 1e-5, full
@@ -121,7 +121,7 @@ def report(results: list[dict], command: str) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--runs", default=str(ROOT / "runs" / "experiment-tool-reward"))
     ap.add_argument("--out", default=str(ROOT / "docs" / "experiments"))

@@ -38,3 +38,4 @@ def test_ratio_and_gain_share():
     assert c.verdict == DOES_NOT_HOLD and c.low == c.high == pytest.approx(-0.1)
     assert "75% of its gain" in describe(c)
     assert at_least([0.5, 0.5], [0.2, 0.2], start=0.2).gain_share is None  # B made no gain
+    assert at_least([0.5, 0.5], [0.1, 0.1], start=0.2).gain_share is None  # nor when it lost ground
