@@ -136,7 +136,7 @@ def claim_statement(summary: dict, s: Settings) -> dict:
     if undefined:
         return {"size": n, "holds": None, "text": f"Not decidable: every {'/'.join(undefined)} expert has 0% accuracy on its own "
                 "sub-task, so merged / own accuracy is undefined."}
-    ratio = {k: [p["mean_ratio"] for p in at[k]["per_seed"] if p["mean_ratio"] is not None] for k in KINDS}
+    ratio = normalized_per_seed(summary, n)
     accuracy = {k: [p["mean_accuracy"] for p in at[k]["per_seed"]] for k in KINDS}
     others = ("lora", "full")
     normalized = {o: at_least(ratio["sparse"], ratio[o]) for o in others}
@@ -161,13 +161,18 @@ def claim_statement(summary: dict, s: Settings) -> dict:
             "best_ratio": best, "text": text}
 
 
+def normalized_per_seed(summary: dict, size: int) -> dict[str, list[float]]:
+    """Each kind's normalized accuracy (merged / own) per seed at ``size`` experts merged, where it is defined."""
+    return {k: [p["mean_ratio"] for p in summary[k][size]["per_seed"] if p["mean_ratio"] is not None] for k in KINDS}
+
+
 def smaller_merges(summary: dict, sizes: list[int], others: tuple[str, ...]) -> str:
     """The sparse-vs-each-kind verdicts on normalized accuracy at each of ``sizes`` experts merged, for the report."""
     from rl.claims import at_least
 
     parts = []
     for size in sizes:
-        ratio = {k: [p["mean_ratio"] for p in summary[k][size]["per_seed"] if p["mean_ratio"] is not None] for k in KINDS}
+        ratio = normalized_per_seed(summary, size)
         verdicts = []
         for o in others:
             c = at_least(ratio["sparse"], ratio[o])
